@@ -1,0 +1,89 @@
+"""Command line: `python -m merger run CONFIG OUT` and `python -m merger validate CONFIG`."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from .errors import MergerError
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """`5GB` -> 5_000_000_000 bytes (decimal units as on the Hub; `GiB` etc. binary)."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    if not match or match.group(2).upper() not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"`--shard-size {text}`: give a size like 5GB, 500MB or 2GiB")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m merger", description="Merge language models (mergekit YAML).")
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="merge the models of CONFIG into the folder OUT")
+    run.add_argument("config", type=Path, help="a mergekit or mergekit-moe YAML config")
+    run.add_argument("out", type=Path, help="output folder (created; replaced if it holds an earlier merge)")
+    run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    run.add_argument("--shard-size", type=parse_size, default="5GB", help="safetensors shard size (default 5GB)")
+    run.add_argument("--push-to", metavar="REPO", help="push the result to this Hub repo (token from HF_TOKEN or `hf auth login`)")
+    run.add_argument("--private", action="store_true", help="create the pushed repo as private")
+    validate = commands.add_parser("validate", help="check CONFIG against the models' metadata, without downloading weights")
+    validate.add_argument("config", type=Path)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    from huggingface_hub import get_token
+    from tqdm import tqdm
+
+    from .engine import run_merge
+
+    token = get_token()
+    if args.push_to and not token:
+        raise MergerError("`--push-to` needs a Hub token: set HF_TOKEN or run `hf auth login`")
+    text = args.config.read_text()
+    with tqdm(total=1.0, unit="", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}") as bar:
+
+        def progress(fraction: float, name: str) -> None:
+            bar.n = round(fraction, 4)
+            bar.set_postfix_str(name, refresh=False)
+            bar.refresh()
+
+        result = run_merge(text, args.out, device=args.device, token=token, shard_size=args.shard_size,
+                           title=args.push_to or None, progress=progress)
+    print(f"wrote {result.out_dir}: {result.num_layers} layers, {result.parameter_count:,} parameters "
+          f"in {result.seconds:.1f}s")
+    if args.push_to:
+        from .hub import push_folder
+
+        print(f"pushed to {push_folder(args.out, args.push_to, token, private=args.private)}")
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from huggingface_hub import get_token
+
+    from .validate import validate_config
+
+    report = validate_config(args.config.read_text(), token=get_token())
+    print(f"OK: {report.summary()}")
+    print(f"layers: {report.num_layers}")
+    print(f"parameters: {report.parameter_count}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if not args.config.is_file():
+            raise MergerError(f"config file `{args.config}` does not exist")
+        (_run if args.command == "run" else _validate)(args)
+    except MergerError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

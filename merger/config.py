@@ -1,0 +1,331 @@
+"""mergekit's YAML schemas as pydantic models: merge configs and mergekit-moe configs.
+
+The field names, nesting and defaults mirror mergekit so that configs from Hub model cards load
+unchanged. Validators raise `ValueError`, so pydantic reports the field's location; :func:`load_config`
+turns that into a :class:`~merger.errors.ConfigError` whose message names the field, the value and
+the fix. Checks that need the models' metadata (layer counts, shapes) live in :mod:`merger.plan`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError, ConfigErrors, UnknownMethodError
+
+Scalar = Union[bool, int, float, str]
+
+
+class ConditionalParameter(BaseModel):
+    """One entry of a filtered parameter list: applies `value` to tensors whose name contains `filter`."""
+
+    model_config = ConfigDict(extra="forbid")
+    filter: str | None = None
+    value: Union[Scalar, list[Scalar]]
+
+
+# A parameter is a scalar, a gradient (list of numbers), or a list of filtered entries.
+ParameterSetting = Union[Scalar, list[Scalar], list[ConditionalParameter]]
+Parameters = dict[str, ParameterSetting]
+
+
+class ModelReference(BaseModel):
+    """A model as a config names it: a Hub id or a local path, optionally with `@revision`.
+
+    Attributes:
+        model: the Hub repo id or local directory, as written (minus the revision).
+        revision: the Hub revision (branch, tag or commit), if given.
+    """
+
+    model_config = ConfigDict(frozen=True)
+    model: str
+    revision: str | None = None
+
+    @classmethod
+    def parse(cls, value: Any) -> "ModelReference":
+        """Parse `"org/name"`, `"org/name@rev"`, `"./local/dir"` or a `{model, revision}` dict."""
+        if isinstance(value, ModelReference):
+            return value
+        if isinstance(value, dict):
+            if value.get("lora"):
+                raise ValueError(f"LoRA references are not supported yet, got lora `{value['lora']}`; merge the LoRA into its base first")
+            return cls(model=str(value["model"]), revision=value.get("revision"))
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"must be a Hub id like `org/name` or a local path, got {value!r}")
+        text = value.strip()
+        if "+" in text and not os.path.exists(text):
+            raise ValueError(f"LoRA references (`model+lora`) are not supported yet, got `{text}`; merge the LoRA into its base first")
+        if "@" in text and not os.path.exists(text):
+            model, revision = text.rsplit("@", 1)
+            return cls(model=model, revision=revision or None)
+        return cls(model=text)
+
+    @property
+    def key(self) -> str:
+        """Canonical identity: trailing slashes and `./` dropped, so spellings of one model compare equal."""
+        path = self.model.rstrip("/")
+        if path.startswith(("./", "../", "/", "~")) or os.path.isdir(path):
+            path = os.path.normpath(os.path.expanduser(path))
+        return f"{path}@{self.revision}" if self.revision else path
+
+    def __str__(self) -> str:
+        return f"{self.model}@{self.revision}" if self.revision else self.model
+
+
+def _reference(value: Any) -> ModelReference:
+    return ModelReference.parse(value)
+
+
+class InputModel(BaseModel):
+    """An entry of `models:`: a model and its per-model `parameters`."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: ModelReference
+    parameters: Parameters | None = None
+
+    _parse_model = field_validator("model", mode="before")(classmethod(lambda cls, v: _reference(v)))
+
+
+class InputSliceSource(BaseModel):
+    """A source of an output slice: `layer_range` `[start, end)` of `model`, with its parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: ModelReference
+    layer_range: tuple[int, int]
+    parameters: Parameters | None = None
+
+    _parse_model = field_validator("model", mode="before")(classmethod(lambda cls, v: _reference(v)))
+
+    @field_validator("layer_range")
+    @classmethod
+    def _range_not_empty(cls, value: tuple[int, int]) -> tuple[int, int]:
+        start, end = value
+        if start < 0 or end <= start:
+            raise ValueError(
+                f"must be [start, end) with 0 <= start < end (end is exclusive), got [{start}, {end}]; "
+                f"e.g. [{max(start, 0)}, {max(start, 0) + 1}] takes one layer"
+            )
+        return value
+
+
+class OutputSlice(BaseModel):
+    """An entry of `slices:`: sources merged layer by layer into consecutive output layers."""
+
+    model_config = ConfigDict(extra="forbid")
+    sources: list[InputSliceSource] = Field(min_length=1)
+    base_model: ModelReference | None = None
+    parameters: Parameters | None = None
+    residual_weight: float | None = None  # parsed for compatibility; mergekit ignores it too
+
+    _parse_base = field_validator("base_model", mode="before")(
+        classmethod(lambda cls, v: None if v is None else _reference(v))
+    )
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "OutputSlice":
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in self.sources}
+        if len(lengths) > 1:
+            ranges = ", ".join(f"{s.model}: {list(s.layer_range)}" for s in self.sources)
+            raise ValueError(
+                f"all sources of a slice must span the same number of layers, got {ranges}; "
+                "make the `layer_range`s equally long"
+            )
+        return self
+
+
+class TokenizerConfig(BaseModel):
+    """The newer `tokenizer:` block (`source`, `tokens`, `pad_to_multiple_of`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = "union"
+    tokens: dict[str, Any] | None = None
+    pad_to_multiple_of: int | None = None
+
+
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _dtype(value: str | None) -> str | None:
+    if value is None:
+        return None
+    name = str(value).removeprefix("torch.")
+    if name not in DTYPES:
+        raise ValueError(f"must be one of {', '.join(DTYPES)}, got `{value}`")
+    return name
+
+
+class MergeConfig(BaseModel):
+    """A mergekit merge config (`merge_method` with `models:` or `slices:`).
+
+    `models:` is kept as written; :meth:`output_slices` gives the slice view the planner uses (the
+    whole model as one slice, the base added as a source when missing, as mergekit does).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    merge_method: str
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    base_model: ModelReference | None = None
+    parameters: Parameters | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    tokenizer: TokenizerConfig | None = None
+    chat_template: str | None = None
+    seed: int | None = None
+    name: str | None = None
+
+    _parse_base = field_validator("base_model", mode="before")(
+        classmethod(lambda cls, v: None if v is None else _reference(v))
+    )
+    _parse_dtypes = field_validator("dtype", "out_dtype", mode="before")(classmethod(lambda cls, v: _dtype(v)))
+
+    @model_validator(mode="after")
+    def _models_or_slices(self) -> "MergeConfig":
+        if (self.models is None) == (self.slices is None):
+            raise ValueError("give exactly one of `models:` (whole models) or `slices:` (layer ranges), not both or neither")
+        if self.models is not None and not self.models:
+            raise ValueError("`models:` is empty; list at least one model")
+        if self.slices is not None and not self.slices:
+            raise ValueError("`slices:` is empty; list at least one slice")
+        return self
+
+    def referenced_models(self) -> list[ModelReference]:
+        """Every model the config names, base first if given, then config order; each once by canonical key."""
+        refs: list[ModelReference] = [self.base_model] if self.base_model else []
+        for item in self.models or []:
+            refs.append(item.model)
+        for output_slice in self.slices or []:
+            refs.extend(source.model for source in output_slice.sources)
+            if output_slice.base_model:
+                refs.append(output_slice.base_model)
+        return list({ref.key: ref for ref in reversed(refs)}.values())[::-1]
+
+    @property
+    def tokenizer_choice(self) -> str:
+        """`base`, `union` or a model reference; the legacy `tokenizer_source` wins over `tokenizer.source`."""
+        if self.tokenizer_source:
+            return self.tokenizer_source
+        return self.tokenizer.source if self.tokenizer else "base"
+
+
+class MoEExpert(BaseModel):
+    """An expert of a mergekit-moe config: its dense model and (for prompt gates) its prompts."""
+
+    model_config = ConfigDict(extra="forbid")
+    source_model: ModelReference
+    positive_prompts: list[str] | None = None
+    negative_prompts: list[str] | None = None
+    noise_scale: float | None = None
+    residual_scale: float | None = None
+
+    _parse_model = field_validator("source_model", mode="before")(classmethod(lambda cls, v: _reference(v)))
+
+
+GATE_MODES = ("random", "uniform_random", "hidden", "hidden_avg", "hidden_last", "cheap_embed")
+SUPPORTED_GATE_MODES = ("random", "uniform_random")
+
+
+class MoEConfig(BaseModel):
+    """A mergekit-moe config: dense experts assembled into a Mixtral model around `base_model`."""
+
+    model_config = ConfigDict(extra="forbid")
+    base_model: ModelReference
+    experts: list[MoEExpert] = Field(min_length=1)
+    gate_mode: Literal["random", "uniform_random", "hidden", "hidden_avg", "hidden_last", "cheap_embed"] = "hidden"
+    experts_per_token: int = 2
+    dtype: str | None = None
+    out_dtype: str | None = None
+    architecture: str | None = None
+    shared_experts: list[MoEExpert] | None = None
+    tokenizer_source: str | None = None
+    seed: int | None = None
+
+    _parse_base = field_validator("base_model", mode="before")(classmethod(lambda cls, v: _reference(v)))
+    _parse_dtypes = field_validator("dtype", "out_dtype", mode="before")(classmethod(lambda cls, v: _dtype(v)))
+
+    @model_validator(mode="after")
+    def _check(self) -> "MoEConfig":
+        if self.gate_mode not in SUPPORTED_GATE_MODES:
+            raise ValueError(
+                f"`gate_mode: {self.gate_mode}` is not supported yet; use `random` or `uniform_random` "
+                "(prompt-based gates need a forward pass and come later)"
+            )
+        if self.experts_per_token < 1 or self.experts_per_token > len(self.experts):
+            raise ValueError(
+                f"`experts_per_token` must be between 1 and the number of experts ({len(self.experts)}), "
+                f"got {self.experts_per_token}"
+            )
+        if self.shared_experts:
+            raise ValueError("`shared_experts` need a Qwen-MoE or DeepSeek output, which is not supported yet; remove them")
+        if self.architecture and self.architecture.lower() not in ("mixtral", "auto"):
+            raise ValueError(f"`architecture: {self.architecture}` is not supported yet; use `mixtral`")
+        return self
+
+    @property
+    def merge_method(self) -> str:
+        return "moe"
+
+    def referenced_models(self) -> list[ModelReference]:
+        """The base, then each expert's model, each once by canonical key, in config order."""
+        refs = [self.base_model] + [e.source_model for e in self.experts]
+        return list({ref.key: ref for ref in reversed(refs)}.values())[::-1]
+
+
+AnyConfig = Union[MergeConfig, MoEConfig]
+
+
+def _location(error: dict) -> str:
+    parts = [str(p) for p in error["loc"] if not str(p).startswith("function-")]
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
+    return out or "config"
+
+
+def load_config(text: str) -> AnyConfig:
+    """Parse a mergekit (or mergekit-moe) YAML config.
+
+    An MoE config is recognised by its top-level `experts` key.
+
+    Args:
+        text: the YAML text.
+
+    Returns:
+        A :class:`MergeConfig` or :class:`MoEConfig`.
+
+    Raises:
+        ConfigError: the YAML is malformed or a field is invalid; the message names the field
+            (e.g. `slices[0].sources[1].layer_range`), the value and the fix.
+    """
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"the config is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError("the config must be a YAML mapping with `merge_method` (or `experts` for a MoE)")
+    schema = MoEConfig if "experts" in data else MergeConfig
+    problems: list[ConfigError] = []
+    if schema is MergeConfig and "merge_method" in data:
+        from .methods import get_method  # the registry's did-you-mean message
+
+        try:
+            get_method(str(data["merge_method"]))
+        except UnknownMethodError as err:
+            problems.append(err)
+    try:
+        config = schema.model_validate(data)
+    except ValidationError as err:
+        for e in err.errors():
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] == "missing":
+                msg = "is required"
+            elif e["type"] == "extra_forbidden":
+                msg = f"is not a known key (value {e['input']!r}); check its spelling against the config reference"
+            problems.append(ConfigError(f"`{_location(e)}` {msg}"))
+    if problems:
+        raise problems[0] if len(problems) == 1 else ConfigErrors(problems)
+    return config

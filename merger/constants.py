@@ -1,0 +1,51 @@
+"""File names, defaults and environment settings, read once at import."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
+MERGE_CONFIG_FILE = "mergekit_config.yml"
+MOE_CONFIG_FILE = "mergekit_moe_config.yml"
+CARD_FILE = "README.md"
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# What a Hub download fetches: weights as safetensors, configs, and every tokenizer file format.
+HUB_ALLOW_PATTERNS = [
+    "*.safetensors",
+    "*.json",
+    "tokenizer.model",
+    "*.tiktoken",
+    "merges.txt",
+    "vocab.txt",
+    "*.jinja",
+    "README.md",
+]
+
+# Tokenizer files copied byte for byte from the tokenizer's donor.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+DEFAULT_SHARD_SIZE = 5 * 1000**3  # bytes; the Hub's usual 5GB shards
+
+# Where the app keeps its job queue and job records (a Space's persistent storage mounts at /data).
+DATA_DIR = Path(os.environ.get("MERGER_DATA_DIR", Path.home() / ".cache" / "merger"))
+QUEUE_DB = Path(os.environ.get("MERGER_QUEUE_DB", DATA_DIR / "queue.db"))
+JOBS_DB = Path(os.environ.get("MERGER_JOBS_DB", DATA_DIR / "jobs.db"))
+# The environment variable holding the Fernet key that seals Hub tokens on their way through the
+# queue; it lives only in the environments of the app and its worker, never on disk.
+QUEUE_KEY_ENV = "MERGER_QUEUE_KEY"
+ON_SPACE = bool(os.environ.get("SPACE_ID"))

@@ -1,0 +1,210 @@
+"""run_merge(): plan, fetch, then merge tensor by tensor into a complete output folder. No Hub pushes, no UI."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .card import render_model_card
+from .config import load_config
+from .constants import (
+    CARD_FILE,
+    CONFIG_FILE,
+    DEFAULT_SHARD_SIZE,
+    GENERATION_CONFIG_FILE,
+    MERGE_CONFIG_FILE,
+    TOKENIZER_FILES,
+)
+from .errors import ConfigError, MergeCancelled
+from .loader import LazyLoader
+from .methods import get_method
+from .moe import gate_weights
+from .plan import MergePlan, TensorJob
+from .resolve import fetch_metadata, materialize
+from .validate import plan_config
+from .writer import ShardedWriter
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What a finished merge wrote.
+
+    Attributes:
+        out_dir: the output folder.
+        method: the `merge_method` (`moe` for MoE configs).
+        num_layers: decoder layers written.
+        parameter_count: parameters written.
+        seconds: wall time of the whole run.
+    """
+
+    out_dir: Path
+    method: str
+    num_layers: int
+    parameter_count: int
+    seconds: float
+
+
+def pick_device(device: str) -> torch.device:
+    """`auto` -> CUDA when available, else CPU; `cpu` / `cuda` as given.
+
+    Raises:
+        ConfigError: `cuda` was asked for on a machine without a CUDA device.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"`--device {device}`: no CUDA device is available here; use `--device cpu` or `auto`")
+    return torch.device(device)
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed from the run's seed and the tensor's name: results do not depend on order."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def run_merge(
+    config_text: str,
+    out_dir: Path,
+    *,
+    device: str = "auto",
+    token: str | None = None,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    title: str | None = None,
+    progress: Progress | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> MergeResult:
+    """Merge the models of a YAML config into `out_dir` (a complete Hugging Face model folder).
+
+    The config is checked against the models' metadata before any weight is downloaded. The output
+    is written to a temporary sibling folder and moved to `out_dir` only when complete.
+
+    Args:
+        config_text: the YAML config (mergekit or mergekit-moe schema).
+        out_dir: the output folder; must not exist, be empty, or hold an earlier merger output.
+        device: `auto`, `cpu` or `cuda[:n]`: where the math runs (float32).
+        token: a Hub token for private or gated models (never logged).
+        shard_size: bytes of tensor data per safetensors shard.
+        title: the model card's title (defaults to the folder's name).
+        progress: called after each tensor with (fraction done 0–1, tensor name).
+        should_cancel: polled before each tensor; True stops the run with :class:`MergeCancelled`.
+
+    Returns:
+        A :class:`MergeResult`.
+
+    Raises:
+        MergerError subclasses: config problems, missing models, pickle-only weights, Hub failures,
+            cancellation. Nothing is left at `out_dir` on failure.
+    """
+    started = time.monotonic()
+    config = load_config(config_text)
+    _check_out_dir(out_dir)
+    refs = config.referenced_models()
+    metadata = fetch_metadata(refs, token)
+    plan = plan_config(config, metadata)
+    dirs = materialize(refs, token)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        _write_tensors(plan, dirs, staging, pick_device(device), shard_size, progress, should_cancel)
+        _write_files(plan, dirs, staging, config_text, metadata, title or out_dir.name)
+        _replace_dir(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return MergeResult(out_dir, plan.method_name, plan.num_layers, plan.parameter_count, time.monotonic() - started)
+
+
+def _write_tensors(
+    plan: MergePlan,
+    dirs: dict[str, Path],
+    staging: Path,
+    device: torch.device,
+    shard_size: int,
+    progress: Progress | None,
+    should_cancel: Callable[[], bool] | None,
+) -> None:
+    loaders = {key: LazyLoader(path) for key, path in dirs.items()}
+    input_dtype = getattr(torch, plan.input_dtype) if plan.input_dtype else None
+
+    def load(source) -> torch.Tensor:
+        tensor = loaders[source.model].get(source.name)
+        if input_dtype is not None:  # the config's `dtype`: inputs are cast on load, as in mergekit
+            tensor = tensor.to(input_dtype)
+        return tensor.to(device=device, dtype=torch.float32)
+
+    with ShardedWriter(staging, [(j.name, j.shape, j.dtype) for j in plan.jobs], shard_size) as writer:
+        for done, job in enumerate(plan.jobs, start=1):
+            if should_cancel is not None and should_cancel():
+                raise MergeCancelled("the merge was cancelled; nothing was written or pushed")
+            writer.write(job.name, _compute(job, load, plan.seed, device))
+            if progress is not None:
+                progress(done / len(plan.jobs), job.name)
+
+
+def _compute(job: TensorJob, load: Callable, seed: int, device: torch.device) -> torch.Tensor:
+    if job.method == "gate":
+        return gate_weights(job.global_params["gate_mode"], job.shape, seed, job.global_params["layer"])
+    method = get_method(job.method)
+    kwargs = {name: list(values) for name, values in job.per_model.items()}
+    kwargs.update(job.global_params)
+    if job.base is not None:
+        kwargs["base"] = load(job.base)
+    if method.uses_generator:
+        kwargs["generator"] = torch.Generator(device=device).manual_seed(tensor_seed(seed, job.name))
+    return method.function([load(s) for s in job.sources], **kwargs)
+
+
+def _write_files(
+    plan: MergePlan, dirs: dict[str, Path], staging: Path, config_text: str, metadata: dict, title: str
+) -> None:
+    (staging / CONFIG_FILE).write_text(json.dumps(plan.output_config, indent=2, sort_keys=True) + "\n")
+    donor = dirs[plan.config_donor]
+    if (donor / GENERATION_CONFIG_FILE).is_file():
+        shutil.copyfile(donor / GENERATION_CONFIG_FILE, staging / GENERATION_CONFIG_FILE)
+    tokenizer_dir = dirs[plan.tokenizer_donor]
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copyfile(tokenizer_dir / name, staging / name)
+    (staging / MERGE_CONFIG_FILE).write_text(config_text)
+    card = render_model_card(
+        title=title,
+        yaml_text=config_text,
+        method_name=plan.pretty_name,
+        method_url=plan.reference_url,
+        base_model=str(plan.base_model) if plan.base_model else None,
+        models=[str(m) for m in plan.models],
+        licenses=[metadata[m.key].license for m in plan.models],
+        moe=plan.method_name == "moe",
+        mention_base=plan.method_name != "slerp",
+    )
+    (staging / CARD_FILE).write_text(card)
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse to overwrite a folder that is not empty and not an earlier merger output."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MERGE_CONFIG_FILE).is_file():
+        raise ConfigError(
+            f"output folder `{out_dir}` exists and is not an earlier merge output; choose a new or empty folder"
+        )
+
+
+def _replace_dir(staging: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(old)
+        staging.rename(out_dir)
+        shutil.rmtree(old)
+    else:
+        staging.rename(out_dir)

@@ -1,0 +1,147 @@
+"""The merge-method registry: one decorated function per method, its signature is its schema.
+
+A method is a pure function of float32 tensors::
+
+    @merge_method("linear", pretty_name="Linear", reference_url="https://arxiv.org/abs/2203.05482")
+    def linear(tensors: list[Tensor], *, weight: PerModel[float], normalize: bool = True) -> Tensor: ...
+
+- `tensors`: the non-base inputs of one output tensor, in config order, each of the same shape.
+- `base`: present in the signature when the method treats the base model specially; annotated
+  `Tensor` when a base is required, `Tensor | None = None` when optional. Without it, a configured
+  base is simply one more entry of `tensors`.
+- keyword-only parameters are the config's `parameters`: annotated `PerModel[...]` they are per-model
+  (the method receives one value per entry of `tensors`), otherwise global; no default = required.
+- `generator` (keyword-only, `torch.Generator`), when declared, receives the run's seeded RNG.
+
+The registry imports every method module at the bottom, so `METHODS` is complete on import.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Literal, TypeVar
+
+from ..errors import UnknownMethodError
+
+T = TypeVar("T")
+
+
+class PerModel(Generic[T]):
+    """Marks a keyword parameter as per-model: the method gets `list[T]`, one per input tensor."""
+
+
+@dataclass(frozen=True)
+class ParameterSpec:
+    """One parameter of a method, read from its signature.
+
+    Attributes:
+        name: the config key (`weight`, `density`, `t`, ...).
+        per_model: whether each model sets its own value.
+        required: whether the config must set it (the base is exempt for per-model parameters).
+        default: the value used when the config leaves it out.
+    """
+
+    name: str
+    per_model: bool
+    required: bool
+    default: Any
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registered method: its function, parameters, base handling and card metadata.
+
+    Attributes:
+        name: the `merge_method` key.
+        pretty_name: the name shown on the card and in the form.
+        reference_url: the paper or source the card links to.
+        function: the pure tensor function.
+        parameters: per-model and global parameters, in signature order.
+        base: `"none"` (a base is an ordinary input), `"optional"` or `"required"`.
+        min_others / max_others: how many non-base models the method takes (max None = unbounded).
+        uses_generator: whether the function takes the seeded `generator`.
+    """
+
+    name: str
+    pretty_name: str
+    reference_url: str
+    function: Callable[..., Any]
+    parameters: tuple[ParameterSpec, ...]
+    base: Literal["none", "optional", "required"]
+    min_others: int
+    max_others: int | None
+    uses_generator: bool
+
+    @property
+    def per_model_parameters(self) -> tuple[ParameterSpec, ...]:
+        return tuple(p for p in self.parameters if p.per_model)
+
+    @property
+    def global_parameters(self) -> tuple[ParameterSpec, ...]:
+        return tuple(p for p in self.parameters if not p.per_model)
+
+
+METHODS: dict[str, MergeMethod] = {}
+
+
+def merge_method(
+    name: str,
+    *,
+    pretty_name: str,
+    reference_url: str,
+    min_others: int = 1,
+    max_others: int | None = None,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a merge method under `name`, reading its parameters from the signature."""
+
+    def register(function: Callable[..., Any]) -> Callable[..., Any]:
+        hints = typing.get_type_hints(function)
+        signature = inspect.signature(function)
+        base = "none"
+        if "base" in signature.parameters:
+            base = "required" if signature.parameters["base"].default is inspect.Parameter.empty else "optional"
+        parameters = tuple(
+            ParameterSpec(
+                name=p.name,
+                per_model=typing.get_origin(hints[p.name]) is PerModel,
+                required=p.default is inspect.Parameter.empty,
+                default=None if p.default is inspect.Parameter.empty else p.default,
+            )
+            for p in signature.parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "generator"
+        )
+        METHODS[name] = MergeMethod(
+            name=name,
+            pretty_name=pretty_name,
+            reference_url=reference_url,
+            function=function,
+            parameters=parameters,
+            base=base,
+            min_others=min_others,
+            max_others=max_others,
+            uses_generator="generator" in signature.parameters,
+        )
+        return function
+
+    return register
+
+
+def get_method(name: str) -> MergeMethod:
+    """Look up a method by its `merge_method` name.
+
+    Raises:
+        UnknownMethodError: no such method; the message suggests the closest names.
+    """
+    if name in METHODS:
+        return METHODS[name]
+    close = difflib.get_close_matches(name.replace("-", "_"), METHODS, n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(f'`{c}`' for c in close)}? " if close else ""
+    raise UnknownMethodError(
+        f"`merge_method: {name}` is not a known method; {hint}known methods: {', '.join(sorted(METHODS))}"
+    )
+
+
+from . import linear, passthrough, slerp  # noqa: E402,F401  (registers the methods)

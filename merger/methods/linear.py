@@ -1,0 +1,28 @@
+"""Linear: a weighted average of the models (Wortsman et al. 2022, "Model soups", arXiv:2203.05482)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import PerModel, merge_method
+
+
+@merge_method("linear", pretty_name="Linear", reference_url="https://arxiv.org/abs/2203.05482")
+def linear(tensors: list[Tensor], *, weight: PerModel[float], normalize: bool = True) -> Tensor:
+    """Weighted sum `Σᵢ wᵢ·xᵢ`, divided by `Σᵢ wᵢ` when `normalize`.
+
+    Args:
+        tensors: N float32 tensors of one shape `(*shape)`.
+        weight: N weights (`wᵢ`); the planner rejects a missing weight and, with `normalize`, a zero sum.
+        normalize: divide by the weights' sum (mergekit's default: true).
+
+    Returns:
+        float32 tensor `(*shape)`.
+    """
+    out = torch.zeros_like(tensors[0])
+    for w, x in zip(weight, tensors):
+        out.add_(x, alpha=w)
+    if normalize:
+        out.div_(sum(weight))
+    return out

@@ -1,0 +1,430 @@
+"""Config + model metadata -> an ordered list of tensor jobs, with every check metadata allows.
+
+Planning reads no weights: it needs each model's `config.json` and safetensors headers
+(:class:`~merger.metadata.ModelMetadata`). Every problem found is collected and raised together as
+:class:`~merger.errors.ConfigErrors`, so the form and `merger validate` show them all at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .architecture import Architecture, WeightInfo, architecture_for
+from .config import InputSliceSource, MergeConfig, ModelReference, OutputSlice
+from .errors import ConfigError, ConfigErrors, LayerRangeError, MergerError, ShapeMismatchError, VocabSizeError
+from .metadata import DTYPE_SIZES, ModelMetadata
+from .methods import MergeMethod, get_method
+from .parameters import resolve
+
+TORCH_TO_SAFETENSORS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+DEFAULT_SEED = 0
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """One input of an output tensor: which model (canonical key) and which of its tensors."""
+
+    model: str
+    name: str
+
+
+@dataclass(frozen=True)
+class TensorJob:
+    """How to produce one output tensor.
+
+    Attributes:
+        name: the output tensor's name.
+        method: a registered method name, or `"gate"` for an MoE router.
+        sources: the inputs the method gets as `tensors`, in config order (for a method that
+            treats the base specially, the base is not among them).
+        base: the base model's input, for methods that take one.
+        per_model: parameter name -> one value per entry of `sources`.
+        global_params: parameter name -> value.
+        shape: the output's shape.
+        dtype: the output's safetensors dtype code (`BF16`, `F16`, `F32`).
+    """
+
+    name: str
+    method: str
+    sources: tuple[TensorSource, ...]
+    base: TensorSource | None
+    per_model: dict[str, tuple] = field(hash=False)
+    global_params: dict[str, Any] = field(hash=False)
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        n = DTYPE_SIZES[self.dtype]
+        for d in self.shape:
+            n *= d
+        return n
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Everything the engine needs to write the output, in write order.
+
+    Attributes:
+        method_name / pretty_name / reference_url: the method, for progress and the model card.
+        base_model: the base's reference, if any.
+        models: every referenced model, in config order (canonical keys unique).
+        jobs: one per output tensor, in write order.
+        output_config: the output's `config.json`.
+        config_donor: key of the model whose config, generation config and architecture are used.
+        tokenizer_donor: key of the model whose tokenizer files are copied.
+        input_dtype: the config's `dtype`, applied to inputs on load (None: as stored).
+        seed: seed of the random parts (DARE masks, random gates).
+    """
+
+    method_name: str
+    pretty_name: str
+    reference_url: str
+    base_model: ModelReference | None
+    models: tuple[ModelReference, ...]
+    jobs: tuple[TensorJob, ...]
+    output_config: dict
+    config_donor: str
+    tokenizer_donor: str
+    input_dtype: str | None
+    seed: int
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.output_config.get("num_hidden_layers", 0))
+
+    @property
+    def parameter_count(self) -> int:
+        """Parameters in the output (sum of the output tensors' elements)."""
+        total = 0
+        for job in self.jobs:
+            n = 1
+            for d in job.shape:
+                n *= d
+            total += n
+        return total
+
+
+def output_dtype(config_out: str | None, config_dtype: str | None, stored: str) -> str:
+    """Spec decision 2: `out_dtype`, else `dtype`, else the stored dtype of the base (first) input."""
+    chosen = config_out or config_dtype
+    return TORCH_TO_SAFETENSORS[chosen] if chosen else stored
+
+
+class _Problems:
+    """Collects config problems, each once, in the order found."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, MergerError] = {}
+
+    def add(self, error: MergerError) -> None:
+        self.items.setdefault(str(error), error)
+
+    def raise_if_any(self) -> None:
+        if len(self.items) == 1:
+            raise next(iter(self.items.values()))
+        if self.items:
+            raise ConfigErrors(self.items.values())
+
+
+def _as_slices(config: MergeConfig, meta: dict[str, ModelMetadata], arch: Architecture) -> list[OutputSlice]:
+    """The config as output slices: `models:` is one slice of whole models, the base added if missing."""
+    if config.slices is not None:
+        return config.slices
+    entries = [(m.model, m.parameters) for m in config.models]
+    if config.base_model and config.base_model.key not in {ref.key for ref, _ in entries}:
+        entries.append((config.base_model, None))
+    sources = [
+        InputSliceSource.model_construct(
+            model=ref, layer_range=(0, arch.num_layers(meta[ref.key].config)), parameters=params
+        )
+        for ref, params in entries
+    ]
+    return [OutputSlice.model_construct(sources=sources, base_model=None, parameters=None)]
+
+
+def _field(config: MergeConfig, slice_index: int, source_index: int) -> str:
+    if config.slices is not None:
+        return f"slices[{slice_index}].sources[{source_index}]"
+    return f"models[{source_index}]" if source_index < len(config.models) else "base_model"
+
+
+def build_plan(config: MergeConfig, metadata: dict[str, ModelMetadata]) -> MergePlan:
+    """Plan a merge: check the config against the models' metadata and list the output tensors.
+
+    Args:
+        config: a parsed merge config.
+        metadata: canonical model key -> that model's metadata, for every referenced model.
+
+    Returns:
+        The :class:`MergePlan`.
+
+    Raises:
+        ConfigErrors: every problem found (layer ranges, model counts, missing parameters,
+            missing base, tensor shapes, vocab sizes, architectures), each naming the field,
+            the models involved and the fix.
+    """
+    method = get_method(config.merge_method)
+    problems = _Problems()
+    refs = config.referenced_models()
+    donor = (config.base_model or refs[0]).key
+    arch = architecture_for(metadata[donor].config, donor)
+    for ref in refs:
+        architecture_for(metadata[ref.key].config, str(ref))  # unsupported families fail here, by name
+
+    slices = _as_slices(config, metadata, arch)
+    _check_slices(config, slices, method, metadata, arch, problems)
+    problems.raise_if_any()
+
+    planner = _TensorPlanner(config, method, metadata, problems)
+    jobs: list[TensorJob] = []
+    for weight in arch.pre_weights:
+        jobs += planner.plan(slices[0], 0, weight, weight, 0.0)
+    layer_origins: list[tuple[str, int]] = []
+    for slice_index, output_slice in enumerate(slices):
+        start = output_slice.sources[0].layer_range[0]
+        length = output_slice.sources[0].layer_range[1] - start
+        for offset in range(length):
+            t = offset / (length - 1) if length > 1 else 1.0
+            out_layer = len(layer_origins)
+            for template in arch.layer_weights:
+                jobs += planner.plan(output_slice, slice_index, template.for_layer(out_layer), template, t, offset)
+            layer_origins.append((output_slice.sources[0].model.key, start + offset))
+    for weight in arch.post_weights:
+        jobs += planner.plan(slices[-1], len(slices) - 1, weight, weight, 0.0)  # spec decision 11: t = 0
+    problems.raise_if_any()
+
+    written = {job.name for job in jobs}
+    output_config = output_model_config(
+        metadata[donor].config, arch, layer_origins, metadata, jobs, written, config.out_dtype or config.dtype
+    )
+    tokenizer = config.tokenizer_choice
+    tokenizer_donor = donor if tokenizer == "base" else ModelReference.parse(tokenizer).key
+    return MergePlan(
+        method_name=method.name,
+        pretty_name=method.pretty_name,
+        reference_url=method.reference_url,
+        base_model=config.base_model,
+        models=tuple(refs),
+        jobs=tuple(jobs),
+        output_config=output_config,
+        config_donor=donor,
+        tokenizer_donor=tokenizer_donor,
+        input_dtype=config.dtype,
+        seed=DEFAULT_SEED if config.seed is None else config.seed,
+    )
+
+
+def _check_slices(
+    config: MergeConfig,
+    slices: list[OutputSlice],
+    method: MergeMethod,
+    meta: dict[str, ModelMetadata],
+    arch: Architecture,
+    problems: _Problems,
+) -> None:
+    """Layer ranges within each model, model counts per method, base presence, equal layer counts."""
+    if config.models is not None:
+        counts = {str(s.model): s.layer_range[1] for s in slices[0].sources}
+        if len(set(counts.values())) > 1:
+            listing = ", ".join(f"`{m}`: {n}" for m, n in counts.items())
+            problems.add(LayerRangeError(
+                f"`models` have different layer counts ({listing}); a whole-model merge needs equal counts. "
+                "Use `slices:` with equally long `layer_range`s instead"
+            ))
+    for si, output_slice in enumerate(slices):
+        base = output_slice.base_model or config.base_model
+        keys = [s.model.key for s in output_slice.sources]
+        for ji, source in enumerate(output_slice.sources):
+            layers = arch.num_layers(meta[source.model.key].config)
+            start, end = source.layer_range
+            if end > layers:
+                problems.add(LayerRangeError(
+                    f"`{_field(config, si, ji)}.layer_range` is [{start}, {end}], past the last layer of "
+                    f"`{source.model}`, which has {layers} layers; the end is exclusive, so use an end of at most {layers}"
+                ))
+        if method.base == "required" and base is None:
+            problems.add(ConfigError(
+                f"`base_model` is required by `merge_method: {method.name}`; set it to one of the models "
+                f"({', '.join(f'`{s.model}`' for s in output_slice.sources)})"
+            ))
+        if method.base == "required" and base is not None and base.key not in keys and config.slices is not None:
+            problems.add(ConfigError(
+                f"`slices[{si}]` has no source for the base model `{base}`; add it with the same `layer_range` "
+                "as the other sources, or change `base_model`"
+            ))
+        others = len(keys) - (1 if method.base != "none" and base is not None and base.key in keys else 0)
+        if others < method.min_others or (method.max_others is not None and others > method.max_others):
+            problems.add(ConfigError(_count_message(method, len(keys), config.slices is not None, si)))
+
+
+def _count_message(method: MergeMethod, total: int, slices: bool, index: int) -> str:
+    where = f"`slices[{index}].sources`" if slices else "`models`"
+    if method.base == "none":
+        wanted = (
+            f"exactly {method.min_others}" if method.min_others == method.max_others
+            else f"at least {method.min_others}"
+        )
+        return f"{where}: `{method.name}` takes {wanted} model(s) per slice, got {total}"
+    if method.min_others == method.max_others:
+        wanted = f"exactly {method.min_others + 1} models, one of them the `base_model`"
+    else:
+        wanted = f"the `base_model` plus at least {method.min_others} other model(s)"
+    return f"{where}: `{method.name}` takes {wanted}; got {total}. Adjust the model list or pick another method"
+
+
+class _TensorPlanner:
+    """Turns (slice, weight) into a :class:`TensorJob`: finds each input, resolves parameters, checks shapes."""
+
+    def __init__(self, config: MergeConfig, method: MergeMethod, meta: dict[str, ModelMetadata], problems: _Problems):
+        self.config = config
+        self.method = method
+        self.meta = meta
+        self.problems = problems
+
+    def _find(self, key: str, weight: WeightInfo) -> str | None:
+        tensors = self.meta[key].tensors
+        for name in (weight.name, *weight.tied_names):
+            if name in tensors:
+                return name
+        return None
+
+    def plan(
+        self,
+        output_slice: OutputSlice,
+        slice_index: int,
+        out_weight: WeightInfo,
+        template: WeightInfo,
+        t: float,
+        offset: int | None = None,
+    ) -> list[TensorJob]:
+        """The job for one output tensor (empty when an optional tensor is in no model)."""
+        config, method = self.config, self.method
+        base_ref = output_slice.base_model or config.base_model
+        found: list[tuple[int, InputSliceSource, str]] = []
+        any_own_name = False
+        for index, source in enumerate(output_slice.sources):
+            weight = template if offset is None else template.for_layer(source.layer_range[0] + offset)
+            name = self._find(source.model.key, weight)
+            if name is None and not weight.optional:
+                self.problems.add(ShapeMismatchError(
+                    f"`{source.model}` has no tensor `{weight.name}`; it is not a complete "
+                    f"{self.meta[source.model.key].config.get('model_type')} checkpoint of the expected layout"
+                ))
+            elif name is not None:
+                found.append((index, source, name))
+                any_own_name |= name == weight.name
+        # an optional tensor that no model has under its own name (a tied lm_head) is not written
+        if not found or (out_weight.optional and not any_own_name):
+            return []
+
+        base_entry = None
+        if method.base != "none" and base_ref is not None:
+            base_entry = next((e for e in found if e[1].model.key == base_ref.key), None)
+        inputs = [e for e in found if e is not base_entry]
+        shapes = {e[1].model.key: self.meta[e[1].model.key].tensors[e[2]].shape for e in found}
+        self._check_shapes(out_weight, found, shapes)
+        first = base_entry or found[0]
+        dtype = output_dtype(config.out_dtype, config.dtype, self.meta[first[1].model.key].tensors[first[2]].dtype)
+        shape = shapes[first[1].model.key]
+
+        if len(inputs) < max(method.min_others, 1):  # too few inputs left for the method: copied, as mergekit does
+            only = found[0]
+            return [TensorJob(out_weight.name, "passthrough", (TensorSource(only[1].model.key, only[2]),), None,
+                              {"scale": (None,)}, {}, shape, dtype)]
+
+        per_model: dict[str, tuple] = {}
+        for spec in method.per_model_parameters:
+            values = []
+            for index, source, name in inputs:
+                levels = (source.parameters, output_slice.parameters, config.parameters)
+                value = resolve(spec.name, levels, name, t)
+                if value is None and spec.required:
+                    self.problems.add(ConfigError(
+                        f"`{_field(config, slice_index, index)}` (`{source.model}`) has no `{spec.name}` for "
+                        f"`{name}`; `{method.name}` needs one per model: add `parameters: {{{spec.name}: ...}}` "
+                        "to it, or a global one"
+                    ))
+                values.append(spec.default if value is None else value)
+            per_model[spec.name] = tuple(values)
+        global_params = {}
+        for spec in method.global_parameters:
+            value = resolve(spec.name, (output_slice.parameters, config.parameters), out_weight.name, t)
+            if value is None and spec.required:
+                self.problems.add(ConfigError(
+                    f"`parameters.{spec.name}` is required by `merge_method: {method.name}` (for `{out_weight.name}`); "
+                    f"add e.g. `parameters: {{{spec.name}: 0.5}}`"
+                ))
+            global_params[spec.name] = spec.default if value is None else value
+        if method.name == "linear" and global_params.get("normalize") and per_model.get("weight"):
+            if all(w is not None for w in per_model["weight"]) and abs(sum(per_model["weight"])) < 1e-12:
+                self.problems.add(ConfigError(
+                    f"the `weight`s of `{out_weight.name}` sum to 0, so `normalize: true` would divide by zero; "
+                    "change the weights or set `parameters: {normalize: false}`"
+                ))
+        return [TensorJob(
+            out_weight.name,
+            method.name,
+            tuple(TensorSource(s.model.key, n) for _, s, n in inputs),
+            TensorSource(base_entry[1].model.key, base_entry[2]) if base_entry else None,
+            per_model,
+            global_params,
+            shape,
+            dtype,
+        )]
+
+    def _check_shapes(self, weight: WeightInfo, found: list, shapes: dict[str, tuple[int, ...]]) -> None:
+        if len(set(shapes.values())) <= 1:
+            return
+        listing = ", ".join(f"`{s.model}` {list(shapes[s.model.key])}" for _, s, _ in found)
+        if weight.is_embed:
+            rows = sorted({shape[0] for shape in shapes.values()}, reverse=True)
+            self.problems.add(VocabSizeError(
+                f"`{weight.name}` has different vocabulary sizes ({listing}: rows {', '.join(map(str, rows))}); "
+                "the models use different tokenizers. Set `tokenizer_source: base`, `union` or a model to say "
+                "which vocabulary the output gets"
+            ))
+        else:
+            self.problems.add(ShapeMismatchError(
+                f"`{weight.name}` has different shapes ({listing}); these models are not the same size or "
+                "family and cannot be merged tensor by tensor"
+            ))
+
+
+def output_model_config(
+    donor_config: dict,
+    arch: Architecture,
+    layer_origins: list[tuple[str, int]],
+    meta: dict[str, ModelMetadata],
+    jobs: list[TensorJob],
+    written: set[str],
+    dtype: str | None,
+) -> dict:
+    """The output's `config.json`: the donor's, made to agree with the written tensors.
+
+    Sets the layer count, per-layer lists (`layer_types`) taken from each output layer's origin,
+    `vocab_size` from the written embedding rows, `tie_word_embeddings` from whether a separate
+    output head was written, and `dtype`/`torch_dtype`.
+    """
+    out = dict(donor_config)
+    old_layers = arch.num_layers(donor_config)
+    out[arch.num_layers_config_key] = len(layer_origins)
+    if isinstance(out.get("layer_types"), list):
+        out["layer_types"] = [
+            meta[key].config.get("layer_types", donor_config["layer_types"])[layer] for key, layer in layer_origins
+        ]
+    if out.get("max_window_layers") == old_layers:
+        out["max_window_layers"] = len(layer_origins)
+    for weight in arch.pre_weights:
+        job = next((j for j in jobs if j.name == weight.name), None)
+        if weight.is_embed and job is not None:
+            out["vocab_size"] = job.shape[0]
+    tied_heads = [w for w in arch.post_weights if w.tied_names]
+    if tied_heads:
+        out["tie_word_embeddings"] = not any(w.name in written for w in tied_heads)
+    if dtype:
+        out["dtype"] = dtype
+        if "torch_dtype" in out:
+            out["torch_dtype"] = dtype
+    return out

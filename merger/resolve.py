@@ -1,0 +1,51 @@
+"""Where each referenced model lives: a local directory, or a Hub repo (metadata first, weights later)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from . import hub
+from .config import ModelReference
+from .errors import ModelNotFoundError
+from .metadata import ModelMetadata, read_local_metadata
+
+
+def local_path(ref: ModelReference) -> Path | None:
+    """The local directory `ref` names, or None for a Hub id.
+
+    Relative paths resolve against the working directory; an existing directory wins over a Hub id
+    of the same spelling (as in mergekit).
+
+    Raises:
+        ModelNotFoundError: `ref` is written as a path (`./`, `../`, `/`, `~`) but no such directory exists.
+    """
+    path = Path(os.path.expanduser(ref.model))
+    if path.is_dir():
+        return path.resolve()
+    if ref.model.startswith(("./", "../", "/", "~")) or not hub.is_hub_id(ref.model):
+        raise ModelNotFoundError(
+            f"model `{ref}`: no such local directory ({path.resolve()}); check the path, or give a Hub id like `org/name`"
+        )
+    return None
+
+
+def fetch_metadata(refs: list[ModelReference], token: str | None) -> dict[str, ModelMetadata]:
+    """Metadata of every model without downloading weights (local headers, or the Hub's).
+
+    Returns:
+        canonical key -> :class:`ModelMetadata`.
+
+    Raises:
+        ModelNotFoundError, UnsafeWeightsError, HubError: as :func:`merger.hub.fetch_metadata`.
+    """
+    result = {}
+    for ref in refs:
+        path = local_path(ref)
+        result[ref.key] = read_local_metadata(path, str(ref)) if path else hub.fetch_metadata(str(ref), token=token)
+    return result
+
+
+def materialize(refs: list[ModelReference], token: str | None) -> dict[str, Path]:
+    """Local directories for every model, downloading Hub repos (safetensors, configs, tokenizer files only)."""
+    return {ref.key: local_path(ref) or hub.download_model(str(ref), token=token) for ref in refs}

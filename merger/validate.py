@@ -1,0 +1,66 @@
+"""Check a config against the models' metadata without downloading weights (the form and `merger validate`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import AnyConfig, MoEConfig, load_config
+from .metadata import ModelMetadata
+from .moe import build_moe_plan
+from .plan import MergePlan, build_plan
+from .resolve import fetch_metadata
+
+
+def plan_config(config: AnyConfig, metadata: dict[str, ModelMetadata]) -> MergePlan:
+    """The plan for either schema (mergekit merge or mergekit-moe)."""
+    return build_moe_plan(config, metadata) if isinstance(config, MoEConfig) else build_plan(config, metadata)
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """What a valid config will produce.
+
+    Attributes:
+        method: the `merge_method` (`moe` for mergekit-moe configs).
+        pretty_name: the method's display name.
+        models: every referenced model, config order.
+        num_layers: the output's decoder layers.
+        parameter_count: the output's parameters.
+        architecture: the output's Hugging Face class name.
+    """
+
+    method: str
+    pretty_name: str
+    models: tuple[str, ...]
+    num_layers: int
+    parameter_count: int
+    architecture: str
+
+    def summary(self) -> str:
+        """One line for people, e.g. `slerp of 2 models -> MistralForCausalLM, 32 layers, 7.24B parameters`."""
+        return (
+            f"{self.pretty_name} of {len(self.models)} model(s) -> {self.architecture}, "
+            f"{self.num_layers} layers, {self.parameter_count / 1e9:.2f}B parameters ({self.parameter_count:,})"
+        )
+
+
+def validate_config(text: str, token: str | None = None) -> ValidationReport:
+    """Parse and check a YAML config from metadata alone (config.json, safetensors headers).
+
+    Args:
+        text: the YAML config (either schema).
+        token: a Hub token for private or gated models.
+
+    Raises:
+        ConfigError / ConfigErrors, ArchitectureError, ModelNotFoundError, UnsafeWeightsError, HubError.
+    """
+    config = load_config(text)
+    plan = plan_config(config, fetch_metadata(config.referenced_models(), token))
+    return ValidationReport(
+        method=plan.method_name,
+        pretty_name=plan.pretty_name,
+        models=tuple(str(m) for m in plan.models),
+        num_layers=plan.num_layers,
+        parameter_count=plan.parameter_count,
+        architecture=(plan.output_config.get("architectures") or ["?"])[0],
+    )

@@ -1,0 +1,129 @@
+"""Streaming, size-bounded safetensors shards with the Hub's names and index.
+
+Because the plan knows every output tensor's name, shape and dtype before any math runs, each shard's
+header is written first and each tensor's bytes are appended as soon as it is merged: memory holds
+one tensor, never a shard. The files follow the safetensors format (8-byte little-endian header
+length, JSON header padded with spaces to 8 bytes, then the raw little-endian data in header order).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Sequence
+
+import torch
+
+from .constants import SAFETENSORS_INDEX_FILE
+from .metadata import DTYPE_SIZES
+
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """Where one output tensor goes: its shard and byte range within the shard's data section."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    shard: int
+    begin: int
+    end: int
+
+
+def layout_shards(tensors: Sequence[tuple[str, tuple[int, ...], str]], max_shard_size: int) -> list[list[TensorSlot]]:
+    """Assign tensors, in order, to shards of at most `max_shard_size` bytes (a larger tensor gets its own).
+
+    Args:
+        tensors: (name, shape, safetensors dtype code) in write order.
+        max_shard_size: bytes of tensor data per shard.
+
+    Returns:
+        One list of :class:`TensorSlot` per shard.
+    """
+    shards: list[list[TensorSlot]] = [[]]
+    used = 0
+    for name, shape, dtype in tensors:
+        size = DTYPE_SIZES[dtype]
+        for d in shape:
+            size *= d
+        if shards[-1] and used + size > max_shard_size:
+            shards.append([])
+            used = 0
+        shards[-1].append(TensorSlot(name, tuple(shape), dtype, len(shards) - 1, used, used + size))
+        used += size
+    return shards
+
+
+def shard_file_name(index: int, count: int) -> str:
+    """The Hub's shard name, e.g. `model-00001-of-00003.safetensors` (index is 0-based)."""
+    return f"model-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def _header(slots: list[TensorSlot]) -> bytes:
+    header = {"__metadata__": {"format": "pt"}}
+    for slot in slots:
+        header[slot.name] = {"dtype": slot.dtype, "shape": list(slot.shape), "data_offsets": [slot.begin, slot.end]}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+class ShardedWriter:
+    """Writes the planned tensors, in plan order, into Hub-named shards plus `model.safetensors.index.json`.
+
+    Use as a context manager; :meth:`write` each tensor in the order given at construction. The index
+    is written on a clean exit only, so an interrupted run leaves no index claiming missing tensors.
+
+    Args:
+        out_dir: the (temporary) output directory.
+        tensors: (name, shape, safetensors dtype code) of every output tensor, in write order.
+        max_shard_size: bytes of tensor data per shard.
+
+    Raises:
+        ValueError: a tensor arrives out of order or with another shape than planned.
+    """
+
+    def __init__(self, out_dir: Path, tensors: Sequence[tuple[str, tuple[int, ...], str]], max_shard_size: int):
+        self.out_dir = out_dir
+        self.shards = layout_shards(tensors, max_shard_size)
+        self._order = [slot for shard in self.shards for slot in shard]
+        self._next = 0
+        self._file: BinaryIO | None = None
+        self._file_shard = -1
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._file is not None:
+            self._file.close()
+        if exc_type is None:
+            self._write_index()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Cast `tensor` to its planned dtype and append its bytes to its shard."""
+        slot = self._order[self._next]
+        if slot.name != name or tuple(tensor.shape) != slot.shape:
+            raise ValueError(f"writer expected `{slot.name}` {list(slot.shape)}, got `{name}` {list(tensor.shape)}")
+        if slot.shard != self._file_shard:
+            if self._file is not None:
+                self._file.close()
+            path = self.out_dir / shard_file_name(slot.shard, len(self.shards))
+            self._file = open(path, "wb")
+            self._file.write(_header(self.shards[slot.shard]))
+            self._file_shard = slot.shard
+        data = tensor.detach().to(device="cpu", dtype=TORCH_DTYPES[slot.dtype]).contiguous()
+        self._file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+        self._next += 1
+
+    def _write_index(self) -> None:
+        if self._next != len(self._order):
+            raise ValueError(f"writer closed after {self._next} of {len(self._order)} planned tensors")
+        total = sum(slot.end - slot.begin for slot in self._order)
+        weight_map = {slot.name: shard_file_name(slot.shard, len(self.shards)) for slot in self._order}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / SAFETENSORS_INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,338 @@
+"""Everything merger asks of the Hugging Face Hub, and nothing else talks to it.
+
+All calls go through huggingface_hub, so HF_ENDPOINT, HF_TOKEN and HF_HOME apply as usual. Its
+exceptions never escape: they become :class:`~merger.errors.ModelNotFoundError`,
+:class:`~merger.errors.UnsafeWeightsError` or :class:`~merger.errors.HubError`, whose messages are
+built here and scrubbed of tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx2  # huggingface_hub's HTTP client: its transport errors are what a dead network raises
+from huggingface_hub import HfApi, ModelInfo, get_token
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    LocalTokenNotFoundError,
+    NotASafetensorsRepoError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+    SafetensorsParsingError,
+)
+from huggingface_hub.utils import validate_repo_id
+
+from .constants import CONFIG_FILE, HUB_ALLOW_PATTERNS, PICKLE_WEIGHT_SUFFIXES
+from .errors import ConfigError, HubError, MergerError, ModelNotFoundError, UnsafeWeightsError
+from .metadata import ModelMetadata, TensorMeta, unsafe_weights_message
+
+logger = logging.getLogger(__name__)
+
+# User access tokens are "hf_" + alphanumerics; scrub any such run, not only the token we were given.
+_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{20,}")
+
+
+def split_reference(reference: str) -> tuple[str, str | None]:
+    """Split a model reference into repo id and revision.
+
+    Args:
+        reference (`str`): `"org/name"` or `"org/name@revision"` (a branch, tag or commit sha).
+
+    Returns:
+        `tuple[str, str | None]`: the repo id and the revision (`None` when absent or empty).
+    """
+    repo_id, _, revision = reference.partition("@")
+    return repo_id, revision or None
+
+
+def looks_like_hub_id(reference: str) -> bool:
+    """Whether `reference` has the shape of a Hub repo id (`name` or `org/name`, optional `@rev`).
+
+    Pure: the local filesystem is not consulted (see :func:`is_hub_id` for that).
+
+    Args:
+        reference (`str`): a model reference from a config.
+
+    Returns:
+        `bool`: `True` when the part before `@` passes huggingface_hub's `validate_repo_id`.
+    """
+    try:
+        validate_repo_id(split_reference(reference)[0])
+    except HFValidationError:
+        return False
+    return True
+
+
+def is_hub_id(reference: str) -> bool:
+    """Whether `reference` names a Hub repo rather than a local model directory.
+
+    Args:
+        reference (`str`): a model reference from a config.
+
+    Returns:
+        `bool`: `True` when no local path of that name exists and it looks like a repo id
+        (`name` or `org/name`, optional `@rev`).
+    """
+    return not Path(reference).expanduser().exists() and looks_like_hub_id(reference)
+
+
+def download_model(reference: str, token: str | None = None) -> Path:
+    """Download a Hub model's safetensors weights, configs and tokenizer files into the HF cache.
+
+    The repo's file list is checked first, so that a pickle-only model is refused before any byte
+    of it is fetched. Files come from one commit: the head of the revision when the call starts.
+
+    Args:
+        reference (`str`): `"org/name"` or `"org/name@revision"`.
+        token (`str`, *optional*): a Hugging Face token; defaults to HF_TOKEN or the saved login.
+
+    Returns:
+        `Path`: the local snapshot directory.
+
+    Raises:
+        [`~merger.errors.ModelNotFoundError`]: the repo or revision does not exist or is not visible.
+        [`~merger.errors.UnsafeWeightsError`]: the repo has only pickle weights (`.bin`, `.pt`, ...).
+        [`~merger.errors.HubError`]: the token was rejected, or the Hub could not be reached.
+    """
+    repo_id, revision = split_reference(reference)
+    api = HfApi(token=token)
+    with _reading(reference, token):
+        info = api.model_info(repo_id, revision=revision)
+        _refuse_pickle_only(reference, info)
+        return Path(api.snapshot_download(repo_id, revision=info.sha, allow_patterns=HUB_ALLOW_PATTERNS))
+
+
+def fetch_metadata(reference: str, token: str | None = None) -> ModelMetadata:
+    """Read a Hub model's config, tensor shapes/dtypes and license without downloading its weights.
+
+    Only `config.json` and the safetensors headers (a byte range of each shard) are fetched.
+
+    Args:
+        reference (`str`): `"org/name"` or `"org/name@revision"`.
+        token (`str`, *optional*): a Hugging Face token; defaults to HF_TOKEN or the saved login.
+
+    Returns:
+        [`~merger.metadata.ModelMetadata`]: config, tensors over all shards, and the card's license
+        (`None` when the card has none).
+
+    Raises:
+        [`~merger.errors.ModelNotFoundError`]: the repo or revision does not exist or is not visible,
+            or it has no `config.json` or no `model.safetensors` / `model.safetensors.index.json`.
+        [`~merger.errors.UnsafeWeightsError`]: the repo has only pickle weights.
+        [`~merger.errors.HubError`]: the token was rejected, the Hub could not be reached, or a
+            safetensors header is unreadable.
+    """
+    repo_id, revision = split_reference(reference)
+    api = HfApi(token=token)
+    with _reading(reference, token):
+        info = api.model_info(repo_id, revision=revision)
+        _refuse_pickle_only(reference, info)
+        config = _remote_config(api, reference, repo_id, info.sha)
+        tensors = _remote_tensors(api, reference, repo_id, info.sha)
+    card_license = info.card_data.license if info.card_data else None
+    return ModelMetadata(reference, config, tensors, card_license)
+
+
+def push_folder(
+    folder: Path,
+    repo_id: str,
+    token: str,
+    private: bool = False,
+    commit_message: str = "Upload merged model",
+) -> str:
+    """Upload a folder as one commit to a model repo, creating the repo if needed.
+
+    If the upload fails (or is interrupted) and this call created the repo, the repo is deleted, so
+    no empty repo is left behind. An existing repo keeps its visibility.
+
+    Args:
+        folder (`Path`): the directory to upload (all of it).
+        repo_id (`str`): `"namespace/name"`, or a bare `"name"` for the token's own namespace.
+        token (`str`): a Hugging Face token with write access to the namespace.
+        private (`bool`, *optional*, defaults to `False`): create the repo as private.
+        commit_message (`str`, *optional*): the commit's title.
+
+    Returns:
+        `str`: the repo's URL, `{endpoint}/{namespace}/{name}`.
+
+    Raises:
+        [`~merger.errors.ConfigError`]: `repo_id` is not a valid repo id (field `repo`).
+        [`~merger.errors.HubError`]: the token was rejected or may not write there, or the upload failed.
+    """
+    _check_repo_id(repo_id)
+    if "/" not in repo_id:
+        repo_id = f"{whoami(token)}/{repo_id}"
+    api = HfApi(token=token)
+    with _hub_call(f"pushing to `{repo_id}`", token):
+        existed = api.repo_exists(repo_id)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        try:
+            api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message=commit_message)
+        except BaseException:  # a cancelled job must not leave an empty repo either
+            if not existed:
+                _delete_quietly(api, repo_id)
+            raise
+    return f"{api.endpoint}/{repo_id}"
+
+
+def whoami(token: str) -> str:
+    """The username a token belongs to.
+
+    Args:
+        token (`str`): a Hugging Face token.
+
+    Returns:
+        `str`: the user's name (their namespace on the Hub).
+
+    Raises:
+        [`~merger.errors.HubError`]: the token was rejected, or the Hub could not be reached.
+    """
+    with _hub_call("checking your Hugging Face token", token):
+        return HfApi(token=token).whoami()["name"]
+
+
+def search_models(query: str, token: str | None = None, limit: int = 20) -> list[str]:
+    """Model ids whose name contains `query`, for a type-ahead box.
+
+    Args:
+        query (`str`): the text typed so far; blank gives no results.
+        token (`str`, *optional*): a Hugging Face token, so that the user's private repos match too.
+        limit (`int`, *optional*, defaults to 20): the most ids to return.
+
+    Returns:
+        `list[str]`: repo ids in the Hub's order; empty when the Hub cannot be reached, because a
+        suggestion list must never break the form it sits in.
+    """
+    if not query.strip():
+        return []
+    try:
+        return [model.id for model in HfApi(token=token).list_models(search=query.strip(), limit=limit)]
+    except (httpx2.HTTPError, OSError) as err:
+        logger.warning("model search failed (%s); showing no suggestions", type(err).__name__)
+        return []
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _refuse_pickle_only(reference: str, info: ModelInfo) -> None:
+    names = [sibling.rfilename for sibling in info.siblings or []]
+    if any(name.endswith(".safetensors") for name in names):
+        return
+    pickles = sorted(name for name in names if name.endswith(PICKLE_WEIGHT_SUFFIXES))
+    if pickles:
+        raise UnsafeWeightsError(unsafe_weights_message(reference, pickles))
+
+
+def _remote_config(api: HfApi, reference: str, repo_id: str, revision: str) -> dict:
+    try:
+        path = api.hf_hub_download(repo_id, CONFIG_FILE, revision=revision)
+    except RemoteEntryNotFoundError:
+        raise ModelNotFoundError(
+            f"model `{reference}` has no `{CONFIG_FILE}` on the Hub; merger needs a transformers model repo."
+        ) from None
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _remote_tensors(api: HfApi, reference: str, repo_id: str, revision: str) -> dict[str, TensorMeta]:
+    try:
+        repo_metadata = api.get_safetensors_metadata(repo_id, revision=revision)
+    except NotASafetensorsRepoError:
+        raise ModelNotFoundError(
+            f"model `{reference}` has neither `model.safetensors` nor `model.safetensors.index.json`; "
+            "use a revision that ships safetensors weights under those names."
+        ) from None
+    except SafetensorsParsingError as err:
+        raise HubError(
+            f"model `{reference}`: a safetensors header could not be read ({err}); the file may be corrupt."
+        ) from None
+    return {
+        name: TensorMeta(tuple(info.shape), info.dtype)
+        for file_metadata in repo_metadata.files_metadata.values()
+        for name, info in file_metadata.tensors.items()
+    }
+
+
+def _check_repo_id(repo_id: str) -> None:
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ConfigError(
+            f"`repo`: `{repo_id}` is not a valid Hub repo id; use `name` or `namespace/name` made of letters, "
+            "digits, `-`, `_` and `.` (no `--` or `..`, not starting or ending with `-` or `.`, "
+            "at most 96 characters)."
+        ) from None
+
+
+def _delete_quietly(api: HfApi, repo_id: str) -> None:
+    # Best effort: the upload's own error is the one the user must see.
+    try:
+        api.delete_repo(repo_id, missing_ok=True)
+    except (httpx2.HTTPError, OSError) as err:
+        logger.warning(
+            "could not delete `%s` after a failed upload (%s); delete it on the Hub", repo_id, type(err).__name__
+        )
+
+
+@contextmanager
+def _reading(reference: str, token: str | None) -> Iterator[None]:
+    """Turn a missing or hidden repo into ModelNotFoundError, anything else into HubError."""
+    with _hub_call(f"reading model `{reference}`", token):
+        try:
+            yield
+        except GatedRepoError:  # a RepositoryNotFoundError too: test it first
+            raise ModelNotFoundError(
+                f"model `{reference}` is gated: accept its terms on its Hub page, then sign in (or set HF_TOKEN)."
+            ) from None
+        except (RepositoryNotFoundError, RevisionNotFoundError, HFValidationError):
+            raise ModelNotFoundError(
+                f"model `{reference}` was not found on the Hub; check the spelling and the revision after `@`, "
+                "or, if the repo is private or gated, sign in with an account that can see it."
+            ) from None
+
+
+@contextmanager
+def _hub_call(action: str, token: str | None) -> Iterator[None]:
+    """Re-raise huggingface_hub and network failures as HubError, with no token in the message."""
+    try:
+        yield
+    except MergerError:
+        raise
+    except (httpx2.HTTPError, OSError) as err:
+        # `from None`: the original exception's text is not ours to vouch for, so it is not chained.
+        raise HubError(_scrub(_failure_message(action, err), token)) from None
+
+
+def _failure_message(action: str, err: Exception) -> str:
+    if isinstance(err, LocalTokenNotFoundError):
+        return f"{action} needs a Hugging Face token: sign in (or set HF_TOKEN)."
+    if isinstance(err, HfHubHTTPError):
+        return _http_failure_message(action, err)
+    cause = f"{type(err).__name__}: {err}"
+    if isinstance(err, (httpx2.TransportError, ConnectionError)):
+        return f"{action} failed: could not reach the Hub ({cause}); check the connection and retry."
+    return f"{action} failed ({cause})."
+
+
+def _http_failure_message(action: str, err: HfHubHTTPError) -> str:
+    status = err.response.status_code
+    if status == 401:
+        return f"{action} failed: your Hugging Face token was rejected; sign in again."
+    detail = f"HTTP {status}" + (f": {err.server_message}" if err.server_message else "")
+    if status == 403:
+        return f"{action} was refused ({detail}); use a token with write access to that namespace."
+    return f"{action} failed on the Hub ({detail}); retry, and check the Hub's status if it persists."
+
+
+def _scrub(text: str, token: str | None) -> str:
+    for secret in filter(None, {token, get_token()}):
+        text = text.replace(secret, "***")
+    return _TOKEN_PATTERN.sub("***", text)

@@ -1,0 +1,515 @@
+"""minihub: a minimal, stdlib-only, loopback Hugging Face Hub stand-in for tests.
+
+Implements just enough of the Hub HTTP API for huggingface_hub 2.x:
+whoami, list_models (search by substring), model_info/repo_info (with `cardData` read from the
+README front matter), list_repo_tree, create_repo, delete_repo, preupload + LFS batch/basic PUT +
+ndjson commit (upload_folder/create_commit/upload_file with HF_HUB_DISABLE_XET=1), and HEAD/GET
+/resolve with byte ranges (hf_hub_download, snapshot_download, get_safetensors_metadata).
+
+Adopted from the project's shared tools so the test suite stands alone. Tests can make commits fail
+on purpose: set `store.fail_commits` to an HTTP status (see `serve`).
+
+Not implemented: Xet, multipart LFS, pagination, sort/filter/expand semantics, branches/tags/PRs
+(a revision is `main` or a commit sha), orgs, paths-info, persistence across restarts. `cardData`
+understands only top-level `key: value` and `key:` + `- item` lines of the front matter.
+
+usage: python minihub.py --port 0 --data DIR --token hf_good=alice [--token hf_other=bob]
+Prints "LISTENING http://127.0.0.1:PORT" once ready. Binds 127.0.0.1 only.
+"""
+import argparse
+import base64
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import secrets
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".onnx", ".msgpack", ".npy", ".zip")
+LFS_MIN_SIZE = 10 * 1024 * 1024
+TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
+PREFIX = {"model": "", "dataset": "datasets/", "space": "spaces/"}
+
+
+def now():
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def git_blob_oid(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def lfs_pointer(oid: str, size: int) -> bytes:
+    return f"version https://git-lfs.github.com/spec/v1\noid sha256:{oid}\nsize {size}\n".encode()
+
+
+def front_matter(text: str):
+    """Top-level scalars and flat lists of a README's YAML front matter (the subset cards use), or None."""
+    lines = text.splitlines()
+    if not lines or lines[0].strip() != "---":
+        return None
+    data, key = {}, None
+    for line in lines[1:]:
+        if line.strip() == "---":
+            return data
+        if (item := re.fullmatch(r"\s*-\s+(.*)", line)) and key is not None:
+            data[key] = (data[key] or []) + [item[1].strip().strip("'\"")]
+        elif mm := re.fullmatch(r"([A-Za-z_][\w-]*):\s*(.*)", line):
+            key = mm[1]
+            data[key] = mm[2].strip().strip("'\"") or None
+        else:
+            key = None  # nested mappings are out of scope
+    return None  # no closing `---`: not front matter
+
+
+class Store:
+    """In-memory repo metadata; file bytes under DATA/blobs (regular) and DATA/lfs (LFS)."""
+
+    def __init__(self, data_dir, tokens):
+        self.data = data_dir
+        os.makedirs(os.path.join(data_dir, "lfs"), exist_ok=True)
+        os.makedirs(os.path.join(data_dir, "blobs"), exist_ok=True)
+        self.tokens = tokens  # token -> username
+        self.repos = {}  # (type, repo_id) -> dict
+        self.lock = threading.RLock()
+        self.fail_commits = None  # an HTTP status: every commit is refused with it (failure injection)
+
+    def lfs_path(self, oid):
+        return os.path.join(self.data, "lfs", oid)
+
+    def blob_path(self, oid):
+        return os.path.join(self.data, "blobs", oid)
+
+    def card_data(self, commit):
+        f = commit["files"].get("README.md")
+        if f is None or f["lfs"]:
+            return None
+        with open(self.blob_path(f["blob_oid"]), encoding="utf-8", errors="replace") as fh:
+            return front_matter(fh.read())
+
+    def head(self, repo, rev):
+        if rev in ("main", repo["default_branch"]):
+            return repo["commits"][-1]
+        for c in repo["commits"]:
+            if c["oid"] == rev:
+                return c
+        return None
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "minihub/0.1"
+    store: Store = None  # set on the class
+    log_requests = False
+
+    # ---------------------------------------------------------------- helpers
+    def log_message(self, fmt, *args):
+        if self.log_requests:
+            sys.stderr.write("minihub: " + (fmt % args) + "\n")
+
+    @property
+    def base(self):
+        return f"http://{self.headers.get('Host') or '127.0.0.1'}"
+
+    def body(self) -> bytes:
+        return self._body
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            out = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    return bytes(out)
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        n = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(n) if n else b""
+
+    def send(self, status, payload=None, headers=None, raw=None, head_only=False):
+        data = raw if raw is not None else (b"" if payload is None else json.dumps(payload).encode())
+        self.send_response(status)
+        if raw is None and payload is not None:
+            self.send_header("Content-Type", "application/json")
+        for k, v in (headers or {}).items():
+            self.send_header(k, str(v))
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if not head_only and self.command != "HEAD":
+            self.wfile.write(data)
+
+    def error(self, status, code=None, message="error", headers=None):
+        h = dict(headers or {})
+        if code:
+            h["X-Error-Code"] = code
+        h["X-Error-Message"] = message
+        self.send(status, {"error": message}, headers=h)
+
+    def user(self):
+        """Return (username | None, bad_token: bool)."""
+        auth = self.headers.get("Authorization", "")
+        if not auth.startswith("Bearer "):
+            return None, False
+        name = self.store.tokens.get(auth[7:].strip())
+        return name, name is None
+
+    def bad_credentials(self):
+        self.error(401, None, "Invalid credentials in Authorization header")
+
+    def visible(self, repo, user):
+        return not repo["private"] or user == repo["owner"]
+
+    def find(self, rtype, repo_id, user):
+        repo = self.store.repos.get((rtype, repo_id))
+        if repo is None or not self.visible(repo, user):
+            # The Hub answers 401 + RepoNotFound for both "missing" and "private, not yours".
+            self.error(401, "RepoNotFound", "Repository not found")
+            return None
+        return repo
+
+    def repo_json(self, repo, commit, blobs=False, card=False):
+        siblings = []
+        for path, f in sorted(commit["files"].items()):
+            s = {"rfilename": path}
+            if blobs:
+                s.update(size=f["size"], blobId=f["blob_oid"])
+                if f["lfs"]:
+                    s["lfs"] = {"sha256": f["sha256"], "size": f["size"], "pointerSize": f["pointer_size"]}
+            siblings.append(s)
+        return {
+            "_id": repo["id"], "id": repo["repo_id"], "modelId": repo["repo_id"], "author": repo["owner"],
+            "sha": commit["oid"], "lastModified": commit["date"], "createdAt": repo["created"],
+            "private": repo["private"], "disabled": False, "gated": False, "downloads": 0, "likes": 0,
+            "tags": repo.get("tags", []), "library_name": None, "siblings": siblings,
+            **({"cardData": self.store.card_data(commit)} if card else {}),
+        }
+
+    # ---------------------------------------------------------------- routing
+    def do_GET(self):
+        self.route()
+
+    def do_HEAD(self):
+        self.route()
+
+    def do_POST(self):
+        self.route()
+
+    def do_PUT(self):
+        self.route()
+
+    def do_DELETE(self):
+        self.route()
+
+    def route(self):
+        try:
+            self._body = self._read_body()  # always drain the body: keep-alive connections are reused
+            url = urlsplit(self.path)
+            path, q = unquote(url.path), parse_qs(url.query)
+            m = self.command
+            user, bad = self.user()
+            if bad and not path.startswith("/_lfs/"):
+                return self.bad_credentials()
+            if path == "/api/whoami-v2" and m == "GET":
+                return self.whoami(user)
+            if path == "/api/repos/create" and m == "POST":
+                return self.create_repo(user)
+            if path == "/api/repos/delete" and m == "DELETE":
+                return self.delete_repo(user)
+            if path == "/api/validate-yaml" and m == "POST":
+                return self.send(200, {"errors": [], "warnings": []})
+            if (mm := re.fullmatch(r"/api/(models|datasets|spaces)", path)) and m == "GET":
+                return self.list_repos(TYPES[mm[1]], q, user)
+            if mm := re.fullmatch(r"/api/(models|datasets|spaces)/([^/]+/[^/]+)/preupload/([^/]+)", path):
+                return self.preupload(TYPES[mm[1]], mm[2], user)
+            if mm := re.fullmatch(r"/api/(models|datasets|spaces)/([^/]+/[^/]+)/commit/([^/]+)", path):
+                return self.commit(TYPES[mm[1]], mm[2], mm[3], user)
+            if mm := re.fullmatch(r"/api/(models|datasets|spaces)/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", path):
+                return self.tree(TYPES[mm[1]], mm[2], mm[3], (mm[4] or "").strip("/"), q, user)
+            if mm := re.fullmatch(r"/api/(models|datasets|spaces)/([^/]+/[^/]+)(?:/revision/([^/]+))?", path):
+                return self.info(TYPES[mm[1]], mm[2], mm[3] or "main", q, user)
+            if (mm := re.fullmatch(r"/((?:datasets/|spaces/)?)([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)) and m == "POST":
+                return self.lfs_batch({"": "model", "datasets/": "dataset", "spaces/": "space"}[mm[1]], mm[2], user)
+            if (mm := re.fullmatch(r"/_lfs/([0-9a-f]{64})(/verify)?", path)) and m in ("PUT", "POST"):
+                return self.lfs_put(mm[1], bool(mm[2]))
+            if (mm := re.fullmatch(r"/((?:datasets/|spaces/)?)([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)) and m in ("GET", "HEAD"):
+                return self.resolve({"": "model", "datasets/": "dataset", "spaces/": "space"}[mm[1]], mm[2], mm[3], mm[4], user)
+            self.error(404, None, f"Not implemented in minihub: {m} {path}")
+        except Exception as e:  # noqa: BLE001
+            import traceback
+            traceback.print_exc()
+            self.error(500, None, f"minihub internal error: {e!r}")
+
+    # ---------------------------------------------------------------- endpoints
+    def whoami(self, user):
+        if user is None:
+            return self.bad_credentials()
+        self.send(200, {"type": "user", "id": hashlib.md5(user.encode()).hexdigest()[:24], "name": user,
+                        "fullname": user, "email": None, "emailVerified": False, "isPro": False, "orgs": [],
+                        "auth": {"type": "access_token",
+                                 "accessToken": {"displayName": "minihub", "role": "write", "createdAt": now()}}})
+
+    def create_repo(self, user):
+        body = json.loads(self.body() or b"{}")
+        if user is None:
+            return self.error(401, None, "You must be authenticated to create a repo")
+        rtype = body.get("type") or "model"
+        ns = body.get("organization") or user
+        repo_id = f"{ns}/{body['name']}"
+        url = f"{self.base}/{PREFIX[rtype]}{repo_id}"
+        if ns != user:
+            return self.error(403, None, f"You don't have the rights to create a repo under the namespace {ns}")
+        with self.store.lock:
+            if (rtype, repo_id) in self.store.repos:
+                return self.send(409, {"error": f"You already created this {rtype} repo", "url": url})
+            gitattributes = "".join(f"*{s} filter=lfs diff=lfs merge=lfs -text\n" for s in LFS_SUFFIXES).encode()
+            oid = git_blob_oid(gitattributes)
+            with open(self.store.blob_path(oid), "wb") as fh:
+                fh.write(gitattributes)
+            first = {"oid": secrets.token_hex(20), "date": now(), "title": "initial commit", "files": {
+                ".gitattributes": {"lfs": False, "size": len(gitattributes), "blob_oid": oid}}}
+            self.store.repos[(rtype, repo_id)] = {
+                "id": secrets.token_hex(12), "repo_id": repo_id, "type": rtype, "owner": ns,
+                "private": body.get("visibility") == "private" or bool(body.get("private")),
+                "created": now(), "default_branch": "main", "commits": [first]}
+        self.send(200, {"url": url, "name": repo_id, "id": self.store.repos[(rtype, repo_id)]["id"]})
+
+    def delete_repo(self, user):
+        body = json.loads(self.body() or b"{}")
+        rtype = body.get("type") or "model"
+        repo_id = f"{body.get('organization') or user}/{body['name']}"
+        with self.store.lock:
+            repo = self.find(rtype, repo_id, user)
+            if repo is None:
+                return
+            if user != repo["owner"]:
+                return self.error(403, None, "You don't have the rights to delete this repo")
+            del self.store.repos[(rtype, repo_id)]
+        self.send(200, raw=b"")
+
+    def list_repos(self, rtype, q, user):
+        search = (q.get("search") or [""])[0].lower()
+        author = (q.get("author") or [None])[0]
+        limit = int((q.get("limit") or ["1000"])[0])
+        out = []
+        for (t, rid), repo in sorted(self.store.repos.items()):
+            if t != rtype or not self.visible(repo, user):
+                continue
+            if search and search not in rid.lower():
+                continue
+            if author and repo["owner"] != author:
+                continue
+            j = self.repo_json(repo, repo["commits"][-1])
+            j.pop("siblings")
+            out.append(j)
+        self.send(200, out[:limit])
+
+    def info(self, rtype, repo_id, rev, q, user):
+        repo = self.find(rtype, repo_id, user)
+        if repo is None:
+            return
+        commit = self.store.head(repo, rev)
+        if commit is None:
+            return self.error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        self.send(200, self.repo_json(repo, commit, blobs="blobs" in q, card=True))
+
+    def tree(self, rtype, repo_id, rev, prefix, q, user):
+        repo = self.find(rtype, repo_id, user)
+        if repo is None:
+            return
+        commit = self.store.head(repo, rev)
+        if commit is None:
+            return self.error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        recursive = (q.get("recursive") or ["false"])[0].lower() in ("1", "true")
+        entries, dirs = [], set()
+        for path, f in sorted(commit["files"].items()):
+            if prefix and not path.startswith(prefix + "/"):
+                continue
+            rel = path[len(prefix) + 1:] if prefix else path
+            parts = rel.split("/")
+            for i in range(1, len(parts)):
+                d = "/".join(([prefix] if prefix else []) + parts[:i])
+                if (recursive or i == 1) and d not in dirs:
+                    dirs.add(d)
+                    entries.append({"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d})
+            if len(parts) > 1 and not recursive:
+                continue
+            e = {"type": "file", "oid": f["blob_oid"], "size": f["size"], "path": path}
+            if f["lfs"]:
+                e["lfs"] = {"oid": f["sha256"], "size": f["size"], "pointerSize": f["pointer_size"]}
+            entries.append(e)
+        if prefix and not entries:
+            return self.error(404, "EntryNotFound", f"{prefix} does not exist on {rev}")
+        self.send(200, entries)
+
+    def preupload(self, rtype, repo_id, user):
+        body = json.loads(self.body() or b"{}")
+        repo = self.find(rtype, repo_id, user)
+        if repo is None:
+            return
+        if user != repo["owner"]:
+            return self.error(403, None, "You don't have write access to this repo")
+        files = []
+        for f in body.get("files", []):
+            lfs = f["path"].endswith(LFS_SUFFIXES) or f["size"] >= LFS_MIN_SIZE or b"\0" in base64.b64decode(f["sample"])
+            files.append({"path": f["path"], "uploadMode": "lfs" if lfs else "regular", "shouldIgnore": False, "oid": None})
+        self.send(200, {"files": files, "commitOid": repo["commits"][-1]["oid"]})
+
+    def lfs_batch(self, rtype, repo_id, user):
+        body = json.loads(self.body() or b"{}")
+        repo = self.find(rtype, repo_id, user)
+        if repo is None:
+            return
+        if user != repo["owner"]:
+            return self.error(403, None, "You don't have write access to this repo")
+        objects = []
+        for o in body.get("objects", []):
+            obj = {"oid": o["oid"], "size": o["size"], "authenticated": True}
+            if not os.path.exists(self.store.lfs_path(o["oid"])):
+                obj["actions"] = {
+                    "upload": {"href": f"{self.base}/_lfs/{o['oid']}", "header": {}},
+                    "verify": {"href": f"{self.base}/_lfs/{o['oid']}/verify", "header": {}},
+                }
+            objects.append(obj)
+        self.send(200, {"transfer": "basic", "objects": objects, "hash_algo": "sha256"},
+                  headers={"Content-Type": "application/vnd.git-lfs+json"})
+
+    def lfs_put(self, oid, verify):
+        data = self.body()
+        if verify:
+            ok = os.path.exists(self.store.lfs_path(oid))
+            return self.send(200 if ok else 404, {"ok": ok})
+        if hashlib.sha256(data).hexdigest() != oid:
+            return self.error(400, None, "sha256 mismatch")
+        tmp = self.store.lfs_path(oid) + f".{secrets.token_hex(4)}.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, self.store.lfs_path(oid))
+        self.send(200, raw=b"")
+
+    def commit(self, rtype, repo_id, rev, user):
+        lines = [json.loads(l) for l in self.body().splitlines() if l.strip()]
+        if self.store.fail_commits:
+            return self.error(self.store.fail_commits, None, "minihub: commit refused (failure injection)")
+        with self.store.lock:
+            repo = self.find(rtype, repo_id, user)
+            if repo is None:
+                return
+            if user != repo["owner"]:
+                return self.error(403, None, "You don't have write access to this repo")
+            parent = self.store.head(repo, rev)
+            if parent is None:
+                return self.error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+            files = dict(parent["files"])
+            header = {}
+            for item in lines:
+                k, v = item["key"], item["value"]
+                if k == "header":
+                    header = v
+                    if v.get("parentCommit") and v["parentCommit"] != repo["commits"][-1]["oid"]:
+                        return self.error(412, None, "A commit has happened since. Please refresh and try again.")
+                elif k == "file":
+                    data = base64.b64decode(v["content"]) if v.get("encoding") == "base64" else v["content"].encode()
+                    oid = git_blob_oid(data)
+                    with open(self.store.blob_path(oid), "wb") as fh:
+                        fh.write(data)
+                    files[v["path"]] = {"lfs": False, "size": len(data), "blob_oid": oid}
+                elif k == "lfsFile":
+                    p = self.store.lfs_path(v["oid"])
+                    if not os.path.exists(p):
+                        return self.error(422, None, f"LFS object {v['oid']} was not uploaded")
+                    size = os.path.getsize(p)
+                    ptr = lfs_pointer(v["oid"], size)
+                    files[v["path"]] = {"lfs": True, "size": size, "sha256": v["oid"], "blob_oid": git_blob_oid(ptr),
+                                        "pointer_size": len(ptr)}
+                elif k == "deletedFile":
+                    if files.pop(v["path"], None) is None:
+                        return self.error(404, "EntryNotFound", f"{v['path']} does not exist")
+                elif k == "deletedFolder":
+                    for p in [p for p in files if p.startswith(v["path"].rstrip("/") + "/")]:
+                        del files[p]
+                else:
+                    return self.error(400, None, f"unsupported commit key {k}")
+            c = {"oid": secrets.token_hex(20), "date": now(), "title": header.get("summary", ""), "files": files}
+            repo["commits"].append(c)
+        self.send(200, {"success": True, "commitOid": c["oid"], "pullRequestUrl": None,
+                        "commitUrl": f"{self.base}/{PREFIX[rtype]}{repo_id}/commit/{c['oid']}"})
+
+    def resolve(self, rtype, repo_id, rev, fpath, user):
+        repo = self.store.repos.get((rtype, repo_id))
+        if repo is None or not self.visible(repo, user):
+            return self.error(401, "RepoNotFound", "Repository not found")
+        commit = self.store.head(repo, rev)
+        if commit is None:
+            return self.error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        f = commit["files"].get(fpath)
+        if f is None:
+            return self.error(404, "EntryNotFound", "Entry not found", headers={"X-Repo-Commit": commit["oid"]})
+        disk = self.store.lfs_path(f["sha256"]) if f["lfs"] else self.store.blob_path(f["blob_oid"])
+        size = f["size"]
+        headers = {"X-Repo-Commit": commit["oid"], "Accept-Ranges": "bytes",
+                   "Content-Type": "application/octet-stream"}
+        if f["lfs"]:
+            headers.update({"ETag": f'"{f["sha256"]}"', "X-Linked-Etag": f'"{f["sha256"]}"', "X-Linked-Size": size})
+        else:
+            headers["ETag"] = f'"{f["blob_oid"]}"'
+        start, end = 0, size - 1
+        rng = self.headers.get("Range")
+        status = 200
+        if rng and (mm := re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())) and size:
+            start, end = int(mm[1]), min(int(mm[2]) if mm[2] else size - 1, size - 1)
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        length = max(0, end - start + 1)
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, str(v))
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        with open(disk, "rb") as fh:
+            fh.seek(start)
+            left = length
+            while left:
+                chunk = fh.read(min(1 << 20, left))
+                if not chunk:
+                    break
+                self.wfile.write(chunk)
+                left -= len(chunk)
+
+
+def serve(port=0, data_dir=None, tokens=None, log_requests=False):
+    """Start in a background thread; returns (server, base_url). Use server.shutdown() to stop.
+
+    The server's `Store` is `server.store` (its repos, and `fail_commits` for failure injection).
+    """
+    import tempfile
+    store = Store(data_dir or tempfile.mkdtemp(prefix="minihub-"), tokens or {})
+    # A handler class per server, so that two servers in one process keep separate stores.
+    handler = type("BoundHandler", (Handler,), {"store": store, "log_requests": log_requests})
+    srv = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    srv.store = store
+    srv.daemon_threads = True
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}"
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--data", default=None)
+    ap.add_argument("--token", action="append", default=[], help="TOKEN=USERNAME")
+    ap.add_argument("--log", action="store_true")
+    a = ap.parse_args()
+    srv, url = serve(a.port, a.data, dict(t.split("=", 1) for t in a.token), a.log)
+    print("LISTENING", url, flush=True)
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        srv.shutdown()

@@ -205,11 +205,14 @@ class MergeConfig(BaseModel):
         return list({ref.key: ref for ref in reversed(refs)}.values())[::-1]
 
     @property
-    def tokenizer_choice(self) -> str:
-        """`base`, `union` or a model reference; the legacy `tokenizer_source` wins over `tokenizer.source`."""
+    def tokenizer_choice(self) -> str | None:
+        """`base`, `union`, a model reference, or None when the config sets no tokenizer option.
+
+        The legacy `tokenizer_source` wins over `tokenizer.source`.
+        """
         if self.tokenizer_source:
             return self.tokenizer_source
-        return self.tokenizer.source if self.tokenizer else "base"
+        return self.tokenizer.source if self.tokenizer else None
 
 
 class MoEExpert(BaseModel):

@@ -28,7 +28,8 @@ from .loader import LazyLoader
 from .methods import get_method
 from .moe import gate_weights
 from .plan import MergePlan, TensorJob
-from .resolve import fetch_metadata, materialize
+from .tokenizer import align_embeddings, write_tokenizer
+from .resolve import materialize
 from .validate import plan_config
 from .writer import ShardedWriter
 
@@ -108,10 +109,8 @@ def run_merge(
     started = time.monotonic()
     config = load_config(config_text)
     _check_out_dir(out_dir)
-    refs = config.referenced_models()
-    metadata = fetch_metadata(refs, token)
-    plan = plan_config(config, metadata)
-    dirs = materialize(refs, token)
+    plan, metadata = plan_config(config, token)
+    dirs = materialize(list(plan.models), token)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
@@ -148,22 +147,31 @@ def _write_tensors(
         for done, job in enumerate(plan.jobs, start=1):
             if should_cancel is not None and should_cancel():
                 raise MergeCancelled("the merge was cancelled; nothing was written or pushed")
-            writer.write(job.name, _compute(job, load, plan.seed, device))
+            writer.write(job.name, _compute(job, load, plan, device))
             if progress is not None:
                 progress(done / len(plan.jobs), job.name)
 
 
-def _compute(job: TensorJob, load: Callable, seed: int, device: torch.device) -> torch.Tensor:
+def _compute(job: TensorJob, load: Callable, plan: MergePlan, device: torch.device) -> torch.Tensor:
     if job.method == "gate":
-        return gate_weights(job.global_params["gate_mode"], job.shape, seed, job.global_params["layer"])
+        return gate_weights(job.global_params["gate_mode"], job.shape, plan.seed, job.global_params["layer"])
     method = get_method(job.method)
+    sources = list(job.sources) + ([job.base] if job.base is not None else [])
+    inputs = {source.model: load(source) for source in sources}
+    if job.align_vocab:
+        inputs = align_embeddings(inputs, plan.vocab)
     kwargs = {name: list(values) for name, values in job.per_model.items()}
     kwargs.update(job.global_params)
     if job.base is not None:
-        kwargs["base"] = load(job.base)
+        kwargs["base"] = inputs[job.base.model]
     if method.uses_generator:
-        kwargs["generator"] = torch.Generator(device=device).manual_seed(tensor_seed(seed, job.name))
-    return method.function([load(s) for s in job.sources], **kwargs)
+        kwargs["generator"] = torch.Generator(device=device).manual_seed(tensor_seed(plan.seed, job.name))
+    tensors, seen = [], set()
+    for source in job.sources:  # a model listed twice gets its own copy: methods may work in place
+        tensor = inputs[source.model]
+        tensors.append(tensor.clone() if source.model in seen else tensor)
+        seen.add(source.model)
+    return method.function(tensors, **kwargs)
 
 
 def _write_files(
@@ -174,9 +182,12 @@ def _write_files(
     if (donor / GENERATION_CONFIG_FILE).is_file():
         shutil.copyfile(donor / GENERATION_CONFIG_FILE, staging / GENERATION_CONFIG_FILE)
     tokenizer_dir = dirs[plan.tokenizer_donor]
-    for name in TOKENIZER_FILES:
-        if (tokenizer_dir / name).is_file():
-            shutil.copyfile(tokenizer_dir / name, staging / name)
+    if plan.vocab is not None and plan.vocab.rewrites_tokenizer:
+        write_tokenizer(plan.vocab, tokenizer_dir, staging)
+    else:  # untouched by the config: the donor's files, byte for byte
+        for name in TOKENIZER_FILES:
+            if (tokenizer_dir / name).is_file():
+                shutil.copyfile(tokenizer_dir / name, staging / name)
     (staging / MERGE_CONFIG_FILE).write_text(config_text)
     card = render_model_card(
         title=title,

@@ -30,7 +30,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from .constants import CONFIG_FILE, HUB_ALLOW_PATTERNS, PICKLE_WEIGHT_SUFFIXES
+from .constants import CONFIG_FILE, HUB_ALLOW_PATTERNS, PICKLE_WEIGHT_SUFFIXES, TOKENIZER_FILES
 from .errors import ConfigError, HubError, MergerError, ModelNotFoundError, UnsafeWeightsError
 from .metadata import ModelMetadata, TensorMeta, unsafe_weights_message
 
@@ -108,6 +108,27 @@ def download_model(reference: str, token: str | None = None) -> Path:
         info = api.model_info(repo_id, revision=revision)
         _refuse_pickle_only(reference, info)
         return Path(api.snapshot_download(repo_id, revision=info.sha, allow_patterns=HUB_ALLOW_PATTERNS))
+
+
+def download_tokenizer(reference: str, token: str | None = None) -> Path:
+    """Download only a Hub model's tokenizer files and configs (no weights), for vocabulary planning.
+
+    Args:
+        reference (`str`): `"org/name"` or `"org/name@revision"`.
+        token (`str`, *optional*): a Hugging Face token; defaults to HF_TOKEN or the saved login.
+
+    Returns:
+        `Path`: the local snapshot directory holding the tokenizer files that exist.
+
+    Raises:
+        [`~merger.errors.ModelNotFoundError`], [`~merger.errors.HubError`]: as :func:`download_model`.
+    """
+    repo_id, revision = split_reference(reference)
+    api = HfApi(token=token)
+    with _reading(reference, token):
+        info = api.model_info(repo_id, revision=revision)
+        patterns = [CONFIG_FILE, *TOKENIZER_FILES]
+        return Path(api.snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns))
 
 
 def fetch_metadata(reference: str, token: str | None = None) -> ModelMetadata:

@@ -16,6 +16,7 @@ from .errors import ConfigError, ConfigErrors, LayerRangeError, MergerError, Sha
 from .metadata import DTYPE_SIZES, ModelMetadata
 from .methods import MergeMethod, get_method
 from .parameters import resolve
+from .tokenizer import Vocabulary, VocabPlan, plan_vocabulary
 
 TORCH_TO_SAFETENSORS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 DEFAULT_SEED = 0
@@ -43,6 +44,7 @@ class TensorJob:
         global_params: parameter name -> value.
         shape: the output's shape.
         dtype: the output's safetensors dtype code (`BF16`, `F16`, `F32`).
+        align_vocab: rows follow the vocabulary: permute each input onto the output vocabulary first.
     """
 
     name: str
@@ -53,6 +55,7 @@ class TensorJob:
     global_params: dict[str, Any] = field(hash=False)
     shape: tuple[int, ...]
     dtype: str
+    align_vocab: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -76,6 +79,7 @@ class MergePlan:
         tokenizer_donor: key of the model whose tokenizer files are copied.
         input_dtype: the config's `dtype`, applied to inputs on load (None: as stored).
         seed: seed of the random parts (DARE masks, random gates).
+        vocab: the output vocabulary and row alignment, when the config sets a tokenizer option.
     """
 
     method_name: str
@@ -89,6 +93,7 @@ class MergePlan:
     tokenizer_donor: str
     input_dtype: str | None
     seed: int
+    vocab: VocabPlan | None = None
 
     @property
     def num_layers(self) -> int:
@@ -150,12 +155,20 @@ def _field(config: MergeConfig, slice_index: int, source_index: int) -> str:
     return f"models[{source_index}]" if source_index < len(config.models) else "base_model"
 
 
-def build_plan(config: MergeConfig, metadata: dict[str, ModelMetadata]) -> MergePlan:
+def needs_vocabularies(config: MergeConfig) -> bool:
+    """Whether planning needs the models' tokenizers (a tokenizer option or a chat template is set)."""
+    return config.tokenizer_choice is not None or config.chat_template is not None
+
+
+def build_plan(
+    config: MergeConfig, metadata: dict[str, ModelMetadata], vocabs: dict[str, Vocabulary] | None = None
+) -> MergePlan:
     """Plan a merge: check the config against the models' metadata and list the output tensors.
 
     Args:
         config: a parsed merge config.
         metadata: canonical model key -> that model's metadata, for every referenced model.
+        vocabs: model key -> tokenizer vocabulary, required when :func:`needs_vocabularies`.
 
     Returns:
         The :class:`MergePlan`.
@@ -177,7 +190,14 @@ def build_plan(config: MergeConfig, metadata: dict[str, ModelMetadata]) -> Merge
     _check_slices(config, slices, method, metadata, arch, problems)
     problems.raise_if_any()
 
-    planner = _TensorPlanner(config, method, metadata, problems)
+    vocab_plan = None
+    if needs_vocabularies(config):
+        tokens = config.tokenizer.tokens if config.tokenizer else None
+        pad = config.tokenizer.pad_to_multiple_of if config.tokenizer else None
+        vocab_plan = plan_vocabulary(config.tokenizer_choice or "base", vocabs, [r.key for r in refs],
+                                     config.base_model.key if config.base_model else None, tokens, pad,
+                                     config.chat_template)
+    planner = _TensorPlanner(config, method, metadata, problems, vocab_plan)
     jobs: list[TensorJob] = []
     for weight in arch.pre_weights:
         jobs += planner.plan(slices[0], 0, weight, weight, 0.0)
@@ -199,8 +219,6 @@ def build_plan(config: MergeConfig, metadata: dict[str, ModelMetadata]) -> Merge
     output_config = output_model_config(
         metadata[donor].config, arch, layer_origins, metadata, jobs, written, config.out_dtype or config.dtype
     )
-    tokenizer = config.tokenizer_choice
-    tokenizer_donor = donor if tokenizer == "base" else ModelReference.parse(tokenizer).key
     return MergePlan(
         method_name=method.name,
         pretty_name=method.pretty_name,
@@ -210,9 +228,10 @@ def build_plan(config: MergeConfig, metadata: dict[str, ModelMetadata]) -> Merge
         jobs=tuple(jobs),
         output_config=output_config,
         config_donor=donor,
-        tokenizer_donor=tokenizer_donor,
+        tokenizer_donor=vocab_plan.donor if vocab_plan else donor,
         input_dtype=config.dtype,
         seed=DEFAULT_SEED if config.seed is None else config.seed,
+        vocab=vocab_plan,
     )
 
 
@@ -277,11 +296,13 @@ def _count_message(method: MergeMethod, total: int, slices: bool, index: int) ->
 class _TensorPlanner:
     """Turns (slice, weight) into a :class:`TensorJob`: finds each input, resolves parameters, checks shapes."""
 
-    def __init__(self, config: MergeConfig, method: MergeMethod, meta: dict[str, ModelMetadata], problems: _Problems):
+    def __init__(self, config: MergeConfig, method: MergeMethod, meta: dict[str, ModelMetadata], problems: _Problems,
+                 vocab: VocabPlan | None):
         self.config = config
         self.method = method
         self.meta = meta
         self.problems = problems
+        self.vocab = vocab
 
     def _find(self, key: str, weight: WeightInfo) -> str | None:
         tensors = self.meta[key].tensors
@@ -324,15 +345,19 @@ class _TensorPlanner:
             base_entry = next((e for e in found if e[1].model.key == base_ref.key), None)
         inputs = [e for e in found if e is not base_entry]
         shapes = {e[1].model.key: self.meta[e[1].model.key].tensors[e[2]].shape for e in found}
-        self._check_shapes(out_weight, found, shapes)
+        align = self.vocab is not None and out_weight.is_embed
+        # with a vocabulary plan, embedding rows are re-laid out: only the columns must agree
+        self._check_shapes(out_weight, found, {k: s[1:] for k, s in shapes.items()} if align else shapes)
         first = base_entry or found[0]
         dtype = output_dtype(config.out_dtype, config.dtype, self.meta[first[1].model.key].tensors[first[2]].dtype)
         shape = shapes[first[1].model.key]
+        if align:
+            shape = (self.vocab.rows, *shape[1:])
 
         if len(inputs) < max(method.min_others, 1):  # too few inputs left for the method: copied, as mergekit does
             only = found[0]
             return [TensorJob(out_weight.name, "passthrough", (TensorSource(only[1].model.key, only[2]),), None,
-                              {"scale": (None,)}, {}, shape, dtype)]
+                              {"scale": (None,)}, {}, shape, dtype, align)]
 
         per_model: dict[str, tuple] = {}
         for spec in method.per_model_parameters:
@@ -372,6 +397,7 @@ class _TensorPlanner:
             global_params,
             shape,
             dtype,
+            align,
         )]
 
     def _check_shapes(self, weight: WeightInfo, found: list, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -379,11 +405,12 @@ class _TensorPlanner:
             return
         listing = ", ".join(f"`{s.model}` {list(shapes[s.model.key])}" for _, s, _ in found)
         if weight.is_embed:
-            rows = sorted({shape[0] for shape in shapes.values()}, reverse=True)
+            # one message for embed_tokens and lm_head alike, so it is reported once
+            rows = ", ".join(f"`{s.model}` {shapes[s.model.key][0]}" for _, s, _ in found)
             self.problems.add(VocabSizeError(
-                f"`{weight.name}` has different vocabulary sizes ({listing}: rows {', '.join(map(str, rows))}); "
-                "the models use different tokenizers. Set `tokenizer_source: base`, `union` or a model to say "
-                "which vocabulary the output gets"
+                f"the models' vocabularies differ (embedding rows: {rows}); they use different tokenizers. "
+                "Set `tokenizer_source: base` (the base's vocabulary), `union` (every model's tokens) or a model "
+                "to say which vocabulary the output gets"
             ))
         else:
             self.problems.add(ShapeMismatchError(

@@ -9,6 +9,7 @@ from . import hub
 from .config import ModelReference
 from .errors import ModelNotFoundError
 from .metadata import ModelMetadata, read_local_metadata
+from .tokenizer import Vocabulary, load_vocabulary
 
 
 def local_path(ref: ModelReference) -> Path | None:
@@ -49,3 +50,27 @@ def fetch_metadata(refs: list[ModelReference], token: str | None) -> dict[str, M
 def materialize(refs: list[ModelReference], token: str | None) -> dict[str, Path]:
     """Local directories for every model, downloading Hub repos (safetensors, configs, tokenizer files only)."""
     return {ref.key: local_path(ref) or hub.download_model(str(ref), token=token) for ref in refs}
+
+
+def embedding_rows(meta: ModelMetadata) -> int:
+    """Rows of a model's input embedding matrix (its usable vocabulary), from its metadata."""
+    from .architecture import architecture_for
+
+    arch = architecture_for(meta.config, meta.reference)
+    name = next(w.name for w in arch.pre_weights if w.is_embed)
+    return meta.tensors[name].shape[0]
+
+
+def fetch_vocabularies(
+    refs: list[ModelReference], metadata: dict[str, ModelMetadata], token: str | None
+) -> dict[str, Vocabulary]:
+    """Every model's tokenizer vocabulary (Hub models: tokenizer files only, no weights).
+
+    Returns:
+        canonical key -> :class:`~merger.tokenizer.Vocabulary`.
+    """
+    result = {}
+    for ref in refs:
+        path = local_path(ref) or hub.download_tokenizer(str(ref), token=token)
+        result[ref.key] = load_vocabulary(path, embedding_rows(metadata[ref.key]))
+    return result

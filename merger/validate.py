@@ -7,13 +7,22 @@ from dataclasses import dataclass
 from .config import AnyConfig, MoEConfig, load_config
 from .metadata import ModelMetadata
 from .moe import build_moe_plan
-from .plan import MergePlan, build_plan
-from .resolve import fetch_metadata
+from .plan import MergePlan, build_plan, needs_vocabularies
+from .resolve import fetch_metadata, fetch_vocabularies
 
 
-def plan_config(config: AnyConfig, metadata: dict[str, ModelMetadata]) -> MergePlan:
-    """The plan for either schema (mergekit merge or mergekit-moe)."""
-    return build_moe_plan(config, metadata) if isinstance(config, MoEConfig) else build_plan(config, metadata)
+def plan_config(config: AnyConfig, token: str | None) -> tuple[MergePlan, dict[str, ModelMetadata]]:
+    """Plan either schema (mergekit merge or mergekit-moe) from metadata, fetching no weights.
+
+    Returns:
+        The plan, and every referenced model's metadata (canonical key -> metadata).
+    """
+    refs = config.referenced_models()
+    metadata = fetch_metadata(refs, token)
+    if isinstance(config, MoEConfig):
+        return build_moe_plan(config, metadata), metadata
+    vocabs = fetch_vocabularies(refs, metadata, token) if needs_vocabularies(config) else None
+    return build_plan(config, metadata, vocabs), metadata
 
 
 @dataclass(frozen=True)
@@ -54,8 +63,7 @@ def validate_config(text: str, token: str | None = None) -> ValidationReport:
     Raises:
         ConfigError / ConfigErrors, ArchitectureError, ModelNotFoundError, UnsafeWeightsError, HubError.
     """
-    config = load_config(text)
-    plan = plan_config(config, fetch_metadata(config.referenced_models(), token))
+    plan, _ = plan_config(load_config(text), token)
     return ValidationReport(
         method=plan.method_name,
         pretty_name=plan.pretty_name,

@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("out", type=Path, help="output folder (created; replaced if it holds an earlier merge)")
     run.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
     run.add_argument("--shard-size", type=parse_size, default="5GB", help="safetensors shard size (default 5GB)")
+    run.add_argument("--random-seed", type=int, default=None, help="seed for DARE/DELLA masks and random gates")
     run.add_argument("--push-to", metavar="REPO", help="push the result to this Hub repo (token from HF_TOKEN or `hf auth login`)")
     run.add_argument("--private", action="store_true", help="create the pushed repo as private")
     validate = commands.add_parser("validate", help="check CONFIG against the models' metadata, without downloading weights")
@@ -53,7 +54,7 @@ def _run(args: argparse.Namespace) -> None:
             bar.refresh()
 
         result = run_merge(text, args.out, device=args.device, token=token, shard_size=args.shard_size,
-                           title=args.push_to or None, progress=progress)
+                           title=args.push_to or None, seed=args.random_seed, progress=progress)
     print(f"wrote {result.out_dir}: {result.num_layers} layers, {result.parameter_count:,} parameters "
           f"in {result.seconds:.1f}s")
     if args.push_to:

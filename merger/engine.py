@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -81,6 +81,7 @@ def run_merge(
     token: str | None = None,
     shard_size: int = DEFAULT_SHARD_SIZE,
     title: str | None = None,
+    seed: int | None = None,
     progress: Progress | None = None,
     should_cancel: Callable[[], bool] | None = None,
 ) -> MergeResult:
@@ -96,6 +97,7 @@ def run_merge(
         token: a Hub token for private or gated models (never logged).
         shard_size: bytes of tensor data per safetensors shard.
         title: the model card's title (defaults to the folder's name).
+        seed: seed of DARE/DELLA masks and random gates; overrides the config's `seed` (default 0).
         progress: called after each tensor with (fraction done 0–1, tensor name).
         should_cancel: polled before each tensor; True stops the run with :class:`MergeCancelled`.
 
@@ -110,6 +112,8 @@ def run_merge(
     config = load_config(config_text)
     _check_out_dir(out_dir)
     plan, metadata = plan_config(config, token)
+    if seed is not None:
+        plan = replace(plan, seed=seed)
     dirs = materialize(list(plan.models), token)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

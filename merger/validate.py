@@ -47,9 +47,11 @@ class ValidationReport:
 
     def summary(self) -> str:
         """One line for people, e.g. `slerp of 2 models -> MistralForCausalLM, 32 layers, 7.24B parameters`."""
+        n = self.parameter_count
+        size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
         return (
             f"{self.pretty_name} of {len(self.models)} model(s) -> {self.architecture}, "
-            f"{self.num_layers} layers, {self.parameter_count / 1e9:.2f}B parameters ({self.parameter_count:,})"
+            f"{self.num_layers} layers, {size} parameters ({n:,})"
         )
 
 

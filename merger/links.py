@@ -1,0 +1,93 @@
+"""Share links: a merge config packed into a URL (`?config=<payload>`).
+
+The payload is the config YAML, zlib-compressed, then URL-safe base64 without padding. A link only
+ever encodes config YAML: the functions here take no token and nothing but the YAML goes in, and a
+YAML that itself contains something shaped like a Hugging Face token is refused, so a shared link
+can never leak a credential.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import zlib
+from urllib.parse import urlencode, urlsplit, urlunsplit
+
+from .errors import ConfigError
+
+QUERY_KEY = "config"
+MAX_PAYLOAD_CHARS = 64 * 1024  # far above any real config; keeps a hostile link from costing much
+MAX_YAML_BYTES = 1024 * 1024  # the decompressed YAML may not exceed this (a zip bomb stops here)
+
+# Hugging Face tokens: `hf_` followed by a long alphanumeric secret (user, OAuth `hf_oauth_...` and API tokens).
+_TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9_]{30,}")
+_DAMAGED = (
+    "the shared link is damaged ({why}); copy the whole link again, or paste the config YAML into the editor"
+)
+
+
+def encode_config(yaml_text: str) -> str:
+    """Pack a config's YAML into a URL-safe payload.
+
+    Args:
+        yaml_text: the config YAML, exactly as it will be restored.
+
+    Returns:
+        URL-safe base64 (no `=` padding) of the zlib-compressed UTF-8 text.
+
+    Raises:
+        ConfigError: the YAML contains what looks like a Hugging Face token (never share one).
+    """
+    if _TOKEN_PATTERN.search(yaml_text):
+        raise ConfigError(
+            "the config contains what looks like a Hugging Face token (`hf_...`); remove it before sharing: "
+            "a link must never carry a token"
+        )
+    packed = zlib.compress(yaml_text.encode("utf-8"), 9)
+    return base64.urlsafe_b64encode(packed).decode("ascii").rstrip("=")
+
+
+def decode_config(payload: str) -> str:
+    """Unpack a payload made by :func:`encode_config` back into the YAML text.
+
+    Raises:
+        ConfigError: the payload is truncated, altered, too large or not a config link
+            ("the shared link is damaged ...").
+    """
+    text = (payload or "").strip()
+    if not text:
+        raise ConfigError(_DAMAGED.format(why="it carries no config"))
+    if len(text) > MAX_PAYLOAD_CHARS:
+        why = f"the payload is {len(text):,} characters, over the {MAX_PAYLOAD_CHARS:,} limit"
+        raise ConfigError(_DAMAGED.format(why=why))
+    if not re.fullmatch(r"[A-Za-z0-9_-]+={0,2}", text):
+        raise ConfigError(_DAMAGED.format(why="it has characters a config payload never contains"))
+    try:
+        packed = base64.urlsafe_b64decode(text.rstrip("=") + "=" * (-len(text.rstrip("=")) % 4))
+        inflater = zlib.decompressobj()
+        raw = inflater.decompress(packed, MAX_YAML_BYTES + 1)
+        if len(raw) > MAX_YAML_BYTES or inflater.unconsumed_tail:
+            raise ConfigError(_DAMAGED.format(why=f"the config would be over {MAX_YAML_BYTES:,} bytes"))
+        if not inflater.eof:
+            raise ConfigError(_DAMAGED.format(why="it is cut short"))
+        return raw.decode("utf-8")
+    except ConfigError:
+        raise
+    except (binascii.Error, ValueError, zlib.error) as err:
+        raise ConfigError(_DAMAGED.format(why=f"it does not unpack: {err}")) from None
+
+
+def share_url(base_url: str, yaml_text: str) -> str:
+    """The app's URL with the config attached: `<base_url>?config=<payload>`.
+
+    Any query or fragment already on `base_url` is dropped, so a token or job id in the current
+    address never travels with the link.
+
+    Args:
+        base_url: the app's public address, e.g. `https://owner-merger.hf.space/`.
+        yaml_text: the config YAML.
+    """
+    parts = urlsplit(base_url)
+    query = urlencode({QUERY_KEY: encode_config(yaml_text)})
+    return urlunsplit((parts.scheme, parts.netloc, parts.path or "/", query, ""))

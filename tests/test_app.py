@@ -1,0 +1,341 @@
+"""The Gradio app: it builds without starting anything, and its API endpoints work through gradio_client.
+
+The app is launched in this process (`prevent_thread_lock=True`) on a free port, so the tests can
+switch its environment (HF_TOKEN, data paths, Space mode) with monkeypatch.
+"""
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from urllib.parse import parse_qs, urlsplit  # noqa: E402
+
+import gradio as gr  # noqa: E402
+import pytest  # noqa: E402
+from gradio_client import Client  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+import app  # noqa: E402
+from merger import constants  # noqa: E402
+from merger.form import FormValues, build_yaml  # noqa: E402
+from merger.links import decode_config, encode_config  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "hf_test_alice"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def slerp_yaml(fixture_models_dir: Path) -> str:
+    return build_yaml(
+        FormValues(
+            method="slerp",
+            models=[str(fixture_models_dir / "mistral-prose"), str(fixture_models_dir / "mistral-code")],
+            t=0.5,
+        )
+    )
+
+
+@pytest.fixture(scope="module")
+def served() -> tuple[gr.Blocks, str]:
+    demo = app.build_demo()
+    demo.queue()
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True)
+    yield demo, url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(served: tuple[gr.Blocks, str]) -> Client:
+    return Client(served[1], verbose=False)
+
+
+@pytest.fixture
+def no_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+
+
+@pytest.fixture
+def job_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Job records and queue in a temporary folder (no worker runs: jobs stay queued)."""
+    pytest.importorskip("merger.jobs")
+    from cryptography.fernet import Fernet
+
+    data = tmp_path / "data"
+    monkeypatch.setattr(constants, "DATA_DIR", data)
+    monkeypatch.setattr(constants, "QUEUE_DB", data / "queue.db")
+    monkeypatch.setattr(constants, "JOBS_DB", data / "jobs.db")
+    monkeypatch.setenv(getattr(constants, "QUEUE_KEY_ENV", "MERGER_QUEUE_KEY"), Fernet.generate_key().decode())
+    return data
+
+
+def handler(demo: gr.Blocks, name: str):
+    """The Python function behind a UI event (they are private: not callable through the client)."""
+    return next(f.fn for f in demo.fns.values() if f.name == name)
+
+
+def by_id(demo: gr.Blocks, elem_id: str):
+    return next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == elem_id)
+
+
+def value_of(update):
+    """The value an update sets (gr.Code shows its text stripped, as the browser gets it)."""
+    value = update.get("value") if isinstance(update, dict) else getattr(update, "value", update)
+    return value.strip() if isinstance(value, str) else value
+
+
+# ---------------------------------------------------------------- building
+def test_importing_app_starts_nothing() -> None:
+    code = (
+        "import sys, threading, multiprocessing; import app;"
+        "assert 'merger.worker' not in sys.modules, 'worker imported';"
+        "assert not multiprocessing.active_children();"
+        "assert threading.active_count() == 1, threading.enumerate();"
+        "d = app.build_demo(); assert d.server is None if hasattr(d, 'server') else True;"
+        "assert 'merger.worker' not in sys.modules; print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("ok")
+
+
+def test_build_demo_wires_the_named_endpoints() -> None:
+    demo = app.build_demo()
+    assert isinstance(demo, gr.Blocks)
+    public = {f.api_name for f in demo.fns.values() if f.api_visibility == "public"}
+    assert public == {"validate", "submit", "job_status", "cancel", "share", "load_link"}
+    # locally the token comes from HF_TOKEN: no LoginButton, whose local mock needs a Hub login
+    assert not any(isinstance(b, gr.LoginButton) for b in demo.blocks.values())
+
+
+@pytest.mark.filterwarnings("ignore:Gradio does not support OAuth features outside of a Space")
+def test_sign_in_button(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Off a Space, Gradio mocks OAuth with the machine's Hub login; stand in for that lookup.
+    monkeypatch.setattr("gradio.oauth._get_mocked_oauth_info", lambda: {"access_token": "mock"})
+    demo = app.build_demo(login=True)
+    assert any(isinstance(b, gr.LoginButton) for b in demo.blocks.values())
+
+
+def test_api_lists_the_endpoints(client: Client) -> None:
+    info = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
+    assert [p["parameter_name"] for p in info["/validate"]["parameters"]] == ["yaml_text"]
+    assert [p["parameter_name"] for p in info["/submit"]["parameters"]] == ["yaml_text", "repo_id", "private"]
+    assert [p["parameter_name"] for p in info["/job_status"]["parameters"]] == ["job_id"]
+    assert [p["parameter_name"] for p in info["/cancel"]["parameters"]] == ["job_id"]
+    assert [p["parameter_name"] for p in info["/share"]["parameters"]] == ["yaml_text"]
+
+
+# ---------------------------------------------------------------- share
+def test_share_round_trips_and_never_carries_the_token(
+    client: Client, served: tuple[gr.Blocks, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    text = "# Ünïcødé 模型\n" + build_yaml(FormValues(method="passthrough", slices=[("org/a", 0, 2)]))
+    link = client.predict(text, api_name="/share")
+    assert link.startswith(served[1].rstrip("/") + "/?config=")
+    assert TOKEN not in link
+    payload = parse_qs(urlsplit(link).query)["config"][0]
+    assert decode_config(payload) == text
+    assert client.predict(payload, api_name="/load_link") == text
+
+
+def test_share_uses_the_space_address(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SPACE_HOST", "alice-merger.hf.space")
+    link = client.predict("merge_method: linear\n", api_name="/share")
+    assert link.startswith("https://alice-merger.hf.space/?config=")
+
+
+def test_damaged_link(client: Client) -> None:
+    with pytest.raises(AppError, match="the shared link is damaged"):
+        client.predict("definitely-not-a-config", api_name="/load_link")
+
+
+# ---------------------------------------------------------------- validate
+def test_validate_reports_the_summary(client: Client, fixture_models_dir: Path) -> None:
+    summary = client.predict(slerp_yaml(fixture_models_dir), api_name="/validate")
+    assert "4 layers" in summary and "SLERP" in summary.upper()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("merge_method: nope\nmodels:\n  - model: org/a\n", "merge_method: nope"),
+        (
+            "merge_method: passthrough\nslices:\n  - sources:\n      - model: org/a\n        layer_range: [4, 2]\n",
+            "slices[0].sources[0].layer_range",
+        ),
+        ("base_model: org/a\ngate_mode: hidden\nexperts:\n  - source_model: org/b\n", "gate_mode"),
+        ("merge_method: slerp\nmodels: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_validate_names_the_field_without_a_traceback(client: Client, text: str, expected: str) -> None:
+    with pytest.raises(AppError) as caught:
+        client.predict(text, api_name="/validate")
+    message = str(caught.value)
+    assert expected in message
+    assert "Traceback" not in message and 'File "' not in message
+
+
+def test_the_ui_check_shows_the_problem_in_the_status_box(served: tuple[gr.Blocks, str]) -> None:
+    on_yaml_change = handler(served[0], "on_yaml_change")
+    shown = on_yaml_change("merge_method: nope\nmodels: [{model: org/a}]\n", None)
+    assert shown.startswith("**Not ready:**") and "merge_method: nope" in shown
+    assert "Traceback" not in shown
+
+
+def test_a_space_refuses_local_paths(
+    client: Client, fixture_models_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(constants, "ON_SPACE", True)
+    with pytest.raises(AppError, match="local paths are not available here"):
+        client.predict(slerp_yaml(fixture_models_dir), api_name="/validate")
+
+
+def test_a_space_never_falls_back_to_its_own_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert app._token(None) == TOKEN
+    monkeypatch.setattr(constants, "ON_SPACE", True)
+    assert app._token(None) is None
+    assert app._token(gr.OAuthToken(token="hf_oauth_user", scope="", expires_at=0)) == "hf_oauth_user"
+
+
+# ---------------------------------------------------------------- submit, status, cancel
+def test_submit_without_a_token_asks_to_sign_in(client: Client, fixture_models_dir: Path, no_token: None) -> None:
+    with pytest.raises(AppError, match="sign in with Hugging Face first"):
+        client.predict(slerp_yaml(fixture_models_dir), "my-merge", False, api_name="/submit")
+
+
+def test_submit_rejects_an_invalid_config_before_queueing(
+    client: Client, monkeypatch: pytest.MonkeyPatch, job_store: Path
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with pytest.raises(AppError, match="merge_method: nope"):
+        client.predict("merge_method: nope\nmodels: [{model: org/a}]\n", "my-merge", False, api_name="/submit")
+    assert not (job_store / "jobs.db").exists() or _job_count(job_store) == 0
+
+
+def _job_count(data: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(data / "jobs.db") as conn:
+        return conn.execute("select count(*) from jobs").fetchone()[0]
+
+
+@pytest.mark.parametrize("how", ["env", "oauth"])
+def test_submit_status_cancel(
+    served: tuple[gr.Blocks, str], fixture_models_dir: Path, monkeypatch: pytest.MonkeyPatch, job_store: Path, how: str
+) -> None:
+    if how == "env":
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+        caller = Client(served[1], verbose=False)
+    else:  # what a signed-in caller's token looks like to the handlers
+        for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+        caller = Client(served[1], verbose=False, oauth_token=TOKEN)
+    job_id = caller.predict(slerp_yaml(fixture_models_dir), "my-merge", True, api_name="/submit")
+    assert isinstance(job_id, str) and job_id
+
+    status = caller.predict(job_id, api_name="/job_status")
+    assert status["id"] == job_id and status["status"] == "queued" and status["progress"] == 0.0
+    assert set(status) == {"id", "status", "progress", "current_tensor", "log_tail", "result_url", "error"}
+    assert TOKEN not in str(status)
+
+    assert caller.predict(job_id, api_name="/cancel") is True
+    assert caller.predict(job_id, api_name="/job_status")["status"] == "cancelled"
+    assert caller.predict(job_id, api_name="/cancel") is False
+
+
+def test_unknown_job(client: Client, job_store: Path) -> None:
+    with pytest.raises(AppError, match="there is no job `nope`"):
+        client.predict("nope", api_name="/job_status")
+
+
+# ---------------------------------------------------------------- reopening from links, examples, the form
+def test_config_link_reopens_the_form(served: tuple[gr.Blocks, str]) -> None:
+    demo = served[0]
+    on_load = handler(demo, "on_load")
+    text = build_yaml(FormValues(method="linear", models=["org/a", "org/b"], weights=[0.7, 0.3]))
+    updates = on_load(gr.Request(query_params={"config": encode_config(text)}))
+    assert value_of(updates[by_id(demo, "config-yaml")]) == text.strip()
+    assert updates[by_id(demo, "edit-yaml")] is False
+    assert updates[by_id(demo, "method")] == "linear"
+
+
+def test_inexact_config_link_opens_the_yaml_editor(served: tuple[gr.Blocks, str]) -> None:
+    demo = served[0]
+    text = (
+        "merge_method: ties\nbase_model: org/a\n"
+        "models:\n  - model: org/b\n    parameters: {weight: 1, density: 0.5}\n"
+    )
+    updates = handler(demo, "on_load")(gr.Request(query_params={"config": encode_config(text)}))
+    assert value_of(updates[by_id(demo, "config-yaml")]) == text.strip()
+    assert updates[by_id(demo, "edit-yaml")] is True
+    assert "ties" in updates[by_id(demo, "validation-status")]
+
+
+def test_damaged_config_link_says_so(served: tuple[gr.Blocks, str]) -> None:
+    demo = served[0]
+    updates = handler(demo, "on_load")(gr.Request(query_params={"config": "garbage!"}))
+    assert "the shared link is damaged" in updates[by_id(demo, "validation-status")]
+
+
+def test_job_link_reopens_the_job_view(served: tuple[gr.Blocks, str]) -> None:
+    demo = served[0]
+    updates = handler(demo, "on_load")(gr.Request(query_params={"job": "abc123"}))
+    assert updates[by_id(demo, "job-id")] == "abc123"
+    assert value_of(updates[by_id(demo, "job-view")]) is None or updates[by_id(demo, "job-view")].visible
+    timer = next(b for b in demo.blocks.values() if isinstance(b, gr.Timer))
+    assert updates[timer].active is True
+    assert handler(demo, "on_load")(gr.Request(query_params={})) == {}
+
+
+def test_examples_fill_the_form(served: tuple[gr.Blocks, str]) -> None:
+    demo = served[0]
+    examples = [f for f in demo.fns.values() if f.name == "on_example"]
+    if not examples:
+        pytest.skip("no examples shipped yet")
+    on_example = examples[0].fn
+    from merger.form import load_examples
+
+    for index, example in enumerate(load_examples(app.EXAMPLES_DIR)):
+        updates = on_example(index)
+        assert updates[by_id(demo, "edit-yaml")] is False, example.name
+        yaml_text = value_of(updates[by_id(demo, "config-yaml")])
+        from merger.config import load_config
+
+        assert load_config(yaml_text) and load_config(example.yaml_text)
+
+
+def test_form_change_builds_the_yaml(served: tuple[gr.Blocks, str]) -> None:
+    on_form_change = handler(served[0], "on_form_change")
+    widgets = FormValues(method="moe", base_model="org/a", models=["org/b", "org/c"]).to_widgets()
+    args = [
+        widgets["method"],
+        *widgets["models"],
+        *widgets["weights"],
+        widgets["normalize"],
+        widgets["base_model"],
+        widgets["t_mode"],
+        widgets["t"],
+        *widgets["t_gradient"],
+        widgets["range_start"],
+        widgets["range_end"],
+        widgets["slice_rows"],
+        widgets["gate_mode"],
+        widgets["experts_per_token"],
+        widgets["dtype"],
+    ]
+    text = on_form_change(*args, False)
+    assert text == build_yaml(FormValues(method="moe", base_model="org/a", models=["org/b", "org/c"]))
+    assert isinstance(on_form_change(*args, True), type(gr.skip()))  # editing by hand: the form keeps out

@@ -206,8 +206,11 @@ def api_submit(yaml_text: str, repo_id: str, private: bool, oauth_token: gr.OAut
     if not repo_id:
         raise gr.Error("name the repo to create, e.g. `my-merge` or `your-name/my-merge`", print_exception=False)
     with _user_errors():
-        _validate(yaml_text, token)
         from merger import jobs
+        from merger.hub import check_repo_id
+
+        check_repo_id(repo_id)  # a misspelt target fails now, not after the whole merge
+        _validate(yaml_text, token)
 
         return str(jobs.submit(yaml_text, repo_id, token, bool(private)))
 

@@ -1,7 +1,23 @@
-"""merger: merge language models from mergekit-format YAML configs, streaming, tensor by tensor."""
+"""merger: merge language models from mergekit-format YAML configs, streaming, tensor by tensor.
 
-from .config import MergeConfig, MoEConfig, load_config
-from .engine import MergeResult, run_merge
-from .errors import MergerError
+The public names are imported on first use, so that `import merger.jobs` (the app's side) does not
+load torch.
+"""
 
-__all__ = ["MergeConfig", "MoEConfig", "MergeResult", "MergerError", "load_config", "run_merge"]
+from importlib import import_module
+
+_EXPORTS = {
+    "MergeConfig": "config",
+    "MoEConfig": "config",
+    "load_config": "config",
+    "MergeResult": "engine",
+    "run_merge": "engine",
+    "MergerError": "errors",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'merger' has no attribute {name!r}")

@@ -188,7 +188,7 @@ def push_folder(
         [`~merger.errors.ConfigError`]: `repo_id` is not a valid repo id (field `repo`).
         [`~merger.errors.HubError`]: the token was rejected or may not write there, or the upload failed.
     """
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
     if "/" not in repo_id:
         repo_id = f"{whoami(token)}/{repo_id}"
     api = HfApi(token=token)
@@ -282,7 +282,12 @@ def _remote_tensors(api: HfApi, reference: str, repo_id: str, revision: str) -> 
     }
 
 
-def _check_repo_id(repo_id: str) -> None:
+def check_repo_id(repo_id: str) -> None:
+    """Check a target repo id's spelling (no network).
+
+    Raises:
+        [`~merger.errors.ConfigError`]: the id is not a valid Hub repo id; the message says the rules.
+    """
     try:
         validate_repo_id(repo_id)
     except HFValidationError:

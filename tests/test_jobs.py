@@ -1,0 +1,353 @@
+"""The job queue: records, the merge task's state transitions, the consumer process, token secrecy.
+
+In-process tests run the task through huey's immediate mode (or dequeue it by hand) with the engine
+and the Hub push monkeypatched; the consumer-process test runs the real engine and pushes to the
+loopback Hub (conftest's `hub` fixture), so it checks what really crosses the process boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.fernet import Fernet
+from huggingface_hub import HfApi
+
+from merger import constants, engine, hub, jobs, worker
+from merger.errors import MergeCancelled, ModelNotFoundError
+from merger.jobs import JobStatus
+
+TOKEN = "hf_" + "Zq7" * 12  # shaped like a real user token
+REPO = "alice/merged"
+CONFIG = "merge_method: linear\nmodels:\n  - model: a\n  - model: b\n"
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Fresh queue and job databases, and a fresh queue key, for every test."""
+    data = tmp_path / "data"
+    monkeypatch.setattr(constants, "DATA_DIR", data)
+    monkeypatch.setattr(constants, "QUEUE_DB", data / "queue.db")
+    monkeypatch.setattr(constants, "JOBS_DB", data / "jobs.db")
+    monkeypatch.setenv(constants.QUEUE_KEY_ENV, Fernet.generate_key().decode())
+    monkeypatch.setattr(worker, "_SHUTDOWN", threading.Event())
+    return data
+
+
+@pytest.fixture
+def immediate(data_dir: Path) -> None:
+    """Run tasks synchronously inside `submit`, as the consumer would."""
+    worker.get_huey().immediate = True
+
+
+@pytest.fixture
+def pushes(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Replace the Hub push; each call is recorded with the files it would have uploaded."""
+    calls: list[dict] = []
+
+    def fake_push(folder: Path, repo_id: str, token: str, private: bool = False) -> str:
+        calls.append(
+            {"files": sorted(p.name for p in folder.iterdir()), "repo_id": repo_id, "token": token, "private": private}
+        )
+        return f"https://hub.test/{repo_id}"
+
+    monkeypatch.setattr(hub, "push_folder", fake_push)
+    return calls
+
+
+def fake_engine(monkeypatch: pytest.MonkeyPatch, body: Callable[..., None]) -> list[dict]:
+    """Replace run_merge with one that writes a config.json and then runs `body(out_dir, **kwargs)`."""
+    calls: list[dict] = []
+
+    def run_merge(config_text, out_dir, *, device="auto", token=None, title=None, progress=None, should_cancel=None):
+        calls.append({"config": config_text, "out_dir": out_dir, "token": token, "title": title})
+        out_dir.mkdir(parents=True)
+        (out_dir / "config.json").write_text("{}")
+        body(out_dir, progress=progress, should_cancel=should_cancel)
+
+    monkeypatch.setattr(engine, "run_merge", run_merge)
+    return calls
+
+
+def job_id_of(out_dir: Path) -> str:
+    """The job id, from the work folder the task gave the engine (`DATA_DIR/work/<id>/model`)."""
+    return out_dir.parent.name
+
+
+# ---------------------------------------------------------------- in-process: the task's transitions
+
+
+def test_success_reports_progress_then_result(immediate, pushes, monkeypatch, caplog, data_dir):
+    caplog.set_level(logging.INFO, logger="merger")
+    seen = []
+
+    def body(out_dir, progress, should_cancel):
+        job_id = job_id_of(out_dir)
+        seen.append(jobs.get_job(job_id))  # before any progress
+        time.sleep(worker._WRITE_INTERVAL_S)  # since the last write (the "Merging" log line)
+        progress(0.5, "model.layers.0.mlp.up_proj.weight")
+        seen.append(jobs.get_job(job_id))  # written
+        progress(0.75, "model.layers.1.mlp.up_proj.weight")
+        seen.append(jobs.get_job(job_id))  # throttled: still the previous report
+        logging.getLogger("merger.engine").info("loaded 2 models")
+        assert should_cancel() is False
+        progress(1.0, "lm_head.weight")
+
+    calls = fake_engine(monkeypatch, body)
+    job_id = jobs.submit(CONFIG, REPO, TOKEN, private=True)
+
+    assert [(j.status, j.progress, j.current_tensor) for j in seen] == [
+        (JobStatus.RUNNING, 0.0, ""),
+        (JobStatus.RUNNING, 0.5, "model.layers.0.mlp.up_proj.weight"),
+        (JobStatus.RUNNING, 0.5, "model.layers.0.mlp.up_proj.weight"),
+    ]
+    job = jobs.get_job(job_id)
+    assert job.status is JobStatus.SUCCEEDED
+    assert job.result_url == "https://hub.test/alice/merged"
+    assert job.error is None
+    assert (job.progress, job.current_tensor) == (1.0, "lm_head.weight")
+    assert (job.config_yaml, job.repo_id, job.private) == (CONFIG, REPO, True)
+    assert job.created_at <= job.updated_at
+    tail = [line.split(" ", 1)[1] for line in job.log_tail.splitlines()]  # drop the HH:MM:SS stamps
+    assert tail == [
+        f"Job {job_id}: merging for alice/merged.",
+        "loaded 2 models",
+        f"Job {job_id}: uploading to alice/merged.",
+        f"Job {job_id}: pushed https://hub.test/alice/merged",
+    ]
+    # The engine got the real token and the repo's name as the card title; the push got the folder.
+    out_dir = data_dir / "work" / job_id / "model"
+    assert calls == [{"config": CONFIG, "out_dir": out_dir, "token": TOKEN, "title": "merged"}]
+    assert pushes == [{"files": ["config.json"], "repo_id": REPO, "token": TOKEN, "private": True}]
+    assert not (data_dir / "work" / job_id).exists()
+    assert TOKEN.encode() not in (data_dir / "jobs.db").read_bytes() + _wal(data_dir / "jobs.db")
+
+
+def test_merger_error_fails_with_its_message(immediate, pushes, monkeypatch, data_dir):
+    message = "model `./missing`: no such local directory (/x/missing); check the path"
+
+    def body(out_dir, progress, should_cancel):
+        raise ModelNotFoundError(message)
+
+    fake_engine(monkeypatch, body)
+    job_id = jobs.submit(CONFIG, REPO, TOKEN)
+
+    job = jobs.get_job(job_id)
+    assert (job.status, job.error, job.result_url) == (JobStatus.FAILED, message, None)
+    assert pushes == []
+    assert not (data_dir / "work" / job_id).exists()
+    assert jobs.cancel(job_id) is False  # finished jobs cannot be cancelled
+
+
+def test_unexpected_error_is_generic_and_the_token_is_scrubbed(immediate, pushes, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="merger")
+
+    def body(out_dir, progress, should_cancel):
+        raise RuntimeError(f"request with Authorization: Bearer {TOKEN} failed")
+
+    fake_engine(monkeypatch, body)
+    job_id = jobs.submit(CONFIG, REPO, TOKEN)
+
+    job = jobs.get_job(job_id)
+    assert job.status is JobStatus.FAILED
+    assert job.error == "The merge failed unexpectedly (RuntimeError); the worker log has the details."
+    # The traceback reached the log, scrubbed, as one record; the tail kept only its first line.
+    [record] = [r for r in caplog.records if "unexpectedly" in r.getMessage()]
+    assert "RuntimeError: request with Authorization: Bearer *** failed" in record.getMessage()
+    assert TOKEN not in caplog.text
+    assert job.log_tail.splitlines()[-1].endswith(f"Job {job_id} failed unexpectedly (RuntimeError):")
+    assert TOKEN not in job.log_tail
+
+
+def test_cancel_while_running_stops_at_the_next_tensor(immediate, pushes, monkeypatch):
+    polls = []
+
+    def body(out_dir, progress, should_cancel):
+        job_id = job_id_of(out_dir)
+        assert jobs.cancel(job_id) is True
+        job = jobs.get_job(job_id)
+        assert (job.status, job.cancel_requested) == (JobStatus.RUNNING, True)
+        polls.append(should_cancel())
+        raise MergeCancelled("the merge was cancelled; nothing was written or pushed")
+
+    fake_engine(monkeypatch, body)
+    job_id = jobs.submit(CONFIG, REPO, TOKEN)
+
+    assert polls == [True]
+    job = jobs.get_job(job_id)
+    assert (job.status, job.error, job.result_url) == (JobStatus.CANCELLED, None, None)
+    assert pushes == []
+    assert jobs.cancel(job_id) is False
+
+
+def test_cancel_after_the_merge_skips_the_upload(immediate, pushes, monkeypatch):
+    fake_engine(monkeypatch, lambda out_dir, **_: jobs.cancel(job_id_of(out_dir)))
+    job_id = jobs.submit(CONFIG, REPO, TOKEN)
+
+    assert jobs.get_job(job_id).status is JobStatus.CANCELLED
+    assert pushes == []
+
+
+def test_worker_shutdown_fails_the_running_job(immediate, pushes, monkeypatch):
+    def body(out_dir, progress, should_cancel):
+        worker._SHUTDOWN.set()  # what SIGTERM does in the consumer
+        assert should_cancel() is True
+        raise MergeCancelled("the merge was cancelled; nothing was written or pushed")
+
+    fake_engine(monkeypatch, body)
+    job_id = jobs.submit(CONFIG, REPO, TOKEN)
+
+    job = jobs.get_job(job_id)
+    assert (job.status, job.error) == (JobStatus.FAILED, worker.INTERRUPTED_MESSAGE)
+
+
+# ---------------------------------------------------------------- in-process: the real SQLite queue
+
+
+def test_queued_job_cancelled_never_runs(pushes, monkeypatch, data_dir):
+    calls = fake_engine(monkeypatch, lambda out_dir, **_: None)
+    job_id = jobs.submit(CONFIG, REPO, TOKEN)
+    assert jobs.get_job(job_id).status is JobStatus.QUEUED
+    assert TOKEN.encode() not in (data_dir / "queue.db").read_bytes() + _wal(data_dir / "queue.db")
+
+    assert jobs.cancel(job_id) is True
+    assert jobs.get_job(job_id).status is JobStatus.CANCELLED
+    huey = worker.get_huey()
+    huey.execute(huey.dequeue())  # what the consumer does next
+
+    assert calls == [] and pushes == []
+    assert jobs.get_job(job_id).status is JobStatus.CANCELLED
+    assert huey.pending_count() == 0
+
+
+def test_job_queued_under_another_key_fails_asking_to_resubmit(pushes, monkeypatch):
+    calls = fake_engine(monkeypatch, lambda out_dir, **_: None)
+    job_id = jobs.submit(CONFIG, REPO, TOKEN)
+    monkeypatch.setenv(constants.QUEUE_KEY_ENV, Fernet.generate_key().decode())  # the app restarted
+    huey = worker.get_huey()
+    huey.execute(huey.dequeue())
+
+    job = jobs.get_job(job_id)
+    assert (job.status, job.error) == (JobStatus.FAILED, worker.TOKEN_LOST_MESSAGE)
+    assert calls == []
+
+
+def test_recovery_fails_jobs_left_running_and_clears_work(monkeypatch, data_dir):
+    running = jobs.submit(CONFIG, REPO, TOKEN)
+    queued = jobs.submit(CONFIG, REPO, TOKEN)
+    assert jobs.mark_running(running) is True
+    (data_dir / "work" / running / "model").mkdir(parents=True)
+
+    worker.recover_interrupted_jobs()
+
+    assert (jobs.get_job(running).status, jobs.get_job(running).error) == (JobStatus.FAILED, worker.INTERRUPTED_MESSAGE)
+    assert jobs.get_job(queued).status is JobStatus.QUEUED
+    assert not (data_dir / "work").exists()
+
+
+def test_unknown_job():
+    assert jobs.get_job("0" * 32) is None
+    assert jobs.cancel("0" * 32) is False
+
+
+def test_scrub_hides_tokens_of_any_job():
+    assert worker.scrub(f"token={TOKEN}; other=hf_{'a' * 30} short=hf_abc") == "token=***; other=*** short=hf_abc"
+
+
+# ---------------------------------------------------------------- the consumer process
+
+
+@pytest.fixture
+def consumer(data_dir: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """A consumer subprocess on this test's databases; stopped (SIGTERM) at the end if still running."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = data_dir.parent / "worker.log"
+    process = worker.start_consumer_process(log_file=log)
+    yield process, log
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def test_consumer_process_runs_jobs_end_to_end(hub, fixture_models_dir, consumer, data_dir, tmp_path):
+    process, log = consumer
+    cancelled = jobs.submit(CONFIG, f"{hub.user}/never", hub.token)
+    assert jobs.cancel(cancelled) is True
+    missing = tmp_path / "no-such-model"
+    bad_config = f"merge_method: linear\nmodels:\n  - model: {missing}\n    parameters: {{weight: 1.0}}\n"
+    bad = jobs.submit(bad_config, f"{hub.user}/bad", hub.token)
+    good_config = "merge_method: linear\nmodels:\n" + "".join(
+        f"  - model: {fixture_models_dir / name}\n    parameters: {{weight: 0.5}}\n"
+        for name in ("mistral-base", "mistral-code")
+    )
+    good = jobs.submit(good_config, f"{hub.user}/merged-tiny", hub.token)
+
+    _wait_until(lambda: jobs.get_job(good).status.finished, log)  # FIFO: the other two ran first
+
+    assert jobs.get_job(cancelled).status is JobStatus.CANCELLED
+    failed = jobs.get_job(bad)
+    assert failed.status is JobStatus.FAILED, _read(log)
+    assert str(missing) in failed.error
+    done = jobs.get_job(good)
+    assert done.status is JobStatus.SUCCEEDED, f"{done.error}\n{_read(log)}"
+    assert done.result_url == f"{hub.url}/{hub.user}/merged-tiny"
+    assert done.progress == 1.0 and done.current_tensor
+    assert f"Job {good}: uploading to alice/merged-tiny." in done.log_tail
+    files = HfApi(endpoint=hub.url, token=hub.token).list_repo_files(f"{hub.user}/merged-tiny")
+    assert {"config.json", "model.safetensors.index.json", "mergekit_config.yml"} <= set(files)
+    assert not any((data_dir / "work").iterdir())
+    assert worker.get_huey().pending_count() == 0
+
+    # SIGTERM stops the consumer cleanly.
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0, _read(log)
+    assert "Consumer exiting." in _read(log)
+
+    # The token is in no file: neither database (nor their WAL files) nor the worker's log.
+    stored = [p for p in data_dir.iterdir() if p.is_file()] + [log]
+    assert {p.name for p in stored} >= {"queue.db", "jobs.db", "worker.log"}
+    for path in stored:
+        assert hub.token.encode() not in path.read_bytes(), path
+
+
+def test_worker_alone_refuses_to_start_without_the_key(data_dir):
+    env = {k: v for k, v in os.environ.items() if k != constants.QUEUE_KEY_ENV}
+    env.update(MERGER_DATA_DIR=str(data_dir), PYTHONPATH=str(Path(__file__).parents[1]))
+    result = subprocess.run(
+        [sys.executable, "-m", "merger.worker"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "MERGER_QUEUE_KEY must hold the app's Fernet key" in result.stderr
+    assert not data_dir.exists()  # it touched nothing
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _wal(db: Path) -> bytes:
+    wal = db.with_name(db.name + "-wal")
+    return wal.read_bytes() if wal.exists() else b""
+
+
+def _read(path: Path) -> str:
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def _wait_until(predicate: Callable[[], bool], log: Path, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out; worker log:\n{_read(log)}")
+        time.sleep(0.1)

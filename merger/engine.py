@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -34,6 +35,7 @@ from .validate import plan_config
 from .writer import ShardedWriter
 
 Progress = Callable[[float, str], None]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,8 @@ def run_merge(
     config = load_config(config_text)
     _check_out_dir(out_dir)
     plan, metadata = plan_config(config, token)
+    for warning in plan.warnings:
+        logger.warning(warning)
     if seed is not None:
         plan = replace(plan, seed=seed)
     dirs = materialize(list(plan.models), token)

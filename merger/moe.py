@@ -131,6 +131,7 @@ def build_moe_plan(config: MoEConfig, metadata: dict[str, ModelMetadata]) -> Mer
         models=tuple(refs),
         jobs=tuple(jobs),
         output_config=output_config,
+        num_layers=layers,
         config_donor=base_key,
         tokenizer_donor=base_key if config.tokenizer_source in (None, "base")
         else ModelReference.parse(config.tokenizer_source).key,

@@ -75,11 +75,13 @@ class MergePlan:
         models: every referenced model, in config order (canonical keys unique).
         jobs: one per output tensor, in write order.
         output_config: the output's `config.json`.
+        num_layers: decoder layers in the output.
         config_donor: key of the model whose config, generation config and architecture are used.
         tokenizer_donor: key of the model whose tokenizer files are copied.
         input_dtype: the config's `dtype`, applied to inputs on load (None: as stored).
         seed: seed of the random parts (DARE masks, random gates).
         vocab: the output vocabulary and row alignment, when the config sets a tokenizer option.
+        warnings: things worth a look that do not stop the merge (e.g. input tensors no job reads).
     """
 
     method_name: str
@@ -89,15 +91,14 @@ class MergePlan:
     models: tuple[ModelReference, ...]
     jobs: tuple[TensorJob, ...]
     output_config: dict
+    num_layers: int
     config_donor: str
     tokenizer_donor: str
     input_dtype: str | None
     seed: int
     vocab: VocabPlan | None = None
+    warnings: tuple[str, ...] = ()
 
-    @property
-    def num_layers(self) -> int:
-        return int(self.output_config.get("num_hidden_layers", 0))
 
     @property
     def parameter_count(self) -> int:
@@ -182,9 +183,9 @@ def build_plan(
     problems = _Problems()
     refs = config.referenced_models()
     donor = (config.base_model or refs[0]).key
-    arch = architecture_for(metadata[donor].config, donor)
-    for ref in refs:
-        architecture_for(metadata[ref.key].config, str(ref))  # unsupported families fail here, by name
+    arch = architecture_for(metadata[donor].config, donor, metadata[donor].tensors)
+    for ref in refs:  # unsupported families fail here, by name
+        architecture_for(metadata[ref.key].config, str(ref), metadata[ref.key].tensors)
 
     slices = _as_slices(config, metadata, arch)
     _check_slices(config, slices, method, metadata, arch, problems)
@@ -227,12 +228,29 @@ def build_plan(
         models=tuple(refs),
         jobs=tuple(jobs),
         output_config=output_config,
+        num_layers=len(layer_origins),
         config_donor=donor,
         tokenizer_donor=vocab_plan.donor if vocab_plan else donor,
         input_dtype=config.dtype,
         seed=DEFAULT_SEED if config.seed is None else config.seed,
         vocab=vocab_plan,
+        warnings=_unused_tensors(metadata[donor], donor, jobs),
     )
+
+
+# Buffers some checkpoints store that no model reads back (recomputed at load time).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attn.masked_bias", "attn.bias")
+
+
+def _unused_tensors(meta: ModelMetadata, donor: str, jobs: list[TensorJob]) -> tuple[str, ...]:
+    """A warning when the donor has tensors no job reads: its architecture definition may miss them."""
+    read = {s.name for job in jobs for s in job.sources if s.model == donor}
+    read |= {job.base.name for job in jobs if job.base is not None and job.base.model == donor}
+    unused = sorted(n for n in meta.tensors if n not in read and not n.endswith(IGNORED_SUFFIXES))
+    if not unused:
+        return ()
+    shown = ", ".join(f"`{n}`" for n in unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+    return (f"`{meta.reference}` has {len(unused)} tensor(s) the output will not contain: {shown}",)
 
 
 def _check_slices(
@@ -305,11 +323,7 @@ class _TensorPlanner:
         self.vocab = vocab
 
     def _find(self, key: str, weight: WeightInfo) -> str | None:
-        tensors = self.meta[key].tensors
-        for name in (weight.name, *weight.tied_names):
-            if name in tensors:
-                return name
-        return None
+        return weight.stored_name(self.meta[key].tensors)
 
     def plan(
         self,
@@ -335,7 +349,7 @@ class _TensorPlanner:
                 ))
             elif name is not None:
                 found.append((index, source, name))
-                any_own_name |= name == weight.name
+                any_own_name |= name in (weight.name, *weight.aliases)
         # an optional tensor that no model has under its own name (a tied lm_head) is not written
         if not found or (out_weight.optional and not any_own_name):
             return []

@@ -56,8 +56,8 @@ def embedding_rows(meta: ModelMetadata) -> int:
     """Rows of a model's input embedding matrix (its usable vocabulary), from its metadata."""
     from .architecture import architecture_for
 
-    arch = architecture_for(meta.config, meta.reference)
-    name = next(w.name for w in arch.pre_weights if w.is_embed)
+    arch = architecture_for(meta.config, meta.reference, meta.tensors)
+    name = next(w for w in arch.pre_weights if w.is_embed).stored_name(meta.tensors)
     return meta.tensors[name].shape[0]
 
 

@@ -36,6 +36,7 @@ class ValidationReport:
         num_layers: the output's decoder layers.
         parameter_count: the output's parameters.
         architecture: the output's Hugging Face class name.
+        warnings: problems that do not stop the merge.
     """
 
     method: str
@@ -44,15 +45,17 @@ class ValidationReport:
     num_layers: int
     parameter_count: int
     architecture: str
+    warnings: tuple[str, ...] = ()
 
     def summary(self) -> str:
         """One line for people, e.g. `slerp of 2 models -> MistralForCausalLM, 32 layers, 7.24B parameters`."""
         n = self.parameter_count
         size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
-        return (
+        text = (
             f"{self.pretty_name} of {len(self.models)} model(s) -> {self.architecture}, "
             f"{self.num_layers} layers, {size} parameters ({n:,})"
         )
+        return "\n".join([text, *(f"warning: {w}" for w in self.warnings)])
 
 
 def validate_config(text: str, token: str | None = None) -> ValidationReport:
@@ -73,4 +76,5 @@ def validate_config(text: str, token: str | None = None) -> ValidationReport:
         num_layers=plan.num_layers,
         parameter_count=plan.parameter_count,
         architecture=(plan.output_config.get("architectures") or ["?"])[0],
+        warnings=plan.warnings,
     )

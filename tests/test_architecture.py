@@ -1,0 +1,272 @@
+"""Architecture definitions against real transformers checkpoints, and inference for unknown decoders.
+
+Each definition is checked against a tiny random model of its class, saved by transformers the way
+real checkpoints are: the names the definition expects (pre + every layer + post, optional and tied
+tensors honoured) must equal the saved names exactly. Models are built once per module.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from merger.architecture import (
+    _WEIGHT_FIELD_TYPES,
+    ARCHITECTURES_DIR,
+    Architecture,
+    WeightInfo,
+    architecture_for,
+    infer_architecture,
+    load_definitions,
+)
+from merger.errors import ArchitectureError
+from merger.metadata import ModelMetadata, read_local_metadata
+
+# Tiny sizes: 2 layers, hidden 32, vocab 160 (no other tensor has 160 rows, so shapes single out embeddings).
+DECODER = dict(
+    num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+    head_dim=8, vocab_size=160, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
+GPT = dict(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=160, bos_token_id=1, eos_token_id=2)
+NEOX = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4, vocab_size=160)
+BLOOM = dict(n_layer=2, hidden_size=32, n_head=4, vocab_size=160)
+
+STABLELM_POST_NORM = (
+    "model.layers.${layer_index}.post_attention_layernorm.weight",
+    "model.layers.${layer_index}.post_attention_layernorm.bias",
+)
+STABLELM_QKV_BIAS = tuple(f"model.layers.${{layer_index}}.self_attn.{p}_proj.bias" for p in "qkv")
+
+# (model_type, config overrides, optional non-head templates the checkpoint has); each runs tied and untied.
+FAMILIES = [
+    ("llama", DECODER, ()),
+    ("mistral", DECODER, ()),
+    ("mixtral", dict(DECODER, num_local_experts=2), ()),
+    ("qwen2", DECODER, ()),
+    ("qwen3", DECODER, ()),
+    ("gemma", DECODER, ()),
+    ("gemma2", DECODER, ()),
+    ("gemma3_text", DECODER, ()),
+    ("phi", DECODER, ()),
+    ("phi3", DECODER, ()),
+    ("olmo2", DECODER, ()),
+    ("starcoder2", DECODER, ()),
+    ("stablelm", DECODER, STABLELM_POST_NORM),
+    ("stablelm", dict(DECODER, use_qkv_bias=True, use_parallel_residual=True), STABLELM_QKV_BIAS),
+    ("granite", DECODER, ()),
+    ("cohere", DECODER, ()),
+    ("gpt2", GPT, ()),
+    ("gpt_bigcode", GPT, ()),
+    ("gpt_neox", NEOX, ()),
+]
+CASES = [pytest.param(*family, tied, id=f"{family[0]}-{i}-{'tied' if tied else 'untied'}")
+         for i, family in enumerate(FAMILIES) for tied in (False, True)]
+
+_saved: dict[tuple, ModelMetadata] = {}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """Build (once per module) and save a tiny random model; returns its metadata as merger reads it."""
+
+    def build(model_type: str, overrides: dict, tied: bool) -> ModelMetadata:
+        key = (model_type, json.dumps(overrides, sort_keys=True), tied)
+        if key not in _saved:
+            config = AutoConfig.for_model(model_type, **overrides, tie_word_embeddings=tied)
+            out = tmp_path_factory.mktemp(model_type)
+            AutoModelForCausalLM.from_config(config).save_pretrained(out, safe_serialization=True)
+            _saved[key] = read_local_metadata(out)
+        return _saved[key]
+
+    yield build
+    _saved.clear()
+
+
+def expected_names(arch: Architecture, config: dict, tied: bool, present_optional: tuple[str, ...]) -> set[str]:
+    """The tensor names a checkpoint of `arch` must hold: required ones, the head unless tied, and the
+    listed optional templates; expert templates expanded over `num_local_experts`."""
+
+    def wanted(weight: WeightInfo) -> bool:
+        if not weight.optional:
+            return True
+        return not tied if weight.tied_names else weight.name in present_optional
+
+    names = {w.name for w in arch.pre_weights + arch.post_weights if wanted(w)}
+    for layer in range(arch.num_layers(config)):
+        for template in filter(wanted, arch.layer_weights):
+            if "${expert_index}" in template.name:
+                names |= {template.for_layer(layer, e).name for e in range(config["num_local_experts"])}
+            else:
+                names.add(template.for_layer(layer).name)
+    return names
+
+
+@pytest.mark.parametrize(("model_type", "overrides", "present_optional", "tied"), CASES)
+def test_definition_lists_exactly_the_saved_tensors(checkpoint, model_type, overrides, present_optional, tied):
+    meta = checkpoint(model_type, overrides, tied)
+    arch = architecture_for(meta.config, model_type)
+    assert arch.model_type == model_type and not arch.inferred
+    assert meta.config["architectures"][0] in arch.architectures
+    assert expected_names(arch, meta.config, tied, present_optional) == set(meta.tensors)
+    vocab = meta.config["vocab_size"]
+    for weight in arch.pre_weights + arch.post_weights:
+        if weight.name in meta.tensors:
+            assert weight.is_embed == (meta.tensors[weight.name].shape[0] == vocab), weight.name
+
+
+def test_every_definition_is_checked_against_a_checkpoint():
+    assert {d.model_type for d in load_definitions(ARCHITECTURES_DIR)} == {family[0] for family in FAMILIES}
+
+
+def test_gpt2_aliases_read_hub_checkpoints_without_the_transformer_prefix(checkpoint):
+    """openai-community/gpt2 stores `h.0.attn.c_attn.weight`, `wte.weight`; save_pretrained adds `transformer.`."""
+    for tied in (False, True):
+        meta = checkpoint("gpt2", GPT, tied)
+        arch = architecture_for(meta.config, "openai-community/gpt2")
+        assert (arch.model_type, arch.num_layers_config_key, arch.num_layers(meta.config)) == ("gpt2", "n_layer", 2)
+        hub_names = {name.removeprefix("transformer.") for name in meta.tensors}
+        weights = [*arch.pre_weights, *(w for i in range(2) for w in arch.layer(i)), *arch.post_weights]
+        for weight in weights:
+            if weight.name in meta.tensors:
+                assert weight.stored_name(hub_names) == weight.name.removeprefix("transformer."), weight.name
+                assert weight.stored_name(hub_names, tied=False) is not None
+            else:  # the tied head reads the un-prefixed embeddings
+                assert (weight.name, weight.stored_name(hub_names)) == ("lm_head.weight", "wte.weight")
+                assert weight.stored_name(hub_names, tied=False) is None
+
+
+def test_for_layer_fills_aliases_and_tied_names():
+    template = WeightInfo("t.h.${layer_index}.w", aliases=("h.${layer_index}.w",), tied_names=("x.${layer_index}",))
+    assert template.for_layer(3) == WeightInfo("t.h.3.w", aliases=("h.3.w",), tied_names=("x.3",))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "overrides", "prefix", "embedding", "post"),
+    [
+        ("falcon", dict(NEOX), "transformer.h.", "transformer.word_embeddings.weight",
+         ["transformer.ln_f.bias", "transformer.ln_f.weight"]),
+        ("bloom", BLOOM, "transformer.h.", "transformer.word_embeddings.weight",
+         ["transformer.ln_f.bias", "transformer.ln_f.weight"]),
+    ],
+)
+@pytest.mark.parametrize("tied", [False, True])
+def test_unknown_family_is_inferred_from_its_tensors(checkpoint, model_type, overrides, prefix, embedding, post, tied):
+    meta = checkpoint(model_type, overrides, tied)
+    with pytest.raises(ArchitectureError, match="does not support yet"):
+        architecture_for(meta.config, model_type)
+    arch = architecture_for(meta.config, model_type, meta.tensors)
+    assert arch.inferred and arch.model_type == model_type
+    assert arch.num_layers(meta.config) == 2
+    layer0 = {n.removeprefix(prefix + "0.") for n in meta.tensors if n.startswith(prefix + "0.")}
+    assert [w.name for w in arch.layer_weights] == [f"{prefix}${{layer_index}}.{s}" for s in sorted(layer0)]
+    assert not any(w.is_embed or w.optional for w in arch.layer_weights)
+    embeddings = [w for w in arch.pre_weights if w.is_embed]
+    assert [w.name for w in embeddings] == [embedding]
+    head = [] if tied else [WeightInfo("lm_head.weight", is_embed=True, optional=True, tied_names=(embedding,))]
+    assert list(arch.post_weights) == [WeightInfo(n) for n in post] + head
+    assert expected_names(arch, meta.config, tied, ()) == set(meta.tensors)
+
+
+@pytest.mark.parametrize("model_type, overrides", [("gpt_neox", NEOX), ("gpt2", GPT), ("llama", DECODER)])
+def test_inference_agrees_with_the_hand_written_definitions(checkpoint, model_type, overrides):
+    """gpt_neox's `final_layer_norm` sorts before `layers` yet is a post-weight; `embed_out` is its head."""
+    meta = checkpoint(model_type, overrides, False)
+    defined = architecture_for(meta.config, model_type)
+    inferred = infer_architecture(meta.config, meta.tensors)
+
+    def section(weights):
+        return {(w.name, w.is_embed, w.optional, w.tied_names[:1]) for w in weights}
+
+    assert inferred.num_layers_config_key == defined.num_layers_config_key
+    assert section(inferred.pre_weights) == section(defined.pre_weights)
+    assert section(inferred.layer_weights) == section(defined.layer_weights)
+    assert section(inferred.post_weights) == section(defined.post_weights)
+
+
+def test_inference_from_names_alone_spots_embeddings_by_module_name():
+    names = ["tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.1.attention.wq.weight",
+             "norm.weight", "output.weight"]
+    arch = infer_architecture({"model_type": "x", "n_layers": 2}, names)
+    assert arch.num_layers_config_key == "n_layers"
+    assert arch.pre_weights == (WeightInfo("tok_embeddings.weight", is_embed=True),)
+    assert arch.layer_weights == (WeightInfo("layers.${layer_index}.attention.wq.weight"),)
+    assert arch.post_weights == (
+        WeightInfo("norm.weight"),
+        WeightInfo("output.weight", is_embed=True, optional=True, tied_names=("tok_embeddings.weight",)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("config", "names", "message"),
+    [
+        ({"vocab_size": 8}, ["m.layers.0.w"], "no layer count"),
+        ({"num_layers": 1}, ["embed.weight", "norm.weight"], "no tensor name has a layer index"),
+        ({"num_layers": 1}, ["lm.layers.0.w", "vision.layers.0.w"], "more than one layer stack"),
+        ({"num_layers": 3}, ["m.layers.0.w", "m.layers.1.w"], r"`num_layers: 3`.*layer indices 0\.\.1"),
+        ({"num_layers": 2}, ["m.layers.0.w", "m.layers.0.b", "m.layers.1.w"], "layer 1 .*differing: `b`"),
+    ],
+)
+def test_inference_rejects_what_it_cannot_describe(config, names, message):
+    config = {"architectures": ["OddForCausalLM"], "model_type": "odd", **config}
+    with pytest.raises(ArchitectureError, match=message) as error:
+        architecture_for(config, "org/odd", names)
+    assert "`org/odd`" in str(error.value) and "OddForCausalLM" in str(error.value)
+
+
+VALID = {
+    "model_type": "toy",
+    "architectures": ["ToyForCausalLM"],
+    "num_layers_config_key": "num_hidden_layers",
+    "pre_weights": [{"name": "embed.weight", "is_embed": True}],
+    "layer_templates": {"weights": [{"name": "layers.${layer_index}.w", "aliases": ["h.${layer_index}.w"]}]},
+    "post_weights": [{"name": "head.weight", "optional": True, "tied_names": ["embed.weight"]}],
+}
+
+
+def _edited(edit) -> dict:
+    data = json.loads(json.dumps(VALID))
+    edit(data)
+    return data
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ("{not json", "is not valid JSON"),
+        (_edited(lambda d: d.pop("post_weights")), "missing required key.*`post_weights`"),
+        (_edited(lambda d: d.update(kind="modular")), "unknown key.*`kind`"),
+        (_edited(lambda d: d.update(architectures="ToyForCausalLM")), "`architectures` must be a list"),
+        (_edited(lambda d: d.update(architectures=[])), "at least one"),
+        (_edited(lambda d: d["pre_weights"][0].update(is_embeded=True)), r"`pre_weights\[0\]`.*unknown field.*`is_embeded`"),
+        (_edited(lambda d: d["pre_weights"][0].update(is_embed="yes")), r"`pre_weights\[0\]\.is_embed` must be a boolean"),
+        (_edited(lambda d: d["post_weights"][0].update(tied_names="embed.weight")), "must be a list of strings"),
+        (_edited(lambda d: d["pre_weights"].append({"is_embed": True})), "string `name`"),
+        (_edited(lambda d: d["layer_templates"]["weights"].append({"name": "layers.w"})), "must contain"),
+        (_edited(lambda d: d["post_weights"].append({"name": "x.${layer_index}.w"})), "must not contain"),
+        (_edited(lambda d: d.update(layer_templates=[])), "`layer_templates` must be an object"),
+    ],
+)
+def test_malformed_definitions_are_rejected_naming_the_file(tmp_path: Path, data, message):
+    (tmp_path / "toy.json").write_text(data if isinstance(data, str) else json.dumps(data))
+    with pytest.raises(ArchitectureError, match=message) as error:
+        load_definitions(tmp_path)
+    assert str(error.value).startswith("toy.json")
+
+
+def test_two_files_with_one_model_type_are_rejected(tmp_path: Path):
+    for name in ("a.json", "b.json"):
+        (tmp_path / name).write_text(json.dumps(VALID))
+    with pytest.raises(ArchitectureError, match="b.json and a.json both define model_type `toy`"):
+        load_definitions(tmp_path)
+
+
+def test_a_valid_definition_loads_every_field(tmp_path: Path):
+    (tmp_path / "toy.json").write_text(json.dumps(VALID))
+    (arch,) = load_definitions(tmp_path)
+    assert arch.layer_weights == (WeightInfo("layers.${layer_index}.w", aliases=("h.${layer_index}.w",)),)
+    assert arch.post_weights == (WeightInfo("head.weight", optional=True, tied_names=("embed.weight",)),)
+    assert set(_WEIGHT_FIELD_TYPES) == {f.name for f in fields(WeightInfo)}

@@ -168,8 +168,9 @@ def _compute(job: TensorJob, load: Callable, plan: MergePlan, device: torch.devi
     inputs = {source.model: load(source) for source in sources}
     if job.align_vocab:
         inputs = align_embeddings(inputs, plan.vocab)
-    kwargs = {name: list(values) for name, values in job.per_model.items()}
-    kwargs.update(job.global_params)
+    argument = {spec.name: spec.argument for spec in method.parameters}  # config key -> Python name (`lambda_`)
+    kwargs = {argument[name]: list(values) for name, values in job.per_model.items()}
+    kwargs.update({argument[name]: value for name, value in job.global_params.items()})
     if job.base is not None:
         kwargs["base"] = inputs[job.base.model]
     if method.uses_generator:

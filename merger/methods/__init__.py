@@ -11,6 +11,8 @@ A method is a pure function of float32 tensors::
   base is simply one more entry of `tensors`.
 - keyword-only parameters are the config's `parameters`: annotated `PerModel[...]` they are per-model
   (the method receives one value per entry of `tensors`), otherwise global; no default = required.
+  A trailing underscore is dropped from the config key, for keys that are Python keywords: the
+  argument `lambda_` is the config's `lambda`.
 - `generator` (keyword-only, `torch.Generator`), when declared, receives the run's seeded RNG.
 
 The registry imports every method module at the bottom, so `METHODS` is complete on import.
@@ -38,13 +40,15 @@ class ParameterSpec:
     """One parameter of a method, read from its signature.
 
     Attributes:
-        name: the config key (`weight`, `density`, `t`, ...).
+        name: the config key (`weight`, `density`, `t`, `lambda`, ...).
+        argument: the function's keyword argument (`name`, or `lambda_` for `lambda`).
         per_model: whether each model sets its own value.
         required: whether the config must set it (the base is exempt for per-model parameters).
         default: the value used when the config leaves it out.
     """
 
     name: str
+    argument: str
     per_model: bool
     required: bool
     default: Any
@@ -105,7 +109,8 @@ def merge_method(
             base = "required" if signature.parameters["base"].default is inspect.Parameter.empty else "optional"
         parameters = tuple(
             ParameterSpec(
-                name=p.name,
+                name=p.name.removesuffix("_"),
+                argument=p.name,
                 per_model=typing.get_origin(hints[p.name]) is PerModel,
                 required=p.default is inspect.Parameter.empty,
                 default=None if p.default is inspect.Parameter.empty else p.default,
@@ -144,4 +149,16 @@ def get_method(name: str) -> MergeMethod:
     )
 
 
-from . import linear, passthrough, slerp  # noqa: E402,F401  (registers the methods)
+from . import (  # noqa: E402,F401  (registers the methods)
+    arcee_fusion,
+    karcher,
+    linear,
+    model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    passthrough,
+    sce,
+    slerp,
+    task_arithmetic,
+)

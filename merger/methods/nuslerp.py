@@ -1,0 +1,73 @@
+"""NuSLERP: SLERP of two models by relative weights, on whole tensors or per row/column, and on task
+vectors when a base is given (mergekit's `nuslerp`; SLERP after Shoemake 1985, doi:10.1145/325165.325242)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import PerModel, merge_method
+
+WEIGHT_SUM_EPS = 1e-6  # |w₁ + w₂| below this interpolates half-way
+NORM_EPS = 1e-7  # floor of a vector's norm when normalising
+COLINEAR_EPS = 1e-8  # |sin θ| below this falls back to lerp
+
+
+@merge_method(
+    "nuslerp",
+    pretty_name="NuSLERP",
+    reference_url="https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md#nuslerp-nuslerp",
+    min_others=2,
+    max_others=2,
+)
+def nuslerp(
+    tensors: list[Tensor],
+    base: Tensor | None = None,
+    *,
+    weight: PerModel[float],
+    nuslerp_flatten: bool = True,
+    nuslerp_row_wise: bool = False,
+) -> Tensor:
+    """SLERP from the first model (t=0) to the second (t=1), with `t = w₂/(w₁ + w₂)`.
+
+    With a base, interpolates the task vectors: `out = base + slerp(t, x₁ − base, x₂ − base)`.
+    Per vector: `θ = acos(clamp(â·b̂, −1, 1))`, `out = (sin((1−t)θ)·a + sin(tθ)·b)/sin θ`, and
+    `(1−t)·a + t·b` where `|sin θ| < 1e-8`.
+
+    Args:
+        tensors: two float32 tensors `(*shape)`, in config order.
+        base: optional float32 `(*shape)`, a third model.
+        weight: `[w₁, w₂]`; `t = 0.5` when `|w₁ + w₂| < 1e-6`.
+        nuslerp_flatten: the whole tensor is one vector (0-dim tensors always are).
+        nuslerp_row_wise: without flattening, interpolate along the first axis (columns `W[:, j]`)
+            instead of the last (rows `W[i, :]`).
+
+    Returns:
+        float32 `(*shape)`.
+    """
+    a, b = tensors
+    w1, w2 = weight
+    t = 0.5 if abs(w1 + w2) < WEIGHT_SUM_EPS else w2 / (w1 + w2)
+    if base is not None:
+        a, b = a - base, b - base
+    if nuslerp_flatten or a.dim() == 0:
+        out = _slerp(t, a.reshape(-1), b.reshape(-1), dim=-1).view(a.shape)
+    else:
+        out = _slerp(t, a, b, dim=0 if nuslerp_row_wise else -1)
+    return out if base is None else out.add_(base)
+
+
+def _slerp(t: float, a: Tensor, b: Tensor, *, dim: int) -> Tensor:
+    """Slerp of the vectors along `dim` of `a` and `b` (float32, one shape), in a new tensor."""
+    norm_a = torch.linalg.vector_norm(a, dim=dim, keepdim=True).clamp_(min=NORM_EPS)
+    norm_b = torch.linalg.vector_norm(b, dim=dim, keepdim=True).clamp_(min=NORM_EPS)
+    cos_theta = torch.linalg.vecdot(a, b, dim=dim).unsqueeze(dim) / (norm_a * norm_b)  # (..., 1, ...)
+    theta = cos_theta.clamp_(-1, 1).acos_()
+    sin_theta = theta.sin()
+    scale_a = torch.sin((1 - t) * theta) / sin_theta
+    scale_b = torch.sin(t * theta) / sin_theta
+    # (nearly) colinear vectors: lerp
+    colinear = sin_theta.abs() < COLINEAR_EPS
+    scale_a.masked_fill_(colinear, 1 - t)
+    scale_b.masked_fill_(colinear, t)
+    return (a * scale_a).addcmul_(b, scale_b)

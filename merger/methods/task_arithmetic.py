@@ -1,0 +1,240 @@
+"""Task arithmetic and its sparsifying / sign-electing variants: eight configurations of one function.
+
+Task arithmetic (Ilharco et al. 2022, arXiv:2212.04089) adds weighted task vectors `δᵢ = xᵢ − base` to the
+base. TIES (Yadav et al. 2023, arXiv:2306.01708), DARE (Yu et al. 2023, arXiv:2311.03099), Model
+Breadcrumbs (Davari & Belilovsky 2023, arXiv:2312.06795) and DELLA (Deep et al. 2024, arXiv:2406.11617)
+first sparsify each task vector and, in their `ties` forms, keep only the entries that agree with an
+elected sign. :func:`generalized_task_arithmetic` is that one algorithm (mergekit's
+`GeneralizedTaskArithmeticMerge`); :data:`VARIANTS` lists the registered configurations, each registered
+under its own name with a signature holding only the parameters it uses.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..sparsify import (
+    agrees_with,
+    apply_mask_,
+    bernoulli_mask,
+    breadcrumbs_mask,
+    della_mask,
+    elect_sign,
+    magnitude_mask,
+)
+from . import PerModel, merge_method
+
+Sparsifier = Callable[..., "Tensor | None"]
+
+# defaults of the sparsifiers' per-model parameters (mergekit's)
+PER_MODEL_DEFAULTS = {"density": 1.0, "gamma": 0.01, "epsilon": 0.15}
+DIVISOR_EPS = 1e-8  # without consensus, a weight sum below this divides by 1 instead
+
+
+def generalized_task_arithmetic(
+    tensors: list[Tensor],
+    base: Tensor,
+    *,
+    weight: Sequence[float],
+    masks: Sequence[Callable[[Tensor], Tensor | None]] | None = None,
+    rescale: bool = False,
+    consensus: bool = False,
+    normalize: bool = False,
+    lambda_: float = 1.0,
+) -> Tensor:
+    """`base + λ·M/D`: the weighted (sparsified, sign-agreeing) task vectors, optionally normalised.
+
+    Steps (spec 3.6):
+      1. `δᵢ = xᵢ − base`.
+      2. Sparsify: `δᵢ ← δᵢ ⊙ maskᵢ`, L1-rescaled when `rescale`.
+      3. Weight: `Wᵢ = wᵢ·δᵢ`.
+      4. With `consensus` (TIES): `s = sign(Σᵢ Wᵢ)` (+1 at 0), `mᵢ = [sign(Wᵢ) = s]`, `M = Σᵢ Wᵢ·mᵢ`,
+         `D = Σᵢ wᵢ·mᵢ` per entry (1 where 0). Without: `M = Σᵢ Wᵢ`, `D = Σᵢ wᵢ` (1 when |D| < 1e-8).
+      5. `M ← M/D` if `normalize`.  6. `M ← λ·M`.  7. `out = base + M`.
+
+    Args:
+        tensors: n float32 tensors `(*shape)`, the non-base models.
+        base: float32 `(*shape)`.
+        weight: n weights `wᵢ` (negative ones subtract a task vector).
+        masks: n functions from a task vector to its keep mask (None: keep all), or None not to sparsify.
+        rescale: L1-rescale each sparsified task vector.
+        consensus: TIES sign election and disjoint mean.
+        normalize: divide by the (agreeing) weight sum.
+        lambda_: final scale of the merged task vector.
+
+    Returns:
+        float32 `(*shape)`.
+    """
+
+    def weighted_task_vectors():
+        for i, (x, w) in enumerate(zip(tensors, weight)):
+            delta = x - base  # (*shape)
+            if masks is not None:
+                apply_mask_(delta, masks[i](delta), rescale=rescale)
+            yield delta.mul_(w)
+
+    task_vectors = weighted_task_vectors()
+    if consensus:
+        task_vectors = list(task_vectors)  # n × (*shape)
+        positive = elect_sign(task_vectors)  # (*shape) bool: s = +1
+        agreement = [agrees_with(task_vector, positive) for task_vector in task_vectors]  # n × (*shape) bool: mᵢ
+        del positive
+        for task_vector, agree in zip(task_vectors, agreement):
+            task_vector.mul_(agree)  # Wᵢ·mᵢ
+        if normalize:
+            divisor = torch.zeros_like(base)  # D = Σᵢ wᵢ·mᵢ per entry, 1 where 0
+            for w, agree in zip(weight, agreement):
+                divisor.add_(agree, alpha=w)
+            divisor.masked_fill_(divisor == 0, 1.0)
+        del agreement
+        task_vectors = iter(task_vectors)
+    else:
+        total = sum(weight)
+        divisor = total if abs(total) >= DIVISOR_EPS else 1.0  # D = Σᵢ wᵢ
+    merged = next(task_vectors)  # (*shape): M, summed into the first task vector
+    for task_vector in task_vectors:
+        merged.add_(task_vector)
+    if normalize:
+        merged.div_(divisor)
+    return merged.mul_(lambda_).add_(base)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A registered configuration of :func:`generalized_task_arithmetic`.
+
+    Attributes:
+        name: the `merge_method` key.
+        pretty_name: the name on the card.
+        reference_url: the paper.
+        summary: the first line of the registered function's docstring.
+        sparsifier: a mask function of `merger.sparsify`, or None; its keyword parameters become
+            per-model config parameters (defaults in `PER_MODEL_DEFAULTS`), and a `generator` parameter
+            makes the method take the run's seeded RNG.
+        consensus: TIES sign election.
+        normalize: the default of `normalize`.
+        rescale: the default of `rescale` (declared only with a sparsifier).
+    """
+
+    name: str
+    pretty_name: str
+    reference_url: str
+    summary: str
+    sparsifier: Sparsifier | None
+    consensus: bool
+    normalize: bool
+    rescale: bool = False
+
+
+VARIANTS = (
+    Variant("task_arithmetic", "Task Arithmetic", "https://arxiv.org/abs/2212.04089",
+            "Add the weighted task vectors to the base.",
+            None, consensus=False, normalize=False),
+    Variant("ties", "TIES", "https://arxiv.org/abs/2306.01708",
+            "Trim each task vector to its largest magnitudes, elect signs, take the disjoint mean.",
+            magnitude_mask, consensus=True, normalize=True),
+    Variant("dare_ties", "DARE TIES", "https://arxiv.org/abs/2311.03099",
+            "Drop task-vector entries at random (rescaled), then elect signs as TIES does.",
+            bernoulli_mask, consensus=True, normalize=False, rescale=True),
+    Variant("dare_linear", "Linear DARE", "https://arxiv.org/abs/2311.03099",
+            "Drop task-vector entries at random (rescaled) and add the weighted sum.",
+            bernoulli_mask, consensus=False, normalize=False, rescale=True),
+    Variant("breadcrumbs", "Model Breadcrumbs", "https://arxiv.org/abs/2312.06795",
+            "Drop the largest (outliers) and smallest task-vector entries and add the weighted sum.",
+            breadcrumbs_mask, consensus=False, normalize=False),
+    Variant("breadcrumbs_ties", "Model Breadcrumbs with TIES", "https://arxiv.org/abs/2312.06795",
+            "Drop the largest and smallest task-vector entries, then elect signs as TIES does.",
+            breadcrumbs_mask, consensus=True, normalize=False),
+    Variant("della", "DELLA", "https://arxiv.org/abs/2406.11617",
+            "Drop entries with magnitude-rank probabilities (rescaled), then elect signs as TIES does.",
+            della_mask, consensus=True, normalize=True, rescale=True),
+    Variant("della_linear", "Linear DELLA", "https://arxiv.org/abs/2406.11617",
+            "Drop entries with magnitude-rank probabilities (rescaled) and add the weighted sum.",
+            della_mask, consensus=False, normalize=False, rescale=True),
+)
+
+
+def signature(variant: Variant) -> inspect.Signature:
+    """The registered signature of `variant`: exactly the parameters it uses, with its defaults.
+
+    In order: `tensors`, `base`, `weight` (per-model, required), the sparsifier's per-model parameters
+    (`density`, `gamma`, `epsilon`), `normalize`, `rescale` (with a sparsifier), `int8_mask` (accepted for
+    mergekit configs; masks here are always one-byte bool, so it changes nothing), `lambda_` (config key
+    `lambda`), and `generator` when the sparsifier is random.
+    """
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    sparsifier = {} if variant.sparsifier is None else inspect.signature(variant.sparsifier).parameters
+    parameters = [
+        inspect.Parameter("tensors", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[Tensor]),
+        inspect.Parameter("base", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Tensor),
+        inspect.Parameter("weight", keyword, annotation=PerModel[float]),
+        *(inspect.Parameter(name, keyword, annotation=PerModel[float], default=PER_MODEL_DEFAULTS[name])
+          for name in sparsifier if name not in ("delta", "generator")),
+        inspect.Parameter("normalize", keyword, annotation=bool, default=variant.normalize),
+    ]
+    if variant.sparsifier is not None:
+        parameters.append(inspect.Parameter("rescale", keyword, annotation=bool, default=variant.rescale))
+    parameters.append(inspect.Parameter("int8_mask", keyword, annotation=bool, default=False))
+    parameters.append(inspect.Parameter("lambda_", keyword, annotation=float, default=1.0))
+    if "generator" in sparsifier:
+        parameters.append(inspect.Parameter("generator", keyword, annotation=torch.Generator))
+    return inspect.Signature(parameters, return_annotation=Tensor)
+
+
+def register(variant: Variant) -> Callable[..., Tensor]:
+    """Register `variant` under its name; calls are bound to (and checked against) :func:`signature`."""
+    variant_signature = signature(variant)
+
+    def merge(*args: Any, **kwargs: Any) -> Tensor:
+        arguments = variant_signature.bind(*args, **kwargs)
+        arguments.apply_defaults()
+        for name, value in arguments.arguments.items():  # a per-model default applies to every model
+            if name in PER_MODEL_DEFAULTS and not isinstance(value, (list, tuple)):
+                arguments.arguments[name] = [value] * len(arguments.arguments["tensors"])
+        return _merge_variant(variant, **arguments.arguments)
+
+    merge.__signature__ = variant_signature
+    merge.__annotations__ = {p.name: p.annotation for p in variant_signature.parameters.values()} | {"return": Tensor}
+    merge.__name__ = merge.__qualname__ = variant.name
+    merge.__doc__ = (
+        f"{variant.pretty_name}: {variant.summary}\n\n"
+        f"See :func:`generalized_task_arithmetic` ({variant.reference_url}) and :func:`signature` for the "
+        "parameters. Takes n float32 `(*shape)` tensors and a float32 base; returns float32 `(*shape)`."
+    )
+    return merge_method(variant.name, pretty_name=variant.pretty_name, reference_url=variant.reference_url)(merge)
+
+
+def _merge_variant(
+    variant: Variant,
+    tensors: list[Tensor],
+    base: Tensor,
+    *,
+    weight: list[float],
+    normalize: bool,
+    lambda_: float,
+    int8_mask: bool,
+    rescale: bool = False,
+    generator: torch.Generator | None = None,
+    **per_model: list[float],
+) -> Tensor:
+    """Run `variant` on arguments bound to its signature; `per_model` holds the sparsifier's lists."""
+    masks = None
+    if variant.sparsifier is not None:
+        random = {} if generator is None else {"generator": generator}
+        masks = [partial(variant.sparsifier, **{name: values[i] for name, values in per_model.items()}, **random)
+                 for i in range(len(tensors))]
+    return generalized_task_arithmetic(
+        tensors, base, weight=weight, masks=masks, rescale=rescale,
+        consensus=variant.consensus, normalize=normalize, lambda_=lambda_,
+    )
+
+
+for _variant in VARIANTS:
+    register(_variant)

@@ -1,0 +1,149 @@
+"""Every method end to end on the trained Mistral fixtures (base + prose and code fine-tunes).
+
+Each output is loaded by transformers; the task-arithmetic family's perplexities are printed beside the
+parents'. Golden sha256 digests pin the bytes every method writes: speed work must never change results.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from merger.engine import run_merge
+from merger.methods import METHODS
+
+W = "parameters: {weight: 0.5}"
+WD = "parameters: {weight: 0.5, density: 0.5}"
+
+
+def config(method: str, fx: Path) -> str:
+    """A representative config for `method` over the fixtures (base = mistral-base)."""
+    b, p, c = fx / "mistral-base", fx / "mistral-prose", fx / "mistral-code"
+    two = f"  - model: {p}\n    {{w}}\n  - model: {c}\n    {{w}}\n"
+    with_base = f"base_model: {b}\nmodels:\n" + two
+    extra = {
+        "linear": (f"models:\n{two}", W, ""),
+        "slerp": (f"base_model: {p}\nmodels:\n  - model: {p}\n  - model: {c}\n", "", "parameters: {t: 0.4}\n"),
+        "passthrough": (f"slices:\n  - sources: [{{model: {p}, layer_range: [0, 2]}}]\n"
+                        f"  - sources: [{{model: {c}, layer_range: [1, 4]}}]\n", "", ""),
+        "task_arithmetic": (with_base, W, ""),
+        "ties": (with_base, WD, ""),
+        "dare_ties": (with_base, WD, ""),
+        "dare_linear": (with_base, WD, ""),
+        "breadcrumbs": (with_base, "parameters: {weight: 0.5, density: 0.8, gamma: 0.05}", ""),
+        "breadcrumbs_ties": (with_base, "parameters: {weight: 0.5, density: 0.8, gamma: 0.05}", ""),
+        "della": (with_base, "parameters: {weight: 0.5, density: 0.6, epsilon: 0.1}", ""),
+        "della_linear": (with_base, "parameters: {weight: 0.5, density: 0.6, epsilon: 0.1}", ""),
+        "model_stock": (with_base, "", ""),
+        "nuslerp": (with_base, W, ""),
+        "multislerp": (with_base, W, ""),
+        "karcher": (f"models:\n{two}", "", ""),
+        "sce": (with_base, "", "parameters: {select_topk: 0.5}\n"),
+        "nearswap": (f"base_model: {b}\nmodels:\n  - model: {p}\n", "", "parameters: {t: 0.001}\n"),
+        "arcee_fusion": (f"base_model: {b}\nmodels:\n  - model: {p}\n", "", "dtype: float16\n"),
+    }[method]
+    body, weight, tail = extra
+    return f"merge_method: {method}\n{body.replace('{w}', weight) if weight else body.replace(chr(10) + '    {w}', '')}{tail}"
+
+
+def sha256(out: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(out.glob("*.safetensors")) + [out / "config.json"]:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# Digests of every method's output before the speed work (torch 2.13.0, CPU): speed never changes results.
+GOLDEN = {
+    "arcee_fusion": "8ce1bcee2570159a",
+    "breadcrumbs": "8a047bd26faa8251",
+    "breadcrumbs_ties": "7cb1748919cf1dc2",
+    "dare_linear": "aba5d01f3b8e512c",
+    "dare_ties": "d48aa70e7594e432",
+    "della": "416a650c1dbb11e2",
+    "della_linear": "4d24b1b1ce033f2a",
+    "karcher": "3bd5e4b86a268195",
+    "linear": "f626e815c9c24a04",
+    "model_stock": "56eca9fc9656dee7",
+    "multislerp": "c6d6ad500f1143e9",
+    "nearswap": "df6eb70b9c9e1079",
+    "nuslerp": "fa24d008cbb429bc",
+    "passthrough": "120569ed9e4dcf3a",
+    "sce": "1e3757cd465e3f4f",
+    "slerp": "9a6069420c566eb9",
+    "task_arithmetic": "f626e815c9c24a04",
+    "ties": "e95c01f594d67d81",
+}
+MOE_GOLDEN = "5e8342529e5b7814"  # templates/examples/fixture-moe.yaml (random gate, seed 0)
+
+
+def test_every_registered_method_has_a_case(fixture_models_dir: Path) -> None:
+    for method in METHODS:
+        assert config(method, fixture_models_dir).startswith(f"merge_method: {method}")
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_merges_the_fixtures_and_loads(fixture_models_dir: Path, tmp_path: Path, method: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    result = run_merge(config(method, fixture_models_dir), out, device="cpu")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([[1, 57, 301, 1200, 44]])).logits
+    assert torch.isfinite(logits).all()
+    assert model.config.num_hidden_layers == result.num_layers == (5 if method == "passthrough" else 4)
+    if method == "arcee_fusion":  # computes with a float32 mask; `dtype: float16` must still write float16
+        assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+        from safetensors import safe_open
+
+        with safe_open(str(next(out.glob("*.safetensors"))), framework="pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+    assert sha256(out) == GOLDEN[method]
+
+
+def test_moe_bytes_are_pinned(tmp_path: Path) -> None:
+    root = Path(__file__).parents[1]
+    text = (root / "templates/examples/fixture-moe.yaml").read_text().replace("tests/data/fixtures", str(root / "tests/data/fixtures"))
+    run_merge(text, tmp_path / "out", device="cpu")
+    assert sha256(tmp_path / "out") == MOE_GOLDEN
+
+
+def bits_per_token(path: Path, text: str, context: int = 256) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids), context - 1):
+            window = torch.tensor([[tokenizer.bos_token_id] + ids[start:start + context - 1]])
+            logp = torch.log_softmax(model(window).logits[0, :-1], dim=-1)
+            total -= float(logp.gather(-1, window[0, 1:, None]).sum())
+            count += window.shape[1] - 1
+    return total / count / math.log(2)
+
+
+def test_task_arithmetic_family_perplexities(fixture_models_dir: Path, tmp_path: Path) -> None:
+    fx = fixture_models_dir
+    text = {split: (fx / f"{split}_eval.txt").read_text() for split in ("prose", "code")}
+    rows = {}
+    for name in ("mistral-base", "mistral-prose", "mistral-code"):
+        rows[name] = {s: bits_per_token(fx / name, t) for s, t in text.items()}
+    for method in ("task_arithmetic", "ties", "dare_ties"):
+        run_merge(config(method, fx), tmp_path / method, device="cpu")
+        rows[method] = {s: bits_per_token(tmp_path / method, t) for s, t in text.items()}
+    print("\nbits/token on the fixture eval splits (prose, code, mean)")
+    for name, r in rows.items():
+        print(f"  {name:16s} {r['prose']:.4f}  {r['code']:.4f}  {(r['prose'] + r['code']) / 2:.4f}")
+    mean = {name: (r["prose"] + r["code"]) / 2 for name, r in rows.items()}
+    finetunes = (mean["mistral-prose"] + mean["mistral-code"]) / 2
+    for method in ("task_arithmetic", "ties", "dare_ties"):
+        assert mean[method] < finetunes, method  # merging the two skills beats either fine-tune on average
+        assert rows[method]["prose"] < rows["mistral-code"]["prose"] and rows[method]["code"] < rows["mistral-prose"]["code"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,17 +23,13 @@ from .constants import (
     MERGE_CONFIG_FILE,
     TOKENIZER_FILES,
 )
-from .errors import ConfigError, MergeCancelled
-from .loader import LazyLoader
-from .methods import get_method
-from .moe import gate_weights
-from .plan import MergePlan, TensorJob
-from .tokenizer import align_embeddings, write_tokenizer
+from .errors import ConfigError
+from .executor import Progress, execute_plan
+from .plan import MergePlan
+from .tokenizer import write_tokenizer
 from .resolve import materialize
 from .validate import plan_config
-from .writer import ShardedWriter
 
-Progress = Callable[[float, str], None]
 logger = logging.getLogger(__name__)
 
 
@@ -68,11 +63,6 @@ def pick_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"`--device {device}`: no CUDA device is available here; use `--device cpu` or `auto`")
     return torch.device(device)
-
-
-def tensor_seed(seed: int, name: str) -> int:
-    """A per-tensor seed from the run's seed and the tensor's name: results do not depend on order."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 def run_merge(
@@ -125,62 +115,12 @@ def run_merge(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        _write_tensors(plan, dirs, staging, pick_device(device), shard_size, progress, should_cancel)
+        execute_plan(plan, dirs, staging, pick_device(device), shard_size, progress, should_cancel)
         _write_files(plan, dirs, staging, config_text, metadata, title or out_dir.name)
         _replace_dir(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return MergeResult(out_dir, plan.method_name, plan.num_layers, plan.parameter_count, time.monotonic() - started)
-
-
-def _write_tensors(
-    plan: MergePlan,
-    dirs: dict[str, Path],
-    staging: Path,
-    device: torch.device,
-    shard_size: int,
-    progress: Progress | None,
-    should_cancel: Callable[[], bool] | None,
-) -> None:
-    loaders = {key: LazyLoader(path) for key, path in dirs.items()}
-    input_dtype = getattr(torch, plan.input_dtype) if plan.input_dtype else None
-
-    def load(source) -> torch.Tensor:
-        tensor = loaders[source.model].get(source.name)
-        if input_dtype is not None:  # the config's `dtype`: inputs are cast on load, as in mergekit
-            tensor = tensor.to(input_dtype)
-        return tensor.to(device=device, dtype=torch.float32)
-
-    with ShardedWriter(staging, [(j.name, j.shape, j.dtype) for j in plan.jobs], shard_size) as writer:
-        for done, job in enumerate(plan.jobs, start=1):
-            if should_cancel is not None and should_cancel():
-                raise MergeCancelled("the merge was cancelled; nothing was written or pushed")
-            writer.write(job.name, _compute(job, load, plan, device))
-            if progress is not None:
-                progress(done / len(plan.jobs), job.name)
-
-
-def _compute(job: TensorJob, load: Callable, plan: MergePlan, device: torch.device) -> torch.Tensor:
-    if job.method == "gate":
-        return gate_weights(job.global_params["gate_mode"], job.shape, plan.seed, job.global_params["layer"])
-    method = get_method(job.method)
-    sources = list(job.sources) + ([job.base] if job.base is not None else [])
-    inputs = {source.model: load(source) for source in sources}
-    if job.align_vocab:
-        inputs = align_embeddings(inputs, plan.vocab)
-    argument = {spec.name: spec.argument for spec in method.parameters}  # config key -> Python name (`lambda_`)
-    kwargs = {argument[name]: list(values) for name, values in job.per_model.items()}
-    kwargs.update({argument[name]: value for name, value in job.global_params.items()})
-    if job.base is not None:
-        kwargs["base"] = inputs[job.base.model]
-    if method.uses_generator:
-        kwargs["generator"] = torch.Generator(device=device).manual_seed(tensor_seed(plan.seed, job.name))
-    tensors, seen = [], set()
-    for source in job.sources:  # a model listed twice gets its own copy: methods may work in place
-        tensor = inputs[source.model]
-        tensors.append(tensor.clone() if source.model in seen else tensor)
-        seen.add(source.model)
-    return method.function(tensors, **kwargs)
 
 
 def _write_files(

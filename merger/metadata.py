@@ -55,20 +55,48 @@ class ModelMetadata:
     license: str | None = None
 
 
-def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor's bytes lie in a safetensors file.
+
+    Attributes:
+        meta: shape and dtype.
+        offset: absolute byte offset of the data in the file.
+        nbytes: length of the data in bytes.
+    """
+
+    meta: TensorMeta
+    offset: int
+    nbytes: int
+
+
+def read_safetensors_layout(path: Path) -> dict[str, StoredTensor]:
     """Read one safetensors file's header (8-byte length + JSON), without touching its data.
 
     Args:
         path: a `.safetensors` file.
 
     Returns:
-        tensor name -> :class:`TensorMeta`.
+        tensor name -> :class:`StoredTensor` (shape, dtype and absolute byte range).
     """
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
     header.pop("__metadata__", None)
-    return {name: TensorMeta(tuple(info["shape"]), info["dtype"]) for name, info in header.items()}
+    start = 8 + length
+    return {
+        name: StoredTensor(
+            TensorMeta(tuple(info["shape"]), info["dtype"]),
+            start + info["data_offsets"][0],
+            info["data_offsets"][1] - info["data_offsets"][0],
+        )
+        for name, info in header.items()
+    }
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
+    """Shapes and dtypes of one safetensors file's tensors (its header only)."""
+    return {name: stored.meta for name, stored in read_safetensors_layout(path).items()}
 
 
 def weight_files(model_dir: Path) -> list[Path]:

@@ -5,7 +5,9 @@ A method is a pure function of float32 tensors::
     @merge_method("linear", pretty_name="Linear", reference_url="https://arxiv.org/abs/2203.05482")
     def linear(tensors: list[Tensor], *, weight: PerModel[float], normalize: bool = True) -> Tensor: ...
 
-- `tensors`: the non-base inputs of one output tensor, in config order, each of the same shape.
+- `tensors`: the non-base inputs of one output tensor, in config order, each of the same shape. The
+  engine hands the method its own float32 buffers (a model listed twice gets two): a method may
+  overwrite `tensors` and `base` in place to save memory, and may return one of them.
 - `base`: present in the signature when the method treats the base model specially; annotated
   `Tensor` when a base is required, `Tensor | None = None` when optional. Without it, a configured
   base is simply one more entry of `tensors`.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from . import PerModel, merge_method
@@ -20,8 +19,8 @@ def linear(tensors: list[Tensor], *, weight: PerModel[float], normalize: bool = 
     Returns:
         float32 tensor `(*shape)`.
     """
-    out = torch.zeros_like(tensors[0])
-    for w, x in zip(weight, tensors):
+    out = tensors[0].mul_(weight[0])  # the inputs are the method's own buffers: accumulate in place
+    for w, x in zip(weight[1:], tensors[1:]):
         out.add_(x, alpha=w)
     if normalize:
         out.div_(sum(weight))

@@ -1,0 +1,211 @@
+"""Runs a merge plan tensor by tensor: reading, math and writing overlap on three threads.
+
+- the reader thread reads each job's inputs (positioned reads into pooled buffers), up to a byte
+  budget ahead of the writer, so the next tensors arrive while the current ones are merged;
+- the calling thread converts inputs to float32 (on the chosen device), runs the method and casts
+  the result to the output dtype once;
+- the writer thread appends each result to its shard and returns the buffers to the pool.
+
+A copy of a tensor whose stored dtype is already the output's (frankenmerge layers, MoE experts) skips
+the math: its bytes go from the read buffer to the shard unchanged. The order of the output never
+depends on timing: jobs run and are written strictly in plan order. Memory is bounded by the budget
+plus one job's working set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .buffers import BufferPool
+from .errors import MergeCancelled
+from .loader import STORAGE_DTYPES, TensorReader
+from .methods import get_method
+from .moe import gate_weights
+from .plan import MergePlan, TensorJob, TensorSource
+from .tokenizer import align_embeddings
+from .writer import ShardedWriter
+
+Progress = Callable[[float, str], None]
+MIN_BUDGET = 256 * 2**20  # read-ahead, bytes; at least the largest job's inputs
+_DONE = object()
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed from the run's seed and the tensor's name: results do not depend on order."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+class _Budget:
+    """Bytes read but not yet released; the reader waits while the budget is spent."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, nbytes: int, stop: threading.Event) -> bool:
+        with self._cond:
+            while self.used and self.used + nbytes > self.limit and not stop.is_set():
+                self._cond.wait(0.1)
+            self.used += nbytes
+            return not stop.is_set()
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self.used -= nbytes
+            self._cond.notify_all()
+
+
+def execute_plan(
+    plan: MergePlan,
+    dirs: dict[str, Path],
+    out_dir: Path,
+    device: torch.device,
+    shard_size: int,
+    progress: Progress | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+) -> None:
+    """Write every tensor of `plan` into safetensors shards in `out_dir`.
+
+    Args:
+        plan: the merge plan.
+        dirs: model key -> local model directory.
+        out_dir: the (staging) output directory.
+        device: where the float32 math runs.
+        shard_size: bytes of tensor data per shard.
+        progress: called after each tensor is written with (fraction done, tensor name).
+        should_cancel: polled before each tensor; True raises :class:`MergeCancelled`.
+
+    Raises:
+        MergeCancelled: `should_cancel()` returned True.
+        MergerError / OSError: from reading inputs; the writer leaves no index behind.
+    """
+    pool = BufferPool(max_retained=0)
+    readers = {key: TensorReader(dirs[key], pool) for key in sorted({s.model for j in plan.jobs for s in _sources(j)})}
+    largest = max((sum(readers[s.model].nbytes(s.name) for s in _sources(j)) for j in plan.jobs), default=0)
+    pool.max_retained = max(MIN_BUDGET, 2 * largest)  # idle buffers kept: about one job's float32 inputs
+    budget = _Budget(max(MIN_BUDGET, largest))
+    stop = threading.Event()
+    read_queue: queue.Queue = queue.Queue()
+    write_queue: queue.Queue = queue.Queue(maxsize=4)
+    errors: list[BaseException] = []
+
+    def read_all() -> None:
+        try:
+            for job in plan.jobs:
+                sources = _sources(job)
+                nbytes = sum(readers[s.model].nbytes(s.name) for s in sources)
+                if not budget.acquire(nbytes, stop):
+                    return
+                read_queue.put((job, [readers[s.model].read(s.name) for s in sources], nbytes))
+        except BaseException as err:  # handed to the calling thread, which raises it
+            read_queue.put(err)
+
+    with ShardedWriter(out_dir, [(j.name, j.shape, j.dtype) for j in plan.jobs], shard_size) as writer:
+
+        def write_all() -> None:
+            done = 0
+            while (item := write_queue.get()) is not _DONE:
+                job, tensor, release = item
+                try:
+                    if not errors:
+                        writer.write(job.name, tensor)
+                except BaseException as err:
+                    errors.append(err)
+                pool.give([tensor])
+                if release:
+                    budget.release(release)
+                done += 1
+                if progress is not None and not errors:
+                    progress(done / len(plan.jobs), job.name)
+
+        reader = threading.Thread(target=read_all, name="merger-reader", daemon=True)
+        writer_thread = threading.Thread(target=write_all, name="merger-writer", daemon=True)
+        reader.start()
+        writer_thread.start()
+        try:
+            for _ in plan.jobs:
+                if should_cancel is not None and should_cancel():
+                    raise MergeCancelled("the merge was cancelled; nothing was written or pushed")
+                item = read_queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                job, raw, nbytes = item
+                if _is_plain_copy(job, raw, plan):
+                    write_queue.put((job, raw[0], nbytes))  # the writer releases the read buffer
+                    continue
+                result = _compute(job, raw, plan, device, pool)  # gives the read buffers back once converted
+                budget.release(nbytes)
+                write_queue.put((job, result, 0))
+                if errors:
+                    raise errors[0]
+        finally:
+            stop.set()
+            write_queue.put(_DONE)
+            writer_thread.join()
+            reader.join()
+            for r in readers.values():
+                r.close()
+        if errors:
+            raise errors[0]
+
+
+def _sources(job: TensorJob) -> list[TensorSource]:
+    return list(job.sources) + ([job.base] if job.base is not None else [])
+
+
+def _is_plain_copy(job: TensorJob, raw: list[torch.Tensor], plan: MergePlan) -> bool:
+    """A copy with nothing to compute: one source, no scale, no re-layout, stored dtype = output dtype."""
+    return (
+        job.method == "passthrough"
+        and job.per_model.get("scale", (None,)) == (None,)
+        and not job.align_vocab
+        and raw[0].dtype == STORAGE_DTYPES[job.dtype]
+        and (plan.input_dtype is None or getattr(torch, plan.input_dtype) == raw[0].dtype)
+    )
+
+
+def _compute(job: TensorJob, raw: list[torch.Tensor], plan: MergePlan, device: torch.device, pool: BufferPool) -> torch.Tensor:
+    """One output tensor, cast to its output dtype in a pooled CPU buffer."""
+    if job.method == "gate":
+        result = gate_weights(job.global_params["gate_mode"], job.shape, plan.seed, job.global_params["layer"])
+    else:
+        input_dtype = getattr(torch, plan.input_dtype) if plan.input_dtype else None
+        inputs = {}
+        for source, tensor in zip(_sources(job), raw):
+            if input_dtype is not None and tensor.dtype != input_dtype:  # the config's `dtype`, as mergekit
+                tensor = tensor.to(input_dtype)
+            work = pool.take(tuple(tensor.shape), torch.float32).copy_(tensor)
+            inputs.setdefault(source.model, []).append(work.to(device) if device.type != "cpu" else work)
+        pool.give(raw)  # the stored-dtype copies are no longer needed: free them before the math
+        if job.align_vocab:
+            aligned = align_embeddings({key: values[0] for key, values in inputs.items()}, plan.vocab)
+            inputs = {key: [tensor] * len(inputs[key]) for key, tensor in aligned.items()}
+        method = get_method(job.method)
+        argument = {spec.name: spec.argument for spec in method.parameters}  # config key -> Python name (`lambda_`)
+        kwargs = {argument[name]: list(values) for name, values in job.per_model.items()}
+        kwargs.update({argument[name]: value for name, value in job.global_params.items()})
+        if job.base is not None:
+            kwargs["base"] = inputs[job.base.model].pop()
+        if method.uses_generator:
+            kwargs["generator"] = torch.Generator(device=device).manual_seed(tensor_seed(plan.seed, job.name))
+        tensors = [_own(inputs[s.model]) for s in job.sources]
+        result = method.function(tensors, **kwargs)
+        to_release = [t for values in inputs.values() for t in values] + tensors + [kwargs.get("base")]
+    out = pool.take(job.shape, STORAGE_DTYPES[job.dtype])
+    out.copy_(result.reshape(job.shape))
+    if job.method != "gate":
+        pool.give([t for t in to_release if t is not None])
+    return out
+
+
+def _own(values: list[torch.Tensor]) -> torch.Tensor:
+    """The next input of a model; a model listed twice gets its own copy, since methods may work in place."""
+    tensor = values.pop(0)
+    return tensor.clone() if any(v.data_ptr() == tensor.data_ptr() for v in values) else tensor

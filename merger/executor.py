@@ -32,7 +32,7 @@ from .tokenizer import align_embeddings
 from .writer import ShardedWriter
 
 Progress = Callable[[float, str], None]
-MIN_BUDGET = 256 * 2**20  # read-ahead, bytes; at least the largest job's inputs
+MIN_BUDGET = 64 * 2**20  # read-ahead and idle-buffer floor, bytes; both also scale with the largest job
 _DONE = object()
 
 

@@ -260,7 +260,7 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
         with gr.Row():
             if login:
                 gr.LoginButton(scale=0, min_width=260)
-            account = gr.Markdown(
+            gr.Markdown(
                 "" if login else "Running locally: merges are pushed with the token in `HF_TOKEN`."
             )
 

@@ -7,20 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from merger.engine import run_merge
 from merger.errors import ConfigError, LayerRangeError
 from merger.validate import validate_config
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
+from helpers import weights
 
 
 def tiny(path: Path, model_type: str, seed: int, layers: int = 2, tied: bool = False) -> Path:

@@ -7,10 +7,8 @@ ids; the worker is a real consumer subprocess sharing a temporary queue and job 
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -22,16 +20,11 @@ from gradio_client.exceptions import AppError
 
 import app
 from merger import constants
+from helpers import bits_per_token, free_port, weights
 
 EXAMPLES = Path(__file__).parents[1] / "templates" / "examples"
 PROMPT = torch.tensor([[1, 57, 301, 1200, 44, 9, 3000, 17, 5, 800]])
 FIXTURES = ("mistral-base", "mistral-prose", "mistral-code")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +55,7 @@ def served(hub, published, tmp_path_factory):
     worker = start_consumer_process(log_file=data / "worker.log")
     demo = app.build_demo()
     demo.queue()
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
     yield Client(url, verbose=False), data
     demo.close()
     worker.terminate()
@@ -98,16 +91,6 @@ def load(path: Path):
 def logits(path: Path) -> torch.Tensor:
     with torch.no_grad():
         return load(path)(PROMPT).logits
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def hub_example(name: str, published: dict[str, str]) -> str:
@@ -160,22 +143,7 @@ def test_moe_of_one_model_reproduces_its_logits(served, hub, published, fixture_
     torch.testing.assert_close(logits(out), logits(fixture_models_dir / "mistral-code"), rtol=1e-4, atol=1e-4)
 
 
-def bits_per_token(model, tokenizer, text: str, context: int = 256) -> float:
-    """Mean −log2 p(token) over a text, in windows of `context` with BOS in front (the fixtures' protocol)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(ids), context - 1):
-            window = torch.tensor([[tokenizer.bos_token_id] + ids[start:start + context - 1]])
-            logp = torch.log_softmax(model(window).logits[0, :-1].float(), dim=-1)
-            total -= float(logp.gather(-1, window[0, 1:, None]).sum())
-            count += window.shape[1] - 1
-    return total / count / math.log(2)
-
-
 def test_slerp_half_merge_perplexity_beside_the_parents(served, hub, published, fixture_models_dir) -> None:
-    from transformers import AutoTokenizer
-
     client, _ = served
     status = run_job(client, slerp(published, 0.5), "slerp-half")
     assert status["status"] == "succeeded", status
@@ -183,8 +151,7 @@ def test_slerp_half_merge_perplexity_beside_the_parents(served, hub, published, 
     for name, path in [("mistral-prose", fixture_models_dir / "mistral-prose"),
                        ("mistral-code", fixture_models_dir / "mistral-code"),
                        ("slerp t=0.5", pushed_model(hub, "slerp-half"))]:
-        model, tokenizer = load(path), AutoTokenizer.from_pretrained(path)
-        rows[name] = {split: bits_per_token(model, tokenizer, (fixture_models_dir / f"{split}_eval.txt").read_text())
+        rows[name] = {split: bits_per_token(path, (fixture_models_dir / f"{split}_eval.txt").read_text())
                       for split in ("prose", "code")}
     print("\nbits/token (perplexity) on the fixture eval splits")
     for name, r in rows.items():

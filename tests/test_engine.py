@@ -7,21 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from merger.engine import run_merge
 from merger.errors import ConfigError, LayerRangeError, MergerError, UnknownMethodError, UnsafeWeightsError
+from helpers import weights as tensors
 
 PROMPT = torch.tensor([[1, 57, 301, 1200, 44, 9, 3000, 17]])
-
-
-def tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a model folder (all shards)."""
-    out = {}
-    for path in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            out.update({name: f.get_tensor(name) for name in f.keys()})
-    return out
 
 
 def logits(model_dir: Path) -> torch.Tensor:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import torch
 
 from merger.engine import run_merge
 from merger.methods import METHODS
+from helpers import bits_per_token
 
 W = "parameters: {weight: 0.5}"
 WD = "parameters: {weight: 0.5, density: 0.5}"
@@ -112,22 +112,6 @@ def test_moe_bytes_are_pinned(tmp_path: Path) -> None:
     text = (root / "templates/examples/fixture-moe.yaml").read_text().replace("tests/data/fixtures", str(root / "tests/data/fixtures"))
     run_merge(text, tmp_path / "out", device="cpu")
     assert sha256(tmp_path / "out") == MOE_GOLDEN
-
-
-def bits_per_token(path: Path, text: str, context: int = 256) -> float:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(ids), context - 1):
-            window = torch.tensor([[tokenizer.bos_token_id] + ids[start:start + context - 1]])
-            logp = torch.log_softmax(model(window).logits[0, :-1], dim=-1)
-            total -= float(logp.gather(-1, window[0, 1:, None]).sum())
-            count += window.shape[1] - 1
-    return total / count / math.log(2)
 
 
 def test_task_arithmetic_family_perplexities(fixture_models_dir: Path, tmp_path: Path) -> None:

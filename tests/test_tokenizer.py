@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from merger.engine import run_merge
 from merger.errors import VocabSizeError
 from merger.validate import validate_config
+from helpers import weights
 
 SPECIALS = ["<unk>", "<s>", "</s>"]
 
@@ -36,14 +36,6 @@ def make_model(path: Path, words: list[str], seed: int, rows: int | None = None,
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
-
-
-def weights(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def linear(a: Path, b: Path, extra: str = "", base: Path | None = None) -> str:

@@ -40,6 +40,22 @@ class UnknownMethodError(ConfigError):
     """`merge_method` names no registered method."""
 
 
+class MissingParameterError(ConfigError):
+    """A parameter the method requires is not set for some model or tensor (e.g. `weight`, `t`)."""
+
+
+class BaseModelError(ConfigError):
+    """`base_model` is missing where the method needs one, or absent from a slice's sources."""
+
+
+class ModelCountError(ConfigError):
+    """The method takes another number of models than the config lists (e.g. slerp: exactly two)."""
+
+
+class WeightSumError(ConfigError):
+    """`linear` weights sum to 0 with `normalize: true` (a division by zero)."""
+
+
 class LayerRangeError(ConfigError):
     """A `layer_range` is empty, reversed, or past the model's last layer."""
 

@@ -12,7 +12,17 @@ from typing import Any
 
 from .architecture import Architecture, WeightInfo, architecture_for
 from .config import InputSliceSource, MergeConfig, ModelReference, OutputSlice
-from .errors import ConfigError, ConfigErrors, LayerRangeError, MergerError, ShapeMismatchError, VocabSizeError
+from .errors import (
+    BaseModelError,
+    ConfigErrors,
+    LayerRangeError,
+    MergerError,
+    MissingParameterError,
+    ModelCountError,
+    ShapeMismatchError,
+    VocabSizeError,
+    WeightSumError,
+)
 from .metadata import DTYPE_SIZES, ModelMetadata
 from .methods import MergeMethod, get_method
 from .parameters import resolve
@@ -124,8 +134,9 @@ class _Problems:
     def __init__(self) -> None:
         self.items: dict[str, MergerError] = {}
 
-    def add(self, error: MergerError) -> None:
-        self.items.setdefault(str(error), error)
+    def add(self, error: MergerError, key: object = None) -> None:
+        """Record `error` once per `key` (default: its message)."""
+        self.items.setdefault(str(error) if key is None else key, error)
 
     def raise_if_any(self) -> None:
         if len(self.items) == 1:
@@ -282,18 +293,20 @@ def _check_slices(
                     f"`{source.model}`, which has {layers} layers; the end is exclusive, so use an end of at most {layers}"
                 ))
         if method.base == "required" and base is None:
-            problems.add(ConfigError(
+            problems.add(BaseModelError(
                 f"`base_model` is required by `merge_method: {method.name}`; set it to one of the models "
                 f"({', '.join(f'`{s.model}`' for s in output_slice.sources)})"
             ))
         if method.base == "required" and base is not None and base.key not in keys and config.slices is not None:
-            problems.add(ConfigError(
+            problems.add(BaseModelError(
                 f"`slices[{si}]` has no source for the base model `{base}`; add it with the same `layer_range` "
                 "as the other sources, or change `base_model`"
             ))
+        if method.base == "required" and base is None:
+            continue  # counted once the base is named: without it, "others" is meaningless
         others = len(keys) - (1 if method.base != "none" and base is not None and base.key in keys else 0)
         if others < method.min_others or (method.max_others is not None and others > method.max_others):
-            problems.add(ConfigError(_count_message(method, len(keys), config.slices is not None, si)))
+            problems.add(ModelCountError(_count_message(method, len(keys), config.slices is not None, si)))
 
 
 def _count_message(method: MergeMethod, total: int, slices: bool, index: int) -> str:
@@ -380,28 +393,29 @@ class _TensorPlanner:
                 levels = (source.parameters, output_slice.parameters, config.parameters)
                 value = resolve(spec.name, levels, name, t)
                 if value is None and spec.required:
-                    self.problems.add(ConfigError(
-                        f"`{_field(config, slice_index, index)}` (`{source.model}`) has no `{spec.name}` for "
-                        f"`{name}`; `{method.name}` needs one per model: add `parameters: {{{spec.name}: ...}}` "
-                        "to it, or a global one"
-                    ))
+                    field_name = _field(config, slice_index, index)
+                    self.problems.add(MissingParameterError(
+                        f"`{field_name}` (`{source.model}`) has no `{spec.name}` (first needed for `{name}`); "
+                        f"`{method.name}` needs one per model: add `parameters: {{{spec.name}: ...}}` to it, "
+                        "or a global one"
+                    ), key=(field_name, spec.name))
                 values.append(spec.default if value is None else value)
             per_model[spec.name] = tuple(values)
         global_params = {}
         for spec in method.global_parameters:
             value = resolve(spec.name, (output_slice.parameters, config.parameters), out_weight.name, t)
             if value is None and spec.required:
-                self.problems.add(ConfigError(
-                    f"`parameters.{spec.name}` is required by `merge_method: {method.name}` (for `{out_weight.name}`); "
-                    f"add e.g. `parameters: {{{spec.name}: 0.5}}`"
-                ))
+                self.problems.add(MissingParameterError(
+                    f"`parameters.{spec.name}` is required by `merge_method: {method.name}` (first needed for "
+                    f"`{out_weight.name}`); add e.g. `parameters: {{{spec.name}: 0.5}}`"
+                ), key=("parameters", spec.name))
             global_params[spec.name] = spec.default if value is None else value
         if method.name == "linear" and global_params.get("normalize") and per_model.get("weight"):
             if all(w is not None for w in per_model["weight"]) and abs(sum(per_model["weight"])) < 1e-12:
-                self.problems.add(ConfigError(
-                    f"the `weight`s of `{out_weight.name}` sum to 0, so `normalize: true` would divide by zero; "
-                    "change the weights or set `parameters: {normalize: false}`"
-                ))
+                self.problems.add(WeightSumError(
+                    f"the `weight`s sum to 0 (first for `{out_weight.name}`), so `normalize: true` would divide "
+                    "by zero; change the weights or set `parameters: {normalize: false}`"
+                ), key="weight sum")
         return [TensorJob(
             out_weight.name,
             method.name,

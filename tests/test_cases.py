@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from merger.engine import run_merge
-from merger.errors import ConfigError, LayerRangeError
+from merger.errors import LayerRangeError, MissingParameterError, WeightSumError
 from merger.validate import validate_config
 from helpers import weights
 
@@ -69,11 +69,11 @@ def test_different_layer_counts_are_refused_before_download(tmp_path: Path) -> N
 def test_linear_base_without_weight_and_zero_weight_sum_are_clear_errors(tmp_path: Path) -> None:
     a, b = tiny(tmp_path / "a", "llama", 0), tiny(tmp_path / "b", "llama", 1)
     no_weight = f"merge_method: linear\nbase_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 1}}\n"
-    with pytest.raises(ConfigError, match=r"base_model.*has no `weight`"):
+    with pytest.raises(MissingParameterError, match=r"base_model.*has no `weight`"):
         validate_config(no_weight)
     zero = (f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 1}}\n"
             f"  - model: {b}\n    parameters: {{weight: -1}}\n")
-    with pytest.raises(ConfigError, match="sum to 0"):
+    with pytest.raises(WeightSumError, match="sum to 0"):
         validate_config(zero)
 
 

@@ -9,7 +9,16 @@ import pytest
 import torch
 
 from merger.engine import run_merge
-from merger.errors import ConfigError, LayerRangeError, MergerError, UnknownMethodError, UnsafeWeightsError
+from merger.errors import (
+    BaseModelError,
+    ConfigError,
+    LayerRangeError,
+    MergerError,
+    MissingParameterError,
+    ModelCountError,
+    UnknownMethodError,
+    UnsafeWeightsError,
+)
 from helpers import weights as tensors
 
 PROMPT = torch.tensor([[1, 57, 301, 1200, 44, 9, 3000, 17]])
@@ -202,11 +211,11 @@ def test_output_folder_has_every_file_and_copies_the_tokenizer(fx: Path, tmp_pat
          LayerRangeError, ["layer_range", "[0, 5]", "4 layers"]),
         ("merge_method: slurp\nmodels:\n  - model: {p}\n", UnknownMethodError, ["slurp", "slerp"]),
         ("merge_method: slerp\nbase_model: {p}\nmodels:\n  - model: {p}\n  - model: {c}\n  - model: {b}\nparameters: {{t: 0.5}}\n",
-         ConfigError, ["slerp", "exactly 2 models", "got 3"]),
+         ModelCountError, ["slerp", "exactly 2 models", "got 3"]),
         ("merge_method: slerp\nmodels:\n  - model: {p}\n  - model: {c}\nparameters: {{t: 0.5}}\n",
-         ConfigError, ["base_model", "required"]),
+         BaseModelError, ["base_model", "required"]),
         ("merge_method: linear\nmodels:\n  - model: {p}\n    parameters: {{weight: 1}}\n  - model: {c}\n",
-         ConfigError, ["weight", "models[1]"]),
+         MissingParameterError, ["weight", "models[1]"]),
     ],
     ids=["empty-range", "range-past-end", "unknown-method", "slerp-three", "slerp-no-base", "missing-weight"],
 )

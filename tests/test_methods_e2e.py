@@ -131,3 +131,11 @@ def test_task_arithmetic_family_perplexities(fixture_models_dir: Path, tmp_path:
     for method in ("task_arithmetic", "ties", "dare_ties"):
         assert mean[method] < finetunes, method  # merging the two skills beats either fine-tune on average
         assert rows[method]["prose"] < rows["mistral-code"]["prose"] and rows[method]["code"] < rows["mistral-prose"]["code"]
+
+
+def test_seed_makes_random_methods_reproducible_and_changes_them(fixture_models_dir: Path, tmp_path: Path) -> None:
+    text = config("dare_ties", fixture_models_dir)
+    run_merge(text + "seed: 7\n", tmp_path / "a", device="cpu")
+    run_merge(text, tmp_path / "b", device="cpu", seed=7)  # `--random-seed` overrides the config's seed
+    run_merge(text, tmp_path / "c", device="cpu")  # default seed 0: the golden bytes
+    assert sha256(tmp_path / "a") == sha256(tmp_path / "b") != sha256(tmp_path / "c") == GOLDEN["dare_ties"]

@@ -122,3 +122,16 @@ def test_tensors_the_output_drops_are_reported(fixture_models_dir: Path, tmp_pat
     assert "warning: " in report.summary()
     clean = validate_config(f"merge_method: passthrough\nmodels:\n  - model: {fixture_models_dir / 'mistral-base'}\n")
     assert clean.warnings == ()
+
+
+def test_several_problems_are_reported_together(fixture_models_dir: Path) -> None:
+    from merger.errors import BaseModelError, ConfigErrors
+
+    p, c = fixture_models_dir / "mistral-prose", fixture_models_dir / "mistral-code"
+    text = (f"merge_method: ties\nslices:\n  - sources:\n      - {{model: {p}, layer_range: [0, 6]}}\n"
+            f"      - {{model: {c}, layer_range: [2, 8]}}\n")
+    with pytest.raises(ConfigErrors) as caught:
+        validate_config(text)
+    kinds = [type(problem) for problem in caught.value.problems]
+    assert kinds == [LayerRangeError, LayerRangeError, BaseModelError]
+    assert "[0, 6]" in str(caught.value) and "[2, 8]" in str(caught.value)

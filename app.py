@@ -226,7 +226,10 @@ def api_cancel(job_id: str) -> bool:
     with _user_errors():
         from merger import jobs
 
-        return bool(jobs.cancel((job_id or "").strip()))
+        the_id = (job_id or "").strip()
+        if jobs.get_job(the_id) is None:
+            raise gr.Error(f"there is no job `{the_id}`; check the link", print_exception=False)
+        return bool(jobs.cancel(the_id))
 
 
 def api_share(yaml_text: str, request: gr.Request) -> str:
@@ -318,7 +321,7 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
                     with gr.Row():
                         range_start = gr.Number(value=None, precision=0, minimum=0, label="first layer (optional)")
                         range_end = gr.Number(
-                            value=None, precision=0, minimum=1, label="end layer, exclusive (blank: whole models)"
+                            value=None, precision=0, minimum=0, label="end layer, exclusive (blank or 0: whole models)"
                         )
 
                 with gr.Group(visible=False) as linear_group:
@@ -621,7 +624,7 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
                 job_state: "**Status:** queued",
                 job_log: "",
                 result: "",
-                cancel_button: gr.Button(interactive=True),
+                cancel_button: gr.Button(interactive=True, visible=True),
                 timer: gr.Timer(active=True),
             }
 
@@ -650,7 +653,7 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
                 job_state: _job_markdown(info),
                 job_log: info["log_tail"],
                 result: _result_markdown(info),
-                cancel_button: gr.Button(interactive=not done),
+                cancel_button: gr.Button(interactive=not done, visible=not done),
                 timer: gr.Timer(active=not done),
             }
 
@@ -694,7 +697,7 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
             if the_id:
                 updates.update(_job_view(the_id, _app_url(request)))
                 updates[job_state] = "**Status:** loading…"
-            return updates
+            return updates or {status: gr.skip()}  # an empty dict would read as one output value
 
         demo.load(on_load, outputs=[*fill_outputs, *job_outputs], api_visibility="private")
 

@@ -125,7 +125,8 @@ class FormValues:
             t_mode=t_mode if t_mode in T_MODES else T_CONSTANT,
             t=_number(t) if _number(t) is not None else 0.5,
             t_gradient=[(_number(v) if _number(v) is not None else 0.0) for v in list(t_gradient)[:GRADIENT_POINTS]],
-            layer_range=(start, end) if start is not None and end is not None else None,
+            # the browser sends 0 for an emptied number box: an end of 0 (or none) means whole models
+            layer_range=(start or 0, end) if end else None,
             slices=_slice_rows(slice_rows),
             gate_mode=gate_mode if gate_mode in GATE_MODES else "random",
             experts_per_token=_int(experts_per_token) or 2,

@@ -297,7 +297,16 @@ def test_job_link_reopens_the_job_view(served: tuple[gr.Blocks, str]) -> None:
     assert value_of(updates[by_id(demo, "job-view")]) is None or updates[by_id(demo, "job-view")].visible
     timer = next(b for b in demo.blocks.values() if isinstance(b, gr.Timer))
     assert updates[timer].active is True
-    assert handler(demo, "on_load")(gr.Request(query_params={})) == {}
+
+
+def test_plain_page_load_returns_updates_gradio_accepts(served: tuple[gr.Blocks, str]) -> None:
+    """Gradio reads a dict as per-component updates only when it is non-empty; `{}` broke every plain load."""
+    demo = served[0]
+    load = next(f for f in demo.fns.values() if f.name == "on_load")
+    updates = load.fn(gr.Request(query_params={}))
+    assert isinstance(updates, dict) and updates
+    assert set(updates) <= set(load.outputs)
+    assert all(isinstance(u, type(gr.skip())) for u in updates.values())  # nothing in the form changes
 
 
 def test_examples_fill_the_form(served: tuple[gr.Blocks, str]) -> None:
@@ -339,3 +348,8 @@ def test_form_change_builds_the_yaml(served: tuple[gr.Blocks, str]) -> None:
     text = on_form_change(*args, False)
     assert text == build_yaml(FormValues(method="moe", base_model="org/a", models=["org/b", "org/c"]))
     assert isinstance(on_form_change(*args, True), type(gr.skip()))  # editing by hand: the form keeps out
+
+
+def test_cancel_of_an_unknown_job_says_so(client: Client, job_store: Path) -> None:
+    with pytest.raises(AppError, match="no job `nope`"):
+        client.predict("nope", api_name="/cancel")

@@ -159,7 +159,7 @@ def test_from_widgets_tolerates_blanks_nans_and_floats() -> None:
     assert values.models == [V1, V2] and values.weights == [0.7, 0.3]
     assert values.t_mode == T_CONSTANT and values.t == 0.5
     assert values.t_gradient == [0.0, 0.0, 0.5, 0.0, 1.0]
-    assert values.layer_range is None  # half a range means whole models
+    assert values.layer_range == (0, 12)  # a blank first layer is layer 0; a blank (or 0) end means whole models
     assert values.slices == [(V1, 0, 20), (V2, 12, 0)]
     assert values.gate_mode == "random" and values.experts_per_token == 2 and values.dtype == "auto"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 from pathlib import Path
@@ -14,10 +15,11 @@ SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12
 
 def parse_size(text: str) -> int:
     """`5GB` -> 5_000_000_000 bytes (decimal units as on the Hub; `GiB` etc. binary)."""
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
-    if not match or match.group(2).upper() not in SIZE_UNITS:
-        raise argparse.ArgumentTypeError(f"`--shard-size {text}`: give a size like 5GB, 500MB or 2GiB")
-    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()])
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    size = int(float(match.group(1)) * SIZE_UNITS[match.group(2).upper()]) if match and match.group(2).upper() in SIZE_UNITS else 0
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"`--shard-size {text}`: give a positive size like 5GB, 500MB or 2GiB")
+    return size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,18 +45,26 @@ def _run(args: argparse.Namespace) -> None:
     from .engine import run_merge
 
     token = get_token()
+    if args.private and not args.push_to:
+        raise MergerError("`--private` applies to the pushed repo: add `--push-to REPO`, or drop `--private`")
     if args.push_to and not token:
         raise MergerError("`--push-to` needs a Hub token: set HF_TOKEN or run `hf auth login`")
     text = args.config.read_text()
-    with tqdm(total=1.0, unit="", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}") as bar:
+    bars: list[tqdm] = []  # made at the first tensor, so a config error prints no empty bar
 
-        def progress(fraction: float, name: str) -> None:
-            bar.n = round(fraction, 4)
-            bar.set_postfix_str(name, refresh=False)
-            bar.refresh()
+    def progress(fraction: float, name: str) -> None:
+        if not bars:
+            bars.append(tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}"))
+        bars[0].n = round(100 * fraction, 2)
+        bars[0].set_postfix_str(name, refresh=False)
+        bars[0].refresh()
 
+    try:
         result = run_merge(text, args.out, device=args.device, token=token, shard_size=args.shard_size,
                            title=args.push_to or None, seed=args.random_seed, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     print(f"wrote {result.out_dir}: {result.num_layers} layers, {result.parameter_count:,} parameters "
           f"in {result.seconds:.1f}s")
     if args.push_to:
@@ -74,8 +84,21 @@ def _validate(args: argparse.Namespace) -> None:
     print(f"parameters: {report.parameter_count}")
 
 
+class _TqdmHandler(logging.Handler):
+    """Warnings above the progress bar, not through it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logger = logging.getLogger("merger")
+    if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+        logger.addHandler(_TqdmHandler(logging.WARNING))
+        logger.propagate = False
     try:
         if not args.config.is_file():
             raise MergerError(f"config file `{args.config}` does not exist")

@@ -328,7 +328,8 @@ def load_config(text: str) -> AnyConfig:
                 msg = "is required"
             elif e["type"] == "extra_forbidden":
                 msg = f"is not a known key (value {e['input']!r}); check its spelling against the config reference"
-            problems.append(ConfigError(f"`{_location(e)}` {msg}"))
+            location = _location(e)
+            problems.append(ConfigError(f"`{location}`: {msg}" if location == "config" else f"`{location}` {msg}"))
     if problems:
         raise problems[0] if len(problems) == 1 else ConfigErrors(problems)
     return config

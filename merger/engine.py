@@ -21,6 +21,7 @@ from .constants import (
     DEFAULT_SHARD_SIZE,
     GENERATION_CONFIG_FILE,
     MERGE_CONFIG_FILE,
+    SAFETENSORS_INDEX_FILE,
     TOKENIZER_FILES,
 )
 from .errors import ConfigError
@@ -60,6 +61,8 @@ def pick_device(device: str) -> torch.device:
     """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
+        raise ConfigError(f"`--device {device}` is not a device; use `auto`, `cpu`, `cuda` or `cuda:N`")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"`--device {device}`: no CUDA device is available here; use `--device cpu` or `auto`")
     return torch.device(device)
@@ -84,7 +87,8 @@ def run_merge(
 
     Args:
         config_text: the YAML config (mergekit or mergekit-moe schema).
-        out_dir: the output folder; must not exist, be empty, or hold an earlier merger output.
+        out_dir: the output folder; it must not exist, be empty, or hold only files a merge writes
+            (an earlier output, which is replaced as a whole).
         device: `auto`, `cpu` or `cuda[:n]`: where the math runs (float32).
         token: a Hub token for private or gated models (never logged).
         shard_size: bytes of tensor data per safetensors shard.
@@ -153,11 +157,26 @@ def _write_files(
 
 
 def _check_out_dir(out_dir: Path) -> None:
-    """Refuse to overwrite a folder that is not empty and not an earlier merger output."""
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MERGE_CONFIG_FILE).is_file():
+    """Refuse to replace anything but an empty folder or one holding only files a merge writes."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"output `{out_dir}` is a file; give a folder path (it is created)")
+    if not out_dir.exists():
+        return
+    foreign = sorted(p.name for p in out_dir.iterdir() if not _is_merge_output(p.name))
+    if foreign:
+        shown = ", ".join(f"`{n}`" for n in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
         raise ConfigError(
-            f"output folder `{out_dir}` exists and is not an earlier merge output; choose a new or empty folder"
+            f"output folder `{out_dir}` holds files a merge does not write ({shown}); choose a new or empty "
+            "folder, or move them away (an earlier merge output is replaced as a whole)"
         )
+
+
+def _is_merge_output(name: str) -> bool:
+    return (
+        name in (CONFIG_FILE, GENERATION_CONFIG_FILE, MERGE_CONFIG_FILE, CARD_FILE, SAFETENSORS_INDEX_FILE)
+        or name in TOKENIZER_FILES
+        or (name.startswith("model") and name.endswith(".safetensors"))
+    )
 
 
 def _replace_dir(staging: Path, out_dir: Path) -> None:

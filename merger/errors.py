@@ -44,6 +44,10 @@ class MissingParameterError(ConfigError):
     """A parameter the method requires is not set for some model or tensor (e.g. `weight`, `t`)."""
 
 
+class ParameterValueError(ConfigError):
+    """A parameter's value is outside its range (e.g. `density` must lie in [0, 1])."""
+
+
 class BaseModelError(ConfigError):
     """`base_model` is missing where the method needs one, or absent from a slice's sources."""
 

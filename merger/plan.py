@@ -7,6 +7,7 @@ Planning reads no weights: it needs each model's `config.json` and safetensors h
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from .errors import (
     MergerError,
     MissingParameterError,
     ModelCountError,
+    ParameterValueError,
     ShapeMismatchError,
     VocabSizeError,
     WeightSumError,
@@ -198,6 +200,7 @@ def build_plan(
     for ref in refs:  # unsupported families fail here, by name
         architecture_for(metadata[ref.key].config, str(ref), metadata[ref.key].tensors)
 
+    _check_widths(refs, metadata)
     slices = _as_slices(config, metadata, arch)
     _check_slices(config, slices, method, metadata, arch, problems)
     problems.raise_if_any()
@@ -209,7 +212,7 @@ def build_plan(
         vocab_plan = plan_vocabulary(config.tokenizer_choice or "base", vocabs, [r.key for r in refs],
                                      config.base_model.key if config.base_model else None, tokens, pad,
                                      config.chat_template)
-    planner = _TensorPlanner(config, method, metadata, problems, vocab_plan)
+    planner = _TensorPlanner(config, method, metadata, problems, vocab_plan, donor)
     jobs: list[TensorJob] = []
     for weight in arch.pre_weights:
         jobs += planner.plan(slices[0], 0, weight, weight, 0.0)
@@ -245,7 +248,11 @@ def build_plan(
         input_dtype=config.dtype,
         seed=DEFAULT_SEED if config.seed is None else config.seed,
         vocab=vocab_plan,
-        warnings=_unused_tensors(metadata[donor], donor, jobs),
+        warnings=_unknown_tensors(metadata[donor], arch) + tuple(
+            f"`{key}` is not a parameter of `{method.name}` and is ignored (it takes: "
+            f"{', '.join(p.name for p in method.parameters) or 'none'})"
+            for key in unknown_parameters(config, method)
+        ),
     )
 
 
@@ -253,15 +260,41 @@ def build_plan(
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attn.masked_bias", "attn.bias")
 
 
-def _unused_tensors(meta: ModelMetadata, donor: str, jobs: list[TensorJob]) -> tuple[str, ...]:
-    """A warning when the donor has tensors no job reads: its architecture definition may miss them."""
-    read = {s.name for job in jobs for s in job.sources if s.model == donor}
-    read |= {job.base.name for job in jobs if job.base is not None and job.base.model == donor}
-    unused = sorted(n for n in meta.tensors if n not in read and not n.endswith(IGNORED_SUFFIXES))
-    if not unused:
+def _unknown_tensors(meta: ModelMetadata, arch: Architecture) -> tuple[str, ...]:
+    """A warning when the donor has tensors its architecture definition does not describe (they would
+    be dropped silently); tensors outside the configured layer ranges are expected and not reported."""
+    described = {n for w in (*arch.pre_weights, *arch.post_weights) for n in (w.name, *w.aliases)}
+    for layer in range(arch.num_layers(meta.config)):
+        described |= {n for w in arch.layer(layer) for n in (w.name, *w.aliases)}
+    unknown = sorted(n for n in meta.tensors if n not in described and not n.endswith(IGNORED_SUFFIXES))
+    if not unknown:
         return ()
-    shown = ", ".join(f"`{n}`" for n in unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
-    return (f"`{meta.reference}` has {len(unused)} tensor(s) the output will not contain: {shown}",)
+    shown = ", ".join(f"`{n}`" for n in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+    return (f"`{meta.reference}` has {len(unknown)} tensor(s) the {arch.model_type} layout does not describe, so "
+            f"the output will not contain them: {shown}",)
+
+
+UNIT_INTERVAL = ("density", "select_topk")  # fractions of entries kept
+
+
+def unknown_parameters(config: MergeConfig, method: MergeMethod) -> list[str]:
+    """Parameter keys anywhere in the config that `method` does not take (mergekit ignores them silently)."""
+    levels = [config.parameters] + [sl.parameters for sl in config.slices or []]
+    levels += [m.parameters for m in config.models or []]
+    levels += [src.parameters for sl in config.slices or [] for src in sl.sources]
+    known = {p.name for p in method.parameters}
+    return sorted({key for level in levels if level for key in level if key not in known})
+
+
+def _check_widths(refs: list[ModelReference], meta: dict[str, ModelMetadata]) -> None:
+    """Models of different widths cannot merge: say so once, before listing every tensor that differs."""
+    widths = {ref: meta[ref.key].config.get("hidden_size") for ref in refs}
+    if len({w for w in widths.values() if w is not None}) > 1:
+        listing = ", ".join(f"`{ref}` ({meta[ref.key].config.get('model_type')}, hidden size {w})" for ref, w in widths.items())
+        raise ShapeMismatchError(
+            f"the models differ in width: {listing}; only models of one architecture and size can be merged "
+            "tensor by tensor (a frankenmerge stacks layers of equal width too)"
+        )
 
 
 def _check_slices(
@@ -328,12 +361,18 @@ class _TensorPlanner:
     """Turns (slice, weight) into a :class:`TensorJob`: finds each input, resolves parameters, checks shapes."""
 
     def __init__(self, config: MergeConfig, method: MergeMethod, meta: dict[str, ModelMetadata], problems: _Problems,
-                 vocab: VocabPlan | None):
+                 vocab: VocabPlan | None, donor: str):
+        self.donor = donor
         self.config = config
         self.method = method
         self.meta = meta
         self.problems = problems
         self.vocab = vocab
+
+    def _misspelt(self, name: str) -> str:
+        """` (found `weigth`: did you mean `weight`?)` when a config key is a likely misspelling of `name`."""
+        close = difflib.get_close_matches(name, unknown_parameters(self.config, self.method), n=1)
+        return f" (found `{close[0]}`: did you mean `{name}`?)" if close else ""
 
     def _find(self, key: str, weight: WeightInfo) -> str | None:
         return weight.stored_name(self.meta[key].tensors)
@@ -357,9 +396,9 @@ class _TensorPlanner:
             name = self._find(source.model.key, weight)
             if name is None and not weight.optional:
                 self.problems.add(ShapeMismatchError(
-                    f"`{source.model}` has no tensor `{weight.name}`; it is not a complete "
-                    f"{self.meta[source.model.key].config.get('model_type')} checkpoint of the expected layout"
-                ))
+                    f"`{source.model}` has no tensor `{weight.name}` (and maybe more): it is not a complete "
+                    f"checkpoint of the output's architecture ({self.meta[self.donor].config.get('model_type')})"
+                ), key=("missing", source.model.key))
             elif name is not None:
                 found.append((index, source, name))
                 any_own_name |= name in (weight.name, *weight.aliases)
@@ -373,8 +412,7 @@ class _TensorPlanner:
         inputs = [e for e in found if e is not base_entry]
         shapes = {e[1].model.key: self.meta[e[1].model.key].tensors[e[2]].shape for e in found}
         align = self.vocab is not None and out_weight.is_embed
-        # with a vocabulary plan, embedding rows are re-laid out: only the columns must agree
-        self._check_shapes(out_weight, found, {k: s[1:] for k, s in shapes.items()} if align else shapes)
+        self._check_shapes(out_weight, found, shapes, align)
         first = base_entry or found[0]
         dtype = output_dtype(config.out_dtype, config.dtype, self.meta[first[1].model.key].tensors[first[2]].dtype)
         shape = shapes[first[1].model.key]
@@ -397,8 +435,13 @@ class _TensorPlanner:
                     self.problems.add(MissingParameterError(
                         f"`{field_name}` (`{source.model}`) has no `{spec.name}` (first needed for `{name}`); "
                         f"`{method.name}` needs one per model: add `parameters: {{{spec.name}: ...}}` to it, "
-                        "or a global one"
+                        f"or a global one{self._misspelt(spec.name)}"
                     ), key=(field_name, spec.name))
+                if spec.name in UNIT_INTERVAL and value is not None and not 0 <= value <= 1:
+                    self.problems.add(ParameterValueError(
+                        f"`{spec.name}` of `{_field(config, slice_index, index)}` (`{source.model}`) is {value}; "
+                        f"it is a fraction of entries kept, so give a value from 0 to 1"
+                    ), key=("range", spec.name, index))
                 values.append(spec.default if value is None else value)
             per_model[spec.name] = tuple(values)
         global_params = {}
@@ -407,8 +450,12 @@ class _TensorPlanner:
             if value is None and spec.required:
                 self.problems.add(MissingParameterError(
                     f"`parameters.{spec.name}` is required by `merge_method: {method.name}` (first needed for "
-                    f"`{out_weight.name}`); add e.g. `parameters: {{{spec.name}: 0.5}}`"
+                    f"`{out_weight.name}`); add e.g. `parameters: {{{spec.name}: 0.5}}`{self._misspelt(spec.name)}"
                 ), key=("parameters", spec.name))
+            if spec.name in UNIT_INTERVAL and value is not None and not 0 <= value <= 1:
+                self.problems.add(ParameterValueError(
+                    f"`parameters.{spec.name}` is {value}; give a value from 0 to 1"
+                ), key=("range", spec.name))
             global_params[spec.name] = spec.default if value is None else value
         if method.name == "linear" and global_params.get("normalize") and per_model.get("weight"):
             if all(w is not None for w in per_model["weight"]) and abs(sum(per_model["weight"])) < 1e-12:
@@ -428,11 +475,13 @@ class _TensorPlanner:
             align,
         )]
 
-    def _check_shapes(self, weight: WeightInfo, found: list, shapes: dict[str, tuple[int, ...]]) -> None:
-        if len(set(shapes.values())) <= 1:
+    def _check_shapes(self, weight: WeightInfo, found: list, shapes: dict[str, tuple[int, ...]], align: bool) -> None:
+        """Inputs of one tensor must agree in shape (in columns only, when a vocabulary plan re-lays rows)."""
+        compared = {key: shape[1:] if align else shape for key, shape in shapes.items()}
+        if len(set(compared.values())) <= 1:
             return
-        listing = ", ".join(f"`{s.model}` {list(shapes[s.model.key])}" for _, s, _ in found)
-        if weight.is_embed:
+        rows_only = all(len(s) == 2 for s in shapes.values()) and len({s[1:] for s in shapes.values()}) == 1
+        if weight.is_embed and rows_only and not align:
             # one message for embed_tokens and lm_head alike, so it is reported once
             rows = ", ".join(f"`{s.model}` {shapes[s.model.key][0]}" for _, s, _ in found)
             self.problems.add(VocabSizeError(
@@ -440,11 +489,18 @@ class _TensorPlanner:
                 "Set `tokenizer_source: base` (the base's vocabulary), `union` (every model's tokens) or a model "
                 "to say which vocabulary the output gets"
             ))
-        else:
-            self.problems.add(ShapeMismatchError(
-                f"`{weight.name}` has different shapes ({listing}); these models are not the same size or "
-                "family and cannot be merged tensor by tensor"
-            ))
+            return
+        # one message per pair of differing models, naming the first tensor: families or sizes differ
+        first = found[0][1]
+        for _, source, _ in found[1:]:
+            if compared[source.model.key] != compared[first.model.key]:
+                a, b = self.meta[first.model.key].config, self.meta[source.model.key].config
+                self.problems.add(ShapeMismatchError(
+                    f"`{first.model}` ({a.get('model_type')}, hidden size {a.get('hidden_size')}) and `{source.model}` "
+                    f"({b.get('model_type')}, hidden size {b.get('hidden_size')}) differ in tensor shapes (first at "
+                    f"`{weight.name}`: {list(shapes[first.model.key])} vs {list(shapes[source.model.key])}); only "
+                    "models of one architecture and size can be merged tensor by tensor"
+                ), key=("shape", first.model.key, source.model.key))
 
 
 def output_model_config(

@@ -135,3 +135,15 @@ def test_several_problems_are_reported_together(fixture_models_dir: Path) -> Non
     kinds = [type(problem) for problem in caught.value.problems]
     assert kinds == [LayerRangeError, LayerRangeError, BaseModelError]
     assert "[0, 6]" in str(caught.value) and "[2, 8]" in str(caught.value)
+
+
+def test_models_of_different_width_get_one_clear_error(fixture_models_dir: Path) -> None:
+    from merger.errors import ShapeMismatchError
+
+    q, m = fixture_models_dir / "qwen2-prose", fixture_models_dir / "mistral-prose"
+    text = (f"merge_method: linear\nmodels:\n  - model: {q}\n    parameters: {{weight: 1}}\n"
+            f"  - model: {m}\n    parameters: {{weight: 1}}\ntokenizer_source: union\n")
+    with pytest.raises(ShapeMismatchError) as caught:
+        validate_config(text)
+    message = str(caught.value)
+    assert "hidden size 128" in message and "hidden size 96" in message and "\n" not in message

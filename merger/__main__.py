@@ -96,9 +96,9 @@ class _TqdmHandler(logging.Handler):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logger = logging.getLogger("merger")
-    if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
-        logger.addHandler(_TqdmHandler(logging.WARNING))
-        logger.propagate = False
+    handler, propagate = _TqdmHandler(logging.WARNING), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False  # for this call only: warnings print once, above the bar
     try:
         if not args.config.is_file():
             raise MergerError(f"config file `{args.config}` does not exist")
@@ -106,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     except MergerError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
     return 0
 
 

@@ -147,3 +147,41 @@ def test_models_of_different_width_get_one_clear_error(fixture_models_dir: Path)
         validate_config(text)
     message = str(caught.value)
     assert "hidden size 128" in message and "hidden size 96" in message and "\n" not in message
+
+
+def test_method_typo_is_refused_before_download_with_a_suggestion(fixture_models_dir: Path) -> None:
+    from merger.errors import UnknownMethodError
+
+    text = (f"merge_method: dare-ties\nbase_model: org/never-downloaded\nmodels:\n  - model: org/never-downloaded\n")
+    with pytest.raises(UnknownMethodError, match="did you mean `dare_ties`"):
+        validate_config(text)  # no Hub call: the loopback Hub is not even running in this test
+
+
+def test_model_stock_needs_two_models_besides_the_base(fixture_models_dir: Path) -> None:
+    from merger.errors import ModelCountError
+
+    b, p = fixture_models_dir / "mistral-base", fixture_models_dir / "mistral-prose"
+    with pytest.raises(ModelCountError, match="at least 2 other"):
+        validate_config(f"merge_method: model_stock\nbase_model: {b}\nmodels:\n  - model: {p}\n")
+
+
+def test_scalar_parameters_merge_under_slerp(fixture_models_dir: Path, tmp_path: Path) -> None:
+    """A decoder of unknown family (layout inferred from tensor names) with a 0-dim gain per layer."""
+    models = []
+    for name, gain in (("a", 0.5), ("b", 2.0)):
+        folder = tmp_path / name
+        folder.mkdir()
+        tensors = weights(fixture_models_dir / f"mistral-{'prose' if name == 'a' else 'code'}")
+        for layer in range(4):
+            tensors[f"model.layers.{layer}.residual_gain"] = torch.tensor(gain)
+        save_file(tensors, str(folder / "model.safetensors"))
+        config = json.loads((fixture_models_dir / "mistral-base" / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "architectures": ["ToyForCausalLM"], "model_type": "toy"}))
+        models.append(folder)
+    out = tmp_path / "out"
+    text = (f"merge_method: slerp\nbase_model: {models[0]}\nmodels:\n  - model: {models[0]}\n  - model: {models[1]}\n"
+            "parameters: {t: 0.25}\n")
+    run_merge(text, out, device="cpu")
+    merged = weights(out)
+    assert merged["model.layers.2.residual_gain"].shape == ()
+    assert float(merged["model.layers.2.residual_gain"]) == pytest.approx(0.75 * 0.5 + 0.25 * 2.0)  # lerp on scalars

@@ -19,10 +19,12 @@ from merger.methods import get_method
 
 
 def run(name: str, tensors: list[torch.Tensor], base: torch.Tensor | None = None, **params) -> torch.Tensor:
-    """Call a registered method as the engine does (base and the seeded generator only when declared)."""
+    """Call a registered method as the engine does: on its own copies of the inputs (methods may work in
+    place), with the base and the seeded generator only when declared."""
     method = get_method(name)
+    tensors = [t.clone() for t in tensors]
     if method.base != "none" and base is not None:
-        params["base"] = base
+        params["base"] = base.clone()
     if method.uses_generator:
         params.setdefault("generator", torch.Generator().manual_seed(0))
     return method.function(tensors, **params)

@@ -75,7 +75,7 @@ def generalized_task_arithmetic(
 
     def weighted_task_vectors():
         for i, (x, w) in enumerate(zip(tensors, weight)):
-            delta = x - base  # (*shape)
+            delta = x.sub_(base)  # (*shape); the input is the method's own buffer (see the registry)
             if masks is not None:
                 apply_mask_(delta, masks[i](delta), rescale=rescale)
             yield delta.mul_(w)

@@ -89,7 +89,7 @@ def execute_plan(
     pool = BufferPool(max_retained=0)
     readers = {key: TensorReader(dirs[key], pool) for key in sorted({s.model for j in plan.jobs for s in _sources(j)})}
     largest = max((sum(readers[s.model].nbytes(s.name) for s in _sources(j)) for j in plan.jobs), default=0)
-    pool.max_retained = max(MIN_BUDGET, 2 * largest)  # idle buffers kept: about one job's float32 inputs
+    pool.max_retained = max(MIN_BUDGET, largest)  # idle buffers kept: a few layers' working sets
     budget = _Budget(max(MIN_BUDGET, largest))
     stop = threading.Event()
     read_queue: queue.Queue = queue.Queue()

@@ -347,13 +347,19 @@ class Handler(BaseHTTPRequestHandler):
             return self.error(404, "EntryNotFound", f"{prefix} does not exist on {rev}")
         self.send(200, entries)
 
+    def writable(self, rtype, repo_id, user):
+        """The repo if `user` may write to it; otherwise the error is sent and None returned."""
+        repo = self.find(rtype, repo_id, user)
+        if repo is not None and user != repo["owner"]:
+            self.error(403, None, "You don't have write access to this repo")
+            return None
+        return repo
+
     def preupload(self, rtype, repo_id, user):
         body = json.loads(self.body() or b"{}")
-        repo = self.find(rtype, repo_id, user)
+        repo = self.writable(rtype, repo_id, user)
         if repo is None:
             return
-        if user != repo["owner"]:
-            return self.error(403, None, "You don't have write access to this repo")
         files = []
         for f in body.get("files", []):
             lfs = f["path"].endswith(LFS_SUFFIXES) or f["size"] >= LFS_MIN_SIZE or b"\0" in base64.b64decode(f["sample"])
@@ -362,11 +368,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def lfs_batch(self, rtype, repo_id, user):
         body = json.loads(self.body() or b"{}")
-        repo = self.find(rtype, repo_id, user)
+        repo = self.writable(rtype, repo_id, user)
         if repo is None:
             return
-        if user != repo["owner"]:
-            return self.error(403, None, "You don't have write access to this repo")
         objects = []
         for o in body.get("objects", []):
             obj = {"oid": o["oid"], "size": o["size"], "authenticated": True}
@@ -397,11 +401,9 @@ class Handler(BaseHTTPRequestHandler):
         if self.store.fail_commits:
             return self.error(self.store.fail_commits, None, "minihub: commit refused (failure injection)")
         with self.store.lock:
-            repo = self.find(rtype, repo_id, user)
+            repo = self.writable(rtype, repo_id, user)
             if repo is None:
                 return
-            if user != repo["owner"]:
-                return self.error(403, None, "You don't have write access to this repo")
             parent = self.store.head(repo, rev)
             if parent is None:
                 return self.error(404, "RevisionNotFound", f"Invalid rev id: {rev}")

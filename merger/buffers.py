@@ -43,7 +43,10 @@ class BufferPool:
                     self._idle_bytes -= nbytes
                     break
             if storage is None:  # a new buffer: release idle ones first, so idle + new stays within bounds
-                while self._idle and self._idle_bytes + nbytes > self.max_retained:
+                # an embedding-sized buffer (lm_head after the layers) releases everything idle: the
+                # layers' buffers are done with, and the biggest job sets the peak
+                budget = 0 if 4 * nbytes >= self.max_retained else self.max_retained - nbytes
+                while self._idle and self._idle_bytes > budget:
                     self._idle_bytes -= self._idle.pop(0).numel()
         if storage is None:
             storage = torch.empty(nbytes, dtype=torch.uint8)

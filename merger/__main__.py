@@ -23,6 +23,7 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `run` and `validate` subcommands and their flags."""
     parser = argparse.ArgumentParser(prog="python -m merger", description="Merge language models (mergekit YAML).")
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="merge the models of CONFIG into the folder OUT")
@@ -94,6 +95,7 @@ class _TqdmHandler(logging.Handler):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit status (0, or 2 with a one-line `error:` on stderr for any MergerError)."""
     args = build_parser().parse_args(argv)
     logger = logging.getLogger("merger")
     handler, propagate = _TqdmHandler(logging.WARNING), logger.propagate

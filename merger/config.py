@@ -270,6 +270,7 @@ class MoEConfig(BaseModel):
 
     @property
     def merge_method(self) -> str:
+        """`moe`: MoE configs have no `merge_method` key; the planner and card use this name."""
         return "moe"
 
     def referenced_models(self) -> list[ModelReference]:

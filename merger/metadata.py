@@ -32,6 +32,7 @@ class TensorMeta:
 
     @property
     def numel(self) -> int:
+        """Number of elements (1 for a 0-dim tensor)."""
         n = 1
         for d in self.shape:
             n *= d

@@ -71,6 +71,7 @@ class TensorJob:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the output tensor in its output dtype."""
         n = DTYPE_SIZES[self.dtype]
         for d in self.shape:
             n *= d

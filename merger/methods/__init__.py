@@ -83,10 +83,12 @@ class MergeMethod:
 
     @property
     def per_model_parameters(self) -> tuple[ParameterSpec, ...]:
+        """The parameters each model sets for itself (`weight`, `density`, ...)."""
         return tuple(p for p in self.parameters if p.per_model)
 
     @property
     def global_parameters(self) -> tuple[ParameterSpec, ...]:
+        """The parameters set once for the merge (`t`, `normalize`, `lambda`, ...)."""
         return tuple(p for p in self.parameters if not p.per_model)
 
 

@@ -18,7 +18,6 @@ token from the signed-in user (OAuth) or, when not running on a Space, from `HF_
 import contextlib
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,6 +25,7 @@ import gradio as gr
 
 from merger import constants
 from merger.errors import ConfigError, MergerError
+from merger.tokens import scrub
 from merger.form import (
     DTYPE_CHOICES,
     FORM_METHODS,
@@ -50,7 +50,6 @@ logger = logging.getLogger(__name__)
 EXAMPLES_DIR = Path(__file__).resolve().parent / "templates" / "examples"
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 SIGN_IN_FIRST = "sign in with Hugging Face first"
-_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9_]{20,}")
 
 INTRO = """# merger
 Merge language models on the Hub: pick models and a method, check the config, and the merged model is
@@ -88,7 +87,7 @@ def _require_token(oauth_token: gr.OAuthToken | None) -> str:
 
 
 def _scrub(text: str) -> str:
-    return _TOKEN_PATTERN.sub("hf_***", text)
+    return scrub(text)
 
 
 @contextlib.contextmanager

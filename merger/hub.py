@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,11 +32,10 @@ from huggingface_hub.utils import validate_repo_id
 from .constants import CONFIG_FILE, HUB_ALLOW_PATTERNS, PICKLE_WEIGHT_SUFFIXES, TOKENIZER_FILES
 from .errors import ConfigError, HubError, MergerError, ModelNotFoundError, UnsafeWeightsError
 from .metadata import ModelMetadata, TensorMeta, unsafe_weights_message
+from .tokens import scrub
 
 logger = logging.getLogger(__name__)
 
-# User access tokens are "hf_" + alphanumerics; scrub any such run, not only the token we were given.
-_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{20,}")
 
 
 def split_reference(reference: str) -> tuple[str, str | None]:
@@ -359,6 +357,4 @@ def _http_failure_message(action: str, err: HfHubHTTPError) -> str:
 
 
 def _scrub(text: str, token: str | None) -> str:
-    for secret in filter(None, {token, get_token()}):
-        text = text.replace(secret, "***")
-    return _TOKEN_PATTERN.sub("***", text)
+    return scrub(text, (token, get_token()))

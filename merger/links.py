@@ -15,13 +15,12 @@ import zlib
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from .errors import ConfigError
+from .tokens import TOKEN_PATTERN
 
 QUERY_KEY = "config"
 MAX_PAYLOAD_CHARS = 64 * 1024  # far above any real config; keeps a hostile link from costing much
 MAX_YAML_BYTES = 1024 * 1024  # the decompressed YAML may not exceed this (a zip bomb stops here)
 
-# Hugging Face tokens: `hf_` followed by a long alphanumeric secret (user, OAuth `hf_oauth_...` and API tokens).
-_TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9_]{30,}")
 _DAMAGED = (
     "the shared link is damaged ({why}); copy the whole link again, or paste the config YAML into the editor"
 )
@@ -39,7 +38,7 @@ def encode_config(yaml_text: str) -> str:
     Raises:
         ConfigError: the YAML contains what looks like a Hugging Face token (never share one).
     """
-    if _TOKEN_PATTERN.search(yaml_text):
+    if TOKEN_PATTERN.search(yaml_text):
         raise ConfigError(
             "the config contains what looks like a Hugging Face token (`hf_...`); remove it before sharing: "
             "a link must never carry a token"

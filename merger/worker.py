@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -36,7 +35,7 @@ from huey import SqliteHuey
 from huey.api import TaskWrapper
 from huey.consumer import Consumer
 
-from . import constants, engine, hub, jobs
+from . import constants, engine, hub, jobs, tokens
 from .errors import MergeCancelled, MergerError
 from .jobs import Job, JobStatus
 
@@ -47,8 +46,6 @@ _LOG_TAIL_LINES = 50
 _SHUTDOWN_TIMEOUT_S = 30.0  # how long a stopping consumer waits for the running merge to clean up
 _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
-# Hub user tokens are "hf_" + alphanumerics: scrub any such run, not only the tokens this worker holds.
-_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{20,}")
 
 TOKEN_LOST_MESSAGE = (
     "The worker could not unseal this job's Hub token: the app restarted after the job was queued, "
@@ -80,9 +77,7 @@ def scrub(text: str) -> str:
     Returns:
         The text without tokens.
     """
-    for token in tuple(_active_tokens):
-        text = text.replace(token, "***")
-    return _TOKEN_PATTERN.sub("***", text)
+    return tokens.scrub(text, tuple(_active_tokens))
 
 
 class ScrubbingFormatter(logging.Formatter):

@@ -17,7 +17,7 @@ from .architecture import architecture_by_type, architecture_for
 from .config import ModelReference, MoEConfig
 from .errors import ArchitectureError, ConfigError, ConfigErrors, LayerRangeError, ShapeMismatchError
 from .metadata import ModelMetadata
-from .plan import DEFAULT_SEED, MergePlan, TensorJob, TensorSource, output_dtype
+from .plan import DEFAULT_SEED, MergePlan, TensorJob, TensorSource, output_dtype, set_config_dtype
 
 MOE_PRETTY_NAME = "Mixture of Experts (mergekit-moe)"
 MOE_REFERENCE_URL = "https://arxiv.org/abs/2401.04088"
@@ -118,10 +118,7 @@ def build_moe_plan(config: MoEConfig, metadata: dict[str, ModelMetadata]) -> Mer
         sliding_window=None,
         tie_word_embeddings="lm_head.weight" not in {j.name for j in jobs},
     )
-    if config.out_dtype or config.dtype:
-        output_config["dtype"] = config.out_dtype or config.dtype
-        if "torch_dtype" in output_config:
-            output_config["torch_dtype"] = output_config["dtype"]
+    set_config_dtype(output_config, config.out_dtype or config.dtype)
     refs = config.referenced_models()
     return MergePlan(
         method_name="moe",

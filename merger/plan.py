@@ -535,8 +535,13 @@ def output_model_config(
     tied_heads = [w for w in arch.post_weights if w.tied_names]
     if tied_heads:
         out["tie_word_embeddings"] = not any(w.name in written for w in tied_heads)
-    if dtype:
-        out["dtype"] = dtype
-        if "torch_dtype" in out:
-            out["torch_dtype"] = dtype
+    set_config_dtype(out, dtype)
     return out
+
+
+def set_config_dtype(config: dict, dtype: str | None) -> None:
+    """Record the written dtype in a `config.json` dict (`dtype`, and the older `torch_dtype` if present)."""
+    if dtype:
+        config["dtype"] = dtype
+        if "torch_dtype" in config:
+            config["torch_dtype"] = dtype

@@ -17,9 +17,9 @@ from typing import BinaryIO, Sequence
 import torch
 
 from .constants import SAFETENSORS_INDEX_FILE
+from .loader import STORAGE_DTYPES
 from .metadata import DTYPE_SIZES
 
-TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ class ShardedWriter:
             self._file = open(path, "wb")
             self._file.write(_header(self.shards[slot.shard]))
             self._file_shard = slot.shard
-        data = tensor.detach().to(device="cpu", dtype=TORCH_DTYPES[slot.dtype]).contiguous()
+        data = tensor.detach().to(device="cpu", dtype=STORAGE_DTYPES[slot.dtype]).contiguous()
         self._file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
         self._next += 1
 

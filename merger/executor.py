@@ -6,6 +6,8 @@
   the result to the output dtype once;
 - the writer thread appends each result to its shard and returns the buffers to the pool.
 
+An elementwise method (linear, task arithmetic, TIES, ...) runs on slices of a million entries: the
+inputs stay in their stored dtype and only one slice of each is converted to float32 at a time.
 A copy of a tensor whose stored dtype is already the output's (frankenmerge layers, MoE experts) skips
 the math: its bytes go from the read buffer to the shard unchanged. The order of the output never
 depends on timing: jobs run and are written strictly in plan order. Memory is bounded by the budget
@@ -32,6 +34,7 @@ from .tokenizer import align_embeddings
 from .writer import ShardedWriter
 
 Progress = Callable[[float, str], None]
+SLICE = 1 << 20  # entries per slice of an elementwise method: four MiB of float32 per input, in cache
 MIN_BUDGET = 64 * 2**20  # read-ahead and idle-buffer floor, bytes; both also scale with the largest job
 _DONE = object()
 
@@ -174,34 +177,72 @@ def _is_plain_copy(job: TensorJob, raw: list[torch.Tensor], plan: MergePlan) -> 
 def _compute(job: TensorJob, raw: list[torch.Tensor], plan: MergePlan, device: torch.device, pool: BufferPool) -> torch.Tensor:
     """One output tensor, cast to its output dtype in a pooled CPU buffer."""
     if job.method == "gate":
-        result = gate_weights(job.global_params["gate_mode"], job.shape, plan.seed, job.global_params["layer"])
-    else:
-        input_dtype = getattr(torch, plan.input_dtype) if plan.input_dtype else None
-        inputs = {}
-        for source, tensor in zip(_sources(job), raw):
-            if input_dtype is not None and tensor.dtype != input_dtype:  # the config's `dtype`, as mergekit
-                tensor = tensor.to(input_dtype)
-            work = pool.take(tuple(tensor.shape), torch.float32).copy_(tensor)
-            inputs.setdefault(source.model, []).append(work.to(device) if device.type != "cpu" else work)
-        pool.give(raw)  # the stored-dtype copies are no longer needed: free them before the math
-        if job.align_vocab:
-            aligned = align_embeddings({key: values[0] for key, values in inputs.items()}, plan.vocab)
-            inputs = {key: [tensor] * len(inputs[key]) for key, tensor in aligned.items()}
-        method = get_method(job.method)
-        argument = {spec.name: spec.argument for spec in method.parameters}  # config key -> Python name (`lambda_`)
-        kwargs = {argument[name]: list(values) for name, values in job.per_model.items()}
-        kwargs.update({argument[name]: value for name, value in job.global_params.items()})
-        if job.base is not None:
-            kwargs["base"] = inputs[job.base.model].pop()
-        if method.uses_generator:
-            kwargs["generator"] = torch.Generator(device=device).manual_seed(tensor_seed(plan.seed, job.name))
-        tensors = [_own(inputs[s.model]) for s in job.sources]
-        result = method.function(tensors, **kwargs)
-        to_release = [t for values in inputs.values() for t in values] + tensors + [kwargs.get("base")]
+        out = pool.take(job.shape, STORAGE_DTYPES[job.dtype])
+        return out.copy_(gate_weights(job.global_params["gate_mode"], job.shape, plan.seed, job.global_params["layer"]))
+    method = get_method(job.method)
+    argument = {spec.name: spec.argument for spec in method.parameters}  # config key -> Python name (`lambda_`)
+    kwargs = {argument[name]: list(values) for name, values in job.per_model.items()}
+    kwargs.update({argument[name]: value for name, value in job.global_params.items()})
+    if device.type == "cpu" and not job.align_vocab and method.runs_elementwise(kwargs):
+        return _compute_in_slices(job, raw, plan, kwargs, pool)
+    input_dtype = getattr(torch, plan.input_dtype) if plan.input_dtype else None
+    inputs = {}
+    for source, tensor in zip(_sources(job), raw):
+        if input_dtype is not None and tensor.dtype != input_dtype:  # the config's `dtype`, as mergekit
+            tensor = tensor.to(input_dtype)
+        work = pool.take(tuple(tensor.shape), torch.float32).copy_(tensor)
+        inputs.setdefault(source.model, []).append(work.to(device) if device.type != "cpu" else work)
+    pool.give(raw)  # the stored-dtype copies are no longer needed: free them before the math
+    if job.align_vocab:
+        aligned = align_embeddings({key: values[0] for key, values in inputs.items()}, plan.vocab)
+        inputs = {key: [tensor] * len(inputs[key]) for key, tensor in aligned.items()}
+    if job.base is not None:
+        kwargs["base"] = inputs[job.base.model].pop()
+    if method.uses_generator:
+        kwargs["generator"] = torch.Generator(device=device).manual_seed(tensor_seed(plan.seed, job.name))
+    tensors = [_own(inputs[s.model]) for s in job.sources]
+    result = method.function(tensors, **kwargs)
+    to_release = [t for values in inputs.values() for t in values] + tensors + [kwargs.get("base")]
     out = pool.take(job.shape, STORAGE_DTYPES[job.dtype])
     out.copy_(result.reshape(job.shape))
-    if job.method != "gate":
-        pool.give([t for t in to_release if t is not None])
+    pool.give([t for t in to_release if t is not None])
+    return out
+
+
+def _compute_in_slices(
+    job: TensorJob, raw: list[torch.Tensor], plan: MergePlan, kwargs: dict, pool: BufferPool
+) -> torch.Tensor:
+    """An elementwise method's output, computed `SLICE` entries at a time.
+
+    Each input's slice is converted to float32 in a small reused buffer, so no float32 copy of a whole
+    tensor exists and the method's temporaries stay in cache; the bytes equal a whole-tensor run's.
+    """
+    method = get_method(job.method)
+    input_dtype = getattr(torch, plan.input_dtype) if plan.input_dtype else None
+    flat = [tensor.reshape(-1) for tensor in raw]  # sources in config order, then the base
+    numel = flat[0].numel()
+    work = [torch.empty(min(SLICE, numel), dtype=torch.float32) for _ in flat]
+    others = len(job.sources)
+
+    def slices():
+        for start in range(0, numel, SLICE):
+            stop = min(start + SLICE, numel)
+            converted = []
+            for buffer, tensor in zip(work, flat):
+                part = tensor[start:stop]
+                if input_dtype is not None and part.dtype != input_dtype:  # the config's `dtype`, as mergekit
+                    part = part.to(input_dtype)
+                converted.append(buffer[: stop - start].copy_(part))
+            yield start, stop, converted[:others], (converted[others] if job.base is not None else None)
+
+    if method.prepare is not None:
+        kwargs["prepared"] = method.prepare(lambda: ((tensors, base) for _, _, tensors, base in slices()), **kwargs)
+    out = pool.take(job.shape, STORAGE_DTYPES[job.dtype])
+    flat_out = out.view(-1)
+    for start, stop, tensors, base in slices():
+        result = method.function(tensors, **kwargs) if base is None else method.function(tensors, base=base, **kwargs)
+        flat_out[start:stop].copy_(result.reshape(-1))
+    pool.give(raw)
     return out
 
 

@@ -11,14 +11,16 @@ bool mask of the entries it keeps (one byte per element, whatever `int8_mask` sa
 - della (Deep et al. 2024, arXiv:2406.11617): keep each entry with a probability that grows linearly
   with its magnitude rank in its row, from `density − ε` to `density + ε`.
 
-Exact counts use `torch.topk` (linear time, index memory at most N/2), never a full sort. Rescaling is
+Exact counts use a streamed radix select (:class:`TopK`: linear time, ties at the threshold kept
+lowest index first), never a full sort. Rescaling is
 mergekit's L1-norm matching over the whole tensor (spec decision 10), not the papers' per-entry `1/p`.
 Random masks draw from the `generator` passed in, so a seeded generator reproduces them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -26,29 +28,179 @@ from torch import Tensor
 RESCALE_EPS = 1e-7  # below this L1 norm (before or after masking) no rescale is applied
 
 
-def top_k_mask(scores: Tensor, k: int) -> Tensor:
-    """Mask of exactly the `k` largest entries of `scores` (ties broken by `torch.topk`).
+RADIX = 1 << 16  # the selection reads each 32-bit key as two 16-bit digits
+CHUNK = 1 << 20  # entries per slice of a whole-tensor selection: its temporaries stay in cache
 
-    Selects whichever side is smaller, the `k` largest to keep or the `N − k` smallest to drop, so the
-    index tensor holds at most `N/2` entries.
+
+def ordered_key(scores: Tensor) -> Tensor:
+    """int32 keys ordered as the float32 `scores` are, −0.0 and +0.0 equal (NaN is not ordered).
+
+    Args:
+        scores: contiguous float32 `(*shape)`.
+
+    Returns:
+        int32 `(N,)`.
+    """
+    bits = scores.reshape(-1).view(torch.int32)
+    sign = bits >> 31  # −1 for negative floats, else 0
+    # negative floats: reverse the order of their magnitudes, then shift up by one so −0.0 meets +0.0
+    return (bits ^ (sign & 0x7FFFFFFF)).sub_(sign)
+
+
+class TopK:
+    """Exact selection of the `k` largest of N scores, streamed over chunks in flat order.
+
+    A two-digit radix select, linear time and O(chunk) memory: :meth:`count_high` counts the high 16
+    bits of every score's :func:`ordered_key`, :meth:`count_low` the low 16 bits of the keys in the one
+    high digit that holds the k-th largest, which then is known exactly. :meth:`mask` keeps every score
+    above it and, of the scores equal to it, as many as `k` still needs **in flat index order, lowest
+    first**. That rule makes the selection the same on every device and for any chunking (`torch.topk`
+    leaves the choice among ties to its implementation, and CPU and CUDA differ).
+
+    Call :meth:`count_high` on every chunk, then :meth:`count_low` on the same chunks in the same order,
+    then :meth:`mask` on them in that order once more.
+
+    Args:
+        k: how many to keep; clamped to `[0, N]`.
+        density: instead of `k`, keep `int(density·N)` (N is known after :meth:`count_high`).
+        nonnegative: the scores are ≥ +0.0 (magnitudes): their bits already are ordered keys.
+    """
+
+    def __init__(self, k: int = 0, *, density: float | None = None, nonnegative: bool = False):
+        self.k = k
+        self.density = density
+        self._nonnegative = nonnegative
+        self._offset = 0 if nonnegative else RADIX // 2  # makes the high digit a bincount index ≥ 0
+        self.numel = 0
+        self._counts: Tensor | None = None  # (RADIX,) int64 histogram of the digit being counted
+        self._high: int | None = None  # the high digit of the k-th largest key
+        self._needed = 0  # how many keys the current digit must still supply
+        self._threshold: int | None = None  # the k-th largest key
+        self._ties_left = 0  # keys equal to the threshold still to keep
+
+    def _count(self, digits: Tensor) -> None:
+        counts = torch.bincount(digits, minlength=RADIX)
+        self._counts = counts if self._counts is None else self._counts.add_(counts)
+
+    def _settle_digit(self) -> int:
+        """The largest digit whose keys, with every larger digit's, number at least `_needed`."""
+        at_least = self._counts.flip(0).cumsum(0).flip(0)  # (RADIX,): keys with this digit or larger
+        digit = int(torch.nonzero(at_least >= self._needed)[-1])
+        if digit + 1 < RADIX:
+            self._needed -= int(at_least[digit + 1])
+        self._counts = None
+        return digit
+
+    def _key(self, scores: Tensor) -> Tensor:
+        return scores.reshape(-1).view(torch.int32) if self._nonnegative else ordered_key(scores)
+
+    def count_high(self, scores: Tensor) -> None:
+        """Pass 1: count the high digits of a chunk of float32 scores."""
+        key = self._key(scores)
+        self.numel += key.numel()
+        if self._nonnegative and sys.byteorder == "little":  # the high halves as int16 (< 2¹⁵): no shift
+            self._count(key.view(torch.int16)[1::2])
+        else:
+            self._count((key >> 16).add_(self._offset))
+
+    def count_low(self, scores: Tensor) -> None:
+        """Pass 2: count the low digits of the chunk's keys that share the k-th largest's high digit."""
+        if self._high is None:
+            if self.density is not None:
+                self.k = int(self.density * self.numel)
+            self.k = min(max(self.k, 0), self.numel)
+            self._needed = self.k
+            if 0 < self.k < self.numel:
+                self._high = self._settle_digit()
+            else:
+                self._high = -1  # nothing or everything: no threshold to find
+        if 0 < self.k < self.numel:
+            # low digit + 1 for keys in the high digit's range; 0 below it, RADIX + 1 above (dropped)
+            start = (self._high - self._offset) << 16
+            low = self._key(scores).clamp(start - 1, start + RADIX).sub_(start - 1)
+            counts = torch.bincount(low, minlength=RADIX + 2)[1:RADIX + 1]
+            self._counts = counts if self._counts is None else self._counts.add_(counts)
+
+    def mask(self, scores: Tensor) -> Tensor:
+        """Pass 3: the bool mask of the chunk's kept scores, `(*shape)` of `scores`."""
+        if self._threshold is None:
+            if self._high is None:
+                self.count_low(scores[:0])  # settles k for a selection without pass 2 (k = 0 or N)
+            if 0 < self.k < self.numel:
+                low = self._settle_digit()
+                self._threshold = ((self._high - self._offset) << 16) | low
+                self._ties_left = self._needed
+            else:
+                self._threshold = 0
+        if not 0 < self.k < self.numel:
+            return torch.full(scores.shape, self.k > 0, dtype=torch.bool, device=scores.device)
+        key = self._key(scores)
+        mask = key > self._threshold
+        for start in range(0, key.numel(), CHUNK):
+            if self._ties_left == 0:
+                break
+            ties = key[start:start + CHUNK] == self._threshold
+            count = int(torch.count_nonzero(ties))
+            if count > self._ties_left:
+                ties[torch.nonzero(ties).reshape(-1)[self._ties_left:]] = False
+                count = self._ties_left
+            mask[start:start + CHUNK] |= ties
+            self._ties_left -= count
+        return mask.view(scores.shape)
+
+
+def top_k_mask(scores: Tensor, k: int, *, nonnegative: bool = False) -> Tensor:
+    """Mask of exactly the `k` largest entries of `scores`; ties kept lowest index first (:class:`TopK`).
 
     Args:
         scores: float32 `(*shape)`, N entries.
         k: how many to keep; clamped to `[0, N]`.
+        nonnegative: the scores are magnitudes (≥ +0.0), which selects a little faster.
 
     Returns:
         bool `(*shape)` with exactly `k` True entries.
     """
-    flat = scores.reshape(-1)  # (N,)
-    n = flat.numel()
-    k = min(max(k, 0), n)
-    if k <= n - k:
-        mask = torch.zeros(n, dtype=torch.bool, device=scores.device)
-        mask[flat.topk(k, sorted=False).indices] = True
-    else:
-        mask = torch.ones(n, dtype=torch.bool, device=scores.device)
-        mask[flat.topk(n - k, largest=False, sorted=False).indices] = False
-    return mask.view(scores.shape)
+    chunks = scores.contiguous().reshape(-1).split(CHUNK)  # cache-sized temporaries
+    selection = TopK(k, nonnegative=nonnegative)
+    for chunk in chunks:
+        selection.count_high(chunk)
+    for chunk in chunks:
+        selection.count_low(chunk)
+    return torch.cat([selection.mask(chunk) for chunk in chunks]).view(scores.shape)
+
+
+def slices_of(tensors: Sequence[Tensor], base: Tensor) -> Iterator[tuple[list[Tensor], Tensor]]:
+    """Consecutive `(tensors, base)` slices of the flattened whole tensors, `CHUNK` entries each (views)."""
+    flat = [t.reshape(-1) for t in tensors]
+    flat_base = base.reshape(-1)
+    for start in range(0, flat_base.numel(), CHUNK):
+        yield [t[start:start + CHUNK] for t in flat], flat_base[start:start + CHUNK]
+
+
+def magnitude_selections(
+    slices: Callable[[], Iterable[tuple[Sequence[Tensor], Tensor]]], densities: Sequence[float]
+) -> list[TopK | None]:
+    """TIES "trim" as a prepare pass: per model, the :class:`TopK` of `|xᵢ − base|` keeping
+    `int(densityᵢ·N)`, counted over the slices (two passes; the inputs are not modified).
+
+    Args:
+        slices: returns a fresh iterator over `(tensors, base)` float32 slices, in flat order.
+        densities: one per model.
+
+    Returns:
+        One selection per model, None where `density ≥ 1` (keep everything); call their
+        :meth:`TopK.mask` on the same slices' `|δᵢ|` in order.
+    """
+    selections = [None if density >= 1 else TopK(density=density, nonnegative=True) for density in densities]
+    active = [(i, selection) for i, selection in enumerate(selections) if selection is not None]
+    scratch = torch.empty(0)  # |δᵢ| of one slice, reused
+    if active:
+        for count in (TopK.count_high, TopK.count_low):
+            for tensors, base in slices():
+                scratch = scratch if scratch.numel() >= base.numel() else torch.empty_like(base)
+                for i, selection in active:
+                    count(selection, torch.sub(tensors[i], base, out=scratch[:base.numel()]).abs_())
+    return selections
 
 
 def magnitude_mask(delta: Tensor, *, density: float) -> Tensor | None:
@@ -65,7 +217,7 @@ def magnitude_mask(delta: Tensor, *, density: float) -> Tensor | None:
     """
     if density >= 1:
         return None
-    return top_k_mask(delta.abs(), int(density * delta.numel()))
+    return top_k_mask(delta.abs(), int(density * delta.numel()), nonnegative=True)
 
 
 def bernoulli_mask(delta: Tensor, *, density: float, generator: torch.Generator) -> Tensor | None:
@@ -190,26 +342,28 @@ def apply_mask_(delta: Tensor, mask: Tensor | None, *, rescale: bool) -> Tensor:
 def elect_sign(deltas: Sequence[Tensor]) -> Tensor:
     """TIES "elect": the sign of the summed task vectors, `s = +1` where `Σᵢ δᵢ ≥ 0`, else −1.
 
+    Float arithmetic throughout (here, comparisons producing bool tensors are several times slower).
+
     Args:
         deltas: n float32 `(*shape)` task vectors (weighted for the GTA family, unweighted for SCE).
 
     Returns:
-        bool `(*shape)`, True where `s = +1`.
+        float32 `(*shape)` of +1.0 and −1.0.
     """
     total = deltas[0].clone()  # (*shape)
     for delta in deltas[1:]:
         total.add_(delta)
-    return total >= 0
+    return total.sign_().add_(0.5).sign_()  # sign, with 0 (either zero) → +1
 
 
-def agrees_with(delta: Tensor, positive: Tensor) -> Tensor:
-    """TIES "disjoint" membership: `sign(δ) == s`; zeros agree with neither sign.
+def agrees_with(delta: Tensor, sign: Tensor) -> Tensor:
+    """TIES "disjoint" membership `mᵢ = [sign(δ) = s]`; zeros agree with neither sign.
 
     Args:
         delta: float32 task vector `(*shape)`.
-        positive: bool `(*shape)` from :func:`elect_sign`.
+        sign: float32 `(*shape)` of ±1 from :func:`elect_sign`.
 
     Returns:
-        bool `(*shape)`.
+        float32 `(*shape)` of 1.0 (agrees) and +0.0, so multiplying by it equals masking with a bool.
     """
-    return torch.where(positive, delta > 0, delta < 0)
+    return torch.sign(delta).mul_(sign).clamp_(min=0).add_(0.0)  # + 0.0 turns −0.0 into +0.0

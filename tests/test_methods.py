@@ -49,8 +49,9 @@ def dot(a: list[float], b: list[float]) -> float:
 
 
 def top_positions(v: list[float], k: int) -> set[int]:
-    """Positions of the k largest |v| (distinct magnitudes in these tests)."""
-    return set(sorted(range(len(v)), key=lambda i: abs(v[i]))[len(v) - k:])
+    """Positions of the k largest |v|; of equal magnitudes, the lowest positions first (a stable
+    descending sort, the engine's tie rule)."""
+    return set(sorted(range(len(v)), key=lambda i: (-abs(v[i]), i))[:k])
 
 
 def reference_task_arithmetic(

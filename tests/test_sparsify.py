@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from merger.sparsify import (
+    TopK,
     agrees_with,
     apply_mask_,
     bernoulli_mask,
@@ -46,6 +47,39 @@ def test_top_k_mask_keeps_exactly_the_k_largest(k: int) -> None:
 def test_top_k_mask_count_is_exact_with_ties(k: int) -> None:
     mask = top_k_mask(torch.ones(3, 4), k)  # every score tied
     assert int(mask.sum()) == min(k, 12)
+
+
+def test_top_k_keeps_tied_scores_lowest_index_first() -> None:
+    scores = torch.tensor([1.0, 2.0, 2.0, 2.0, 0.5, 2.0, 3.0])
+    assert kept(top_k_mask(scores, 3)) == {6, 1, 2}
+    assert kept(top_k_mask(scores, 5)) == {6, 1, 2, 3, 5}
+
+
+def test_top_k_orders_negative_scores_and_equates_the_zeros() -> None:
+    scores = torch.tensor([-1.0, 0.0, 0.5, -0.0, -3.0, -1e-30, 1e30])
+    assert kept(top_k_mask(scores, 3)) == {6, 2, 1}
+    assert kept(top_k_mask(scores, 4)) == {6, 2, 1, 3}  # -0.0 ties with 0.0, after it by index
+    assert kept(top_k_mask(scores, 5)) == {6, 2, 1, 3, 5}
+    assert kept(top_k_mask(scores, 6)) == {6, 2, 1, 3, 5, 0}
+
+
+@pytest.mark.parametrize("nonnegative", [False, True])
+def test_top_k_streamed_over_slices_equals_a_stable_descending_sort(nonnegative: bool) -> None:
+    generator = torch.Generator().manual_seed(3)
+    scores = torch.round(torch.randn(5000, generator=generator) * 8) / 8  # many ties
+    scores[::97] = torch.randn(52, generator=generator) * 1e20  # keys far apart in the high digit
+    if nonnegative:
+        scores = scores.abs()
+    for k in (0, 1, 777, 2500, 4999, 5000, 6000):
+        expected = set(sorted(range(5000), key=lambda i: (-float(scores[i]), i))[:k])  # -0.0 == 0.0 here too
+        selection = TopK(k, nonnegative=nonnegative)
+        slices = scores.split(613)
+        for piece in slices:
+            selection.count_high(piece)
+        for piece in slices:
+            selection.count_low(piece)
+        assert kept(torch.cat([selection.mask(piece) for piece in slices])) == expected
+        assert kept(top_k_mask(scores, k, nonnegative=nonnegative)) == expected
 
 
 @pytest.mark.parametrize("density, expected", [(0.1, 1), (0.35, 3), (0.5, 5), (0.99, 9)])
@@ -198,8 +232,11 @@ def test_rescale_is_skipped_below_1e_7() -> None:
 def test_sign_election_and_agreement() -> None:
     deltas = [torch.tensor([1.0, -2.0, 0.0, 3.0, -1.0]), torch.tensor([-2.0, 1.0, 0.0, -3.0, 0.0])]
     # sums: -1, -1, 0, 0, -1 -> s = -, -, +, +, -   (a zero sum elects +)
-    positive = elect_sign(deltas)
-    assert positive.tolist() == [False, False, True, True, False]
-    assert agrees_with(deltas[0], positive).tolist() == [False, True, False, True, True]
+    sign = elect_sign(deltas)
+    assert sign.tolist() == [-1.0, -1.0, 1.0, 1.0, -1.0]
+    assert agrees_with(deltas[0], sign).tolist() == [0.0, 1.0, 0.0, 1.0, 1.0]
     # zeros agree with neither sign
-    assert agrees_with(deltas[1], positive).tolist() == [True, False, False, False, False]
+    assert agrees_with(deltas[1], sign).tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    # -0.0 sums elect +, and a mask of +0.0 only: multiplying by it equals masking with a bool
+    assert elect_sign([torch.tensor([-0.0]), torch.tensor([-0.0])]).tolist() == [1.0]
+    assert not torch.signbit(agrees_with(torch.tensor([-3.0, -0.0, 0.0, 2.0]), torch.tensor([1.0, 1.0, -1.0, -1.0]))).any()

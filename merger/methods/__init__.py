@@ -16,6 +16,14 @@ A method is a pure function of float32 tensors::
   A trailing underscore is dropped from the config key, for keys that are Python keywords: the
   argument `lambda_` is the config's `lambda`.
 - `generator` (keyword-only, `torch.Generator`), when declared, receives the run's seeded RNG.
+- `elementwise=True` declares that output entry j depends only on entry j of each input (and the
+  parameters; a predicate over the keyword arguments when that depends on them): the engine then runs the method on consecutive slices of the flattened tensors, so it
+  never holds float32 copies of whole tensors and its temporaries stay in cache. Slices are 1-D.
+- `prepare`, for an elementwise method that needs whole-tensor statistics first (TIES's magnitude
+  thresholds): `prepare(slices, **arguments)` gets a function returning a fresh iterator over the
+  `(tensors, base)` slices, in order (valid until the next slice is drawn; not to be modified), and the
+  method's other arguments; what it returns reaches every slice's call as `prepared`. A direct call
+  of the method without `prepared` prepares from the whole tensors itself.
 
 The registry imports every method module at the bottom, so `METHODS` is complete on import.
 """
@@ -69,6 +77,9 @@ class MergeMethod:
         base: `"none"` (a base is an ordinary input), `"optional"` or `"required"`.
         min_others / max_others: how many non-base models the method takes (max None = unbounded).
         uses_generator: whether the function takes the seeded `generator`.
+        elementwise: whether the function may run on slices of the flattened inputs (see above), or a
+            predicate over its keyword arguments; ask :meth:`runs_elementwise`.
+        prepare: the whole-tensor pass an elementwise method needs first, or None.
     """
 
     name: str
@@ -80,6 +91,12 @@ class MergeMethod:
     min_others: int
     max_others: int | None
     uses_generator: bool
+    elementwise: bool | Callable[[dict[str, Any]], bool] = False
+    prepare: Callable[..., Any] | None = None
+
+    def runs_elementwise(self, arguments: dict[str, Any]) -> bool:
+        """Whether a call with these keyword arguments may run on slices of the flattened inputs."""
+        return self.elementwise(arguments) if callable(self.elementwise) else self.elementwise
 
     @property
     def per_model_parameters(self) -> tuple[ParameterSpec, ...]:
@@ -93,6 +110,7 @@ class MergeMethod:
 
 
 METHODS: dict[str, MergeMethod] = {}
+ENGINE_ARGUMENTS = ("generator", "prepared")  # keyword arguments the engine supplies, not the config
 
 
 def merge_method(
@@ -102,6 +120,8 @@ def merge_method(
     reference_url: str,
     min_others: int = 1,
     max_others: int | None = None,
+    elementwise: bool | Callable[[dict[str, Any]], bool] = False,
+    prepare: Callable[..., Any] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under `name`, reading its parameters from the signature."""
 
@@ -120,7 +140,7 @@ def merge_method(
                 default=None if p.default is inspect.Parameter.empty else p.default,
             )
             for p in signature.parameters.values()
-            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "generator"
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ENGINE_ARGUMENTS
         )
         METHODS[name] = MergeMethod(
             name=name,
@@ -132,6 +152,8 @@ def merge_method(
             min_others=min_others,
             max_others=max_others,
             uses_generator="generator" in signature.parameters,
+            elementwise=elementwise,
+            prepare=prepare,
         )
         return function
 

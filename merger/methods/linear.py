@@ -7,7 +7,7 @@ from torch import Tensor
 from . import PerModel, merge_method
 
 
-@merge_method("linear", pretty_name="Linear", reference_url="https://arxiv.org/abs/2203.05482")
+@merge_method("linear", pretty_name="Linear", reference_url="https://arxiv.org/abs/2203.05482", elementwise=True)
 def linear(tensors: list[Tensor], *, weight: PerModel[float], normalize: bool = True) -> Tensor:
     """Weighted sum `Σᵢ wᵢ·xᵢ`, divided by `Σᵢ wᵢ` when `normalize`.
 

@@ -16,6 +16,7 @@ DIFF_MIN = 1e-6  # floor of |a − b|, so equal entries get weight 1 instead of 
     reference_url="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
     min_others=1,
     max_others=1,
+    elementwise=True,
 )
 def nearswap(tensors: list[Tensor], base: Tensor, *, t: float) -> Tensor:
     """Per entry `wgt = clamp(t / max(|a − b|, 1e-6), 0, 1)` and `out = wgt·b + (1 − wgt)·a`.

@@ -16,6 +16,7 @@ from . import PerModel, merge_method
     reference_url="https://arxiv.org/abs/2403.13257",
     min_others=1,
     max_others=1,
+    elementwise=True,
 )
 def passthrough(tensors: list[Tensor], *, scale: PerModel[float | None] = None) -> Tensor:
     """Return the single input, multiplied by its `scale` when one is set.

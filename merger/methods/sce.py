@@ -57,12 +57,12 @@ def sce(tensors: list[Tensor], base: Tensor, *, select_topk: float = 1.0, int8_m
     omegas = [1 / n] * n if total < UNIFORM_BELOW else [e / total for e in energies]
 
     # 3. Erase the entries that disagree with the elected sign, then the weighted disjoint mean
-    positive = elect_sign(task_vectors)  # (*shape) bool
+    sign = elect_sign(task_vectors)  # (*shape) ±1.0
     merged = torch.zeros_like(base)
     divisor = torch.zeros_like(base)
     for omega in omegas:
         tau = task_vectors.pop(0)  # freed after use
-        agree = agrees_with(tau, positive)
+        agree = agrees_with(tau, sign)  # (*shape) 1.0/0.0
         merged.add_(tau.mul_(agree), alpha=omega)
         divisor.add_(agree, alpha=omega)
     return merged.div_(divisor.clamp_(min=DIVISOR_MIN)).add_(base)

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ..sparsify import (
+    TopK,
     agrees_with,
     apply_mask_,
     bernoulli_mask,
@@ -28,6 +29,8 @@ from ..sparsify import (
     della_mask,
     elect_sign,
     magnitude_mask,
+    magnitude_selections,
+    slices_of,
 )
 from . import PerModel, merge_method
 
@@ -83,16 +86,16 @@ def generalized_task_arithmetic(
     task_vectors = weighted_task_vectors()
     if consensus:
         task_vectors = list(task_vectors)  # n × (*shape)
-        positive = elect_sign(task_vectors)  # (*shape) bool: s = +1
-        agreement = [agrees_with(task_vector, positive) for task_vector in task_vectors]  # n × (*shape) bool: mᵢ
-        del positive
+        sign = elect_sign(task_vectors)  # (*shape) ±1.0: s
+        agreement = [agrees_with(task_vector, sign) for task_vector in task_vectors]  # n × (*shape) 1.0/0.0: mᵢ
+        del sign
         for task_vector, agree in zip(task_vectors, agreement):
             task_vector.mul_(agree)  # Wᵢ·mᵢ
         if normalize:
             divisor = torch.zeros_like(base)  # D = Σᵢ wᵢ·mᵢ per entry, 1 where 0
             for w, agree in zip(weight, agreement):
                 divisor.add_(agree, alpha=w)
-            divisor.masked_fill_(divisor == 0, 1.0)
+            divisor.add_(torch.sign(divisor).abs_().neg_().add_(1))  # + 1 where D = 0, + 0 elsewhere
         del agreement
         task_vectors = iter(task_vectors)
     else:
@@ -118,6 +121,9 @@ class Variant:
         sparsifier: a mask function of `merger.sparsify`, or None; its keyword parameters become
             per-model config parameters (defaults in `PER_MODEL_DEFAULTS`), and a `generator` parameter
             makes the method take the run's seeded RNG.
+        elementwise: the engine may run it on slices (no sparsifier, or one decided by `prepare`).
+        prepare: the whole-tensor pass deciding the sparsifier's masks slice by slice (TIES's
+            :func:`magnitude_selections`), or None.
         consensus: TIES sign election.
         normalize: the default of `normalize`.
         rescale: the default of `rescale` (declared only with a sparsifier).
@@ -131,15 +137,17 @@ class Variant:
     consensus: bool
     normalize: bool
     rescale: bool = False
+    elementwise: bool = False
+    prepare: Callable[..., list[TopK | None]] | None = None
 
 
 VARIANTS = (
     Variant("task_arithmetic", "Task Arithmetic", "https://arxiv.org/abs/2212.04089",
             "Add the weighted task vectors to the base.",
-            None, consensus=False, normalize=False),
+            None, consensus=False, normalize=False, elementwise=True),
     Variant("ties", "TIES", "https://arxiv.org/abs/2306.01708",
             "Trim each task vector to its largest magnitudes, elect signs, take the disjoint mean.",
-            magnitude_mask, consensus=True, normalize=True),
+            magnitude_mask, consensus=True, normalize=True, elementwise=True, prepare=magnitude_selections),
     Variant("dare_ties", "DARE TIES", "https://arxiv.org/abs/2311.03099",
             "Drop task-vector entries at random (rescaled), then elect signs as TIES does.",
             bernoulli_mask, consensus=True, normalize=False, rescale=True),
@@ -167,7 +175,8 @@ def signature(variant: Variant) -> inspect.Signature:
     In order: `tensors`, `base`, `weight` (per-model, required), the sparsifier's per-model parameters
     (`density`, `gamma`, `epsilon`), `normalize`, `rescale` (with a sparsifier), `int8_mask` (accepted for
     mergekit configs; masks here are always one-byte bool, so it changes nothing), `lambda_` (config key
-    `lambda`), and `generator` when the sparsifier is random.
+    `lambda`), `generator` when the sparsifier is random, and `prepared` (the engine's result of
+    `variant.prepare`, None to prepare from the whole tensors) when it has a prepare pass.
     """
     keyword = inspect.Parameter.KEYWORD_ONLY
     sparsifier = {} if variant.sparsifier is None else inspect.signature(variant.sparsifier).parameters
@@ -185,6 +194,8 @@ def signature(variant: Variant) -> inspect.Signature:
     parameters.append(inspect.Parameter("lambda_", keyword, annotation=float, default=1.0))
     if "generator" in sparsifier:
         parameters.append(inspect.Parameter("generator", keyword, annotation=torch.Generator))
+    if variant.prepare is not None:
+        parameters.append(inspect.Parameter("prepared", keyword, annotation=list, default=None))
     return inspect.Signature(parameters, return_annotation=Tensor)
 
 
@@ -208,7 +219,17 @@ def register(variant: Variant) -> Callable[..., Tensor]:
         f"See :func:`generalized_task_arithmetic` ({variant.reference_url}) and :func:`signature` for the "
         "parameters. Takes n float32 `(*shape)` tensors and a float32 base; returns float32 `(*shape)`."
     )
-    return merge_method(variant.name, pretty_name=variant.pretty_name, reference_url=variant.reference_url)(merge)
+    prepare = None
+    if variant.prepare is not None:
+        def prepare(slices: Callable[[], Any], *, density: list[float], **_: Any) -> list[TopK | None]:
+            return variant.prepare(slices, density)
+    elementwise: bool | Callable[[dict[str, Any]], bool] = variant.elementwise
+    if variant.elementwise and variant.sparsifier is not None:  # rescaling takes whole-tensor L1 norms
+        elementwise = lambda arguments: not arguments.get("rescale", variant.rescale)  # noqa: E731
+    return merge_method(
+        variant.name, pretty_name=variant.pretty_name, reference_url=variant.reference_url,
+        elementwise=elementwise, prepare=prepare,
+    )(merge)
 
 
 def _merge_variant(
@@ -222,11 +243,17 @@ def _merge_variant(
     int8_mask: bool,
     rescale: bool = False,
     generator: torch.Generator | None = None,
+    prepared: list[TopK | None] | None = None,
     **per_model: list[float],
 ) -> Tensor:
     """Run `variant` on arguments bound to its signature; `per_model` holds the sparsifier's lists."""
     masks = None
-    if variant.sparsifier is not None:
+    if variant.prepare is not None:
+        if prepared is None:  # a call on whole tensors: prepare from them
+            prepared = variant.prepare(lambda: slices_of(tensors, base), per_model["density"])
+        masks = [(lambda delta: None) if selection is None else (lambda delta, s=selection: s.mask(delta.abs()))
+                 for selection in prepared]
+    elif variant.sparsifier is not None:
         random = {} if generator is None else {"generator": generator}
         masks = [partial(variant.sparsifier, **{name: values[i] for name, values in per_model.items()}, **random)
                  for i in range(len(tensors))]

@@ -314,11 +314,28 @@ def della_mask(delta: Tensor, *, density: float, epsilon: float, generator: torc
     return mask.bernoulli_(probs, generator=generator).view(delta.shape)
 
 
+def l1_norm(tensor: Tensor) -> float:
+    """`Σ|x|` accumulated in float64, `CHUNK` entries at a time.
+
+    A float32 norm is not good enough here: over a 65M-entry embedding it is off by 6% with two
+    threads and 28% with one (the running sum outgrows the addends' precision), so the rescale factor
+    would depend on the machine.
+
+    Args:
+        tensor: float32 `(*shape)`.
+
+    Returns:
+        The L1 norm as a Python float.
+    """
+    return sum(float(torch.sum(piece.abs(), dtype=torch.float64)) for piece in tensor.reshape(-1).split(CHUNK))
+
+
 def apply_mask_(delta: Tensor, mask: Tensor | None, *, rescale: bool) -> Tensor:
     """Zero the entries outside `mask`, in place; with `rescale`, restore the L1 norm.
 
     Rescaling multiplies by `Σ|δ| / Σ|δ ⊙ mask|` (mergekit's L1 matching over the whole tensor; equal to
-    the papers' `1/density` only in expectation), and is skipped when either sum is below 1e-7.
+    the papers' `1/density` only in expectation; the sums in float64, :func:`l1_norm`), and is skipped
+    when either sum is below 1e-7.
 
     Args:
         delta: float32 task vector `(*shape)`; modified in place.
@@ -330,10 +347,10 @@ def apply_mask_(delta: Tensor, mask: Tensor | None, *, rescale: bool) -> Tensor:
     """
     if mask is None:
         return delta
-    before = torch.linalg.vector_norm(delta, 1) if rescale else None
+    before = l1_norm(delta) if rescale else None
     delta.mul_(mask)
     if before is not None:
-        after = torch.linalg.vector_norm(delta, 1)
+        after = l1_norm(delta)
         if before >= RESCALE_EPS and after >= RESCALE_EPS:
             delta.mul_(before / after)
     return delta

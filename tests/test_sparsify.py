@@ -14,6 +14,7 @@ from merger.sparsify import (
     breadcrumbs_mask,
     della_mask,
     elect_sign,
+    l1_norm,
     magnitude_mask,
     top_k_mask,
 )
@@ -240,3 +241,8 @@ def test_sign_election_and_agreement() -> None:
     # -0.0 sums elect +, and a mask of +0.0 only: multiplying by it equals masking with a bool
     assert elect_sign([torch.tensor([-0.0]), torch.tensor([-0.0])]).tolist() == [1.0]
     assert not torch.signbit(agrees_with(torch.tensor([-3.0, -0.0, 0.0, 2.0]), torch.tensor([1.0, 1.0, -1.0, -1.0]))).any()
+
+
+def test_l1_norm_is_exact_where_a_float32_sum_drifts() -> None:
+    tenth = torch.full((20_000_000,), 0.1)  # float32(0.1), summed 2·10⁷ times
+    assert l1_norm(-tenth) == pytest.approx(20_000_000 * float(tenth[0]), rel=1e-12)

@@ -87,16 +87,16 @@ def generalized_task_arithmetic(
     if consensus:
         task_vectors = list(task_vectors)  # n × (*shape)
         sign = elect_sign(task_vectors)  # (*shape) ±1.0: s
-        agreement = [agrees_with(task_vector, sign) for task_vector in task_vectors]  # n × (*shape) 1.0/0.0: mᵢ
-        del sign
-        for task_vector, agree in zip(task_vectors, agreement):
+        divisor = torch.zeros_like(base) if normalize else None  # D = Σᵢ wᵢ·mᵢ per entry, 1 where 0
+        for task_vector, w in zip(task_vectors, weight):  # one agreement mask alive at a time
+            agree = agrees_with(task_vector, sign)  # (*shape) 1.0/0.0: mᵢ
             task_vector.mul_(agree)  # Wᵢ·mᵢ
-        if normalize:
-            divisor = torch.zeros_like(base)  # D = Σᵢ wᵢ·mᵢ per entry, 1 where 0
-            for w, agree in zip(weight, agreement):
+            if divisor is not None:
                 divisor.add_(agree, alpha=w)
+            del agree
+        del sign
+        if divisor is not None:
             divisor.add_(torch.sign(divisor).abs_().neg_().add_(1))  # + 1 where D = 0, + 0 elsewhere
-        del agreement
         task_vectors = iter(task_vectors)
     else:
         total = sum(weight)

@@ -235,8 +235,10 @@ def _compute_in_slices(
                 converted.append(buffer[: stop - start].copy_(part))
             yield start, stop, converted[:others], (converted[others] if job.base is not None else None)
 
+    if method.uses_generator:
+        kwargs["generator"] = torch.Generator().manual_seed(tensor_seed(plan.seed, job.name))
     if method.prepare is not None:
-        kwargs["prepared"] = method.prepare(lambda: ((tensors, base) for _, _, tensors, base in slices()), **kwargs)
+        kwargs["prepared"] = method.prepare(lambda: ((tensors, base) for _, _, tensors, base in slices()), numel, **kwargs)
     out = pool.take(job.shape, STORAGE_DTYPES[job.dtype])
     flat_out = out.view(-1)
     for start, stop, tensors, base in slices():

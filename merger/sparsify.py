@@ -177,9 +177,44 @@ def slices_of(tensors: Sequence[Tensor], base: Tensor) -> Iterator[tuple[list[Te
         yield [t[start:start + CHUNK] for t in flat], flat_base[start:start + CHUNK]
 
 
-def magnitude_selections(
-    slices: Callable[[], Iterable[tuple[Sequence[Tensor], Tensor]]], densities: Sequence[float]
-) -> list[TopK | None]:
+class MagnitudeTrim:
+    """TIES "trim" of one task vector, decided over the whole tensor (:class:`TopK` of `|δ|`) and
+    applied to its slices in flat order."""
+
+    def __init__(self, selection: TopK):
+        self.selection = selection
+
+    def apply_(self, delta: Tensor) -> Tensor:
+        """Zero the next slice's trimmed entries in place; returns `delta` (float32, any shape)."""
+        return delta.mul_(self.selection.mask(delta.abs()))
+
+
+class RandomDrop:
+    """DARE "drop" of one task vector: its Bernoulli mask drawn for the whole tensor at once (the draws
+    of :func:`bernoulli_mask`) and its L1 rescale factor, applied to its slices in flat order.
+
+    Args:
+        mask: bool `(N,)`, the kept entries.
+        factor: `Σ|δ| / Σ|δ ⊙ mask|`, or None not to rescale.
+    """
+
+    def __init__(self, mask: Tensor, factor: float | None):
+        self.mask = mask
+        self.factor = factor
+        self._offset = 0
+
+    def apply_(self, delta: Tensor) -> Tensor:
+        """Drop (and rescale) the next slice's entries in place; returns `delta` (float32, any shape)."""
+        n = delta.numel()
+        delta.mul_(self.mask[self._offset:self._offset + n].view(delta.shape))
+        self._offset += n
+        return delta if self.factor is None else delta.mul_(self.factor)
+
+
+Slices = Callable[[], Iterable[tuple[Sequence[Tensor], Tensor]]]
+
+
+def magnitude_trims(slices: Slices, densities: Sequence[float]) -> list[MagnitudeTrim | None]:
     """TIES "trim" as a prepare pass: per model, the :class:`TopK` of `|xᵢ − base|` keeping
     `int(densityᵢ·N)`, counted over the slices (two passes; the inputs are not modified).
 
@@ -188,8 +223,8 @@ def magnitude_selections(
         densities: one per model.
 
     Returns:
-        One selection per model, None where `density ≥ 1` (keep everything); call their
-        :meth:`TopK.mask` on the same slices' `|δᵢ|` in order.
+        One trim per model, None where `density ≥ 1` (keep everything); apply them to the same slices'
+        task vectors in order.
     """
     selections = [None if density >= 1 else TopK(density=density, nonnegative=True) for density in densities]
     active = [(i, selection) for i, selection in enumerate(selections) if selection is not None]
@@ -200,7 +235,43 @@ def magnitude_selections(
                 scratch = scratch if scratch.numel() >= base.numel() else torch.empty_like(base)
                 for i, selection in active:
                     count(selection, torch.sub(tensors[i], base, out=scratch[:base.numel()]).abs_())
-    return selections
+    return [None if selection is None else MagnitudeTrim(selection) for selection in selections]
+
+
+def random_drops(
+    slices: Slices, numel: int, densities: Sequence[float], *, rescale: bool, generator: torch.Generator
+) -> list[RandomDrop | None]:
+    """DARE "drop" as a prepare pass: per model, a Bernoulli(`densityᵢ`) keep mask over all `numel`
+    entries (drawn model by model from `generator`) and, with `rescale`, the L1 factor
+    `Σ|δᵢ| / Σ|δᵢ ⊙ maskᵢ|` summed over the slices in float64 (None below 1e-7, as :func:`apply_mask_`).
+
+    Args:
+        slices: returns a fresh iterator over `(tensors, base)` float32 slices, in flat order.
+        numel: entries of the whole tensor.
+        densities: keep probabilities, one per model (≤ 0 keeps nothing).
+        rescale: compute the L1 factors.
+        generator: the seeded RNG, on the slices' device.
+
+    Returns:
+        One drop per model, None where `density ≥ 1`.
+    """
+    masks = [None if density >= 1 else
+             torch.empty(numel, dtype=torch.bool, device=generator.device).bernoulli_(max(density, 0.0), generator=generator)
+             for density in densities]
+    factors: list[float | None] = [None] * len(masks)
+    if rescale and any(mask is not None for mask in masks):
+        before, after = [0.0] * len(masks), [0.0] * len(masks)
+        start = 0
+        for tensors, base in slices():
+            stop = start + base.numel()
+            for i, mask in enumerate(masks):
+                if mask is not None:
+                    magnitude = torch.sub(tensors[i], base).abs_()
+                    before[i] += float(torch.sum(magnitude, dtype=torch.float64))
+                    after[i] += float(torch.sum(magnitude.mul_(mask[start:stop]), dtype=torch.float64))
+            start = stop
+        factors = [b / a if b >= RESCALE_EPS and a >= RESCALE_EPS else None for b, a in zip(before, after)]
+    return [None if mask is None else RandomDrop(mask, factor) for mask, factor in zip(masks, factors)]
 
 
 def magnitude_mask(delta: Tensor, *, density: float) -> Tensor | None:

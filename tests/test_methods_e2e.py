@@ -149,7 +149,7 @@ def test_seed_makes_random_methods_reproducible_and_changes_them(fixture_models_
 
 
 def test_the_elementwise_methods_are_the_expected_ones() -> None:
-    assert ELEMENTWISE == ["linear", "nearswap", "passthrough", "task_arithmetic", "ties"]
+    assert ELEMENTWISE == ["dare_linear", "dare_ties", "linear", "nearswap", "passthrough", "task_arithmetic", "ties"]
     assert not METHODS["ties"].runs_elementwise({"rescale": True})  # L1 rescaling needs whole tensors
 
 

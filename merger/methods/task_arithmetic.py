@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from ..sparsify import (
-    TopK,
     agrees_with,
     apply_mask_,
     bernoulli_mask,
@@ -29,7 +28,8 @@ from ..sparsify import (
     della_mask,
     elect_sign,
     magnitude_mask,
-    magnitude_selections,
+    magnitude_trims,
+    random_drops,
     slices_of,
 )
 from . import PerModel, merge_method
@@ -46,8 +46,7 @@ def generalized_task_arithmetic(
     base: Tensor,
     *,
     weight: Sequence[float],
-    masks: Sequence[Callable[[Tensor], Tensor | None]] | None = None,
-    rescale: bool = False,
+    sparsifiers: Sequence[Callable[[Tensor], Tensor]] | None = None,
     consensus: bool = False,
     normalize: bool = False,
     lambda_: float = 1.0,
@@ -66,8 +65,7 @@ def generalized_task_arithmetic(
         tensors: n float32 tensors `(*shape)`, the non-base models.
         base: float32 `(*shape)`.
         weight: n weights `wᵢ` (negative ones subtract a task vector).
-        masks: n functions from a task vector to its keep mask (None: keep all), or None not to sparsify.
-        rescale: L1-rescale each sparsified task vector.
+        sparsifiers: n functions sparsifying a task vector in place (mask, L1 rescale), or None.
         consensus: TIES sign election and disjoint mean.
         normalize: divide by the (agreeing) weight sum.
         lambda_: final scale of the merged task vector.
@@ -79,8 +77,8 @@ def generalized_task_arithmetic(
     def weighted_task_vectors():
         for i, (x, w) in enumerate(zip(tensors, weight)):
             delta = x.sub_(base)  # (*shape); the input is the method's own buffer (see the registry)
-            if masks is not None:
-                apply_mask_(delta, masks[i](delta), rescale=rescale)
+            if sparsifiers is not None:
+                sparsifiers[i](delta)
             yield delta.mul_(w)
 
     task_vectors = weighted_task_vectors()
@@ -123,7 +121,7 @@ class Variant:
             makes the method take the run's seeded RNG.
         elementwise: the engine may run it on slices (no sparsifier, or one decided by `prepare`).
         prepare: the whole-tensor pass deciding the sparsifier's masks slice by slice (TIES's
-            :func:`magnitude_selections`), or None.
+            :func:`magnitude_trims`, DARE's :func:`random_drops`), or None.
         consensus: TIES sign election.
         normalize: the default of `normalize`.
         rescale: the default of `rescale` (declared only with a sparsifier).
@@ -138,7 +136,20 @@ class Variant:
     normalize: bool
     rescale: bool = False
     elementwise: bool = False
-    prepare: Callable[..., list[TopK | None]] | None = None
+    prepare: Callable[..., list[Any]] | None = None
+
+    def runs_elementwise(self, rescale: bool) -> bool:
+        """Whether a call may run on slices: TIES rescaling takes whole-tensor norms; DARE's prepare has them."""
+        return self.elementwise and (not rescale or self.prepare is _random_drops)
+
+
+def _magnitude_trims(slices: Callable[[], Any], numel: int, density: list[float], **_: Any) -> list[Any]:
+    return magnitude_trims(slices, density)
+
+
+def _random_drops(slices: Callable[[], Any], numel: int, density: list[float], *, rescale: bool,
+                  generator: torch.Generator, **_: Any) -> list[Any]:
+    return random_drops(slices, numel, density, rescale=rescale, generator=generator)
 
 
 VARIANTS = (
@@ -147,13 +158,13 @@ VARIANTS = (
             None, consensus=False, normalize=False, elementwise=True),
     Variant("ties", "TIES", "https://arxiv.org/abs/2306.01708",
             "Trim each task vector to its largest magnitudes, elect signs, take the disjoint mean.",
-            magnitude_mask, consensus=True, normalize=True, elementwise=True, prepare=magnitude_selections),
+            magnitude_mask, consensus=True, normalize=True, elementwise=True, prepare=_magnitude_trims),
     Variant("dare_ties", "DARE TIES", "https://arxiv.org/abs/2311.03099",
             "Drop task-vector entries at random (rescaled), then elect signs as TIES does.",
-            bernoulli_mask, consensus=True, normalize=False, rescale=True),
+            bernoulli_mask, consensus=True, normalize=False, rescale=True, elementwise=True, prepare=_random_drops),
     Variant("dare_linear", "Linear DARE", "https://arxiv.org/abs/2311.03099",
             "Drop task-vector entries at random (rescaled) and add the weighted sum.",
-            bernoulli_mask, consensus=False, normalize=False, rescale=True),
+            bernoulli_mask, consensus=False, normalize=False, rescale=True, elementwise=True, prepare=_random_drops),
     Variant("breadcrumbs", "Model Breadcrumbs", "https://arxiv.org/abs/2312.06795",
             "Drop the largest (outliers) and smallest task-vector entries and add the weighted sum.",
             breadcrumbs_mask, consensus=False, normalize=False),
@@ -221,11 +232,12 @@ def register(variant: Variant) -> Callable[..., Tensor]:
     )
     prepare = None
     if variant.prepare is not None:
-        def prepare(slices: Callable[[], Any], *, density: list[float], **_: Any) -> list[TopK | None]:
-            return variant.prepare(slices, density)
+        def prepare(slices: Callable[[], Any], numel: int, *, density: list[float], rescale: bool = variant.rescale,
+                    generator: torch.Generator | None = None, **_: Any) -> list[Any]:
+            return variant.prepare(slices, numel, density, rescale=rescale, generator=generator)
     elementwise: bool | Callable[[dict[str, Any]], bool] = variant.elementwise
-    if variant.elementwise and variant.sparsifier is not None:  # rescaling takes whole-tensor L1 norms
-        elementwise = lambda arguments: not arguments.get("rescale", variant.rescale)  # noqa: E731
+    if variant.elementwise and variant.sparsifier is not None:
+        elementwise = lambda arguments: variant.runs_elementwise(arguments.get("rescale", variant.rescale))  # noqa: E731
     return merge_method(
         variant.name, pretty_name=variant.pretty_name, reference_url=variant.reference_url,
         elementwise=elementwise, prepare=prepare,
@@ -243,24 +255,31 @@ def _merge_variant(
     int8_mask: bool,
     rescale: bool = False,
     generator: torch.Generator | None = None,
-    prepared: list[TopK | None] | None = None,
+    prepared: list[Any] | None = None,
     **per_model: list[float],
 ) -> Tensor:
     """Run `variant` on arguments bound to its signature; `per_model` holds the sparsifier's lists."""
-    masks = None
-    if variant.prepare is not None:
+    sparsifiers = None
+    if variant.prepare is not None and variant.runs_elementwise(rescale):
         if prepared is None:  # a call on whole tensors: prepare from them
-            prepared = variant.prepare(lambda: slices_of(tensors, base), per_model["density"])
-        masks = [(lambda delta: None) if selection is None else (lambda delta, s=selection: s.mask(delta.abs()))
-                 for selection in prepared]
+            prepared = variant.prepare(lambda: slices_of(tensors, base), base.numel(), per_model["density"],
+                                       rescale=rescale, generator=generator)
+        sparsifiers = [(lambda delta: delta) if step is None else step.apply_ for step in prepared]
     elif variant.sparsifier is not None:
         random = {} if generator is None else {"generator": generator}
-        masks = [partial(variant.sparsifier, **{name: values[i] for name, values in per_model.items()}, **random)
-                 for i in range(len(tensors))]
+        sparsifiers = [
+            partial(_sparsify_, partial(variant.sparsifier, **{name: values[i] for name, values in per_model.items()},
+                                        **random), rescale=rescale)
+            for i in range(len(tensors))
+        ]
     return generalized_task_arithmetic(
-        tensors, base, weight=weight, masks=masks, rescale=rescale,
+        tensors, base, weight=weight, sparsifiers=sparsifiers,
         consensus=variant.consensus, normalize=normalize, lambda_=lambda_,
     )
+
+
+def _sparsify_(mask_of: Callable[[Tensor], Tensor | None], delta: Tensor, *, rescale: bool) -> Tensor:
+    return apply_mask_(delta, mask_of(delta), rescale=rescale)
 
 
 for _variant in VARIANTS:

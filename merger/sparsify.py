@@ -190,8 +190,8 @@ class MagnitudeTrim:
 
 
 class RandomDrop:
-    """DARE "drop" of one task vector: its Bernoulli mask drawn for the whole tensor at once (the draws
-    of :func:`bernoulli_mask`) and its L1 rescale factor, applied to its slices in flat order.
+    """DARE "drop" of one task vector: its :func:`bernoulli_mask` for the whole tensor and its L1
+    rescale factor, applied to its slices in flat order.
 
     Args:
         mask: bool `(N,)`, the kept entries.
@@ -241,8 +241,8 @@ def magnitude_trims(slices: Slices, densities: Sequence[float]) -> list[Magnitud
 def random_drops(
     slices: Slices, numel: int, densities: Sequence[float], *, rescale: bool, generator: torch.Generator
 ) -> list[RandomDrop | None]:
-    """DARE "drop" as a prepare pass: per model, a Bernoulli(`densityᵢ`) keep mask over all `numel`
-    entries (drawn model by model from `generator`) and, with `rescale`, the L1 factor
+    """DARE "drop" as a prepare pass: per model, the :func:`bernoulli_mask` over all `numel` entries
+    (drawn model by model from `generator`) and, with `rescale`, the L1 factor
     `Σ|δᵢ| / Σ|δᵢ ⊙ maskᵢ|` summed over the slices in float64 (None below 1e-7, as :func:`apply_mask_`).
 
     Args:
@@ -255,9 +255,7 @@ def random_drops(
     Returns:
         One drop per model, None where `density ≥ 1`.
     """
-    masks = [None if density >= 1 else
-             torch.empty(numel, dtype=torch.bool, device=generator.device).bernoulli_(max(density, 0.0), generator=generator)
-             for density in densities]
+    masks = [None if density >= 1 else _uniform_below(numel, density, generator) for density in densities]
     factors: list[float | None] = [None] * len(masks)
     if rescale and any(mask is not None for mask in masks):
         before, after = [0.0] * len(masks), [0.0] * len(masks)
@@ -294,6 +292,10 @@ def magnitude_mask(delta: Tensor, *, density: float) -> Tensor | None:
 def bernoulli_mask(delta: Tensor, *, density: float, generator: torch.Generator) -> Tensor | None:
     """DARE "drop": keep each entry independently with probability `density` (≤ 0 keeps nothing).
 
+    Entry j is kept when `u_j < density`, `u` being `generator`'s float32 uniform stream in flat order,
+    drawn `CHUNK` entries at a time (on CPU the stream does not depend on that; on CUDA it does, so
+    the chunk is fixed). Three times faster than `bernoulli_` here, with no whole-tensor temporary.
+
     Args:
         delta: float32 task vector `(*shape)` (only its shape and device are used).
         density: keep probability.
@@ -304,8 +306,15 @@ def bernoulli_mask(delta: Tensor, *, density: float, generator: torch.Generator)
     """
     if density >= 1:
         return None
-    mask = torch.empty(delta.shape, dtype=torch.bool, device=delta.device)
-    return mask.bernoulli_(max(density, 0.0), generator=generator)
+    return _uniform_below(delta.numel(), density, generator).view(delta.shape)
+
+
+def _uniform_below(numel: int, density: float, generator: torch.Generator) -> Tensor:
+    """bool `(numel,)`: `u_j < density` for the generator's next `numel` uniforms, drawn by `CHUNK`."""
+    mask = torch.empty(numel, dtype=torch.bool, device=generator.device)
+    for piece in mask.split(CHUNK):
+        torch.lt(torch.rand(piece.numel(), generator=generator, device=generator.device), density, out=piece)
+    return mask
 
 
 def breadcrumbs_mask(delta: Tensor, *, density: float, gamma: float) -> Tensor | None:

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .buffers import BufferPool
+from .buffers import BufferPool, keep_freed_memory
 from .errors import MergeCancelled
 from .loader import STORAGE_DTYPES, TensorReader
 from .methods import get_method
@@ -89,6 +89,33 @@ def execute_plan(
         MergeCancelled: `should_cancel()` returned True.
         MergerError / OSError: from reading inputs; the writer leaves no index behind.
     """
+    keep_freed_memory()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_math_threads(plan, threads))
+    try:
+        _execute(plan, dirs, out_dir, device, shard_size, progress, should_cancel)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _math_threads(plan: MergePlan, cores: int) -> int:
+    """Threads for the math: a streaming plan (copies and elementwise methods with no prepare pass,
+    such as linear and task arithmetic) is bound by reading and writing, so it leaves a core to the
+    reader and writer threads (measured: linear 4.5 → 4.1 s on two cores); heavier math takes all."""
+    methods = {get_method(job.method) for job in plan.jobs if job.method != "gate"}
+    streaming = all(method.elementwise is True and method.prepare is None for method in methods)
+    return max(1, cores - 1) if streaming else cores
+
+
+def _execute(
+    plan: MergePlan,
+    dirs: dict[str, Path],
+    out_dir: Path,
+    device: torch.device,
+    shard_size: int,
+    progress: Progress | None,
+    should_cancel: Callable[[], bool] | None,
+) -> None:
     pool = BufferPool(max_retained=0)
     readers = {key: TensorReader(dirs[key], pool) for key in sorted({s.model for j in plan.jobs for s in _sources(j)})}
     largest = max((sum(readers[s.model].nbytes(s.name) for s in _sources(j)) for j in plan.jobs), default=0)
@@ -238,7 +265,7 @@ def _compute_in_slices(
     if method.uses_generator:
         kwargs["generator"] = torch.Generator().manual_seed(tensor_seed(plan.seed, job.name))
     if method.prepare is not None:
-        kwargs["prepared"] = method.prepare(lambda: ((tensors, base) for _, _, tensors, base in slices()), numel, **kwargs)
+        kwargs["prepared"] = method.prepare(lambda: ((tensors, base) for _, _, tensors, base in slices()), job.shape, **kwargs)
     out = pool.take(job.shape, STORAGE_DTYPES[job.dtype])
     flat_out = out.view(-1)
     for start, stop, tensors, base in slices():

@@ -20,9 +20,9 @@ A method is a pure function of float32 tensors::
   parameters; a predicate over the keyword arguments when that depends on them): the engine then runs the method on consecutive slices of the flattened tensors, so it
   never holds float32 copies of whole tensors and its temporaries stay in cache. Slices are 1-D.
 - `prepare`, for an elementwise method that needs whole-tensor statistics first (TIES's magnitude
-  thresholds, DARE's masks and rescale factors): `prepare(slices, numel, **arguments)` gets a function
-  returning a fresh iterator over the `(tensors, base)` slices, in order (valid until the next slice is
-  drawn; not to be modified), the whole tensor's entry count, and the method's other arguments
+  thresholds, DARE's masks and rescale factors, SLERP's angle): `prepare(slices, shape, **arguments)`
+  gets a function returning a fresh iterator over the `(tensors, base)` slices, in order (valid until
+  the next slice is drawn; not to be modified), the whole tensor's shape, and the method's other arguments
   (`generator` included); what it returns reaches every slice's call, in order, as `prepared`. A direct call
   of the method without `prepared` prepares from the whole tensors itself.
 

@@ -4,6 +4,7 @@ quaternion curves", doi:10.1145/325165.325242), as mergekit applies it to whole 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -14,24 +15,62 @@ DOT_THRESHOLD = 0.9995  # above this |cos θ| the arc is numerically a line: use
 NORM_EPS = 1e-8
 
 
+def slerp_coefficients(
+    slices: Callable[[], Iterable[tuple[Sequence[Tensor], Tensor]]], shape: tuple[int, ...], *, t: float, **_: object
+) -> tuple[float, float] | None:
+    """The prepare pass: `(s0, s1)` with `out = s0·v0 + s1·v1`, or None to lerp.
+
+    `‖v0‖²`, `‖v1‖²` and `v0·v1` are summed over the slices in float64 (float32 sums over a whole
+    tensor depend on the thread count). A vector of norm ≤ 1e-8 is left unnormalised.
+
+    Args:
+        slices: returns a fresh iterator over `([v1], v0)` float32 slices.
+        shape: the whole tensor's shape (0-dim tensors are lerped).
+        t: interpolation factor.
+
+    Returns:
+        The two coefficients, or None where `t` is 0 or 1 (the endpoints), the tensor is 0-dim, or
+        `|cos θ| > 0.9995`.
+    """
+    if t in (0, 1) or len(shape) == 0:
+        return None
+    aa = bb = ab = 0.0
+    for (v1,), v0 in slices():
+        aa += float(torch.sum(v0 * v0, dtype=torch.float64))
+        bb += float(torch.sum(v1 * v1, dtype=torch.float64))
+        ab += float(torch.sum(v0 * v1, dtype=torch.float64))
+    na, nb = math.sqrt(aa), math.sqrt(bb)
+    dot = ab / ((na if na > NORM_EPS else 1.0) * (nb if nb > NORM_EPS else 1.0))
+    if abs(dot) > DOT_THRESHOLD:
+        return None
+    theta = math.acos(dot)
+    sin_theta = math.sin(theta)
+    return math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+
+
 @merge_method(
     "slerp",
     pretty_name="SLERP",
     reference_url="https://en.wikipedia.org/wiki/Slerp",
     min_others=1,
     max_others=1,
+    elementwise=True,
+    prepare=slerp_coefficients,
 )
-def slerp(tensors: list[Tensor], base: Tensor, *, t: float) -> Tensor:
+def slerp(tensors: list[Tensor], base: Tensor, *, t: float, prepared: tuple[float, float] | None = None) -> Tensor:
     """Interpolate on the great circle from `base` (t=0) to the other model (t=1).
 
     The whole tensor is one vector. With `θ` the angle between the normalised vectors,
     `out = sin((1−t)θ)/sin θ · v0 + sin(tθ)/sin θ · v1` on the original (unnormalised) vectors; when
-    `|cos θ| > 0.9995` it falls back to `lerp = (1−t)·v0 + t·v1`. 0-dim tensors are lerped.
+    `|cos θ| > 0.9995` it falls back to `lerp = (1−t)·v0 + t·v1`. 0-dim tensors are lerped. The angle
+    comes from :func:`slerp_coefficients`, so the engine can run this on slices.
 
     Args:
         tensors: one float32 tensor `(*shape)`, the other model (`v1`).
         base: float32 tensor `(*shape)`, the base model (`v0`).
         t: interpolation factor; 0 returns the base, 1 the other model.
+        prepared: the engine's :func:`slerp_coefficients` for the whole tensor; None computes them
+            from these tensors.
 
     Returns:
         float32 tensor `(*shape)`.
@@ -42,16 +81,9 @@ def slerp(tensors: list[Tensor], base: Tensor, *, t: float) -> Tensor:
         return v0
     if t == 1:
         return v1
-    if v0.dim() == 0:
+    if prepared is None:
+        prepared = slerp_coefficients(lambda: [((v1.reshape(-1),), v0.reshape(-1))], tuple(v0.shape), t=t)
+    if prepared is None:
         return torch.lerp(v0, v1, t)
-    a, b = v0.reshape(-1), v1.reshape(-1)
-    # cos θ of the normalised vectors without materialising them (a vector is left as is when ~0)
-    na, nb = float(a.norm()), float(b.norm())
-    dot = float(torch.dot(a, b)) / ((na if na > NORM_EPS else 1.0) * (nb if nb > NORM_EPS else 1.0))
-    if abs(dot) > DOT_THRESHOLD:
-        return torch.lerp(v0, v1, t)
-    theta = math.acos(dot)
-    sin_theta = math.sin(theta)
-    s0 = math.sin((1 - t) * theta) / sin_theta
-    s1 = math.sin(t * theta) / sin_theta
+    s0, s1 = prepared
     return torch.add(v0 * s0, v1, alpha=s1)

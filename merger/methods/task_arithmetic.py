@@ -12,6 +12,7 @@ under its own name with a signature holding only the parameters it uses.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -143,13 +144,13 @@ class Variant:
         return self.elementwise and (not rescale or self.prepare is _random_drops)
 
 
-def _magnitude_trims(slices: Callable[[], Any], numel: int, density: list[float], **_: Any) -> list[Any]:
+def _magnitude_trims(slices: Callable[[], Any], shape: tuple[int, ...], density: list[float], **_: Any) -> list[Any]:
     return magnitude_trims(slices, density)
 
 
-def _random_drops(slices: Callable[[], Any], numel: int, density: list[float], *, rescale: bool,
+def _random_drops(slices: Callable[[], Any], shape: tuple[int, ...], density: list[float], *, rescale: bool,
                   generator: torch.Generator, **_: Any) -> list[Any]:
-    return random_drops(slices, numel, density, rescale=rescale, generator=generator)
+    return random_drops(slices, math.prod(shape), density, rescale=rescale, generator=generator)
 
 
 VARIANTS = (
@@ -232,9 +233,9 @@ def register(variant: Variant) -> Callable[..., Tensor]:
     )
     prepare = None
     if variant.prepare is not None:
-        def prepare(slices: Callable[[], Any], numel: int, *, density: list[float], rescale: bool = variant.rescale,
-                    generator: torch.Generator | None = None, **_: Any) -> list[Any]:
-            return variant.prepare(slices, numel, density, rescale=rescale, generator=generator)
+        def prepare(slices: Callable[[], Any], shape: tuple[int, ...], *, density: list[float],
+                    rescale: bool = variant.rescale, generator: torch.Generator | None = None, **_: Any) -> list[Any]:
+            return variant.prepare(slices, shape, density, rescale=rescale, generator=generator)
     elementwise: bool | Callable[[dict[str, Any]], bool] = variant.elementwise
     if variant.elementwise and variant.sparsifier is not None:
         elementwise = lambda arguments: variant.runs_elementwise(arguments.get("rescale", variant.rescale))  # noqa: E731
@@ -262,7 +263,7 @@ def _merge_variant(
     sparsifiers = None
     if variant.prepare is not None and variant.runs_elementwise(rescale):
         if prepared is None:  # a call on whole tensors: prepare from them
-            prepared = variant.prepare(lambda: slices_of(tensors, base), base.numel(), per_model["density"],
+            prepared = variant.prepare(lambda: slices_of(tensors, base), tuple(base.shape), per_model["density"],
                                        rescale=rescale, generator=generator)
         sparsifiers = [(lambda delta: delta) if step is None else step.apply_ for step in prepared]
     elif variant.sparsifier is not None:

@@ -34,7 +34,9 @@ from .tokenizer import align_embeddings
 from .writer import ShardedWriter
 
 Progress = Callable[[float, str], None]
-SLICE = 1 << 20  # entries per slice of an elementwise method: four MiB of float32 per input, in cache
+# entries per slice of an elementwise method: four MiB of float32 per input, in cache; a multiple of
+# SLERP's summing block, so its sums do not depend on the slicing
+SLICE = 1 << 20
 MIN_BUDGET = 64 * 2**20  # read-ahead and idle-buffer floor, bytes; both also scale with the largest job
 _DONE = object()
 

@@ -29,7 +29,7 @@ RESCALE_EPS = 1e-7  # below this L1 norm (before or after masking) no rescale is
 
 
 RADIX = 1 << 16  # the selection reads each 32-bit key as two 16-bit digits
-CHUNK = 1 << 20  # entries per slice of a whole-tensor selection: its temporaries stay in cache
+CHUNK = 1 << 20  # entries per slice of a whole tensor (temporaries in cache); the engine's slice size
 
 
 def ordered_key(scores: Tensor) -> Tensor:

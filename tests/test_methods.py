@@ -619,3 +619,24 @@ def test_scalar_tensors_merge_like_one_element_vectors(name: str) -> None:
     vector = run(name, [x.reshape(1) for x in xs], base.reshape(1), **identity_params(name, n))
     assert scalar.shape == () and scalar.dtype == torch.float32
     assert torch.equal(scalar.reshape(1), vector)
+
+
+def test_slerp_angle_does_not_depend_on_the_thread_count() -> None:
+    from merger.methods.slerp import slerp_coefficients
+
+    generator = torch.Generator().manual_seed(0)
+    v0 = torch.randn(1_000_003, generator=generator)
+    v1 = v0 + 0.5 * torch.randn(1_000_003, generator=generator)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            results.append(slerp_coefficients(lambda: [((v1,), v0)], tuple(v0.shape), t=0.3))
+    finally:
+        torch.set_num_threads(threads)
+    assert results[0] == results[1] == results[2] is not None
+    # and the angle is the float64 one
+    cos = float(torch.dot(v0.double(), v1.double()) / (v0.double().norm() * v1.double().norm()))
+    theta = math.acos(cos)
+    assert results[0][1] == pytest.approx(math.sin(0.3 * theta) / math.sin(theta), rel=1e-6)

@@ -16,6 +16,7 @@ import torch
 from merger import executor, sparsify
 from merger.engine import run_merge
 from merger.methods import METHODS, MergeMethod
+from merger.methods.slerp import BLOCK
 from helpers import bits_per_token
 
 W = "parameters: {weight: 0.5}"
@@ -66,7 +67,7 @@ def sha256(out: Path) -> str:
 # that rescale (dare_linear, dare_ties, della, della_linear) when their L1 norms moved from float32,
 # which drifts with the thread count, to float64, DARE's masks also moving from `bernoulli_` to
 # uniforms compared with the density (three times faster); and slerp once when its norms and dot
-# product moved from float32 to float64 sums.
+# product moved from whole-tensor float32 sums (which depend on the thread count) to blockwise ones.
 GOLDEN = {
     "arcee_fusion": "8ce1bcee2570159a",
     "breadcrumbs": "84bfe3f08afed59d",
@@ -83,7 +84,7 @@ GOLDEN = {
     "nuslerp": "fa24d008cbb429bc",
     "passthrough": "120569ed9e4dcf3a",
     "sce": "6478e62ff002ba3f",
-    "slerp": "3633cc48e29a0297",
+    "slerp": "274d436d7da562d0",
     "task_arithmetic": "f626e815c9c24a04",
     "ties": "0a642f0957c6d929",
 }
@@ -163,10 +164,15 @@ def test_slices_write_the_bytes_of_whole_tensors(
 ) -> None:
     text = config(method, fixture_models_dir)
     run_merge(text, tmp_path / "default", device="cpu")
-    # an odd slice size: many slices per tensor, and TIES's tied magnitudes spread over several
-    monkeypatch.setattr(executor, "SLICE", 4099)
+    # small slices: many per tensor, TIES's tied magnitudes spread over several; multiples of SLERP's
+    # block, as the real sizes are
+    monkeypatch.setattr(executor, "SLICE", 5 * BLOCK if method == "slerp" else 4099)
     run_merge(text, tmp_path / "small", device="cpu")
     monkeypatch.setattr(MergeMethod, "runs_elementwise", lambda self, arguments: False)  # whole tensors
-    monkeypatch.setattr(sparsify, "CHUNK", 3001)
+    monkeypatch.setattr(sparsify, "CHUNK", 3 * BLOCK if method == "slerp" else 3001)
     run_merge(text, tmp_path / "whole", device="cpu")
     assert sha256(tmp_path / "default") == sha256(tmp_path / "small") == sha256(tmp_path / "whole") == GOLDEN[method]
+
+
+def test_slice_sizes_are_whole_slerp_blocks() -> None:
+    assert executor.SLICE % BLOCK == 0 and sparsify.CHUNK % BLOCK == 0

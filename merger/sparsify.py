@@ -447,8 +447,8 @@ def elect_sign(deltas: Sequence[Tensor]) -> Tensor:
     Returns:
         float32 `(*shape)` of +1.0 and −1.0.
     """
-    total = deltas[0].clone()  # (*shape)
-    for delta in deltas[1:]:
+    total = torch.add(deltas[0], deltas[1]) if len(deltas) > 1 else deltas[0].clone()  # (*shape)
+    for delta in deltas[2:]:
         total.add_(delta)
     return total.sign_().add_(0.5).sign_()  # sign, with 0 (either zero) → +1
 

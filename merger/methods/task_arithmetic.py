@@ -105,7 +105,9 @@ def generalized_task_arithmetic(
         merged.add_(task_vector)
     if normalize:
         merged.div_(divisor)
-    return merged.mul_(lambda_).add_(base)
+    if lambda_ != 1:  # × 1 changes no bit: skip the pass
+        merged.mul_(lambda_)
+    return merged.add_(base)
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,18 @@ bool mask of the entries it keeps (one byte per element, whatever `int8_mask` sa
   with its magnitude rank in its row, from `density − ε` to `density + ε`.
 
 Exact counts use a streamed radix select (:class:`TopK`: linear time, ties at the threshold kept
-lowest index first), never a full sort. Rescaling is
-mergekit's L1-norm matching over the whole tensor (spec decision 10), not the papers' per-entry `1/p`.
-Random masks draw from the `generator` passed in, so a seeded generator reproduces them.
+lowest index first), never a full sort. Rescaling is mergekit's L1-norm matching over the whole tensor
+(spec decision 10), not the papers' per-entry `1/p`, summed in float64. Random masks draw from the
+`generator` passed in, so a seeded generator reproduces them.
+
+TIES and DARE also come as prepare passes (:func:`magnitude_trims`, :func:`random_drops`): what needs
+the whole tensor is decided over its slices first, then applied slice by slice, so the engine never
+holds a float32 copy of a whole tensor; :func:`slices_of` gives a whole tensor's slices.
 """
 
 from __future__ import annotations
 
+import struct
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -26,8 +31,6 @@ import torch
 from torch import Tensor
 
 RESCALE_EPS = 1e-7  # below this L1 norm (before or after masking) no rescale is applied
-
-
 RADIX = 1 << 16  # the selection reads each 32-bit key as two 16-bit digits
 CHUNK = 1 << 20  # entries per slice of a whole tensor (temporaries in cache); the engine's slice size
 
@@ -121,8 +124,12 @@ class TopK:
             counts = torch.bincount(low, minlength=RADIX + 2)[1:RADIX + 1]
             self._counts = counts if self._counts is None else self._counts.add_(counts)
 
-    def mask(self, scores: Tensor) -> Tensor:
-        """Pass 3: the bool mask of the chunk's kept scores, `(*shape)` of `scores`."""
+    def keep(self, scores: Tensor) -> Tensor:
+        """Pass 3: the chunk's kept scores as float32 1.0 (kept) / 0.0, `(*shape)` of `scores`.
+
+        Float, not bool: comparisons writing bool, and products with bool masks, are several times
+        slower here than the same work in float32.
+        """
         if self._threshold is None:
             if self._high is None:
                 self.count_low(scores[:0])  # settles k for a selection without pass 2 (k = 0 or N)
@@ -133,20 +140,28 @@ class TopK:
             else:
                 self._threshold = 0
         if not 0 < self.k < self.numel:
-            return torch.full(scores.shape, self.k > 0, dtype=torch.bool, device=scores.device)
-        key = self._key(scores)
-        mask = key > self._threshold
-        for start in range(0, key.numel(), CHUNK):
+            return torch.full(scores.shape, float(self.k > 0), device=scores.device)
+        if self._nonnegative:  # compare the floats themselves: their order is their keys'
+            values, threshold = scores.reshape(-1), struct.unpack("<f", struct.pack("<i", self._threshold))[0]
+        else:
+            values, threshold = ordered_key(scores), self._threshold
+        kept = torch.gt(values, threshold, out=torch.empty(values.shape, device=scores.device))
+        for start in range(0, values.numel(), CHUNK):
             if self._ties_left == 0:
                 break
-            ties = key[start:start + CHUNK] == self._threshold
-            count = int(torch.count_nonzero(ties))
-            if count > self._ties_left:
-                ties[torch.nonzero(ties).reshape(-1)[self._ties_left:]] = False
+            part = values[start:start + CHUNK]
+            ties = torch.eq(part, threshold, out=torch.empty(part.shape, device=scores.device))
+            count = int(ties.sum())
+            if count > self._ties_left:  # the cut: keep only the first ties
+                ties[torch.nonzero(ties > 0).reshape(-1)[self._ties_left:]] = 0.0
                 count = self._ties_left
-            mask[start:start + CHUNK] |= ties
+            kept[start:start + CHUNK].add_(ties)
             self._ties_left -= count
-        return mask.view(scores.shape)
+        return kept.view(scores.shape)
+
+    def mask(self, scores: Tensor) -> Tensor:
+        """Pass 3 as a bool mask, `(*shape)` of `scores` (see :meth:`keep`)."""
+        return self.keep(scores) > 0
 
 
 def top_k_mask(scores: Tensor, k: int, *, nonnegative: bool = False) -> Tensor:
@@ -186,7 +201,7 @@ class MagnitudeTrim:
 
     def apply_(self, delta: Tensor) -> Tensor:
         """Zero the next slice's trimmed entries in place; returns `delta` (float32, any shape)."""
-        return delta.mul_(self.selection.mask(delta.abs()))
+        return delta.mul_(self.selection.keep(delta.abs()))
 
 
 class RandomDrop:
@@ -206,7 +221,7 @@ class RandomDrop:
     def apply_(self, delta: Tensor) -> Tensor:
         """Drop (and rescale) the next slice's entries in place; returns `delta` (float32, any shape)."""
         n = delta.numel()
-        delta.mul_(self.mask[self._offset:self._offset + n].view(delta.shape))
+        delta.mul_(self.mask[self._offset:self._offset + n].view(torch.uint8).view(delta.shape))  # bool: slow
         self._offset += n
         return delta if self.factor is None else delta.mul_(self.factor)
 
@@ -266,7 +281,7 @@ def random_drops(
                 if mask is not None:
                     magnitude = torch.sub(tensors[i], base).abs_()
                     before[i] += float(torch.sum(magnitude, dtype=torch.float64))
-                    after[i] += float(torch.sum(magnitude.mul_(mask[start:stop]), dtype=torch.float64))
+                    after[i] += float(torch.sum(magnitude.mul_(mask[start:stop].view(torch.uint8)), dtype=torch.float64))
             start = stop
         factors = [b / a if b >= RESCALE_EPS and a >= RESCALE_EPS else None for b, a in zip(before, after)]
     return [None if mask is None else RandomDrop(mask, factor) for mask, factor in zip(masks, factors)]
@@ -428,7 +443,7 @@ def apply_mask_(delta: Tensor, mask: Tensor | None, *, rescale: bool) -> Tensor:
     if mask is None:
         return delta
     before = l1_norm(delta) if rescale else None
-    delta.mul_(mask)
+    delta.mul_(mask.view(torch.uint8) if mask.dtype == torch.bool else mask)  # × 0/1: a bool operand is slow
     if before is not None:
         after = l1_norm(delta)
         if before >= RESCALE_EPS and after >= RESCALE_EPS:

@@ -478,4 +478,4 @@ def agrees_with(delta: Tensor, sign: Tensor) -> Tensor:
     Returns:
         float32 `(*shape)` of 1.0 (agrees) and +0.0, so multiplying by it equals masking with a bool.
     """
-    return torch.sign(delta).mul_(sign).clamp_(min=0).add_(0.0)  # + 0.0 turns −0.0 into +0.0
+    return torch.gt(delta * sign, 0, out=torch.empty_like(delta))  # δ·s > 0, written as 1.0 / +0.0

@@ -95,7 +95,7 @@ def generalized_task_arithmetic(
             del agree
         del sign
         if divisor is not None:
-            divisor.add_(torch.sign(divisor).abs_().neg_().add_(1))  # + 1 where D = 0, + 0 elsewhere
+            divisor.add_(torch.eq(divisor, 0, out=torch.empty_like(divisor)))  # + 1 where D = 0, + 0 elsewhere
         task_vectors = iter(task_vectors)
     else:
         total = sum(weight)

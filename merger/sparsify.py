@@ -23,9 +23,13 @@ holds a float32 copy of a whole tensor; :func:`slices_of` gives a whole tensor's
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -184,6 +188,36 @@ def top_k_mask(scores: Tensor, k: int, *, nonnegative: bool = False) -> Tensor:
     return torch.cat([selection.mask(chunk) for chunk in chunks]).view(scores.shape)
 
 
+_helpers: ThreadPoolExecutor | None = None
+
+
+@contextmanager
+def single_threaded_math() -> Iterator[None]:
+    """Torch's intra-op threads set to one in this thread for the block (helpers always run with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_concurrently(calls: Sequence[Callable[[], object]]) -> None:
+    """Run `calls` at once, the first on this thread, the others on helper threads (torch releases the
+    GIL inside its kernels); returns when all are done, raising the first error."""
+    global _helpers
+    if len(calls) > 1 and _helpers is None:
+        _helpers = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
+                                      thread_name_prefix="merger-math", initializer=torch.set_num_threads,
+                                      initargs=(1,))
+    futures = [_helpers.submit(call) for call in calls[1:]]
+    try:
+        calls[0]()
+    finally:
+        for future in futures:
+            future.result()
+
+
 def slices_of(tensors: Sequence[Tensor], base: Tensor) -> Iterator[tuple[list[Tensor], Tensor]]:
     """Consecutive `(tensors, base)` slices of the flattened whole tensors, `CHUNK` entries each (views)."""
     flat = [t.reshape(-1) for t in tensors]
@@ -243,13 +277,21 @@ def magnitude_trims(slices: Slices, densities: Sequence[float]) -> list[Magnitud
     """
     selections = [None if density >= 1 else TopK(density=density, nonnegative=True) for density in densities]
     active = [(i, selection) for i, selection in enumerate(selections) if selection is not None]
-    scratch = torch.empty(0)  # |δᵢ| of one slice, reused
-    if active:
+    if not active:
+        return [None] * len(selections)
+    scratch: list[Tensor] = []  # |δᵢ| of one slice per model, reused
+    # counting is single-threaded: the models are counted on threads of their own, each running its
+    # elementwise ops single-threaded too (idle OpenMP workers would spin on the cores they need)
+    with single_threaded_math():
         for count in (TopK.count_high, TopK.count_low):
             for tensors, base in slices():
-                scratch = scratch if scratch.numel() >= base.numel() else torch.empty_like(base)
-                for i, selection in active:
-                    count(selection, torch.sub(tensors[i], base, out=scratch[:base.numel()]).abs_())
+                if not scratch or scratch[0].numel() < base.numel():
+                    scratch = [torch.empty_like(base) for _ in active]
+                run_concurrently([
+                    partial(lambda selection, x, b, out: count(selection, torch.sub(x, b, out=out).abs_()),
+                            selection, tensors[i], base, buffer[:base.numel()])
+                    for (i, selection), buffer in zip(active, scratch)
+                ])
     return [None if selection is None else MagnitudeTrim(selection) for selection in selections]
 
 

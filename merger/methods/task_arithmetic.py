@@ -233,11 +233,7 @@ def register(variant: Variant) -> Callable[..., Tensor]:
         f"See :func:`generalized_task_arithmetic` ({variant.reference_url}) and :func:`signature` for the "
         "parameters. Takes n float32 `(*shape)` tensors and a float32 base; returns float32 `(*shape)`."
     )
-    prepare = None
-    if variant.prepare is not None:
-        def prepare(slices: Callable[[], Any], shape: tuple[int, ...], *, density: list[float],
-                    rescale: bool = variant.rescale, generator: torch.Generator | None = None, **_: Any) -> list[Any]:
-            return variant.prepare(slices, shape, density, rescale=rescale, generator=generator)
+    prepare = None if variant.prepare is None else partial(_prepare_variant, variant)
     elementwise: bool | Callable[[dict[str, Any]], bool] = variant.elementwise
     if variant.elementwise and variant.sparsifier is not None:
         elementwise = lambda arguments: variant.runs_elementwise(arguments.get("rescale", variant.rescale))  # noqa: E731
@@ -245,6 +241,15 @@ def register(variant: Variant) -> Callable[..., Tensor]:
         variant.name, pretty_name=variant.pretty_name, reference_url=variant.reference_url,
         elementwise=elementwise, prepare=prepare,
     )(merge)
+
+
+def _prepare_variant(
+    variant: Variant, slices: Callable[[], Any], shape: tuple[int, ...], *, density: list[float],
+    rescale: bool | None = None, generator: torch.Generator | None = None, **_: Any,
+) -> list[Any]:
+    """`variant.prepare` called as the engine calls a method's prepare pass (its keyword arguments)."""
+    return variant.prepare(slices, shape, density, rescale=variant.rescale if rescale is None else rescale,
+                           generator=generator)
 
 
 def _merge_variant(

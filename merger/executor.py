@@ -27,7 +27,7 @@ import torch
 from .buffers import BufferPool, keep_freed_memory
 from .errors import MergeCancelled
 from .loader import STORAGE_DTYPES, TensorReader
-from .methods import get_method
+from .methods import MergeMethod, get_method
 from .moe import gate_weights
 from .plan import MergePlan, TensorJob, TensorSource
 from .tokenizer import align_embeddings
@@ -105,7 +105,7 @@ def _math_threads(plan: MergePlan, cores: int) -> int:
     such as linear and task arithmetic) is bound by reading and writing, so it leaves a core to the
     reader and writer threads (measured: linear 4.5 → 4.1 s on two cores); heavier math takes all."""
     methods = {get_method(job.method) for job in plan.jobs if job.method != "gate"}
-    streaming = all(method.elementwise is True and method.prepare is None for method in methods)
+    streaming = all(method.elementwise and method.prepare is None for method in methods)
     return max(1, cores - 1) if streaming else cores
 
 
@@ -212,8 +212,10 @@ def _compute(job: TensorJob, raw: list[torch.Tensor], plan: MergePlan, device: t
     argument = {spec.name: spec.argument for spec in method.parameters}  # config key -> Python name (`lambda_`)
     kwargs = {argument[name]: list(values) for name, values in job.per_model.items()}
     kwargs.update({argument[name]: value for name, value in job.global_params.items()})
-    if device.type == "cpu" and not job.align_vocab and method.runs_elementwise(kwargs):
-        return _compute_in_slices(job, raw, plan, kwargs, pool)
+    if method.uses_generator:
+        kwargs["generator"] = torch.Generator(device=device).manual_seed(tensor_seed(plan.seed, job.name))
+    if device.type == "cpu" and not job.align_vocab and method.elementwise:
+        return _compute_in_slices(job, method, raw, plan, kwargs, pool)
     input_dtype = getattr(torch, plan.input_dtype) if plan.input_dtype else None
     inputs = {}
     for source, tensor in zip(_sources(job), raw):
@@ -227,8 +229,6 @@ def _compute(job: TensorJob, raw: list[torch.Tensor], plan: MergePlan, device: t
         inputs = {key: [tensor] * len(inputs[key]) for key, tensor in aligned.items()}
     if job.base is not None:
         kwargs["base"] = inputs[job.base.model].pop()
-    if method.uses_generator:
-        kwargs["generator"] = torch.Generator(device=device).manual_seed(tensor_seed(plan.seed, job.name))
     tensors = [_own(inputs[s.model]) for s in job.sources]
     result = method.function(tensors, **kwargs)
     to_release = [t for values in inputs.values() for t in values] + tensors + [kwargs.get("base")]
@@ -239,14 +239,13 @@ def _compute(job: TensorJob, raw: list[torch.Tensor], plan: MergePlan, device: t
 
 
 def _compute_in_slices(
-    job: TensorJob, raw: list[torch.Tensor], plan: MergePlan, kwargs: dict, pool: BufferPool
+    job: TensorJob, method: MergeMethod, raw: list[torch.Tensor], plan: MergePlan, kwargs: dict, pool: BufferPool
 ) -> torch.Tensor:
     """An elementwise method's output, computed `SLICE` entries at a time.
 
     Each input's slice is converted to float32 in a small reused buffer, so no float32 copy of a whole
     tensor exists and the method's temporaries stay in cache; the bytes equal a whole-tensor run's.
     """
-    method = get_method(job.method)
     input_dtype = getattr(torch, plan.input_dtype) if plan.input_dtype else None
     flat = [tensor.reshape(-1) for tensor in raw]  # sources in config order, then the base
     numel = flat[0].numel()
@@ -264,8 +263,6 @@ def _compute_in_slices(
                 converted.append(buffer[: stop - start].copy_(part))
             yield start, stop, converted[:others], (converted[others] if job.base is not None else None)
 
-    if method.uses_generator:
-        kwargs["generator"] = torch.Generator().manual_seed(tensor_seed(plan.seed, job.name))
     if method.prepare is not None:
         kwargs["prepared"] = method.prepare(lambda: ((tensors, base) for _, _, tensors, base in slices()), job.shape, **kwargs)
     out = pool.take(job.shape, STORAGE_DTYPES[job.dtype])

@@ -16,9 +16,10 @@ lowest index first), never a full sort. Rescaling is mergekit's L1-norm matching
 (spec decision 10), not the papers' per-entry `1/p`, summed in float64. Random masks draw from the
 `generator` passed in, so a seeded generator reproduces them.
 
-TIES and DARE also come as prepare passes (:func:`magnitude_trims`, :func:`random_drops`): what needs
-the whole tensor is decided over its slices first, then applied slice by slice, so the engine never
-holds a float32 copy of a whole tensor; :func:`slices_of` gives a whole tensor's slices.
+TIES and DARE also come as prepare passes (:func:`magnitude_trims`, :func:`random_drops`, and
+:func:`set_l1_factors` for `rescale`): what needs the whole tensor is decided over its slices first,
+then applied slice by slice, so the engine never holds a float32 copy of a whole tensor;
+:func:`slices_of` gives a whole tensor's slices.
 """
 
 from __future__ import annotations
@@ -163,6 +164,11 @@ class TopK:
             self._ties_left -= count
         return kept.view(scores.shape)
 
+    def rewind(self) -> None:
+        """Start pass 3 over again (from the first chunk)."""
+        if self._threshold is not None and 0 < self.k < self.numel:
+            self._ties_left = self._needed
+
     def mask(self, scores: Tensor) -> Tensor:
         """Pass 3 as a bool mask, `(*shape)` of `scores` (see :meth:`keep`)."""
         return self.keep(scores) > 0
@@ -228,28 +234,40 @@ def slices_of(tensors: Sequence[Tensor], base: Tensor) -> Iterator[tuple[list[Te
 
 class MagnitudeTrim:
     """TIES "trim" of one task vector, decided over the whole tensor (:class:`TopK` of `|δ|`) and
-    applied to its slices in flat order."""
+    applied to its slices in flat order.
+
+    Attributes:
+        factor: the L1 rescale factor (:func:`set_l1_factors`), or None not to rescale.
+    """
 
     def __init__(self, selection: TopK):
         self.selection = selection
+        self.factor: float | None = None
 
     def apply_(self, delta: Tensor) -> Tensor:
-        """Zero the next slice's trimmed entries in place; returns `delta` (float32, any shape)."""
-        return delta.mul_(self.selection.keep(delta.abs()))
+        """Zero (and rescale) the next slice's trimmed entries in place; returns `delta` (float32, any shape)."""
+        delta.mul_(self.selection.keep(delta.abs()))
+        return delta if self.factor is None else delta.mul_(self.factor)
+
+    def rewind(self) -> None:
+        """Apply from the first slice again."""
+        self.selection.rewind()
 
 
 class RandomDrop:
-    """DARE "drop" of one task vector: its :func:`bernoulli_mask` for the whole tensor and its L1
-    rescale factor, applied to its slices in flat order.
+    """DARE "drop" of one task vector: its :func:`bernoulli_mask` for the whole tensor, applied to its
+    slices in flat order.
 
     Args:
         mask: bool `(N,)`, the kept entries.
-        factor: `Σ|δ| / Σ|δ ⊙ mask|`, or None not to rescale.
+
+    Attributes:
+        factor: the L1 rescale factor (:func:`set_l1_factors`), or None not to rescale.
     """
 
-    def __init__(self, mask: Tensor, factor: float | None):
+    def __init__(self, mask: Tensor):
         self.mask = mask
-        self.factor = factor
+        self.factor: float | None = None
         self._offset = 0
 
     def apply_(self, delta: Tensor) -> Tensor:
@@ -258,6 +276,10 @@ class RandomDrop:
         delta.mul_(self.mask[self._offset:self._offset + n].view(torch.uint8).view(delta.shape))  # bool: slow
         self._offset += n
         return delta if self.factor is None else delta.mul_(self.factor)
+
+    def rewind(self) -> None:
+        """Apply from the first slice again."""
+        self._offset = 0
 
 
 Slices = Callable[[], Iterable[tuple[Sequence[Tensor], Tensor]]]
@@ -295,38 +317,40 @@ def magnitude_trims(slices: Slices, densities: Sequence[float]) -> list[Magnitud
     return [None if selection is None else MagnitudeTrim(selection) for selection in selections]
 
 
-def random_drops(
-    slices: Slices, numel: int, densities: Sequence[float], *, rescale: bool, generator: torch.Generator
-) -> list[RandomDrop | None]:
-    """DARE "drop" as a prepare pass: per model, the :func:`bernoulli_mask` over all `numel` entries
-    (drawn model by model from `generator`) and, with `rescale`, the L1 factor
-    `Σ|δᵢ| / Σ|δᵢ ⊙ maskᵢ|` summed over the slices in float64 (None below 1e-7, as :func:`apply_mask_`).
+def random_drops(numel: int, densities: Sequence[float], generator: torch.Generator) -> list[RandomDrop | None]:
+    """DARE "drop" as a prepare step: per model, the :func:`bernoulli_mask` over all `numel` entries,
+    drawn model by model from `generator`.
 
     Args:
-        slices: returns a fresh iterator over `(tensors, base)` float32 slices, in flat order.
         numel: entries of the whole tensor.
         densities: keep probabilities, one per model (≤ 0 keeps nothing).
-        rescale: compute the L1 factors.
         generator: the seeded RNG, on the slices' device.
 
     Returns:
         One drop per model, None where `density ≥ 1`.
     """
-    masks = [None if density >= 1 else _uniform_below(numel, density, generator) for density in densities]
-    factors: list[float | None] = [None] * len(masks)
-    if rescale and any(mask is not None for mask in masks):
-        before, after = [0.0] * len(masks), [0.0] * len(masks)
-        start = 0
+    return [None if density >= 1 else RandomDrop(_uniform_below(numel, density, generator)) for density in densities]
+
+
+def set_l1_factors(slices: Slices, steps: Sequence[MagnitudeTrim | RandomDrop | None]) -> None:
+    """`rescale` for prepared sparsifiers: set each step's factor `Σ|δᵢ| / Σ|δᵢ ⊙ maskᵢ|`, summed over
+    the slices in float64 (None where either sum is below 1e-7, as :func:`apply_mask_`), and rewind it.
+
+    Args:
+        slices: returns a fresh iterator over `(tensors, base)` float32 slices, in flat order.
+        steps: one per model, from :func:`magnitude_trims` or :func:`random_drops`; None keeps everything.
+    """
+    active = [(i, step) for i, step in enumerate(steps) if step is not None]
+    before, after = [0.0] * len(active), [0.0] * len(active)
+    if active:
         for tensors, base in slices():
-            stop = start + base.numel()
-            for i, mask in enumerate(masks):
-                if mask is not None:
-                    magnitude = torch.sub(tensors[i], base).abs_()
-                    before[i] += float(torch.sum(magnitude, dtype=torch.float64))
-                    after[i] += float(torch.sum(magnitude.mul_(mask[start:stop].view(torch.uint8)), dtype=torch.float64))
-            start = stop
-        factors = [b / a if b >= RESCALE_EPS and a >= RESCALE_EPS else None for b, a in zip(before, after)]
-    return [None if mask is None else RandomDrop(mask, factor) for mask, factor in zip(masks, factors)]
+            for j, (i, step) in enumerate(active):
+                magnitude = torch.sub(tensors[i], base).abs_()
+                before[j] += float(torch.sum(magnitude, dtype=torch.float64))
+                after[j] += float(torch.sum(step.apply_(magnitude), dtype=torch.float64))
+    for (_, step), b, a in zip(active, before, after):
+        step.factor = b / a if b >= RESCALE_EPS and a >= RESCALE_EPS else None
+        step.rewind()
 
 
 def magnitude_mask(delta: Tensor, *, density: float) -> Tensor | None:

@@ -6,6 +6,7 @@ parents'. Golden sha256 digests pin the bytes every method writes: speed work mu
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 
 from merger import executor, sparsify
 from merger.engine import run_merge
-from merger.methods import METHODS, MergeMethod
+from merger.methods import METHODS
 from merger.methods.slerp import BLOCK
 from helpers import bits_per_token
 
@@ -89,7 +90,7 @@ GOLDEN = {
     "ties": "0a642f0957c6d929",
 }
 MOE_GOLDEN = "5e8342529e5b7814"  # templates/examples/fixture-moe.yaml (random gate, seed 0)
-ELEMENTWISE = sorted(name for name, method in METHODS.items() if method.runs_elementwise({}))
+ELEMENTWISE = sorted(name for name, method in METHODS.items() if method.elementwise)
 
 
 def test_every_registered_method_has_a_case(fixture_models_dir: Path) -> None:
@@ -155,7 +156,6 @@ def test_the_elementwise_methods_are_the_expected_ones() -> None:
     assert ELEMENTWISE == [
         "dare_linear", "dare_ties", "linear", "nearswap", "passthrough", "slerp", "task_arithmetic", "ties"
     ]
-    assert not METHODS["ties"].runs_elementwise({"rescale": True})  # L1 rescaling needs whole tensors
 
 
 @pytest.mark.parametrize("method", ELEMENTWISE)
@@ -168,7 +168,7 @@ def test_slices_write_the_bytes_of_whole_tensors(
     # block, as the real sizes are
     monkeypatch.setattr(executor, "SLICE", 5 * BLOCK if method == "slerp" else 4099)
     run_merge(text, tmp_path / "small", device="cpu")
-    monkeypatch.setattr(MergeMethod, "runs_elementwise", lambda self, arguments: False)  # whole tensors
+    monkeypatch.setitem(METHODS, method, dataclasses.replace(METHODS[method], elementwise=False))  # whole tensors
     monkeypatch.setattr(sparsify, "CHUNK", 3 * BLOCK if method == "slerp" else 3001)
     run_merge(text, tmp_path / "whole", device="cpu")
     assert sha256(tmp_path / "default") == sha256(tmp_path / "small") == sha256(tmp_path / "whole") == GOLDEN[method]
@@ -176,3 +176,16 @@ def test_slices_write_the_bytes_of_whole_tensors(
 
 def test_slice_sizes_are_whole_slerp_blocks() -> None:
     assert executor.SLICE % BLOCK == 0 and sparsify.CHUNK % BLOCK == 0
+
+
+def test_ties_with_rescale_runs_in_slices_and_rescales(
+    fixture_models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rescale: true` on TIES: L1 factors prepared over the slices, the same bytes as whole tensors."""
+    text = config("ties", fixture_models_dir) + "parameters: {rescale: true}\n"
+    run_merge(text, tmp_path / "default", device="cpu")
+    monkeypatch.setattr(executor, "SLICE", 4099)
+    run_merge(text, tmp_path / "small", device="cpu")
+    monkeypatch.setitem(METHODS, "ties", dataclasses.replace(METHODS["ties"], elementwise=False))
+    run_merge(text, tmp_path / "whole", device="cpu")
+    assert sha256(tmp_path / "default") == sha256(tmp_path / "small") == sha256(tmp_path / "whole") != GOLDEN["ties"]

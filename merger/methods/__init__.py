@@ -17,7 +17,7 @@ A method is a pure function of float32 tensors::
   argument `lambda_` is the config's `lambda`.
 - `generator` (keyword-only, `torch.Generator`), when declared, receives the run's seeded RNG.
 - `elementwise=True` declares that output entry j depends only on entry j of each input (and the
-  parameters; a predicate over the keyword arguments when that depends on them): the engine then runs the method on consecutive slices of the flattened tensors, so it
+  parameters, and what `prepare` computed): the engine then runs the method on consecutive slices of the flattened tensors, so it
   never holds float32 copies of whole tensors and its temporaries stay in cache. Slices are 1-D.
 - `prepare`, for an elementwise method that needs whole-tensor statistics first (TIES's magnitude
   thresholds, DARE's masks and rescale factors, SLERP's angle): `prepare(slices, shape, **arguments)`
@@ -78,8 +78,7 @@ class MergeMethod:
         base: `"none"` (a base is an ordinary input), `"optional"` or `"required"`.
         min_others / max_others: how many non-base models the method takes (max None = unbounded).
         uses_generator: whether the function takes the seeded `generator`.
-        elementwise: whether the function may run on slices of the flattened inputs (see above), or a
-            predicate over its keyword arguments; ask :meth:`runs_elementwise`.
+        elementwise: whether the function may run on slices of the flattened inputs (see above).
         prepare: the whole-tensor pass an elementwise method needs first, or None.
     """
 
@@ -92,12 +91,8 @@ class MergeMethod:
     min_others: int
     max_others: int | None
     uses_generator: bool
-    elementwise: bool | Callable[[dict[str, Any]], bool] = False
+    elementwise: bool = False
     prepare: Callable[..., Any] | None = None
-
-    def runs_elementwise(self, arguments: dict[str, Any]) -> bool:
-        """Whether a call with these keyword arguments may run on slices of the flattened inputs."""
-        return self.elementwise(arguments) if callable(self.elementwise) else self.elementwise
 
     @property
     def per_model_parameters(self) -> tuple[ParameterSpec, ...]:
@@ -121,7 +116,7 @@ def merge_method(
     reference_url: str,
     min_others: int = 1,
     max_others: int | None = None,
-    elementwise: bool | Callable[[dict[str, Any]], bool] = False,
+    elementwise: bool = False,
     prepare: Callable[..., Any] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under `name`, reading its parameters from the signature."""

@@ -31,6 +31,7 @@ from ..sparsify import (
     magnitude_mask,
     magnitude_trims,
     random_drops,
+    set_l1_factors,
     slices_of,
 )
 from . import PerModel, merge_method
@@ -124,7 +125,8 @@ class Variant:
             makes the method take the run's seeded RNG.
         elementwise: the engine may run it on slices (no sparsifier, or one decided by `prepare`).
         prepare: the whole-tensor pass deciding the sparsifier's masks slice by slice (TIES's
-            :func:`magnitude_trims`, DARE's :func:`random_drops`), or None.
+            :func:`magnitude_trims`, DARE's :func:`random_drops`; `rescale` adds :func:`set_l1_factors`),
+            or None.
         consensus: TIES sign election.
         normalize: the default of `normalize`.
         rescale: the default of `rescale` (declared only with a sparsifier).
@@ -141,18 +143,15 @@ class Variant:
     elementwise: bool = False
     prepare: Callable[..., list[Any]] | None = None
 
-    def runs_elementwise(self, rescale: bool) -> bool:
-        """Whether a call may run on slices: TIES rescaling takes whole-tensor norms; DARE's prepare has them."""
-        return self.elementwise and (not rescale or self.prepare is _random_drops)
 
-
-def _magnitude_trims(slices: Callable[[], Any], shape: tuple[int, ...], density: list[float], **_: Any) -> list[Any]:
+def _magnitude_trims(slices: Callable[[], Any], shape: tuple[int, ...], density: list[float],
+                     generator: torch.Generator | None) -> list[Any]:
     return magnitude_trims(slices, density)
 
 
-def _random_drops(slices: Callable[[], Any], shape: tuple[int, ...], density: list[float], *, rescale: bool,
-                  generator: torch.Generator, **_: Any) -> list[Any]:
-    return random_drops(slices, math.prod(shape), density, rescale=rescale, generator=generator)
+def _random_drops(slices: Callable[[], Any], shape: tuple[int, ...], density: list[float],
+                  generator: torch.Generator | None) -> list[Any]:
+    return random_drops(math.prod(shape), density, generator)
 
 
 VARIANTS = (
@@ -234,12 +233,9 @@ def register(variant: Variant) -> Callable[..., Tensor]:
         "parameters. Takes n float32 `(*shape)` tensors and a float32 base; returns float32 `(*shape)`."
     )
     prepare = None if variant.prepare is None else partial(_prepare_variant, variant)
-    elementwise: bool | Callable[[dict[str, Any]], bool] = variant.elementwise
-    if variant.elementwise and variant.sparsifier is not None:
-        elementwise = lambda arguments: variant.runs_elementwise(arguments.get("rescale", variant.rescale))  # noqa: E731
     return merge_method(
         variant.name, pretty_name=variant.pretty_name, reference_url=variant.reference_url,
-        elementwise=elementwise, prepare=prepare,
+        elementwise=variant.elementwise, prepare=prepare,
     )(merge)
 
 
@@ -247,9 +243,12 @@ def _prepare_variant(
     variant: Variant, slices: Callable[[], Any], shape: tuple[int, ...], *, density: list[float],
     rescale: bool | None = None, generator: torch.Generator | None = None, **_: Any,
 ) -> list[Any]:
-    """`variant.prepare` called as the engine calls a method's prepare pass (its keyword arguments)."""
-    return variant.prepare(slices, shape, density, rescale=variant.rescale if rescale is None else rescale,
-                           generator=generator)
+    """`variant.prepare` called as the engine calls a method's prepare pass (its keyword arguments),
+    followed by the L1 rescale factors when `rescale` (default: the variant's)."""
+    steps = variant.prepare(slices, shape, density, generator)
+    if variant.rescale if rescale is None else rescale:
+        set_l1_factors(slices, steps)
+    return steps
 
 
 def _merge_variant(
@@ -268,10 +267,10 @@ def _merge_variant(
 ) -> Tensor:
     """Run `variant` on arguments bound to its signature; `per_model` holds the sparsifier's lists."""
     sparsifiers = None
-    if variant.prepare is not None and variant.runs_elementwise(rescale):
+    if variant.prepare is not None:
         if prepared is None:  # a call on whole tensors: prepare from them
-            prepared = variant.prepare(lambda: slices_of(tensors, base), tuple(base.shape), per_model["density"],
-                                       rescale=rescale, generator=generator)
+            prepared = _prepare_variant(variant, lambda: slices_of(tensors, base), tuple(base.shape),
+                                        density=per_model["density"], rescale=rescale, generator=generator)
         sparsifiers = [(lambda delta: delta) if step is None else step.apply_ for step in prepared]
     elif variant.sparsifier is not None:
         random = {} if generator is None else {"generator": generator}

@@ -462,9 +462,10 @@ def main(argv: list[str] | None = None) -> int:
         _fernet()
     except (KeyError, ValueError):
         logger.error(
-            "%s must hold the app's Fernet key (32 url-safe base64 bytes); start the worker from the app, "
-            "or set the same key in both environments.",
+            "%s must hold the app's Fernet key (32 url-safe base64 bytes); set the same key in the app's and "
+            "the worker's environments, or unset it in both to use %s in the shared data directory.",
             constants.QUEUE_KEY_ENV,
+            constants.QUEUE_KEY_FILE_NAME,
         )
         return 2
     recover_interrupted_jobs()

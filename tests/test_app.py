@@ -515,3 +515,24 @@ def test_the_app_log_is_scrubbed_httpx_lines_included() -> None:
     assert lines[0] == 'httpx HTTP Request: GET https://hf.co/api/models/*** "HTTP/1.1 401 "'
     assert "RuntimeError: Authorization: Bearer ***" in lines[1]
     assert secret not in "".join(lines)
+
+
+def test_job_status_says_when_no_worker_is_alive(
+    client: Client, monkeypatch: pytest.MonkeyPatch, job_store: Path, hub
+) -> None:
+    import time
+
+    from merger import jobs
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    the_id = jobs.submit("merge_method: linear\n", "alice/waiting", TOKEN, "alice")
+    jobs.beat(4242)
+    assert client.predict(the_id, api_name="/job_status")["worker"] is None  # a fresh heartbeat
+
+    beat = jobs.last_heartbeat()
+    monkeypatch.setattr(constants, "WORKER_STALE_S", 0)
+    time.sleep(0.05)
+    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(beat))
+    status = client.predict(the_id, api_name="/job_status")
+    assert status["worker"] == f"No worker alive since {since}: queued jobs wait until a worker is running again."
+    assert app._job_markdown(status).endswith(f"**Worker:** {status['worker']}")

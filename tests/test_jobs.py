@@ -411,6 +411,7 @@ def test_consumer_process_runs_jobs_end_to_end(hub, fixture_models_dir, consumer
     assert {"config.json", "model.safetensors.index.json", "mergekit_config.yml"} <= set(files)
     assert not any((data_dir / "work").iterdir())
     assert worker.get_huey().pending_count() == 0
+    assert time.time() - jobs.last_heartbeat() < 3 * constants.WORKER_HEARTBEAT_S  # it says it is alive
 
     # SIGTERM stops the consumer cleanly.
     process.send_signal(signal.SIGTERM)
@@ -434,6 +435,239 @@ def test_worker_alone_refuses_to_start_with_an_invalid_key(data_dir):
     assert "MERGER_QUEUE_KEY must hold the app's Fernet key" in result.stderr
     assert "not-a-fernet-key" not in result.stderr
     assert not data_dir.exists()  # it touched nothing
+
+
+# ---------------------------------------------------------------- push failures (loopback Hub, in-process task)
+
+
+def _write_model_only(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """A fake merge that writes a small model folder (the push to the loopback Hub is real)."""
+
+    def body(out_dir, progress, should_cancel):
+        (out_dir / "model.safetensors").write_bytes(b"weights")
+
+    return fake_engine(monkeypatch, body)
+
+
+@pytest.mark.parametrize("failure", [503, "drop"])
+def test_hub_failing_mid_push_fails_the_job_and_deletes_the_repo_it_created(
+    hub, immediate, monkeypatch, data_dir, failure
+):
+    _write_model_only(monkeypatch)
+    monkeypatch.setattr(hub.store, "fail_commits", failure)  # 503: the Hub refuses; "drop": it is gone mid-upload
+    repo = f"alice/mid-push-{failure}"
+
+    job_id = jobs.submit(CONFIG, repo, hub.token, hub.user)
+
+    job = jobs.get_job(job_id)
+    assert job.status is JobStatus.FAILED
+    cause = "failed on the Hub (HTTP 503" if failure == 503 else "failed: could not reach the Hub"
+    assert job.error.startswith(f"pushing to `{repo}` {cause}"), job.error
+    assert job.error.endswith(f"Nothing was pushed: the repo `{repo}` this job created was deleted.")
+    assert ("model", repo) not in hub.store.repos
+    assert jobs.pending_repos() == []
+    assert not (data_dir / "work" / job_id).exists()
+
+
+def test_job_to_an_existing_repo_without_reuse_fails_before_the_merge(hub, immediate, monkeypatch):
+    calls = _write_model_only(monkeypatch)
+    HfApi(token=hub.token).create_repo("alice/taken-meanwhile")  # created after submit, before the job ran
+    commits = list(hub.store.repos[("model", "alice/taken-meanwhile")]["commits"])
+
+    job_id = jobs.submit(CONFIG, "alice/taken-meanwhile", hub.token, hub.user)
+
+    job = jobs.get_job(job_id)
+    assert job.status is JobStatus.FAILED
+    assert job.error.startswith("`repo`: `alice/taken-meanwhile` already exists; choose a new name")
+    assert calls == []  # refused before the merge
+    assert hub.store.repos[("model", "alice/taken-meanwhile")]["commits"] == commits
+
+
+def test_job_with_reuse_pushes_a_new_commit_and_keeps_visibility(hub, immediate, monkeypatch):
+    _write_model_only(monkeypatch)
+    HfApi(token=hub.token).create_repo("alice/reused-private", private=True)
+
+    job_id = jobs.submit(CONFIG, "alice/reused-private", hub.token, hub.user, private=False, reuse_repo=True)
+
+    job = jobs.get_job(job_id)
+    assert (job.status, job.error) == (JobStatus.SUCCEEDED, None)
+    repo = hub.store.repos[("model", "alice/reused-private")]
+    assert repo["private"] is True and "model.safetensors" in repo["commits"][-1]["files"]
+
+
+def test_worker_start_sweeps_repos_created_but_never_committed(hub, monkeypatch, data_dir):
+    api = HfApi(token=hub.token)
+    empty, full = jobs.submit(CONFIG, "alice/swept-empty", hub.token, hub.user), jobs.submit(
+        CONFIG, "alice/swept-full", hub.token, hub.user
+    )
+    for job_id, repo in ((empty, "alice/swept-empty"), (full, "alice/swept-full")):
+        assert jobs.mark_running(job_id)
+        jobs.record_pending_repo(job_id, repo, worker._fernet().encrypt(hub.token.encode()))
+        api.create_repo(repo)
+    api.upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id="alice/swept-full")  # it had landed
+
+    worker.recover_interrupted_jobs()
+
+    assert not api.repo_exists("alice/swept-empty") and api.repo_exists("alice/swept-full")
+    assert jobs.get_job(empty).error == (
+        "This job stopped before it finished: the worker process stopped unexpectedly (it was killed, ran out of "
+        "memory, or the app restarted). Its partial output was deleted. Nothing was pushed: the repo "
+        "`alice/swept-empty` this job created was deleted. Submit the job again."
+    )
+    assert "The repo `alice/swept-full` holds the uploaded files; it was kept." in jobs.get_job(full).error
+    assert jobs.pending_repos() == []
+    assert hub.token.encode() not in (data_dir / "jobs.db").read_bytes() + _wal(data_dir / "jobs.db")
+
+
+# ---------------------------------------------------------------- faults with real worker processes
+
+# A consumer whose merge reports each tensor slowly, so that a test can kill it mid-merge.
+_SLOW_WORKER = """
+import sys, time
+from merger import worker
+report = worker._Reporter.progress
+def slow(self, fraction, message):
+    time.sleep(0.25)
+    report(self, fraction, message)
+worker._Reporter.progress = slow
+sys.exit(worker.main([]))
+"""
+
+
+def _good_config(fixture_models_dir: Path) -> str:
+    return "merge_method: linear\nmodels:\n" + "".join(
+        f"  - model: {fixture_models_dir / name}\n    parameters: {{weight: 0.5}}\n"
+        for name in ("mistral-base", "mistral-code")
+    )
+
+
+def _worker_env(data_dir: Path) -> dict[str, str]:
+    return dict(
+        os.environ,
+        MERGER_DATA_DIR=str(data_dir),
+        MERGER_QUEUE_DB=str(data_dir / "queue.db"),
+        MERGER_JOBS_DB=str(data_dir / "jobs.db"),
+        PYTHONPATH=str(Path(__file__).parents[1]),
+    )
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait(timeout=30)
+
+
+def test_worker_killed_mid_merge_is_restarted_and_its_job_failed(hub, fixture_models_dir, data_dir, tmp_path):
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = tmp_path / "worker.log"
+    starts = []
+
+    def start() -> subprocess.Popen:  # the first worker is slow; the watchdog's restart is a normal one
+        if starts:
+            process = worker.start_consumer_process(log_file=log)
+        else:
+            with open(log, "ab") as out:
+                process = subprocess.Popen([sys.executable, "-c", _SLOW_WORKER], env=_worker_env(data_dir),
+                                           stdout=out, stderr=subprocess.STDOUT)
+        starts.append(process)
+        return process
+
+    killed = jobs.submit(_good_config(fixture_models_dir), "alice/killed-mid-merge", hub.token, hub.user)
+    after = jobs.submit(_good_config(fixture_models_dir), "alice/after-the-kill", hub.token, hub.user)
+    supervisor = worker.WorkerSupervisor(start=start, interval=0.2)
+    try:
+        work = data_dir / "work" / killed
+        _wait_until(lambda: jobs.get_job(killed).progress > 0 and any(work.rglob("*.safetensors")), log)
+        staged = sorted(p.name for p in work.iterdir())
+        assert staged and staged[0].startswith(".model.partial-"), staged  # the merge was writing its staging folder
+        os.kill(starts[0].pid, signal.SIGKILL)
+
+        _wait_until(lambda: jobs.get_job(killed).status.finished, log, timeout=30)
+        job = jobs.get_job(killed)
+        assert (job.status, job.error) == (
+            JobStatus.FAILED,
+            "This job stopped before it finished: the worker process was killed by SIGKILL while it ran. "
+            "Its partial output was deleted. Nothing was pushed. Submit the job again.",
+        )
+        assert not work.exists()
+        _wait_until(lambda: jobs.get_job(after).status.finished, log)
+        assert jobs.get_job(after).status is JobStatus.SUCCEEDED, _read(log)
+        assert (supervisor.restarts, len(starts)) == (1, 2) and supervisor.process is starts[1]
+        assert ("model", "alice/killed-mid-merge") not in hub.store.repos
+        assert ("model", "alice/after-the-kill") in hub.store.repos
+        assert time.time() - jobs.last_heartbeat() < 10  # the new worker's heartbeat
+    finally:
+        supervisor.stop(timeout=30)
+        for process in starts:
+            _stop(process)
+
+
+def test_worker_killed_mid_upload_the_next_worker_deletes_the_repo(hub, fixture_models_dir, data_dir, tmp_path, monkeypatch):
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = tmp_path / "worker.log"
+    held = threading.Event()
+    monkeypatch.setattr(hub.store, "hold_commits", held)  # the upload stays in flight until the test says
+    repo = "alice/killed-mid-upload"
+    job_id = jobs.submit(_good_config(fixture_models_dir), repo, hub.token, hub.user)
+    first = worker.start_consumer_process(log_file=log)
+    second = None
+    try:
+        _wait_until(lambda: ("model", repo) in hub.store.repos and jobs.pending_repos(), log)
+        assert [(j, r) for j, r, _ in jobs.pending_repos()] == [(job_id, repo)]
+        time.sleep(0.5)  # into the held commit
+        first.kill()
+        first.wait(timeout=30)
+        monkeypatch.setattr(hub.store, "fail_commits", 503)  # the orphaned commit, once let go, must not land
+        held.set()
+        assert jobs.get_job(job_id).status is JobStatus.RUNNING  # nobody has noticed yet
+
+        second = worker.start_consumer_process(log_file=log)  # a worker restart: its start sweeps
+        _wait_until(lambda: jobs.get_job(job_id).status.finished, log)
+        job = jobs.get_job(job_id)
+        assert job.status is JobStatus.FAILED
+        assert job.error == (
+            "This job stopped before it finished: the worker process stopped unexpectedly (it was killed, ran out "
+            f"of memory, or the app restarted). Its partial output was deleted. Nothing was pushed: the repo `{repo}` "
+            "this job created was deleted. Submit the job again."
+        )
+        assert ("model", repo) not in hub.store.repos
+        assert jobs.pending_repos() == []
+        assert not (data_dir / "work" / job_id).exists()
+    finally:
+        held.set()
+        _stop(first)
+        if second is not None:
+            _stop(second)
+
+
+def test_queued_job_survives_an_app_restart_with_the_key_in_the_data_dir(
+    hub, fixture_models_dir, data_dir, tmp_path, monkeypatch
+):
+    monkeypatch.delenv(constants.QUEUE_KEY_ENV)  # no key given: the app keeps one in its data dir
+    env = {k: v for k, v in _worker_env(data_dir).items() if k != constants.QUEUE_KEY_ENV}
+    submit = (
+        "import sys; from merger import jobs; "
+        "print(jobs.submit(sys.stdin.read(), 'alice/after-restart', 'hf_test_alice', 'alice'))"
+    )
+    # The first app process queues the job and exits (as a restart would end it), before any worker ran.
+    done = subprocess.run([sys.executable, "-c", submit], input=_good_config(fixture_models_dir), env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    job_id = done.stdout.strip()
+    assert jobs.get_job(job_id).status is JobStatus.QUEUED
+    key_file = data_dir / "queue.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert b"hf_test_alice" not in (data_dir / "queue.db").read_bytes() + _wal(data_dir / "queue.db")
+
+    log = tmp_path / "worker.log"
+    process = worker.start_consumer_process(log_file=log)  # the new app's worker: no key in the environment either
+    try:
+        _wait_until(lambda: jobs.get_job(job_id).status.finished, log)
+        job = jobs.get_job(job_id)
+        assert (job.status, job.error) == (JobStatus.SUCCEEDED, None), _read(log)
+        assert "model.safetensors.index.json" in hub.store.repos[("model", "alice/after-restart")]["commits"][-1]["files"]
+    finally:
+        _stop(process)
 
 
 # ---------------------------------------------------------------- helpers

@@ -448,3 +448,53 @@ def test_environment_points_huggingface_hub_at_the_loopback_hub(hub):
     assert constants.HF_HOME == os.environ["HF_HOME"] != str(Path.home() / ".cache" / "huggingface")
     assert constants.HF_HUB_DISABLE_XET is True
     assert "HF_TOKEN" not in os.environ
+
+
+# ---------------------------------------------------------------- the CLI checks the push target before merging
+
+
+@pytest.fixture
+def cli_config(tmp_path, fixture_models_dir) -> Path:
+    path = tmp_path / "linear.yml"
+    path.write_text(
+        "merge_method: linear\nmodels:\n"
+        + "".join(f"  - model: {fixture_models_dir / n}\n    parameters: {{weight: 0.5}}\n" for n in ("mistral-base", "mistral-code"))
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("target", "flags", "words"),
+    [
+        ("bob/cli-theirs", [], "you may not create or push to `bob/cli-theirs`"),
+        ("alice/cli-existing", [], "`alice/cli-existing` already exists; choose a new name, or allow reusing it (`--reuse-repo`"),
+        ("alice/cli-existing", ["--private", "--reuse-repo"], "`alice/cli-existing` exists and is public, but a private repo"),
+        ("alice/cli bad", [], "`alice/cli bad` is not a valid Hub repo id"),
+    ],
+)
+def test_cli_refuses_a_bad_push_target_before_merging(hub, cli_config, tmp_path, capsys, monkeypatch, target, flags, words):
+    from merger.__main__ import main
+
+    HfApi(token=hub.token).create_repo("alice/cli-existing", exist_ok=True)
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+
+    code = main(["run", str(cli_config), str(tmp_path / "out"), "--device", "cpu", "--push-to", target, *flags])
+
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and words in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # refused before the merge wrote anything
+
+
+def test_cli_reuse_repo_pushes_a_new_commit(hub, cli_config, tmp_path, capsys, monkeypatch):
+    from merger.__main__ import main
+
+    HfApi(token=hub.token).create_repo("alice/cli-reused", exist_ok=True)
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+
+    code = main(["run", str(cli_config), str(tmp_path / "out"), "--device", "cpu", "--push-to", "cli-reused", "--reuse-repo"])
+
+    out = capsys.readouterr().out
+    assert code == 0 and out.strip().endswith(f"pushed to {hub.url}/alice/cli-reused")
+    files = hub.store.repos[("model", "alice/cli-reused")]["commits"][-1]["files"]
+    assert {"config.json", "model.safetensors.index.json", "mergekit_config.yml"} <= set(files)
+    assert HfApi(token=hub.token).model_info("alice/cli-reused").private is False

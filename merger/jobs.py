@@ -29,7 +29,8 @@ from enum import Enum
 from pathlib import Path
 
 from . import constants
-from .errors import JobAccessError, JobLimitError
+from .errors import ConfigError, JobAccessError, JobLimitError
+from .tokens import TOKEN_PATTERN
 
 _BUSY_TIMEOUT_S = 10.0  # how long a statement waits for the other process's write to finish
 
@@ -155,6 +156,8 @@ def submit(
         The new job's id (uuid4 hex, `constants.JOB_ID_LENGTH` characters).
 
     Raises:
+        ConfigError: the config holds the token or anything shaped like a Hub token (comments
+            included): the record keeps the config, and the card and `mergekit_config.yml` carry it.
         JobLimitError: the owner has `constants.MAX_JOBS_PER_USER` unfinished jobs, or the app
             `constants.MAX_JOBS_TOTAL`.
         sqlite3.Error: the job record or the queue could not be written (then no job exists to run).
@@ -162,6 +165,7 @@ def submit(
     # Imported here rather than at the top: the worker imports this module for the records.
     from .worker import enqueue
 
+    _refuse_tokens(config_yaml, token)
     job_id = uuid.uuid4().hex
     now = time.time()
     conn = _connect()
@@ -467,6 +471,14 @@ def pending_repos() -> list[tuple[str, str, bytes]]:
 
 
 # ---------------------------------------------------------------- storage
+
+
+def _refuse_tokens(config_yaml: str, token: str) -> None:
+    if TOKEN_PATTERN.search(config_yaml) or (token and token in config_yaml):
+        raise ConfigError(
+            "the config contains a Hugging Face token (`hf_...`), perhaps in a comment; remove it: the config "
+            "is stored with the job and pushed with the model"
+        )
 
 
 def _existing_job(job_id: str) -> Job:

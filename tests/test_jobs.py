@@ -22,7 +22,7 @@ from cryptography.fernet import Fernet
 from huggingface_hub import HfApi
 
 from merger import constants, engine, hub, jobs, worker
-from merger.errors import JobAccessError, JobLimitError, MergeCancelled, ModelNotFoundError
+from merger.errors import ConfigError, JobAccessError, JobLimitError, MergeCancelled, ModelNotFoundError
 from merger.jobs import JobStatus
 
 TOKEN = "hf_" + "Zq7" * 12  # shaped like a real user token
@@ -282,6 +282,13 @@ def test_malformed_job_id_is_refused_without_echo(bad_id):
         message = str(caught.value)
         assert message.startswith("this is not a job id: a job id is 32 hexadecimal characters")
         assert bad_id not in message and "<b>" not in message and len(message) < 150
+
+
+@pytest.mark.parametrize("config", [f"# my token: {TOKEN}\n{CONFIG}", CONFIG + "  # hf_test_alice\n"])
+def test_config_holding_a_token_is_never_recorded(config, data_dir):
+    with pytest.raises(ConfigError, match="the config contains a Hugging Face token"):
+        jobs.submit(config, REPO, "hf_test_alice", OWNER)
+    assert not (data_dir / "jobs.db").exists() or _count_jobs(data_dir) == 0
 
 
 def test_only_the_owner_reads_or_cancels_a_job_others_see_its_config():

@@ -23,6 +23,8 @@ HUB_ALLOW_PATTERNS = [
     "vocab.txt",
     "*.jinja",
     "README.md",
+    "*.py",  # code an `auto_map` names, carried to the output (merger.remote_code); never run
+    "*.model",  # sentencepiece vocabularies of custom tokenizers
 ]
 
 # Tokenizer files copied byte for byte from the tokenizer's donor.

@@ -27,6 +27,7 @@ from .constants import (
 from .errors import ConfigError
 from .executor import Progress, execute_plan
 from .plan import MergePlan
+from .remote_code import needs_remote_code, remote_code_files
 from .tokenizer import write_tokenizer
 from .resolve import materialize
 from .validate import plan_config
@@ -141,6 +142,9 @@ def _write_files(
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
                 shutil.copyfile(tokenizer_dir / name, staging / name)
+    for source, name in remote_code_files(plan.output_config, donor, tokenizer_dir):
+        if not (staging / name).exists():  # a re-saved tokenizer keeps its own files
+            shutil.copyfile(source, staging / name)
     (staging / MERGE_CONFIG_FILE).write_text(config_text)
     card = render_model_card(
         title=title,
@@ -152,6 +156,7 @@ def _write_files(
         licenses=[metadata[m.key].license for m in plan.models],
         moe=plan.method_name == "moe",
         mention_base=plan.method_name != "slerp",
+        remote_code=needs_remote_code(plan.output_config, tokenizer_dir),
     )
     (staging / CARD_FILE).write_text(card)
 
@@ -176,6 +181,7 @@ def _is_merge_output(name: str) -> bool:
         name in (CONFIG_FILE, GENERATION_CONFIG_FILE, MERGE_CONFIG_FILE, CARD_FILE, SAFETENSORS_INDEX_FILE)
         or name in TOKENIZER_FILES
         or (name.startswith("model") and name.endswith(".safetensors"))
+        or name.endswith(".py")  # code an `auto_map` needs (merger.remote_code)
     )
 
 

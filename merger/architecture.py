@@ -140,12 +140,29 @@ class Architecture:
     moe_from: tuple[str, ...] = ()
     inferred: bool = False
 
-    def num_layers(self, config: dict) -> int:
-        """The layer count stated by a model's `config.json` (dotted keys allowed)."""
-        value = config
-        for part in self.num_layers_config_key.split("."):
-            value = value[part]
-        return int(value)
+    def num_layers(self, config: dict, default: int | None = None) -> int:
+        """The layer count stated by a model's `config.json`.
+
+        Args:
+            config: the parsed `config.json`.
+            default: returned when the config states no count; None raises instead.
+
+        Returns:
+            The value under :attr:`num_layers_config_key` (dotted keys walk nested objects, e.g.
+            `text_config.num_hidden_layers`; a text-only config is read under the last part alone).
+
+        Raises:
+            KeyError: the config states no count and `default` is None.
+        """
+        for path in (self.num_layers_config_key.split("."), self.num_layers_config_key.split(".")[-1:]):
+            value = config
+            for part in path:
+                value = value.get(part) if isinstance(value, dict) else None
+            if isinstance(value, int):
+                return value
+        if default is None:
+            raise KeyError(self.num_layers_config_key)
+        return default
 
     def layer(self, index: int) -> tuple[WeightInfo, ...]:
         """The weights of layer `index` (templates filled in; expert templates left to the caller)."""

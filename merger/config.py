@@ -177,6 +177,9 @@ class MergeConfig(BaseModel):
     chat_template: str | None = None
     seed: int | None = None
     name: str | None = None
+    # merger's extension (docs/decisions.md): merge although an input has tensors the output's layout
+    # does not describe; they are dropped and named in a warning instead of refusing the merge.
+    drop_unknown_tensors: bool = False
 
     _parse_base = field_validator("base_model", mode="before")(
         classmethod(lambda cls, v: None if v is None else _reference(v))

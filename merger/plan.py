@@ -14,6 +14,7 @@ from typing import Any
 from .architecture import Architecture, WeightInfo, architecture_for
 from .config import InputSliceSource, MergeConfig, ModelReference, OutputSlice
 from .errors import (
+    ArchitectureSettingError,
     BaseModelError,
     ConfigErrors,
     LayerRangeError,
@@ -22,12 +23,14 @@ from .errors import (
     ModelCountError,
     ParameterValueError,
     ShapeMismatchError,
+    UnmergedTensorsError,
     VocabSizeError,
     WeightSumError,
 )
 from .metadata import DTYPE_SIZES, ModelMetadata
 from .methods import MergeMethod, get_method
 from .parameters import resolve
+from .settings import compare_settings
 from .tokenizer import Vocabulary, VocabPlan, plan_vocabulary
 
 TORCH_TO_SAFETENSORS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -204,6 +207,10 @@ def build_plan(
     _check_widths(refs, metadata)
     slices = _as_slices(config, metadata, arch)
     _check_slices(config, slices, method, metadata, arch, problems)
+    settings = compare_settings({str(ref): metadata[ref.key].config for ref in refs}, str(config.base_model or refs[0]))
+    for refusal in settings.refusals:
+        problems.add(ArchitectureSettingError(refusal))
+    dropped = _account_for_tensors(config, refs, metadata, arch, problems)
     problems.raise_if_any()
 
     vocab_plan = None
@@ -249,7 +256,7 @@ def build_plan(
         input_dtype=config.dtype,
         seed=DEFAULT_SEED if config.seed is None else config.seed,
         vocab=vocab_plan,
-        warnings=_unknown_tensors(metadata[donor], arch) + tuple(
+        warnings=dropped + settings.warnings + tuple(
             f"`{key}` is not a parameter of `{method.name}` and is ignored (it takes: "
             f"{', '.join(p.name for p in method.parameters) or 'none'})"
             for key in unknown_parameters(config, method)
@@ -261,18 +268,41 @@ def build_plan(
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attn.masked_bias", "attn.bias")
 
 
-def _unknown_tensors(meta: ModelMetadata, arch: Architecture) -> tuple[str, ...]:
-    """A warning when the donor has tensors its architecture definition does not describe (they would
-    be dropped silently); tensors outside the configured layer ranges are expected and not reported."""
+def _undescribed_tensors(meta: ModelMetadata, arch: Architecture) -> list[str]:
+    """A model's tensors that `arch` (the output's layout) does not describe, in every one of its layers;
+    tensors of layers a slice leaves out are described, so a frankenmerge's unused layers are not reported."""
     described = {n for w in (*arch.pre_weights, *arch.post_weights) for n in (w.name, *w.aliases)}
-    for layer in range(arch.num_layers(meta.config)):
+    for layer in range(arch.num_layers(meta.config, default=0)):
         described |= {n for w in arch.layer(layer) for n in (w.name, *w.aliases)}
-    unknown = sorted(n for n in meta.tensors if n not in described and not n.endswith(IGNORED_SUFFIXES))
-    if not unknown:
-        return ()
-    shown = ", ".join(f"`{n}`" for n in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-    return (f"`{meta.reference}` has {len(unknown)} tensor(s) the {arch.model_type} layout does not describe, so "
-            f"the output will not contain them: {shown}",)
+    return sorted(n for n in meta.tensors if n not in described and not n.endswith(IGNORED_SUFFIXES))
+
+
+def _account_for_tensors(
+    config: MergeConfig, refs: list[ModelReference], meta: dict[str, ModelMetadata], arch: Architecture,
+    problems: _Problems,
+) -> tuple[str, ...]:
+    """Rule: every input tensor is merged into the output or named. A tensor the output's layout does not
+    describe is a refusal naming it, or with `drop_unknown_tensors: true` a warning naming it.
+
+    Returns:
+        The warnings (empty unless `drop_unknown_tensors` is set and tensors are dropped).
+    """
+    warnings = []
+    for ref in refs:
+        unknown = _undescribed_tensors(meta[ref.key], arch)
+        if not unknown:
+            continue
+        shown = ", ".join(f"`{n}`" for n in unknown[:6]) + (f" and {len(unknown) - 6} more" if len(unknown) > 6 else "")
+        what = (f"`{ref}` has {len(unknown)} tensor(s) the output's `{arch.model_type}` layout (from "
+                f"`{config.base_model or refs[0]}`) does not describe, so the output would not contain them: {shown}")
+        if config.drop_unknown_tensors:
+            warnings.append(f"{what}; dropped, as `drop_unknown_tensors: true` asks")
+        else:
+            problems.add(UnmergedTensorsError(
+                f"{what}. Merge models of the base's architecture, or set `drop_unknown_tensors: true` to merge "
+                "without them"
+            ))
+    return tuple(warnings)
 
 
 UNIT_INTERVAL = ("density", "select_topk")  # fractions of entries kept

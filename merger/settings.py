@@ -62,15 +62,16 @@ def effective_text_config(config: dict) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.for_model(config["model_type"], **config).get_text_config()
+        fields = {key: value for key, value in config.items() if key != "model_type"}
+        return AutoConfig.for_model(config["model_type"], **fields).get_text_config()
     except Exception:  # unknown or custom model_type, or values the class rejects: compare the raw keys
         text = config.get("text_config")
         return text if isinstance(text, dict) else config
 
 
 def _value(config: Any, name: str) -> Any:
-    if name == "rope_scaling" and _get(config, "rope_parameters") is not _MISSING:
-        return _MISSING  # transformers 5 aliases it to `rope_parameters`, compared already
+    if name in ("rope_scaling", "rope_theta") and _get(config, "rope_parameters") is not _MISSING:
+        return _MISSING  # transformers 5 folds both into `rope_parameters`, compared already
     return _get(config, name)
 
 

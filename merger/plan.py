@@ -7,6 +7,7 @@ Planning reads no weights: it needs each model's `config.json` and safetensors h
 
 from __future__ import annotations
 
+import copy
 import difflib
 from dataclasses import dataclass, field
 from typing import Any
@@ -235,7 +236,10 @@ def build_plan(
                 jobs += planner.plan(output_slice, slice_index, template.for_layer(out_layer), template, t, offset)
             layer_origins.append((output_slice.sources[0].model.key, start + offset))
     for weight in arch.post_weights:
-        jobs += planner.plan(slices[-1], len(slices) - 1, weight, weight, 0.0)  # spec decision 11: t = 0
+        if weight.side_module:
+            jobs += planner.plan_side_module(slices, weight)
+        else:
+            jobs += planner.plan(slices[-1], len(slices) - 1, weight, weight, 0.0)  # spec decision 11: t = 0
     problems.raise_if_any()
 
     written = {job.name for job in jobs}
@@ -256,7 +260,7 @@ def build_plan(
         input_dtype=config.dtype,
         seed=DEFAULT_SEED if config.seed is None else config.seed,
         vocab=vocab_plan,
-        warnings=dropped + settings.warnings + tuple(
+        warnings=dropped + settings.warnings + planner.copy_warnings() + tuple(
             f"`{key}` is not a parameter of `{method.name}` and is ignored (it takes: "
             f"{', '.join(p.name for p in method.parameters) or 'none'})"
             for key in unknown_parameters(config, method)
@@ -399,6 +403,7 @@ class _TensorPlanner:
         self.meta = meta
         self.problems = problems
         self.vocab = vocab
+        self.copied_modules: dict[tuple[str, str], list[str]] = {}
 
     def _misspelt(self, name: str) -> str:
         """` (found `weigth`: did you mean `weight`?)` when a config key is a likely misspelling of `name`."""
@@ -425,7 +430,7 @@ class _TensorPlanner:
         for index, source in enumerate(output_slice.sources):
             weight = template if offset is None else template.for_layer(source.layer_range[0] + offset)
             name = self._find(source.model.key, weight)
-            if name is None and not weight.optional:
+            if name is None and not weight.optional and not weight.side_module:
                 self.problems.add(ShapeMismatchError(
                     f"`{source.model}` has no tensor `{weight.name}` (and maybe more): it is not a complete "
                     f"checkpoint of the output's architecture ({self.meta[self.donor].config.get('model_type')})"
@@ -436,6 +441,8 @@ class _TensorPlanner:
         # an optional tensor that no model has under its own name (a tied lm_head) is not written
         if not found or (out_weight.optional and not any_own_name):
             return []
+        if out_weight.side_module and not self._same_everywhere(output_slice, found):
+            return [self._copy_from_donor(out_weight, "is not in every input with one shape")]
 
         base_entry = None
         if method.base != "none" and base_ref is not None:
@@ -506,6 +513,35 @@ class _TensorPlanner:
             align,
         )]
 
+    def _same_everywhere(self, output_slice: OutputSlice, found: list) -> bool:
+        """Whether every source of the slice has this tensor, all with one shape."""
+        shapes = {tuple(self.meta[s.model.key].tensors[n].shape) for _, s, n in found}
+        return len(found) == len(output_slice.sources) and len(shapes) == 1
+
+    def plan_side_module(self, slices: list[OutputSlice], weight: WeightInfo) -> list[TensorJob]:
+        """A tensor beside the text decoder (vision tower, projector): merged like the first slice when every
+        slice has the same models (a whole-model merge), else the config donor's, whose config describes it."""
+        if len({frozenset(s.model.key for s in sl.sources) for sl in slices}) == 1:
+            return self.plan(slices[0], 0, weight, weight, 0.0)
+        return [self._copy_from_donor(weight, "belongs to no layer range of a frankenmerge")]
+
+    def _copy_from_donor(self, weight: WeightInfo, reason: str) -> TensorJob:
+        """A side module the inputs do not share: the config donor's, as is (`reason` goes in the warning)."""
+        stored = self.meta[self.donor].tensors[weight.name]
+        module = weight.name.split(".")[0]
+        self.copied_modules.setdefault((module, reason), []).append(weight.name)
+        dtype = output_dtype(self.config.out_dtype, self.config.dtype, stored.dtype)
+        return TensorJob(weight.name, "passthrough", (TensorSource(self.donor, weight.name),), None,
+                         {"scale": (None,)}, {}, tuple(stored.shape), dtype)
+
+    def copy_warnings(self) -> tuple[str, ...]:
+        """One warning per side module copied from the donor because the inputs do not all share it."""
+        return tuple(
+            f"`{module}.*` ({len(names)} tensor(s)) {reason}, so the output takes "
+            f"`{self.meta[self.donor].reference}`'s (the config donor's) unchanged"
+            for (module, reason), names in self.copied_modules.items()
+        )
+
     def _check_shapes(self, weight: WeightInfo, found: list, shapes: dict[str, tuple[int, ...]], align: bool) -> None:
         """Inputs of one tensor must agree in shape (in columns only, when a vocabulary plan re-lays rows)."""
         compared = {key: shape[1:] if align else shape for key, shape in shapes.items()}
@@ -547,26 +583,42 @@ def output_model_config(
 
     Sets the layer count, per-layer lists (`layer_types`) taken from each output layer's origin,
     `vocab_size` from the written embedding rows, `tie_word_embeddings` from whether a separate
-    output head was written, and `dtype`/`torch_dtype`.
+    output head was written, and `dtype`/`torch_dtype`. For a multimodal config these are set in
+    its `text_config` (the section holding the layer count); the rest of the config is kept whole.
     """
-    out = dict(donor_config)
+    out = copy.deepcopy(donor_config)
     old_layers = arch.num_layers(donor_config)
-    out[arch.num_layers_config_key] = len(layer_origins)
-    if isinstance(out.get("layer_types"), list):
-        out["layer_types"] = [
-            meta[key].config.get("layer_types", donor_config["layer_types"])[layer] for key, layer in layer_origins
+    *path, count_key = arch.num_layers_config_key.split(".")
+    text = _section(out, path)
+    text[count_key] = len(layer_origins)
+    if isinstance(text.get("layer_types"), list):
+        donor_types = text["layer_types"]
+        text["layer_types"] = [
+            _section(meta[key].config, path).get("layer_types", donor_types)[layer] for key, layer in layer_origins
         ]
-    if out.get("max_window_layers") == old_layers:
-        out["max_window_layers"] = len(layer_origins)
+    if text.get("max_window_layers") == old_layers:
+        text["max_window_layers"] = len(layer_origins)
     for weight in arch.pre_weights:
         job = next((j for j in jobs if j.name == weight.name), None)
         if weight.is_embed and job is not None:
-            out["vocab_size"] = job.shape[0]
+            text["vocab_size"] = job.shape[0]
+            if "vocab_size" in out:  # older multimodal configs state it at the top level too
+                out["vocab_size"] = job.shape[0]
     tied_heads = [w for w in arch.post_weights if w.tied_names]
     if tied_heads:
         out["tie_word_embeddings"] = not any(w.name in written for w in tied_heads)
+        if text is not out and "tie_word_embeddings" in text:
+            text["tie_word_embeddings"] = out["tie_word_embeddings"]
     set_config_dtype(out, dtype)
     return out
+
+
+def _section(config: dict, path: list[str]) -> dict:
+    """The nested object at `path` (a multimodal config's `text_config`); the config itself when absent."""
+    section = config
+    for part in path:
+        section = section.get(part) if isinstance(section.get(part), dict) else section
+    return section
 
 
 def set_config_dtype(config: dict, dtype: str | None) -> None:

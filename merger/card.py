@@ -40,6 +40,7 @@ def render_model_card(
     moe: bool = False,
     mention_base: bool = True,
     remote_code: bool = False,
+    multimodal: bool = False,
 ) -> str:
     """Render the README.md of a merged model.
 
@@ -58,6 +59,8 @@ def render_model_card(
             methods where the base plays no special role).
         remote_code (`bool`, *optional*): the model ships its own code (an `auto_map`), so loading it
             takes `trust_remote_code=True`; the card says so and the usage snippet passes it.
+        multimodal (`bool`, *optional*): the model reads images too (a `text_config` / `vision_config`);
+            the usage snippet loads it with `AutoModelForImageTextToText` and its processor.
 
     Returns:
         `str`: the card, YAML front matter included.
@@ -89,6 +92,7 @@ def render_model_card(
         license_parents=[] if agreed else list(parents.values()),
         moe=moe,
         remote_code=remote_code,
+        multimodal=multimodal,
     )
     return str(card)
 

@@ -41,6 +41,9 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 
+# A multimodal model's image/video processor settings, copied from the config donor (its vision tower's).
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+
 DEFAULT_SHARD_SIZE = 5 * 1000**3  # bytes; the Hub's usual 5GB shards
 
 # Where the app keeps its job queue and job records (a Space's persistent storage mounts at /data).

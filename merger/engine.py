@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from .architecture import is_multimodal
 from .card import render_model_card
 from .config import load_config
 from .constants import (
@@ -21,6 +22,7 @@ from .constants import (
     DEFAULT_SHARD_SIZE,
     GENERATION_CONFIG_FILE,
     MERGE_CONFIG_FILE,
+    PROCESSOR_FILES,
     SAFETENSORS_INDEX_FILE,
     TOKENIZER_FILES,
 )
@@ -133,8 +135,9 @@ def _write_files(
 ) -> None:
     (staging / CONFIG_FILE).write_text(json.dumps(plan.output_config, indent=2, sort_keys=True) + "\n")
     donor = dirs[plan.config_donor]
-    if (donor / GENERATION_CONFIG_FILE).is_file():
-        shutil.copyfile(donor / GENERATION_CONFIG_FILE, staging / GENERATION_CONFIG_FILE)
+    for name in (GENERATION_CONFIG_FILE, *PROCESSOR_FILES):
+        if (donor / name).is_file():
+            shutil.copyfile(donor / name, staging / name)
     tokenizer_dir = dirs[plan.tokenizer_donor]
     if plan.vocab is not None and plan.vocab.rewrites_tokenizer:
         write_tokenizer(plan.vocab, tokenizer_dir, staging)
@@ -157,6 +160,7 @@ def _write_files(
         moe=plan.method_name == "moe",
         mention_base=plan.method_name != "slerp",
         remote_code=needs_remote_code(plan.output_config, tokenizer_dir),
+        multimodal=is_multimodal(plan.output_config),
     )
     (staging / CARD_FILE).write_text(card)
 
@@ -180,6 +184,7 @@ def _is_merge_output(name: str) -> bool:
     return (
         name in (CONFIG_FILE, GENERATION_CONFIG_FILE, MERGE_CONFIG_FILE, CARD_FILE, SAFETENSORS_INDEX_FILE)
         or name in TOKENIZER_FILES
+        or name in PROCESSOR_FILES
         or (name.startswith("model") and name.endswith(".safetensors"))
         or name.endswith(".py")  # code an `auto_map` needs (merger.remote_code)
     )

@@ -137,3 +137,32 @@ def test_other_modules_are_refused_by_name(modules, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(f"merge_method: linear\nmodules:\n{modules}")
+
+
+def test_a_text_only_finetune_merges_into_a_multimodal_base(tmp_path: Path):
+    """Gemma3ForCausalLM (the text decoder alone) + a Gemma-3 base: text averaged, vision kept from the base."""
+    from transformers import Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
+
+    text = dict(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=8)
+    config = Gemma3Config(text_config=text, mm_tokens_per_image=4, vision_config=dict(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8, patch_size=4))
+    torch.manual_seed(0)
+    Gemma3ForConditionalGeneration(config).save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    Gemma3ForCausalLM(config.text_config).save_pretrained(tmp_path / "text")
+    out = tmp_path / "out"
+    yaml_text = (f"merge_method: linear\nbase_model: {tmp_path / 'base'}\nmodels:\n"
+                 f"  - {{model: {tmp_path / 'base'}, parameters: {{weight: 0.5}}}}\n"
+                 f"  - {{model: {tmp_path / 'text'}, parameters: {{weight: 0.5}}}}\n")
+    assert any(w.startswith("`vision_tower.*`") and "not in every input" in w for w in validate_config(yaml_text).warnings)
+    run_merge(yaml_text, out, device="cpu")
+    merged = Gemma3ForConditionalGeneration.from_pretrained(out, dtype=torch.float32)
+    base = Gemma3ForConditionalGeneration.from_pretrained(tmp_path / "base", dtype=torch.float32).state_dict()
+    finetune = Gemma3ForCausalLM.from_pretrained(tmp_path / "text", dtype=torch.float32).state_dict()
+    prefix = "model.language_model."
+    reference = {k: (v + finetune["model." + k[len(prefix):]]) / 2 if k.startswith(prefix) else v for k, v in base.items()}
+    reference["lm_head.weight"] = reference[prefix + "embed_tokens.weight"]  # tied
+    for name, tensor in merged.state_dict().items():
+        torch.testing.assert_close(tensor, reference[name], rtol=0, atol=1e-6, msg=name)
+    assert any(not torch.equal(base[k], reference[k]) for k in base if k.startswith(prefix))

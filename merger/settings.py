@@ -34,6 +34,9 @@ SETTINGS = (
 # optional sliding window, which is compared as a setting).
 SAME_COMPUTATION = ({"llama", "mistral"},)
 _MISSING = object()
+# transformers' config classes build per-layer lists (`layer_types`) from the layer count: a hostile
+# config.json stating billions of layers must not reach them (no real decoder has this many).
+MAX_LAYERS = 4096
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,9 @@ def effective_text_config(config: dict) -> Any:
     """
     from transformers import AutoConfig
 
+    sections = [config] + ([config["text_config"]] if isinstance(config.get("text_config"), dict) else [])
+    if any(isinstance(v, int) and v > MAX_LAYERS for part in sections for k, v in part.items() if "layers" in k):
+        return sections[-1]  # implausible layer count: compare the raw keys, build nothing
     try:
         fields = {key: value for key, value in config.items() if key != "model_type"}
         return AutoConfig.for_model(config["model_type"], **fields).get_text_config()

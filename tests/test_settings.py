@@ -99,3 +99,15 @@ def test_drop_unknown_tensors_merges_without_them_and_names_them(tmp_path: Path)
     assert any("rotary_scale" in w and "dropped" in w for w in validate_config(text).warnings)
     run_merge(text, tmp_path / "out", device="cpu")
     assert set(weights(tmp_path / "out")) == set(weights(base))
+
+
+def test_a_hostile_layer_count_builds_no_per_layer_lists():
+    """Qwen2Config builds `layer_types` with one entry per layer: 10**12 layers must not reach it."""
+    import time
+
+    from merger.settings import effective_text_config
+
+    config = dict(DIMS, model_type="qwen2", num_hidden_layers=10**12)
+    started = time.monotonic()
+    assert effective_text_config(config) is config and time.monotonic() - started < 1
+    assert effective_text_config(dict(config, num_hidden_layers=2)).layer_types == ["full_attention"] * 2

@@ -208,10 +208,7 @@ def build_plan(
     _check_widths(refs, metadata)
     slices = _as_slices(config, metadata, arch)
     _check_slices(config, slices, method, metadata, arch, problems)
-    settings = compare_settings({str(ref): metadata[ref.key].config for ref in refs}, str(config.base_model or refs[0]))
-    for refusal in settings.refusals:
-        problems.add(ArchitectureSettingError(refusal))
-    dropped = _account_for_tensors(config, refs, metadata, arch, problems)
+    input_warnings = _check_inputs(config, refs, metadata, arch, problems)
     problems.raise_if_any()
 
     vocab_plan = None
@@ -235,11 +232,9 @@ def build_plan(
             for template in arch.layer_weights:
                 jobs += planner.plan(output_slice, slice_index, template.for_layer(out_layer), template, t, offset)
             layer_origins.append((output_slice.sources[0].model.key, start + offset))
-    for weight in arch.post_weights:
-        if weight.side_module:
-            jobs += planner.plan_side_module(slices, weight)
-        else:
-            jobs += planner.plan(slices[-1], len(slices) - 1, weight, weight, 0.0)  # spec decision 11: t = 0
+    for weight in arch.post_weights:  # spec decision 11: t = 0
+        jobs += (planner.plan_side_module(slices, weight) if weight.side_module
+                 else planner.plan(slices[-1], len(slices) - 1, weight, weight, 0.0))
     problems.raise_if_any()
 
     written = {job.name for job in jobs}
@@ -260,7 +255,7 @@ def build_plan(
         input_dtype=config.dtype,
         seed=DEFAULT_SEED if config.seed is None else config.seed,
         vocab=vocab_plan,
-        warnings=dropped + settings.warnings + planner.copy_warnings() + tuple(
+        warnings=input_warnings + planner.copy_warnings() + tuple(
             f"`{key}` is not a parameter of `{method.name}` and is ignored (it takes: "
             f"{', '.join(p.name for p in method.parameters) or 'none'})"
             for key in unknown_parameters(config, method)
@@ -269,7 +264,8 @@ def build_plan(
 
 
 # Buffers some checkpoints store that no model reads back (recomputed at load time).
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attn.masked_bias", "attn.bias")
+# The leading dot keeps real parameters out: GPT-2's `c_attn.bias` is a weight, `h.0.attn.bias` a causal mask.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")
 
 
 def _undescribed_tensors(meta: ModelMetadata, arch: Architecture) -> list[str]:
@@ -279,6 +275,20 @@ def _undescribed_tensors(meta: ModelMetadata, arch: Architecture) -> list[str]:
     for layer in range(arch.num_layers(meta.config, default=0)):
         described |= {n for w in arch.layer(layer) for n in (w.name, *w.aliases)}
     return sorted(n for n in meta.tensors if n not in described and not n.endswith(IGNORED_SUFFIXES))
+
+
+def _check_inputs(
+    config: MergeConfig, refs: list[ModelReference], meta: dict[str, ModelMetadata], arch: Architecture,
+    problems: _Problems,
+) -> tuple[str, ...]:
+    """Issue 10, rule 1: every input's tensors and architecture settings reach the output, or are named.
+
+    Refusals go to `problems`; returns the warnings (settings that disagree, tensors dropped on request).
+    """
+    settings = compare_settings({str(ref): meta[ref.key].config for ref in refs}, str(config.base_model or refs[0]))
+    for refusal in settings.refusals:
+        problems.add(ArchitectureSettingError(refusal))
+    return _account_for_tensors(config, refs, meta, arch, problems) + settings.warnings
 
 
 def _account_for_tensors(

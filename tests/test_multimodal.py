@@ -166,3 +166,27 @@ def test_a_text_only_finetune_merges_into_a_multimodal_base(tmp_path: Path):
     for name, tensor in merged.state_dict().items():
         torch.testing.assert_close(tensor, reference[name], rtol=0, atol=1e-6, msg=name)
     assert any(not torch.equal(base[k], reference[k]) for k in base if k.startswith(prefix))
+
+
+def test_gemma3_frankenmerge_sets_the_text_layer_count_and_layer_types_in_text_config(tmp_path: Path):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    from merger.config import load_config
+    from merger.validate import plan_config
+
+    config = Gemma3Config(mm_tokens_per_image=4, text_config=dict(
+        vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, layer_types=["sliding_attention", "full_attention"]),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=8, patch_size=4))
+    torch.manual_seed(0)
+    Gemma3ForConditionalGeneration(config).save_pretrained(tmp_path / "g")
+    g = tmp_path / "g"
+    text = (f"merge_method: passthrough\nslices:\n  - sources: [{{model: {g}, layer_range: [0, 2]}}]\n"
+            f"  - sources: [{{model: {g}, layer_range: [1, 2]}}]\n")
+    plan, _ = plan_config(load_config(text), None)
+    out = plan.output_config
+    assert out["text_config"]["num_hidden_layers"] == 3 and "num_hidden_layers" not in out
+    assert out["text_config"]["layer_types"] == ["sliding_attention", "full_attention", "full_attention"]
+    assert out["vision_config"] == json.loads((g / "config.json").read_text())["vision_config"]
+    assert plan.warnings == ()  # one model in every slice: its vision tower is merged (copied) as a whole-model merge

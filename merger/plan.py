@@ -538,7 +538,8 @@ class _TensorPlanner:
     def _copy_from_donor(self, weight: WeightInfo, reason: str) -> TensorJob:
         """A side module the inputs do not share: the config donor's, as is (`reason` goes in the warning)."""
         stored = self.meta[self.donor].tensors[weight.name]
-        module = weight.name.split(".")[0]
+        parts = weight.name.split(".")
+        module = ".".join(parts[:2] if parts[0] == "model" else parts[:1])  # `model.vision_tower`, `visual`
         self.copied_modules.setdefault((module, reason), []).append(weight.name)
         dtype = output_dtype(self.config.out_dtype, self.config.dtype, stored.dtype)
         return TensorJob(weight.name, "passthrough", (TensorSource(self.donor, weight.name),), None,

@@ -177,11 +177,38 @@ class MergeConfig(BaseModel):
     chat_template: str | None = None
     seed: int | None = None
     name: str | None = None
+    # merger's extension (docs/decisions.md): merge although an input has tensors the output's layout
+    # does not describe; they are dropped and named in a warning instead of refusing the merge.
+    drop_unknown_tensors: bool = False
 
     _parse_base = field_validator("base_model", mode="before")(
         classmethod(lambda cls, v: None if v is None else _reference(v))
     )
     _parse_dtypes = field_validator("dtype", "out_dtype", mode="before")(classmethod(lambda cls, v: _dtype(v)))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_decoder_module(cls, data: Any) -> Any:
+        """mergekit's `modules: {text_decoder: {models | slices}}` is the top-level `models` / `slices`: the text
+        decoder is what they address, and other modules follow it (docs/decisions.md, "Multimodal")."""
+        if not isinstance(data, dict) or "modules" not in data:
+            return data
+        modules = data["modules"]
+        others = sorted(set(modules) - {"text_decoder"}) if isinstance(modules, dict) else []
+        if not isinstance(modules, dict) or not isinstance(modules.get("text_decoder"), dict) or others:
+            named = f", not `{'`, `'.join(map(str, others))}`" if others else ""
+            raise ValueError(
+                f"`modules` may hold only `text_decoder` (an object with `models` or `slices`){named}: the vision tower "
+                "and projector are merged by the same method (or copied from the base when the inputs differ), "
+                "so remove their entries"
+            )
+        body = modules["text_decoder"]
+        if set(body) - {"models", "slices"} or "models" in data or "slices" in data:
+            raise ValueError(
+                "`modules.text_decoder` takes only `models` or `slices`, given instead of (not beside) the top-level "
+                f"ones; got keys {sorted(body)}"
+            )
+        return {**{k: v for k, v in data.items() if k != "modules"}, **body}
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> "MergeConfig":

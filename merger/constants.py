@@ -23,6 +23,8 @@ HUB_ALLOW_PATTERNS = [
     "vocab.txt",
     "*.jinja",
     "README.md",
+    "*.py",  # code an `auto_map` names, carried to the output (merger.remote_code); never run
+    "*.model",  # sentencepiece vocabularies of custom tokenizers
 ]
 
 # Tokenizer files copied byte for byte from the tokenizer's donor.
@@ -38,6 +40,9 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+
+# A multimodal model's image/video processor settings, copied from the config donor (its vision tower's).
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3  # bytes; the Hub's usual 5GB shards
 

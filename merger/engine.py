@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from .architecture import is_multimodal
 from .card import render_model_card
 from .config import load_config
 from .constants import (
@@ -21,12 +22,14 @@ from .constants import (
     DEFAULT_SHARD_SIZE,
     GENERATION_CONFIG_FILE,
     MERGE_CONFIG_FILE,
+    PROCESSOR_FILES,
     SAFETENSORS_INDEX_FILE,
     TOKENIZER_FILES,
 )
 from .errors import ConfigError
 from .executor import Progress, execute_plan
 from .plan import MergePlan
+from .remote_code import needs_remote_code, remote_code_files
 from .tokenizer import write_tokenizer
 from .resolve import materialize
 from .validate import plan_config
@@ -132,8 +135,9 @@ def _write_files(
 ) -> None:
     (staging / CONFIG_FILE).write_text(json.dumps(plan.output_config, indent=2, sort_keys=True) + "\n")
     donor = dirs[plan.config_donor]
-    if (donor / GENERATION_CONFIG_FILE).is_file():
-        shutil.copyfile(donor / GENERATION_CONFIG_FILE, staging / GENERATION_CONFIG_FILE)
+    for name in (GENERATION_CONFIG_FILE, *PROCESSOR_FILES):
+        if (donor / name).is_file():
+            shutil.copyfile(donor / name, staging / name)
     tokenizer_dir = dirs[plan.tokenizer_donor]
     if plan.vocab is not None and plan.vocab.rewrites_tokenizer:
         write_tokenizer(plan.vocab, tokenizer_dir, staging)
@@ -141,6 +145,9 @@ def _write_files(
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
                 shutil.copyfile(tokenizer_dir / name, staging / name)
+    for source, name in remote_code_files(plan.output_config, donor, tokenizer_dir):
+        if not (staging / name).exists():  # a re-saved tokenizer keeps its own files
+            shutil.copyfile(source, staging / name)
     (staging / MERGE_CONFIG_FILE).write_text(config_text)
     card = render_model_card(
         title=title,
@@ -152,6 +159,8 @@ def _write_files(
         licenses=[metadata[m.key].license for m in plan.models],
         moe=plan.method_name == "moe",
         mention_base=plan.method_name != "slerp",
+        remote_code=needs_remote_code(plan.output_config, tokenizer_dir),
+        multimodal=is_multimodal(plan.output_config),
     )
     (staging / CARD_FILE).write_text(card)
 
@@ -175,7 +184,9 @@ def _is_merge_output(name: str) -> bool:
     return (
         name in (CONFIG_FILE, GENERATION_CONFIG_FILE, MERGE_CONFIG_FILE, CARD_FILE, SAFETENSORS_INDEX_FILE)
         or name in TOKENIZER_FILES
+        or name in PROCESSOR_FILES
         or (name.startswith("model") and name.endswith(".safetensors"))
+        or name.endswith(".py")  # code an `auto_map` needs (merger.remote_code)
     )
 
 

@@ -105,3 +105,17 @@ class JobAccessError(MergerError, LookupError):
 
 class PushTargetError(MergerError, ValueError):
     """The push target cannot be used as asked: no write access, repo exists without reuse, or visibility mismatch."""
+
+# ---------------------------------------------------------------- models from the wild (issue 10: rules 1, 5, 6)
+
+
+class UnmergedTensorsError(ConfigError):
+    """An input has tensors the output's layout does not describe, so the output would silently lack them."""
+
+
+class ArchitectureSettingError(ConfigError):
+    """An input's architecture setting (rope, sliding window, biases, ...) cannot reach the output's config."""
+
+
+class RemoteCodeError(MergerError, ValueError):
+    """A model's `auto_map` names a code file the model does not ship, so the output could not load."""

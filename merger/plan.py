@@ -28,6 +28,7 @@ from .errors import (
 from .metadata import DTYPE_SIZES, ModelMetadata
 from .methods import MergeMethod, get_method
 from .parameters import resolve
+from .sparsify import della_bounds_problem
 from .tokenizer import Vocabulary, VocabPlan, plan_vocabulary
 
 TORCH_TO_SAFETENSORS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -275,9 +276,6 @@ def _unknown_tensors(meta: ModelMetadata, arch: Architecture) -> tuple[str, ...]
             f"the output will not contain them: {shown}",)
 
 
-UNIT_INTERVAL = ("density", "select_topk")  # fractions of entries kept
-
-
 def unknown_parameters(config: MergeConfig, method: MergeMethod) -> list[str]:
     """Parameter keys anywhere in the config that `method` does not take (mergekit ignores them silently)."""
     levels = [config.parameters] + [sl.parameters for sl in config.slices or []]
@@ -438,13 +436,9 @@ class _TensorPlanner:
                         f"`{method.name}` needs one per model: add `parameters: {{{spec.name}: ...}}` to it, "
                         f"or a global one{self._misspelt(spec.name)}"
                     ), key=(field_name, spec.name))
-                if spec.name in UNIT_INTERVAL and value is not None and not 0 <= value <= 1:
-                    self.problems.add(ParameterValueError(
-                        f"`{spec.name}` of `{_field(config, slice_index, index)}` (`{source.model}`) is {value}; "
-                        f"it is a fraction of entries kept, so give a value from 0 to 1"
-                    ), key=("range", spec.name, index))
                 values.append(spec.default if value is None else value)
             per_model[spec.name] = tuple(values)
+        self._check_della(per_model, slice_index, inputs, out_weight.name)
         global_params = {}
         for spec in method.global_parameters:
             value = resolve(spec.name, (output_slice.parameters, config.parameters), out_weight.name, t)
@@ -453,10 +447,6 @@ class _TensorPlanner:
                     f"`parameters.{spec.name}` is required by `merge_method: {method.name}` (first needed for "
                     f"`{out_weight.name}`); add e.g. `parameters: {{{spec.name}: 0.5}}`{self._misspelt(spec.name)}"
                 ), key=("parameters", spec.name))
-            if spec.name in UNIT_INTERVAL and value is not None and not 0 <= value <= 1:
-                self.problems.add(ParameterValueError(
-                    f"`parameters.{spec.name}` is {value}; give a value from 0 to 1"
-                ), key=("range", spec.name))
             global_params[spec.name] = spec.default if value is None else value
         if method.name == "linear" and global_params.get("normalize") and per_model.get("weight"):
             if all(w is not None for w in per_model["weight"]) and abs(sum(per_model["weight"])) < 1e-12:
@@ -475,6 +465,17 @@ class _TensorPlanner:
             dtype,
             align,
         )]
+
+    def _check_della(self, per_model: dict[str, tuple], slice_index: int, inputs: list, tensor: str) -> None:
+        """DELLA's keep probabilities `density ± epsilon` must lie in (0, 1) (each is range-checked alone at load)."""
+        if "epsilon" not in per_model:
+            return
+        for (index, source, _), density, epsilon in zip(inputs, per_model["density"], per_model["epsilon"]):
+            problem = della_bounds_problem(density, epsilon)
+            if problem:
+                self.problems.add(ParameterValueError(
+                    f"`{_field(self.config, slice_index, index)}` (`{source.model}`, first for `{tensor}`): {problem}"
+                ), key=("della", index))
 
     def _check_shapes(self, weight: WeightInfo, found: list, shapes: dict[str, tuple[int, ...]], align: bool) -> None:
         """Inputs of one tensor must agree in shape (in columns only, when a vocabulary plan re-lays rows)."""

@@ -21,10 +21,9 @@ from typing import Any
 
 import torch
 
+from .chat_template import chat_template_text
 from .config import ModelReference
 from .errors import ConfigError
-
-TEMPLATES_DIR = Path(__file__).parents[1] / "templates" / "chat_templates"
 
 
 @dataclass(frozen=True)
@@ -264,21 +263,14 @@ def resolve_chat_template(setting: str | None, vocabs: list[Vocabulary]) -> str 
     built-in name (`templates/chat_templates/<name>.jinja`) -> its text; literal Jinja -> itself.
 
     Raises:
-        ConfigError: an unknown name.
+        ChatTemplateError: not a built-in name, or Jinja that does not compile (see :mod:`merger.chat_template`).
     """
     if setting is None:
         return None
     if setting == "auto":
         templates = [v.chat_template for v in vocabs if v.chat_template]
         return Counter(templates).most_common(1)[0][0] if templates else None
-    if len(setting) >= 20 and "{" in setting:
-        return setting
-    path = TEMPLATES_DIR / f"{setting}.jinja"
-    if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja")))
-        raise ConfigError(f"`chat_template: {setting}` is not a known template; use `auto`, one of {names}, "
-                          "or literal Jinja")
-    return path.read_text()
+    return chat_template_text(setting)
 
 
 def align_embeddings(tensors: dict[str, torch.Tensor], plan: VocabPlan) -> dict[str, torch.Tensor]:

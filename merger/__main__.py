@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import MergerError
+from .parse import read_config_file
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -50,7 +51,7 @@ def _run(args: argparse.Namespace) -> None:
         raise MergerError("`--private` applies to the pushed repo: add `--push-to REPO`, or drop `--private`")
     if args.push_to and not token:
         raise MergerError("`--push-to` needs a Hub token: set HF_TOKEN or run `hf auth login`")
-    text = args.config.read_text()
+    text = read_config_file(args.config)
     bars: list[tqdm] = []  # made at the first tensor, so a config error prints no empty bar
 
     def progress(fraction: float, name: str) -> None:
@@ -79,7 +80,7 @@ def _validate(args: argparse.Namespace) -> None:
 
     from .validate import validate_config
 
-    report = validate_config(args.config.read_text(), token=get_token())
+    report = validate_config(read_config_file(args.config), token=get_token())
     print(f"OK: {report.summary()}")
     print(f"layers: {report.num_layers}")
     print(f"parameters: {report.parameter_count}")

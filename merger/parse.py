@@ -21,6 +21,7 @@ and mergekit's users expect); range checks then refuse what is out of range.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -173,6 +174,20 @@ def parse_config_text(text: str | bytes, limits: Limits = LIMITS) -> Any:
         raise InvalidYamlError(f"the config holds a value YAML cannot read ({excerpt(str(err))}); quote it") from None
     finally:
         loader.dispose()
+
+
+def read_config_file(path: str | os.PathLike[str], limits: Limits = LIMITS) -> str:
+    """A config file's text, reading at most one byte past the size limit (a huge file is not loaded).
+
+    Raises:
+        ConfigTooLargeError, InvalidYamlError (not UTF-8), TokenInConfigError: as :func:`parse_config_text`.
+        OSError: the file cannot be read.
+    """
+    with open(path, "rb") as handle:
+        data = handle.read(limits.max_bytes + 1)
+        if len(data) > limits.max_bytes:
+            raise ConfigTooLargeError(_too_large(os.fstat(handle.fileno()).st_size, limits))
+    return _checked_text(data, limits)
 
 
 def _checked_text(text: str | bytes, limits: Limits) -> str:

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .chat_template import check_chat_template
 from .errors import (
+    ChatTemplateError,
     ConfigError,
     ConfigErrors,
     ListTooLongError,
@@ -30,7 +31,7 @@ Scalar = Union[bool, int, float, str]
 
 # Bounds of list fields and numbers (the text itself is bounded by merger.parse.LIMITS)
 MAX_MODELS = 128  # models, sources of one slice, experts
-MAX_SLICES = 1024
+MAX_SLICES = 512
 MAX_PROMPTS = 256  # positive or negative prompts of one expert
 MAX_TOKENS = 1024  # entries of `tokenizer.tokens`
 MAX_REFERENCE_CHARS = 512  # a Hub id or local path
@@ -226,12 +227,6 @@ class MergeConfig(BaseModel):
     _parse_dtypes = field_validator("dtype", "out_dtype", mode="before")(classmethod(lambda cls, v: _dtype(v)))
     _check_seed = field_validator("seed", mode="before")(SEED.validator())
 
-    @field_validator("chat_template")
-    @classmethod
-    def _template(cls, value: str | None) -> str | None:
-        check_chat_template(value)
-        return value
-
     @model_validator(mode="after")
     def _models_or_slices(self) -> "MergeConfig":
         if (self.models is None) == (self.slices is None):
@@ -402,6 +397,11 @@ def load_config(text: str) -> AnyConfig:
         from .parameters import check_parameter_values  # parameters.py reads this module's classes
 
         problems += check_parameter_values(config, {p.name: p.range for p in method.parameters})
+    if isinstance(config, MergeConfig):
+        try:
+            check_chat_template(config.chat_template)
+        except ChatTemplateError as err:
+            problems.append(err)
     if len(problems) > MAX_SHOWN_PROBLEMS:
         rest = len(problems) - MAX_SHOWN_PROBLEMS
         problems = problems[:MAX_SHOWN_PROBLEMS] + [ConfigError(f"... and {rest:,} more problem(s) of the same kind")]

@@ -60,7 +60,7 @@ class Limits:
 
     max_bytes: int = 256 * 1024
     max_aliases: int = 100
-    max_nodes: int = 20_000
+    max_nodes: int = 10_000
     max_depth: int = 32
     max_entries: int = 4096
     max_key_chars: int = 128

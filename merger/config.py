@@ -75,12 +75,13 @@ class ModelReference(BaseModel):
             if value.get("lora"):
                 raise ValueError(f"LoRA references are not supported yet, got lora `{excerpt(value['lora'])}`; "
                                  "merge the LoRA into its base first")
-            return cls.parse(value["model"]).model_copy(update={"revision": value.get("revision")})
+            if not isinstance(value.get("model"), str) or not value["model"].strip():
+                raise ValueError(f"must give `model:` as a Hub id or a local path, got `{excerpt(value)}`")
+            _check_length(value["model"])
+            return cls(model=value["model"], revision=value.get("revision"))
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"must be a Hub id like `org/name` or a local path, got `{excerpt(value)}`")
-        if len(value) > MAX_REFERENCE_CHARS:
-            raise StringTooLongError(f"is {len(value):,} characters (`{excerpt(value)}`), over the "
-                                     f"{MAX_REFERENCE_CHARS} limit for a Hub id or path")
+        _check_length(value)
         text = value.strip()
         if "+" in text and not os.path.exists(text):
             raise ValueError(f"LoRA references (`model+lora`) are not supported yet, got `{excerpt(text)}`; "
@@ -100,6 +101,12 @@ class ModelReference(BaseModel):
 
     def __str__(self) -> str:
         return f"{self.model}@{self.revision}" if self.revision else self.model
+
+
+def _check_length(reference: str) -> None:
+    if len(reference) > MAX_REFERENCE_CHARS:
+        raise StringTooLongError(f"is {len(reference):,} characters (`{excerpt(reference)}`), over the "
+                                 f"{MAX_REFERENCE_CHARS} limit for a Hub id or path")
 
 
 def _reference(value: Any) -> ModelReference:

@@ -15,6 +15,9 @@ value and the fix:
   over :attr:`Limits.max_string_chars` (:attr:`Limits.max_text_chars` for `chat_template`);
 - several documents in one text (mergekit-mega / mergekit-multi files).
 
+Events come from libyaml's C parser (no recursion); PyYAML's Python composer, where the counts hook
+in, builds the node graph; PyYAML's safe constructor builds the value.
+
 Numbers like `1e-5` and `1e300`, which YAML 1.1 reads as strings, are read as floats (as YAML 1.2
 and mergekit's users expect); range checks then refuse what is out of range.
 """
@@ -27,6 +30,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+from yaml.composer import Composer
+from yaml.constructor import SafeConstructor
+from yaml.cyaml import CParser
+from yaml.resolver import Resolver
 
 from .errors import (
     ConfigError,
@@ -78,11 +85,15 @@ _TOKEN_MESSAGE = (
 )
 
 
-class _LimitedLoader(yaml.SafeLoader):
-    """A SafeLoader whose composer counts depth and aliases, refusing as soon as a limit is passed."""
+class _LimitedLoader(Composer, CParser, SafeConstructor, Resolver):
+    """libyaml's parser (C, no recursion) feeding PyYAML's Python composer, which here counts nodes,
+    depth and aliases, refusing as soon as a limit is passed; then the safe constructor."""
 
     def __init__(self, text: str, limits: Limits):
-        super().__init__(text)
+        CParser.__init__(self, text)
+        Composer.__init__(self)
+        SafeConstructor.__init__(self)
+        Resolver.__init__(self)
         self.limits = limits
         self.depth = 0
         self.aliases = 0
@@ -105,7 +116,7 @@ class _LimitedLoader(yaml.SafeLoader):
                 )
             return super().compose_node(parent, index)
         self.nodes += 1
-        if self.nodes > self.limits.max_nodes:  # stops early: composing is the slow part (pure Python)
+        if self.nodes > self.limits.max_nodes:  # stops early: composing is the Python part
             raise ConfigTooLargeError(
                 f"the config holds more than {self.limits.max_nodes:,} values (line {event.start_mark.line + 1}); "
                 "a merge config needs far fewer: remove what is not part of it"

@@ -24,6 +24,7 @@ from .errors import (
     ShapeMismatchError,
     VocabSizeError,
     WeightSumError,
+    excerpt,
 )
 from .metadata import DTYPE_SIZES, ModelMetadata
 from .methods import MergeMethod, get_method
@@ -250,11 +251,7 @@ def build_plan(
         input_dtype=config.dtype,
         seed=DEFAULT_SEED if config.seed is None else config.seed,
         vocab=vocab_plan,
-        warnings=_unknown_tensors(metadata[donor], arch) + tuple(
-            f"`{key}` is not a parameter of `{method.name}` and is ignored (it takes: "
-            f"{', '.join(p.name for p in method.parameters) or 'none'})"
-            for key in unknown_parameters(config, method)
-        ),
+        warnings=_unknown_tensors(metadata[donor], arch) + _unknown_parameter_warnings(config, method),
     )
 
 
@@ -274,6 +271,17 @@ def _unknown_tensors(meta: ModelMetadata, arch: Architecture) -> tuple[str, ...]
     shown = ", ".join(f"`{n}`" for n in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
     return (f"`{meta.reference}` has {len(unknown)} tensor(s) the {arch.model_type} layout does not describe, so "
             f"the output will not contain them: {shown}",)
+
+
+def _unknown_parameter_warnings(config: MergeConfig, method: MergeMethod) -> tuple[str, ...]:
+    """One warning per ignored parameter key, at most 10 (the keys are user input)."""
+    unknown = unknown_parameters(config, method)
+    takes = ", ".join(p.name for p in method.parameters) or "none"
+    warnings = [f"`{excerpt(key)}` is not a parameter of `{method.name}` and is ignored (it takes: {takes})"
+                for key in unknown[:10]]
+    if len(unknown) > 10:
+        warnings.append(f"... and {len(unknown) - 10} more keys `{method.name}` does not take are ignored")
+    return tuple(warnings)
 
 
 def unknown_parameters(config: MergeConfig, method: MergeMethod) -> list[str]:
@@ -371,7 +379,7 @@ class _TensorPlanner:
     def _misspelt(self, name: str) -> str:
         """` (found `weigth`: did you mean `weight`?)` when a config key is a likely misspelling of `name`."""
         close = difflib.get_close_matches(name, unknown_parameters(self.config, self.method), n=1)
-        return f" (found `{close[0]}`: did you mean `{name}`?)" if close else ""
+        return f" (found `{excerpt(close[0])}`: did you mean `{name}`?)" if close else ""
 
     def _find(self, key: str, weight: WeightInfo) -> str | None:
         return weight.stored_name(self.meta[key].tensors)

@@ -23,7 +23,7 @@ import torch
 
 from .chat_template import chat_template_text
 from .config import ModelReference
-from .errors import ConfigError
+from .errors import ConfigError, excerpt
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ def plan_vocabulary(
     else:
         donor = ModelReference.parse(choice).key
         if donor not in vocabs:
-            raise ConfigError(f"`tokenizer_source: {choice}` is not one of the merged models; use `base`, `union` "
+            raise ConfigError(f"`tokenizer_source: {excerpt(choice)}` is not one of the merged models; use `base`, `union` "
                               f"or one of: {', '.join(order)}")
     donor_vocab = vocabs[donor]
     token_of: dict[int, str] = {i: t for t, i in donor_vocab.ids.items()}
@@ -226,7 +226,7 @@ def _overrides(tokens: dict[str, Any], vocabs: dict[str, Vocabulary], order: lis
     out_id = {t: i for i, t in token_of.items()}
     result = {}
     for token, spec in tokens.items():
-        where = f"`tokenizer.tokens.{token}`"
+        where = f"`tokenizer.tokens.{excerpt(token)}`"
         spec = spec if isinstance(spec, dict) else {"source": spec}
         source, force = spec.get("source"), bool(spec.get("force", False))
         if isinstance(source, dict) and source.get("kind") == "zero":
@@ -242,7 +242,7 @@ def _overrides(tokens: dict[str, Any], vocabs: dict[str, Vocabulary], order: lis
             row = vocabs[key].ids.get(token, -1)
         else:
             raise ConfigError(f"{where}.source must be a model, {{kind: model_token, model, token}} or {{kind: zero}}, "
-                              f"got {source!r}")
+                              f"got `{excerpt(source)}`")
         if not 0 <= row < vocabs[key].rows:
             raise ConfigError(f"{where}: model `{key}` has no row for that token; pick a model that has it or "
                               "use `{kind: zero}`")
@@ -253,7 +253,7 @@ def _overrides(tokens: dict[str, Any], vocabs: dict[str, Vocabulary], order: lis
 def _model_key(reference: Any, vocabs: dict[str, Vocabulary], where: str) -> str:
     key = ModelReference.parse(reference).key
     if key not in vocabs:
-        raise ConfigError(f"{where} names `{reference}`, which is not one of the merged models; use one of: "
+        raise ConfigError(f"{where} names `{excerpt(reference)}`, which is not one of the merged models; use one of: "
                           f"{', '.join(vocabs)}")
     return key
 

@@ -110,6 +110,8 @@ def excerpt(value: object, limit: int = EXCERPT_LIMIT) -> str:
     Returns:
         At most `limit` characters of the value plus a short `… (N characters)` note.
     """
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]  # as YAML spells them
     text = value if isinstance(value, str) else _SHORT_REPR.repr(value)
     shown = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[:limit]).replace("`", "'")
     return shown if len(text) <= limit else f"{shown}… ({len(text):,} characters)"

@@ -42,8 +42,8 @@ class Range:
             text = f"{noun} from {_number(self.low)} to {_number(self.high)}"
         return f"{text} ({self.meaning})" if self.meaning else text
 
-    def check(self, field: str, value: Any) -> Any:
-        """The value, converted to `kind` (None passes through).
+    def check(self, field: str, value: Any) -> None:
+        """Refuse a value outside this range (None passes: the setting is absent).
 
         Args:
             field: the config location, e.g. `models[1].parameters.weight[0]`.
@@ -56,7 +56,6 @@ class Range:
         problem = self.problem(value)
         if problem:
             raise ParameterValueError(f"`{field}` {problem}")
-        return None if value is None else self._converted(value)
 
     def problem(self, value: Any) -> str | None:
         """`must be a number from 0 to 1 (...), got `1.5`; change it`, or None when `value` is allowed."""

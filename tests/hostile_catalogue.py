@@ -173,6 +173,9 @@ CATALOGUE: list[Hostile] = [
     Hostile("weight-minus-inf", "parameter", LINEAR.format(w="-.inf"), ParameterValueError),
     Hostile("weight-1e300", "parameter", LINEAR.format(w="1e300"), ParameterValueError),
     Hostile("weight-string", "parameter", LINEAR.format(w="heavy"), ParameterValueError),
+    Hostile("weight-filter-gradient-inf", "parameter", LINEAR.format(w="[{filter: mlp, value: [0, .inf]}, {value: 1}]"),
+            ParameterValueError),
+    Hostile("normalize-2", "parameter", LINEAR.format(w="1") + "parameters: {normalize: 2}\n", ParameterValueError),
     Hostile("lambda-x", "parameter", _task("task_arithmetic", "weight: 1", "lambda: x"), ParameterValueError),
     Hostile("lambda-nan", "parameter", _task("task_arithmetic", "weight: 1", "lambda: .nan"), ParameterValueError),
     Hostile("density-1.5", "parameter", _task("ties", "density: 1.5"), ParameterValueError),
@@ -203,6 +206,7 @@ CATALOGUE: list[Hostile] = [
     Hostile("residual-weight-nan", "parameter", "merge_method: passthrough\nslices:\n"
             "  - sources: [{model: org/a, layer_range: [0, 2]}]\n    residual_weight: .nan\n", ParameterValueError),
     Hostile("experts-per-token-1000", "parameter", MOE + "experts_per_token: 1000\n", ParameterValueError),
+    Hostile("experts-per-token-true", "parameter", MOE + "experts_per_token: true\n", ParameterValueError),
     Hostile("residual-scale-nan", "parameter", MOE.replace("source_model: org/b", "source_model: org/b\n    residual_scale: .nan"),
             ParameterValueError),
     Hostile("noise-scale-inf", "parameter", MOE.replace("source_model: org/b", "source_model: org/b\n    noise_scale: .inf"),
@@ -210,6 +214,8 @@ CATALOGUE: list[Hostile] = [
     # ---- echoed input stays short and inert
     Hostile("unknown-key-markdown", "echo", _slerp("0.5") + "surprise: '" + "`)](http://evil.example) **x** " * 100 + "'\n",
             ConfigError),
+    Hostile("model-dict-without-model", "echo", "merge_method: linear\nmodels:\n  - model: {revision: " + "r" * 3000
+            + "}\n", ConfigError),
     Hostile("method-name-3000", "echo", "merge_method: " + "m" * 3000 + "\nmodels: [{model: org/a}]\n", UnknownMethodError),
     # ---- share links
     Hostile("link-billion-laughs", "link", _laughs(9), YamlAliasError, via="link"),

@@ -128,6 +128,11 @@ def test_della_density_plus_epsilon_is_checked_at_validation() -> None:
     validate_config(text.replace("epsilon: 0.15", "epsilon: 0.05"))
 
 
+def test_a_link_with_a_yaml_typo_still_opens_in_the_editor() -> None:
+    text = "merge_method: slerp\nmodels: [unclosed\n"
+    assert decode_config(pack(text)) == text  # the editor shows the YAML error, where it can be fixed
+
+
 def test_limits_are_configurable_for_callers() -> None:
     small = Limits(max_nodes=10)
     assert parse_config_text("a: [1, 2, 3]", small) == {"a": [1, 2, 3]}

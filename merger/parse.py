@@ -210,7 +210,11 @@ def _checked_text(text: str | bytes, limits: Limits) -> str:
             text = text.decode("utf-8")
         except UnicodeDecodeError as err:
             raise InvalidYamlError(f"the config is not UTF-8 text (byte {err.start}); save it as UTF-8") from None
-    size = len(text.encode("utf-8", "surrogatepass"))
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as err:
+        raise InvalidYamlError(f"the config holds a character that is not valid Unicode (position {err.start}); "
+                               "remove it") from None
     if size > limits.max_bytes:
         raise ConfigTooLargeError(_too_large(size, limits))
     if TOKEN_PATTERN.search(text):
@@ -226,7 +230,8 @@ def _too_large(size: int, limits: Limits) -> str:
 
 def _invalid(err: yaml.YAMLError) -> InvalidYamlError:
     """A YAML error without the parser's snippet of the input (which repeats user text at length)."""
-    problem = getattr(err, "problem", None) or getattr(err, "context", None) or type(err).__name__
+    parts = [getattr(err, "context", None), getattr(err, "problem", None)]
+    problem = "; ".join(str(p) for p in parts if p) or str(err)  # a ReaderError has neither: its own text
     mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     return InvalidYamlError(f"the config is not valid YAML: {excerpt(problem, 120)}{where}; fix the YAML there")

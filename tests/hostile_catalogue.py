@@ -146,6 +146,9 @@ CATALOGUE: list[Hostile] = [
     Hostile("python-tag", "yaml", SLERP + "x: !!python/object/apply:os.system ['true']\n", InvalidYamlError),
     Hostile("unclosed-flow", "yaml", "merge_method: slerp\nmodels: [unclosed\n", InvalidYamlError),
     Hostile("bad-date", "yaml", SLERP + "x: 2024-13-45\n", InvalidYamlError),
+    Hostile("lone-surrogate", "yaml", SLERP + "name: \ud800\n", InvalidYamlError),
+    Hostile("nul-character", "yaml", SLERP + "name: a\x00b\n", InvalidYamlError),
+    Hostile("duplicate-anchor", "yaml", SLERP + "a: &x 1\nb: &x 2\nc: *x\n", InvalidYamlError),
     # ---- Hub tokens
     Hostile("token-in-comment", "token", SLERP + f"# my token: {FAKE_TOKEN}\n", TokenInConfigError),
     Hostile("token-as-model", "token", f"merge_method: linear\nmodels:\n  - model: {FAKE_TOKEN}\n", TokenInConfigError),

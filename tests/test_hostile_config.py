@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from merger.config import load_config
+from merger.engine import run_merge
 from merger.errors import ChatTemplateError, ConfigErrors, ParameterValueError, excerpt
 from merger.form import local_paths, parse_yaml
 from merger.links import decode_config
@@ -161,3 +162,11 @@ def _cli_validate(path: Path) -> tuple[int, str]:
     result = subprocess.run([sys.executable, "-m", "merger", "validate", str(path)], cwd=ROOT,
                             capture_output=True, text=True, timeout=180)
     return result.returncode, result.stderr
+
+
+def test_an_out_of_range_random_seed_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    text = (f"merge_method: slerp\nbase_model: {FIXTURES / 'mistral-base'}\nmodels:\n"
+            f"  - model: {FIXTURES / 'mistral-base'}\n  - model: {FIXTURES / 'mistral-prose'}\nparameters: {{t: 0.5}}\n")
+    with pytest.raises(ParameterValueError, match="--random-seed"):
+        run_merge(text, tmp_path / "out", device="cpu", seed=-1)
+    assert list(tmp_path.iterdir()) == []

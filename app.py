@@ -8,16 +8,24 @@ API endpoints (stable names for gradio_client and the end-to-end tests), all tak
 token from the signed-in user (OAuth) or, when not running on a Space, from `HF_TOKEN`:
 
 - `/validate` (yaml_text: str) -> str: the report's one-line summary; invalid -> error with the message.
-- `/submit` (yaml_text: str, repo_id: str, private: bool) -> str: the job id.
-- `/job_status` (job_id: str) -> dict: id, status, progress, current_tensor, log_tail, result_url, error.
-- `/cancel` (job_id: str) -> bool: whether the job was cancelled.
+- `/submit` (yaml_text: str, repo_id: str, private: bool, reuse_repo: bool = False) -> str: the job id.
+  The push target is checked first (your namespace or an org where you have the write role; an
+  existing repo only with `reuse_repo`, and never made private or public here); caps on unfinished
+  jobs apply per user and in total.
+- `/job_status` (job_id: str) -> dict: id, status, progress, current_tensor, log_tail, result_url,
+  error, worker (a note when no worker is alive, else None). The job's owner only.
+- `/job_config` (job_id: str) -> str: the job's config YAML, for anyone with the id (what a job link shares).
+- `/cancel` (job_id: str) -> bool: whether the job was cancelled. The job's owner only.
 - `/share` (yaml_text: str) -> str: the share link (`...?config=<payload>`).
 - `/load_link` (payload: str) -> str: the YAML a share payload carries.
 """
 
 import contextlib
+import hashlib
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -90,6 +98,43 @@ def _scrub(text: str) -> str:
     return scrub(text)
 
 
+_OWNER_TTL_S = 300.0
+_OWNER_CACHE_SIZE = 1024
+_owners: dict[str, tuple[str, float]] = {}  # sha256 of a token -> (its Hub username, when it expires)
+_owners_lock = threading.Lock()
+
+
+def _owner(token: str | None) -> str | None:
+    """The Hub username a token belongs to (whoami, remembered a few minutes per token); None without one."""
+    if not token:
+        return None
+    key = hashlib.sha256(token.encode()).hexdigest()  # the cache never holds the token itself
+    now = time.monotonic()
+    with _owners_lock:
+        cached = _owners.get(key)
+    if cached and cached[1] > now:
+        return cached[0]
+    from merger.hub import whoami
+
+    name = whoami(token)
+    with _owners_lock:
+        if len(_owners) >= _OWNER_CACHE_SIZE:
+            _owners.clear()
+        _owners[key] = (name, now + _OWNER_TTL_S)
+    return name
+
+
+def _worker_note() -> str | None:
+    """"No worker alive since ..." when the worker's heartbeat is missing or stale, else None."""
+    from merger import jobs
+
+    beat = jobs.last_heartbeat()
+    if beat is not None and time.time() - beat <= constants.WORKER_STALE_S:
+        return None
+    since = "it started" if beat is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(beat))
+    return f"No worker alive since {since}: queued jobs wait until a worker is running again."
+
+
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
     """Turn merger's errors into a gr.Error with their message; anything else into a short error, never a traceback."""
@@ -143,28 +188,24 @@ def _app_url(request: gr.Request | None) -> str:
 
 def _job_dict(job: Any) -> dict[str, Any]:
     status = getattr(job.status, "value", job.status)
-    log_tail = job.log_tail
-    if isinstance(log_tail, (list, tuple)):
-        log_tail = "\n".join(str(line) for line in log_tail)
     return {
         "id": job.id,
         "status": str(status),
         "progress": float(job.progress or 0.0),
         "current_tensor": job.current_tensor,
-        "log_tail": _scrub(log_tail or ""),
+        "log_tail": _scrub(job.log_tail or ""),
         "result_url": job.result_url,
         "error": _scrub(job.error) if job.error else None,
+        "worker": None if str(status) in TERMINAL_STATUSES else _worker_note(),
     }
 
 
-def _get_job(job_id: str) -> dict[str, Any]:
+def _get_job(job_id: str, token: str | None) -> dict[str, Any]:
+    """The caller's own job as a dict; raises JobAccessError for a bad id or another user's job."""
     from merger import jobs
 
-    job_id = (job_id or "").strip()
-    job = jobs.get_job(job_id) if job_id else None
-    if job is None:
-        raise MergerError(f"there is no job `{job_id}`; check the id (jobs are kept on this app only)")
-    return _job_dict(job)
+    jobs.check_job_id(job_id)  # before any Hub call: a malformed id costs nothing
+    return _job_dict(jobs.owned_job(job_id, _owner(token)))
 
 
 def _progress_html(fraction: float, status: str) -> str:
@@ -183,6 +224,8 @@ def _job_markdown(info: dict[str, Any]) -> str:
         lines.append(f"**Now:** `{str(info['current_tensor']).replace('`', '')}`")
     if info.get("error"):
         lines.append(f"**Error:** {info['error']}")
+    if info.get("worker"):
+        lines.append(f"**Worker:** {info['worker']}")
     return "  \n".join(lines)
 
 
@@ -198,37 +241,54 @@ def api_validate(yaml_text: str, oauth_token: gr.OAuthToken | None = None) -> st
         return _validate(yaml_text, _token(oauth_token)).summary()
 
 
-def api_submit(yaml_text: str, repo_id: str, private: bool, oauth_token: gr.OAuthToken | None = None) -> str:
-    """Validate and queue a merge that pushes to `repo_id` (a bare name goes under your account). Returns the job id."""
+def api_submit(
+    yaml_text: str,
+    repo_id: str,
+    private: bool,
+    reuse_repo: bool = False,
+    oauth_token: gr.OAuthToken | None = None,
+) -> str:
+    """Check the push target and the config, then queue a merge that pushes to `repo_id`. Returns the job id.
+
+    A bare name goes under your account; an existing repo is used only with `reuse_repo`.
+    """
     token = _require_token(oauth_token)
     repo_id = (repo_id or "").strip()
     if not repo_id:
         raise gr.Error("name the repo to create, e.g. `my-merge` or `your-name/my-merge`", print_exception=False)
     with _user_errors():
         from merger import jobs
-        from merger.hub import check_repo_id
+        from merger.hub import check_push_target
 
-        check_repo_id(repo_id)  # a misspelt target fails now, not after the whole merge
+        owner = _owner(token)
+        jobs.check_caps(owner)  # the cheap refusal first; submit checks again with the insert
+        # The target is checked before the config: a repo the user may not write to fails now, not after the merge.
+        target = check_push_target(repo_id, token, private=bool(private), reuse_repo=bool(reuse_repo))
         _validate(yaml_text, token)
+        return str(jobs.submit(yaml_text, target.repo_id, token, owner, bool(private), bool(reuse_repo)))
 
-        return str(jobs.submit(yaml_text, repo_id, token, bool(private)))
 
-
-def api_job_status(job_id: str) -> dict:
-    """A job's state: id, status, progress (0-1), current_tensor, log_tail, result_url, error."""
+def api_job_status(job_id: str, oauth_token: gr.OAuthToken | None = None) -> dict:
+    """Your job's state: id, status, progress (0-1), current_tensor, log_tail, result_url, error, worker."""
     with _user_errors():
-        return _get_job(job_id)
+        return _get_job(job_id, _token(oauth_token))
 
 
-def api_cancel(job_id: str) -> bool:
-    """Cancel a queued or running job. Returns whether it was cancelled."""
+def api_job_config(job_id: str) -> str:
+    """The config of any job (what its link shares with everyone); never its status, log or result."""
     with _user_errors():
         from merger import jobs
 
-        the_id = (job_id or "").strip()
-        if jobs.get_job(the_id) is None:
-            raise gr.Error(f"there is no job `{the_id}`; check the link", print_exception=False)
-        return bool(jobs.cancel(the_id))
+        return jobs.shared_config(job_id)
+
+
+def api_cancel(job_id: str, oauth_token: gr.OAuthToken | None = None) -> bool:
+    """Cancel your queued or running job. Returns whether it was cancelled (False: it had finished)."""
+    with _user_errors():
+        from merger import jobs
+
+        jobs.check_job_id(job_id)
+        return bool(jobs.cancel(job_id, _owner(_token(oauth_token))))
 
 
 def api_share(yaml_text: str, request: gr.Request) -> str:
@@ -607,7 +667,8 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
 
         # ---------------------------------------------------------------- merge and the job view
         def on_merge(yaml_text, repo, is_private, request: gr.Request, oauth_token: gr.OAuthToken | None = None):
-            new_id = api_submit(yaml_text, repo, is_private, oauth_token)
+            # No "reuse existing repo" box in the layout yet: the form only creates new repos.
+            new_id = api_submit(yaml_text, repo, is_private, False, oauth_token)
             return {
                 **_job_view(new_id, _app_url(request)),
                 share_link: gr.Textbox(visible=False),
@@ -636,11 +697,11 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
             api_visibility="private",
         )
 
-        def on_tick(the_id: str) -> dict:
+        def on_tick(the_id: str, oauth_token: gr.OAuthToken | None = None) -> dict:
             if not (the_id or "").strip():
                 return {timer: gr.Timer(active=False)}
             try:
-                info = _get_job(the_id)
+                info = _get_job(the_id, _token(oauth_token))
             except MergerError as err:
                 return {job_state: f"**Error:** {err}", timer: gr.Timer(active=False)}
             except Exception:  # noqa: BLE001 - keep polling quietly through a transient failure
@@ -665,8 +726,8 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
             api_visibility="private",
         )
 
-        def on_cancel(the_id: str) -> dict:
-            cancelled = api_cancel(the_id)
+        def on_cancel(the_id: str, oauth_token: gr.OAuthToken | None = None) -> dict:
+            cancelled = api_cancel(the_id, oauth_token)
             note = "Cancelling…" if cancelled else "The job had already finished."
             return {
                 job_state: f"**Status:** {note}",
@@ -683,7 +744,27 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
         share_button.click(on_share, inputs=yaml_code, outputs=share_link, api_visibility="private")
 
         # ---------------------------------------------------------------- reopening from a link
-        def on_load(request: gr.Request) -> dict:
+        def on_job_link(raw_id: str, request: gr.Request, token: str | None) -> dict:
+            """The owner gets the job view; anyone else only the config the link shares."""
+            from merger import jobs
+            from merger.errors import JobAccessError
+
+            try:
+                the_id = jobs.check_job_id(raw_id)
+                config = jobs.shared_config(the_id)
+                try:
+                    jobs.owned_job(the_id, _owner(token))
+                except JobAccessError as err:
+                    updates = fill_from_yaml(config, "the config of a shared job")
+                    updates[status] = f"**Job link:** {err}."
+                    return updates
+            except MergerError as err:
+                return {status: f"**Job link not opened:** {_scrub(str(err))}"}
+            updates = _job_view(the_id, _app_url(request))
+            updates[job_state] = "**Status:** loading…"
+            return updates
+
+        def on_load(request: gr.Request, oauth_token: gr.OAuthToken | None = None) -> dict:
             params = dict(getattr(request, "query_params", {}) or {})
             updates: dict = {}
             payload = params.get(QUERY_KEY)
@@ -692,10 +773,8 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
                     updates.update(fill_from_yaml(decode_config(payload), "the shared config"))
                 except MergerError as err:
                     updates[status] = f"**Not loaded:** {err}"
-            the_id = (params.get("job") or "").strip()
-            if the_id:
-                updates.update(_job_view(the_id, _app_url(request)))
-                updates[job_state] = "**Status:** loading…"
+            if params.get("job"):
+                updates.update(on_job_link(params["job"], request, _token(oauth_token)))
             return updates or {status: gr.skip()}  # an empty dict would read as one output value
 
         demo.load(on_load, outputs=[*fill_outputs, *job_outputs], api_visibility="private")
@@ -704,6 +783,7 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
         gr.api(api_validate, api_name="validate", concurrency_limit=4, concurrency_id="validate")
         gr.api(api_submit, api_name="submit", concurrency_limit=2, concurrency_id="submit")
         gr.api(api_job_status, api_name="job_status", concurrency_limit=None)
+        gr.api(api_job_config, api_name="job_config", concurrency_limit=None)
         gr.api(api_cancel, api_name="cancel")
         gr.api(api_share, api_name="share")
         gr.api(api_load_link, api_name="load_link")
@@ -724,9 +804,20 @@ def _gradient_label(index: int) -> str:
     return names[index] if GRADIENT_POINTS == len(names) else f"point {index + 1}"
 
 
-if __name__ == "__main__":
-    from merger.worker import start_consumer_process
+def main() -> None:
+    """Serve the app; unless the worker runs apart (`MERGER_EXTERNAL_WORKER=1`), start and supervise one."""
+    from merger.worker import WorkerSupervisor, ensure_queue_key, install_log_scrubbing
 
+    install_log_scrubbing()  # before anything logs: the app's own log (httpx's lines included) never holds a token
     logging.basicConfig(level=logging.INFO)
-    start_consumer_process()
-    build_demo().queue(default_concurrency_limit=4).launch()
+    ensure_queue_key()  # the data dir's key (or the given one), so jobs still queued survive a restart
+    supervisor = None if constants.EXTERNAL_WORKER else WorkerSupervisor()
+    try:
+        build_demo().queue(default_concurrency_limit=4).launch()
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--random-seed", type=int, default=None, help="seed for DARE/DELLA masks and random gates")
     run.add_argument("--push-to", metavar="REPO", help="push the result to this Hub repo (token from HF_TOKEN or `hf auth login`)")
     run.add_argument("--private", action="store_true", help="create the pushed repo as private")
+    run.add_argument("--reuse-repo", action="store_true",
+                     help="push to the --push-to repo even if it exists (a new commit; its visibility is kept)")
     validate = commands.add_parser("validate", help="check CONFIG against the models' metadata, without downloading weights")
     validate.add_argument("config", type=Path)
     return parser
@@ -49,8 +51,16 @@ def _run(args: argparse.Namespace) -> None:
     token = get_token()
     if args.private and not args.push_to:
         raise MergerError("`--private` applies to the pushed repo: add `--push-to REPO`, or drop `--private`")
+    if args.reuse_repo and not args.push_to:
+        raise MergerError("`--reuse-repo` applies to the pushed repo: add `--push-to REPO`, or drop `--reuse-repo`")
     if args.push_to and not token:
         raise MergerError("`--push-to` needs a Hub token: set HF_TOKEN or run `hf auth login`")
+    if args.push_to:
+        from .hub import check_push_target
+
+        # Before the merge: a target the user may not write to must not cost a whole merge.
+        target = check_push_target(args.push_to, token, private=args.private, reuse_repo=args.reuse_repo)
+        args.push_to = target.repo_id
     text = read_config_file(args.config)
     bars: list[tqdm] = []  # made at the first tensor, so a config error prints no empty bar
 
@@ -72,7 +82,8 @@ def _run(args: argparse.Namespace) -> None:
     if args.push_to:
         from .hub import push_folder
 
-        print(f"pushed to {push_folder(args.out, args.push_to, token, private=args.private)}")
+        url = push_folder(args.out, args.push_to, token, private=args.private, reuse_repo=args.reuse_repo)
+        print(f"pushed to {url}")
 
 
 def _validate(args: argparse.Namespace) -> None:

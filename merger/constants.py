@@ -45,7 +45,26 @@ DEFAULT_SHARD_SIZE = 5 * 1000**3  # bytes; the Hub's usual 5GB shards
 DATA_DIR = Path(os.environ.get("MERGER_DATA_DIR", Path.home() / ".cache" / "merger"))
 QUEUE_DB = Path(os.environ.get("MERGER_QUEUE_DB", DATA_DIR / "queue.db"))
 JOBS_DB = Path(os.environ.get("MERGER_JOBS_DB", DATA_DIR / "jobs.db"))
-# The environment variable holding the Fernet key that seals Hub tokens on their way through the
-# queue; it lives only in the environments of the app and its worker, never on disk.
+# The Fernet key that seals Hub tokens on their way through the queue: from this environment variable
+# when set, else created once in QUEUE_KEY_FILE (mode 0600) so that queued jobs survive an app restart.
 QUEUE_KEY_ENV = "MERGER_QUEUE_KEY"
+QUEUE_KEY_FILE_NAME = "queue.key"
 ON_SPACE = bool(os.environ.get("SPACE_ID"))
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else default
+
+
+# Caps on unfinished (queued + running) jobs: per Hub user, and over all users.
+MAX_JOBS_PER_USER = _env_int("MERGER_MAX_JOBS_PER_USER", 2)
+MAX_JOBS_TOTAL = _env_int("MERGER_MAX_JOBS_TOTAL", 20)
+# The worker writes a heartbeat this often; the app calls it dead after WORKER_STALE_S without one.
+WORKER_HEARTBEAT_S = 2.0
+WORKER_STALE_S = _env_int("MERGER_WORKER_STALE_S", 30)
+# How often the app's watchdog checks that the worker it started is alive.
+WATCHDOG_INTERVAL_S = 2.0
+# `1`: the worker runs apart (`python -m merger.worker`); the app starts none and only shows its heartbeat.
+EXTERNAL_WORKER = os.environ.get("MERGER_EXTERNAL_WORKER", "") == "1"
+JOB_ID_LENGTH = 32  # uuid4 hex

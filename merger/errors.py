@@ -93,6 +93,21 @@ class MergeCancelled(MergerError):
     """The job was cancelled by its owner while running; nothing was written or pushed."""
 
 
+# ---------------------------------------------------------------- jobs, ownership, push targets (issue 8)
+
+
+class JobLimitError(MergerError):
+    """Too many unfinished jobs: the user's own cap, or the app's global cap, is reached."""
+
+
+class JobAccessError(MergerError, LookupError):
+    """A job id is malformed, unknown, or belongs to another user (status, log, result and cancel are the owner's)."""
+
+
+class PushTargetError(MergerError, ValueError):
+    """The push target cannot be used as asked: no write access, repo exists without reuse, or visibility mismatch."""
+
+
 # ---------------------------------------------------------------- hostile input (issue 8: parsing, parameters, templates)
 EXCERPT_LIMIT = 60  # characters of user input an error message may repeat
 

@@ -6,11 +6,21 @@ The app never merges: :func:`submit` writes a record and hands the job to the wo
 mode, and each status change is a compare-and-set on the current status, so a cancel racing with the
 worker's start can never leave a job both cancelled and running.
 
+Every job has an owner, the Hub user whose token submitted it: only the owner reads its status, log
+and result or cancels it; anyone with its id sees only its config (what the owner shares with a job
+link). Unfinished jobs are capped per owner and in total (`constants.MAX_JOBS_PER_USER`,
+`constants.MAX_JOBS_TOTAL`); the check and the insert are one transaction, so a burst cannot overshoot.
+
+The same file holds the worker's heartbeat and the repos a job created on the Hub but has not yet
+committed to (with the job's token, sealed as in the queue), so that a worker starting after a crash
+can delete them.
+
 Paths are looked up on :mod:`merger.constants` at call time, so tests can point them elsewhere.
 """
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import time
 import uuid
@@ -19,6 +29,8 @@ from enum import Enum
 from pathlib import Path
 
 from . import constants
+from .errors import ConfigError, JobAccessError, JobLimitError
+from .tokens import TOKEN_PATTERN
 
 _BUSY_TIMEOUT_S = 10.0  # how long a statement waits for the other process's write to finish
 
@@ -36,9 +48,30 @@ create table if not exists jobs (
     error text,
     cancel_requested integer not null default 0,
     created_at real not null,
-    updated_at real not null
+    updated_at real not null,
+    owner text not null default '',
+    reuse_repo integer not null default 0
+);
+create index if not exists jobs_status on jobs (status, owner);
+create table if not exists pending_repos (
+    job_id text primary key,
+    repo_id text not null,
+    sealed_token blob not null,
+    created_at real not null
+);
+create table if not exists worker (
+    id integer primary key check (id = 1),
+    pid integer not null,
+    beat_at real not null
 )
 """
+# Columns added after the first release: a data dir from then gets them on first use.
+_ADDED_COLUMNS = {
+    "owner": "alter table jobs add column owner text not null default ''",
+    "reuse_repo": "alter table jobs add column reuse_repo integer not null default 0",
+}
+_JOB_ID = re.compile(f"[0-9a-f]{{{constants.JOB_ID_LENGTH}}}")
+_UNFINISHED = ("queued", "running")
 
 
 class JobStatus(str, Enum):
@@ -74,6 +107,8 @@ class Job:
         cancel_requested: the owner asked a running job to stop; it is cancelled at the next tensor.
         created_at: submission time, epoch seconds.
         updated_at: last change, epoch seconds.
+        owner: the Hub username that submitted the job.
+        reuse_repo: the owner allowed pushing to an existing repo.
     """
 
     id: str
@@ -89,39 +124,66 @@ class Job:
     cancel_requested: bool
     created_at: float
     updated_at: float
+    owner: str
+    reuse_repo: bool
 
 
 # ---------------------------------------------------------------- the app's API
 
 
-def submit(config_yaml: str, repo_id: str, token: str, private: bool = False) -> str:
-    """Queue a merge whose result is pushed to `repo_id`.
+def submit(
+    config_yaml: str,
+    repo_id: str,
+    token: str,
+    owner: str,
+    private: bool = False,
+    reuse_repo: bool = False,
+) -> str:
+    """Queue a merge whose result is pushed to `repo_id`, if the owner's and the app's caps allow.
 
     The token travels to the worker sealed (see :mod:`merger.worker`); it is never written to the
     job record or to the queue in clear.
 
     Args:
         config_yaml: the merge config (mergekit YAML); the worker validates it.
-        repo_id: the Hub repo to create and push to (`namespace/name`, or `name` for the token's own).
+        repo_id: the Hub repo to push to (`namespace/name`, or `name` for the token's own).
         token: a Hub token with write access to that namespace (also used to read private models).
+        owner: the Hub username the token belongs to (from whoami); only they may read or cancel the job.
         private: create the repo as private.
+        reuse_repo: the owner allows pushing a new commit to an existing repo.
 
     Returns:
-        The new job's id (uuid4 hex).
+        The new job's id (uuid4 hex, `constants.JOB_ID_LENGTH` characters).
 
     Raises:
+        ConfigError: the config holds the token or anything shaped like a Hub token (comments
+            included): the record keeps the config, and the card and `mergekit_config.yml` carry it.
+        JobLimitError: the owner has `constants.MAX_JOBS_PER_USER` unfinished jobs, or the app
+            `constants.MAX_JOBS_TOTAL`.
         sqlite3.Error: the job record or the queue could not be written (then no job exists to run).
     """
     # Imported here rather than at the top: the worker imports this module for the records.
     from .worker import enqueue
 
+    _refuse_tokens(config_yaml, token)
     job_id = uuid.uuid4().hex
     now = time.time()
-    _execute(
-        "insert into jobs (id, config_yaml, repo_id, private, status, created_at, updated_at)"
-        " values (?, ?, ?, ?, ?, ?, ?)",
-        (job_id, config_yaml, repo_id, int(private), JobStatus.QUEUED.value, now, now),
-    )
+    conn = _connect()
+    try:
+        conn.execute("begin immediate")  # the count and the insert see no other submit in between
+        try:
+            _check_caps(conn, owner)
+            conn.execute(
+                "insert into jobs (id, config_yaml, repo_id, private, status, created_at, updated_at, owner, reuse_repo)"
+                " values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, config_yaml, repo_id, int(private), JobStatus.QUEUED.value, now, now, owner, int(reuse_repo)),
+            )
+        except BaseException:
+            conn.execute("rollback")
+            raise
+        conn.execute("commit")
+    finally:
+        conn.close()
     try:
         enqueue(job_id, token)
     except BaseException:
@@ -131,8 +193,44 @@ def submit(config_yaml: str, repo_id: str, token: str, private: bool = False) ->
     return job_id
 
 
+def check_caps(owner: str) -> None:
+    """Refuse early (before a validation or a Hub call) when a new job of `owner` would be over a cap.
+
+    :func:`submit` checks again, atomically with the insert.
+
+    Raises:
+        JobLimitError: as in :func:`submit`.
+    """
+    conn = _connect()
+    try:
+        _check_caps(conn, owner)
+    finally:
+        conn.close()
+
+
+def check_job_id(job_id: str) -> str:
+    """Check a job id's shape (as typed or taken from a `?job=` link) without echoing it.
+
+    Args:
+        job_id: the id; surrounding blanks are ignored.
+
+    Returns:
+        The id, stripped.
+
+    Raises:
+        JobAccessError: it is not `constants.JOB_ID_LENGTH` lowercase hexadecimal characters.
+    """
+    job_id = (job_id or "").strip()
+    if not _JOB_ID.fullmatch(job_id):
+        raise JobAccessError(
+            f"this is not a job id: a job id is {constants.JOB_ID_LENGTH} hexadecimal characters "
+            "(0-9, a-f); copy the job link again"
+        )
+    return job_id
+
+
 def get_job(job_id: str) -> Job | None:
-    """The current state of a job.
+    """The current state of a job, whoever owns it (for the worker; the app uses :func:`owned_job`).
 
     Args:
         job_id: an id returned by :func:`submit`.
@@ -161,22 +259,64 @@ def get_job(job_id: str) -> Job | None:
         cancel_requested=bool(row["cancel_requested"]),
         created_at=row["created_at"],
         updated_at=row["updated_at"],
+        owner=row["owner"],
+        reuse_repo=bool(row["reuse_repo"]),
     )
 
 
-def cancel(job_id: str) -> bool:
-    """Cancel a job.
+def shared_config(job_id: str) -> str:
+    """What a job link shows anyone: the job's config, nothing else.
+
+    Args:
+        job_id: a job id (its shape is checked).
+
+    Returns:
+        The config YAML as submitted.
+
+    Raises:
+        JobAccessError: the id is malformed or no job has it.
+    """
+    return _existing_job(job_id).config_yaml
+
+
+def owned_job(job_id: str, owner: str | None) -> Job:
+    """A job, for its owner only: status, log, result.
+
+    Args:
+        job_id: a job id (its shape is checked).
+        owner: the caller's Hub username (None when not signed in).
+
+    Returns:
+        The job's snapshot.
+
+    Raises:
+        JobAccessError: the id is malformed, no job has it, or it belongs to another user.
+    """
+    job = _existing_job(job_id)
+    if owner is None or job.owner != owner:
+        who = "sign in as its owner to see it" if owner is None else "only its owner sees its status, log and result"
+        raise JobAccessError(f"this job belongs to another account: {who}; its link shows you its config only")
+    return job
+
+
+def cancel(job_id: str, owner: str | None) -> bool:
+    """Cancel a job of `owner`.
 
     A queued job is marked cancelled at once and the worker skips it. A running job gets a flag that
     the worker polls before each tensor; it becomes `cancelled` there, within a second or so. A job
     whose merge is done and whose upload has begun can no longer be stopped.
 
     Args:
-        job_id: an id returned by :func:`submit`.
+        job_id: a job id (its shape is checked).
+        owner: the caller's Hub username.
 
     Returns:
-        True if the job was queued or running; False if it had finished or does not exist.
+        True if the job was queued or running; False if it had finished.
+
+    Raises:
+        JobAccessError: as in :func:`owned_job`.
     """
+    job_id = owned_job(job_id, owner).id
     if _set_status(job_id, JobStatus.QUEUED, JobStatus.CANCELLED):
         return True
     return bool(
@@ -185,6 +325,16 @@ def cancel(job_id: str) -> bool:
             (time.time(), job_id, JobStatus.RUNNING.value),
         )
     )
+
+
+def last_heartbeat() -> float | None:
+    """When a worker last said it was alive (epoch seconds), or None if none ever did on this data dir."""
+    conn = _connect()
+    try:
+        row = conn.execute("select beat_at from worker where id = 1").fetchone()
+    finally:
+        conn.close()
+    return None if row is None else row["beat_at"]
 
 
 # ---------------------------------------------------------------- the worker's side
@@ -284,7 +434,76 @@ def fail_running_jobs(error: str) -> int:
     )
 
 
+def beat(pid: int) -> None:
+    """Record that the worker `pid` is alive now (its heartbeat thread calls this periodically)."""
+    _execute("insert or replace into worker (id, pid, beat_at) values (1, ?, ?)", (pid, time.time()))
+
+
+def record_pending_repo(job_id: str, repo_id: str, sealed_token: bytes) -> None:
+    """Note, before creating it, that the job is about to create `repo_id` on the Hub.
+
+    Kept until :func:`clear_pending_repo`: a worker starting after a crash deletes the repos still noted.
+
+    Args:
+        job_id: the job's id.
+        repo_id: the full repo id (`namespace/name`).
+        sealed_token: the job's token sealed with the queue key (never the token in clear).
+    """
+    _execute(
+        "insert or replace into pending_repos (job_id, repo_id, sealed_token, created_at) values (?, ?, ?, ?)",
+        (job_id, repo_id, sealed_token, time.time()),
+    )
+
+
+def clear_pending_repo(job_id: str) -> None:
+    """Forget the job's pending repo: it was committed to, or deleted."""
+    _execute("delete from pending_repos where job_id = ?", (job_id,))
+
+
+def pending_repos() -> list[tuple[str, str, bytes]]:
+    """The repos jobs created and never committed to, as (job id, repo id, sealed token), oldest first."""
+    conn = _connect()
+    try:
+        rows = conn.execute("select job_id, repo_id, sealed_token from pending_repos order by created_at").fetchall()
+    finally:
+        conn.close()
+    return [(row["job_id"], row["repo_id"], bytes(row["sealed_token"])) for row in rows]
+
+
 # ---------------------------------------------------------------- storage
+
+
+def _refuse_tokens(config_yaml: str, token: str) -> None:
+    if TOKEN_PATTERN.search(config_yaml) or (token and token in config_yaml):
+        raise ConfigError(
+            "the config contains a Hugging Face token (`hf_...`), perhaps in a comment; remove it: the config "
+            "is stored with the job and pushed with the model"
+        )
+
+
+def _existing_job(job_id: str) -> Job:
+    job = get_job(check_job_id(job_id))
+    if job is None:
+        raise JobAccessError("there is no job with this id on this app; check the link (jobs are kept on this app only)")
+    return job
+
+
+def _check_caps(conn: sqlite3.Connection, owner: str) -> None:
+    marks = ", ".join("?" for _ in _UNFINISHED)
+    total = conn.execute(f"select count(*) from jobs where status in ({marks})", _UNFINISHED).fetchone()[0]
+    mine = conn.execute(
+        f"select count(*) from jobs where status in ({marks}) and owner = ?", (*_UNFINISHED, owner)
+    ).fetchone()[0]
+    if mine >= constants.MAX_JOBS_PER_USER:
+        raise JobLimitError(
+            f"you already have {mine} unfinished job(s), the most one account may have here "
+            f"({constants.MAX_JOBS_PER_USER}); wait for one to finish or cancel one, then submit again"
+        )
+    if total >= constants.MAX_JOBS_TOTAL:
+        raise JobLimitError(
+            f"this app is full: {total} jobs are queued or running (at most {constants.MAX_JOBS_TOTAL}); "
+            "submit again in a while"
+        )
 
 
 def _set_status(job_id: str, current: JobStatus, new: JobStatus) -> bool:
@@ -314,11 +533,23 @@ def _connect() -> sqlite3.Connection:
     conn.row_factory = sqlite3.Row
     try:
         _use_wal(conn)
-        conn.execute(_SCHEMA)
+        conn.executescript(_SCHEMA)
+        _add_missing_columns(conn)
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    present = {row["name"] for row in conn.execute("pragma table_info(jobs)")}
+    for name, statement in _ADDED_COLUMNS.items():
+        if name not in present:
+            try:
+                conn.execute(statement)
+            except sqlite3.OperationalError as err:  # the other process added it just now
+                if "duplicate column" not in str(err):
+                    raise
 
 
 def _use_wal(conn: sqlite3.Connection) -> None:

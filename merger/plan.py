@@ -230,7 +230,7 @@ def build_plan(
                 jobs += planner.plan(output_slice, slice_index, template.for_layer(out_layer), template, t, offset)
             layer_origins.append((output_slice.sources[0].model.key, start + offset))
     for weight in arch.post_weights:
-        jobs += planner.plan(slices[-1], len(slices) - 1, weight, weight, 0.0)  # spec decision 11: t = 0
+        jobs += planner.plan(slices[-1], len(slices) - 1, weight, weight, 0.0)  # t = 0 for the post-weights, as mergekit 0.1.5 (docs/decisions.md)
     problems.raise_if_any()
 
     written = {job.name for job in jobs}

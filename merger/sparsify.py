@@ -13,7 +13,7 @@ bool mask of the entries it keeps (one byte per element, whatever `int8_mask` sa
 
 Exact counts use a streamed radix select (:class:`TopK`: linear time, ties at the threshold kept
 lowest index first), never a full sort. Rescaling is mergekit's L1-norm matching over the whole tensor
-(spec decision 10), not the papers' per-entry `1/p`, summed in float64. Random masks draw from the
+(docs/decisions.md), not the papers' per-entry `1/p`, summed in float64. Random masks draw from the
 `generator` passed in, so a seeded generator reproduces them.
 
 TIES and DARE also come as prepare passes (:func:`magnitude_trims`, :func:`random_drops`, and
@@ -403,7 +403,7 @@ def breadcrumbs_mask(delta: Tensor, *, density: float, gamma: float) -> Tensor |
 
     With `keep = int(density·N)`, `n_top = int(gamma·N)` and `n_bottom = N − keep − n_top` (when negative,
     `n_top` shrinks by that much and `n_bottom = 0`), the kept entries are ranks `[n_bottom, N − n_top)`
-    of `|δ|` in ascending order. `n_top = 0` keeps through the end (spec decision 7; mergekit's slice
+    of `|δ|` in ascending order. `n_top = 0` keeps through the end (docs/decisions.md; mergekit's slice
     `[n_bottom:-0]` is empty there and zeroes the whole task vector).
 
     Args:

@@ -1,4 +1,4 @@
-"""Output vocabulary and embedding alignment for `tokenizer_source` / `tokenizer:` (spec section 5.3).
+"""Output vocabulary and embedding alignment for `tokenizer_source` / `tokenizer:`.
 
 When models use different tokenizers, row `i` of one embedding matrix and row `i` of another mean
 different tokens. The output vocabulary is chosen (`base`, `union` or one model's), then each model's

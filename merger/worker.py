@@ -1,17 +1,18 @@
-"""The worker side of the job queue: the huey queue, the merge task, and the consumer process.
+"""The worker side of the job queue: the huey queue, the merge task, the consumer process, its supervision.
 
 huey's SQLite queue (`constants.QUEUE_DB`) carries only a job's id and its sealed Hub token; the rest
-of the job is its record (:mod:`merger.jobs`). Tokens are sealed with Fernet under a key that exists
-only in the environment of the app process and of the consumer it starts (`MERGER_QUEUE_KEY`), so no
-file ever holds a token in clear. The worker unseals the token when the job starts, keeps it in that
-job's frame only, and scrubs it from every log line it writes.
+of the job is its record (:mod:`merger.jobs`). Tokens are sealed with Fernet under the queue key: the
+`MERGER_QUEUE_KEY` environment variable when set, else a key created once in the data directory
+(`queue.key`, mode 0600), so that jobs still queued survive an app restart. The worker unseals the
+token when the job starts, keeps it in that job's frame only, and scrubs it from every log line.
 
-`python -m merger.worker` runs the consumer alone. It then needs the app's key: set the same
-`MERGER_QUEUE_KEY` (`python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"`)
-in both environments, e.g. as a Space secret. A key that changes (an app restart without a fixed
-key) makes jobs still queued fail with a message asking to submit them again.
+`python -m merger.worker` runs the consumer alone; it must see the app's data directory (and the
+app's `MERGER_QUEUE_KEY`, if the app has one in its environment). The app then starts no worker of
+its own (`MERGER_EXTERNAL_WORKER=1`) and shows the worker's heartbeat instead. Started by the app,
+the consumer is supervised by :class:`WorkerSupervisor`, which starts a new one when it dies.
 
-One consumer per data directory: on start it marks jobs left `running` by a previous one as failed.
+One consumer per data directory: on start it marks jobs left `running` by a previous one as failed,
+deletes their partial output, and deletes the Hub repos they created but never committed to.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,13 +50,16 @@ _PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 TOKEN_LOST_MESSAGE = (
-    "The worker could not unseal this job's Hub token: the app restarted after the job was queued, "
-    "or the worker runs with another MERGER_QUEUE_KEY than the app. Submit the job again."
+    "The worker could not unseal this job's Hub token: the queue key changed after the job was queued "
+    "(MERGER_QUEUE_KEY differs between the app and the worker, or the data directory's queue.key was "
+    "replaced). Submit the job again."
 )
 INTERRUPTED_MESSAGE = (
     "The worker stopped (the app restarted or shut down) before this merge finished; nothing was "
     "pushed. Submit the job again."
 )
+WORKER_LOST_REASON = "the worker process stopped unexpectedly (it was killed, ran out of memory, or the app restarted)"
+NOTHING_PUSHED = "Nothing was pushed."
 
 _SHUTDOWN = threading.Event()  # set when the consumer stops: the running merge stops at its next tensor
 _active_tokens: set[str] = set()  # tokens of running jobs, scrubbed from every log line
@@ -63,9 +68,32 @@ _active_tokens: set[str] = set()  # tokens of running jobs, scrubbed from every 
 
 
 def ensure_queue_key() -> None:
-    """Create this process's token-sealing key if it has none; child processes inherit it."""
+    """Give this process the queue key (child processes inherit it).
+
+    `MERGER_QUEUE_KEY` wins when set; otherwise the key is read from `DATA_DIR/queue.key`, which the
+    first process to need it creates, readable by its user only (mode 0600).
+    """
     if not os.environ.get(constants.QUEUE_KEY_ENV):
-        os.environ[constants.QUEUE_KEY_ENV] = Fernet.generate_key().decode()
+        os.environ[constants.QUEUE_KEY_ENV] = _stored_queue_key(Path(constants.DATA_DIR) / constants.QUEUE_KEY_FILE_NAME)
+
+
+def _stored_queue_key(path: Path) -> str:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draft = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(Fernet.generate_key().decode())
+        try:
+            os.link(draft, path)  # atomic, and fails if another process made the key first: then use theirs
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    if path.stat().st_mode & 0o077:
+        logger.warning("%s was readable by others; making it readable by its owner only.", path)
+        path.chmod(0o600)
+    return path.read_text().strip()
 
 
 def scrub(text: str) -> str:
@@ -86,6 +114,34 @@ class ScrubbingFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         """Format `record` as usual, then :func:`scrub` it."""
         return scrub(super().format(record))
+
+
+def install_log_scrubbing() -> None:
+    """Scrub Hub tokens from every log record this process makes, whatever logger or handler it goes to.
+
+    A log record factory replaces the message (with its arguments) and the traceback text by their
+    scrubbed forms when the record is made, so no handler, including those of httpx, gradio and
+    uvicorn, ever sees a token. Installing twice is harmless.
+    """
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "scrubs_tokens", False):
+        return
+
+    def make_record(*args, **kwargs) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed call is the handler's to report, as usual
+            return record
+        clean = scrub(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and record.exc_info[0] is not None:
+            record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
+        return record
+
+    make_record.scrubs_tokens = True
+    logging.setLogRecordFactory(make_record)
 
 
 def _fernet() -> Fernet:
@@ -239,7 +295,7 @@ def _outcome(job: Job, sealed_token: bytes, work_dir: Path, reporter: _Reporter)
     if token:
         _active_tokens.add(token)
     try:
-        url = _merge_and_push(job, token, work_dir / "model", reporter)
+        url = _merge_and_push(job, token, sealed_token, work_dir / "model", reporter)
         return _Outcome(JobStatus.SUCCEEDED, result_url=url)
     except MergeCancelled:
         if _SHUTDOWN.is_set() and not jobs.is_cancel_requested(job.id):
@@ -261,22 +317,34 @@ def _outcome(job: Job, sealed_token: bytes, work_dir: Path, reporter: _Reporter)
         _active_tokens.discard(token)
 
 
-def _merge_and_push(job: Job, token: str, out_dir: Path, reporter: _Reporter) -> str:
-    name = job.repo_id.rsplit("/", 1)[-1]
-    logger.info("Job %s: merging for %s.", job.id, job.repo_id)
+def _merge_and_push(job: Job, token: str, sealed_token: bytes, out_dir: Path, reporter: _Reporter) -> str:
+    # Checked again before the merge: the Hub may have changed while the job was queued.
+    target = hub.check_push_target(job.repo_id, token, private=job.private, reuse_repo=job.reuse_repo)
+    logger.info("Job %s: merging for %s.", job.id, target.repo_id)
     engine.run_merge(
         job.config_yaml,
         out_dir,
         token=token,
-        title=name,
+        title=target.repo_id.rsplit("/", 1)[-1],
         progress=reporter.progress,
         should_cancel=reporter.should_cancel,
     )
     # The upload cannot be stopped half-way, so this is the last point where a cancel takes effect.
     if _SHUTDOWN.is_set() or jobs.is_cancel_requested(job.id):
         raise MergeCancelled("the merge was cancelled before its upload; nothing was pushed")
-    logger.info("Job %s: uploading to %s.", job.id, job.repo_id)
-    url = hub.push_folder(out_dir, job.repo_id, token, private=job.private)
+    logger.info("Job %s: uploading to %s.", job.id, target.repo_id)
+    try:
+        url = hub.push_folder(
+            out_dir,
+            target.repo_id,
+            token,
+            private=job.private,
+            reuse_repo=job.reuse_repo,
+            # Noted before the repo exists: a worker killed mid-upload leaves the note for the next one's sweep.
+            before_create=lambda repo_id: jobs.record_pending_repo(job.id, repo_id, sealed_token),
+        )
+    finally:
+        jobs.clear_pending_repo(job.id)  # committed, or already deleted by push_folder
     logger.info("Job %s: pushed %s", job.id, url)
     return url
 
@@ -284,12 +352,62 @@ def _merge_and_push(job: Job, token: str, out_dir: Path, reporter: _Reporter) ->
 # ---------------------------------------------------------------- the consumer
 
 
-def recover_interrupted_jobs() -> None:
-    """Fail the jobs a previous consumer left `running` and delete its work folders (consumer start only)."""
-    count = jobs.fail_running_jobs(INTERRUPTED_MESSAGE)
+def recover_interrupted_jobs(reason: str = WORKER_LOST_REASON) -> None:
+    """Clean up after a consumer that died: its Hub repos, its running jobs, its partial output.
+
+    Repos that jobs created but never committed to are deleted (kept if they hold a commit); jobs left
+    `running` are marked failed with `reason` and what is on the Hub; the work folders (staging
+    shards included) are deleted. Called when a consumer starts, and by the app's watchdog before it
+    starts a new one. The Hub repos whose check failed stay noted for the next sweep.
+
+    Args:
+        reason: why the jobs stopped, for their owners (a clause; the message adds the rest).
+    """
+    for job_id, on_hub in _sweep_pending_repos().items():
+        jobs.mark_finished(job_id, JobStatus.FAILED, error=_lost_job_message(reason, on_hub))
+    count = jobs.fail_running_jobs(_lost_job_message(reason, NOTHING_PUSHED))
     if count:
         logger.warning("Marked %d job(s) left running by a previous worker as failed.", count)
     shutil.rmtree(Path(constants.DATA_DIR) / "work", ignore_errors=True)
+
+
+def _lost_job_message(reason: str, on_hub: str) -> str:
+    return f"This job stopped before it finished: {reason}. Its partial output was deleted. {on_hub} Submit the job again."
+
+
+def _sweep_pending_repos() -> dict[str, str]:
+    """Delete the repos noted as created but not committed; returns job id -> what is on the Hub now."""
+    outcomes = {}
+    for job_id, repo_id, sealed_token in jobs.pending_repos():
+        try:
+            token = _fernet().decrypt(sealed_token).decode()
+        except (InvalidToken, KeyError, ValueError):
+            outcomes[job_id] = (
+                f"The repo `{repo_id}` this job created could not be checked (the queue key changed); "
+                "delete it on the Hub if it is empty."
+            )
+            jobs.clear_pending_repo(job_id)
+            continue
+        _active_tokens.add(token)
+        try:
+            settled, outcomes[job_id] = hub.delete_unpushed_repo(repo_id, token)
+        finally:
+            _active_tokens.discard(token)
+        if settled:
+            jobs.clear_pending_repo(job_id)
+        logger.warning("Job %s: %s", job_id, outcomes[job_id])
+    return outcomes
+
+
+def _heartbeat(stop: threading.Event) -> None:
+    # The app reads it to tell "no worker alive since ..." when the worker runs apart.
+    while True:
+        try:
+            jobs.beat(os.getpid())
+        except Exception as err:  # noqa: BLE001 - a busy database must not kill the heartbeat
+            logger.warning("could not write the heartbeat (%s)", type(err).__name__)
+        if stop.wait(constants.WORKER_HEARTBEAT_S):
+            return
 
 
 class _MergeConsumer(Consumer):
@@ -328,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         argv: command-line arguments (default: `sys.argv[1:]`).
 
     Returns:
-        The exit status: 0 after a clean stop, 2 without a valid MERGER_QUEUE_KEY.
+        The exit status: 0 after a clean stop, 2 when the queue key (environment or key file) is invalid.
     """
     parser = argparse.ArgumentParser(prog="python -m merger.worker", description="Run merger's job worker.")
     parser.add_argument("--parent-pid", type=int, help="stop when this process (the app) exits")
@@ -338,16 +456,21 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(ScrubbingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.INFO, handlers=[handler], force=True)
 
+    install_log_scrubbing()
     try:
+        ensure_queue_key()
         _fernet()
     except (KeyError, ValueError):
         logger.error(
-            "%s must hold the app's Fernet key (32 url-safe base64 bytes); start the worker from the app, "
-            "or set the same key in both environments.",
+            "%s must hold the app's Fernet key (32 url-safe base64 bytes); set the same key in the app's and "
+            "the worker's environments, or unset it in both to use %s in the shared data directory.",
             constants.QUEUE_KEY_ENV,
+            constants.QUEUE_KEY_FILE_NAME,
         )
         return 2
     recover_interrupted_jobs()
+    stop_heartbeat = threading.Event()
+    threading.Thread(target=_heartbeat, args=(stop_heartbeat,), daemon=True, name="merger-heartbeat").start()
     if args.parent_pid:
         threading.Thread(target=_exit_with_parent, args=(args.parent_pid,), daemon=True).start()
     # One worker thread: a merge holds several models' tensors in memory at once.
@@ -355,7 +478,10 @@ def main(argv: list[str] | None = None) -> int:
         get_huey(), workers=1, worker_type="thread", periodic=False, max_delay=1.0, shutdown_timeout=_SHUTDOWN_TIMEOUT_S
     )
     logger.info("Worker ready: queue %s, jobs %s.", constants.QUEUE_DB, constants.JOBS_DB)
-    consumer.run()
+    try:
+        consumer.run()
+    finally:
+        stop_heartbeat.set()
     return 0
 
 
@@ -384,6 +510,81 @@ def start_consumer_process(log_file: Path | None = None) -> subprocess.Popen:
         return subprocess.Popen(command, env=env)
     with open(log_file, "ab") as log:
         return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+class WorkerSupervisor:
+    """The app's watchdog: it keeps one consumer child alive and cleans up after each one that dies.
+
+    A thread polls the child every `constants.WATCHDOG_INTERVAL_S`. When the child has exited (killed,
+    out of memory, crashed), the jobs it left `running` are failed with the reason, their partial
+    output and uncommitted Hub repos deleted (:func:`recover_interrupted_jobs`), and a new child is
+    started, so queued jobs run again. A child that keeps dying at once is restarted less and less
+    often (doubling up to a minute).
+
+    Args:
+        start: starts a consumer child (default :func:`start_consumer_process`).
+        interval: seconds between checks.
+    """
+
+    _MAX_BACKOFF_S = 60.0
+    _STABLE_AFTER_S = 30.0  # a child that lived this long resets the backoff
+
+    def __init__(self, start: Callable[[], subprocess.Popen] = start_consumer_process, interval: float | None = None):
+        self._start = start
+        self._interval = constants.WATCHDOG_INTERVAL_S if interval is None else interval
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.restarts = 0
+        self.process = start()
+        self._started_at = time.monotonic()
+        self._thread = threading.Thread(target=self._watch, daemon=True, name="merger-watchdog")
+        self._thread.start()
+
+    def _watch(self) -> None:
+        backoff = self._interval
+        while not self._stop.wait(backoff):
+            code = self.process.poll()
+            if code is None:
+                continue
+            lived = time.monotonic() - self._started_at
+            backoff = self._interval if lived >= self._STABLE_AFTER_S else min(2 * backoff, self._MAX_BACKOFF_S)
+            try:
+                self._restart(code)
+            except Exception:  # noqa: BLE001 - the watchdog must outlive a failed restart and try again
+                logger.exception("could not restart the worker; trying again in %.0fs", backoff)
+
+    def _restart(self, code: int) -> None:
+        with self._lock:
+            if self._stop.is_set():
+                return
+            how = _exit_description(code)
+            logger.error("The worker (pid %d) %s; failing its running job and starting a new worker.", self.process.pid, how)
+            recover_interrupted_jobs(f"the worker process {how} while it ran")
+            self.process = self._start()
+            self._started_at = time.monotonic()
+            self.restarts += 1
+
+    def stop(self, timeout: float = _SHUTDOWN_TIMEOUT_S + 5) -> None:
+        """Stop watching, then stop the child (SIGTERM; SIGKILL after `timeout` seconds)."""
+        with self._lock:
+            self._stop.set()
+        self._thread.join()
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def _exit_description(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
 
 
 if __name__ == "__main__":

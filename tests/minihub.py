@@ -7,10 +7,12 @@ ndjson commit (upload_folder/create_commit/upload_file with HF_HUB_DISABLE_XET=1
 /resolve with byte ranges (hf_hub_download, snapshot_download, get_safetensors_metadata).
 
 Adopted from the project's shared tools so the test suite stands alone. Tests can make commits fail
-on purpose: set `store.fail_commits` to an HTTP status (see `serve`).
+on purpose: set `store.fail_commits` to an HTTP status, or to "drop" to close the connection unanswered;
+hold them in flight with `store.hold_commits` (a threading.Event). `store.orgs` gives organizations
+and their members' roles (whoami lists them; write/admin may create, push and delete there).
 
 Not implemented: Xet, multipart LFS, pagination, sort/filter/expand semantics, branches/tags/PRs
-(a revision is `main` or a commit sha), orgs, paths-info, persistence across restarts. `cardData`
+(a revision is `main` or a commit sha), org accounts of their own, paths-info, persistence across restarts. `cardData`
 understands only top-level `key: value` and `key:` + `- item` lines of the front matter.
 
 usage: python minihub.py --port 0 --data DIR --token hf_good=alice [--token hf_other=bob]
@@ -76,7 +78,13 @@ class Store:
         self.tokens = tokens  # token -> username
         self.repos = {}  # (type, repo_id) -> dict
         self.lock = threading.RLock()
-        self.fail_commits = None  # an HTTP status: every commit is refused with it (failure injection)
+        self.fail_commits = None  # an HTTP status: every commit is refused with it; "drop": the connection is closed
+        self.hold_commits = None  # a threading.Event: commits wait until it is set (an upload "in flight")
+        self.orgs = {}  # org name -> {username: role ("admin", "write", "contributor", "read")}
+
+    def may_write(self, user, namespace):
+        """Whether `user` may create or push repos under `namespace` (their own, or an org role of write/admin)."""
+        return user is not None and (user == namespace or self.orgs.get(namespace, {}).get(user) in ("write", "admin"))
 
     def lfs_path(self, oid):
         return os.path.join(self.data, "lfs", oid)
@@ -163,7 +171,7 @@ class Handler(BaseHTTPRequestHandler):
         self.error(401, None, "Invalid credentials in Authorization header")
 
     def visible(self, repo, user):
-        return not repo["private"] or user == repo["owner"]
+        return not repo["private"] or user == repo["owner"] or user in self.store.orgs.get(repo["owner"], {})
 
     def find(self, rtype, repo_id, user):
         repo = self.store.repos.get((rtype, repo_id))
@@ -249,8 +257,10 @@ class Handler(BaseHTTPRequestHandler):
     def whoami(self, user):
         if user is None:
             return self.bad_credentials()
+        orgs = [{"type": "org", "name": org, "fullname": org, "roleInOrg": members[user]}
+                for org, members in sorted(self.store.orgs.items()) if user in members]
         self.send(200, {"type": "user", "id": hashlib.md5(user.encode()).hexdigest()[:24], "name": user,
-                        "fullname": user, "email": None, "emailVerified": False, "isPro": False, "orgs": [],
+                        "fullname": user, "email": None, "emailVerified": False, "isPro": False, "orgs": orgs,
                         "auth": {"type": "access_token",
                                  "accessToken": {"displayName": "minihub", "role": "write", "createdAt": now()}}})
 
@@ -262,7 +272,7 @@ class Handler(BaseHTTPRequestHandler):
         ns = body.get("organization") or user
         repo_id = f"{ns}/{body['name']}"
         url = f"{self.base}/{PREFIX[rtype]}{repo_id}"
-        if ns != user:
+        if not self.store.may_write(user, ns):
             return self.error(403, None, f"You don't have the rights to create a repo under the namespace {ns}")
         with self.store.lock:
             if (rtype, repo_id) in self.store.repos:
@@ -287,7 +297,7 @@ class Handler(BaseHTTPRequestHandler):
             repo = self.find(rtype, repo_id, user)
             if repo is None:
                 return
-            if user != repo["owner"]:
+            if not self.store.may_write(user, repo["owner"]):
                 return self.error(403, None, "You don't have the rights to delete this repo")
             del self.store.repos[(rtype, repo_id)]
         self.send(200, raw=b"")
@@ -350,7 +360,7 @@ class Handler(BaseHTTPRequestHandler):
     def writable(self, rtype, repo_id, user):
         """The repo if `user` may write to it; otherwise the error is sent and None returned."""
         repo = self.find(rtype, repo_id, user)
-        if repo is not None and user != repo["owner"]:
+        if repo is not None and not self.store.may_write(user, repo["owner"]):
             self.error(403, None, "You don't have write access to this repo")
             return None
         return repo
@@ -398,6 +408,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def commit(self, rtype, repo_id, rev, user):
         lines = [json.loads(l) for l in self.body().splitlines() if l.strip()]
+        if self.store.hold_commits is not None:
+            self.store.hold_commits.wait(timeout=120)
+        if self.store.fail_commits == "drop":  # the Hub "goes away" mid-upload: no answer at all
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return None
         if self.store.fail_commits:
             return self.error(self.store.fail_commits, None, "minihub: commit refused (failure injection)")
         with self.store.lock:

@@ -113,7 +113,7 @@ def test_build_demo_wires_the_named_endpoints() -> None:
     demo = app.build_demo()
     assert isinstance(demo, gr.Blocks)
     public = {f.api_name for f in demo.fns.values() if f.api_visibility == "public"}
-    assert public == {"validate", "submit", "job_status", "cancel", "share", "load_link"}
+    assert public == {"validate", "submit", "job_status", "job_config", "cancel", "share", "load_link"}
     # locally the token comes from HF_TOKEN: no LoginButton, whose local mock needs a Hub login
     assert not any(isinstance(b, gr.LoginButton) for b in demo.blocks.values())
 
@@ -129,8 +129,9 @@ def test_sign_in_button(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_api_lists_the_endpoints(client: Client) -> None:
     info = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     assert [p["parameter_name"] for p in info["/validate"]["parameters"]] == ["yaml_text"]
-    assert [p["parameter_name"] for p in info["/submit"]["parameters"]] == ["yaml_text", "repo_id", "private"]
+    assert [p["parameter_name"] for p in info["/submit"]["parameters"]] == ["yaml_text", "repo_id", "private", "reuse_repo"]
     assert [p["parameter_name"] for p in info["/job_status"]["parameters"]] == ["job_id"]
+    assert [p["parameter_name"] for p in info["/job_config"]["parameters"]] == ["job_id"]
     assert [p["parameter_name"] for p in info["/cancel"]["parameters"]] == ["job_id"]
     assert [p["parameter_name"] for p in info["/share"]["parameters"]] == ["yaml_text"]
 
@@ -216,7 +217,7 @@ def test_submit_without_a_token_asks_to_sign_in(client: Client, fixture_models_d
 
 
 def test_submit_rejects_an_invalid_config_before_queueing(
-    client: Client, monkeypatch: pytest.MonkeyPatch, job_store: Path
+    client: Client, monkeypatch: pytest.MonkeyPatch, job_store: Path, hub
 ) -> None:
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with pytest.raises(AppError, match="merge_method: nope"):
@@ -233,7 +234,8 @@ def _job_count(data: Path) -> int:
 
 @pytest.mark.parametrize("how", ["env", "oauth"])
 def test_submit_status_cancel(
-    served: tuple[gr.Blocks, str], fixture_models_dir: Path, monkeypatch: pytest.MonkeyPatch, job_store: Path, how: str
+    served: tuple[gr.Blocks, str], fixture_models_dir: Path, monkeypatch: pytest.MonkeyPatch, job_store: Path, how: str,
+    hub,
 ) -> None:
     if how == "env":
         monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -248,7 +250,9 @@ def test_submit_status_cancel(
 
     status = caller.predict(job_id, api_name="/job_status")
     assert status["id"] == job_id and status["status"] == "queued" and status["progress"] == 0.0
-    assert set(status) == {"id", "status", "progress", "current_tensor", "log_tail", "result_url", "error"}
+    assert set(status) == {"id", "status", "progress", "current_tensor", "log_tail", "result_url", "error", "worker"}
+    # No worker runs in this test: the status says so (the heartbeat has never been written).
+    assert status["worker"] == "No worker alive since it started: queued jobs wait until a worker is running again."
     assert TOKEN not in str(status)
 
     assert caller.predict(job_id, api_name="/cancel") is True
@@ -257,8 +261,11 @@ def test_submit_status_cancel(
 
 
 def test_unknown_job(client: Client, job_store: Path) -> None:
-    with pytest.raises(AppError, match="there is no job `nope`"):
+    with pytest.raises(AppError, match="this is not a job id"):
         client.predict("nope", api_name="/job_status")
+    for endpoint in ("/job_status", "/job_config", "/cancel"):
+        with pytest.raises(AppError, match="there is no job with this id on this app"):
+            client.predict("0" * 32, api_name=endpoint)
 
 
 # ---------------------------------------------------------------- reopening from links, examples, the form
@@ -290,13 +297,43 @@ def test_damaged_config_link_says_so(served: tuple[gr.Blocks, str]) -> None:
     assert "the shared link is damaged" in updates[by_id(demo, "validation-status")]
 
 
-def test_job_link_reopens_the_job_view(served: tuple[gr.Blocks, str]) -> None:
+def test_job_link_reopens_the_job_view_for_its_owner_only(
+    served: tuple[gr.Blocks, str], job_store: Path, monkeypatch: pytest.MonkeyPatch, hub
+) -> None:
+    from merger import jobs
+
     demo = served[0]
-    updates = handler(demo, "on_load")(gr.Request(query_params={"job": "abc123"}))
-    assert updates[by_id(demo, "job-id")] == "abc123"
-    assert value_of(updates[by_id(demo, "job-view")]) is None or updates[by_id(demo, "job-view")].visible
+    text = build_yaml(FormValues(method="linear", models=["org/a", "org/b"], weights=[0.7, 0.3]))
+    the_id = jobs.submit(text, "alice/m", TOKEN, "alice")
+    on_load = handler(demo, "on_load")
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    updates = on_load(gr.Request(query_params={"job": the_id}))
+    assert updates[by_id(demo, "job-id")] == the_id
+    assert updates[by_id(demo, "job-view")].visible
     timer = next(b for b in demo.blocks.values() if isinstance(b, gr.Timer))
     assert updates[timer].active is True
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_bob")  # someone else opens the link: the config only
+    updates = on_load(gr.Request(query_params={"job": the_id}))
+    assert by_id(demo, "job-id") not in updates and by_id(demo, "job-view") not in updates
+    assert value_of(updates[by_id(demo, "config-yaml")]) == text.strip()
+    assert updates[by_id(demo, "validation-status")] == (
+        "**Job link:** this job belongs to another account: only its owner sees its status, log and result; "
+        "its link shows you its config only."
+    )
+
+
+@pytest.mark.parametrize("raw", ["abc123", "<img src=x onerror=alert(1)>" * 300, "[x](javascript:alert(1))", "0" * 31])
+def test_hostile_job_link_is_refused_without_echo(served: tuple[gr.Blocks, str], raw: str) -> None:
+    demo = served[0]
+    updates = handler(demo, "on_load")(gr.Request(query_params={"job": raw}))
+    shown = updates[by_id(demo, "validation-status")]
+    assert shown == (
+        "**Job link not opened:** this is not a job id: a job id is 32 hexadecimal characters (0-9, a-f); "
+        "copy the job link again"
+    )
+    assert by_id(demo, "job-view") not in updates
 
 
 def test_plain_page_load_returns_updates_gradio_accepts(served: tuple[gr.Blocks, str]) -> None:
@@ -351,5 +388,151 @@ def test_form_change_builds_the_yaml(served: tuple[gr.Blocks, str]) -> None:
 
 
 def test_cancel_of_an_unknown_job_says_so(client: Client, job_store: Path) -> None:
-    with pytest.raises(AppError, match="no job `nope`"):
+    with pytest.raises(AppError, match="this is not a job id"):
         client.predict("nope", api_name="/cancel")
+    with pytest.raises(AppError, match="there is no job with this id"):
+        client.predict("f" * 32, api_name="/cancel")
+
+
+# ---------------------------------------------------------------- owners, caps and push targets
+
+
+def test_only_the_owner_reads_or_cancels_others_get_the_config(
+    client: Client, fixture_models_dir: Path, monkeypatch: pytest.MonkeyPatch, job_store: Path, hub
+) -> None:
+    text = slerp_yaml(fixture_models_dir)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    job_id = client.predict(text, "owned-merge", False, api_name="/submit")
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test_bob")
+    for endpoint in ("/job_status", "/cancel"):
+        with pytest.raises(AppError) as caught:
+            client.predict(job_id, api_name=endpoint)
+        assert str(caught.value) == (
+            "this job belongs to another account: only its owner sees its status, log and result; "
+            "its link shows you its config only"
+        )
+    assert client.predict(job_id, api_name="/job_config") == text
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    with pytest.raises(AppError, match="sign in as its owner"):
+        client.predict(job_id, api_name="/job_status")
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    status = client.predict(job_id, api_name="/job_status")
+    assert status["status"] == "queued"  # bob's cancel changed nothing
+    assert client.predict(job_id, api_name="/cancel") is True
+
+
+def test_caps_refuse_the_next_submission_with_the_reason(
+    client: Client, fixture_models_dir: Path, monkeypatch: pytest.MonkeyPatch, job_store: Path, hub
+) -> None:
+    monkeypatch.setattr(constants, "MAX_JOBS_PER_USER", 2)
+    monkeypatch.setattr(constants, "MAX_JOBS_TOTAL", 3)
+    text = slerp_yaml(fixture_models_dir)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    for i in range(2):
+        client.predict(text, f"capped-{i}", False, api_name="/submit")
+    with pytest.raises(AppError, match=r"you already have 2 unfinished job\(s\), the most one account may have here \(2\)"):
+        client.predict(text, "capped-2", False, api_name="/submit")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_bob")
+    client.predict(text, "bobs", False, api_name="/submit")
+    monkeypatch.setenv("HF_TOKEN", "hf_test_mistralai")
+    with pytest.raises(AppError, match=r"this app is full: 3 jobs are queued or running \(at most 3\)"):
+        client.predict(text, "full", False, api_name="/submit")
+    assert _job_count(job_store) == 3
+
+
+@pytest.mark.parametrize(
+    ("repo", "private", "reuse", "expected"),
+    [
+        ("bob/theirs", False, False, "you may not create or push to `bob/theirs`: `bob` is neither your account"),
+        ("alice/app-existing", False, False, "`alice/app-existing` already exists; choose a new name, or allow reusing it"),
+        ("alice/app-existing", True, True, "`alice/app-existing` exists and is public, but a private repo was asked for"),
+        ("alice/bad--name", False, False, "`alice/bad--name` is not a valid Hub repo id"),
+    ],
+)
+def test_submit_checks_the_push_target_before_anything_is_queued(
+    client: Client, monkeypatch: pytest.MonkeyPatch, job_store: Path, hub, repo, private, reuse, expected
+) -> None:
+    from huggingface_hub import HfApi
+
+    HfApi(token=TOKEN).create_repo("alice/app-existing", exist_ok=True)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    # An invalid config too: the target is refused first, so it must be the message.
+    with pytest.raises(AppError) as caught:
+        client.predict("merge_method: nope\n", repo, private, reuse, api_name="/submit")
+    assert expected in str(caught.value)
+    assert not (job_store / "jobs.db").exists() or _job_count(job_store) == 0
+
+
+def test_submit_to_an_existing_repo_with_reuse(
+    client: Client, fixture_models_dir: Path, monkeypatch: pytest.MonkeyPatch, job_store: Path, hub
+) -> None:
+    from huggingface_hub import HfApi
+
+    from merger import jobs
+
+    HfApi(token=TOKEN).create_repo("alice/app-reused", exist_ok=True)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    job_id = client.predict(slerp_yaml(fixture_models_dir), "app-reused", False, True, api_name="/submit")
+    job = jobs.get_job(job_id)
+    assert (job.repo_id, job.reuse_repo, job.private, job.owner) == ("alice/app-reused", True, False, "alice")
+
+
+def test_the_app_log_is_scrubbed_httpx_lines_included() -> None:
+    import logging
+
+    from merger.worker import install_log_scrubbing
+
+    secret = "hf_" + "Tk9" * 12
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(logging.Formatter("%(name)s %(message)s").format(record))
+
+    previous = logging.getLogRecordFactory()
+    keep = Keep()
+    logger = logging.getLogger("httpx")
+    logger.addHandler(keep)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        install_log_scrubbing()
+        install_log_scrubbing()  # twice is harmless
+        logger.info('HTTP Request: %s %s "%s %d %s"', "GET", f"https://hf.co/api/models/{secret}", "HTTP/1.1", 401, "")
+        try:
+            raise RuntimeError(f"Authorization: Bearer {secret}")
+        except RuntimeError:
+            logging.getLogger("uvicorn.error").addHandler(keep)
+            logging.getLogger("uvicorn.error").exception("request failed")
+    finally:
+        logging.setLogRecordFactory(previous)
+        logger.removeHandler(keep)
+        logger.setLevel(level)
+        logging.getLogger("uvicorn.error").removeHandler(keep)
+    assert lines[0] == 'httpx HTTP Request: GET https://hf.co/api/models/*** "HTTP/1.1 401 "'
+    assert "RuntimeError: Authorization: Bearer ***" in lines[1]
+    assert secret not in "".join(lines)
+
+
+def test_job_status_says_when_no_worker_is_alive(
+    client: Client, monkeypatch: pytest.MonkeyPatch, job_store: Path, hub
+) -> None:
+    import time
+
+    from merger import jobs
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    the_id = jobs.submit("merge_method: linear\n", "alice/waiting", TOKEN, "alice")
+    jobs.beat(4242)
+    assert client.predict(the_id, api_name="/job_status")["worker"] is None  # a fresh heartbeat
+
+    beat = jobs.last_heartbeat()
+    monkeypatch.setattr(constants, "WORKER_STALE_S", 0)
+    time.sleep(0.05)
+    since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(beat))
+    status = client.predict(the_id, api_name="/job_status")
+    assert status["worker"] == f"No worker alive since {since}: queued jobs wait until a worker is running again."
+    assert app._job_markdown(status).endswith(f"**Worker:** {status['worker']}")

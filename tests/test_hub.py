@@ -15,8 +15,11 @@ from huggingface_hub import HfApi, constants
 from huggingface_hub.file_download import repo_folder_name
 
 from merger import hub as hub_module
-from merger.errors import ConfigError, HubError, ModelNotFoundError, UnsafeWeightsError
+from merger.errors import ConfigError, HubError, ModelNotFoundError, PushTargetError, UnsafeWeightsError
 from merger.hub import (
+    PushTarget,
+    check_push_target,
+    delete_unpushed_repo,
     download_model,
     fetch_metadata,
     is_hub_id,
@@ -256,17 +259,36 @@ def test_push_folder_failed_upload_deletes_the_repo_it_created(hub, merged_dir, 
         push_folder(merged_dir, "alice/merged-failed", token=hub.token)
 
     assert "HTTP 422" in str(excinfo.value)
+    assert str(excinfo.value).endswith("Nothing was pushed: the repo `alice/merged-failed` this job created was deleted.")
     assert HfApi(token=hub.token).repo_exists("alice/merged-failed") is False
+
+
+def test_push_folder_hub_gone_mid_upload_deletes_the_repo_it_created(hub, merged_dir, monkeypatch):
+    monkeypatch.setattr(hub.store, "fail_commits", "drop")  # the commit request gets no answer at all
+    noted = []
+
+    with pytest.raises(HubError) as excinfo:
+        push_folder(merged_dir, "merged-dropped", token=hub.token, before_create=noted.append)
+
+    message = str(excinfo.value)
+    assert message.startswith("pushing to `alice/merged-dropped` failed: could not reach the Hub")
+    assert message.endswith("Nothing was pushed: the repo `alice/merged-dropped` this job created was deleted.")
+    assert noted == ["alice/merged-dropped"]  # told before the repo existed
+    assert ("model", "alice/merged-dropped") not in hub.store.repos
 
 
 def test_push_folder_failed_upload_keeps_an_existing_repo(hub, merged_dir, monkeypatch):
     push_folder(merged_dir, "alice/merged-existing", token=hub.token)
+    before = list(hub.store.repos[("model", "alice/merged-existing")]["commits"])
     monkeypatch.setattr(hub.store, "fail_commits", 422)
 
-    with pytest.raises(HubError):
-        push_folder(merged_dir, "alice/merged-existing", token=hub.token)
+    with pytest.raises(HubError) as excinfo:
+        push_folder(merged_dir, "alice/merged-existing", token=hub.token, reuse_repo=True)
 
-    assert HfApi(token=hub.token).repo_exists("alice/merged-existing") is True
+    assert str(excinfo.value).endswith(
+        "Nothing was pushed: the repo `alice/merged-existing` existed before and was left unchanged."
+    )
+    assert hub.store.repos[("model", "alice/merged-existing")]["commits"] == before
 
 
 def test_push_folder_interrupted_upload_deletes_the_repo(hub, merged_dir, monkeypatch):
@@ -291,11 +313,80 @@ def test_push_folder_bad_repo_id_is_config_error(hub, merged_dir, repo_id):
 
 
 def test_push_folder_to_another_users_namespace_is_refused(hub, merged_dir):
-    with pytest.raises(HubError, match="write access") as excinfo:
+    with pytest.raises(PushTargetError) as excinfo:
         push_folder(merged_dir, "bob/not-yours", token=hub.token)
 
+    assert str(excinfo.value) == (
+        "`repo`: you may not create or push to `bob/not-yours`: `bob` is neither your account (`alice`) nor an "
+        "organization you belong to; push to `alice/...` or to an organization where you have the write or admin role"
+    )
     assert hub.token not in _error_text(excinfo)
     assert HfApi(token="hf_test_bob").repo_exists("bob/not-yours") is False
+
+
+# ---------------------------------------------------------------- push targets, checked before a merge
+
+
+@pytest.fixture
+def orgs(hub, monkeypatch):
+    monkeypatch.setattr(hub.store, "orgs", {"acme": {"alice": "write"}, "readers": {"alice": "read", "bob": "admin"}})
+
+
+def test_push_target_own_namespace_and_org_with_write_role(hub, orgs, merged_dir):
+    assert check_push_target("fresh-one", hub.token) == PushTarget("alice/fresh-one", exists=False, private=False)
+    assert check_push_target("acme/fresh", hub.token, private=True) == PushTarget("acme/fresh", False, True)
+    url = push_folder(merged_dir, "acme/merged-org", token=hub.token)
+    assert url == f"{hub.url}/acme/merged-org"
+    assert hub.store.repos[("model", "acme/merged-org")]["owner"] == "acme"
+
+
+def test_push_target_org_with_read_role_is_refused_before_anything(hub, orgs, merged_dir):
+    with pytest.raises(PushTargetError, match="your role in the organization `readers` is `read`"):
+        push_folder(merged_dir, "readers/nope", token=hub.token)
+    assert ("model", "readers/nope") not in hub.store.repos
+
+
+def test_push_target_existing_repo_needs_reuse_and_keeps_its_visibility(hub, merged_dir):
+    api = HfApi(token=hub.token)
+    api.create_repo("alice/public-target")
+    api.create_repo("alice/private-target", private=True)
+
+    with pytest.raises(PushTargetError) as excinfo:
+        check_push_target("alice/public-target", hub.token)
+    assert "`alice/public-target` already exists; choose a new name, or allow reusing it (`--reuse-repo`" in str(
+        excinfo.value
+    )
+    with pytest.raises(PushTargetError) as excinfo:
+        check_push_target("alice/public-target", hub.token, private=True, reuse_repo=True)
+    assert str(excinfo.value).startswith(
+        "`repo`: `alice/public-target` exists and is public, but a private repo was asked for"
+    )
+
+    assert check_push_target("public-target", hub.token, reuse_repo=True) == PushTarget(
+        "alice/public-target", exists=True, private=False
+    )
+    push_folder(merged_dir, "alice/public-target", token=hub.token, reuse_repo=True)
+    push_folder(merged_dir, "alice/private-target", token=hub.token, reuse_repo=True)  # private=False changes nothing
+    assert api.model_info("alice/public-target").private is False
+    assert api.model_info("alice/private-target").private is True
+    assert "config.json" in api.list_repo_files("alice/private-target")
+
+
+def test_delete_unpushed_repo_deletes_an_empty_repo_and_keeps_a_pushed_one(hub, merged_dir):
+    api = HfApi(token=hub.token)
+    api.create_repo("alice/left-empty")
+    push_folder(merged_dir, "alice/left-full", token=hub.token)
+
+    assert delete_unpushed_repo("alice/left-empty", hub.token) == (
+        True, "Nothing was pushed: the repo `alice/left-empty` this job created was deleted."
+    )
+    assert api.repo_exists("alice/left-empty") is False
+    assert delete_unpushed_repo("alice/left-full", hub.token) == (
+        True, "The repo `alice/left-full` holds the uploaded files; it was kept."
+    )
+    assert delete_unpushed_repo("alice/never-made", hub.token) == (
+        True, "The repo `alice/never-made` was never created; nothing is on the Hub."
+    )
 
 
 # ---------------------------------------------------------------- whoami, tokens
@@ -357,3 +448,53 @@ def test_environment_points_huggingface_hub_at_the_loopback_hub(hub):
     assert constants.HF_HOME == os.environ["HF_HOME"] != str(Path.home() / ".cache" / "huggingface")
     assert constants.HF_HUB_DISABLE_XET is True
     assert "HF_TOKEN" not in os.environ
+
+
+# ---------------------------------------------------------------- the CLI checks the push target before merging
+
+
+@pytest.fixture
+def cli_config(tmp_path, fixture_models_dir) -> Path:
+    path = tmp_path / "linear.yml"
+    path.write_text(
+        "merge_method: linear\nmodels:\n"
+        + "".join(f"  - model: {fixture_models_dir / n}\n    parameters: {{weight: 0.5}}\n" for n in ("mistral-base", "mistral-code"))
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("target", "flags", "words"),
+    [
+        ("bob/cli-theirs", [], "you may not create or push to `bob/cli-theirs`"),
+        ("alice/cli-existing", [], "`alice/cli-existing` already exists; choose a new name, or allow reusing it (`--reuse-repo`"),
+        ("alice/cli-existing", ["--private", "--reuse-repo"], "`alice/cli-existing` exists and is public, but a private repo"),
+        ("alice/cli bad", [], "`alice/cli bad` is not a valid Hub repo id"),
+    ],
+)
+def test_cli_refuses_a_bad_push_target_before_merging(hub, cli_config, tmp_path, capsys, monkeypatch, target, flags, words):
+    from merger.__main__ import main
+
+    HfApi(token=hub.token).create_repo("alice/cli-existing", exist_ok=True)
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+
+    code = main(["run", str(cli_config), str(tmp_path / "out"), "--device", "cpu", "--push-to", target, *flags])
+
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and words in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # refused before the merge wrote anything
+
+
+def test_cli_reuse_repo_pushes_a_new_commit(hub, cli_config, tmp_path, capsys, monkeypatch):
+    from merger.__main__ import main
+
+    HfApi(token=hub.token).create_repo("alice/cli-reused", exist_ok=True)
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+
+    code = main(["run", str(cli_config), str(tmp_path / "out"), "--device", "cpu", "--push-to", "cli-reused", "--reuse-repo"])
+
+    out = capsys.readouterr().out
+    assert code == 0 and out.strip().endswith(f"pushed to {hub.url}/alice/cli-reused")
+    files = hub.store.repos[("model", "alice/cli-reused")]["commits"][-1]["files"]
+    assert {"config.json", "model.safetensors.index.json", "mergekit_config.yml"} <= set(files)
+    assert HfApi(token=hub.token).model_info("alice/cli-reused").private is False

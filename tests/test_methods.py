@@ -366,7 +366,7 @@ def test_breadcrumbs_ties_matches_the_reference() -> None:
 
 
 def test_breadcrumbs_gamma_zero_keeps_the_task_vector() -> None:
-    # density 1: identity; density 0.5 with gamma 0: the top half (spec decision 7, not all zeros)
+    # density 1: identity; density 0.5 with gamma 0: the top half (docs/decisions.md: not all zeros)
     close(run("breadcrumbs", [X1], BASE, weight=[1.0], density=[1.0], gamma=[0.0]), values(X1))
     out = run("breadcrumbs", [X1], BASE, weight=[1.0], density=[0.5], gamma=[0.0])
     close(out, reference_task_arithmetic([X1], BASE, [1.0], keep=[top_positions(values(DELTA_1), 3)]))

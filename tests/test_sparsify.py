@@ -142,7 +142,7 @@ def test_breadcrumbs_drops_top_gamma_and_keeps_the_next_density() -> None:
 
 
 def test_breadcrumbs_gamma_zero_keeps_through_the_end() -> None:
-    # spec decision 7: n_top = 0 keeps the `keep` largest (mergekit's [n_bottom:-0] would keep none)
+    # docs/decisions.md: n_top = 0 keeps the `keep` largest (mergekit's [n_bottom:-0] would keep none)
     mask = breadcrumbs_mask(DELTA, density=0.4, gamma=0.0)
     assert kept(mask) == set(ascending_positions(DELTA)[6:])
     # gamma·N < 1 rounds n_top to 0 too

@@ -25,7 +25,7 @@ QUANTILE_SAMPLE = 1_000_000  # larger tensors estimate the quartiles from this m
 def arcee_fusion(tensors: list[Tensor], base: Tensor, *, generator: torch.Generator) -> Tensor:
     """`out = a + (b − a) ⊙ [I ≥ thr]`: the base `a`, with the other model's most important changes.
 
-    Steps (spec 3.12):
+    Steps:
       1. Importance `I = |b − a| ⊙ KL_row`, `KL_row = Σ_last p·log(p/q)` with `p = softmax(b) + 1e-8`,
          `q = softmax(a) + 1e-8` over the last axis (one scalar for a 0-/1-D tensor), broadcast along rows.
       2. Quartiles of `I`, from a uniform sample (with replacement, drawn with `generator`) of 1,000,000

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from ..ranges import Range
 from . import merge_method
+from .reductions import dot, norm
 
 
 @merge_method("karcher", pretty_name="Karcher Mean", reference_url="https://en.wikipedia.org/wiki/Karcher_mean")
@@ -23,7 +24,7 @@ def karcher(
 ) -> Tensor:
     """Equal-weight Karcher mean of the flattened inputs' directions, times their mean norm.
 
-    Steps (spec 3.5), every input weighted `αᵢ = 1/N` (a configured base is one more input):
+    Steps, every input weighted `αᵢ = 1/N` (a configured base is one more input):
       1. `nᵢ = ‖xᵢ‖`, `uᵢ = xᵢ/nᵢ`; inputs with `nᵢ ≤ tol` are left out and the α renormalised
          (none left: zeros).
       2. `u = normalize(Σ αᵢuᵢ)`, or the first unit vector if that norm is below `tol`.
@@ -44,7 +45,7 @@ def karcher(
     if len(tensors) == 1:
         return tensors[0]
     vectors = [x.reshape(-1) for x in tensors]  # N × (M,), views
-    norms = [float(torch.linalg.vector_norm(v)) for v in vectors]
+    norms = [norm(v) for v in vectors]
     scale = sum(norms) / len(norms)  # Σ αᵢnᵢ with the original α
     valid = [(v, n) for v, n in zip(vectors, norms) if n > tol]
     if not valid:
@@ -55,7 +56,7 @@ def karcher(
     u = torch.zeros_like(valid[0][0])  # (M,)
     for v, n in valid:
         u.add_(v, alpha=alpha / n)
-    u_norm = float(torch.linalg.vector_norm(u))
+    u_norm = norm(u)
     if u_norm < tol:
         u = valid[0][0] / valid[0][1]
     else:
@@ -66,7 +67,7 @@ def karcher(
         tangent = torch.zeros_like(u)
         along_u = 0.0  # Σ αᵢ(θᵢ/sin θᵢ)cos θᵢ, the coefficient of −u
         for v, n in valid:
-            cos_theta = min(max(float(torch.dot(u, v)) / n, -1.0), 1.0)
+            cos_theta = min(max(dot(u, v) / n, -1.0), 1.0)
             theta = math.acos(cos_theta)
             if theta < tol:
                 continue
@@ -74,11 +75,11 @@ def karcher(
             tangent.add_(v, alpha=coefficient / n)
             along_u += coefficient * cos_theta
         tangent.sub_(u, alpha=along_u)
-        step = float(torch.linalg.vector_norm(tangent))
+        step = norm(tangent)
         if step < tol:
             break
         u = u.mul_(math.cos(step)).add_(tangent, alpha=math.sin(step) / step)
-        u_norm = float(torch.linalg.vector_norm(u))
+        u_norm = norm(u)
         if u_norm > tol:
             u.div_(u_norm)
 

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from ..ranges import Range
 from . import Factor, PerModel, merge_method
+from .reductions import dot, norm
 
 
 @merge_method(
@@ -28,7 +29,7 @@ def multislerp(
 ) -> Tensor:
     """Weighted spherical mean of the flattened inputs (task vectors `xᵢ − base` when a base is given).
 
-    Steps (spec 3.4), with `wᵢ` divided by `Σ wᵢ` when `normalize_weights`:
+    Steps, with `wᵢ` divided by `Σ wᵢ` when `normalize_weights`:
       1. `nᵢ = ‖xᵢ‖`, `uᵢ = xᵢ/(nᵢ + eps)`.
       2. `m = Σ wᵢuᵢ`; if `‖m‖ < eps`, two inputs fall back to `Σ wᵢxᵢ`, more raise.
       3. Project to the tangent space at `m̂ = m/‖m‖`: `τ = Σ wᵢ(uᵢ − (uᵢ·m̂)m̂)`, `ℓ = ‖τ‖ + eps`.
@@ -52,13 +53,13 @@ def multislerp(
     weights = [w / sum(weight) for w in weight] if normalize_weights else list(weight)
     # 1. flattened inputs (task vectors with a base) and their norms
     vectors = [(x if base is None else x - base).reshape(-1) for x in tensors]  # n × (N,)
-    norms = [float(torch.linalg.vector_norm(v)) for v in vectors]
+    norms = [norm(v) for v in vectors]
 
     # 2. weighted Euclidean mean of the unit vectors
     mean = torch.zeros_like(vectors[0])  # (N,)
     for v, n, w in zip(vectors, norms, weights):
         mean.add_(v / (n + eps), alpha=w)
-    mean_norm = float(torch.linalg.vector_norm(mean))
+    mean_norm = norm(mean)
     if mean_norm < eps:
         if len(vectors) != 2:
             raise ValueError(
@@ -73,8 +74,8 @@ def multislerp(
         tangent = torch.zeros_like(mean)  # (N,)
         for v, n, w in zip(vectors, norms, weights):
             unit = v / (n + eps)
-            tangent.add_(unit.sub_(mean, alpha=float(torch.dot(unit, mean))), alpha=w)
-        length = float(torch.linalg.vector_norm(tangent)) + eps
+            tangent.add_(unit.sub_(mean, alpha=dot(unit, mean)), alpha=w)
+        length = norm(tangent) + eps
         # 4. exponential map back to the sphere, scaled to the weighted mean norm
         result = mean.mul_(math.cos(length)).add_(tangent, alpha=math.sin(length) / length)
         result.mul_(sum(n * w for n, w in zip(norms, weights)))

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..sparsify import agrees_with, elect_sign, top_k_mask
 from . import Fraction, merge_method
+from .reductions import squared_norm
 
 UNIFORM_BELOW = 1e-6  # total task-vector energy below which every model weighs the same
 DIVISOR_MIN = 1e-6  # floor of the per-entry weight sum
@@ -17,7 +18,7 @@ DIVISOR_MIN = 1e-6  # floor of the per-entry weight sum
 def sce(tensors: list[Tensor], base: Tensor, *, select_topk: Fraction = 1.0, int8_mask: bool = False) -> Tensor:
     """`base + Σᵢ τᵢ·ωᵢ·mᵢ / max(Σᵢ ωᵢ·mᵢ, 1e-6)` over the task vectors `τᵢ = xᵢ − base`.
 
-    Paper steps (spec 3.8):
+    Paper steps:
       1. Select: if `select_topk < 1`, keep in every `τᵢ` only the `k = int(count_nonzero(v)·select_topk)`
          entries of highest variance `v = Varᵢ(τᵢ)` (population variance across models; `k = 0` keeps none).
       2. Calculate: `ωᵢ = mean(τᵢ²)`, normalised to sum to 1 (uniform when the sum is below 1e-6).
@@ -52,7 +53,7 @@ def sce(tensors: list[Tensor], base: Tensor, *, select_topk: Fraction = 1.0, int
             tau.mul_(keep)
 
     # 2. Calculate the matrix-level coefficients ωᵢ = mean(τᵢ²)
-    energies = [float(torch.dot(tau.reshape(-1), tau.reshape(-1))) / tau.numel() for tau in task_vectors]
+    energies = [squared_norm(tau) / tau.numel() for tau in task_vectors]
     total = sum(energies)
     omegas = [1 / n] * n if total < UNIFORM_BELOW else [e / total for e in energies]
 

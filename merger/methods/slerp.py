@@ -10,10 +10,10 @@ import torch
 from torch import Tensor
 
 from . import Fraction, merge_method
+from .reductions import dot, squared_norm
 
 DOT_THRESHOLD = 0.9995  # above this |cos θ| the arc is numerically a line: use lerp
 NORM_EPS = 1e-8
-BLOCK = 1 << 14  # entries summed by one thread (below torch's parallel grain of 32768)
 
 
 def slerp_coefficients(
@@ -21,9 +21,8 @@ def slerp_coefficients(
 ) -> tuple[float, float] | None:
     """The prepare pass: `(s0, s1)` with `out = s0·v0 + s1·v1`, or None to lerp.
 
-    `‖v0‖²`, `‖v1‖²` and `v0·v1` are summed in float32 over blocks of `BLOCK` entries (each block by
-    one thread, so the sums do not depend on the thread count, as a whole-tensor float32 sum or
-    `torch.dot` do), then over blocks and slices in float64. A vector of norm ≤ 1e-8 is left
+    `‖v0‖²`, `‖v1‖²` and `v0·v1` are summed per slice by :mod:`.reductions` (the same on every machine
+    and thread count), then over slices in float64. A vector of norm ≤ 1e-8 is left
     unnormalised.
 
     Args:
@@ -39,18 +38,14 @@ def slerp_coefficients(
         return None
     aa = bb = ab = 0.0
     for (v1,), v0 in slices():
-        a, b = v0.reshape(-1), v1.reshape(-1)
-        full = a.numel() // BLOCK * BLOCK
-        blocks = [(a[:full].view(-1, BLOCK), b[:full].view(-1, BLOCK)), (a[full:].view(1, -1), b[full:].view(1, -1))]
-        for x, y in blocks:
-            aa += float(torch.linalg.vector_norm(x, dim=1).double().square().sum())
-            bb += float(torch.linalg.vector_norm(y, dim=1).double().square().sum())
-            ab += float((x * y).sum(dim=1).double().sum())
+        aa += squared_norm(v0)
+        bb += squared_norm(v1)
+        ab += dot(v0, v1)
     na, nb = math.sqrt(aa), math.sqrt(bb)
-    dot = ab / ((na if na > NORM_EPS else 1.0) * (nb if nb > NORM_EPS else 1.0))
-    if abs(dot) > DOT_THRESHOLD:
+    cosine = ab / ((na if na > NORM_EPS else 1.0) * (nb if nb > NORM_EPS else 1.0))
+    if abs(cosine) > DOT_THRESHOLD:
         return None
-    theta = math.acos(dot)
+    theta = math.acos(cosine)
     sin_theta = math.sin(theta)
     return math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
 

@@ -55,7 +55,7 @@ def generalized_task_arithmetic(
 ) -> Tensor:
     """`base + λ·M/D`: the weighted (sparsified, sign-agreeing) task vectors, optionally normalised.
 
-    Steps (spec 3.6):
+    Steps:
       1. `δᵢ = xᵢ − base`.
       2. Sparsify: `δᵢ ← δᵢ ⊙ maskᵢ`, L1-rescaled when `rescale`.
       3. Weight: `Wᵢ = wᵢ·δᵢ`.

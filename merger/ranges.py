@@ -23,7 +23,8 @@ class Range:
 
     Attributes:
         kind: `float` (ints accepted, NaN and inf never), `int` (whole numbers, `10.0` accepted) or
-            `bool` (`true`/`false`; 0 and 1 accepted).
+            `bool` (`true`/`false`; 0 and 1 accepted). Text (`"0.5"`) is never a number: the merge
+            would read it as text.
         low / high: inclusive bounds of a number (None for `bool`).
         meaning: what the value is, for the error (`"a fraction of entries kept"`).
     """
@@ -63,6 +64,9 @@ class Range:
             return None
         converted = self._converted(value)
         if converted is None or (self.kind is not bool and not self.low <= converted <= self.high):
+            if isinstance(value, str):  # quoted, or a word: YAML gave text, not a number or flag
+                wanted = "`true` or `false`" if self.kind is bool else "a number"
+                return f"must be {self.describe()}, got the text `{excerpt(value)}`; write {wanted}, without quotes"
             return f"must be {self.describe()}, got `{excerpt(value)}`; change it"
         return None
 
@@ -80,7 +84,8 @@ class Range:
     def _converted(self, value: Any) -> Any:
         """`value` as `kind`, or None when it is not one (NaN and inf are not numbers here)."""
         if self.kind is bool:
-            return bool(value) if isinstance(value, bool) or (type(value) is int and value in (0, 1)) else None
+            plain = not isinstance(value, bool) and isinstance(value, (int, float)) and value in (0, 1)
+            return bool(value) if isinstance(value, bool) or plain else None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return None
         if isinstance(value, float) and not math.isfinite(value):

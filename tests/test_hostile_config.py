@@ -173,3 +173,25 @@ def test_an_out_of_range_random_seed_is_refused_before_anything_is_written(tmp_p
     with pytest.raises(ParameterValueError, match="--random-seed"):
         run_merge(text, tmp_path / "out", device="cpu", seed=-1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_method_parameter_declares_its_range_and_one_without_is_not_registered() -> None:
+    from merger.methods import METHODS, merge_method
+    from merger.ranges import Range
+
+    assert all(isinstance(p.range, Range) for m in METHODS.values() for p in m.parameters)
+    numeric = [p.range for m in METHODS.values() for p in m.parameters if p.range.kind is not bool]
+    assert numeric and all(r.low is not None and r.high is not None for r in numeric)
+
+    def undeclared(tensors: list, *, k: float = 1.0) -> None:  # noqa: ARG001
+        return None
+
+    with pytest.raises(TypeError, match="`k` needs `Annotated"):
+        merge_method("undeclared-test", pretty_name="x", reference_url="x")(undeclared)
+    assert "undeclared-test" not in METHODS
+
+
+@pytest.mark.parametrize("t", ["0", "1", "0.0", "[0, 1]", "[{filter: mlp, value: 1}, {value: 0}]"])
+def test_the_ends_of_a_range_are_allowed(t: str) -> None:
+    text = f"merge_method: slerp\nbase_model: a/b\nmodels: [{{model: a/b}}, {{model: c/d}}]\nparameters: {{t: {t}}}\n"
+    assert load_config(text).parameters["t"] is not None  # an exclusive bound would raise here

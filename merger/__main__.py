@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import MergerError
+from .parse import read_config_file
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -60,7 +61,7 @@ def _run(args: argparse.Namespace) -> None:
         # Before the merge: a target the user may not write to must not cost a whole merge.
         target = check_push_target(args.push_to, token, private=args.private, reuse_repo=args.reuse_repo)
         args.push_to = target.repo_id
-    text = args.config.read_text()
+    text = read_config_file(args.config)
     bars: list[tqdm] = []  # made at the first tensor, so a config error prints no empty bar
 
     def progress(fraction: float, name: str) -> None:
@@ -90,7 +91,7 @@ def _validate(args: argparse.Namespace) -> None:
 
     from .validate import validate_config
 
-    report = validate_config(args.config.read_text(), token=get_token())
+    report = validate_config(read_config_file(args.config), token=get_token())
     print(f"OK: {report.summary()}")
     print(f"layers: {report.num_layers}")
     print(f"parameters: {report.parameter_count}")

@@ -15,7 +15,7 @@ import torch
 
 from .architecture import is_multimodal
 from .card import render_model_card
-from .config import load_config
+from .config import SEED, load_config
 from .constants import (
     CARD_FILE,
     CONFIG_FILE,
@@ -109,6 +109,7 @@ def run_merge(
     """
     started = time.monotonic()
     config = load_config(config_text)
+    SEED.check("--random-seed", seed)
     _check_out_dir(out_dir)
     plan, metadata = plan_config(config, token)
     for warning in plan.warnings:

@@ -7,6 +7,7 @@ and the CLI can print it without a traceback. All inherit from :class:`MergerErr
 
 from __future__ import annotations
 
+import reprlib
 from typing import Iterable
 
 
@@ -119,3 +120,68 @@ class ArchitectureSettingError(ConfigError):
 
 class RemoteCodeError(MergerError, ValueError):
     """A model's `auto_map` names a code file the model does not ship, so the output could not load."""
+
+
+# ---------------------------------------------------------------- hostile input (issue 8: parsing, parameters, templates)
+EXCERPT_LIMIT = 60  # characters of user input an error message may repeat
+
+
+def excerpt(value: object, limit: int = EXCERPT_LIMIT) -> str:
+    """A short, escaped rendering of user input, safe inside a Markdown code span of an error message.
+
+    Control characters are escaped (`\\n`), backticks become `'` (so the value cannot close the span),
+    and text past `limit` characters is cut, saying how long the whole was.
+
+    Args:
+        value: any user input (a string is shown without quotes, anything else as a shortened `repr`).
+        limit: the most characters of the value shown.
+
+    Returns:
+        At most `limit` characters of the value plus a short `… (N characters)` note.
+    """
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]  # as YAML spells them
+    text = value if isinstance(value, str) else _SHORT_REPR.repr(value)
+    shown = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[:limit]).replace("`", "'")
+    return shown if len(text) <= limit else f"{shown}… ({len(text):,} characters)"
+
+
+_SHORT_REPR = reprlib.Repr()  # a nested value's repr stays short however large the value
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxdict, _SHORT_REPR.maxlist = 3, 4, 6
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = _SHORT_REPR.maxlong = EXCERPT_LIMIT
+
+
+class ConfigTooLargeError(ConfigError):
+    """The config exceeds a parsing limit (text size, alias expansion, nesting, list or string length)."""
+
+
+class YamlAliasError(ConfigTooLargeError):
+    """YAML anchors/aliases would expand past the limit (a "billion laughs" bomb) or refer to themselves."""
+
+
+class NestingTooDeepError(ConfigTooLargeError):
+    """Lists or mappings are nested deeper than any config needs."""
+
+
+class ListTooLongError(ConfigTooLargeError):
+    """A list (or mapping) has more entries than the limit for its field."""
+
+
+class StringTooLongError(ConfigTooLargeError):
+    """A string (a key, a model reference, a prompt, a chat template) is longer than its limit."""
+
+
+class InvalidYamlError(ConfigError):
+    """The config text is not YAML (a syntax error), or holds tags or values YAML cannot read safely."""
+
+
+class MultiDocumentError(ConfigError):
+    """The text holds several YAML documents (`---` separated, mergekit-mega style); one config is merged at a time."""
+
+
+class TokenInConfigError(ConfigError):
+    """The config holds something shaped like a Hugging Face token (comments included); it is never stored."""
+
+
+class ChatTemplateError(ConfigError):
+    """`chat_template` is neither `auto`, a built-in name nor Jinja that compiles (file paths are never read)."""

@@ -29,7 +29,7 @@ from enum import Enum
 from pathlib import Path
 
 from . import constants
-from .errors import ConfigError, JobAccessError, JobLimitError
+from .errors import JobAccessError, JobLimitError, TokenInConfigError
 from .tokens import TOKEN_PATTERN
 
 _BUSY_TIMEOUT_S = 10.0  # how long a statement waits for the other process's write to finish
@@ -156,7 +156,7 @@ def submit(
         The new job's id (uuid4 hex, `constants.JOB_ID_LENGTH` characters).
 
     Raises:
-        ConfigError: the config holds the token or anything shaped like a Hub token (comments
+        TokenInConfigError: the config holds the token or anything shaped like a Hub token (comments
             included): the record keeps the config, and the card and `mergekit_config.yml` carry it.
         JobLimitError: the owner has `constants.MAX_JOBS_PER_USER` unfinished jobs, or the app
             `constants.MAX_JOBS_TOTAL`.
@@ -475,7 +475,7 @@ def pending_repos() -> list[tuple[str, str, bytes]]:
 
 def _refuse_tokens(config_yaml: str, token: str) -> None:
     if TOKEN_PATTERN.search(config_yaml) or (token and token in config_yaml):
-        raise ConfigError(
+        raise TokenInConfigError(
             "the config contains a Hugging Face token (`hf_...`), perhaps in a comment; remove it: the config "
             "is stored with the job and pushed with the model"
         )

@@ -3,7 +3,8 @@
 The payload is the config YAML, zlib-compressed, then URL-safe base64 without padding. A link only
 ever encodes config YAML: the functions here take no token and nothing but the YAML goes in, and a
 YAML that itself contains something shaped like a Hugging Face token is refused, so a shared link
-can never leak a credential.
+can never leak a credential. Both ways the YAML goes through :func:`merger.parse.parse_config_text`,
+so a link carries nothing a pasted config could not (no alias bomb, no over-deep nesting).
 """
 
 from __future__ import annotations
@@ -14,12 +15,13 @@ import re
 import zlib
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from .errors import ConfigError
+from .errors import ConfigError, InvalidYamlError, MultiDocumentError, excerpt
+from .parse import LIMITS, parse_config_text
 from .tokens import TOKEN_PATTERN
 
 QUERY_KEY = "config"
 MAX_PAYLOAD_CHARS = 64 * 1024  # far above any real config; keeps a hostile link from costing much
-MAX_YAML_BYTES = 1024 * 1024  # the decompressed YAML may not exceed this (a zip bomb stops here)
+MAX_YAML_BYTES = LIMITS.max_bytes  # the decompressed YAML may not exceed a config's limit (a zip bomb stops here)
 
 _DAMAGED = (
     "the shared link is damaged ({why}); copy the whole link again, or paste the config YAML into the editor"
@@ -52,7 +54,9 @@ def decode_config(payload: str) -> str:
 
     Raises:
         ConfigError: the payload is truncated, altered, too large or not a config link
-            ("the shared link is damaged ...").
+            ("the shared link is damaged ..."); or the YAML breaks a parsing limit or holds a token
+            (the errors of :func:`merger.parse.parse_config_text`; YAML syntax errors and several
+            documents are left for the editor to show).
     """
     text = (payload or "").strip()
     if not text:
@@ -70,11 +74,16 @@ def decode_config(payload: str) -> str:
             raise ConfigError(_DAMAGED.format(why=f"the config would be over {MAX_YAML_BYTES:,} bytes"))
         if not inflater.eof:
             raise ConfigError(_DAMAGED.format(why="it is cut short"))
-        return raw.decode("utf-8")
+        yaml_text = raw.decode("utf-8")
     except ConfigError:
         raise
     except (binascii.Error, ValueError, zlib.error) as err:
-        raise ConfigError(_DAMAGED.format(why=f"it does not unpack: {err}")) from None
+        raise ConfigError(_DAMAGED.format(why=f"it does not unpack: {excerpt(str(err), 120)}")) from None
+    try:
+        parse_config_text(yaml_text)
+    except (InvalidYamlError, MultiDocumentError):
+        pass  # shown in the editor, where the user can fix it
+    return yaml_text
 
 
 def share_url(base_url: str, yaml_text: str) -> str:

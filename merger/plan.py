@@ -27,11 +27,13 @@ from .errors import (
     UnmergedTensorsError,
     VocabSizeError,
     WeightSumError,
+    excerpt,
 )
 from .metadata import DTYPE_SIZES, ModelMetadata
 from .methods import MergeMethod, get_method
 from .parameters import resolve
 from .settings import compare_settings
+from .sparsify import della_bounds_problem
 from .tokenizer import Vocabulary, VocabPlan, plan_vocabulary
 
 TORCH_TO_SAFETENSORS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -255,11 +257,7 @@ def build_plan(
         input_dtype=config.dtype,
         seed=DEFAULT_SEED if config.seed is None else config.seed,
         vocab=vocab_plan,
-        warnings=input_warnings + planner.copy_warnings() + tuple(
-            f"`{key}` is not a parameter of `{method.name}` and is ignored (it takes: "
-            f"{', '.join(p.name for p in method.parameters) or 'none'})"
-            for key in unknown_parameters(config, method)
-        ),
+        warnings=input_warnings + planner.copy_warnings() + _unknown_parameter_warnings(config, method),
     )
 
 
@@ -319,7 +317,15 @@ def _account_for_tensors(
     return tuple(warnings)
 
 
-UNIT_INTERVAL = ("density", "select_topk")  # fractions of entries kept
+def _unknown_parameter_warnings(config: MergeConfig, method: MergeMethod) -> tuple[str, ...]:
+    """One warning per ignored parameter key, at most 10 (the keys are user input)."""
+    unknown = unknown_parameters(config, method)
+    takes = ", ".join(p.name for p in method.parameters) or "none"
+    warnings = [f"`{excerpt(key)}` is not a parameter of `{method.name}` and is ignored (it takes: {takes})"
+                for key in unknown[:10]]
+    if len(unknown) > 10:
+        warnings.append(f"... and {len(unknown) - 10} more keys `{method.name}` does not take are ignored")
+    return tuple(warnings)
 
 
 def unknown_parameters(config: MergeConfig, method: MergeMethod) -> list[str]:
@@ -418,7 +424,7 @@ class _TensorPlanner:
     def _misspelt(self, name: str) -> str:
         """` (found `weigth`: did you mean `weight`?)` when a config key is a likely misspelling of `name`."""
         close = difflib.get_close_matches(name, unknown_parameters(self.config, self.method), n=1)
-        return f" (found `{close[0]}`: did you mean `{name}`?)" if close else ""
+        return f" (found `{excerpt(close[0])}`: did you mean `{name}`?)" if close else ""
 
     def _find(self, key: str, weight: WeightInfo) -> str | None:
         return weight.stored_name(self.meta[key].tensors)
@@ -485,13 +491,9 @@ class _TensorPlanner:
                         f"`{method.name}` needs one per model: add `parameters: {{{spec.name}: ...}}` to it, "
                         f"or a global one{self._misspelt(spec.name)}"
                     ), key=(field_name, spec.name))
-                if spec.name in UNIT_INTERVAL and value is not None and not 0 <= value <= 1:
-                    self.problems.add(ParameterValueError(
-                        f"`{spec.name}` of `{_field(config, slice_index, index)}` (`{source.model}`) is {value}; "
-                        f"it is a fraction of entries kept, so give a value from 0 to 1"
-                    ), key=("range", spec.name, index))
                 values.append(spec.default if value is None else value)
             per_model[spec.name] = tuple(values)
+        self._check_della(per_model, slice_index, inputs, out_weight.name)
         global_params = {}
         for spec in method.global_parameters:
             value = resolve(spec.name, (output_slice.parameters, config.parameters), out_weight.name, t)
@@ -500,10 +502,6 @@ class _TensorPlanner:
                     f"`parameters.{spec.name}` is required by `merge_method: {method.name}` (first needed for "
                     f"`{out_weight.name}`); add e.g. `parameters: {{{spec.name}: 0.5}}`{self._misspelt(spec.name)}"
                 ), key=("parameters", spec.name))
-            if spec.name in UNIT_INTERVAL and value is not None and not 0 <= value <= 1:
-                self.problems.add(ParameterValueError(
-                    f"`parameters.{spec.name}` is {value}; give a value from 0 to 1"
-                ), key=("range", spec.name))
             global_params[spec.name] = spec.default if value is None else value
         if method.name == "linear" and global_params.get("normalize") and per_model.get("weight"):
             if all(w is not None for w in per_model["weight"]) and abs(sum(per_model["weight"])) < 1e-12:
@@ -552,6 +550,17 @@ class _TensorPlanner:
             f"`{self.meta[self.donor].reference}`'s (the config donor's) unchanged"
             for (module, reason), names in self.copied_modules.items()
         )
+
+    def _check_della(self, per_model: dict[str, tuple], slice_index: int, inputs: list, tensor: str) -> None:
+        """DELLA's keep probabilities `density ± epsilon` must lie in (0, 1) (each is range-checked alone at load)."""
+        if "epsilon" not in per_model:
+            return
+        for (index, source, _), density, epsilon in zip(inputs, per_model["density"], per_model["epsilon"]):
+            problem = della_bounds_problem(density, epsilon)
+            if problem:
+                self.problems.add(ParameterValueError(
+                    f"`{_field(self.config, slice_index, index)}` (`{source.model}`, first for `{tensor}`): {problem}"
+                ), key=("della", index))
 
     def _check_shapes(self, weight: WeightInfo, found: list, shapes: dict[str, tuple[int, ...]], align: bool) -> None:
         """Inputs of one tensor must agree in shape (in columns only, when a vocabulary plan re-lays rows)."""

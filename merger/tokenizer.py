@@ -21,10 +21,9 @@ from typing import Any
 
 import torch
 
+from .chat_template import chat_template_text
 from .config import ModelReference
-from .errors import ConfigError
-
-TEMPLATES_DIR = Path(__file__).parents[1] / "templates" / "chat_templates"
+from .errors import ConfigError, excerpt
 
 
 @dataclass(frozen=True)
@@ -162,7 +161,7 @@ def plan_vocabulary(
     else:
         donor = ModelReference.parse(choice).key
         if donor not in vocabs:
-            raise ConfigError(f"`tokenizer_source: {choice}` is not one of the merged models; use `base`, `union` "
+            raise ConfigError(f"`tokenizer_source: {excerpt(choice)}` is not one of the merged models; use `base`, `union` "
                               f"or one of: {', '.join(order)}")
     donor_vocab = vocabs[donor]
     token_of: dict[int, str] = {i: t for t, i in donor_vocab.ids.items()}
@@ -227,7 +226,7 @@ def _overrides(tokens: dict[str, Any], vocabs: dict[str, Vocabulary], order: lis
     out_id = {t: i for i, t in token_of.items()}
     result = {}
     for token, spec in tokens.items():
-        where = f"`tokenizer.tokens.{token}`"
+        where = f"`tokenizer.tokens.{excerpt(token)}`"
         spec = spec if isinstance(spec, dict) else {"source": spec}
         source, force = spec.get("source"), bool(spec.get("force", False))
         if isinstance(source, dict) and source.get("kind") == "zero":
@@ -243,7 +242,7 @@ def _overrides(tokens: dict[str, Any], vocabs: dict[str, Vocabulary], order: lis
             row = vocabs[key].ids.get(token, -1)
         else:
             raise ConfigError(f"{where}.source must be a model, {{kind: model_token, model, token}} or {{kind: zero}}, "
-                              f"got {source!r}")
+                              f"got `{excerpt(source)}`")
         if not 0 <= row < vocabs[key].rows:
             raise ConfigError(f"{where}: model `{key}` has no row for that token; pick a model that has it or "
                               "use `{kind: zero}`")
@@ -254,7 +253,7 @@ def _overrides(tokens: dict[str, Any], vocabs: dict[str, Vocabulary], order: lis
 def _model_key(reference: Any, vocabs: dict[str, Vocabulary], where: str) -> str:
     key = ModelReference.parse(reference).key
     if key not in vocabs:
-        raise ConfigError(f"{where} names `{reference}`, which is not one of the merged models; use one of: "
+        raise ConfigError(f"{where} names `{excerpt(reference)}`, which is not one of the merged models; use one of: "
                           f"{', '.join(vocabs)}")
     return key
 
@@ -264,21 +263,14 @@ def resolve_chat_template(setting: str | None, vocabs: list[Vocabulary]) -> str 
     built-in name (`templates/chat_templates/<name>.jinja`) -> its text; literal Jinja -> itself.
 
     Raises:
-        ConfigError: an unknown name.
+        ChatTemplateError: not a built-in name, or Jinja that does not compile (see :mod:`merger.chat_template`).
     """
     if setting is None:
         return None
     if setting == "auto":
         templates = [v.chat_template for v in vocabs if v.chat_template]
         return Counter(templates).most_common(1)[0][0] if templates else None
-    if len(setting) >= 20 and "{" in setting:
-        return setting
-    path = TEMPLATES_DIR / f"{setting}.jinja"
-    if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja")))
-        raise ConfigError(f"`chat_template: {setting}` is not a known template; use `auto`, one of {names}, "
-                          "or literal Jinja")
-    return path.read_text()
+    return chat_template_text(setting)
 
 
 def align_embeddings(tensors: dict[str, torch.Tensor], plan: VocabPlan) -> dict[str, torch.Tensor]:

@@ -96,4 +96,4 @@ def test_density_outside_zero_one_is_refused(capsys, tmp_path: Path) -> None:
     config.write_text(f"merge_method: dare_ties\nbase_model: {fx / 'mistral-base'}\nmodels:\n"
                       f"  - model: {fx / 'mistral-prose'}\n    parameters: {{weight: 1, density: 1.5}}\n")
     code, _, err = run(capsys, "validate", str(config))
-    assert code == 2 and "`density`" in err and "1.5" in err and "from 0 to 1" in err
+    assert code == 2 and "`models[0].parameters.density`" in err and "1.5" in err and "from 0 to 1" in err

@@ -5,16 +5,23 @@ doi:10.1002/cpa.3160300502; https://en.wikipedia.org/wiki/Karcher_mean)."""
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
+from ..ranges import Range
 from . import merge_method
 from .reductions import dot, norm
 
 
 @merge_method("karcher", pretty_name="Karcher Mean", reference_url="https://en.wikipedia.org/wiki/Karcher_mean")
-def karcher(tensors: list[Tensor], *, max_iter: int = 10, tol: float = 1e-5) -> Tensor:
+def karcher(
+    tensors: list[Tensor],
+    *,
+    max_iter: Annotated[int, Range(int, 1, 10_000, "iterations")] = 10,
+    tol: Annotated[float, Range(float, 0.0, 1.0, "the convergence tolerance")] = 1e-5,
+) -> Tensor:
     """Equal-weight Karcher mean of the flattened inputs' directions, times their mean norm.
 
     Steps, every input weighted `αᵢ = 1/N` (a configured base is one more input):

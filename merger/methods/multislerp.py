@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
-from . import PerModel, merge_method
+from ..ranges import Range
+from . import Factor, PerModel, merge_method
 from .reductions import dot, norm
 
 
@@ -21,9 +23,9 @@ def multislerp(
     tensors: list[Tensor],
     base: Tensor | None = None,
     *,
-    weight: PerModel[float],
+    weight: PerModel[Factor],
     normalize_weights: bool = True,
-    eps: float = 1e-8,
+    eps: Annotated[float, Range(float, 0.0, 1.0, "the norms' floor")] = 1e-8,
 ) -> Tensor:
     """Weighted spherical mean of the flattened inputs (task vectors `xᵢ − base` when a base is given).
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import PerModel, merge_method
+from . import Factor, PerModel, merge_method
 
 WEIGHT_SUM_EPS = 1e-6  # |w₁ + w₂| below this interpolates half-way
 NORM_EPS = 1e-7  # floor of a vector's norm when normalising
@@ -24,7 +24,7 @@ def nuslerp(
     tensors: list[Tensor],
     base: Tensor | None = None,
     *,
-    weight: PerModel[float],
+    weight: PerModel[Factor],
     nuslerp_flatten: bool = True,
     nuslerp_row_wise: bool = False,
 ) -> Tensor:

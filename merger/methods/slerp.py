@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from . import merge_method
+from . import Fraction, merge_method
 from .reductions import dot, squared_norm
 
 DOT_THRESHOLD = 0.9995  # above this |cos θ| the arc is numerically a line: use lerp
@@ -59,7 +59,7 @@ def slerp_coefficients(
     elementwise=True,
     prepare=slerp_coefficients,
 )
-def slerp(tensors: list[Tensor], base: Tensor, *, t: float, prepared: tuple[float, float] | None = None) -> Tensor:
+def slerp(tensors: list[Tensor], base: Tensor, *, t: Fraction, prepared: tuple[float, float] | None = None) -> Tensor:
     """Interpolate on the great circle from `base` (t=0) to the other model (t=1).
 
     The whole tensor is one vector. With `θ` the angle between the normalised vectors,

@@ -458,11 +458,12 @@ class _TensorPlanner:
                     f"`parameters.{spec.name}` is {value}; give a value from 0 to 1"
                 ), key=("range", spec.name))
             global_params[spec.name] = spec.default if value is None else value
-        if method.name == "linear" and global_params.get("normalize") and per_model.get("weight"):
+        normalizing = {"linear": "normalize", "multislerp": "normalize_weights"}.get(method.name)
+        if normalizing and global_params.get(normalizing) and per_model.get("weight"):
             if all(w is not None for w in per_model["weight"]) and abs(sum(per_model["weight"])) < 1e-12:
                 self.problems.add(WeightSumError(
-                    f"the `weight`s sum to 0 (first for `{out_weight.name}`), so `normalize: true` would divide "
-                    "by zero; change the weights or set `parameters: {normalize: false}`"
+                    f"the `weight`s sum to 0 (first for `{out_weight.name}`), so `{normalizing}: true` would divide "
+                    f"by zero; change the weights or set `parameters: {{{normalizing}: false}}`"
                 ), key="weight sum")
         return [TensorJob(
             out_weight.name,

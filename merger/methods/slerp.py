@@ -23,8 +23,9 @@ def slerp_coefficients(
 
     `‖v0‖²`, `‖v1‖²` and `v0·v1` are summed in float32 over blocks of `BLOCK` entries (each block by
     one thread, so the sums do not depend on the thread count, as a whole-tensor float32 sum or
-    `torch.dot` do), then over blocks and slices in float64. A vector of norm ≤ 1e-8 is left
-    unnormalised.
+    `torch.dot` do), then over blocks and slices in float64. A vector of norm ≤ 1e-8 has no direction,
+    so the angle is undefined: lerp (mergekit takes θ = π/2 there, which scales the other vector by
+    `sin(tπ/2)`). Opposed vectors (`cos θ = −1`, no unique great circle) lerp by the threshold.
 
     Args:
         slices: returns a fresh iterator over `([v1], v0)` float32 slices.
@@ -32,8 +33,8 @@ def slerp_coefficients(
         t: interpolation factor.
 
     Returns:
-        The two coefficients, or None where `t` is 0 or 1 (the endpoints), the tensor is 0-dim, or
-        `|cos θ| > 0.9995`.
+        The two coefficients, or None where `t` is 0 or 1 (the endpoints), the tensor is 0-dim, a
+        vector has norm ≤ 1e-8, or `|cos θ| > 0.9995`.
     """
     if t in (0, 1) or len(shape) == 0:
         return None
@@ -47,7 +48,9 @@ def slerp_coefficients(
             bb += float(torch.linalg.vector_norm(y, dim=1).double().square().sum())
             ab += float((x * y).sum(dim=1).double().sum())
     na, nb = math.sqrt(aa), math.sqrt(bb)
-    dot = ab / ((na if na > NORM_EPS else 1.0) * (nb if nb > NORM_EPS else 1.0))
+    if na <= NORM_EPS or nb <= NORM_EPS:
+        return None
+    dot = ab / (na * nb)
     if abs(dot) > DOT_THRESHOLD:
         return None
     theta = math.acos(dot)
@@ -69,7 +72,8 @@ def slerp(tensors: list[Tensor], base: Tensor, *, t: float, prepared: tuple[floa
 
     The whole tensor is one vector. With `θ` the angle between the normalised vectors,
     `out = sin((1−t)θ)/sin θ · v0 + sin(tθ)/sin θ · v1` on the original (unnormalised) vectors; when
-    `|cos θ| > 0.9995` it falls back to `lerp = (1−t)·v0 + t·v1`. 0-dim tensors are lerped. The angle
+    `|cos θ| > 0.9995` (parallel or opposed vectors) or either vector has norm ≤ 1e-8 (no angle) it
+    falls back to `lerp = (1−t)·v0 + t·v1`. 0-dim tensors are lerped. The angle
     comes from :func:`slerp_coefficients`, so the engine can run this on slices.
 
     Args:

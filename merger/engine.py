@@ -27,8 +27,8 @@ from .constants import (
 from .errors import ConfigError
 from .executor import Progress, execute_plan
 from .plan import MergePlan
-from .tokenizer import write_tokenizer
 from .resolve import materialize
+from .tokenizer_files import write_tokenizer
 from .validate import plan_config
 
 logger = logging.getLogger(__name__)

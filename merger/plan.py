@@ -253,7 +253,7 @@ def build_plan(
             f"`{key}` is not a parameter of `{method.name}` and is ignored (it takes: "
             f"{', '.join(p.name for p in method.parameters) or 'none'})"
             for key in unknown_parameters(config, method)
-        ),
+        ) + (vocab_plan.warnings if vocab_plan else ()),
     )
 
 

@@ -106,10 +106,12 @@ def _added_token_entry(token: NewToken, token_id: int) -> dict[str, Any]:
 
 
 def _edit_tokenizer_config(plan: VocabPlan, out_dir: Path) -> None:
-    """Set the chat template, add the new added tokens and name a class transformers 4.x can load."""
+    """Set the chat template, add the new added tokens and name a class transformers 4.x can load (the
+    donor's, unless it names none or a transformers-5-only one: then the generic fast tokenizer)."""
     path = out_dir / "tokenizer_config.json"
     config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    if config.get("tokenizer_class") in V5_ONLY_CLASSES or "tokenizer_class" not in config:
+    named = config.get("tokenizer_class")
+    if (out_dir / "tokenizer.json").is_file() and (named is None or named in V5_ONLY_CLASSES):
         config["tokenizer_class"] = FAST_TOKENIZER_CLASS
     if plan.chat_template is not None:
         config["chat_template"] = plan.chat_template

@@ -148,13 +148,18 @@ def test_resaved_tokenizer_loads_with_transformers_4(fixture_models_dir: Path, t
     fx = fixture_models_dir
     out = tmp_path / "out"
     other = retokenized_copy(fx, tmp_path / "other", "qwen2-prose")
+    base = tmp_path / "base"  # as transformers 5 saves it: a class name 4.x cannot import
+    shutil.copytree(fx / "qwen2-base", base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "TokenizersBackend"}))
     extra = "tokenizer:\n  source: union\n  tokens:\n    <|tool|>: {source: {kind: zero}}\nchat_template: chatml\n"
-    run_merge(linear(fx / "qwen2-base", other, extra), out, device="cpu")
+    run_merge(linear(base, other, extra), out, device="cpu")
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     done = subprocess.run([str(VENV_TF4), str(ROOT / "tests" / "tokenizer_4x_check.py"), str(out),
                            *map(str, eval_texts(fx))], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
-    assert result["version"].startswith("4.")
+    assert result["version"].startswith("4.") and result["class"] == "PreTrainedTokenizerFast"
     assert result["ids"] == encode(fx / "qwen2-base", eval_texts(fx)) == encode(out, eval_texts(fx))
     assert result["chat"] == "<|im_start|>user\nhi<|im_end|>\n"
 

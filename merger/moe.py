@@ -120,6 +120,7 @@ def build_moe_plan(config: MoEConfig, metadata: dict[str, ModelMetadata]) -> Mer
         num_experts_per_tok=config.experts_per_token,
         sliding_window=None,
         tie_word_embeddings="lm_head.weight" not in {j.name for j in jobs},
+        vocab_size=next(j.shape[0] for j in jobs if j.name == "model.embed_tokens.weight"),  # rows written
     )
     set_config_dtype(output_config, config.out_dtype or config.dtype)
     refs = config.referenced_models()

@@ -11,7 +11,9 @@ tokenizer class older transformers cannot load, and writes the template only to
   planned id, with no merges: BPE only ever produces tokens through its merges, so the donor's own
   text tokenises exactly as before (as an added token it would be cut out of every word containing
   it: "nation" would split at another vocabulary's "ation"). Models whose vocabulary is matched
-  greedily or by score (WordPiece, Unigram) take them as added tokens instead, with a warning.
+  greedily or by score (WordPiece, Unigram) take them as added tokens instead; a warning is logged
+  whenever a new token can be produced from text (those, a one-character BPE symbol, a BPE with
+  `ignore_merges`, a WordLevel word the donor mapped to its unknown token).
 - added tokens (a model's own, or `tokenizer.tokens` entries) go to `added_tokens` of
   `tokenizer.json` and `added_tokens_decoder` of `tokenizer_config.json`.
 - the chat template goes to `tokenizer_config.json` (where transformers 4.x and most chat servers read
@@ -75,20 +77,24 @@ def _add_tokens(plan: VocabPlan, out_dir: Path) -> None:
     data = json.loads(path.read_text(encoding="utf-8"))
     model = data["model"]
     in_model = model.get("type") in VOCAB_INSERTABLE
-    demoted = []
+    reachable = []  # new tokens the donor's tokenizer can now produce from text
     for offset, token in enumerate(plan.new_tokens):
         token_id = plan.first_new_id + offset
         if not token.added and in_model:
             model["vocab"][token.content] = token_id
+            # a BPE symbol is reached without a merge when it is one character, or a whole word under
+            # `ignore_merges`; a WordLevel word was the unknown token before
+            if model["type"] != "BPE" or len(token.content) == 1 or model.get("ignore_merges"):
+                reachable.append(token.content)
             continue
         if not token.added:
-            demoted.append(token.content)
+            reachable.append(token.content)
         data["added_tokens"].append(_added_token_entry(token, token_id))
-    if demoted:
+    if reachable:
         logger.warning(
-            "%d vocabulary token(s) of the other models (e.g. `%s`) were added as added tokens: the donor's "
-            "%s model cannot take new vocabulary without changing how its own text tokenises, so text "
-            "containing them tokenises differently", len(demoted), demoted[0], model.get("type"),
+            "%d new vocabulary token(s) of the other models (e.g. `%s`) can be produced from text by the donor's "
+            "%s tokenizer, so text containing them tokenises differently from the donor", len(reachable),
+            reachable[0], model.get("type"),
         )
     _write_json_like(path, data)
     written = Tokenizer.from_file(str(path))

@@ -198,3 +198,8 @@ def test_moe_tokenizer_with_ids_past_the_embedding_is_refused(fixture_models_dir
     run_merge(moe(fx / "mistral-base", [fx / "mistral-code", expert], f"tokenizer_source: {fx / 'mistral-code'}\n"),
               out, device="cpu")
     assert (out / "tokenizer.json").read_bytes() == (fx / "mistral-code" / "tokenizer.json").read_bytes()
+    from safetensors import safe_open
+
+    with safe_open(str(next(out.glob("*.safetensors"))), framework="pt") as f:
+        rows = f.get_slice("model.embed_tokens.weight").get_shape()[0]
+    assert rows == json.loads((out / "config.json").read_text())["vocab_size"] == 4096

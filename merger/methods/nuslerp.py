@@ -65,8 +65,8 @@ def _slerp(t: float, a: Tensor, b: Tensor, *, dim: int) -> Tensor:
     norm_a = torch.linalg.vector_norm(a, dim=dim, keepdim=True)
     norm_b = torch.linalg.vector_norm(b, dim=dim, keepdim=True)
     no_direction = (norm_a <= NORM_EPS) | (norm_b <= NORM_EPS)
-    cos_theta = torch.linalg.vecdot(a, b, dim=dim).unsqueeze(dim) / (norm_a.clamp(min=NORM_EPS) * norm_b.clamp(min=NORM_EPS))
-    cos_theta.clamp_(-1, 1)  # (..., 1, ...)
+    norms = norm_a.clamp(min=NORM_EPS) * norm_b.clamp(min=NORM_EPS)
+    cos_theta = (torch.linalg.vecdot(a, b, dim=dim).unsqueeze(dim) / norms).clamp_(-1, 1)  # (..., 1, ...)
     degenerate = no_direction | (cos_theta.abs() > DOT_THRESHOLD)
     theta = cos_theta.acos()
     sin_theta = theta.sin().masked_fill_(degenerate, 1.0)  # no division by (nearly) 0 below

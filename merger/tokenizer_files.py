@@ -50,8 +50,9 @@ def write_tokenizer(plan: VocabPlan, donor_dir: Path, out_dir: Path) -> None:
         out_dir: the output folder.
 
     Raises:
-        ConfigError: new tokens but the donor has no `tokenizer.json`, or the written tokenizer gives a
-            new token another id than planned (the donor's files disagree with its vocabulary).
+        ConfigError: new tokens for a donor with no `tokenizer.json` that transformers cannot convert,
+            or the written tokenizer gives a new token another id than planned (the donor's files
+            disagree with its vocabulary).
     """
     for name in TOKENIZER_FILES:
         if (donor_dir / name).is_file():
@@ -71,9 +72,8 @@ def _add_tokens(plan: VocabPlan, out_dir: Path) -> None:
     from tokenizers import Tokenizer
 
     path = out_dir / "tokenizer.json"
-    if not path.is_file():
-        raise ConfigError("the tokenizer donor has no `tokenizer.json`, so tokens cannot be added to it; "
-                          "choose a `tokenizer_source` with a fast tokenizer (tokenizer.json)")
+    if not path.is_file():  # vocabulary files only (vocab.json + merges.txt, tokenizer.model): convert
+        _convert_to_tokenizer_json(out_dir)
     data = json.loads(path.read_text(encoding="utf-8"))
     model = data["model"]
     in_model = model.get("type") in VOCAB_INSERTABLE
@@ -103,6 +103,20 @@ def _add_tokens(plan: VocabPlan, out_dir: Path) -> None:
         if got != plan.first_new_id + offset:
             raise ConfigError(f"the output tokenizer gave `{token.content}` id {got}, not "
                               f"{plan.first_new_id + offset}; choose another `tokenizer_source`")
+
+
+def _convert_to_tokenizer_json(out_dir: Path) -> None:
+    """Write `tokenizer.json` for a donor that ships only vocabulary files, from transformers' fast
+    conversion of them (the files themselves stay as they were)."""
+    from transformers import AutoTokenizer
+
+    try:
+        backend = AutoTokenizer.from_pretrained(out_dir).backend_tokenizer
+    except Exception as err:  # transformers raises many types for tokenizers it cannot convert
+        raise ConfigError(f"the tokenizer donor has no `tokenizer.json` and transformers cannot build one "
+                          f"({type(err).__name__}), so tokens cannot be added to it; choose a `tokenizer_source` "
+                          "with a fast tokenizer (tokenizer.json)") from None
+    (out_dir / "tokenizer.json").write_text(backend.to_str(), encoding="utf-8")
 
 
 def _added_token_entry(token: NewToken, token_id: int) -> dict[str, Any]:

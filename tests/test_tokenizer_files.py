@@ -66,7 +66,8 @@ def test_union_tokens_leave_the_base_tokenisation_and_files_alone(fixture_models
     base, other = fx / "mistral-base", retokenized_copy(fx, tmp_path / "other")
     out = tmp_path / "out"
     run_merge(linear(base, other, "tokenizer_source: union\n"), out, device="cpu")
-    written, original = json.loads((out / "tokenizer.json").read_text()), json.loads((base / "tokenizer.json").read_text())
+    written = json.loads((out / "tokenizer.json").read_text())
+    original = json.loads((base / "tokenizer.json").read_text())
     new = {t: i for t, i in written["model"]["vocab"].items() if t not in original["model"]["vocab"]}
     assert len(new) > 100  # the code vocabulary really adds tokens
     assert sorted(new.values()) == list(range(4096, 4096 + len(new)))  # ids after the base's, no gaps
@@ -109,6 +110,31 @@ def test_added_token_and_chat_template_are_written_where_tools_read_them(fixture
     assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == \
         "<|im_start|>user\nhi<|im_end|>\n"
     assert encode(out, eval_texts(fx)) == encode(base, eval_texts(fx))
+
+
+def test_a_donor_with_vocabulary_files_only_gets_a_tokenizer_json(fixture_models_dir: Path, tmp_path: Path) -> None:
+    # GPT-2 style vocab.json + merges.txt (the fixture's byte-level BPE) and no tokenizer.json
+    from tokenizers import Tokenizer
+
+    from merger.tokenizer import load_vocabulary, plan_vocabulary
+    from merger.tokenizer_files import write_tokenizer
+
+    fx = fixture_models_dir
+    donor, out = tmp_path / "donor", tmp_path / "out"
+    donor.mkdir(), out.mkdir()
+    bpe = json.loads((fx / "mistral-base" / "tokenizer.json").read_text())["model"]
+    (donor / "vocab.json").write_text(json.dumps(bpe["vocab"], ensure_ascii=False))
+    (donor / "merges.txt").write_text("#version: 0.2\n" + "".join(" ".join(m) + "\n" for m in bpe["merges"]))
+    (donor / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", "unk_token": "<unk>",
+                                                             "bos_token": "<s>", "eos_token": "</s>"}))
+    vocabulary = load_vocabulary(donor, rows=4096)
+    tokens = {"<|tool|>": {"source": {"kind": "zero"}}}
+    plan = plan_vocabulary("base", {"donor": vocabulary}, ["donor"], None, tokens=tokens)
+    write_tokenizer(plan, donor, out)
+    for name in ("vocab.json", "merges.txt"):
+        assert (out / name).read_bytes() == (donor / name).read_bytes()
+    assert Tokenizer.from_file(str(out / "tokenizer.json")).token_to_id("<|tool|>") == 4096
+    assert encode(out, eval_texts(fx)) == encode(donor, eval_texts(fx))  # the donor's own tokenisation
 
 
 def test_chat_template_alone_leaves_tokenizer_json_byte_identical(fixture_models_dir: Path, tmp_path: Path) -> None:
@@ -175,7 +201,8 @@ def moe(base: Path, experts: list[Path], extra: str = "") -> str:
 
 def test_moe_tokenizer_source_outside_the_moe_is_refused_at_validate(fixture_models_dir: Path) -> None:
     fx = fixture_models_dir
-    text = moe(fx / "mistral-base", [fx / "mistral-prose", fx / "mistral-code"], f"tokenizer_source: {fx / 'qwen2-base'}\n")
+    outside = f"tokenizer_source: {fx / 'qwen2-base'}\n"
+    text = moe(fx / "mistral-base", [fx / "mistral-prose", fx / "mistral-code"], outside)
     with pytest.raises(ConfigError, match=r"`tokenizer_source: .*qwen2-base` is not a model of this MoE"):
         validate_config(text)
     with pytest.raises(ConfigError, match="union` is not supported for MoE"):

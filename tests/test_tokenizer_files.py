@@ -145,6 +145,21 @@ def test_chat_template_alone_leaves_tokenizer_json_byte_identical(fixture_models
         assert (out / name).read_bytes() == (fx / "mistral-base" / name).read_bytes()
 
 
+def test_template_replaces_an_old_chat_template_json_and_fills_a_missing_config(fixture_models_dir: Path,
+                                                                                tmp_path: Path) -> None:
+    fx = fixture_models_dir
+    base = tmp_path / "base"  # an older layout: chat_template.json, and no tokenizer_config.json
+    shutil.copytree(fx / "mistral-base", base)
+    (base / "tokenizer_config.json").unlink()
+    (base / "chat_template.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}"}, indent=2))
+    out = tmp_path / "out"
+    run_merge(linear(base, fx / "mistral-prose", "chat_template: chatml\n"), out, device="cpu")
+    assert json.loads((out / "chat_template.json").read_text()) == {"chat_template": CHATML}
+    assert json.loads((out / "tokenizer_config.json").read_text()) == {"tokenizer_class": "PreTrainedTokenizerFast",
+                                                                        "chat_template": CHATML}
+    assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+
+
 def test_template_tokens_the_output_lacks_are_warned(fixture_models_dir: Path, tmp_path: Path) -> None:
     fx = fixture_models_dir
     # ChatML's <|im_start|> / <|im_end|> are not tokens of the fixtures (they have <|user|>, ...)

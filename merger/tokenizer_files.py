@@ -150,7 +150,8 @@ def _write_json_like(path: Path, data: dict[str, Any]) -> None:
     final newline); a new file gets transformers' layout (indented, final newline)."""
     old = path.read_text(encoding="utf-8") if path.is_file() else None
     indented = old is None or "\n " in old[:200]
-    if old is not None and list(json.loads(old)) == sorted(json.loads(old)):
+    old_keys = list(json.loads(old)) if old is not None else []
+    if old_keys and old_keys == sorted(old_keys):  # transformers writes sorted keys: keep them sorted
         data = dict(sorted(data.items()))
     text = json.dumps(data, ensure_ascii=False, **({"indent": 2} if indented else {"separators": (",", ":")}))
     newline = "\n" if old is None or old.endswith("\n") else ""

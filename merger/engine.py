@@ -30,8 +30,8 @@ from .errors import ConfigError
 from .executor import Progress, execute_plan
 from .plan import MergePlan
 from .remote_code import needs_remote_code, remote_code_files
-from .tokenizer import write_tokenizer
 from .resolve import materialize
+from .tokenizer_files import write_tokenizer
 from .validate import plan_config
 
 logger = logging.getLogger(__name__)

@@ -257,7 +257,8 @@ def build_plan(
         input_dtype=config.dtype,
         seed=DEFAULT_SEED if config.seed is None else config.seed,
         vocab=vocab_plan,
-        warnings=input_warnings + planner.copy_warnings() + _unknown_parameter_warnings(config, method),
+        warnings=(input_warnings + planner.copy_warnings() + _unknown_parameter_warnings(config, method)
+                  + (vocab_plan.warnings if vocab_plan else ())),
     )
 
 
@@ -503,11 +504,12 @@ class _TensorPlanner:
                     f"`{out_weight.name}`); add e.g. `parameters: {{{spec.name}: 0.5}}`{self._misspelt(spec.name)}"
                 ), key=("parameters", spec.name))
             global_params[spec.name] = spec.default if value is None else value
-        if method.name == "linear" and global_params.get("normalize") and per_model.get("weight"):
+        normalizing = {"linear": "normalize", "multislerp": "normalize_weights"}.get(method.name)
+        if normalizing and global_params.get(normalizing) and per_model.get("weight"):
             if all(w is not None for w in per_model["weight"]) and abs(sum(per_model["weight"])) < 1e-12:
                 self.problems.add(WeightSumError(
-                    f"the `weight`s sum to 0 (first for `{out_weight.name}`), so `normalize: true` would divide "
-                    "by zero; change the weights or set `parameters: {normalize: false}`"
+                    f"the `weight`s sum to 0 (first for `{out_weight.name}`), so `{normalizing}: true` would divide "
+                    f"by zero; change the weights or set `parameters: {{{normalizing}: false}}`"
                 ), key="weight sum")
         return [TensorJob(
             out_weight.name,

@@ -14,10 +14,11 @@ Deterministic: new tokens are appended in config order (base first), never in se
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -97,13 +98,29 @@ class TokenOverride:
     force: bool
 
 
+class NewToken(NamedTuple):
+    """A token the output tokenizer gains.
+
+    Attributes:
+        content: the token string, as the vocabulary spells it (byte-level BPE: `Ġword`).
+        special: an added token marked special (skipped when decoding).
+        added: an added token, matched in raw text before the model tokenises (a model's own added
+            tokens, `tokenizer.tokens` entries); False for another model's ordinary vocabulary token,
+            which enters the donor's model vocabulary so the donor's text tokenises as before.
+    """
+
+    content: str
+    special: bool
+    added: bool
+
+
 @dataclass(frozen=True)
 class VocabPlan:
     """The output vocabulary and, per model, where each output row comes from.
 
     Attributes:
         donor: key of the model whose tokenizer files the output starts from.
-        new_tokens: tokens appended to the donor's tokenizer, (content, special), in id order.
+        new_tokens: tokens appended to the donor's tokenizer, in id order.
         first_new_id: the id of the first new token (the donor tokenizer's size).
         vocab_size: output token ids (before padding).
         rows: output embedding rows (`vocab_size` padded to `pad_to_multiple_of`).
@@ -112,10 +129,11 @@ class VocabPlan:
         overrides: output id -> :class:`TokenOverride`.
         identity: every model already has exactly the output layout (alignment is a no-op).
         chat_template: the template to write, or None to keep the donor's files verbatim.
+        warnings: problems that do not stop the merge (a chat template's tokens the output lacks).
     """
 
     donor: str
-    new_tokens: tuple[tuple[str, bool], ...]
+    new_tokens: tuple[NewToken, ...]
     first_new_id: int
     vocab_size: int
     rows: int
@@ -124,6 +142,7 @@ class VocabPlan:
     overrides: dict[int, TokenOverride]
     identity: bool
     chat_template: str | None
+    warnings: tuple[str, ...] = ()
 
     @property
     def rewrites_tokenizer(self) -> bool:
@@ -165,13 +184,13 @@ def plan_vocabulary(
                               f"or one of: {', '.join(order)}")
     donor_vocab = vocabs[donor]
     token_of: dict[int, str] = {i: t for t, i in donor_vocab.ids.items()}
-    new_tokens: list[tuple[str, bool]] = []
+    new_tokens: list[NewToken] = []
     next_id = donor_vocab.size
 
-    def append(token: str, special: bool) -> None:
+    def append(token: str, special: bool, added: bool) -> None:
         nonlocal next_id
-        if token not in donor_vocab.ids and token not in {t for t, _ in new_tokens}:
-            new_tokens.append((token, special))
+        if token not in donor_vocab.ids and token not in {t.content for t in new_tokens}:
+            new_tokens.append(NewToken(token, special, added))
             token_of[next_id] = token
             next_id += 1
 
@@ -181,13 +200,13 @@ def plan_vocabulary(
             vocab = vocabs[key]
             for token, i in sorted(vocab.ids.items(), key=lambda item: item[1]):
                 if i < vocab.rows and token not in added:
-                    append(token, False)
+                    append(token, False, added=False)
         for key in [donor] + [k for k in order if k != donor]:
             for i, content, special in vocabs[key].added:
                 if i < vocabs[key].rows:
-                    append(content, special)
+                    append(content, special, added=True)
     for token in tokens or {}:
-        append(token, False)
+        append(token, False, added=True)
 
     vocab_size = max(next_id, donor_vocab.rows)
     rows = vocab_size if not pad_to_multiple_of else -(-vocab_size // pad_to_multiple_of) * pad_to_multiple_of
@@ -207,6 +226,8 @@ def plan_vocabulary(
         vocabs[key].rows == vocab_size and bool((index[key] == torch.arange(vocab_size)).all()) for key in order
     )
     overrides = _overrides(tokens or {}, vocabs, order, donor_vocab, token_of)
+    template = resolve_chat_template(chat_template, [vocabs[k] for k in order])
+    missing = template_tokens_missing(template, set(donor_vocab.ids) | {t.content for t in new_tokens})
     return VocabPlan(
         donor=donor,
         new_tokens=tuple(new_tokens),
@@ -217,8 +238,35 @@ def plan_vocabulary(
         base=base,
         overrides=overrides,
         identity=identity and not overrides,
-        chat_template=resolve_chat_template(chat_template, [vocabs[k] for k in order]),
+        chat_template=template,
+        warnings=(f"the chat template (`chat_template: {_short(chat_template)}`) writes "
+                  f"{', '.join(f'`{t}`' for t in missing)}, which the output tokenizer lacks: each would be "
+                  "split into ordinary tokens the model never saw in that role. Use a template of the "
+                  "output tokenizer's family, or add them under `tokenizer: {tokens: ...}`",) if missing else (),
     )
+
+
+# Control tokens chat templates write literally: ChatML / Llama-3 / Phi `<|...|>`, Gemma's turn markers.
+TEMPLATE_TOKEN = re.compile(r"<\|[^<>|\s]{1,64}\|>|<(?:start|end)_of_turn>")
+
+
+def template_tokens_missing(template: str | None, vocabulary: set[str]) -> list[str]:
+    """The control tokens a chat template writes literally that are not single tokens of `vocabulary`.
+
+    Args:
+        template: Jinja text, or None.
+        vocabulary: every token string of the output tokenizer (model vocabulary and added tokens).
+
+    Returns:
+        The missing tokens, in order of first appearance.
+    """
+    found = dict.fromkeys(TEMPLATE_TOKEN.findall(template or ""))
+    return [token for token in found if token not in vocabulary]
+
+
+def _short(setting: str | None) -> str:
+    text = " ".join((setting or "").split())
+    return text if len(text) <= 30 else text[:27] + "..."
 
 
 def _overrides(tokens: dict[str, Any], vocabs: dict[str, Vocabulary], order: list[str],
@@ -316,29 +364,3 @@ def align_embeddings(tensors: dict[str, torch.Tensor], plan: VocabPlan) -> dict[
             aligned = torch.cat([aligned, pad])
         out[key] = aligned
     return out
-
-
-def write_tokenizer(plan: VocabPlan, donor_dir: Path, out_dir: Path) -> None:
-    """Save the donor's tokenizer with the new tokens appended and the chat template set.
-
-    Only called when :attr:`VocabPlan.rewrites_tokenizer`; otherwise the donor's files are copied byte
-    for byte.
-
-    Raises:
-        ConfigError: the tokenizer assigned a new token another id than planned (its files disagree
-            with its vocabulary).
-    """
-    from tokenizers import AddedToken
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(donor_dir)
-    for content, special in plan.new_tokens:
-        tokenizer.add_tokens([AddedToken(content, special=special, normalized=not special)], special_tokens=special)
-    for offset, (content, _) in enumerate(plan.new_tokens):
-        got = tokenizer.convert_tokens_to_ids(content)
-        if got != plan.first_new_id + offset:
-            raise ConfigError(f"the output tokenizer gave `{content}` id {got}, not {plan.first_new_id + offset}; "
-                              "choose another `tokenizer_source`")
-    if plan.chat_template is not None:
-        tokenizer.chat_template = plan.chat_template
-    tokenizer.save_pretrained(out_dir)

@@ -28,7 +28,9 @@ def karcher(
       1. `nᵢ = ‖xᵢ‖`, `uᵢ = xᵢ/nᵢ`; inputs with `nᵢ ≤ tol` are left out and the α renormalised
          (none left: zeros).
       2. `u = normalize(Σ αᵢuᵢ)`, or the first unit vector if that norm is below `tol`.
-      3. Up to `max_iter` times: `θᵢ = acos(clamp(u·uᵢ, −1, 1))` (terms with `θᵢ < tol` skipped),
+      3. Up to `max_iter` times: `θᵢ = acos(clamp(u·uᵢ, −1, 1))` (terms with `θᵢ < tol` skipped, and
+         those with `θᵢ > π − tol`: the direction towards an antipode is undefined and `θ/sin θ`
+         unbounded, so two opposed inputs keep the first one's direction),
          `T = Σ αᵢ(θᵢ/sin θᵢ)(uᵢ − cos θᵢ·u)`; stop if `‖T‖ < tol`; else
          `u ← cos‖T‖·u + sin‖T‖·T/‖T‖`, renormalised.
       4. `out = (Σᵢ nᵢ/N)·u`, over all inputs.
@@ -69,7 +71,7 @@ def karcher(
         for v, n in valid:
             cos_theta = min(max(dot(u, v) / n, -1.0), 1.0)
             theta = math.acos(cos_theta)
-            if theta < tol:
+            if theta < tol or theta > math.pi - tol:
                 continue
             coefficient = alpha * theta / math.sin(theta)
             tangent.add_(v, alpha=coefficient / n)

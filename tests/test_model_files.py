@@ -314,9 +314,9 @@ BROKEN_MODELS = [
 ]
 
 
-def linear_config(*folders: Path, extra: str = "") -> str:
+def linear_config(*folders: Path | str) -> str:
     models = "".join(f"  - model: {folder}\n    parameters:\n      weight: 1.0\n" for folder in folders)
-    return f"merge_method: linear\nmodels:\n{models}{extra}"
+    return f"merge_method: linear\nmodels:\n{models}"
 
 
 def test_the_catalogue_s_intact_model_validates(tmp_path: Path) -> None:
@@ -441,3 +441,28 @@ def test_stale_staging_of_dead_runs_is_removed(tmp_path: Path) -> None:
     (foreign / "notes.txt").write_text("not ours")  # a folder holding other files is left alone
     assert remove_stale_staging(tmp_path) == [stale]
     assert not stale.exists() and live.exists() and foreign.exists()
+
+
+# ---------------------------------------------------------------- the same files on the Hub (headers read by range)
+
+HUB_CASES = [
+    "config-is-a-list", "config-not-utf8", "config-no-layer-count", "header-length-2^40", "header-not-utf8",
+    "header-is-a-list", "header-bf16-relabelled-f32", "header-ranges-overlap", "weights-cut-inside-header",
+    "weights-lfs-pointer", "index-missing-shard", "index-maps-to-wrong-shard", "index-shard-outside-folder",
+    "gptq-llama", "fp8-dtype", "gguf-only", "peft-adapter-folder", "pickle-only",
+]
+
+
+@pytest.fixture(scope="module")
+def good_hub_model(hub, tmp_path_factory) -> str:
+    return hub.upload_model(write_model(tmp_path_factory.mktemp("good")), "alice/tiny-llama")
+
+
+@pytest.mark.parametrize("case_id", HUB_CASES)
+def test_broken_hub_model_gets_its_named_error_at_validate(case_id: str, hub, good_hub_model: str, tmp_path: Path) -> None:
+    case = next(case for case in BROKEN_MODELS if case.id == case_id)
+    case.build(tmp_path / "broken")
+    repo = hub.upload_model(tmp_path / "broken", f"alice/broken-{case_id.replace('^', '')}")
+    with pytest.raises(case.error) as caught:
+        validate_config(linear_config(good_hub_model, repo), token=hub.token)
+    assert type(caught.value) is case.error and repo in str(caught.value)

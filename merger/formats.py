@@ -12,7 +12,14 @@ import fnmatch
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from .constants import CONFIG_FILE, PICKLE_WEIGHT_SUFFIXES
-from .errors import AdapterModelError, GgufOnlyError, ModelConfigFileError, QuantizedWeightsError, UnsafeWeightsError
+from .errors import (
+    AdapterModelError,
+    GgufOnlyError,
+    ModelConfigFileError,
+    QuantizedWeightsError,
+    SafetensorsHeaderError,
+    UnsafeWeightsError,
+)
 from .modelfiles import excerpt, parse_json_object
 
 if TYPE_CHECKING:
@@ -40,6 +47,7 @@ QUANTIZED_TENSOR_PATTERNS = (
 # storage dtypes of low-precision float checkpoints
 QUANTIZED_DTYPES = {"F8_E4M3": "FP8", "F8_E5M2": "FP8", "F8_E8M0": "FP8", "F6_E2M3": "FP6", "F6_E3M2": "FP6", "F4": "FP4"}
 INTEGER_DTYPES = {"I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64"}
+MERGEABLE_DTYPES = ("F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL")  # merger.loader reads these
 LORA_TENSOR_PATTERNS = ("*.lora_A.*", "*.lora_B.*", "*.lora_embedding_A*", "*.lora_embedding_B*")
 
 
@@ -104,6 +112,7 @@ def refuse_unmergeable_weights(meta: ModelMetadata) -> None:
     Raises:
         QuantizedWeightsError: `quantization_config` in config.json, quantised tensor names, or an
             FP8/FP6/FP4 or integer weight dtype.
+        SafetensorsHeaderError: another dtype merger cannot read (`U16`, `U32`, `U64`).
         AdapterModelError: LoRA tensor names (`lora_A`, `lora_B`).
     """
     fix = (
@@ -124,6 +133,11 @@ def refuse_unmergeable_weights(meta: ModelMetadata) -> None:
         if kind is not None:
             raise QuantizedWeightsError(
                 f"model `{meta.reference}` holds {kind} quantised weights (tensor `{excerpt(name)}`, {tensor.dtype}); {fix}"
+            )
+        if tensor.dtype not in MERGEABLE_DTYPES:
+            raise SafetensorsHeaderError(
+                f"model `{meta.reference}`: tensor `{excerpt(name)}` has dtype {tensor.dtype}, which merger cannot "
+                f"read ({', '.join(MERGEABLE_DTYPES)}); use a checkpoint saved by transformers in BF16, F16 or F32"
             )
 
 

@@ -296,6 +296,8 @@ BROKEN_MODELS = [
                                                                    "model_type": "foo"}), QuantizedWeightsError),
     Broken("int32-weights-unknown-architecture", with_tensors(lambda n: n, dtype=torch.int32, config={
         **CONFIG, "architectures": ["FooForCausalLM"], "model_type": "foo"}), QuantizedWeightsError),
+    Broken("uint32-norm", with_tensors(lambda n: n, extra={"model.norm.scale": torch.zeros(H, dtype=torch.uint32)}),
+           SafetensorsHeaderError),
     Broken("awq-quantization-config", with_config({**CONFIG, "quantization_config": {"quant_method": "awq"}}),
            QuantizedWeightsError),
     Broken("exl2", with_tensors(lambda n: n.replace(".weight", ".q_weight") if "_proj" in n else n), QuantizedWeightsError),
@@ -395,6 +397,17 @@ def test_an_overflowing_merge_is_refused_naming_the_tensor(tmp_path: Path) -> No
     # the same merge within float16's range is written
     run_merge(config.replace("1000000.0", "1.0"), out, device="cpu")
     assert (out / "model.safetensors.index.json").is_file()
+
+
+def test_a_hub_file_cut_short_is_refused_before_merging(hub, good_hub_model: str, tmp_path: Path) -> None:
+    # validate reads only the header on the Hub, so the size check falls to the reader, before any tensor
+    folder = write_model(tmp_path / "cut")
+    truncate(folder, (folder / "model.safetensors").stat().st_size - 100)
+    repo = hub.upload_model(folder, "alice/cut-short")
+    validate_config(linear_config(good_hub_model, repo), token=hub.token)
+    with pytest.raises(TruncatedWeightsError, match="header places data up to byte"):
+        run_merge(linear_config(good_hub_model, repo), tmp_path / "out", token=hub.token, device="cpu")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut"]
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ directories are read here, Hub repos by :func:`merger.hub.fetch_metadata`.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from .modelfiles import (
     read_safetensors_entries,
     unreadable,
 )
+
+logger = logging.getLogger(__name__)
 
 # safetensors dtype codes -> bytes per element
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -202,9 +205,15 @@ def read_local_metadata(model_dir: Path, reference: str | None = None) -> ModelM
 
 
 def _local_license(model_dir: Path) -> str | None:
+    """The card's `license`; None without a card, or (with a warning) when its front matter is unreadable."""
     readme = model_dir / "README.md"
     if not readme.is_file():
         return None
+    import yaml
     from huggingface_hub import ModelCard
 
-    return ModelCard.load(readme).data.to_dict().get("license")
+    try:
+        return ModelCard.load(readme).data.to_dict().get("license")
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        logger.warning("`%s`: the model card's front matter is unreadable (%s); its license is unknown", readme, type(err).__name__)
+        return None

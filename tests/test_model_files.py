@@ -324,6 +324,8 @@ def linear_config(*folders: Path | str) -> str:
 def test_the_catalogue_s_intact_model_validates(tmp_path: Path) -> None:
     report = validate_config(linear_config(write_model(tmp_path / "a"), write_model(tmp_path / "b")))
     assert (report.num_layers, report.architecture) == (LAYERS, "LlamaForCausalLM")
+    (tmp_path / "b" / "README.md").write_bytes(b"---\nlicense: [unclosed\n---\n")  # a card is not a weight file
+    assert validate_config(linear_config(tmp_path / "a", tmp_path / "b")).num_layers == LAYERS
     write_sharded(tmp_path / "sharded")
     assert validate_config(linear_config(tmp_path / "a", tmp_path / "sharded")).num_layers == LAYERS
 

@@ -456,6 +456,12 @@ def test_stale_staging_of_dead_runs_is_removed(tmp_path: Path) -> None:
     (foreign / "notes.txt").write_text("not ours")  # a folder holding other files is left alone
     assert remove_stale_staging(tmp_path) == [stale]
     assert not stale.exists() and live.exists() and foreign.exists()
+    # a run into the same folder does it too
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
+    run_merge(linear_config(write_model(tmp_path / "models" / "a"), write_model(tmp_path / "models" / "b")),
+              tmp_path / "out", device="cpu")
+    assert not stale.exists() and (tmp_path / "out" / "model.safetensors.index.json").is_file()
 
 
 # ---------------------------------------------------------------- the same files on the Hub (headers read by range)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, replace
@@ -26,15 +27,20 @@ from .constants import (
     SAFETENSORS_INDEX_FILE,
     TOKENIZER_FILES,
 )
-from .errors import ConfigError
+from .errors import ConfigError, DiskSpaceError, MergerError
 from .executor import Progress, execute_plan
 from .plan import MergePlan
 from .remote_code import needs_remote_code, remote_code_files
 from .resolve import materialize
 from .tokenizer_files import write_tokenizer
 from .validate import plan_config
+from .writer import format_bytes, output_error
 
 logger = logging.getLogger(__name__)
+
+# room for what a merge writes besides tensors (headers, index, tokenizer, card), bytes
+OUTPUT_EXTRA_BYTES = 16 * 2**20
+_STAGING = re.compile(r"\..+\.(partial|old)-([0-9]+)")
 
 
 @dataclass(frozen=True)
@@ -106,6 +112,10 @@ def run_merge(
     Raises:
         MergerError subclasses: config problems, missing models, pickle-only weights, Hub failures,
             cancellation. Nothing is left at `out_dir` on failure.
+        DiskSpaceError: the output's folder has less free space than the output needs (checked before
+            any download), or a write ran out of space.
+        OutputWriteError: the OS refused another write (the path and its reason).
+        NonFiniteWeightsError / NonFiniteOutputError: a merged tensor would hold NaN or inf.
     """
     started = time.monotonic()
     config = load_config(config_text)
@@ -116,19 +126,88 @@ def run_merge(
         logger.warning(warning)
     if seed is not None:
         plan = replace(plan, seed=seed)
+    needed = sum(job.nbytes for job in plan.jobs) + OUTPUT_EXTRA_BYTES
+    remove_stale_staging(out_dir.parent)
+    check_free_space(out_dir, needed)
     dirs = materialize(list(plan.models), token)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
         execute_plan(plan, dirs, staging, pick_device(device), shard_size, progress, should_cancel)
         _write_files(plan, dirs, staging, config_text, metadata, title or out_dir.name)
         _replace_dir(staging, out_dir)
+    except OSError as err:
+        if isinstance(err, MergerError):
+            raise
+        raise output_error(err, Path(os.fsdecode(err.filename)) if err.filename else staging, needed) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return MergeResult(out_dir, plan.method_name, plan.num_layers, plan.parameter_count, time.monotonic() - started)
+
+
+def check_free_space(out_dir: Path, needed: int) -> None:
+    """Refuse early when the output's file system has less free space than the output needs.
+
+    Args:
+        out_dir: the output folder (it and its parents may not exist yet).
+        needed: bytes the output needs (its tensors plus :data:`OUTPUT_EXTRA_BYTES`).
+
+    Raises:
+        DiskSpaceError: `needed` is over the free space, naming both.
+    """
+    existing = out_dir.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise DiskSpaceError(
+            f"output `{out_dir}` needs about {format_bytes(needed)}, but `{existing}` has only {format_bytes(free)} "
+            "free; free some space or choose an output folder on another disk"
+        )
+
+
+def remove_stale_staging(parent: Path) -> list[Path]:
+    """Remove the staging folders (`.OUT.partial-PID`, `.OUT.old-PID`) of runs whose process is gone.
+
+    A killed run cannot clean up after itself; the next run into the same folder does. Only folders
+    named so, whose process id is not alive, and holding nothing but files a merge writes, are removed.
+
+    Returns:
+        The folders removed.
+    """
+    removed = []
+    try:
+        entries = list(parent.iterdir()) if parent.is_dir() else []
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _STAGING.fullmatch(entry.name)
+        if match is None or entry.is_symlink() or not entry.is_dir() or _process_alive(int(match.group(2))):
+            continue
+        try:
+            ours = all(_is_merge_output(p.name) and p.is_file() and not p.is_symlink() for p in entry.iterdir())
+        except OSError:
+            continue
+        if ours:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+            logger.info("removed `%s`, left by a run that was stopped", entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _write_files(

@@ -185,3 +185,60 @@ class TokenInConfigError(ConfigError):
 
 class ChatTemplateError(ConfigError):
     """`chat_template` is neither `auto`, a built-in name nor Jinja that compiles (file paths are never read)."""
+
+# --- model files
+class ModelFileError(MergerError, ValueError):
+    """A model's files are broken or are not weights merger can merge; the message names the file and the fix."""
+
+
+class ModelConfigFileError(ModelFileError):
+    """`config.json` is not UTF-8, not JSON, not an object, or states no usable layer count."""
+
+
+class SafetensorsHeaderError(ModelFileError):
+    """A safetensors header is unreadable or inconsistent: its length, JSON, a dtype, or a tensor's byte range
+    (outside the file, overlapping another, or not shape × dtype size)."""
+
+
+class TruncatedWeightsError(ModelFileError):
+    """A safetensors file is shorter than its header says (a download cut short), or empty."""
+
+
+class WeightIndexError(ModelFileError):
+    """`model.safetensors.index.json` is malformed, names a missing shard, or disagrees with the shards."""
+
+
+class UnreadableModelFileError(ModelFileError):
+    """The operating system refused to read a model file (a symlink loop, no permission, a directory)."""
+
+
+class LfsPointerError(ModelFileError):
+    """A Git LFS pointer file stands where the weights should be (cloned without `git lfs pull`)."""
+
+
+class QuantizedWeightsError(ModelFileError):
+    """The weights are quantised (GPTQ, AWQ, EXL2, bitsandbytes, FP8): packed integers cannot be averaged."""
+
+
+class GgufOnlyError(ModelFileError):
+    """The model ships only GGUF files (llama.cpp's format), no safetensors checkpoint."""
+
+
+class AdapterModelError(ModelFileError):
+    """The model is a PEFT (LoRA) adapter, not a full model."""
+
+
+class NonFiniteWeightsError(ModelFileError):
+    """An input model's tensor holds NaN or inf."""
+
+
+class NonFiniteOutputError(MergerError, ArithmeticError):
+    """A merged tensor came out with NaN or inf (overflow of the output dtype, or a parameter); nothing is kept."""
+
+
+class OutputWriteError(MergerError, OSError):
+    """The operating system refused to write the output (permissions, I/O error); the message names the path."""
+
+
+class DiskSpaceError(OutputWriteError):
+    """Not enough free space for the output, found before the merge or when a write ran out of space."""

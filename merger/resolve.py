@@ -8,6 +8,7 @@ from pathlib import Path
 from . import hub
 from .config import ModelReference
 from .errors import ModelNotFoundError
+from .formats import check_layer_count, refuse_unmergeable_weights
 from .metadata import ModelMetadata, read_local_metadata
 from .tokenizer import Vocabulary, load_vocabulary
 
@@ -37,13 +38,20 @@ def fetch_metadata(refs: list[ModelReference], token: str | None) -> dict[str, M
     Returns:
         canonical key -> :class:`ModelMetadata`.
 
+    Every model is also checked to be mergeable: no quantised or adapter tensors, a layer count.
+
     Raises:
         ModelNotFoundError, UnsafeWeightsError, HubError: as :func:`merger.hub.fetch_metadata`.
+        ModelFileError subclasses: a broken file, or weights that cannot be merged (quantised, GGUF,
+            a PEFT adapter); see :mod:`merger.modelfiles` and :mod:`merger.formats`.
     """
     result = {}
     for ref in refs:
         path = local_path(ref)
-        result[ref.key] = read_local_metadata(path, str(ref)) if path else hub.fetch_metadata(str(ref), token=token)
+        meta = read_local_metadata(path, str(ref)) if path else hub.fetch_metadata(str(ref), token=token)
+        refuse_unmergeable_weights(meta)
+        check_layer_count(meta)
+        result[ref.key] = meta
     return result
 
 

@@ -101,7 +101,7 @@ def compare_settings(configs: dict[str, dict], donor: str) -> SettingsCheck:
         the donor's class lacks but another input sets (not None/False) and family mismatches as refusals.
     """
     effective = {ref: effective_text_config(config) for ref, config in configs.items()}
-    kept = effective[donor]
+
     warnings, refusals = [], []
     families = {ref: _family(cfg, configs[ref]) for ref, cfg in effective.items()}
     for ref, family in families.items():

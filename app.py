@@ -51,7 +51,7 @@ from merger.form import (
     local_paths,
     parse_yaml,
 )
-from merger.links import QUERY_KEY, decode_config, share_url
+from merger.links import MAX_PAYLOAD_CHARS, MAX_YAML_BYTES, QUERY_KEY, decode_config, share_url
 
 logger = logging.getLogger(__name__)
 
@@ -137,17 +137,22 @@ def _worker_note() -> str | None:
 
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
-    """Turn merger's errors into a gr.Error with their message; anything else into a short error, never a traceback."""
+    """Turn merger's errors into a gr.Error with their message; anything else into a short error, never a traceback.
+
+    The error's class name is the gr.Error's title (gradio_client's `AppError.title`, the UI's pop-up
+    heading), a stable label for scripts and tests; the message stays the user's sentence.
+    """
     try:
         yield
     except gr.Error:
         raise
     except MergerError as err:
-        raise gr.Error(_scrub(str(err)), print_exception=False) from None
+        raise gr.Error(_scrub(str(err)), title=type(err).__name__, print_exception=False) from None
     except Exception as err:  # noqa: BLE001 - a bug must still reach the user as one line
         logger.exception("unexpected error in a handler")
         raise gr.Error(
-            _scrub(f"unexpected error ({type(err).__name__}: {err}); the details are in the app's log"),
+            _scrub(f"unexpected error ({type(err).__name__}); the details are in the app's log"),
+            title="UnexpectedError",
             print_exception=False,
         ) from None
 
@@ -294,7 +299,19 @@ def api_cancel(job_id: str, oauth_token: gr.OAuthToken | None = None) -> bool:
 def api_share(yaml_text: str, request: gr.Request) -> str:
     """A link that reopens the app with this config filled in (it carries the YAML only, never a token)."""
     with _user_errors():
-        return share_url(_app_url(request), yaml_text)
+        _check_share_size(len(yaml_text or ""), "config", MAX_YAML_BYTES)  # before the token scan and zlib
+        link = share_url(_app_url(request), yaml_text)
+        _check_share_size(len(link.rpartition(f"{QUERY_KEY}=")[2]), "link payload", MAX_PAYLOAD_CHARS)
+        return link
+
+
+def _check_share_size(size: int, what: str, limit: int) -> None:
+    """A link must reopen: refuse a config whose link /load_link would refuse as too large."""
+    if size > limit:
+        raise ConfigError(
+            f"this config is too large to share as a link (its {what} is {size:,} characters, at most {limit:,}); "
+            "share the YAML file itself instead"
+        )
 
 
 def api_load_link(payload: str) -> str:
@@ -628,7 +645,7 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
             trigger_mode="always_last",
             show_progress="minimal",
             show_progress_on=status,
-            concurrency_limit=4,
+            concurrency_limit=constants.VALIDATE_CONCURRENCY,
             concurrency_id="validate",
             api_visibility="private",
         )
@@ -692,7 +709,7 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
             on_merge,
             inputs=[yaml_code, repo_id, private],
             outputs=[*job_outputs, share_link],
-            concurrency_limit=2,
+            concurrency_limit=constants.SUBMIT_CONCURRENCY,
             concurrency_id="submit",
             api_visibility="private",
         )
@@ -780,13 +797,15 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
         demo.load(on_load, outputs=[*fill_outputs, *job_outputs], api_visibility="private")
 
         # ---------------------------------------------------------------- API endpoints
-        gr.api(api_validate, api_name="validate", concurrency_limit=4, concurrency_id="validate")
-        gr.api(api_submit, api_name="submit", concurrency_limit=2, concurrency_id="submit")
+        # Validation and submission share bounded pools (the UI's events too), each call time-limited
+        # (constants.VALIDATION_TIMEOUT_S); status, config, share and link reads never wait behind them.
+        gr.api(api_validate, api_name="validate", concurrency_limit=constants.VALIDATE_CONCURRENCY, concurrency_id="validate")
+        gr.api(api_submit, api_name="submit", concurrency_limit=constants.SUBMIT_CONCURRENCY, concurrency_id="submit")
         gr.api(api_job_status, api_name="job_status", concurrency_limit=None)
         gr.api(api_job_config, api_name="job_config", concurrency_limit=None)
         gr.api(api_cancel, api_name="cancel")
-        gr.api(api_share, api_name="share")
-        gr.api(api_load_link, api_name="load_link")
+        gr.api(api_share, api_name="share", concurrency_limit=8, concurrency_id="links")
+        gr.api(api_load_link, api_name="load_link", concurrency_limit=8, concurrency_id="links")
 
     return demo
 

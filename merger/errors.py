@@ -105,3 +105,10 @@ class JobAccessError(MergerError, LookupError):
 
 class PushTargetError(MergerError, ValueError):
     """The push target cannot be used as asked: no write access, repo exists without reuse, or visibility mismatch."""
+
+
+# ---------------------------------------------------------------- per-request time limits (issue 8: responsiveness)
+
+
+class ValidationTimeoutError(MergerError, TimeoutError):
+    """Checking a config against the models' metadata took longer than its limit (`MERGER_VALIDATION_TIMEOUT_S`)."""

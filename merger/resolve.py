@@ -9,6 +9,7 @@ from . import hub
 from .config import ModelReference
 from .errors import ModelNotFoundError
 from .metadata import ModelMetadata, read_local_metadata
+from .timeouts import check_deadline
 from .tokenizer import Vocabulary, load_vocabulary
 
 
@@ -42,6 +43,7 @@ def fetch_metadata(refs: list[ModelReference], token: str | None) -> dict[str, M
     """
     result = {}
     for ref in refs:
+        check_deadline("reading the next model")  # a timed-out validation stops here, not after every model
         path = local_path(ref)
         result[ref.key] = read_local_metadata(path, str(ref)) if path else hub.fetch_metadata(str(ref), token=token)
     return result
@@ -71,6 +73,7 @@ def fetch_vocabularies(
     """
     result = {}
     for ref in refs:
+        check_deadline("reading the next tokenizer")
         path = local_path(ref) or hub.download_tokenizer(str(ref), token=token)
         result[ref.key] = load_vocabulary(path, embedding_rows(metadata[ref.key]))
     return result

@@ -376,8 +376,9 @@ def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
+        shown = repo_id if len(repo_id) <= 100 else f"{repo_id[:100]}… ({len(repo_id):,} characters)"  # bounded echo
         raise ConfigError(
-            f"`repo`: `{repo_id}` is not a valid Hub repo id; use `name` or `namespace/name` made of letters, "
+            f"`repo`: `{shown}` is not a valid Hub repo id; use `name` or `namespace/name` made of letters, "
             "digits, `-`, `_` and `.` (no `--` or `..`, not starting or ending with `-` or `.`, "
             "at most 96 characters)."
         ) from None

@@ -23,13 +23,23 @@ def local_path(ref: ModelReference) -> Path | None:
         ModelNotFoundError: `ref` is written as a path (`./`, `../`, `/`, `~`) but no such directory exists.
     """
     path = Path(os.path.expanduser(ref.model))
-    if path.is_dir():
-        return path.resolve()
-    if ref.model.startswith(("./", "../", "/", "~")) or not hub.is_hub_id(ref.model):
+    try:
+        if path.is_dir():
+            return path.resolve()
+        hub_id = not ref.model.startswith(("./", "../", "/", "~")) and hub.is_hub_id(ref.model)
+    except OSError:  # e.g. a name too long for the filesystem: neither a folder nor a Hub id
+        hub_id = False
+    if not hub_id:
         raise ModelNotFoundError(
-            f"model `{ref}`: no such local directory ({path.resolve()}); check the path, or give a Hub id like `org/name`"
+            f"model `{_shown(str(ref))}`: no such local directory ({_shown(str(path.resolve()))}); "
+            "check the path, or give a Hub id like `org/name`"
         )
     return None
+
+
+def _shown(text: str, limit: int = 100) -> str:
+    """At most `limit` characters of user input for a message (a hostile reference can be kilobytes long)."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
 
 
 def fetch_metadata(refs: list[ModelReference], token: str | None) -> dict[str, ModelMetadata]:

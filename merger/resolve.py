@@ -38,8 +38,10 @@ def local_path(ref: ModelReference) -> Path | None:
 
 
 def _shown(text: str, limit: int = 100) -> str:
-    """At most `limit` characters of user input for a message (a hostile reference can be kilobytes long)."""
-    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
+    """At most `limit` characters of user input for a one-line message, control characters escaped and
+    backticks made quotes (so the value cannot end its code span); a hostile reference can be kilobytes long."""
+    shown = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[:limit]).replace("`", "'")
+    return shown if len(text) <= limit else f"{shown}… ({len(text):,} characters)"
 
 
 def fetch_metadata(refs: list[ModelReference], token: str | None) -> dict[str, ModelMetadata]:

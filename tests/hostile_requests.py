@@ -178,7 +178,7 @@ OUTPUTS = [
 MODEL_IDS = [
     HostileRequest(f"model-{name}", "model id", "config", with_model(reference), "ModelNotFoundError")
     for name, reference in [
-        ("absurdly-long", "a/" + "b" * 3990),
+        ("too-long-for-a-file-name", "a/" + "b" * 498),  # over the file system's 255, under the parser's limit
         ("dotdot", "org/../x"),
         ("url", "https://huggingface.co/org/model"),
         ("loopback-url", "http://127.0.0.1:1/x"),
@@ -188,5 +188,10 @@ MODEL_IDS = [
         ("unc-path", "\\\\server\\share"),
     ]
 ]
+
+MODEL_IDS.append(
+    HostileRequest("model-absurdly-long", "model id", "config", with_model("a/" + "b" * 3990), "StringTooLongError",
+                   requires="StringTooLongError")
+)
 
 CATALOGUE = [*JOB_IDS, *LINKS, *REPOS, *SPACE_PATHS, *OUTPUTS, *MODEL_IDS]

@@ -202,7 +202,7 @@ def test_hostile_request_is_refused_by_name_quickly_briefly_and_leaves_nothing(
     entry: HostileRequest, ctx: Context, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if entry.requires and not hasattr(merger.errors, entry.requires):
-        pytest.skip(f"needs {entry.requires} (the bounded parser's branch)")
+        pytest.skip(f"needs {entry.requires} (the bounded parser's branch)")  # its limits come first
     if entry.space:
         import app
         from merger import constants
@@ -226,7 +226,7 @@ def test_an_echo_check_that_can_fail() -> None:
     assert _longest_echo("model `org/a` not found", "org/a") == 5
 
 
-@pytest.mark.parametrize("entry_id", ["repo-other-user", "out-proc", "model-absurdly-long"])
+@pytest.mark.parametrize("entry_id", ["repo-other-user", "out-proc", "model-too-long-for-a-file-name"])
 def test_the_cli_process_prints_one_line(entry_id: str, hub, tmp_path: Path) -> None:
     entry = next(e for e in CATALOGUE if e.id == entry_id)
     (tmp_path / "file").write_text("not a folder")

@@ -13,7 +13,10 @@ token from the signed-in user (OAuth) or, when not running on a Space, from `HF_
   existing repo only with `reuse_repo`, and never made private or public here); caps on unfinished
   jobs apply per user and in total.
 - `/job_status` (job_id: str) -> dict: id, status, progress, current_tensor, log_tail, result_url,
-  error, worker (a note when no worker is alive, else None). The job's owner only.
+  error, error_type (the failing error's class name, e.g. `PushTargetError`), worker (a note when no
+  worker is alive, else None). The job's owner only.
+
+Errors reach gradio_client as `AppError` whose `title` is the error's class name (e.g. `ConfigError`).
 - `/job_config` (job_id: str) -> str: the job's config YAML, for anyone with the id (what a job link shares).
 - `/cancel` (job_id: str) -> bool: whether the job was cancelled. The job's owner only.
 - `/share` (yaml_text: str) -> str: the share link (`...?config=<payload>`).
@@ -201,6 +204,7 @@ def _job_dict(job: Any) -> dict[str, Any]:
         "log_tail": _scrub(job.log_tail or ""),
         "result_url": job.result_url,
         "error": _scrub(job.error) if job.error else None,
+        "error_type": job.error_type,
         "worker": None if str(status) in TERMINAL_STATUSES else _worker_note(),
     }
 
@@ -274,7 +278,7 @@ def api_submit(
 
 
 def api_job_status(job_id: str, oauth_token: gr.OAuthToken | None = None) -> dict:
-    """Your job's state: id, status, progress (0-1), current_tensor, log_tail, result_url, error, worker."""
+    """Your job's state: id, status, progress (0-1), current_tensor, log_tail, result_url, error, error_type, worker."""
     with _user_errors():
         return _get_job(job_id, _token(oauth_token))
 

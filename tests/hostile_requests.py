@@ -13,7 +13,7 @@ An entry's `field` says what `value` is, and so where it goes:
   `{fixtures}` for the fixture models.
 
 Channels (see :data:`CHANNELS_FOR`): `cli_validate` / `cli_run` (`python -m merger validate|run`),
-`app_validate`, `app_submit` (a job: `/submit`, which refuses before anything is queued), `app_share`,
+`app_validate`, `app_submit` (a job: `/submit`, then, if it was queued, `/job_status` until it ends), `app_share`,
 `app_load_link`, `app_job_status`, `app_job_config`, `app_cancel`.
 
 To add another catalogue (configs, model files), map its entries to :class:`HostileRequest` with the
@@ -55,6 +55,8 @@ class HostileRequest:
         private: for `repo`: ask for a private repo.
         reuse: for `repo`: allow reusing an existing repo.
         requires: an error class this entry needs that another branch adds; skipped until it exists.
+        while_queued: an action the harness takes between `/submit` and the job's start (a name in
+            `WHILE_QUEUED` of the test module), for what only the job itself can find.
     """
 
     id: str
@@ -67,6 +69,7 @@ class HostileRequest:
     private: bool = False
     reuse: bool = False
     requires: str | None = None
+    while_queued: str | None = None
 
     def routes(self) -> tuple[str, ...]:
         """The channels this entry goes through."""
@@ -144,6 +147,9 @@ REPOS = [
     HostileRequest("repo-three-parts", "push target", "repo", "alice/x/y", "ConfigError"),
     HostileRequest("repo-url", "push target", "repo", "https://huggingface.co/alice/x", "ConfigError"),
     HostileRequest("repo-html", "push target", "repo", "alice/a<script>alert(1)</script>", "ConfigError"),
+    # Write access checked at /submit, lost while the job waited: the job finds it before merging.
+    HostileRequest("repo-access-revoked-while-queued", "push target", "repo", "hostile-writers/x", "PushTargetError",
+                   channels=("app_submit",), while_queued="revoke-write-role"),
 ]
 
 SPACE_PATHS = [

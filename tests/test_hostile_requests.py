@@ -38,7 +38,7 @@ VALID_CONFIG = (
     "parameters:\n  t: 0.5\n"
 )
 SUBMIT_REPO = "hostile-target"  # a new repo alice may create: only the entry's own fault refuses the job
-MAX_SECONDS = {"cli": 20.0, "app": 10.0}  # the CLI's first call imports torch and the engine
+MAX_SECONDS = {"cli": 20.0, "app": 10.0, "job": 90.0}  # the CLI's first call imports torch; a job starts a worker
 MAX_MESSAGE = 1000  # characters of an error message
 MAX_ECHO = 120  # the longest run of the hostile input an error may repeat
 MAX_RSS_GROWTH = 300 * 2**20  # bytes the process's peak memory may grow by, per entry
@@ -46,11 +46,13 @@ MAX_RSS_GROWTH = 300 * 2**20  # bytes the process's peak memory may grow by, per
 
 @dataclass
 class Answer:
-    """What a channel answered: the error's class name (None: no error), its message, the seconds taken."""
+    """What a channel answered: the error's class name (None: no error), its message, the seconds taken,
+    and who answered (`cli`, `app`, or `job`: a queued job's final status)."""
 
     error: str | None
     message: str
     seconds: float
+    kind: str
 
 
 @dataclass
@@ -77,7 +79,7 @@ def _cli(args: list[str]) -> Answer:
     assert text.count("\n") == 1 and text.endswith("\n"), f"not one line: {text[:500]!r}"
     assert text.startswith("error: ") and "Traceback" not in text
     name, _, message = text[len("error: "):].rstrip("\n").partition(": ")
-    return Answer(name, message, seconds)
+    return Answer(name, message, seconds, "cli")
 
 
 def _run_args(entry: HostileRequest, ctx: Context) -> list[str]:
@@ -97,14 +99,46 @@ def _app(ctx: Context, *args: object, api_name: str) -> Answer:
     try:
         result = ctx.client.predict(*args, api_name=api_name)
     except AppError as err:
-        return Answer(err.title, err.message, time.monotonic() - start)
-    return Answer(None, f"answered {str(result)[:200]!r}", time.monotonic() - start)
+        return Answer(err.title, err.message, time.monotonic() - start, "app")
+    return Answer(None, str(result), time.monotonic() - start, "app")
 
 
 def _submit(entry: HostileRequest, ctx: Context) -> Answer:
+    """`/submit`; when it queued a job, the job's own answer (its worker is started for it)."""
     if entry.field == "repo":
-        return _app(ctx, VALID_CONFIG, entry.value, entry.private, entry.reuse, api_name="/submit")
-    return _app(ctx, entry.value, SUBMIT_REPO, False, False, api_name="/submit")
+        answer = _app(ctx, VALID_CONFIG, entry.value, entry.private, entry.reuse, api_name="/submit")
+    else:
+        answer = _app(ctx, entry.value, SUBMIT_REPO, False, False, api_name="/submit")
+    if answer.error is not None:
+        return answer
+    if entry.while_queued:
+        WHILE_QUEUED[entry.while_queued](ctx)
+    return _final_status(ctx, job_id=answer.message)
+
+
+def _final_status(ctx: Context, job_id: str) -> Answer:
+    from merger.worker import start_consumer_process
+
+    start = time.monotonic()
+    worker = start_consumer_process(log_file=ctx.data / "worker.log")
+    try:
+        while time.monotonic() - start < MAX_SECONDS["job"]:
+            status = ctx.client.predict(job_id, api_name="/job_status")
+            if status["status"] in ("succeeded", "failed", "cancelled"):
+                assert status["status"] == "failed", status
+                return Answer(status["error_type"], status["error"], time.monotonic() - start, "job")
+            time.sleep(0.3)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+    raise AssertionError(f"job {job_id} did not end in {MAX_SECONDS['job']}s")
+
+
+def _revoke_write_role(ctx: Context) -> None:
+    ctx.hub.store.orgs["hostile-writers"]["alice"] = "read"
+
+
+WHILE_QUEUED = {"revoke-write-role": _revoke_write_role}
 
 
 CHANNELS = {
@@ -164,11 +198,14 @@ def send_through_channels(entry: HostileRequest, ctx: Context) -> dict[str, Answ
         answer = CHANNELS[channel](entry, ctx)
         where = f"{entry.id} via {channel}"
         assert answer.error == entry.error, f"{where}: {answer.error}: {answer.message[:300]!r}"
-        assert answer.seconds < MAX_SECONDS[channel.split("_")[0]], f"{where}: {answer.seconds:.1f}s"
+        assert answer.seconds < MAX_SECONDS[answer.kind], f"{where}: {answer.seconds:.1f}s"
         assert len(answer.message) <= MAX_MESSAGE, f"{where}: {len(answer.message)} characters"
         assert _longest_echo(answer.message, entry.value) <= MAX_ECHO, f"{where} echoes: {answer.message[:300]!r}"
         assert "Traceback" not in answer.message and 'File "' not in answer.message
-        assert _state(ctx) == before, f"{where} left something behind"
+        after = _state(ctx)
+        if answer.kind == "job":  # the failed job's record stays, and says what happened
+            before["jobs"] = int(before["jobs"]) + 1
+        assert after == before, f"{where} left something behind"
         assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak_before < MAX_RSS_GROWTH, where
         answers[channel] = answer
     return answers
@@ -187,6 +224,7 @@ def app_client(hub, tmp_path_factory):
 
 @pytest.fixture
 def ctx(app_client, hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Context:
+    hub.store.orgs["hostile-writers"] = {"alice": "write"}  # until an entry revokes it
     monkeypatch.chdir(ROOT)  # the configs name the fixtures relative to the repo
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     (tmp_path / "file").write_text("not a folder")

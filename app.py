@@ -13,7 +13,10 @@ token from the signed-in user (OAuth) or, when not running on a Space, from `HF_
   existing repo only with `reuse_repo`, and never made private or public here); caps on unfinished
   jobs apply per user and in total.
 - `/job_status` (job_id: str) -> dict: id, status, progress, current_tensor, log_tail, result_url,
-  error, worker (a note when no worker is alive, else None). The job's owner only.
+  error, error_type (the failing error's class name, e.g. `PushTargetError`), worker (a note when no
+  worker is alive, else None). The job's owner only.
+
+Errors reach gradio_client as `AppError` whose `title` is the error's class name (e.g. `ConfigError`).
 - `/job_config` (job_id: str) -> str: the job's config YAML, for anyone with the id (what a job link shares).
 - `/cancel` (job_id: str) -> bool: whether the job was cancelled. The job's owner only.
 - `/share` (yaml_text: str) -> str: the share link (`...?config=<payload>`).
@@ -51,7 +54,7 @@ from merger.form import (
     local_paths,
     parse_yaml,
 )
-from merger.links import QUERY_KEY, decode_config, share_url
+from merger.links import MAX_PAYLOAD_CHARS, MAX_YAML_BYTES, QUERY_KEY, decode_config, share_url
 
 logger = logging.getLogger(__name__)
 
@@ -137,17 +140,22 @@ def _worker_note() -> str | None:
 
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
-    """Turn merger's errors into a gr.Error with their message; anything else into a short error, never a traceback."""
+    """Turn merger's errors into a gr.Error with their message; anything else into a short error, never a traceback.
+
+    The error's class name is the gr.Error's title (gradio_client's `AppError.title`, the UI's pop-up
+    heading), a stable label for scripts and tests; the message stays the user's sentence.
+    """
     try:
         yield
     except gr.Error:
         raise
     except MergerError as err:
-        raise gr.Error(_scrub(str(err)), print_exception=False) from None
+        raise gr.Error(_scrub(str(err)), title=type(err).__name__, print_exception=False) from None
     except Exception as err:  # noqa: BLE001 - a bug must still reach the user as one line
         logger.exception("unexpected error in a handler")
         raise gr.Error(
-            _scrub(f"unexpected error ({type(err).__name__}: {err}); the details are in the app's log"),
+            _scrub(f"unexpected error ({type(err).__name__}); the details are in the app's log"),
+            title="UnexpectedError",
             print_exception=False,
         ) from None
 
@@ -196,6 +204,7 @@ def _job_dict(job: Any) -> dict[str, Any]:
         "log_tail": _scrub(job.log_tail or ""),
         "result_url": job.result_url,
         "error": _scrub(job.error) if job.error else None,
+        "error_type": job.error_type,
         "worker": None if str(status) in TERMINAL_STATUSES else _worker_note(),
     }
 
@@ -269,7 +278,7 @@ def api_submit(
 
 
 def api_job_status(job_id: str, oauth_token: gr.OAuthToken | None = None) -> dict:
-    """Your job's state: id, status, progress (0-1), current_tensor, log_tail, result_url, error, worker."""
+    """Your job's state: id, status, progress (0-1), current_tensor, log_tail, result_url, error, error_type, worker."""
     with _user_errors():
         return _get_job(job_id, _token(oauth_token))
 
@@ -294,7 +303,19 @@ def api_cancel(job_id: str, oauth_token: gr.OAuthToken | None = None) -> bool:
 def api_share(yaml_text: str, request: gr.Request) -> str:
     """A link that reopens the app with this config filled in (it carries the YAML only, never a token)."""
     with _user_errors():
-        return share_url(_app_url(request), yaml_text)
+        _check_share_size(len(yaml_text or ""), "config", MAX_YAML_BYTES)  # before the token scan and zlib
+        link = share_url(_app_url(request), yaml_text)
+        _check_share_size(len(link.rpartition(f"{QUERY_KEY}=")[2]), "link payload", MAX_PAYLOAD_CHARS)
+        return link
+
+
+def _check_share_size(size: int, what: str, limit: int) -> None:
+    """A link must reopen: refuse a config whose link /load_link would refuse as too large."""
+    if size > limit:
+        raise ConfigError(
+            f"this config is too large to share as a link (its {what} is {size:,} characters, at most {limit:,}); "
+            "share the YAML file itself instead"
+        )
 
 
 def api_load_link(payload: str) -> str:
@@ -628,7 +649,7 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
             trigger_mode="always_last",
             show_progress="minimal",
             show_progress_on=status,
-            concurrency_limit=4,
+            concurrency_limit=constants.VALIDATE_CONCURRENCY,
             concurrency_id="validate",
             api_visibility="private",
         )
@@ -692,7 +713,7 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
             on_merge,
             inputs=[yaml_code, repo_id, private],
             outputs=[*job_outputs, share_link],
-            concurrency_limit=2,
+            concurrency_limit=constants.SUBMIT_CONCURRENCY,
             concurrency_id="submit",
             api_visibility="private",
         )
@@ -780,13 +801,15 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
         demo.load(on_load, outputs=[*fill_outputs, *job_outputs], api_visibility="private")
 
         # ---------------------------------------------------------------- API endpoints
-        gr.api(api_validate, api_name="validate", concurrency_limit=4, concurrency_id="validate")
-        gr.api(api_submit, api_name="submit", concurrency_limit=2, concurrency_id="submit")
+        # Validation and submission share bounded pools (the UI's events too), each call time-limited
+        # (constants.VALIDATION_TIMEOUT_S); status, config, share and link reads never wait behind them.
+        gr.api(api_validate, api_name="validate", concurrency_limit=constants.VALIDATE_CONCURRENCY, concurrency_id="validate")
+        gr.api(api_submit, api_name="submit", concurrency_limit=constants.SUBMIT_CONCURRENCY, concurrency_id="submit")
         gr.api(api_job_status, api_name="job_status", concurrency_limit=None)
         gr.api(api_job_config, api_name="job_config", concurrency_limit=None)
         gr.api(api_cancel, api_name="cancel")
-        gr.api(api_share, api_name="share")
-        gr.api(api_load_link, api_name="load_link")
+        gr.api(api_share, api_name="share", concurrency_limit=8, concurrency_id="links")
+        gr.api(api_load_link, api_name="load_link", concurrency_limit=8, concurrency_id="links")
 
     return demo
 

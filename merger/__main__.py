@@ -107,7 +107,7 @@ class _TqdmHandler(logging.Handler):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0, or 2 with a one-line `error:` on stderr for any MergerError)."""
+    """Run the CLI; returns the exit status (0, or 2 with `error: ErrorClass: message` on stderr for a MergerError)."""
     args = build_parser().parse_args(argv)
     logger = logging.getLogger("merger")
     handler, propagate = _TqdmHandler(logging.WARNING), logger.propagate
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             raise MergerError(f"config file `{args.config}` does not exist")
         (_run if args.command == "run" else _validate)(args)
     except MergerError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)  # the class name: a stable label for scripts
         return 2
     finally:
         logger.removeHandler(handler)

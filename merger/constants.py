@@ -73,3 +73,11 @@ WATCHDOG_INTERVAL_S = 2.0
 # `1`: the worker runs apart (`python -m merger.worker`); the app starts none and only shows its heartbeat.
 EXTERNAL_WORKER = os.environ.get("MERGER_EXTERNAL_WORKER", "") == "1"
 JOB_ID_LENGTH = 32  # uuid4 hex
+# Per-request bounds for the public app (issue 8): validation of metadata gives up after
+# VALIDATION_TIMEOUT_S seconds (ValidationTimeoutError), at most MAX_LIMITED_CALLS validations run at
+# once (abandoned ones included), and the app runs at most VALIDATE_CONCURRENCY checks and
+# SUBMIT_CONCURRENCY submissions at a time, so that light requests (job status, share) always answer.
+VALIDATION_TIMEOUT_S = _env_int("MERGER_VALIDATION_TIMEOUT_S", 60)
+MAX_LIMITED_CALLS = _env_int("MERGER_MAX_LIMITED_CALLS", 16)
+VALIDATE_CONCURRENCY = _env_int("MERGER_VALIDATE_CONCURRENCY", 4)
+SUBMIT_CONCURRENCY = _env_int("MERGER_SUBMIT_CONCURRENCY", 2)

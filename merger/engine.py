@@ -7,6 +7,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from .architecture import is_multimodal
 from .card import render_model_card
-from .config import SEED, load_config
+from .config import SEED, AnyConfig, load_config
 from .constants import (
     CARD_FILE,
     CONFIG_FILE,
@@ -121,6 +122,7 @@ def run_merge(
     config = load_config(config_text)
     SEED.check("--random-seed", seed)
     _check_out_dir(out_dir)
+    _refuse_input_folders(out_dir, config)
     plan, metadata = plan_config(config, token)
     for warning in plan.warnings:
         logger.warning(warning)
@@ -250,6 +252,7 @@ def _check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"output `{out_dir}` is a file; give a folder path (it is created)")
     if not out_dir.exists():
+        _check_creatable(out_dir)
         return
     foreign = sorted(p.name for p in out_dir.iterdir() if not _is_merge_output(p.name))
     if foreign:
@@ -258,6 +261,39 @@ def _check_out_dir(out_dir: Path) -> None:
             f"output folder `{out_dir}` holds files a merge does not write ({shown}); choose a new or empty "
             "folder, or move them away (an earlier merge output is replaced as a whole)"
         )
+
+
+def _check_creatable(out_dir: Path) -> None:
+    """Refuse, before any work, an output folder that cannot be made (under a file, `/proc`, a read-only disk).
+
+    A folder is made and removed again in the nearest existing parent: the only test that holds for
+    root and for special file systems alike. Nothing is left behind.
+    """
+    existing = out_dir.absolute().parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        why = f"`{existing}` is a file"
+    else:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".merger-probe-", dir=existing))
+            return
+        except OSError as err:
+            why = f"{err.strerror or type(err).__name__} in `{existing}`"
+    raise ConfigError(f"output `{out_dir}` cannot be created ({why}); choose a folder you can write to")
+
+
+def _refuse_input_folders(out_dir: Path, config: AnyConfig) -> None:
+    """An output must not replace a local model the merge reads (its files are all names a merge writes)."""
+    out = out_dir.resolve()
+    for ref in config.referenced_models():
+        source = Path(os.path.expanduser(ref.model))
+        try:
+            same = source.is_dir() and out == source.resolve()
+        except OSError:  # not a folder we could read: resolve.py reports it
+            continue
+        if same:
+            raise ConfigError(f"output `{out_dir}` is the model `{ref}` this merge reads; choose another folder")
 
 
 def _is_merge_output(name: str) -> bool:

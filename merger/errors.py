@@ -242,3 +242,10 @@ class OutputWriteError(MergerError, OSError):
 
 class DiskSpaceError(OutputWriteError):
     """Not enough free space for the output, found before the merge or when a write ran out of space."""
+
+
+# ---------------------------------------------------------------- per-request time limits (issue 8: responsiveness)
+
+
+class ValidationTimeoutError(MergerError, TimeoutError):
+    """Checking a config against the models' metadata took longer than its limit (`MERGER_VALIDATION_TIMEOUT_S`)."""

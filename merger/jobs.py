@@ -50,7 +50,8 @@ create table if not exists jobs (
     created_at real not null,
     updated_at real not null,
     owner text not null default '',
-    reuse_repo integer not null default 0
+    reuse_repo integer not null default 0,
+    error_type text
 );
 create index if not exists jobs_status on jobs (status, owner);
 create table if not exists pending_repos (
@@ -69,6 +70,7 @@ create table if not exists worker (
 _ADDED_COLUMNS = {
     "owner": "alter table jobs add column owner text not null default ''",
     "reuse_repo": "alter table jobs add column reuse_repo integer not null default 0",
+    "error_type": "alter table jobs add column error_type text",
 }
 _JOB_ID = re.compile(f"[0-9a-f]{{{constants.JOB_ID_LENGTH}}}")
 _UNFINISHED = ("queued", "running")
@@ -109,6 +111,7 @@ class Job:
         updated_at: last change, epoch seconds.
         owner: the Hub username that submitted the job.
         reuse_repo: the owner allowed pushing to an existing repo.
+        error_type: the class name of the error that failed the job (e.g. `PushTargetError`), else None.
     """
 
     id: str
@@ -126,6 +129,7 @@ class Job:
     updated_at: float
     owner: str
     reuse_repo: bool
+    error_type: str | None = None
 
 
 # ---------------------------------------------------------------- the app's API
@@ -261,6 +265,7 @@ def get_job(job_id: str) -> Job | None:
         updated_at=row["updated_at"],
         owner=row["owner"],
         reuse_repo=bool(row["reuse_repo"]),
+        error_type=row["error_type"],
     )
 
 
@@ -391,6 +396,7 @@ def mark_finished(
     log_tail: str | None = None,
     result_url: str | None = None,
     error: str | None = None,
+    error_type: str | None = None,
 ) -> bool:
     """Give an unfinished job its final status.
 
@@ -400,6 +406,7 @@ def mark_finished(
         log_tail: the job's last log lines; None keeps the stored ones.
         result_url: the pushed repo's URL (succeeded jobs).
         error: the message for the user (failed jobs).
+        error_type: the failing error's class name, a stable label for scripts (failed jobs).
 
     Returns:
         True if the job was queued or running; False if it had already finished.
@@ -411,9 +418,9 @@ def mark_finished(
         raise ValueError(f"mark_finished needs a final status, got `{status.value}`")
     return bool(
         _execute(
-            "update jobs set status = ?, result_url = ?, error = ?, log_tail = coalesce(?, log_tail), updated_at = ?"
-            " where id = ? and status in (?, ?)",
-            (status.value, result_url, error, log_tail, time.time(), job_id,
+            "update jobs set status = ?, result_url = ?, error = ?, error_type = ?, log_tail = coalesce(?, log_tail),"
+            " updated_at = ? where id = ? and status in (?, ?)",
+            (status.value, result_url, error, error_type, log_tail, time.time(), job_id,
              JobStatus.QUEUED.value, JobStatus.RUNNING.value),
         )
     )

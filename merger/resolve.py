@@ -10,6 +10,7 @@ from .config import ModelReference
 from .errors import ModelNotFoundError
 from .formats import check_layer_count, refuse_unmergeable_weights
 from .metadata import ModelMetadata, read_local_metadata
+from .timeouts import check_deadline
 from .tokenizer import Vocabulary, load_vocabulary
 
 
@@ -23,13 +24,25 @@ def local_path(ref: ModelReference) -> Path | None:
         ModelNotFoundError: `ref` is written as a path (`./`, `../`, `/`, `~`) but no such directory exists.
     """
     path = Path(os.path.expanduser(ref.model))
-    if path.is_dir():
-        return path.resolve()
-    if ref.model.startswith(("./", "../", "/", "~")) or not hub.is_hub_id(ref.model):
+    try:
+        if path.is_dir():
+            return path.resolve()
+        hub_id = not ref.model.startswith(("./", "../", "/", "~")) and hub.is_hub_id(ref.model)
+    except OSError:  # e.g. a name too long for the filesystem: neither a folder nor a Hub id
+        hub_id = False
+    if not hub_id:
         raise ModelNotFoundError(
-            f"model `{ref}`: no such local directory ({path.resolve()}); check the path, or give a Hub id like `org/name`"
+            f"model `{_shown(str(ref))}`: no such local directory ({_shown(str(path.resolve()))}); "
+            "check the path, or give a Hub id like `org/name`"
         )
     return None
+
+
+def _shown(text: str, limit: int = 100) -> str:
+    """At most `limit` characters of user input for a one-line message, control characters escaped and
+    backticks made quotes (so the value cannot end its code span); a hostile reference can be kilobytes long."""
+    shown = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[:limit]).replace("`", "'")
+    return shown if len(text) <= limit else f"{shown}… ({len(text):,} characters)"
 
 
 def fetch_metadata(refs: list[ModelReference], token: str | None) -> dict[str, ModelMetadata]:
@@ -47,6 +60,7 @@ def fetch_metadata(refs: list[ModelReference], token: str | None) -> dict[str, M
     """
     result = {}
     for ref in refs:
+        check_deadline("reading the next model")  # a timed-out validation stops here, not after every model
         path = local_path(ref)
         meta = read_local_metadata(path, str(ref)) if path else hub.fetch_metadata(str(ref), token=token)
         refuse_unmergeable_weights(meta)
@@ -79,6 +93,7 @@ def fetch_vocabularies(
     """
     result = {}
     for ref in refs:
+        check_deadline("reading the next tokenizer")
         path = local_path(ref) or hub.download_tokenizer(str(ref), token=token)
         result[ref.key] = load_vocabulary(path, embedding_rows(metadata[ref.key]))
     return result

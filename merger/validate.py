@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import hub
+from . import constants, hub
 from .config import AnyConfig, ModelReference, MoEConfig, load_config
 from .metadata import ModelMetadata
 from .moe import build_moe_plan, check_tokenizer_fits
 from .plan import MergePlan, build_plan, needs_vocabularies
 from .resolve import embedding_rows, fetch_metadata, fetch_vocabularies, local_path
+from .timeouts import run_limited
 from .tokenizer import Vocabulary, load_vocabulary
 
 
@@ -75,16 +76,23 @@ class ValidationReport:
         return "\n".join([text, *(f"warning: {w}" for w in self.warnings)])
 
 
-def validate_config(text: str, token: str | None = None) -> ValidationReport:
-    """Parse and check a YAML config from metadata alone (config.json, safetensors headers).
+def validate_config(text: str, token: str | None = None, timeout_s: float | None = None) -> ValidationReport:
+    """Parse and check a YAML config from metadata alone (config.json, safetensors headers), within a time limit.
 
     Args:
         text: the YAML config (either schema).
         token: a Hub token for private or gated models.
+        timeout_s: seconds to wait at most; defaults to `constants.VALIDATION_TIMEOUT_S`.
 
     Raises:
         ConfigError / ConfigErrors, ArchitectureError, ModelNotFoundError, UnsafeWeightsError, HubError.
+        ValidationTimeoutError: the check took longer than `timeout_s` (it stops at its next Hub call).
     """
+    limit = constants.VALIDATION_TIMEOUT_S if timeout_s is None else timeout_s
+    return run_limited(lambda: _report(text, token), limit, "checking the config against the models' metadata")
+
+
+def _report(text: str, token: str | None) -> ValidationReport:
     plan, _ = plan_config(load_config(text), token)
     return ValidationReport(
         method=plan.method_name,

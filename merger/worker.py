@@ -200,6 +200,7 @@ class _Outcome:
     status: JobStatus
     result_url: str | None = None
     error: str | None = None
+    error_type: str | None = None  # the error's class name (what the app's API reports as `error_type`)
 
 
 class _Reporter:
@@ -281,7 +282,8 @@ def _run_job(job_id: str, sealed_token: bytes) -> None:
         shutil.rmtree(work_dir, ignore_errors=True)
     reporter.write(force=True)
     jobs.mark_finished(
-        job_id, outcome.status, log_tail=reporter.log_tail, result_url=outcome.result_url, error=outcome.error
+        job_id, outcome.status, log_tail=reporter.log_tail, result_url=outcome.result_url, error=outcome.error,
+        error_type=outcome.error_type,
     )
 
 
@@ -305,13 +307,14 @@ def _outcome(job: Job, sealed_token: bytes, work_dir: Path, reporter: _Reporter)
         return _Outcome(JobStatus.CANCELLED)
     except MergerError as err:
         logger.info("Job %s failed: %s", job.id, err)
-        return _Outcome(JobStatus.FAILED, error=scrub(str(err)))
+        return _Outcome(JobStatus.FAILED, error=scrub(str(err)), error_type=type(err).__name__)
     except Exception as err:
         # The traceback is scrubbed here, at the source, so that no handler anywhere can print the token.
         logger.error("Job %s failed unexpectedly (%s):\n%s", job.id, type(err).__name__, scrub(traceback.format_exc()))
         return _Outcome(
             JobStatus.FAILED,
             error=f"The merge failed unexpectedly ({type(err).__name__}); the worker log has the details.",
+            error_type="UnexpectedError",  # as the app labels a bug
         )
     finally:
         _active_tokens.discard(token)

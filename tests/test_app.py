@@ -250,7 +250,9 @@ def test_submit_status_cancel(
 
     status = caller.predict(job_id, api_name="/job_status")
     assert status["id"] == job_id and status["status"] == "queued" and status["progress"] == 0.0
-    assert set(status) == {"id", "status", "progress", "current_tensor", "log_tail", "result_url", "error", "worker"}
+    assert set(status) == {
+        "id", "status", "progress", "current_tensor", "log_tail", "result_url", "error", "error_type", "worker"
+    }
     # No worker runs in this test: the status says so (the heartbeat has never been written).
     assert status["worker"] == "No worker alive since it started: queued jobs wait until a worker is running again."
     assert TOKEN not in str(status)

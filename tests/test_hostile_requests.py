@@ -1,0 +1,278 @@
+"""Every hostile request of the catalogue, through every channel that takes it, is refused with its named
+error, in bounded time, memory and words, echoing no more than a short excerpt, and leaving nothing
+behind: no output folder, no staging, no job record, no repo on the (loopback) Hub.
+
+How the error's class reaches each channel (see docs/decisions.md, "Error labels"):
+- the app: `gradio_client`'s `AppError.title` is the class name (`app._user_errors`), the message the sentence;
+- the CLI: stderr is one line, `error: ClassName: message`, and the exit status 2.
+
+The CLI channels call `merger.__main__.main` in this process (a fresh `python -m merger` costs seconds
+per entry on a shared machine); `test_the_cli_process_prints_one_line` runs a few entries as real
+processes to show the same answer reaches a terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import resource
+import sqlite3
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from gradio_client.exceptions import AppError
+
+import merger.errors
+from app_harness import TOKEN, served_app
+from hostile_requests import CATALOGUE, HostileRequest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "data" / "fixtures"
+VALID_CONFIG = (
+    "merge_method: slerp\nbase_model: tests/data/fixtures/mistral-prose\nmodels:\n"
+    "  - model: tests/data/fixtures/mistral-prose\n  - model: tests/data/fixtures/mistral-code\n"
+    "parameters:\n  t: 0.5\n"
+)
+SUBMIT_REPO = "hostile-target"  # a new repo alice may create: only the entry's own fault refuses the job
+MAX_SECONDS = {"cli": 20.0, "app": 10.0, "job": 90.0}  # the CLI's first call imports torch; a job starts a worker
+MAX_MESSAGE = 1000  # characters of an error message
+MAX_ECHO = 120  # the longest run of the hostile input an error may repeat
+MAX_RSS_GROWTH = 300 * 2**20  # bytes the process's peak memory may grow by, per entry
+
+
+@dataclass
+class Answer:
+    """What a channel answered: the error's class name (None: no error), its message, the seconds taken,
+    and who answered (`cli`, `app`, or `job`: a queued job's final status)."""
+
+    error: str | None
+    message: str
+    seconds: float
+    kind: str
+
+
+@dataclass
+class Context:
+    """What the channels need: the app's client, the loopback Hub, a scratch folder, the app's data folder."""
+
+    client: object
+    hub: object
+    tmp: Path
+    data: Path
+
+
+# ---------------------------------------------------------------- channels
+def _cli(args: list[str]) -> Answer:
+    from merger.__main__ import main
+
+    err, out = io.StringIO(), io.StringIO()
+    start = time.monotonic()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        code = main(args)
+    seconds = time.monotonic() - start
+    text = err.getvalue()
+    assert code == 2, f"exit status {code}; stderr: {text[:300]!r}; stdout: {out.getvalue()[:300]!r}"
+    assert text.count("\n") == 1 and text.endswith("\n"), f"not one line: {text[:500]!r}"
+    assert text.startswith("error: ") and "Traceback" not in text
+    name, _, message = text[len("error: "):].rstrip("\n").partition(": ")
+    return Answer(name, message, seconds, "cli")
+
+
+def _run_args(entry: HostileRequest, ctx: Context) -> list[str]:
+    config = ctx.tmp / "config.yaml"
+    config.write_text(entry.value if entry.field == "config" else VALID_CONFIG)
+    out = ctx.tmp / "out"
+    if entry.field == "out":
+        out = Path(entry.value.format(tmp=ctx.tmp, fixtures=FIXTURES))
+    args = ["run", str(config), str(out), "--device", "cpu"]
+    if entry.field == "repo":
+        args += ["--push-to", entry.value] + ["--private"] * entry.private + ["--reuse-repo"] * entry.reuse
+    return args
+
+
+def _app(ctx: Context, *args: object, api_name: str) -> Answer:
+    start = time.monotonic()
+    try:
+        result = ctx.client.predict(*args, api_name=api_name)
+    except AppError as err:
+        return Answer(err.title, err.message, time.monotonic() - start, "app")
+    return Answer(None, str(result), time.monotonic() - start, "app")
+
+
+def _submit(entry: HostileRequest, ctx: Context) -> Answer:
+    """`/submit`; when it queued a job, the job's own answer (its worker is started for it)."""
+    if entry.field == "repo":
+        answer = _app(ctx, VALID_CONFIG, entry.value, entry.private, entry.reuse, api_name="/submit")
+    else:
+        answer = _app(ctx, entry.value, SUBMIT_REPO, False, False, api_name="/submit")
+    if answer.error is not None:
+        return answer
+    if entry.while_queued:
+        WHILE_QUEUED[entry.while_queued](ctx)
+    return _final_status(ctx, job_id=answer.message)
+
+
+def _final_status(ctx: Context, job_id: str) -> Answer:
+    from merger.worker import start_consumer_process
+
+    start = time.monotonic()
+    worker = start_consumer_process(log_file=ctx.data / "worker.log")
+    try:
+        while time.monotonic() - start < MAX_SECONDS["job"]:
+            status = ctx.client.predict(job_id, api_name="/job_status")
+            if status["status"] in ("succeeded", "failed", "cancelled"):
+                assert status["status"] == "failed", status
+                return Answer(status["error_type"], status["error"], time.monotonic() - start, "job")
+            time.sleep(0.3)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+    raise AssertionError(f"job {job_id} did not end in {MAX_SECONDS['job']}s")
+
+
+def _revoke_write_role(ctx: Context) -> None:
+    ctx.hub.store.orgs["hostile-writers"]["alice"] = "read"
+
+
+WHILE_QUEUED = {"revoke-write-role": _revoke_write_role}
+
+
+CHANNELS = {
+    "cli_validate": lambda e, ctx: _cli(["validate", str(_write_config(e, ctx))]),
+    "cli_run": lambda e, ctx: _cli(_run_args(e, ctx)),
+    "app_validate": lambda e, ctx: _app(ctx, e.value, api_name="/validate"),
+    "app_submit": _submit,
+    "app_share": lambda e, ctx: _app(ctx, e.value, api_name="/share"),
+    "app_load_link": lambda e, ctx: _app(ctx, e.value, api_name="/load_link"),
+    "app_job_status": lambda e, ctx: _app(ctx, e.value, api_name="/job_status"),
+    "app_job_config": lambda e, ctx: _app(ctx, e.value, api_name="/job_config"),
+    "app_cancel": lambda e, ctx: _app(ctx, e.value, api_name="/cancel"),
+}
+
+
+def _write_config(entry: HostileRequest, ctx: Context) -> Path:
+    path = ctx.tmp / "config.yaml"
+    path.write_text(entry.value)
+    return path
+
+
+# ---------------------------------------------------------------- what must hold
+def _longest_echo(message: str, value: str) -> int:
+    """Length of the longest run of `value` repeated in `message`, up to MAX_ECHO + 1."""
+    width = MAX_ECHO + 1
+    if len(value) < width:
+        return len(value) if value and value in message else 0
+    return width if any(message[i : i + width] in value for i in range(len(message) - width + 1)) else 0
+
+
+def _state(ctx: Context) -> dict[str, object]:
+    """Everything a refused request must leave as it was: files, job records, staging, Hub repos."""
+    jobs_db = ctx.data / "jobs.db"
+    jobs = 0
+    if jobs_db.exists():
+        with contextlib.closing(sqlite3.connect(jobs_db)) as conn:
+            jobs = conn.execute("select count(*) from jobs").fetchone()[0]
+    work = ctx.data / "work"
+    return {
+        "scratch": sorted((str(p), p.stat().st_size) for p in ctx.tmp.rglob("*") if p.name != "config.yaml"),
+        "fixtures": sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in FIXTURES.rglob("*")),
+        "jobs": jobs,
+        "staging": sorted(p.name for p in work.iterdir()) if work.exists() else [],
+        "hub": sorted(map(str, ctx.hub.store.repos)),
+    }
+
+
+def send_through_channels(entry: HostileRequest, ctx: Context) -> dict[str, Answer]:
+    """Send `entry` through each of its channels and check every rule for each answer.
+
+    Returns:
+        channel name -> the answer (for reports).
+    """
+    answers = {}
+    for channel in entry.routes():
+        before, peak_before = _state(ctx), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        answer = CHANNELS[channel](entry, ctx)
+        where = f"{entry.id} via {channel}"
+        assert answer.error == entry.error, f"{where}: {answer.error}: {answer.message[:300]!r}"
+        assert answer.seconds < MAX_SECONDS[answer.kind], f"{where}: {answer.seconds:.1f}s"
+        assert len(answer.message) <= MAX_MESSAGE, f"{where}: {len(answer.message)} characters"
+        assert _longest_echo(answer.message, entry.value) <= MAX_ECHO, f"{where} echoes: {answer.message[:300]!r}"
+        assert "Traceback" not in answer.message and 'File "' not in answer.message
+        after = _state(ctx)
+        if answer.kind == "job":  # the failed job's record stays, and says what happened
+            before["jobs"] = int(before["jobs"]) + 1
+        assert after == before, f"{where} left something behind"
+        assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak_before < MAX_RSS_GROWTH, where
+        answers[channel] = answer
+    return answers
+
+
+# ---------------------------------------------------------------- the tests
+@pytest.fixture(scope="module")
+def app_client(hub, tmp_path_factory):
+    from huggingface_hub import HfApi
+
+    HfApi(token=hub.token).create_repo("alice/hostile-existing", exist_ok=True)
+    hub.store.orgs["hostile-readers"] = {"alice": "read"}
+    with served_app(tmp_path_factory.mktemp("data")) as (client, _):
+        yield client
+
+
+@pytest.fixture
+def ctx(app_client, hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Context:
+    hub.store.orgs["hostile-writers"] = {"alice": "write"}  # until an entry revokes it
+    monkeypatch.chdir(ROOT)  # the configs name the fixtures relative to the repo
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("keep me")
+    from merger import constants
+
+    return Context(app_client, hub, tmp_path, constants.DATA_DIR)
+
+
+@pytest.mark.parametrize("entry", CATALOGUE, ids=[e.id for e in CATALOGUE])
+def test_hostile_request_is_refused_by_name_quickly_briefly_and_leaves_nothing(
+    entry: HostileRequest, ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if entry.requires and not hasattr(merger.errors, entry.requires):
+        pytest.skip(f"needs {entry.requires} (the bounded parser's branch)")  # its limits come first
+    if entry.space:
+        import app
+        from merger import constants
+
+        monkeypatch.setattr(constants, "ON_SPACE", True)
+        monkeypatch.setattr(app, "_token", lambda oauth_token=None: TOKEN)  # a signed-in visitor
+    send_through_channels(entry, ctx)
+
+
+def test_catalogue_is_large_ids_unique_and_channels_known() -> None:
+    assert len(CATALOGUE) >= 30
+    assert len({e.id for e in CATALOGUE}) == len(CATALOGUE)
+    assert all(set(e.routes()) <= set(CHANNELS) for e in CATALOGUE)
+    assert all(hasattr(merger.errors, e.error) or e.requires == e.error for e in CATALOGUE)
+
+
+def test_an_echo_check_that_can_fail() -> None:
+    value = "x" * 500
+    assert _longest_echo("error: `" + "x" * 100 + "…`", value) <= MAX_ECHO
+    assert _longest_echo("error: `" + "x" * 300 + "`", value) > MAX_ECHO
+    assert _longest_echo("model `org/a` not found", "org/a") == 5
+
+
+@pytest.mark.parametrize("entry_id", ["repo-other-user", "out-proc", "model-too-long-for-a-file-name"])
+def test_the_cli_process_prints_one_line(entry_id: str, hub, tmp_path: Path) -> None:
+    entry = next(e for e in CATALOGUE if e.id == entry_id)
+    (tmp_path / "file").write_text("not a folder")
+    ctx = Context(None, hub, tmp_path, tmp_path / "data")
+    args = _run_args(entry, ctx)
+    env = {**__import__("os").environ, "HF_TOKEN": TOKEN}
+    done = subprocess.run([sys.executable, "-m", "merger", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"error: {entry.error}: "), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()

@@ -1,4 +1,4 @@
-"""Command line: `python -m merger run CONFIG OUT` and `python -m merger validate CONFIG`."""
+"""Command line: `python -m merger run CONFIG OUT`, `validate CONFIG`, `eval MODEL...` and `suggest BASE FT...`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import MergerError
+from .evaluate.cli import add_commands, add_eval_flags, merge_evaluator, run_eval, run_report, run_suggest
 from .parse import read_config_file
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -37,8 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--private", action="store_true", help="create the pushed repo as private")
     run.add_argument("--reuse-repo", action="store_true",
                      help="push to the --push-to repo even if it exists (a new commit; its visibility is kept)")
+    run.add_argument("--eval", action="store_true", help="evaluate the merge against its parents before it is moved "
+                     "into place (table printed and written into the card); see `eval` for the flags below")
+    add_eval_flags(run)
     validate = commands.add_parser("validate", help="check CONFIG against the models' metadata, without downloading weights")
     validate.add_argument("config", type=Path)
+    validate.add_argument("--report", action="store_true", help="also read the weights (streaming) and report task "
+                          "vector norms, cosines and sign conflicts per layer, with warnings")
+    add_commands(commands)
     return parser
 
 
@@ -71,9 +78,10 @@ def _run(args: argparse.Namespace) -> None:
         bars[0].set_postfix_str(name, refresh=False)
         bars[0].refresh()
 
+    evaluate = merge_evaluator(args, token, args.push_to or args.out.name) if args.eval else None
     try:
         result = run_merge(text, args.out, device=args.device, token=token, shard_size=args.shard_size,
-                           title=args.push_to or None, seed=args.random_seed, progress=progress)
+                           title=args.push_to or None, seed=args.random_seed, progress=progress, evaluate=evaluate)
     finally:
         for bar in bars:
             bar.close()
@@ -95,6 +103,8 @@ def _validate(args: argparse.Namespace) -> None:
     print(f"OK: {report.summary()}")
     print(f"layers: {report.num_layers}")
     print(f"parameters: {report.parameter_count}")
+    if args.report:
+        run_report(read_config_file(args.config), get_token())
 
 
 class _TqdmHandler(logging.Handler):
@@ -114,9 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     logger.addHandler(handler)
     logger.propagate = False  # for this call only: warnings print once, above the bar
     try:
-        if not args.config.is_file():
+        if args.command in ("run", "validate") and not args.config.is_file():
             raise MergerError(f"config file `{args.config}` does not exist")
-        (_run if args.command == "run" else _validate)(args)
+        if args.command in ("eval", "suggest"):
+            from huggingface_hub import get_token
+
+            (run_eval if args.command == "eval" else run_suggest)(args, get_token())
+        else:
+            (_run if args.command == "run" else _validate)(args)
     except MergerError as err:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)  # the class name: a stable label for scripts
         return 2

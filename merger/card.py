@@ -41,6 +41,7 @@ def render_model_card(
     mention_base: bool = True,
     remote_code: bool = False,
     multimodal: bool = False,
+    evaluation: str | None = None,
 ) -> str:
     """Render the README.md of a merged model.
 
@@ -61,6 +62,8 @@ def render_model_card(
             takes `trust_remote_code=True`; the card says so and the usage snippet passes it.
         multimodal (`bool`, *optional*): the model reads images too (a `text_config` / `vision_config`);
             the usage snippet loads it with `AutoModelForImageTextToText` and its processor.
+        evaluation (`str`, *optional*): markdown of the merge's evaluation against its parents (the
+            table of :meth:`merger.evaluate.score.EvalResult.table`), shown in an Evaluation section.
 
     Returns:
         `str`: the card, YAML front matter included.
@@ -93,6 +96,7 @@ def render_model_card(
         moe=moe,
         remote_code=remote_code,
         multimodal=multimodal,
+        evaluation=evaluation.rstrip("\n") if evaluation else None,
     )
     return str(card)
 

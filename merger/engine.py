@@ -89,6 +89,7 @@ def run_merge(
     seed: int | None = None,
     progress: Progress | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    evaluate: Callable[[Path, dict[str, Path]], str] | None = None,
 ) -> MergeResult:
     """Merge the models of a YAML config into `out_dir` (a complete Hugging Face model folder).
 
@@ -106,6 +107,9 @@ def run_merge(
         seed: seed of DARE/DELLA masks and random gates; overrides the config's `seed` (default 0).
         progress: called after each tensor with (fraction done 0–1, tensor name).
         should_cancel: polled before each tensor; True stops the run with :class:`MergeCancelled`.
+        evaluate: called with the finished (staged) output folder and the input folders (key -> folder)
+            before the output is moved into place; the markdown it returns goes into the card's
+            Evaluation section (see :mod:`merger.evaluate`).
 
     Returns:
         A :class:`MergeResult`.
@@ -140,6 +144,8 @@ def run_merge(
         staging.mkdir()
         execute_plan(plan, dirs, staging, pick_device(device), shard_size, progress, should_cancel)
         _write_files(plan, dirs, staging, config_text, metadata, title or out_dir.name)
+        if evaluate is not None:  # the staged folder is a complete model: score it, then card the table
+            _write_card(plan, dirs, staging, config_text, metadata, title or out_dir.name, evaluate(staging, dirs))
         _replace_dir(staging, out_dir)
     except OSError as err:
         if isinstance(err, MergerError):
@@ -231,6 +237,12 @@ def _write_files(
         if not (staging / name).exists():  # a re-saved tokenizer keeps its own files
             shutil.copyfile(source, staging / name)
     (staging / MERGE_CONFIG_FILE).write_text(config_text)
+    _write_card(plan, dirs, staging, config_text, metadata, title)
+
+
+def _write_card(plan: MergePlan, dirs: dict[str, Path], staging: Path, config_text: str, metadata: dict, title: str,
+                evaluation: str | None = None) -> None:
+    tokenizer_dir = dirs[plan.tokenizer_donor]
     card = render_model_card(
         title=title,
         yaml_text=config_text,
@@ -243,6 +255,7 @@ def _write_files(
         mention_base=plan.method_name != "slerp",
         remote_code=needs_remote_code(plan.output_config, tokenizer_dir),
         multimodal=is_multimodal(plan.output_config),
+        evaluation=evaluation,
     )
     (staging / CARD_FILE).write_text(card)
 

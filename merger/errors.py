@@ -249,3 +249,18 @@ class DiskSpaceError(OutputWriteError):
 
 class ValidationTimeoutError(MergerError, TimeoutError):
     """Checking a config against the models' metadata took longer than its limit (`MERGER_VALIDATION_TIMEOUT_S`)."""
+
+
+# ---------------------------------------------------------------- evaluation, weight report, suggestion (issue 13)
+
+
+class EvalTextError(MergerError, ValueError):
+    """An evaluation text cannot be used: missing, too large, not UTF-8, empty, or a dataset split not found."""
+
+
+class EvalModelError(MergerError, ValueError):
+    """A model cannot be evaluated: not a model folder, or it does not load with transformers."""
+
+
+class SearchError(MergerError, ValueError):
+    """A merge cannot be suggested for these models: wrong count, different shapes, or over the memory bound."""

@@ -1,0 +1,160 @@
+"""The command line of `merger.evaluate`: `eval`, `suggest`, `run --eval` and `validate --report`.
+
+`merger/__main__.py` adds these subcommands and flags with :func:`add_commands` and calls the handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable
+
+from merger.errors import EvalModelError, excerpt
+from merger.evaluate.score import DEFAULT_PROMPTS, EvalBudget, EvalResult, evaluate_models
+from merger.evaluate.text import EvalText, dataset_texts, default_texts, read_text_file
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Add the `eval` and `suggest` subcommands."""
+    evaluate = commands.add_parser("eval", help="bits per token of models on evaluation text, KL from a merge, greedy answers")
+    evaluate.add_argument("models", nargs="+", metavar="MODEL", help="model folders or Hub ids")
+    evaluate.add_argument("--merge", metavar="MODEL", help="the merge: KL of its next-token distribution from each MODEL's")
+    add_eval_flags(evaluate)
+    suggest = commands.add_parser("suggest", help="search a merge of 2-3 fine-tunes of BASE; prints mergekit YAML")
+    suggest.add_argument("base", metavar="BASE", help="the base model (folder or Hub id)")
+    suggest.add_argument("fine_tunes", nargs="+", metavar="FT", help="two or three fine-tunes of BASE")
+    suggest.add_argument("--search-text", type=Path, action="append", metavar="FILE",
+                         help="text the candidates are scored on (repeatable; default: the shipped eval set)")
+    suggest.add_argument("--text", type=Path, action="append", metavar="FILE",
+                         help="text that judges the suggestion at the end (repeatable; must differ from the search text)")
+    suggest.add_argument("--budget-candidates", type=int, default=24, metavar="N", help="candidates merged and scored at most")
+    suggest.add_argument("--budget-minutes", type=float, default=10.0, metavar="M", help="minutes of search at most")
+    suggest.add_argument("--max-tokens", type=int, default=2048, help="tokens per search text (default 2048)")
+    suggest.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    suggest.add_argument("--seed", type=int, default=0, help="seed of DARE masks (written into the YAML)")
+
+
+def add_eval_flags(parser: argparse.ArgumentParser) -> None:
+    """The text and budget flags shared by `eval` and `run --eval`."""
+    texts = parser.add_mutually_exclusive_group()
+    texts.add_argument("--text", type=Path, action="append", metavar="FILE", help="a UTF-8 text file to score on (repeatable)")
+    texts.add_argument("--dataset", metavar="ID:SPLIT", help="a Hub dataset split (its .txt/.jsonl files)")
+    parser.add_argument("--max-tokens", type=int, default=4096, help="tokens scored per text and model (default 4096)")
+    parser.add_argument("--max-minutes", type=float, default=10.0, help="minutes of evaluation at most (default 10)")
+    parser.add_argument("--prompt", action="append", help="a prompt answered greedily (repeatable; default: three)")
+    if not any(a.dest == "device" for a in parser._actions):
+        parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+
+
+def texts_of(args: argparse.Namespace, token: str | None) -> list[EvalText]:
+    """The evaluation texts the flags name (default: the shipped set)."""
+    if getattr(args, "dataset", None):
+        return dataset_texts(args.dataset, token)
+    if args.text:
+        return [read_text_file(path) for path in args.text]
+    return default_texts()
+
+
+def budget_of(args: argparse.Namespace) -> EvalBudget:
+    """The :class:`EvalBudget` the flags set."""
+    if args.max_tokens < 1 or args.max_minutes <= 0:
+        raise EvalModelError("`--max-tokens` and `--max-minutes` must be positive")
+    return EvalBudget(tokens_per_text=args.max_tokens, seconds=60 * args.max_minutes)
+
+
+def model_folder(reference: str, token: str | None) -> Path:
+    """A local folder for a model folder or Hub id (downloaded: safetensors, configs, tokenizer)."""
+    from merger.config import ModelReference
+    from merger.resolve import materialize
+
+    if Path(reference).is_dir():
+        return Path(reference)
+    try:
+        ref = ModelReference.parse(reference)
+    except ValueError as err:
+        raise EvalModelError(f"`{excerpt(reference)}`: {err}") from None
+    return materialize([ref], token)[ref.key]
+
+
+def progress_bar() -> tuple[Callable[[float, str], None], Callable[[], None]]:
+    """A tqdm bar in percent: (update(fraction, what), close)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {elapsed}<{remaining} {postfix}")
+
+    def update(fraction: float, what: str) -> None:
+        bar.n = round(100 * fraction, 2)
+        bar.set_postfix_str(what, refresh=False)
+        bar.refresh()
+
+    return update, bar.close
+
+
+def run_eval(args: argparse.Namespace, token: str | None) -> EvalResult:
+    """`python -m merger eval`: evaluate, print the table and the generations."""
+    from merger.engine import pick_device
+
+    names = list(dict.fromkeys(([args.merge] if args.merge else []) + args.models))
+    texts, budget, device = texts_of(args, token), budget_of(args), pick_device(args.device)
+    models = [(name, model_folder(name, token)) for name in names]
+    update, close = progress_bar()
+    try:
+        result = evaluate_models(models, texts, merge=args.merge, prompts=tuple(args.prompt or DEFAULT_PROMPTS),
+                                 budget=budget, device=device, progress=update)
+    finally:
+        close()
+    print(result.table())
+    print()
+    print(result.generations())
+    print(f"\n{sum(sum(r.tokens.values()) for r in result.rows):,} tokens scored in {result.seconds:.1f}s")
+    return result
+
+
+def merge_evaluator(args: argparse.Namespace, token: str | None, label: str) -> Callable[[Path, dict[str, Path]], str]:
+    """For `run --eval`: a callback of :func:`merger.engine.run_merge` that evaluates the staged merge
+    (named `label`) against its parents, prints the table and returns it for the card."""
+    from merger.engine import pick_device
+
+    texts, budget, device = texts_of(args, token), budget_of(args), pick_device(args.device)
+
+    def evaluate(merged: Path, parents: dict[str, Path]) -> str:
+        models = [(label, merged)] + [(key, folder) for key, folder in parents.items() if key != label]
+        update, close = progress_bar()
+        try:
+            result = evaluate_models(models, texts, merge=label, prompts=tuple(args.prompt or DEFAULT_PROMPTS),
+                                     budget=budget, device=device, progress=update)
+        finally:
+            close()
+        print(result.table())
+        print()
+        print(result.generations())
+        return result.table()
+
+    return evaluate
+
+
+def run_report(config_text: str, token: str | None) -> None:
+    """`python -m merger validate CONFIG --report`: print the weight report of the config's models."""
+    from merger.evaluate.report import report_for_config
+
+    print()
+    print(report_for_config(config_text, token).text())
+
+
+def run_suggest(args: argparse.Namespace, token: str | None) -> None:
+    """`python -m merger suggest`: search a merge, print each candidate's score and the best as YAML."""
+    from merger.engine import pick_device
+    from merger.evaluate.search import SearchBudget, suggest_merge
+
+    search = [read_text_file(p) for p in args.search_text] if args.search_text else default_texts()
+    judge = [read_text_file(p) for p in args.text] if args.text else None
+    folders = {name: model_folder(name, token) for name in [args.base, *args.fine_tunes]}
+    budget = SearchBudget(candidates=args.budget_candidates, seconds=60 * args.budget_minutes,
+                          tokens_per_text=args.max_tokens)
+    suggestion = suggest_merge(args.base, args.fine_tunes, folders, search, judge_texts=judge, budget=budget,
+                               device=pick_device(args.device), seed=args.seed,
+                               on_candidate=lambda scored: print(scored.line(), flush=True))
+    print()
+    print(suggestion.summary())
+    print()
+    print(suggestion.yaml, end="")

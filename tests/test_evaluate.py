@@ -1,0 +1,155 @@
+"""Evaluation (issue 13): bits/token, KL from a merge, greedy answers, budgets, texts, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import bits_per_token
+from merger.__main__ import main
+from merger.errors import EvalTextError
+from merger.evaluate.score import EvalBudget, evaluate_models
+from merger.evaluate.text import EvalText, dataset_texts, default_texts, read_text_file
+
+FIXTURES = Path(__file__).parent / "data" / "fixtures"
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The fixture models are tiny: one thread is fastest, and the test machine's cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _slice(name: str, chars: int) -> str:
+    return (FIXTURES / f"{name}_eval.txt").read_text(encoding="utf-8")[:chars]
+
+
+def _log_probs(folder: Path, text: str) -> torch.Tensor:
+    """float64 log-softmax `(positions, vocab)` of one window (BOS + text), by a plain forward."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = [tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].double(), dim=-1)
+
+
+def test_bits_per_token_reproduce_an_independent_forward() -> None:
+    texts = [EvalText("prose", _slice("prose", 3000)), EvalText("code", _slice("code", 3000))]  # > 1 window each
+    models = [(name, FIXTURES / name) for name in ("llama-base", "llama-prose", "qwen2-code")]
+    result = evaluate_models(models, texts, prompts=(), budget=EvalBudget(tokens_per_text=10**6))
+    for row, (_, folder) in zip(result.rows, models):
+        assert row.complete
+        for text in texts:
+            assert row.bits_per_token[text.name] == pytest.approx(bits_per_token(folder, text.text), abs=1e-4)
+            assert row.tokens[text.name] > 255  # several windows were scored
+    # the prose fine-tune wins on prose, the base loses to it there: the numbers are the models'
+    assert result.rows[1].bits_per_token["prose"] < result.rows[0].bits_per_token["prose"]
+
+
+def test_kl_from_the_merge_matches_a_hand_computation_within_the_cache_budget() -> None:
+    text = _slice("prose", 600)
+    merge, parent = FIXTURES / "mistral-prose", FIXTURES / "mistral-code"
+    p, q = _log_probs(merge, text), _log_probs(parent, text)
+    kl_per_position = (p.exp() * (p - q)).sum(-1) / math.log(2)  # KL(merge ‖ parent), bits
+    positions = 40
+    budget = EvalBudget(tokens_per_text=10**6, kl_cache_bytes=positions * p.shape[1] * 2)  # float16 rows
+    result = evaluate_models([("parent", parent), ("merge", merge), ("same", merge)], [EvalText("prose", text)],
+                             merge="merge", prompts=(), budget=budget)
+    parent_row, merge_row, same_row = result.rows
+    assert parent_row.kl_bits["prose"] == pytest.approx(float(kl_per_position[:positions].mean()), rel=5e-3)
+    assert abs(same_row.kl_bits["prose"]) < 1e-3  # the merge against itself: only float16 rounding
+    assert merge_row.kl_bits == {}
+    assert "| merge |" in result.table() and "KL(prose)" in result.table()
+
+
+def test_greedy_answers_are_the_models_own_and_budgets_hold() -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = FIXTURES / "llama-code"
+    budget = EvalBudget(tokens_per_text=100, new_tokens=12)
+    result = evaluate_models([("code", folder)], [EvalText("code", _slice("code", 5000))], prompts=("def ",),
+                             budget=budget)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    inputs = tokenizer("def ", return_tensors="pt")
+    expected = tokenizer.decode(model.generate(**inputs, max_new_tokens=12, do_sample=False)[0, inputs["input_ids"].shape[1]:],
+                                skip_special_tokens=True)
+    assert result.rows[0].generations == [expected]
+    assert result.rows[0].tokens == {"code": 100}
+    late = evaluate_models([("code", folder)], [EvalText("code", "def f(): pass")], budget=EvalBudget(seconds=0))
+    assert not late.rows[0].complete and "time budget ran out" in late.table()
+
+
+def test_texts_default_set_files_and_refusals(tmp_path: Path) -> None:
+    assert [t.name for t in default_texts()] == ["prose", "code", "chat"]
+    assert all(len(t.text) > 3000 for t in default_texts())
+    assert read_text_file(FIXTURES / "prose_train.txt.gz").name == "prose_train"
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(EvalTextError, match="not UTF-8"):
+        read_text_file(tmp_path / "bad.txt")
+    with pytest.raises(EvalTextError, match="is not a file"):
+        read_text_file(tmp_path / "missing.txt")
+    with pytest.raises(EvalTextError, match="ID:SPLIT"):
+        dataset_texts("no-split")
+
+
+def test_dataset_split_from_the_hub(hub, tmp_path: Path) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=hub.url, token=hub.token)
+    api.create_repo("alice/notes", repo_type="dataset")
+    rows = [{"text": "first note"}, {"text": "second note"}, {"other": 1}]
+    (tmp_path / "test.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "train.txt").write_text("not this split")
+    api.upload_folder(folder_path=tmp_path, repo_id="alice/notes", repo_type="dataset")
+    (text,) = dataset_texts("alice/notes:test", hub.token)
+    assert text.name == "test" and text.text == "first note\nsecond note"
+    with pytest.raises(EvalTextError, match="no `.txt`"):
+        dataset_texts("alice/notes:validation", hub.token)
+
+
+def test_cli_eval_prints_the_table(capsys, tmp_path: Path) -> None:
+    text = tmp_path / "snippet.txt"
+    text.write_text(_slice("code", 2000))
+    code = main(["eval", str(FIXTURES / "qwen2-base"), "--merge", str(FIXTURES / "qwen2-code"), "--text", str(text),
+                 "--max-tokens", "200", "--device", "cpu", "--prompt", "def "])
+    out = capsys.readouterr().out
+    assert code == 0 and "| model | snippet bits/tok | mean bits/tok | KL(snippet) bits/tok |" in out
+    assert out.count("qwen2-") >= 4 and "Prompt 1: `'def '`" in out
+
+
+def test_run_eval_puts_the_table_into_the_card(capsys, tmp_path: Path) -> None:
+    config = tmp_path / "slerp.yml"
+    config.write_text((ROOT / "templates/examples/fixture-slerp.yaml").read_text()
+                      .replace("tests/data/fixtures", str(FIXTURES)))
+    text = tmp_path / "code.txt"
+    text.write_text(_slice("code", 1500))
+    code = main(["run", str(config), str(tmp_path / "out"), "--device", "cpu", "--eval", "--text", str(text),
+                 "--max-tokens", "150", "--prompt", "The "])
+    out = capsys.readouterr().out
+    assert code == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    table = card.split("## Evaluation")[1].split("## Usage")[0]
+    assert "| out | " in table and "mistral-prose" in table and "mistral-code" in table and table.strip()[-1] == "|"
+    assert table.strip().splitlines()[-3] in out  # the printed table is the card's
+    merged_bits = float(table.split("| out | ")[1].split(" |")[0])
+    assert merged_bits == pytest.approx(bits_per_token(tmp_path / "out", _tokens_text(text)), abs=1e-4)
+
+
+def _tokens_text(path: Path) -> str:
+    """The part of a file the 150-token budget scores (the tokenizer is the fixtures' bpe4k)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "mistral-prose")
+    ids = tokenizer(path.read_text(), add_special_tokens=False)["input_ids"][:150]
+    return tokenizer.decode(ids)

@@ -9,9 +9,9 @@ import argparse
 from pathlib import Path
 from typing import Callable
 
-from merger.errors import EvalModelError, excerpt
+from merger.errors import EvalModelError, SearchError, excerpt
 from merger.evaluate.score import DEFAULT_PROMPTS, EvalBudget, EvalResult, evaluate_models
-from merger.evaluate.text import EvalText, dataset_texts, default_texts, read_text_file
+from merger.evaluate.text import EvalText, dataset_texts, default_texts, read_text_file, split_in_halves
 
 
 def add_commands(commands: argparse._SubParsersAction) -> None:
@@ -24,9 +24,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     suggest.add_argument("base", metavar="BASE", help="the base model (folder or Hub id)")
     suggest.add_argument("fine_tunes", nargs="+", metavar="FT", help="two or three fine-tunes of BASE")
     suggest.add_argument("--search-text", type=Path, action="append", metavar="FILE",
-                         help="text the candidates are scored on (repeatable; default: the shipped eval set)")
+                         help="text the candidates are scored on (repeatable; default: the first half of each shipped text)")
     suggest.add_argument("--text", type=Path, action="append", metavar="FILE",
-                         help="text that judges the suggestion at the end (repeatable; must differ from the search text)")
+                         help="text that judges the suggestion at the end (repeatable; must differ from the search "
+                         "text; default: the second half of each shipped text)")
     suggest.add_argument("--budget-candidates", type=int, default=24, metavar="N", help="candidates merged and scored at most")
     suggest.add_argument("--budget-minutes", type=float, default=10.0, metavar="M", help="minutes of search at most")
     suggest.add_argument("--max-tokens", type=int, default=2048, help="tokens per search text (default 2048)")
@@ -146,9 +147,12 @@ def run_suggest(args: argparse.Namespace, token: str | None) -> None:
     from merger.engine import pick_device
     from merger.evaluate.search import SearchBudget, suggest_merge
 
-    search = [read_text_file(p) for p in args.search_text] if args.search_text else default_texts()
-    judge = [read_text_file(p) for p in args.text] if args.text else None
+    search, judge = split_in_halves(default_texts())  # by default: halves of the shipped set
+    search = [read_text_file(p) for p in args.search_text] if args.search_text else search
+    judge = [read_text_file(p) for p in args.text] if args.text else judge
     folders = {name: model_folder(name, token) for name in [args.base, *args.fine_tunes]}
+    if args.budget_candidates < 1 or args.budget_minutes <= 0 or args.max_tokens < 1:
+        raise SearchError("`--budget-candidates`, `--budget-minutes` and `--max-tokens` must be positive")
     budget = SearchBudget(candidates=args.budget_candidates, seconds=60 * args.budget_minutes,
                           tokens_per_text=args.max_tokens)
     suggestion = suggest_merge(args.base, args.fine_tunes, folders, search, judge_texts=judge, budget=budget,

@@ -44,12 +44,14 @@ class SearchBudget:
         candidates: candidates merged and scored at most (the grid counts).
         seconds: wall time of the search at most (checked before each candidate).
         tokens_per_text: tokens of each search text scored per candidate.
+        judge_tokens_per_text: tokens of each judging text scored per judged model.
         max_bytes: float32 memory the search may hold (see the module's docstring).
     """
 
     candidates: int = 24
     seconds: float = 600.0
     tokens_per_text: int = 2048
+    judge_tokens_per_text: int = 8192
     max_bytes: int = 16 * 2**30
 
 
@@ -175,8 +177,8 @@ class _Models:
                     raise SearchError(f"`{folder.name}` does not match the base at tensor `{name}`; "
                                       "suggest needs fine-tunes of one base (same architecture and shapes)")
 
-    def tokens(self, texts: list[EvalText]) -> list[list[int]]:
-        return [token_ids(self.tokenizer, t.text, self.budget.tokens_per_text) for t in texts]
+    def tokens(self, texts: list[EvalText], limit: int) -> list[list[int]]:
+        return [token_ids(self.tokenizer, t.text, limit) for t in texts]
 
     def merged(self, candidate: Candidate) -> dict[str, torch.Tensor]:
         """The candidate's merge, tensor by tensor, with the registry's method function."""
@@ -207,7 +209,7 @@ class _Models:
         if result.unexpected_keys or set(result.missing_keys) - tied:
             raise SearchError(f"the merged weights do not fit the model: missing {result.missing_keys[:3]}, "
                               f"unexpected {result.unexpected_keys[:3]}")
-        budget = EvalBudget(tokens_per_text=self.budget.tokens_per_text)
+        budget = EvalBudget(tokens_per_text=max(len(text) for text in ids))
         return sum(bits_per_token(self.model, text, self.bos, budget, self.device) for text in ids) / len(ids)
 
 
@@ -261,7 +263,7 @@ def suggest_merge(
         raise SearchError("the judging text is also a search text; judge on text the search did not see")
     started = time.monotonic()
     models = _Models([folders[base]] + [folders[f] for f in fine_tunes], device, budget, seed)
-    search_ids = models.tokens(search_texts)
+    search_ids = models.tokens(search_texts, budget.tokens_per_text)
     tried: list[Scored] = []
 
     def attempt(candidate: Candidate) -> Scored | None:
@@ -304,7 +306,7 @@ def _refine(best: Scored, attempt: Callable[[Candidate], Scored | None]) -> None
 
 def _judge(models: _Models, best: Candidate, base: str, fine_tunes: list[str],
            texts: list[EvalText]) -> dict[str, float]:
-    ids = models.tokens(texts)
+    ids = models.tokens(texts, models.budget.judge_tokens_per_text)
     judged = {name: models.score(state, ids) for name, state in zip([base, *fine_tunes], models.states)}
     judged["naive 50/50" if len(fine_tunes) == 2 else "naive average"] = models.score(models.linear(), ids)
     judged["suggested"] = models.score(models.merged(best), ids)

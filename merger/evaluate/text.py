@@ -37,6 +37,27 @@ def default_texts() -> list[EvalText]:
     return [EvalText(name, (DATA_DIR / f"{name}.txt").read_text(encoding="utf-8")) for name in DEFAULT_TEXTS]
 
 
+def split_in_halves(texts: list[EvalText]) -> tuple[list[EvalText], list[EvalText]]:
+    """Each text cut in two at the document end (`</s>`, else the line end) nearest its middle: the first
+    halves are a search split, the second halves a judging split the search never sees."""
+    first, second = [], []
+    for text in texts:
+        middle = len(text.text) // 2
+        ends = [i + len(end) for end in ("</s>", "\n") for i in _positions(text.text, end)]
+        cut = min(ends, key=lambda i: abs(i - middle)) if ends else middle
+        first.append(EvalText(text.name, text.text[:cut]))
+        second.append(EvalText(text.name, text.text[cut:]))
+    return first, second
+
+
+def _positions(text: str, needle: str) -> list[int]:
+    out, at = [], text.find(needle)
+    while at >= 0:
+        out.append(at)
+        at = text.find(needle, at + 1)
+    return out
+
+
 def read_text_file(path: Path, name: str | None = None) -> EvalText:
     """A text file (`.gz` is decompressed) as an :class:`EvalText` named by its stem.
 

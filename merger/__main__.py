@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="push to the --push-to repo even if it exists (a new commit; its visibility is kept)")
     run.add_argument("--eval", action="store_true", help="evaluate the merge against its parents before it is moved "
                      "into place (table printed and written into the card); see `eval` for the flags below")
-    add_eval_flags(run)
+    add_eval_flags(run, device=False)  # `run --device` serves both
     validate = commands.add_parser("validate", help="check CONFIG against the models' metadata, without downloading weights")
     validate.add_argument("config", type=Path)
     validate.add_argument("--report", action="store_true", help="also read the weights (streaming) and report task "

@@ -35,15 +35,15 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     suggest.add_argument("--seed", type=int, default=0, help="seed of DARE masks (written into the YAML)")
 
 
-def add_eval_flags(parser: argparse.ArgumentParser) -> None:
-    """The text and budget flags shared by `eval` and `run --eval`."""
+def add_eval_flags(parser: argparse.ArgumentParser, device: bool = True) -> None:
+    """The text and budget flags shared by `eval` and `run --eval` (`device`: also add `--device`)."""
     texts = parser.add_mutually_exclusive_group()
     texts.add_argument("--text", type=Path, action="append", metavar="FILE", help="a UTF-8 text file to score on (repeatable)")
     texts.add_argument("--dataset", metavar="ID:SPLIT", help="a Hub dataset split (its .txt/.jsonl files)")
     parser.add_argument("--max-tokens", type=int, default=4096, help="tokens scored per text and model (default 4096)")
     parser.add_argument("--max-minutes", type=float, default=10.0, help="minutes of evaluation at most (default 10)")
     parser.add_argument("--prompt", action="append", help="a prompt answered greedily (repeatable; default: three)")
-    if not any(a.dest == "device" for a in parser._actions):
+    if device:
         parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
 
 

@@ -133,7 +133,9 @@ def load_causal_lm(path: Path, device: torch.device):
         EvalModelError: not a folder with config.json, or transformers cannot load it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # one bar, ours: per-tensor loading bars would break it
     path = Path(path)
     if not (path / "config.json").is_file():
         raise EvalModelError(f"`{excerpt(str(path))}` is not a model folder (no config.json); give a local model folder")

@@ -153,3 +153,17 @@ def _tokens_text(path: Path) -> str:
     tokenizer = AutoTokenizer.from_pretrained(FIXTURES / "mistral-prose")
     ids = tokenizer(path.read_text(), add_special_tokens=False)["input_ids"][:150]
     return tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["eval", "./no-such-model"], ["ModelNotFoundError", "no-such-model"]),
+    (["eval", str(FIXTURES / "llama-base"), "--dataset", "nosplit"], ["EvalTextError", "ID:SPLIT"]),
+    (["eval", str(FIXTURES / "llama-base"), "--max-tokens", "0"], ["--max-tokens", "positive"]),
+    (["suggest", str(FIXTURES / "llama-base"), str(FIXTURES / "llama-prose")], ["SearchError", "two or three"]),
+])
+def test_cli_mistakes_are_one_line_errors(capsys, argv: list[str], words: list[str]) -> None:
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    for word in words:
+        assert word in err

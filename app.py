@@ -54,7 +54,7 @@ from merger.form import (
     local_paths,
     parse_yaml,
 )
-from merger.links import MAX_PAYLOAD_CHARS, MAX_YAML_BYTES, QUERY_KEY, decode_config, share_url
+from merger.links import QUERY_KEY, decode_config, share_url
 
 logger = logging.getLogger(__name__)
 
@@ -303,19 +303,7 @@ def api_cancel(job_id: str, oauth_token: gr.OAuthToken | None = None) -> bool:
 def api_share(yaml_text: str, request: gr.Request) -> str:
     """A link that reopens the app with this config filled in (it carries the YAML only, never a token)."""
     with _user_errors():
-        _check_share_size(len(yaml_text or ""), "config", MAX_YAML_BYTES)  # before the token scan and zlib
-        link = share_url(_app_url(request), yaml_text)
-        _check_share_size(len(link.rpartition(f"{QUERY_KEY}=")[2]), "link payload", MAX_PAYLOAD_CHARS)
-        return link
-
-
-def _check_share_size(size: int, what: str, limit: int) -> None:
-    """A link must reopen: refuse a config whose link /load_link would refuse as too large."""
-    if size > limit:
-        raise ConfigError(
-            f"this config is too large to share as a link (its {what} is {size:,} characters, at most {limit:,}); "
-            "share the YAML file itself instead"
-        )
+        return share_url(_app_url(request), yaml_text or "")  # refused if /load_link would refuse the link
 
 
 def api_load_link(payload: str) -> str:

@@ -217,10 +217,27 @@ def _checked_text(text: str | bytes, limits: Limits) -> str:
                                "remove it") from None
     if size > limits.max_bytes:
         raise ConfigTooLargeError(_too_large(size, limits))
-    if TOKEN_PATTERN.search(text):
-        line = text.count("\n", 0, TOKEN_PATTERN.search(text).start()) + 1
-        raise TokenInConfigError(_TOKEN_MESSAGE.format(where=f" on line {line}"))
+    refuse_tokens(text)
     return text
+
+
+def refuse_tokens(text: str, secret: str | None = None) -> None:
+    """Refuse text holding anything shaped like a Hub token, or `secret` itself (comments included).
+
+    The one token check for config text: the parser, the job queue and share links all call it.
+
+    Args:
+        text: the config YAML.
+        secret: a token known to the caller (e.g. the submitter's), refused even if not token-shaped.
+
+    Raises:
+        TokenInConfigError: naming the line, never the token.
+    """
+    found = TOKEN_PATTERN.search(text)
+    start = found.start() if found else (text.find(secret) if secret else -1)
+    if start >= 0:
+        line = text.count("\n", 0, start) + 1
+        raise TokenInConfigError(_TOKEN_MESSAGE.format(where=f" on line {line}"))
 
 
 def _too_large(size: int, limits: Limits) -> str:

@@ -166,7 +166,7 @@ def _queue() -> _Queue:
     path = Path(constants.QUEUE_DB)
     with _queues_lock:
         if path not in _queues:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            jobs.create_private_file(path)
             huey = SqliteHuey("merger", filename=str(path), results=False)
             _queues[path] = _Queue(huey, huey.task(name="merge")(_run_job))
         return _queues[path]

@@ -130,9 +130,9 @@ LINKS = [
     HostileRequest("link-yaml-bomb", "share link", "payload", pack(BILLION_LAUGHS), "YamlAliasError", requires="YamlAliasError"),
     HostileRequest("link-deep-nesting", "share link", "payload", pack("a: " + "[" * 20_000), "NestingTooDeepError",
                    requires="NestingTooDeepError"),
-    HostileRequest("share-oversized", "share link", "config", "# " + "x" * 2_000_000 + "\n", "ConfigError",
+    HostileRequest("share-oversized", "share link", "config", "# " + "x" * 2_000_000 + "\n", "ConfigTooLargeError",
                    channels=("app_share",)),
-    HostileRequest("share-link-too-long", "share link", "config", _noise(500_000), "ConfigError", channels=("app_share",)),
+    HostileRequest("share-link-too-long", "share link", "config", _noise(150_000), "ConfigError", channels=("app_share",)),
 ]
 
 REPOS = [

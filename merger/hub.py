@@ -410,6 +410,8 @@ def _remote_header(api: HfApi, info: ModelInfo, filename: str, where: str) -> di
 
     def byte_range(first: int, last: int) -> bytes:
         response = get_session().get(url, headers={**headers, "range": f"bytes={first}-{last}"}, timeout=HUB_TIMEOUT)
+        if response.status_code == 416:  # Range Not Satisfiable: the file ends before `first` (a 0-byte file)
+            return b""
         hf_raise_for_status(response)
         return response.content
 

@@ -487,3 +487,15 @@ def test_broken_hub_model_gets_its_named_error_at_validate(case_id: str, hub, go
     with pytest.raises(case.error) as caught:
         validate_config(linear_config(good_hub_model, repo), token=hub.token)
     assert type(caught.value) is case.error and repo in str(caught.value)
+
+
+def test_a_zero_byte_hub_file_is_truncated_weights_not_an_http_error(hub, good_hub_model: str, tmp_path: Path) -> None:
+    from huggingface_hub import get_session, hf_hub_url
+
+    folder = write_model(tmp_path / "empty")
+    truncate(folder, 0)
+    repo = hub.upload_model(folder, "alice/zero-byte-weights")
+    answer = get_session().get(hf_hub_url(repo, "model.safetensors"), headers={"range": "bytes=0-99"})
+    assert answer.status_code == 416  # as the Hub answers a range of an empty file
+    with pytest.raises(TruncatedWeightsError, match="alice/zero-byte-weights"):
+        validate_config(linear_config(good_hub_model, repo), token=hub.token)

@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from .errors import MergerError
+from .errors import MergerError, excerpt
 from .parse import read_config_file
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -61,7 +61,7 @@ def _run(args: argparse.Namespace) -> None:
         # Before the merge: a target the user may not write to must not cost a whole merge.
         target = check_push_target(args.push_to, token, private=args.private, reuse_repo=args.reuse_repo)
         args.push_to = target.repo_id
-    text = read_config_file(args.config)
+    text = _read_config(args.config)
     bars: list[tqdm] = []  # made at the first tensor, so a config error prints no empty bar
 
     def progress(fraction: float, name: str) -> None:
@@ -91,10 +91,29 @@ def _validate(args: argparse.Namespace) -> None:
 
     from .validate import validate_config
 
-    report = validate_config(read_config_file(args.config), token=get_token())
+    report = validate_config(_read_config(args.config), token=get_token())
     print(f"OK: {report.summary()}")
     print(f"layers: {report.num_layers}")
     print(f"parameters: {report.parameter_count}")
+
+
+def _read_config(path: Path) -> str:
+    """The config file's text, read with the parser's limits.
+
+    Raises:
+        MergerError: the file does not exist, is a folder, or cannot be read (one line, the reason named).
+        ConfigError: as :func:`merger.parse.read_config_file` (too large, not UTF-8, holds a token).
+    """
+    shown = excerpt(str(path), 200)
+    if path.is_dir():
+        raise MergerError(f"config file `{shown}` is a folder; give the path of a YAML file")
+    try:
+        return read_config_file(path)
+    except FileNotFoundError:
+        raise MergerError(f"config file `{shown}` does not exist") from None
+    except OSError as err:
+        raise MergerError(f"config file `{shown}` cannot be read ({err.strerror or type(err).__name__}); "
+                          "check its permissions") from None
 
 
 class _TqdmHandler(logging.Handler):
@@ -114,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     logger.addHandler(handler)
     logger.propagate = False  # for this call only: warnings print once, above the bar
     try:
-        if not args.config.is_file():
-            raise MergerError(f"config file `{args.config}` does not exist")
+        if not args.config.is_file():  # before any other work; _read_config says why
+            _read_config(args.config)
         (_run if args.command == "run" else _validate)(args)
     except MergerError as err:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)  # the class name: a stable label for scripts

@@ -432,11 +432,9 @@ def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
-        shown = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in repo_id[:100]).replace("`", "'")
-        shown += f"… ({len(repo_id):,} characters)" if len(repo_id) > 100 else ""  # a bounded, one-line echo
         raise ConfigError(
-            f"`repo`: `{shown}` is not a valid Hub repo id; use `name` or `namespace/name` made of letters, "
-            "digits, `-`, `_` and `.` (no `--` or `..`, not starting or ending with `-` or `.`, "
+            f"`repo`: `{excerpt(repo_id, 100)}` is not a valid Hub repo id; use `name` or `namespace/name` made of "
+            "letters, digits, `-`, `_` and `.` (no `--` or `..`, not starting or ending with `-` or `.`, "
             "at most 96 characters)."
         ) from None
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from . import hub
 from .config import ModelReference
-from .errors import ModelNotFoundError
+from .errors import ModelNotFoundError, excerpt
 from .formats import check_layer_count, refuse_unmergeable_weights
 from .metadata import ModelMetadata, read_local_metadata
 from .timeouts import check_deadline
@@ -32,17 +32,10 @@ def local_path(ref: ModelReference) -> Path | None:
         hub_id = False
     if not hub_id:
         raise ModelNotFoundError(
-            f"model `{_shown(str(ref))}`: no such local directory ({_shown(str(path.resolve()))}); "
+            f"model `{excerpt(str(ref), 100)}`: no such local directory ({excerpt(str(path.resolve()), 100)}); "
             "check the path, or give a Hub id like `org/name`"
         )
     return None
-
-
-def _shown(text: str, limit: int = 100) -> str:
-    """At most `limit` characters of user input for a one-line message, control characters escaped and
-    backticks made quotes (so the value cannot end its code span); a hostile reference can be kilobytes long."""
-    shown = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[:limit]).replace("`", "'")
-    return shown if len(text) <= limit else f"{shown}… ({len(text):,} characters)"
 
 
 def fetch_metadata(refs: list[ModelReference], token: str | None) -> dict[str, ModelMetadata]:

@@ -28,7 +28,9 @@ from gradio_client.exceptions import AppError
 
 import merger.errors
 from app_harness import TOKEN, served_app
-from hostile_requests import CATALOGUE, HostileRequest
+from hostile_requests import (CATALOGUE, GOOD_HUB_MODEL, LOCAL_MODELS, LOCAL_ONLY, MODEL_BUILDERS, HostileRequest,
+                              broken_model_reference)
+from test_model_files import write_model
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "data" / "fixtures"
@@ -214,12 +216,28 @@ def send_through_channels(entry: HostileRequest, ctx: Context) -> dict[str, Answ
 # ---------------------------------------------------------------- the tests
 @pytest.fixture(scope="module")
 def app_client(hub, tmp_path_factory):
+    import shutil
+
     from huggingface_hub import HfApi
 
     HfApi(token=hub.token).create_repo("alice/hostile-existing", exist_ok=True)
     hub.store.orgs["hostile-readers"] = {"alice": "read"}
-    with served_app(tmp_path_factory.mktemp("data")) as (client, _):
-        yield client
+    hub.upload_model(write_model(tmp_path_factory.mktemp("good")), GOOD_HUB_MODEL)
+    LOCAL_MODELS.mkdir(parents=True, exist_ok=True)
+    try:
+        with served_app(tmp_path_factory.mktemp("data")) as (client, _):
+            yield client
+    finally:
+        shutil.rmtree(LOCAL_MODELS, ignore_errors=True)
+
+
+def _build_broken_model(model: str, hub, scratch: Path) -> None:
+    """Build the entry's broken model where its config names it: on the loopback Hub, or in LOCAL_MODELS."""
+    if model in LOCAL_ONLY:
+        MODEL_BUILDERS[model](LOCAL_MODELS / model)
+        return
+    MODEL_BUILDERS[model](scratch)
+    hub.upload_model(scratch, broken_model_reference(model))
 
 
 @pytest.fixture
@@ -237,7 +255,7 @@ def ctx(app_client, hub, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Con
 
 @pytest.mark.parametrize("entry", CATALOGUE, ids=[e.id for e in CATALOGUE])
 def test_hostile_request_is_refused_by_name_quickly_briefly_and_leaves_nothing(
-    entry: HostileRequest, ctx: Context, monkeypatch: pytest.MonkeyPatch
+    entry: HostileRequest, ctx: Context, monkeypatch: pytest.MonkeyPatch, tmp_path_factory
 ) -> None:
     if entry.requires and not hasattr(merger.errors, entry.requires):
         pytest.skip(f"needs {entry.requires} (the bounded parser's branch)")  # its limits come first
@@ -247,7 +265,34 @@ def test_hostile_request_is_refused_by_name_quickly_briefly_and_leaves_nothing(
 
         monkeypatch.setattr(constants, "ON_SPACE", True)
         monkeypatch.setattr(app, "_token", lambda oauth_token=None: TOKEN)  # a signed-in visitor
+    if entry.model:
+        _build_broken_model(entry.model, ctx.hub, tmp_path_factory.mktemp("broken"))
     send_through_channels(entry, ctx)
+
+
+# The issue's kinds of hostile input, each with the catalogue's categories that hold it and how many it needs.
+KINDS = {
+    "YAML bombs": ({"alias bomb", "yaml", "multi-document"}, 10),
+    "depth": ({"depth"}, 4),
+    "size": ({"size", "echo"}, 12),
+    "links": ({"share link", "link"}, 15),
+    "paths": ({"local path on a Space", "CLI output"}, 12),
+    "templates": ({"template"}, 6),
+    "parameters": ({"parameter"}, 30),
+    "files": ({"model file"}, 40),
+    "repos": ({"push target", "token"}, 12),
+    "ids": ({"job id", "model id"}, 18),
+}
+
+
+def test_catalogue_counts_per_kind_cannot_silently_shrink() -> None:
+    counts = {kind: sum(e.category in categories for e in CATALOGUE) for kind, (categories, _) in KINDS.items()}
+    print("\nhostile catalogue:", ", ".join(f"{kind} {n}" for kind, n in counts.items()), f"; total {len(CATALOGUE)}")
+    assert all(counts[kind] >= least for kind, (_, least) in KINDS.items()), counts
+    assert sum(counts.values()) == len(CATALOGUE) >= 180  # every entry is of one kind
+    channels = [c for e in CATALOGUE for c in e.routes()]
+    assert sum(c.startswith("cli_") for c in channels) >= 150 and channels.count("app_validate") >= 120
+    assert channels.count("app_submit") >= 150
 
 
 def test_catalogue_is_large_ids_unique_and_channels_known() -> None:

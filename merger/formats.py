@@ -19,8 +19,9 @@ from .errors import (
     QuantizedWeightsError,
     SafetensorsHeaderError,
     UnsafeWeightsError,
+    excerpt,
 )
-from .modelfiles import excerpt, parse_json_object
+from .modelfiles import parse_json_object
 
 if TYPE_CHECKING:
     from .metadata import ModelMetadata

@@ -37,6 +37,7 @@ from .errors import (
     PushTargetError,
     TruncatedWeightsError,
     WeightIndexError,
+    excerpt,
 )
 from .formats import refuse_non_checkpoint_files
 from .metadata import ModelMetadata, TensorMeta, read_model_config
@@ -44,7 +45,6 @@ from .modelfiles import (
     TensorEntry,
     check_header,
     check_index_matches,
-    excerpt,
     header_length,
     parse_header,
     parse_weight_map,

@@ -229,4 +229,3 @@ CATALOGUE: list[Hostile] = [
     Hostile("link-not-base64", "link", "<script>alert(1)</script>", ConfigError, via="payload"),
 ]
 
-CLI_CASES = ("billion-laughs", "20000-brackets", "token-in-comment")  # also run through `python -m merger validate`

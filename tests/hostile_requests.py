@@ -220,11 +220,18 @@ MODEL_IDS.append(
 # ---------------------------------------------------------------- the other catalogues, through the same channels
 # Hostile configs (tests/hostile_catalogue.py): a config goes through the CLI (validate and run), /validate
 # and /submit (refused there, so no job is made); a link through /load_link.
-CONFIGS = [
-    HostileRequest(f"config-{e.id}", e.category, "config", e.text, e.error.__name__) if e.via == "config" else
-    HostileRequest(f"config-{e.id}", e.category, "payload", pack(e.text) if e.via == "link" else e.text, e.error.__name__)
-    for e in CONFIG_CATALOGUE
-]
+def _config_entry(entry: object) -> HostileRequest:
+    name, error = f"config-{entry.id}", entry.error.__name__
+    if entry.via != "config":
+        return HostileRequest(name, entry.category, "payload", pack(entry.text) if entry.via == "link" else entry.text, error)
+    try:
+        entry.text.encode("utf-8")
+    except UnicodeEncodeError:  # not text HTTP can carry (a lone surrogate): it reaches only a file, as its bytes
+        return HostileRequest(name, entry.category, "config", entry.text, error, channels=("cli_validate", "cli_run"))
+    return HostileRequest(name, entry.category, "config", entry.text, error)
+
+
+CONFIGS = [_config_entry(entry) for entry in CONFIG_CATALOGUE]
 
 # Broken model files (tests/test_model_files.py), served by the loopback Hub next to an intact model.
 GOOD_HUB_MODEL = "alice/tiny-llama"

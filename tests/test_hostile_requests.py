@@ -78,15 +78,17 @@ def _cli(args: list[str]) -> Answer:
     seconds = time.monotonic() - start
     text = err.getvalue()
     assert code == 2, f"exit status {code}; stderr: {text[:300]!r}; stdout: {out.getvalue()[:300]!r}"
-    assert text.count("\n") == 1 and text.endswith("\n"), f"not one line: {text[:500]!r}"
-    assert text.startswith("error: ") and "Traceback" not in text
-    name, _, message = text[len("error: "):].rstrip("\n").partition(": ")
+    assert text.endswith("\n"), f"not one line: {text[:500]!r}"
+    # Before the error a run may draw progress bars (downloads, tensors): lines a terminal redraws (`\r`).
+    *bars, line = text[:-1].split("\n")
+    assert all(bar.startswith("\r") for bar in bars), f"not one line: {text[:500]!r}"
+    assert line.startswith("error: ") and "Traceback" not in text
+    name, _, message = line[len("error: "):].partition(": ")
     return Answer(name, message, seconds, "cli")
 
 
 def _run_args(entry: HostileRequest, ctx: Context) -> list[str]:
-    config = ctx.tmp / "config.yaml"
-    config.write_text(entry.value if entry.field == "config" else VALID_CONFIG)
+    config = _write_config(entry.value if entry.field == "config" else VALID_CONFIG, ctx)
     out = ctx.tmp / "out"
     if entry.field == "out":
         out = Path(entry.value.format(tmp=ctx.tmp, fixtures=FIXTURES))
@@ -144,7 +146,7 @@ WHILE_QUEUED = {"revoke-write-role": _revoke_write_role}
 
 
 CHANNELS = {
-    "cli_validate": lambda e, ctx: _cli(["validate", str(_write_config(e, ctx))]),
+    "cli_validate": lambda e, ctx: _cli(["validate", str(_write_config(e.value, ctx))]),
     "cli_run": lambda e, ctx: _cli(_run_args(e, ctx)),
     "app_validate": lambda e, ctx: _app(ctx, e.value, api_name="/validate"),
     "app_submit": _submit,
@@ -156,9 +158,9 @@ CHANNELS = {
 }
 
 
-def _write_config(entry: HostileRequest, ctx: Context) -> Path:
+def _write_config(text: str, ctx: Context) -> Path:
     path = ctx.tmp / "config.yaml"
-    path.write_text(entry.value)
+    path.write_bytes(text.encode("utf-8", "surrogatepass"))  # a lone surrogate becomes the bytes a file would hold
     return path
 
 
@@ -184,7 +186,7 @@ def _state(ctx: Context) -> dict[str, object]:
         "fixtures": sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in FIXTURES.rglob("*")),
         "jobs": jobs,
         "staging": sorted(p.name for p in work.iterdir()) if work.exists() else [],
-        "hub": sorted(map(str, ctx.hub.store.repos)),
+        "hub": sorted((str(key), len(repo["commits"])) for key, repo in ctx.hub.store.repos.items()),  # no new commit
     }
 
 
@@ -194,9 +196,9 @@ def send_through_channels(entry: HostileRequest, ctx: Context) -> dict[str, Answ
     Returns:
         channel name -> the answer (for reports).
     """
-    answers = {}
+    answers, before = {}, _state(ctx)
     for channel in entry.routes():
-        before, peak_before = _state(ctx), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         answer = CHANNELS[channel](entry, ctx)
         where = f"{entry.id} via {channel}"
         assert answer.error == entry.error, f"{where}: {answer.error}: {answer.message[:300]!r}"
@@ -236,8 +238,8 @@ def _build_broken_model(model: str, hub, scratch: Path) -> None:
     if model in LOCAL_ONLY:
         MODEL_BUILDERS[model](LOCAL_MODELS / model)
         return
-    MODEL_BUILDERS[model](scratch)
-    hub.upload_model(scratch, broken_model_reference(model))
+    MODEL_BUILDERS[model](scratch / model)
+    hub.upload_model(scratch / model, broken_model_reference(model))
 
 
 @pytest.fixture
@@ -309,7 +311,8 @@ def test_an_echo_check_that_can_fail() -> None:
     assert _longest_echo("model `org/a` not found", "org/a") == 5
 
 
-@pytest.mark.parametrize("entry_id", ["repo-other-user", "out-proc", "model-too-long-for-a-file-name"])
+@pytest.mark.parametrize("entry_id", ["repo-other-user", "out-proc", "model-too-long-for-a-file-name",
+                                      "config-billion-laughs"])
 def test_the_cli_process_prints_one_line(entry_id: str, hub, tmp_path: Path) -> None:
     entry = next(e for e in CATALOGUE if e.id == entry_id)
     (tmp_path / "file").write_text("not a folder")
@@ -321,3 +324,18 @@ def test_the_cli_process_prints_one_line(entry_id: str, hub, tmp_path: Path) -> 
     assert done.returncode == 2, done.stderr[-2000:]
     assert done.stderr.count("\n") == 1 and done.stderr.startswith(f"error: {entry.error}: "), done.stderr[-2000:]
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+
+
+def test_model_and_repo_echoes_use_the_one_excerpt() -> None:
+    from merger.config import ModelReference
+    from merger.errors import ConfigError, ModelNotFoundError, excerpt
+    from merger.hub import check_repo_id
+    from merger.resolve import local_path
+
+    hostile = "./x`y\n" + "z" * 500
+    with pytest.raises(ModelNotFoundError) as missing:
+        local_path(ModelReference(model=hostile))
+    assert f"model `{excerpt(hostile, 100)}`" in str(missing.value)
+    with pytest.raises(ConfigError) as invalid:
+        check_repo_id("alice/`" + "\n" * 300)
+    assert f"`repo`: `{excerpt('alice/`' + chr(10) * 300, 100)}` is not" in str(invalid.value)

@@ -286,8 +286,11 @@ def test_malformed_job_id_is_refused_without_echo(bad_id):
 
 @pytest.mark.parametrize("config", [f"# my token: {TOKEN}\n{CONFIG}", CONFIG + "  # hf_test_alice\n"])
 def test_config_holding_a_token_is_never_recorded(config, data_dir):
-    with pytest.raises(ConfigError, match="the config contains a Hugging Face token"):
-        jobs.submit(config, REPO, "hf_test_alice", OWNER)
+    from merger.errors import TokenInConfigError
+
+    with pytest.raises(TokenInConfigError, match=r"looks like a Hugging Face token \(`hf_...`\) on line \d") as caught:
+        jobs.submit(config, REPO, "hf_test_alice", OWNER)  # the parser's one check, the submitter's own token too
+    assert TOKEN not in str(caught.value) and "hf_test_alice" not in str(caught.value)
     assert not (data_dir / "jobs.db").exists() or _count_jobs(data_dir) == 0
 
 

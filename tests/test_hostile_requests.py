@@ -108,33 +108,51 @@ def _app(ctx: Context, *args: object, api_name: str) -> Answer:
 
 
 def _submit(entry: HostileRequest, ctx: Context) -> Answer:
-    """`/submit`; when it queued a job, the job's own answer (its worker is started for it)."""
+    """`/submit`; when it queued a job, the job's own answer, from the module's worker.
+
+    An entry with a `while_queued` action gets a worker of its own, started after the action: the job
+    must still be queued when it happens.
+    """
+    if entry.while_queued:
+        _stop_worker()
+    elif _WORKER.get("process") is None:
+        from merger.worker import start_consumer_process
+
+        _WORKER["process"] = start_consumer_process(log_file=ctx.data / "worker.log")  # one for the module
     if entry.field == "repo":
         answer = _app(ctx, VALID_CONFIG, entry.value, entry.private, entry.reuse, api_name="/submit")
     else:
         answer = _app(ctx, entry.value, SUBMIT_REPO, False, False, api_name="/submit")
-    if answer.error is not None:
-        return answer
-    if entry.while_queued:
-        WHILE_QUEUED[entry.while_queued](ctx)
-    return _final_status(ctx, job_id=answer.message)
+    if answer.error is not None or not entry.while_queued:
+        return answer if answer.error is not None else _final_status(ctx, job_id=answer.message)
+    from merger.worker import start_consumer_process
+
+    WHILE_QUEUED[entry.while_queued](ctx)
+    _WORKER["process"] = start_consumer_process(log_file=ctx.data / "worker.log")
+    try:
+        return _final_status(ctx, job_id=answer.message)
+    finally:
+        _stop_worker()
+
+
+_WORKER: dict[str, object] = {}  # the worker process that runs this module's jobs, started at the first
+
+
+def _stop_worker() -> None:
+    process = _WORKER.pop("process", None)
+    if process is not None:
+        process.terminate()
+        process.wait(timeout=60)
 
 
 def _final_status(ctx: Context, job_id: str) -> Answer:
-    from merger.worker import start_consumer_process
-
     start = time.monotonic()
-    worker = start_consumer_process(log_file=ctx.data / "worker.log")
-    try:
-        while time.monotonic() - start < MAX_SECONDS["job"]:
-            status = ctx.client.predict(job_id, api_name="/job_status")
-            if status["status"] in ("succeeded", "failed", "cancelled"):
-                assert status["status"] == "failed", status
-                return Answer(status["error_type"], status["error"], time.monotonic() - start, "job")
-            time.sleep(0.3)
-    finally:
-        worker.terminate()
-        worker.wait(timeout=60)
+    while time.monotonic() - start < MAX_SECONDS["job"]:
+        status = ctx.client.predict(job_id, api_name="/job_status")
+        if status["status"] in ("succeeded", "failed", "cancelled"):
+            assert status["status"] == "failed", status
+            return Answer(status["error_type"], status["error"], time.monotonic() - start, "job")
+        time.sleep(0.2)
     raise AssertionError(f"job {job_id} did not end in {MAX_SECONDS['job']}s")
 
 
@@ -230,6 +248,7 @@ def app_client(hub, tmp_path_factory):
         with served_app(tmp_path_factory.mktemp("data")) as (client, _):
             yield client
     finally:
+        _stop_worker()
         shutil.rmtree(LOCAL_MODELS, ignore_errors=True)
 
 

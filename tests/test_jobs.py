@@ -284,6 +284,16 @@ def test_malformed_job_id_is_refused_without_echo(bad_id):
         assert bad_id not in message and "<b>" not in message and len(message) < 150
 
 
+def test_job_and_queue_databases_are_created_owner_only(data_dir):
+    old = os.umask(0o022)  # the usual umask, under which a new file is world-readable
+    try:
+        jobs.submit(CONFIG, REPO, TOKEN, OWNER)
+    finally:
+        os.umask(old)
+    for name in ("jobs.db", "queue.db"):
+        assert (data_dir / name).stat().st_mode & 0o777 == 0o600, name
+
+
 @pytest.mark.parametrize("config", [f"# my token: {TOKEN}\n{CONFIG}", CONFIG + "  # hf_test_alice\n"])
 def test_config_holding_a_token_is_never_recorded(config, data_dir):
     from merger.errors import TokenInConfigError

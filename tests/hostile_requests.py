@@ -16,8 +16,10 @@ Channels (see :data:`CHANNELS_FOR`): `cli_validate` / `cli_run` (`python -m merg
 `app_validate`, `app_submit` (a job: `/submit`, then, if it was queued, `/job_status` until it ends), `app_share`,
 `app_load_link`, `app_job_status`, `app_job_config`, `app_cancel`.
 
-To add another catalogue (configs, model files), map its entries to :class:`HostileRequest` with the
-channels that apply, and append them to :data:`CATALOGUE`.
+The other catalogues are mapped in here, so one test sends everything: tests/hostile_catalogue.py's configs
+(:data:`CONFIGS`) and tests/test_model_files.py's broken model folders (:data:`MODEL_FILES`, served by the
+loopback Hub). To add another, map its entries to :class:`HostileRequest` with the channels that apply and
+append them to :data:`CATALOGUE`.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hostile_catalogue import CATALOGUE as CONFIG_CATALOGUE
+from hostile_catalogue import Hostile
 from test_model_files import BROKEN_MODELS, llama_tensors, write_model
 
 # The channels a value of each field can go through.
@@ -220,10 +223,11 @@ MODEL_IDS.append(
 # ---------------------------------------------------------------- the other catalogues, through the same channels
 # Hostile configs (tests/hostile_catalogue.py): a config goes through the CLI (validate and run), /validate
 # and /submit (refused there, so no job is made); a link through /load_link.
-def _config_entry(entry: object) -> HostileRequest:
+def _config_entry(entry: Hostile) -> HostileRequest:
     name, error = f"config-{entry.id}", entry.error.__name__
     if entry.via != "config":
-        return HostileRequest(name, entry.category, "payload", pack(entry.text) if entry.via == "link" else entry.text, error)
+        payload = pack(entry.text) if entry.via == "link" else entry.text
+        return HostileRequest(name, entry.category, "payload", payload, error)
     try:
         entry.text.encode("utf-8")
     except UnicodeEncodeError:  # not text HTTP can carry (a lone surrogate): it reaches only a file, as its bytes
@@ -252,7 +256,7 @@ def broken_model_reference(model: str) -> str:
 def _model_entry(model: str) -> HostileRequest:
     config = (f"merge_method: linear\nmodels:\n  - model: {GOOD_HUB_MODEL}\n    parameters: {{weight: 1.0}}\n"
               f"  - model: {json.dumps(broken_model_reference(model))}\n    parameters: {{weight: 1.0}}\n")
-    channels = ("cli_run", "app_submit") if model in RUN_TIME else ("cli_validate", "cli_run", "app_validate", "app_submit")
+    channels = ("cli_run", "app_submit") if model in RUN_TIME else CHANNELS_FOR["config"]
     return HostileRequest(f"model-file-{model}", "model file", "config", config, MODEL_ERRORS[model], channels=channels,
                           model=model)
 

@@ -107,7 +107,8 @@ def test_a_config_file_that_cannot_be_read_is_one_line(capsys, tmp_path: Path, c
     unreadable.write_text("merge_method: linear\n")
     unreadable.chmod(0)
     # /proc/self/mem is a file no one can read from its start (an I/O error, for root too)
-    cases = {tmp_path / "missing.yml": "does not exist", tmp_path: "is a folder", Path("/proc/self/mem"): "cannot be read ("}
+    cases = {tmp_path / "missing.yml": "does not exist", tmp_path: "is a folder",
+             Path("/proc/self/mem"): "cannot be read ("}
     if not os.access(unreadable, os.R_OK):  # root reads any file: permission is not denied there
         cases[unreadable] = "cannot be read (Permission denied)"
     for path, words in cases.items():

@@ -148,7 +148,7 @@ def test_merger_error_fails_with_its_message(immediate, pushes, monkeypatch, dat
     job_id = jobs.submit(CONFIG, REPO, TOKEN, OWNER)
 
     job = jobs.get_job(job_id)
-    assert (job.status, job.error, job.result_url) == (JobStatus.FAILED, message, None)
+    assert (job.status, job.error, job.result_url) == (JobStatus.FAILED, f"{message} Nothing was pushed to the Hub.", None)
     assert pushes == []
     assert not (data_dir / "work" / job_id).exists()
     assert jobs.cancel(job_id, OWNER) is False  # finished jobs cannot be cancelled
@@ -713,6 +713,7 @@ def test_a_job_on_a_full_disk_fails_naming_the_space_and_leaves_nothing(hub, fix
         job = jobs.get_job(job_id)
         assert (job.status, job.error_type) == (JobStatus.FAILED, "DiskSpaceError"), job.error
         assert "needs about" in job.error and "MB free" in job.error, job.error
+        assert job.error.endswith("Nothing was pushed to the Hub.") and str(mount) not in job.error, job.error
         assert ("model", repo) not in hub.store.repos and jobs.pending_repos() == []
         assert [p for p in mount.rglob("*") if p.is_file()] == []  # no staging, no partial shard
     finally:

@@ -32,7 +32,7 @@ from .errors import ConfigError, DiskSpaceError, MergerError
 from .executor import Progress, execute_plan
 from .plan import MergePlan
 from .remote_code import needs_remote_code, remote_code_files
-from .resolve import materialize
+from .resolve import materialize, materialize_adapters
 from .tokenizer_files import write_tokenizer
 from .validate import plan_config
 from .writer import format_bytes, output_error
@@ -132,13 +132,14 @@ def run_merge(
     remove_stale_staging(out_dir.parent)
     check_free_space(out_dir, needed)
     dirs = materialize(list(plan.models), token)
+    adapters = materialize_adapters(list(plan.models), token)
 
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        execute_plan(plan, dirs, staging, pick_device(device), shard_size, progress, should_cancel)
+        execute_plan(plan, dirs, staging, pick_device(device), shard_size, progress, should_cancel, adapters)
         _write_files(plan, dirs, staging, config_text, metadata, title or out_dir.name)
         _replace_dir(staging, out_dir)
     except OSError as err:

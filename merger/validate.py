@@ -37,7 +37,7 @@ TOKENIZER_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json",
 
 def _tokenizer_if_any(ref: ModelReference, metadata: dict[str, ModelMetadata], token: str | None) -> Vocabulary | None:
     """The model's tokenizer vocabulary (Hub: tokenizer files only), or None when it ships no tokenizer."""
-    path = local_path(ref) or hub.download_tokenizer(str(ref), token=token)
+    path = local_path(ref.base) or hub.download_tokenizer(str(ref.base), token=token)
     if not any((path / name).is_file() for name in TOKENIZER_VOCABULARY_FILES):
         return None
     return load_vocabulary(path, embedding_rows(metadata[ref.key]))

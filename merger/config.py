@@ -442,7 +442,15 @@ def load_config(text: str) -> AnyConfig:
             ListTooLongError, StringTooLongError), InvalidYamlError, MultiDocumentError,
             TokenInConfigError, ChatTemplateError, ParameterValueError, UnknownMethodError.
     """
-    data = parse_config_text(text)
+    return config_from_value(parse_config_text(text))
+
+
+def config_from_value(data: Any) -> AnyConfig:
+    """Check an already parsed config value (one document of :func:`merger.parse.parse_config_documents`).
+
+    Raises:
+        ConfigError and its subclasses: as :func:`load_config`.
+    """
     if not isinstance(data, dict):
         raise ConfigError("the config must be a YAML mapping with `merge_method` (or `experts` for a MoE)")
     schema = MoEConfig if "experts" in data else MergeConfig

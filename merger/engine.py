@@ -33,6 +33,7 @@ from .executor import Progress, execute_plan
 from .plan import MergePlan
 from .remote_code import needs_remote_code, remote_code_files
 from .resolve import materialize, materialize_adapters
+from .stages import is_multi_stage, run_stages
 from .tokenizer_files import write_tokenizer
 from .validate import plan_config
 from .writer import format_bytes, output_error
@@ -118,6 +119,9 @@ def run_merge(
         OutputWriteError: the OS refused another write (the path and its reason).
         NonFiniteWeightsError / NonFiniteOutputError: a merged tensor would hold NaN or inf.
     """
+    if is_multi_stage(config_text):  # mergekit-multi: each stage is a run_merge of its own
+        return run_stages(config_text, out_dir, device=device, token=token, shard_size=shard_size, title=title,
+                          seed=seed, progress=progress, should_cancel=should_cancel)
     started = time.monotonic()
     config = load_config(config_text)
     SEED.check("--random-seed", seed)

@@ -13,7 +13,8 @@ value and the fix:
   node, so a "billion laughs" bomb costs a few thousand steps and no memory;
 - lists or mappings over :attr:`Limits.max_entries`, keys over :attr:`Limits.max_key_chars`, strings
   over :attr:`Limits.max_string_chars` (:attr:`Limits.max_text_chars` for `chat_template`);
-- several documents in one text (mergekit-mega / mergekit-multi files).
+- several documents in one text, where one config is expected (:func:`parse_config_documents`
+  reads multi-stage configs).
 
 Events come from libyaml's C parser (no recursion); PyYAML's Python composer, where the counts hook
 in, builds the node graph; PyYAML's safe constructor builds the value.
@@ -175,8 +176,8 @@ def parse_config_text(text: str | bytes, limits: Limits = LIMITS) -> Any:
     except yaml.composer.ComposerError as err:
         if "expected a single document" in str(err.context):
             raise MultiDocumentError(
-                "the text holds several YAML documents separated by `---` (the mergekit-mega / mergekit-multi "
-                "format); merge one config at a time: keep one document and run the others separately"
+                "the text holds several YAML documents separated by `---` (a multi-stage, mergekit-multi config) "
+                "where one config is expected; run it with `python -m merger run`, or keep one document here"
             ) from None
         raise _invalid(err) from None
     except yaml.YAMLError as err:

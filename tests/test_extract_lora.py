@@ -103,3 +103,30 @@ def test_bad_targets_are_refused(fixture_models_dir: Path, tmp_path: Path) -> No
     with pytest.raises(ConfigError, match="identical"):
         extract_lora(base, base, tmp_path / "y", rank=4)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_extracted_adapter_applied_by_merger_is_peft_s_model(fixture_models_dir: Path, tmp_path: Path) -> None:
+    """The round trip: `base+extracted` (embedding LoRA, modules_to_save norms, alpha_pattern) merged by
+    merger holds peft's merged weights, rounded to the model's bfloat16 (the sum is computed in float32
+    and stored in the tensor's dtype); at full rank, the fine-tune's bytes."""
+    from peft import PeftModel
+
+    from merger.engine import run_merge
+
+    base, tuned = fixture_models_dir / "mistral-base", fixture_models_dir / "mistral-prose"
+    extract_lora(str(tuned), str(base), tmp_path / "low", energy=0.5)
+    assert json.loads((tmp_path / "low" / "adapter_config.json").read_text())["alpha_pattern"]
+    extract_lora(str(tuned), str(base), tmp_path / "full", rank=96)
+    for adapter in ("low", "full"):
+        config = f"merge_method: linear\nmodels:\n  - model: {base}+{tmp_path / adapter}\n    parameters: {{weight: 1.0}}\n"
+        run_merge(config, tmp_path / f"out-{adapter}", device="cpu")
+    reference = PeftModel.from_pretrained(load(base), tmp_path / "low").merge_and_unload().state_dict()
+    out = weights(tmp_path / "out-low")
+    for name, tensor in out.items():
+        assert tensor.dtype == torch.bfloat16
+        expected = reference[name].to(torch.bfloat16).float()
+        torch.testing.assert_close(tensor.float(), expected, rtol=2**-7, atol=1e-7)  # at most one bfloat16 step
+    full, finetune = weights(tmp_path / "out-full"), weights(tuned)
+    same = sum(int((full[k] == finetune[k]).sum()) for k in finetune)
+    assert same / sum(t.numel() for t in finetune.values()) > 0.999  # the rest: one bfloat16 step (ties)
+    torch.testing.assert_close(causal_logits(load(tmp_path / "out-full")), causal_logits(load(tuned)), rtol=0, atol=1e-2)

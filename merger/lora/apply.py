@@ -12,7 +12,8 @@ from .adapter import LoraAdapter, read_adapter
 
 
 class AdaptedTensorReader(TensorReader):
-    """A :class:`~merger.loader.TensorReader` that returns `W + s·B@A` for the tensors an adapter changes.
+    """A :class:`~merger.loader.TensorReader` that returns `W + s·B@A` for the tensors an adapter changes
+    (or the adapter's own weight, for its `modules_to_save`).
 
     Shapes and dtypes are the model's (the sum is computed in float32 and stored back in the
     tensor's dtype, as peft's `merge_and_unload` does), so metadata and planning are unchanged.
@@ -34,7 +35,7 @@ class AdaptedTensorReader(TensorReader):
         """Tensor `name` as stored, plus the adapter's change when it has one (same dtype and shape)."""
         tensor = super().read(name)
         if name in self.adapter.pairs:
-            tensor.copy_(tensor.float().add_(self.adapter.delta(name)))
+            tensor.copy_(self.adapter.adapted(name, tensor))
         return tensor
 
 

@@ -119,3 +119,19 @@ def test_unsupported_adapters_are_refused(llama: Path, tmp_path: Path, change: d
     config = f"merge_method: linear\nmodels:\n  - model: {llama}+{adapter}\n    parameters: {{weight: 1.0}}\n"
     with pytest.raises(LoraAdapterError, match=message):
         validate_config(config)
+
+
+def test_hub_model_plus_hub_adapter_fetches_the_adapter_files_only(llama: Path, tmp_path: Path, hub) -> None:
+    adapter = tiny_lora(llama, tmp_path / "adapter")
+    (adapter / "training_args.bin").write_bytes(b"\0" * 1000)  # must never be fetched
+    hub.upload_model(llama, "alice/tiny-llama")
+    hub.upload_model(adapter, "alice/tiny-lora")
+    config = "merge_method: linear\nmodels:\n  - model: alice/tiny-llama+alice/tiny-lora\n    parameters: {weight: 1.0}\ndtype: float32\n"
+    assert validate_config(config, token=hub.token).models == ("alice/tiny-llama+alice/tiny-lora",)
+    run_merge(config, tmp_path / "out", device="cpu", token=hub.token)
+    torch.testing.assert_close(logits(tmp_path / "out"), peft_merged_logits(llama, adapter), rtol=1e-5, atol=1e-5)
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    fetched = {p.name for p in Path(HF_HUB_CACHE, "models--alice--tiny-lora").glob("snapshots/*/*")}
+    assert fetched == {"adapter_config.json", "adapter_model.safetensors"}
+    assert "alice/tiny-lora" in (tmp_path / "out" / "README.md").read_text()

@@ -132,8 +132,14 @@ def _execute(
     adapters: dict[str, Path],
 ) -> None:
     pool = BufferPool(max_retained=0)
-    keys = sorted({s.model for j in plan.jobs for s in _sources(j)})
-    readers = {key: open_reader(dirs[key], pool, adapters.get(key), key) for key in keys}
+    readers: dict[str, TensorReader] = {}
+    try:
+        for key in sorted({s.model for j in plan.jobs for s in _sources(j)}):
+            readers[key] = open_reader(dirs[key], pool, adapters.get(key), key)
+    except BaseException:  # a broken file or adapter: the files opened so far are closed
+        for r in readers.values():
+            r.close()
+        raise
     largest = max((sum(readers[s.model].nbytes(s.name) for s in _sources(j)) for j in plan.jobs), default=0)
     pool.max_retained = max(MIN_BUDGET, largest)  # idle buffers kept: a few layers' working sets
     budget = _Budget(max(MIN_BUDGET, largest))

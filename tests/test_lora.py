@@ -135,3 +135,21 @@ def test_hub_model_plus_hub_adapter_fetches_the_adapter_files_only(llama: Path, 
     fetched = {p.name for p in Path(HF_HUB_CACHE, "models--alice--tiny-lora").glob("snapshots/*/*")}
     assert fetched == {"adapter_config.json", "adapter_model.safetensors"}
     assert "alice/tiny-lora" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_fan_in_fan_out_adapter_on_gpt2_conv1d(tmp_path: Path) -> None:
+    """GPT-2 stores its projections as (in, out) Conv1D weights: peft's `fan_in_fan_out` LoRA is `(B@A)ᵀ`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)).save_pretrained(tmp_path / "gpt2")
+    torch.manual_seed(1)
+    model = GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")
+    config = LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(tmp_path / "adapter")
+    text = f"merge_method: linear\nmodels:\n  - model: {tmp_path / 'gpt2'}+{tmp_path / 'adapter'}\n    parameters: {{weight: 1.0}}\n"
+    run_merge(text, tmp_path / "out", device="cpu")
+    expected = peft_merged_logits(tmp_path / "gpt2", tmp_path / "adapter")
+    assert not torch.allclose(expected, logits(tmp_path / "gpt2"), atol=1e-3)
+    torch.testing.assert_close(logits(tmp_path / "out"), expected, rtol=1e-5, atol=1e-5)

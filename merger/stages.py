@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from glob import escape as glob_escape
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,6 +209,7 @@ def run_stages(text: str, out_dir: Path, *, token: str | None = None, title: str
     from .engine import run_merge
 
     work = out_dir.resolve().parent / f".{out_dir.name}.stages-{os.getpid()}"
+    _remove_stale_work(work)
     plan_stages(text, token, work)  # every stage checked (where metadata allows) before the first runs
     stages = split_stages(text)
     outputs = {s.name: work / f"stage-{i}" for i, s in enumerate(stages) if s.name is not None}
@@ -231,6 +233,25 @@ def run_stages(text: str, out_dir: Path, *, token: str | None = None, title: str
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
+
+
+def _remove_stale_work(work: Path) -> None:
+    """Delete the work folders of earlier runs into the same output whose process is gone (killed runs)."""
+    prefix = work.name.rsplit("-", 1)[0] + "-"
+    for entry in work.parent.glob(f"{glob_escape(prefix)}*"):
+        pid = entry.name.removeprefix(prefix)
+        if pid.isdigit() and entry.is_dir() and not entry.is_symlink() and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _write_card(out_dir: Path, text: str, plans: list, work: Path, title: str) -> None:

@@ -41,6 +41,7 @@ def test_two_stages_equal_running_them_by_hand(fixture_models_dir: Path, tmp_pat
     run_merge(stage_one(fx), tmp_path / "by-hand-mid", device="cpu")
     run_merge(stage_two(fx, str(tmp_path / "by-hand-mid")), tmp_path / "by-hand", device="cpu")
     text = two_stages(fx)
+    (tmp_path / ".out.stages-999999999" / "stage-0").mkdir(parents=True)  # left by a killed run: removed
     result = run_merge(text, tmp_path / "out", device="cpu")
     assert digest(tmp_path / "out") == digest(tmp_path / "by-hand")
     assert digest(tmp_path / "out") != digest(tmp_path / "by-hand-mid")
@@ -62,6 +63,14 @@ def test_validate_plans_each_stage_from_the_earlier_stages_plan(fixture_models_d
         "---\nmerge_method: passthrough\nslices:\n  - sources: [{model: mid, layer_range: [2, 6]}]\n")
     with pytest.raises(Exception, match="layer_range"):
         validate_config(bad)
+
+
+def test_a_broken_later_stage_stops_the_job_before_any_stage_runs(fixture_models_dir: Path, tmp_path: Path) -> None:
+    bad = two_stages(fixture_models_dir).split("---")[0] + (
+        "---\nmerge_method: passthrough\nslices:\n  - sources: [{model: mid, layer_range: [2, 6]}]\n")
+    with pytest.raises(Exception, match="layer_range"):
+        run_merge(bad, tmp_path / "out", device="cpu")
+    assert list(tmp_path.iterdir()) == []  # no intermediate, no work folder, no output
 
 
 def test_cli_runs_and_validates_a_multi_stage_file(fixture_models_dir: Path, tmp_path: Path) -> None:

@@ -96,6 +96,9 @@ def extract_lora(
 ) -> list[ExtractedTensor]:
     """Write a PEFT LoRA adapter reproducing `finetune` from `base` to `out_dir`.
 
+    Memory: one tensor of each model and its float32 SVD at a time, plus the factors kept so far
+    (`r·(in + out)` float32 values per matrix, the adapter's own size), written once at the end.
+
     Args:
         finetune / base: Hub ids or local folders of one architecture and shapes.
         out_dir: the adapter folder; must not exist or be empty (written whole, or not at all).

@@ -1,4 +1,5 @@
-"""Command line: `python -m merger run CONFIG OUT` and `python -m merger validate CONFIG`."""
+"""Command line: `python -m merger run CONFIG OUT`, `python -m merger validate CONFIG` and
+`python -m merger extract-lora FINETUNE BASE OUT --rank R`."""
 
 from __future__ import annotations
 
@@ -39,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="push to the --push-to repo even if it exists (a new commit; its visibility is kept)")
     validate = commands.add_parser("validate", help="check CONFIG against the models' metadata, without downloading weights")
     validate.add_argument("config", type=Path)
+    extract = commands.add_parser("extract-lora", help="write a PEFT LoRA adapter of FINETUNE − BASE to the folder OUT")
+    extract.add_argument("finetune", help="the fine-tuned model (Hub id or folder)")
+    extract.add_argument("base", help="its base model (Hub id or folder)")
+    extract.add_argument("out", type=Path, help="adapter folder (new, or empty)")
+    target = extract.add_mutually_exclusive_group(required=True)
+    target.add_argument("--rank", type=int, help="the rank of every matrix's LoRA (at most the matrix's own)")
+    target.add_argument("--energy", type=float, help="the share of each change's energy kept, e.g. 0.9 (ranks vary)")
     return parser
 
 
@@ -84,6 +92,22 @@ def _run(args: argparse.Namespace) -> None:
 
         url = push_folder(args.out, args.push_to, token, private=args.private, reuse_repo=args.reuse_repo)
         print(f"pushed to {url}")
+
+
+def _extract_lora(args: argparse.Namespace) -> None:
+    from huggingface_hub import get_token
+
+    from .lora.extract import extract_lora
+
+    print(f"{'tensor':60s} {'shape':>14s} {'rank':>6s} {'energy':>8s} {'rel. error':>10s}")
+
+    def show(row) -> None:
+        shape = "×".join(map(str, row.shape))
+        print(f"{row.name:60s} {shape:>14s} {row.rank or 'whole':>6} {row.energy:8.4f} {row.relative_error:10.4f}")
+
+    rows = extract_lora(args.finetune, args.base, args.out, rank=args.rank, energy=args.energy, token=get_token(),
+                        progress=show)
+    print(f"wrote {args.out}: {len(rows)} tensors, lowest retained energy {min(r.energy for r in rows):.4f}")
 
 
 def _validate(args: argparse.Namespace) -> None:
@@ -133,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     logger.addHandler(handler)
     logger.propagate = False  # for this call only: warnings print once, above the bar
     try:
+        if args.command == "extract-lora":
+            _extract_lora(args)
+            return 0
         if not args.config.is_file():  # before any other work; _read_config says why
             _read_config(args.config)
         (_run if args.command == "run" else _validate)(args)

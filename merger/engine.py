@@ -32,7 +32,8 @@ from .errors import ConfigError, DiskSpaceError, MergerError
 from .executor import Progress, execute_plan
 from .plan import MergePlan
 from .remote_code import needs_remote_code, remote_code_files
-from .resolve import materialize
+from .resolve import materialize, materialize_adapters
+from .stages import is_multi_stage, run_stages
 from .tokenizer_files import write_tokenizer
 from .validate import plan_config
 from .writer import format_bytes, output_error
@@ -118,6 +119,9 @@ def run_merge(
         OutputWriteError: the OS refused another write (the path and its reason).
         NonFiniteWeightsError / NonFiniteOutputError: a merged tensor would hold NaN or inf.
     """
+    if is_multi_stage(config_text):  # mergekit-multi: each stage is a run_merge of its own
+        return run_stages(config_text, out_dir, device=device, token=token, shard_size=shard_size, title=title,
+                          seed=seed, progress=progress, should_cancel=should_cancel)
     started = time.monotonic()
     config = load_config(config_text)
     SEED.check("--random-seed", seed)
@@ -132,13 +136,14 @@ def run_merge(
     remove_stale_staging(out_dir.parent)
     check_free_space(out_dir, needed)
     dirs = materialize(list(plan.models), token)
+    adapters = materialize_adapters(list(plan.models), token)
 
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        execute_plan(plan, dirs, staging, pick_device(device), shard_size, progress, should_cancel)
+        execute_plan(plan, dirs, staging, pick_device(device), shard_size, progress, should_cancel, adapters)
         _write_files(plan, dirs, staging, config_text, metadata, title or out_dir.name)
         _replace_dir(staging, out_dir)
     except OSError as err:

@@ -32,6 +32,7 @@ from .constants import CONFIG_FILE, HUB_ALLOW_PATTERNS, SAFETENSORS_INDEX_FILE, 
 from .errors import (
     ConfigError,
     HubError,
+    LoraAdapterError,
     MergerError,
     ModelNotFoundError,
     PushTargetError,
@@ -151,6 +152,35 @@ def download_tokenizer(reference: str, token: str | None = None) -> Path:
         info = api.model_info(repo_id, revision=revision)
         patterns = [CONFIG_FILE, *TOKENIZER_FILES]
         return Path(api.snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns))
+
+
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
+MAX_ADAPTER_BYTES = 8 * 2**30  # a rank-256 adapter of a 70B model is about 6 GB
+
+
+def download_adapter(reference: str, token: str | None = None) -> Path:
+    """Download a Hub LoRA adapter's `adapter_config.json` and `adapter_model.safetensors` only.
+
+    Args:
+        reference (`str`): `"org/name"` or `"org/name@revision"`.
+        token (`str`, *optional*): a Hugging Face token; defaults to HF_TOKEN or the saved login.
+
+    Returns:
+        `Path`: the local snapshot directory (its files are checked by :mod:`merger.lora.adapter`).
+
+    Raises:
+        [`~merger.errors.ModelNotFoundError`], [`~merger.errors.HubError`]: as :func:`download_model`.
+        [`~merger.errors.LoraAdapterError`]: the adapter's weights are over 8 GB.
+    """
+    repo_id, revision = split_reference(reference)
+    api = HfApi(token=token)
+    with _reading(reference, token):
+        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+        size = sum(s.size or 0 for s in info.siblings or [] if s.rfilename in ADAPTER_FILES)
+        if size > MAX_ADAPTER_BYTES:
+            raise LoraAdapterError(f"LoRA `{reference}`: its files are {size / 2**30:.1f} GB, over the "
+                                   f"{MAX_ADAPTER_BYTES // 2**30} GB limit for an adapter")
+        return Path(api.snapshot_download(repo_id, revision=info.sha, allow_patterns=ADAPTER_FILES))
 
 
 def fetch_metadata(reference: str, token: str | None = None) -> ModelMetadata:

@@ -54,7 +54,7 @@ from merger.form import (
     local_paths,
     parse_yaml,
 )
-from merger.links import MAX_PAYLOAD_CHARS, MAX_YAML_BYTES, QUERY_KEY, decode_config, share_url
+from merger.links import QUERY_KEY, decode_config, share_url
 
 logger = logging.getLogger(__name__)
 
@@ -303,19 +303,7 @@ def api_cancel(job_id: str, oauth_token: gr.OAuthToken | None = None) -> bool:
 def api_share(yaml_text: str, request: gr.Request) -> str:
     """A link that reopens the app with this config filled in (it carries the YAML only, never a token)."""
     with _user_errors():
-        _check_share_size(len(yaml_text or ""), "config", MAX_YAML_BYTES)  # before the token scan and zlib
-        link = share_url(_app_url(request), yaml_text)
-        _check_share_size(len(link.rpartition(f"{QUERY_KEY}=")[2]), "link payload", MAX_PAYLOAD_CHARS)
-        return link
-
-
-def _check_share_size(size: int, what: str, limit: int) -> None:
-    """A link must reopen: refuse a config whose link /load_link would refuse as too large."""
-    if size > limit:
-        raise ConfigError(
-            f"this config is too large to share as a link (its {what} is {size:,} characters, at most {limit:,}); "
-            "share the YAML file itself instead"
-        )
+        return share_url(_app_url(request), yaml_text or "")  # refused if /load_link would refuse the link
 
 
 def api_load_link(payload: str) -> str:
@@ -827,6 +815,20 @@ def _gradient_label(index: int) -> str:
     return names[index] if GRADIENT_POINTS == len(names) else f"point {index + 1}"
 
 
+# Waiting events across the app: past it gradio answers "queue is full" at once instead of holding a
+# connection for each (a burst of requests cannot grow memory without bound).
+QUEUE_MAX_SIZE = 64
+# gradio's cap on an uploaded file (the app takes no files; a config is text, bounded by the parser).
+# gradio has no setting for the size of a JSON request body: the parser's limits bound what is read from it.
+MAX_FILE_SIZE = "1mb"
+
+
+def serve(demo: gr.Blocks, **launch: Any) -> tuple[Any, str, str]:
+    """Queue and launch `demo` with the app's bounds (queue length, upload size); `launch` adds options."""
+    demo.queue(default_concurrency_limit=4, max_size=QUEUE_MAX_SIZE)
+    return demo.launch(max_file_size=MAX_FILE_SIZE, **launch)
+
+
 def main() -> None:
     """Serve the app; unless the worker runs apart (`MERGER_EXTERNAL_WORKER=1`), start and supervise one."""
     from merger.worker import WorkerSupervisor, ensure_queue_key, install_log_scrubbing
@@ -836,7 +838,7 @@ def main() -> None:
     ensure_queue_key()  # the data dir's key (or the given one), so jobs still queued survive a restart
     supervisor = None if constants.EXTERNAL_WORKER else WorkerSupervisor()
     try:
-        build_demo().queue(default_concurrency_limit=4).launch()
+        serve(build_demo())
     finally:
         if supervisor is not None:
             supervisor.stop()

@@ -1,4 +1,5 @@
-"""Command line: `python -m merger run CONFIG OUT`, `validate CONFIG`, `eval MODEL...` and `suggest BASE FT...`."""
+"""Command line: `python -m merger run CONFIG OUT`, `validate CONFIG`, `extract-lora FINETUNE BASE OUT --rank R`,
+`eval MODEL...` and `suggest BASE FT...`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import re
 import sys
 from pathlib import Path
 
-from .errors import MergerError
+from .errors import MergerError, excerpt
 from .evaluate.cli import add_commands, add_eval_flags, merge_evaluator, run_eval, run_report, run_suggest
 from .parse import read_config_file
 
@@ -45,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("config", type=Path)
     validate.add_argument("--report", action="store_true", help="also read the weights (streaming) and report task "
                           "vector norms, cosines and sign conflicts per layer, with warnings")
+    extract = commands.add_parser("extract-lora", help="write a PEFT LoRA adapter of FINETUNE − BASE to the folder OUT")
+    extract.add_argument("finetune", help="the fine-tuned model (Hub id or folder)")
+    extract.add_argument("base", help="its base model (Hub id or folder)")
+    extract.add_argument("out", type=Path, help="adapter folder (new, or empty)")
+    target = extract.add_mutually_exclusive_group(required=True)
+    target.add_argument("--rank", type=int, help="the rank of every matrix's LoRA (at most the matrix's own)")
+    target.add_argument("--energy", type=float, help="the share of each change's energy kept, e.g. 0.9 (ranks vary)")
     add_commands(commands)
     return parser
 
@@ -68,7 +76,7 @@ def _run(args: argparse.Namespace) -> None:
         # Before the merge: a target the user may not write to must not cost a whole merge.
         target = check_push_target(args.push_to, token, private=args.private, reuse_repo=args.reuse_repo)
         args.push_to = target.repo_id
-    text = read_config_file(args.config)
+    text = _read_config(args.config)
     bars: list[tqdm] = []  # made at the first tensor, so a config error prints no empty bar
 
     def progress(fraction: float, name: str) -> None:
@@ -94,17 +102,52 @@ def _run(args: argparse.Namespace) -> None:
         print(f"pushed to {url}")
 
 
+def _extract_lora(args: argparse.Namespace) -> None:
+    from huggingface_hub import get_token
+
+    from .lora.extract import extract_lora
+
+    print(f"{'tensor':60s} {'shape':>14s} {'rank':>6s} {'energy':>8s} {'rel. error':>10s}")
+
+    def show(row) -> None:
+        shape = "×".join(map(str, row.shape))
+        print(f"{row.name:60s} {shape:>14s} {row.rank or 'whole':>6} {row.energy:8.4f} {row.relative_error:10.4f}")
+
+    rows = extract_lora(args.finetune, args.base, args.out, rank=args.rank, energy=args.energy, token=get_token(),
+                        progress=show)
+    print(f"wrote {args.out}: {len(rows)} tensors, lowest retained energy {min(r.energy for r in rows):.4f}")
+
+
 def _validate(args: argparse.Namespace) -> None:
     from huggingface_hub import get_token
 
     from .validate import validate_config
 
-    report = validate_config(read_config_file(args.config), token=get_token())
+    report = validate_config(_read_config(args.config), token=get_token())
     print(f"OK: {report.summary()}")
     print(f"layers: {report.num_layers}")
     print(f"parameters: {report.parameter_count}")
     if args.report:
-        run_report(read_config_file(args.config), get_token())
+        run_report(_read_config(args.config), get_token())
+
+
+def _read_config(path: Path) -> str:
+    """The config file's text, read with the parser's limits.
+
+    Raises:
+        MergerError: the file does not exist, is a folder, or cannot be read (one line, the reason named).
+        ConfigError: as :func:`merger.parse.read_config_file` (too large, not UTF-8, holds a token).
+    """
+    shown = excerpt(str(path), 200)
+    if path.is_dir():
+        raise MergerError(f"config file `{shown}` is a folder; give the path of a YAML file")
+    try:
+        return read_config_file(path)
+    except FileNotFoundError:
+        raise MergerError(f"config file `{shown}` does not exist") from None
+    except OSError as err:
+        raise MergerError(f"config file `{shown}` cannot be read ({err.strerror or type(err).__name__}); "
+                          "check its permissions") from None
 
 
 class _TqdmHandler(logging.Handler):
@@ -124,14 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     logger.addHandler(handler)
     logger.propagate = False  # for this call only: warnings print once, above the bar
     try:
-        if args.command in ("run", "validate") and not args.config.is_file():
-            raise MergerError(f"config file `{args.config}` does not exist")
+        if args.command == "extract-lora":
+            _extract_lora(args)
+            return 0
         if args.command in ("eval", "suggest"):
             from huggingface_hub import get_token
 
             (run_eval if args.command == "eval" else run_suggest)(args, get_token())
-        else:
-            (_run if args.command == "run" else _validate)(args)
+            return 0
+        if not args.config.is_file():  # before any other work; _read_config says why
+            _read_config(args.config)
+        (_run if args.command == "run" else _validate)(args)
     except MergerError as err:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)  # the class name: a stable label for scripts
         return 2

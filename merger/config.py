@@ -55,52 +55,85 @@ Parameters = dict[str, ParameterSetting]
 
 
 class ModelReference(BaseModel):
-    """A model as a config names it: a Hub id or a local path, optionally with `@revision`.
+    """A model as a config names it: a Hub id or a local path, optionally with `@revision` and a LoRA.
 
     Attributes:
         model: the Hub repo id or local directory, as written (minus the revision).
         revision: the Hub revision (branch, tag or commit), if given.
+        lora: a PEFT LoRA adapter applied to the model as it is read (`model+lora`, or the
+            `{model, lora}` form): a Hub id (optionally `@revision`) or a local folder; None without.
     """
 
     model_config = ConfigDict(frozen=True)
     model: str
     revision: str | None = None
+    lora: str | None = None
 
     @classmethod
     def parse(cls, value: Any) -> "ModelReference":
-        """Parse `"org/name"`, `"org/name@rev"`, `"./local/dir"` or a `{model, revision}` dict."""
+        """Parse `"org/name"`, `"org/name@rev"`, `"./local/dir"`, `"org/name+org/adapter"` or a
+        `{model, revision, lora}` dict (mergekit's `{model: {path}, lora: {path}}` too)."""
         if isinstance(value, ModelReference):
             return value
         if isinstance(value, dict):
-            if value.get("lora"):
-                raise ValueError(f"LoRA references are not supported yet, got lora `{excerpt(value['lora'])}`; "
-                                 "merge the LoRA into its base first")
-            if not isinstance(value.get("model"), str) or not value["model"].strip():
-                raise ValueError(f"must give `model:` as a Hub id or a local path, got `{excerpt(value)}`")
-            _check_length(value["model"])
-            return cls(model=value["model"], revision=value.get("revision"))
+            model, revision = _path_and_revision(value.get("model"), "model")
+            lora = _lora_text(value["lora"]) if value.get("lora") is not None else None
+            return cls(model=model, revision=revision or value.get("revision"), lora=lora)
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"must be a Hub id like `org/name` or a local path, got `{excerpt(value)}`")
         _check_length(value)
         text = value.strip()
+        lora = None
         if "+" in text and not os.path.exists(text):
-            raise ValueError(f"LoRA references (`model+lora`) are not supported yet, got `{excerpt(text)}`; "
-                             "merge the LoRA into its base first")
+            text, lora = text.split("+", 1)
+            if not text.strip() or not lora.strip():
+                raise ValueError(f"a LoRA reference is `model+adapter`, got `{excerpt(value)}`; give both parts")
         if "@" in text and not os.path.exists(text):
             model, revision = text.rsplit("@", 1)
-            return cls(model=model, revision=revision or None)
-        return cls(model=text)
+            return cls(model=model, revision=revision or None, lora=lora)
+        return cls(model=text, lora=lora)
+
+    @property
+    def base(self) -> "ModelReference":
+        """The model without its LoRA (itself when it has none)."""
+        return ModelReference(model=self.model, revision=self.revision) if self.lora else self
 
     @property
     def key(self) -> str:
         """Canonical identity: trailing slashes and `./` dropped, so spellings of one model compare equal."""
-        path = self.model.rstrip("/")
-        if path.startswith(("./", "../", "/", "~")) or os.path.isdir(path):
-            path = os.path.normpath(os.path.expanduser(path))
-        return f"{path}@{self.revision}" if self.revision else path
+        key = f"{_canonical(self.model)}@{self.revision}" if self.revision else _canonical(self.model)
+        return f"{key}+{_canonical(self.lora)}" if self.lora else key
 
     def __str__(self) -> str:
-        return f"{self.model}@{self.revision}" if self.revision else self.model
+        text = f"{self.model}@{self.revision}" if self.revision else self.model
+        return f"{text}+{self.lora}" if self.lora else text
+
+
+def _canonical(path: str) -> str:
+    path = path.rstrip("/")
+    if path.startswith(("./", "../", "/", "~")) or os.path.isdir(path):
+        path = os.path.normpath(os.path.expanduser(path))
+    return path
+
+
+def _path_and_revision(value: Any, field: str) -> tuple[str, str | None]:
+    """`(path, revision)` of a `model:`/`lora:` value: a string, or mergekit's `{path, revision}`."""
+    if isinstance(value, dict) and set(value) <= {"path", "revision"}:
+        value, revision = value.get("path"), value.get("revision")
+    else:
+        revision = None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"must give `{field}:` as a Hub id or a local path, got `{excerpt(value)}`")
+    _check_length(value)
+    if revision is not None and not isinstance(revision, str):
+        raise ValueError(f"`{field}.revision` must be text, got `{excerpt(revision)}`")
+    return value.strip(), revision
+
+
+def _lora_text(value: Any) -> str:
+    """A `lora:` value as `path` or `path@revision`."""
+    path, revision = _path_and_revision(value, "lora")
+    return f"{path}@{revision}" if revision else path
 
 
 def _check_length(reference: str) -> None:
@@ -409,7 +442,15 @@ def load_config(text: str) -> AnyConfig:
             ListTooLongError, StringTooLongError), InvalidYamlError, MultiDocumentError,
             TokenInConfigError, ChatTemplateError, ParameterValueError, UnknownMethodError.
     """
-    data = parse_config_text(text)
+    return config_from_value(parse_config_text(text))
+
+
+def config_from_value(data: Any) -> AnyConfig:
+    """Check an already parsed config value (one document of :func:`merger.parse.parse_config_documents`).
+
+    Raises:
+        ConfigError and its subclasses: as :func:`load_config`.
+    """
     if not isinstance(data, dict):
         raise ConfigError("the config must be a YAML mapping with `merge_method` (or `experts` for a MoE)")
     schema = MoEConfig if "experts" in data else MergeConfig

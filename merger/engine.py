@@ -32,7 +32,8 @@ from .errors import ConfigError, DiskSpaceError, MergerError
 from .executor import Progress, execute_plan
 from .plan import MergePlan
 from .remote_code import needs_remote_code, remote_code_files
-from .resolve import materialize
+from .resolve import materialize, materialize_adapters
+from .stages import is_multi_stage, run_stages
 from .tokenizer_files import write_tokenizer
 from .validate import plan_config
 from .writer import format_bytes, output_error
@@ -107,8 +108,8 @@ def run_merge(
         seed: seed of DARE/DELLA masks and random gates; overrides the config's `seed` (default 0).
         progress: called after each tensor with (fraction done 0–1, tensor name).
         should_cancel: polled before each tensor; True stops the run with :class:`MergeCancelled`.
-        evaluate: called with the finished (staged) output folder and the input folders (key -> folder)
-            before the output is moved into place; the markdown it returns goes into the card's
+        evaluate: called with the finished (staged) output folder and the input folders (key -> folder;
+            `model+lora` inputs left out, their folder being the base without the adapter) before the output is moved into place; the markdown it returns goes into the card's
             Evaluation section (see :mod:`merger.evaluate`).
 
     Returns:
@@ -122,6 +123,12 @@ def run_merge(
         OutputWriteError: the OS refused another write (the path and its reason).
         NonFiniteWeightsError / NonFiniteOutputError: a merged tensor would hold NaN or inf.
     """
+    if is_multi_stage(config_text):  # mergekit-multi: each stage is a run_merge of its own
+        if evaluate is not None:
+            raise ConfigError("`--eval` does not evaluate multi-stage configs yet; after the merge, run "
+                              "`python -m merger eval OUT PARENT... --merge OUT`")
+        return run_stages(config_text, out_dir, device=device, token=token, shard_size=shard_size, title=title,
+                          seed=seed, progress=progress, should_cancel=should_cancel)
     started = time.monotonic()
     config = load_config(config_text)
     SEED.check("--random-seed", seed)
@@ -136,16 +143,18 @@ def run_merge(
     remove_stale_staging(out_dir.parent)
     check_free_space(out_dir, needed)
     dirs = materialize(list(plan.models), token)
+    adapters = materialize_adapters(list(plan.models), token)
 
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        execute_plan(plan, dirs, staging, pick_device(device), shard_size, progress, should_cancel)
+        execute_plan(plan, dirs, staging, pick_device(device), shard_size, progress, should_cancel, adapters)
         _write_files(plan, dirs, staging, config_text, metadata, title or out_dir.name)
         if evaluate is not None:  # the staged folder is a complete model: score it, then card the table
-            _write_card(plan, dirs, staging, config_text, metadata, title or out_dir.name, evaluate(staging, dirs))
+            parents = {key: folder for key, folder in dirs.items() if key not in adapters}  # a LoRA input's folder is its base
+            _write_card(plan, dirs, staging, config_text, metadata, title or out_dir.name, evaluate(staging, parents))
         _replace_dir(staging, out_dir)
     except OSError as err:
         if isinstance(err, MergerError):

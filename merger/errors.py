@@ -251,6 +251,22 @@ class ValidationTimeoutError(MergerError, TimeoutError):
     """Checking a config against the models' metadata took longer than its limit (`MERGER_VALIDATION_TIMEOUT_S`)."""
 
 
+# ---------------------------------------------------------------- LoRA adapters and multi-stage configs (issue 11)
+
+
+class LoraAdapterError(ModelFileError):
+    """A LoRA adapter (`model+lora`) is not a PEFT LoRA merger can apply: missing or broken
+    `adapter_config.json`, no safetensors weights, DoRA, unpaired or misshapen `lora_A`/`lora_B`."""
+
+
+class AdapterTargetError(LoraAdapterError):
+    """A LoRA adapter targets a tensor its model lacks, or one of another shape."""
+
+
+class StageError(ConfigError):
+    """A multi-stage config is inconsistent: a duplicate or missing `name:`, a stage naming a later
+    stage, or too many stages."""
+
 # ---------------------------------------------------------------- evaluation, weight report, suggestion (issue 13)
 
 

@@ -33,6 +33,7 @@ import torch
 from .buffers import BufferPool, keep_freed_memory
 from .errors import MergeCancelled, NonFiniteOutputError, NonFiniteWeightsError
 from .loader import STORAGE_DTYPES, TensorReader
+from .lora.apply import open_reader
 from .methods import MergeMethod, get_method
 from .moe import gate_weights
 from .plan import MergePlan, TensorJob, TensorSource
@@ -81,6 +82,7 @@ def execute_plan(
     shard_size: int,
     progress: Progress | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    adapters: dict[str, Path] | None = None,
 ) -> None:
     """Write every tensor of `plan` into safetensors shards in `out_dir`.
 
@@ -92,6 +94,7 @@ def execute_plan(
         shard_size: bytes of tensor data per shard.
         progress: called after each tensor is written with (fraction done, tensor name).
         should_cancel: polled before each tensor; True raises :class:`MergeCancelled`.
+        adapters: model key -> local LoRA adapter folder, for `model+lora` inputs (applied as read).
 
     Raises:
         MergeCancelled: `should_cancel()` returned True.
@@ -104,7 +107,7 @@ def execute_plan(
     threads = torch.get_num_threads()
     torch.set_num_threads(_math_threads(plan, threads))
     try:
-        _execute(plan, dirs, out_dir, device, shard_size, progress, should_cancel)
+        _execute(plan, dirs, out_dir, device, shard_size, progress, should_cancel, adapters or {})
     finally:
         torch.set_num_threads(threads)
 
@@ -126,9 +129,17 @@ def _execute(
     shard_size: int,
     progress: Progress | None,
     should_cancel: Callable[[], bool] | None,
+    adapters: dict[str, Path],
 ) -> None:
     pool = BufferPool(max_retained=0)
-    readers = {key: TensorReader(dirs[key], pool) for key in sorted({s.model for j in plan.jobs for s in _sources(j)})}
+    readers: dict[str, TensorReader] = {}
+    try:
+        for key in sorted({s.model for j in plan.jobs for s in _sources(j)}):
+            readers[key] = open_reader(dirs[key], pool, adapters.get(key), key)
+    except BaseException:  # a broken file or adapter: the files opened so far are closed
+        for r in readers.values():
+            r.close()
+        raise
     largest = max((sum(readers[s.model].nbytes(s.name) for s in _sources(j)) for j in plan.jobs), default=0)
     pool.max_retained = max(MIN_BUDGET, largest)  # idle buffers kept: a few layers' working sets
     budget = _Budget(max(MIN_BUDGET, largest))

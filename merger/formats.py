@@ -19,8 +19,9 @@ from .errors import (
     QuantizedWeightsError,
     SafetensorsHeaderError,
     UnsafeWeightsError,
+    excerpt,
 )
-from .modelfiles import excerpt, parse_json_object
+from .modelfiles import parse_json_object
 
 if TYPE_CHECKING:
     from .metadata import ModelMetadata
@@ -97,7 +98,8 @@ def adapter_message(reference: str, adapter: dict, evidence: str = ADAPTER_CONFI
     base = adapter.get("base_model_name_or_path")
     base_text = f" for `{excerpt(base)}`" if isinstance(base, str) and base else ""
     return (
-        f"model `{reference}` is a PEFT {kind} adapter{base_text} ({evidence}), not a full model. Merge "
+        f"model `{reference}` is a PEFT {kind} adapter{base_text} ({evidence}), not a full model. Name it "
+        f"with its base as `BASE+{excerpt(reference)}` (a LoRA is applied as the base is read), or merge "
         "it into its base model first (peft: `PeftModel.from_pretrained(base, adapter).merge_and_unload()"
         ".save_pretrained(DIR)`), then use DIR or that model's repo here"
     )

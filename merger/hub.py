@@ -32,11 +32,13 @@ from .constants import CONFIG_FILE, HUB_ALLOW_PATTERNS, SAFETENSORS_INDEX_FILE, 
 from .errors import (
     ConfigError,
     HubError,
+    LoraAdapterError,
     MergerError,
     ModelNotFoundError,
     PushTargetError,
     TruncatedWeightsError,
     WeightIndexError,
+    excerpt,
 )
 from .formats import refuse_non_checkpoint_files
 from .metadata import ModelMetadata, TensorMeta, read_model_config
@@ -44,7 +46,6 @@ from .modelfiles import (
     TensorEntry,
     check_header,
     check_index_matches,
-    excerpt,
     header_length,
     parse_header,
     parse_weight_map,
@@ -151,6 +152,35 @@ def download_tokenizer(reference: str, token: str | None = None) -> Path:
         info = api.model_info(repo_id, revision=revision)
         patterns = [CONFIG_FILE, *TOKENIZER_FILES]
         return Path(api.snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns))
+
+
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
+MAX_ADAPTER_BYTES = 8 * 2**30  # a rank-256 adapter of a 70B model is about 6 GB
+
+
+def download_adapter(reference: str, token: str | None = None) -> Path:
+    """Download a Hub LoRA adapter's `adapter_config.json` and `adapter_model.safetensors` only.
+
+    Args:
+        reference (`str`): `"org/name"` or `"org/name@revision"`.
+        token (`str`, *optional*): a Hugging Face token; defaults to HF_TOKEN or the saved login.
+
+    Returns:
+        `Path`: the local snapshot directory (its files are checked by :mod:`merger.lora.adapter`).
+
+    Raises:
+        [`~merger.errors.ModelNotFoundError`], [`~merger.errors.HubError`]: as :func:`download_model`.
+        [`~merger.errors.LoraAdapterError`]: the adapter's weights are over 8 GB.
+    """
+    repo_id, revision = split_reference(reference)
+    api = HfApi(token=token)
+    with _reading(reference, token):
+        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+        size = sum(s.size or 0 for s in info.siblings or [] if s.rfilename in ADAPTER_FILES)
+        if size > MAX_ADAPTER_BYTES:
+            raise LoraAdapterError(f"LoRA `{reference}`: its files are {size / 2**30:.1f} GB, over the "
+                                   f"{MAX_ADAPTER_BYTES // 2**30} GB limit for an adapter")
+        return Path(api.snapshot_download(repo_id, revision=info.sha, allow_patterns=ADAPTER_FILES))
 
 
 def fetch_metadata(reference: str, token: str | None = None) -> ModelMetadata:
@@ -410,6 +440,8 @@ def _remote_header(api: HfApi, info: ModelInfo, filename: str, where: str) -> di
 
     def byte_range(first: int, last: int) -> bytes:
         response = get_session().get(url, headers={**headers, "range": f"bytes={first}-{last}"}, timeout=HUB_TIMEOUT)
+        if response.status_code == 416:  # Range Not Satisfiable: the file ends before `first` (a 0-byte file)
+            return b""
         hf_raise_for_status(response)
         return response.content
 
@@ -430,11 +462,9 @@ def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError:
-        shown = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in repo_id[:100]).replace("`", "'")
-        shown += f"… ({len(repo_id):,} characters)" if len(repo_id) > 100 else ""  # a bounded, one-line echo
         raise ConfigError(
-            f"`repo`: `{shown}` is not a valid Hub repo id; use `name` or `namespace/name` made of letters, "
-            "digits, `-`, `_` and `.` (no `--` or `..`, not starting or ending with `-` or `.`, "
+            f"`repo`: `{excerpt(repo_id, 100)}` is not a valid Hub repo id; use `name` or `namespace/name` made of "
+            "letters, digits, `-`, `_` and `.` (no `--` or `..`, not starting or ending with `-` or `.`, "
             "at most 96 characters)."
         ) from None
 

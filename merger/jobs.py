@@ -20,6 +20,7 @@ Paths are looked up on :mod:`merger.constants` at call time, so tests can point 
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import time
@@ -29,8 +30,8 @@ from enum import Enum
 from pathlib import Path
 
 from . import constants
-from .errors import JobAccessError, JobLimitError, TokenInConfigError
-from .tokens import TOKEN_PATTERN
+from .errors import JobAccessError, JobLimitError
+from .parse import refuse_tokens
 
 _BUSY_TIMEOUT_S = 10.0  # how long a statement waits for the other process's write to finish
 
@@ -169,7 +170,7 @@ def submit(
     # Imported here rather than at the top: the worker imports this module for the records.
     from .worker import enqueue
 
-    _refuse_tokens(config_yaml, token)
+    refuse_tokens(config_yaml, token)
     job_id = uuid.uuid4().hex
     now = time.time()
     conn = _connect()
@@ -480,14 +481,6 @@ def pending_repos() -> list[tuple[str, str, bytes]]:
 # ---------------------------------------------------------------- storage
 
 
-def _refuse_tokens(config_yaml: str, token: str) -> None:
-    if TOKEN_PATTERN.search(config_yaml) or (token and token in config_yaml):
-        raise TokenInConfigError(
-            "the config contains a Hugging Face token (`hf_...`), perhaps in a comment; remove it: the config "
-            "is stored with the job and pushed with the model"
-        )
-
-
 def _existing_job(job_id: str) -> Job:
     job = get_job(check_job_id(job_id))
     if job is None:
@@ -535,7 +528,7 @@ def _execute(sql: str, params: tuple) -> int:
 def _connect() -> sqlite3.Connection:
     # A connection per call: both processes touch this file, and short-lived connections hold no locks.
     path = Path(constants.JOBS_DB)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    create_private_file(path)
     conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
     conn.row_factory = sqlite3.Row
     try:
@@ -546,6 +539,19 @@ def _connect() -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def create_private_file(path: Path) -> None:
+    """Create `path` (and its folder) readable by this user only, if it does not exist yet.
+
+    SQLite gives its `-wal` and `-shm` files the database's mode, so they are owner-only too: the records
+    hold configs and owners, the queue sealed tokens.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:

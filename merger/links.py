@@ -17,7 +17,6 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from .errors import ConfigError, InvalidYamlError, MultiDocumentError, excerpt
 from .parse import LIMITS, parse_config_text
-from .tokens import TOKEN_PATTERN
 
 QUERY_KEY = "config"
 MAX_PAYLOAD_CHARS = 64 * 1024  # far above any real config; keeps a hostile link from costing much
@@ -38,15 +37,17 @@ def encode_config(yaml_text: str) -> str:
         URL-safe base64 (no `=` padding) of the zlib-compressed UTF-8 text.
 
     Raises:
-        ConfigError: the YAML contains what looks like a Hugging Face token (never share one).
+        ConfigError: whatever :func:`decode_config` would refuse, found at share time: a token
+            (TokenInConfigError), a parsing limit (the errors of :func:`merger.parse.parse_config_text`),
+            or a payload over `MAX_PAYLOAD_CHARS`.
     """
-    if TOKEN_PATTERN.search(yaml_text):
-        raise ConfigError(
-            "the config contains what looks like a Hugging Face token (`hf_...`); remove it before sharing: "
-            "a link must never carry a token"
-        )
+    _parse_for_link(yaml_text)
     packed = zlib.compress(yaml_text.encode("utf-8"), 9)
-    return base64.urlsafe_b64encode(packed).decode("ascii").rstrip("=")
+    payload = base64.urlsafe_b64encode(packed).decode("ascii").rstrip("=")
+    if len(payload) > MAX_PAYLOAD_CHARS:
+        raise ConfigError(f"the config packs into {len(payload):,} characters, over a link's {MAX_PAYLOAD_CHARS:,}; "
+                          "remove what is not part of the merge (comments, unused keys) and share again")
+    return payload
 
 
 def decode_config(payload: str) -> str:
@@ -79,11 +80,16 @@ def decode_config(payload: str) -> str:
         raise
     except (binascii.Error, ValueError, zlib.error) as err:
         raise ConfigError(_DAMAGED.format(why=f"it does not unpack: {excerpt(str(err), 120)}")) from None
+    _parse_for_link(yaml_text)
+    return yaml_text
+
+
+def _parse_for_link(yaml_text: str) -> None:
+    """The limits a link's YAML must keep, the same when it is made and when it is opened."""
     try:
         parse_config_text(yaml_text)
     except (InvalidYamlError, MultiDocumentError):
         pass  # shown in the editor, where the user can fix it
-    return yaml_text
 
 
 def share_url(base_url: str, yaml_text: str) -> str:

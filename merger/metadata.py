@@ -12,11 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .constants import CONFIG_FILE, SAFETENSORS_INDEX_FILE
-from .errors import ModelConfigFileError, ModelNotFoundError, WeightIndexError
+from .errors import ModelConfigFileError, ModelNotFoundError, WeightIndexError, excerpt
 from .formats import refuse_non_checkpoint_files
 from .modelfiles import (
     check_index_matches,
-    excerpt,
     parse_json_object,
     read_bytes,
     read_index,

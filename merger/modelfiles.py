@@ -20,6 +20,7 @@ from .errors import (
     TruncatedWeightsError,
     UnreadableModelFileError,
     WeightIndexError,
+    excerpt,
 )
 
 MAX_JSON_BYTES = 64 * 2**20  # config.json and index files; the largest real ones are a few MB
@@ -34,13 +35,6 @@ DTYPE_BITS = {
 
 # (shape, dtype, begin, end): one tensor's entry, its byte range relative to the data section
 TensorEntry = tuple[tuple[int, ...], str, int, int]
-
-
-def excerpt(value: object, limit: int = 60) -> str:
-    """A short, printable excerpt of a hostile value for an error message."""
-    text = value if isinstance(value, str) else repr(value)
-    text = text.encode("unicode_escape").decode("ascii")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def read_bytes(path: Path, limit: int = MAX_JSON_BYTES) -> bytes:

@@ -13,7 +13,8 @@ value and the fix:
   node, so a "billion laughs" bomb costs a few thousand steps and no memory;
 - lists or mappings over :attr:`Limits.max_entries`, keys over :attr:`Limits.max_key_chars`, strings
   over :attr:`Limits.max_string_chars` (:attr:`Limits.max_text_chars` for `chat_template`);
-- several documents in one text (mergekit-mega / mergekit-multi files).
+- several documents in one text, where one config is expected (:func:`parse_config_documents`
+  reads multi-stage configs).
 
 Events come from libyaml's C parser (no recursion); PyYAML's Python composer, where the counts hook
 in, builds the node graph; PyYAML's safe constructor builds the value.
@@ -175,13 +176,59 @@ def parse_config_text(text: str | bytes, limits: Limits = LIMITS) -> Any:
     except yaml.composer.ComposerError as err:
         if "expected a single document" in str(err.context):
             raise MultiDocumentError(
-                "the text holds several YAML documents separated by `---` (the mergekit-mega / mergekit-multi "
-                "format); merge one config at a time: keep one document and run the others separately"
+                "the text holds several YAML documents separated by `---` (a multi-stage, mergekit-multi config) "
+                "where one config is expected; run it with `python -m merger run`, or keep one document here"
             ) from None
         raise _invalid(err) from None
     except yaml.YAMLError as err:
         raise _invalid(err) from None
     except (ValueError, OverflowError) as err:  # a scalar the constructor cannot convert (e.g. a bad date)
+        raise InvalidYamlError(f"the config holds a value YAML cannot read ({excerpt(str(err))}); quote it") from None
+    finally:
+        loader.dispose()
+
+
+MAX_STAGES = 16  # documents of a multi-stage (mergekit-multi) config
+
+
+def parse_config_documents(text: str | bytes, limits: Limits = LIMITS) -> list[tuple[Any, str]]:
+    """Parse a config of one or several `---` separated documents (mergekit-multi), every limit checked.
+
+    The text's size is limited as a whole; nodes and aliases are counted over all documents together
+    (a document is never allowed more than a single config), depth and lengths per value.
+
+    Args:
+        text: the YAML (bytes must be UTF-8).
+        limits: the bounds.
+
+    Returns:
+        One `(value, text)` per non-empty document, in order: its parsed value and its own lines of the text.
+
+    Raises:
+        ConfigTooLargeError, TokenInConfigError, InvalidYamlError: as :func:`parse_config_text`.
+        MultiDocumentError: more than :data:`MAX_STAGES` documents.
+    """
+    text = _checked_text(text, limits)
+    lines = text.splitlines(keepends=True)
+    loader = _LimitedLoader(text, limits)
+    documents: list[tuple[Any, str]] = []
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None or (isinstance(node, yaml.ScalarNode) and node.value == ""):
+                continue
+            if len(documents) == MAX_STAGES:
+                raise MultiDocumentError(f"the config holds more than {MAX_STAGES} YAML documents (stages); "
+                                         f"a multi-stage merge takes at most {MAX_STAGES}: split it into several runs")
+            _check_expanded(node, limits)
+            end = node.end_mark.line + (1 if node.end_mark.column else 0)
+            documents.append((loader.construct_document(node), "".join(lines[node.start_mark.line:end])))
+        return documents
+    except ConfigError:
+        raise
+    except yaml.YAMLError as err:
+        raise _invalid(err) from None
+    except (ValueError, OverflowError) as err:
         raise InvalidYamlError(f"the config holds a value YAML cannot read ({excerpt(str(err))}); quote it") from None
     finally:
         loader.dispose()
@@ -217,10 +264,27 @@ def _checked_text(text: str | bytes, limits: Limits) -> str:
                                "remove it") from None
     if size > limits.max_bytes:
         raise ConfigTooLargeError(_too_large(size, limits))
-    if TOKEN_PATTERN.search(text):
-        line = text.count("\n", 0, TOKEN_PATTERN.search(text).start()) + 1
-        raise TokenInConfigError(_TOKEN_MESSAGE.format(where=f" on line {line}"))
+    refuse_tokens(text)
     return text
+
+
+def refuse_tokens(text: str, secret: str | None = None) -> None:
+    """Refuse text holding anything shaped like a Hub token, or `secret` itself (comments included).
+
+    The one token check for config text: the parser, the job queue and share links all call it.
+
+    Args:
+        text: the config YAML.
+        secret: a token known to the caller (e.g. the submitter's), refused even if not token-shaped.
+
+    Raises:
+        TokenInConfigError: naming the line, never the token.
+    """
+    found = TOKEN_PATTERN.search(text)
+    start = found.start() if found else (text.find(secret) if secret else -1)
+    if start >= 0:
+        line = text.count("\n", 0, start) + 1
+        raise TokenInConfigError(_TOKEN_MESSAGE.format(where=f" on line {line}"))
 
 
 def _too_large(size: int, limits: Limits) -> str:

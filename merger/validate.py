@@ -14,14 +14,23 @@ from .timeouts import run_limited
 from .tokenizer import Vocabulary, load_vocabulary
 
 
-def plan_config(config: AnyConfig, token: str | None) -> tuple[MergePlan, dict[str, ModelMetadata]]:
+def plan_config(
+    config: AnyConfig, token: str | None, known: dict[str, ModelMetadata] | None = None
+) -> tuple[MergePlan, dict[str, ModelMetadata]]:
     """Plan either schema (mergekit merge or mergekit-moe) from metadata, fetching no weights.
+
+    Args:
+        config: the parsed config.
+        token: a Hub token.
+        known: metadata of models not written yet (a multi-stage config's intermediates), by model key.
 
     Returns:
         The plan, and every referenced model's metadata (canonical key -> metadata).
     """
     refs = config.referenced_models()
-    metadata = fetch_metadata(refs, token)
+    known = known or {}
+    metadata = fetch_metadata([r for r in refs if r.base.key not in known], token)
+    metadata.update({r.key: known[r.base.key] for r in refs if r.base.key in known})
     if isinstance(config, MoEConfig):
         plan = build_moe_plan(config, metadata)
         vocabulary = _tokenizer_if_any(next(ref for ref in refs if ref.key == plan.tokenizer_donor), metadata, token)
@@ -37,7 +46,7 @@ TOKENIZER_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json",
 
 def _tokenizer_if_any(ref: ModelReference, metadata: dict[str, ModelMetadata], token: str | None) -> Vocabulary | None:
     """The model's tokenizer vocabulary (Hub: tokenizer files only), or None when it ships no tokenizer."""
-    path = local_path(ref) or hub.download_tokenizer(str(ref), token=token)
+    path = local_path(ref.base) or hub.download_tokenizer(str(ref.base), token=token)
     if not any((path / name).is_file() for name in TOKENIZER_VOCABULARY_FILES):
         return None
     return load_vocabulary(path, embedding_rows(metadata[ref.key]))
@@ -93,6 +102,10 @@ def validate_config(text: str, token: str | None = None, timeout_s: float | None
 
 
 def _report(text: str, token: str | None) -> ValidationReport:
+    from .stages import is_multi_stage
+
+    if is_multi_stage(text):
+        return _stages_report(text, token)
     plan, _ = plan_config(load_config(text), token)
     return ValidationReport(
         method=plan.method_name,
@@ -102,4 +115,28 @@ def _report(text: str, token: str | None) -> ValidationReport:
         parameter_count=plan.parameter_count,
         architecture=(plan.output_config.get("architectures") or ["?"])[0],
         warnings=plan.warnings,
+    )
+
+
+def _stages_report(text: str, token: str | None) -> ValidationReport:
+    """A multi-stage config's report: every stage planned from metadata (intermediates from their stage's
+    plan); the last stage that could be planned before running describes the output."""
+    from pathlib import Path
+
+    from .stages import external_models, plan_stages
+
+    work = Path(".stages-validation").resolve()  # a name only: nothing is written
+    plans = plan_stages(text, token, work)
+    planned = [p for p in plans if p is not None]
+    plan = planned[-1][0]
+    unchecked = [f"stage {i + 1} reads an earlier stage and edits the tokenizer: it is checked when it runs"
+                 for i, p in enumerate(plans) if p is None]
+    return ValidationReport(
+        method=plan.method_name,
+        pretty_name=f"{len(plans)} stages, ending in {plan.pretty_name}" if plans[-1] else f"{len(plans)} stages",
+        models=tuple(m for m, _ in external_models(planned, work)),
+        num_layers=plan.num_layers,
+        parameter_count=plan.parameter_count,
+        architecture=(plan.output_config.get("architectures") or ["?"])[0],
+        warnings=tuple(w for p, _ in planned for w in p.warnings) + tuple(unchecked),
     )

@@ -32,9 +32,9 @@ def served_app(data: Path) -> Iterator[tuple[Client, object]]:
     os.environ["HF_TOKEN"] = TOKEN
     os.environ[constants.QUEUE_KEY_ENV] = Fernet.generate_key().decode()
     demo = app.build_demo()
-    demo.queue()
     try:
-        _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+        _, url, _ = app.serve(demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(),
+                              quiet=True)
         yield Client(url, verbose=False), demo
     finally:
         demo.close()

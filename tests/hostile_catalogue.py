@@ -23,6 +23,7 @@ from merger.errors import (
     InvalidYamlError,
     ListTooLongError,
     MultiDocumentError,
+    StageError,
     NestingTooDeepError,
     ParameterValueError,
     StringTooLongError,
@@ -140,9 +141,11 @@ CATALOGUE: list[Hostile] = [
     Hostile("70000-char-template", "size", _slerp("0.5") + "chat_template: '{{ x }}" + "y" * 70_000 + "'\n",
             StringTooLongError),
     # ---- several documents, broken YAML
-    Hostile("two-documents", "multi-document", SLERP + "---\n" + SLERP, MultiDocumentError),
-    Hostile("mergekit-mega", "multi-document", "name: first\n" + _slerp("0.5") + "---\nname: second\n" + _slerp("0.3"),
-            MultiDocumentError),
+    # multi-stage configs (mergekit-multi) run; these break its rules
+    Hostile("two-documents-unnamed", "multi-document", SLERP + "---\n" + SLERP, StageError),
+    Hostile("17-stages", "multi-document", "---\n".join(f"name: s{i}\n" + SLERP for i in range(17)), MultiDocumentError),
+    Hostile("stage-naming-itself", "multi-document", "name: a\nmerge_method: linear\nmodels: [{model: a}]\n", StageError),
+    Hostile("duplicate-stage-names", "multi-document", "name: a\n" + SLERP + "---\nname: a\n" + SLERP, StageError),
     Hostile("python-tag", "yaml", SLERP + "x: !!python/object/apply:os.system ['true']\n", InvalidYamlError),
     Hostile("unclosed-flow", "yaml", "merge_method: slerp\nmodels: [unclosed\n", InvalidYamlError),
     Hostile("bad-date", "yaml", SLERP + "x: 2024-13-45\n", InvalidYamlError),
@@ -229,4 +232,3 @@ CATALOGUE: list[Hostile] = [
     Hostile("link-not-base64", "link", "<script>alert(1)</script>", ConfigError, via="payload"),
 ]
 
-CLI_CASES = ("billion-laughs", "20000-brackets", "token-in-comment")  # also run through `python -m merger validate`

@@ -16,17 +16,26 @@ Channels (see :data:`CHANNELS_FOR`): `cli_validate` / `cli_run` (`python -m merg
 `app_validate`, `app_submit` (a job: `/submit`, then, if it was queued, `/job_status` until it ends), `app_share`,
 `app_load_link`, `app_job_status`, `app_job_config`, `app_cancel`.
 
-To add another catalogue (configs, model files), map its entries to :class:`HostileRequest` with the
-channels that apply, and append them to :data:`CATALOGUE`.
+The other catalogues are mapped in here, so one test sends everything: tests/hostile_catalogue.py's configs
+(:data:`CONFIGS`) and tests/test_model_files.py's broken model folders (:data:`MODEL_FILES`, served by the
+loopback Hub). To add another, map its entries to :class:`HostileRequest` with the channels that apply and
+append them to :data:`CATALOGUE`.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import random
+import tempfile
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
+
+from hostile_catalogue import CATALOGUE as CONFIG_CATALOGUE
+from hostile_catalogue import Hostile
+from test_model_files import BROKEN_MODELS, llama_tensors, write_model
 
 # The channels a value of each field can go through.
 CHANNELS_FOR = {
@@ -57,6 +66,9 @@ class HostileRequest:
         requires: an error class this entry needs that another branch adds; skipped until it exists.
         while_queued: an action the harness takes between `/submit` and the job's start (a name in
             `WHILE_QUEUED` of the test module), for what only the job itself can find.
+        model: a broken model the harness builds before sending (a key of :data:`MODEL_BUILDERS`): on the
+            loopback Hub as `alice/broken-<model>`, or, for what a Hub repo cannot hold (a symlink), in
+            :data:`LOCAL_MODELS`.
     """
 
     id: str
@@ -70,6 +82,7 @@ class HostileRequest:
     reuse: bool = False
     requires: str | None = None
     while_queued: str | None = None
+    model: str | None = None
 
     def routes(self) -> tuple[str, ...]:
         """The channels this entry goes through."""
@@ -97,6 +110,13 @@ def _noise(chars: int) -> str:
     alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
     lines = ("# " + "".join(rng.choice(alphabet) for _ in range(78)) for _ in range(chars // 81))
     return "merge_method: linear\n" + "\n".join(lines) + "\n"
+
+
+def nan_weights(folder: Path) -> None:
+    """The tiny Llama with one NaN in a weight: its headers are sound, so only reading the weights finds it."""
+    tensors = llama_tensors()
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    write_model(folder, tensors)
 
 
 BILLION_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
@@ -130,9 +150,9 @@ LINKS = [
     HostileRequest("link-yaml-bomb", "share link", "payload", pack(BILLION_LAUGHS), "YamlAliasError", requires="YamlAliasError"),
     HostileRequest("link-deep-nesting", "share link", "payload", pack("a: " + "[" * 20_000), "NestingTooDeepError",
                    requires="NestingTooDeepError"),
-    HostileRequest("share-oversized", "share link", "config", "# " + "x" * 2_000_000 + "\n", "ConfigError",
+    HostileRequest("share-oversized", "share link", "config", "# " + "x" * 2_000_000 + "\n", "ConfigTooLargeError",
                    channels=("app_share",)),
-    HostileRequest("share-link-too-long", "share link", "config", _noise(500_000), "ConfigError", channels=("app_share",)),
+    HostileRequest("share-link-too-long", "share link", "config", _noise(150_000), "ConfigError", channels=("app_share",)),
 ]
 
 REPOS = [
@@ -200,4 +220,47 @@ MODEL_IDS.append(
                    requires="StringTooLongError")
 )
 
-CATALOGUE = [*JOB_IDS, *LINKS, *REPOS, *SPACE_PATHS, *OUTPUTS, *MODEL_IDS]
+# ---------------------------------------------------------------- the other catalogues, through the same channels
+# Hostile configs (tests/hostile_catalogue.py): a config goes through the CLI (validate and run), /validate
+# and /submit (refused there, so no job is made); a link through /load_link.
+def _config_entry(entry: Hostile) -> HostileRequest:
+    name, error = f"config-{entry.id}", entry.error.__name__
+    if entry.via != "config":
+        payload = pack(entry.text) if entry.via == "link" else entry.text
+        return HostileRequest(name, entry.category, "payload", payload, error)
+    try:
+        entry.text.encode("utf-8")
+    except UnicodeEncodeError:  # not text HTTP can carry (a lone surrogate): it reaches only a file, as its bytes
+        return HostileRequest(name, entry.category, "config", entry.text, error, channels=("cli_validate", "cli_run"))
+    return HostileRequest(name, entry.category, "config", entry.text, error)
+
+
+CONFIGS = [_config_entry(entry) for entry in CONFIG_CATALOGUE]
+
+# Broken model files (tests/test_model_files.py), served by the loopback Hub next to an intact model.
+GOOD_HUB_MODEL = "alice/tiny-llama"
+LOCAL_MODELS = Path(tempfile.gettempdir()) / f"merger-hostile-models-{os.getpid()}"
+LOCAL_ONLY = {"config-symlink-loop", "weights-symlink-loop"}  # an upload follows or drops a symlink
+# Found only when the weights are read: validate passes, the run and the job fail.
+RUN_TIME = {"weights-truncated", "weights-duplicate-tensor", "weights-nan"}
+MODEL_BUILDERS = {case.id: case.build for case in BROKEN_MODELS}
+MODEL_BUILDERS["weights-nan"] = nan_weights
+MODEL_ERRORS = {**{case.id: case.error.__name__ for case in BROKEN_MODELS}, "weights-nan": "NonFiniteWeightsError"}
+
+
+def broken_model_reference(model: str) -> str:
+    """Where the harness puts the broken model `model`: a Hub repo id, or a local folder."""
+    return str(LOCAL_MODELS / model) if model in LOCAL_ONLY else f"alice/broken-{model.replace('^', '')}"
+
+
+def _model_entry(model: str) -> HostileRequest:
+    config = (f"merge_method: linear\nmodels:\n  - model: {GOOD_HUB_MODEL}\n    parameters: {{weight: 1.0}}\n"
+              f"  - model: {json.dumps(broken_model_reference(model))}\n    parameters: {{weight: 1.0}}\n")
+    channels = ("cli_run", "app_submit") if model in RUN_TIME else CHANNELS_FOR["config"]
+    return HostileRequest(f"model-file-{model}", "model file", "config", config, MODEL_ERRORS[model], channels=channels,
+                          model=model)
+
+
+MODEL_FILES = [_model_entry(model) for model in MODEL_BUILDERS]
+
+CATALOGUE = [*JOB_IDS, *LINKS, *REPOS, *SPACE_PATHS, *OUTPUTS, *MODEL_IDS, *CONFIGS, *MODEL_FILES]

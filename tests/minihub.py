@@ -485,6 +485,10 @@ class Handler(BaseHTTPRequestHandler):
         start, end = 0, size - 1
         rng = self.headers.get("Range")
         status = 200
+        if rng and (mm := re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())) and int(mm[1]) >= size:
+            # as the Hub's CDN does: a range starting at or past the end (any range of a 0-byte file)
+            return self.error(416, "RangeNotSatisfiable", "Range Not Satisfiable",
+                              headers={"Content-Range": f"bytes */{size}"})
         if rng and (mm := re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())) and size:
             start, end = int(mm[1]), min(int(mm[2]) if mm[2] else size - 1, size - 1)
             status = 206

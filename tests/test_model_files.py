@@ -359,11 +359,14 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> N
     ("weights-lfs-pointer", ["Git LFS pointer", "git lfs pull"]),
     ("peft-adapter-folder", ["LORA adapter", "org/base", "merge_and_unload"]),
 ])
-def test_cli_validate_says_one_line(case_id: str, words: list[str], tmp_path: Path) -> None:
+def test_cli_validate_says_one_line(case_id: str, words: list[str], tmp_path: Path, capsys) -> None:
+    from merger.__main__ import main
+
     next(case for case in BROKEN_MODELS if case.id == case_id).build(tmp_path / "broken")
     config = tmp_path / "merge.yml"
     config.write_text(linear_config(write_model(tmp_path / "good"), tmp_path / "broken"))
-    assert_one_line_error(cli("validate", str(config)), *words)
+    code = main(["validate", str(config)])
+    assert_one_line_error(subprocess.CompletedProcess([], code, "", capsys.readouterr().err), *words)
 
 
 # ---------------------------------------------------------------- faults of a run
@@ -430,10 +433,14 @@ def fixture_linear(tmp_path: Path) -> Path:
     return config
 
 
-def test_a_full_disk_is_refused_before_merging_by_the_cli(small_disk: Path, tmp_path: Path) -> None:
-    result = cli("run", str(fixture_linear(tmp_path)), str(small_disk / "out"), "--device", "cpu")
+def test_a_full_disk_is_refused_before_merging_by_the_cli(small_disk: Path, tmp_path: Path, hub, monkeypatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", hub.token)
+    repos = sorted(map(str, hub.store.repos))
+    result = cli("run", str(fixture_linear(tmp_path)), str(small_disk / "out"), "--device", "cpu",
+                 "--push-to", "alice/full-disk-cli")
     assert_one_line_error(result, "needs about", "free", str(small_disk))
     assert list(small_disk.iterdir()) == []
+    assert sorted(map(str, hub.store.repos)) == repos  # nothing pushed, no repo made
 
 
 def test_running_out_of_space_mid_write_is_named(small_disk: Path, tmp_path: Path, monkeypatch) -> None:
@@ -464,14 +471,9 @@ def test_stale_staging_of_dead_runs_is_removed(tmp_path: Path) -> None:
     assert not stale.exists() and (tmp_path / "out" / "model.safetensors.index.json").is_file()
 
 
-# ---------------------------------------------------------------- the same files on the Hub (headers read by range)
-
-HUB_CASES = [
-    "config-is-a-list", "config-not-utf8", "config-no-layer-count", "header-length-2^40", "header-not-utf8",
-    "header-is-a-list", "header-bf16-relabelled-f32", "header-ranges-overlap", "weights-cut-inside-header",
-    "weights-lfs-pointer", "index-missing-shard", "index-maps-to-wrong-shard", "index-shard-outside-folder",
-    "gptq-llama", "fp8-dtype", "gguf-only", "peft-adapter-folder", "pickle-only",
-]
+# ---------------------------------------------------------------- on the Hub (headers read by range)
+# tests/test_hostile_requests.py serves every entry of BROKEN_MODELS from the loopback Hub (the two symlink
+# loops, which a repo cannot hold, from a local folder) and sends it through the CLI, /validate and /submit.
 
 
 @pytest.fixture(scope="module")
@@ -479,11 +481,13 @@ def good_hub_model(hub, tmp_path_factory) -> str:
     return hub.upload_model(write_model(tmp_path_factory.mktemp("good")), "alice/tiny-llama")
 
 
-@pytest.mark.parametrize("case_id", HUB_CASES)
-def test_broken_hub_model_gets_its_named_error_at_validate(case_id: str, hub, good_hub_model: str, tmp_path: Path) -> None:
-    case = next(case for case in BROKEN_MODELS if case.id == case_id)
-    case.build(tmp_path / "broken")
-    repo = hub.upload_model(tmp_path / "broken", f"alice/broken-{case_id.replace('^', '')}")
-    with pytest.raises(case.error) as caught:
+def test_a_zero_byte_hub_file_is_truncated_weights_not_an_http_error(hub, good_hub_model: str, tmp_path: Path) -> None:
+    from huggingface_hub import get_session, hf_hub_url
+
+    folder = write_model(tmp_path / "empty")
+    truncate(folder, 0)
+    repo = hub.upload_model(folder, "alice/zero-byte-weights")
+    answer = get_session().get(hf_hub_url(repo, "model.safetensors"), headers={"range": "bytes=0-99"})
+    assert answer.status_code == 416  # as the Hub answers a range of an empty file
+    with pytest.raises(TruncatedWeightsError, match="alice/zero-byte-weights"):
         validate_config(linear_config(good_hub_model, repo), token=hub.token)
-    assert type(caught.value) is case.error and repo in str(caught.value)

@@ -205,6 +205,7 @@ from . import (  # noqa: E402,F401  (registers the methods)
     nearswap,
     nuslerp,
     passthrough,
+    ram,
     sce,
     slerp,
     task_arithmetic,

@@ -146,6 +146,14 @@ def test_run_eval_puts_the_table_into_the_card(capsys, tmp_path: Path) -> None:
     assert merged_bits == pytest.approx(bits_per_token(tmp_path / "out", _tokens_text(text)), abs=1e-4)
 
 
+def test_run_eval_refuses_a_multi_stage_config(capsys, tmp_path: Path) -> None:
+    config = tmp_path / "stages.yml"
+    config.write_text(f"name: only\nmerge_method: linear\nmodels:\n  - model: {FIXTURES}/llama-prose\n"
+                      f"    parameters: {{weight: 1}}\n")
+    assert main(["run", str(config), str(tmp_path / "out"), "--eval"]) == 2
+    assert "multi-stage" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
 def _tokens_text(path: Path) -> str:
     """The part of a file the 150-token budget scores (the tokenizer is the fixtures' bpe4k)."""
     from transformers import AutoTokenizer

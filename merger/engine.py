@@ -13,10 +13,11 @@ from typing import Callable
 
 import torch
 
-from .architecture import is_multimodal
-from .card import render_model_card
-from .config import SEED, load_config
-from .constants import (
+from merger.plan.architecture import is_multimodal
+from merger.publish.card import render_model_card
+from merger.config.load import load_config
+from merger.config.schema import SEED
+from merger.constants import (
     CARD_FILE,
     CONFIG_FILE,
     DEFAULT_SHARD_SIZE,
@@ -26,13 +27,13 @@ from .constants import (
     SAFETENSORS_INDEX_FILE,
     TOKENIZER_FILES,
 )
-from .errors import ConfigError
-from .executor import Progress, execute_plan
-from .plan import MergePlan
-from .remote_code import needs_remote_code, remote_code_files
-from .resolve import materialize
-from .tokenizer_files import write_tokenizer
-from .validate import plan_config
+from merger.errors import ConfigError
+from merger.execute.executor import Progress, execute_plan
+from merger.plan.merge import MergePlan
+from merger.plan.remote_code import needs_remote_code, remote_code_files
+from merger.io.resolve import materialize
+from merger.io.tokenizer_files import write_tokenizer
+from merger.plan.entry import plan_config
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +188,7 @@ def _is_merge_output(name: str) -> bool:
         or name in TOKENIZER_FILES
         or name in PROCESSOR_FILES
         or (name.startswith("model") and name.endswith(".safetensors"))
-        or name.endswith(".py")  # code an `auto_map` needs (merger.remote_code)
+        or name.endswith(".py")  # code an `auto_map` needs (merger.plan.remote_code)
     )
 
 

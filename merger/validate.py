@@ -4,42 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import hub
-from .config import AnyConfig, ModelReference, MoEConfig, load_config
-from .metadata import ModelMetadata
-from .moe import build_moe_plan, check_tokenizer_fits
-from .plan import MergePlan, build_plan, needs_vocabularies
-from .resolve import embedding_rows, fetch_metadata, fetch_vocabularies, local_path
-from .tokenizer import Vocabulary, load_vocabulary
-
-
-def plan_config(config: AnyConfig, token: str | None) -> tuple[MergePlan, dict[str, ModelMetadata]]:
-    """Plan either schema (mergekit merge or mergekit-moe) from metadata, fetching no weights.
-
-    Returns:
-        The plan, and every referenced model's metadata (canonical key -> metadata).
-    """
-    refs = config.referenced_models()
-    metadata = fetch_metadata(refs, token)
-    if isinstance(config, MoEConfig):
-        plan = build_moe_plan(config, metadata)
-        vocabulary = _tokenizer_if_any(next(ref for ref in refs if ref.key == plan.tokenizer_donor), metadata, token)
-        if vocabulary is not None:  # a donor without a tokenizer writes none
-            check_tokenizer_fits(plan, vocabulary)
-        return plan, metadata
-    vocabs = fetch_vocabularies(refs, metadata, token) if needs_vocabularies(config) else None
-    return build_plan(config, metadata, vocabs), metadata
-
-
-TOKENIZER_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
-
-
-def _tokenizer_if_any(ref: ModelReference, metadata: dict[str, ModelMetadata], token: str | None) -> Vocabulary | None:
-    """The model's tokenizer vocabulary (Hub: tokenizer files only), or None when it ships no tokenizer."""
-    path = local_path(ref) or hub.download_tokenizer(str(ref), token=token)
-    if not any((path / name).is_file() for name in TOKENIZER_VOCABULARY_FILES):
-        return None
-    return load_vocabulary(path, embedding_rows(metadata[ref.key]))
+from merger.config.load import load_config
+from merger.plan.entry import plan_config
 
 
 @dataclass(frozen=True)
@@ -83,7 +49,7 @@ def validate_config(text: str, token: str | None = None) -> ValidationReport:
         token: a Hub token for private or gated models.
 
     Raises:
-        ConfigError / ConfigErrors, ArchitectureError, ModelNotFoundError, UnsafeWeightsError, HubError.
+        ConfigError / ConfigProblems, ArchitectureError, ModelNotFoundError, UnsafeWeightsError, HubError.
     """
     plan, _ = plan_config(load_config(text), token)
     return ValidationReport(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from merger.architecture import (
+from merger.plan.architecture import (
     _WEIGHT_FIELD_TYPES,
     ARCHITECTURES_DIR,
     Architecture,
@@ -24,7 +24,7 @@ from merger.architecture import (
     load_definitions,
 )
 from merger.errors import ArchitectureError
-from merger.metadata import ModelMetadata, read_local_metadata
+from merger.io.metadata import ModelMetadata, read_local_metadata
 
 # Tiny sizes: 2 layers, hidden 32, vocab 160 (no other tensor has 160 rows, so shapes single out embeddings).
 DECODER = dict(
@@ -305,7 +305,7 @@ def _multimodal(tmp_path_factory, model_type: str, config: dict) -> ModelMetadat
 @pytest.mark.parametrize(("model_type", "config", "embed", "side", "inferred"), MULTIMODAL, ids=[m[0] for m in MULTIMODAL])
 def test_multimodal_checkpoints_are_their_text_decoder_plus_side_modules(tmp_path_factory, model_type, config, embed, side,
                                                                         inferred):
-    from merger.plan import _undescribed_tensors
+    from merger.plan.merge import _undescribed_tensors
 
     meta = _multimodal(tmp_path_factory, model_type, config)
     arch = architecture_for(meta.config, model_type, meta.tensors)

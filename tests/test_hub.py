@@ -1,4 +1,4 @@
-"""merger.hub against the loopback Hub (tests/minihub.py), started by conftest's `hub` fixture."""
+"""merger.publish.hub against the loopback Hub (tests/minihub.py), started by conftest's `hub` fixture."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 from huggingface_hub import HfApi, constants
 from huggingface_hub.file_download import repo_folder_name
 
-from merger import hub as hub_module
+from merger.publish import hub as hub_module
 from merger.errors import ConfigError, HubError, ModelNotFoundError, PushTargetError, UnsafeWeightsError
-from merger.hub import (
+from merger.publish.hub import (
     PushTarget,
     check_push_target,
     delete_unpushed_repo,
@@ -28,7 +28,7 @@ from merger.hub import (
     split_reference,
     whoami,
 )
-from merger.metadata import TensorMeta, read_safetensors_header
+from merger.io.metadata import TensorMeta, read_safetensors_header
 
 LICENSED_README = "---\nlicense: apache-2.0\ntags:\n- fixture\n---\n\n# mistral-base fixture\n"
 

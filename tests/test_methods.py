@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from merger.methods import get_method
+from merger.methods.registry import get_method
 
 # ---------------------------------------------------------------------------------------------------
 # helpers

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from merger import executor, sparsify
+from merger.execute import executor
+from merger.methods import sparsify
 from merger.engine import run_merge
-from merger.methods import METHODS
+from merger.methods.registry import METHODS
 from merger.methods.reductions import BLOCK
 from helpers import bits_per_token
 

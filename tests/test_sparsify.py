@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merger.sparsify import (
+from merger.methods.sparsify import (
     TopK,
     agrees_with,
     apply_mask_,

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..sparsify import (
+from merger.methods.sparsify import (
     agrees_with,
     apply_mask_,
     bernoulli_mask,
@@ -34,7 +34,7 @@ from ..sparsify import (
     set_l1_factors,
     slices_of,
 )
-from . import Factor, Fraction, PerModel, merge_method
+from merger.methods.registry import Factor, Fraction, PerModel, merge_method
 
 Sparsifier = Callable[..., "Tensor | None"]
 
@@ -120,7 +120,7 @@ class Variant:
         pretty_name: the name on the card.
         reference_url: the paper.
         summary: the first line of the registered function's docstring.
-        sparsifier: a mask function of `merger.sparsify`, or None; its keyword parameters become
+        sparsifier: a mask function of `merger.methods.sparsify`, or None; its keyword parameters become
             per-model config parameters (defaults in `PER_MODEL_DEFAULTS`), and a `generator` parameter
             makes the method take the run's seeded RNG.
         elementwise: the engine may run it on slices (no sparsifier, or one decided by `prepare`).

@@ -30,10 +30,10 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
-from .constants import CONFIG_FILE, HUB_ALLOW_PATTERNS, PICKLE_WEIGHT_SUFFIXES, TOKENIZER_FILES
-from .errors import ConfigError, HubError, MergerError, ModelNotFoundError, PushTargetError, UnsafeWeightsError
-from .metadata import ModelMetadata, TensorMeta, unsafe_weights_message
-from .tokens import scrub
+from merger.constants import CONFIG_FILE, HUB_ALLOW_PATTERNS, PICKLE_WEIGHT_SUFFIXES, TOKENIZER_FILES
+from merger.errors import ConfigError, HubError, MergerError, ModelNotFoundError, PushTargetError, UnsafeWeightsError
+from merger.io.metadata import ModelMetadata, TensorMeta, unsafe_weights_message
+from merger.scrub import scrub
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ def fetch_metadata(reference: str, token: str | None = None) -> ModelMetadata:
         token (`str`, *optional*): a Hugging Face token; defaults to HF_TOKEN or the saved login.
 
     Returns:
-        [`~merger.metadata.ModelMetadata`]: config, tensors over all shards, and the card's license
+        [`~merger.io.metadata.ModelMetadata`]: config, tensors over all shards, and the card's license
         (`None` when the card has none).
 
     Raises:

@@ -1,8 +1,8 @@
 """Config + model metadata -> an ordered list of tensor jobs, with every check metadata allows.
 
 Planning reads no weights: it needs each model's `config.json` and safetensors headers
-(:class:`~merger.metadata.ModelMetadata`). Every problem found is collected and raised together as
-:class:`~merger.errors.ConfigErrors`, so the form and `merger validate` show them all at once.
+(:class:`~merger.io.metadata.ModelMetadata`). Every problem found is collected and raised together as
+:class:`~merger.errors.ConfigProblems`, so the form and `merger validate` show them all at once.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .architecture import Architecture, WeightInfo, architecture_for
-from .config import InputSliceSource, MergeConfig, ModelReference, OutputSlice
-from .errors import (
+from merger.plan.architecture import Architecture, WeightInfo, architecture_for
+from merger.config.schema import InputSliceSource, MergeConfig, ModelReference, OutputSlice
+from merger.errors import (
     ArchitectureSettingError,
     BaseModelError,
-    ConfigErrors,
+    raise_problems,
     LayerRangeError,
     MergerError,
     MissingParameterError,
@@ -29,12 +29,12 @@ from .errors import (
     WeightSumError,
     excerpt,
 )
-from .metadata import DTYPE_SIZES, ModelMetadata
-from .methods import MergeMethod, get_method
-from .parameters import resolve
-from .settings import compare_settings
-from .sparsify import della_bounds_problem
-from .tokenizer import Vocabulary, VocabPlan, plan_vocabulary
+from merger.io.metadata import DTYPE_SIZES, ModelMetadata
+from merger.methods.registry import MergeMethod, get_method
+from merger.config.parameters import resolve
+from merger.plan.settings import compare_settings
+from merger.methods.sparsify import della_bounds_problem
+from merger.plan.tokenizer import Vocabulary, VocabPlan, plan_vocabulary
 
 TORCH_TO_SAFETENSORS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 DEFAULT_SEED = 0
@@ -148,10 +148,7 @@ class _Problems:
         self.items.setdefault(str(error) if key is None else key, error)
 
     def raise_if_any(self) -> None:
-        if len(self.items) == 1:
-            raise next(iter(self.items.values()))
-        if self.items:
-            raise ConfigErrors(self.items.values())
+        raise_problems(self.items.values())
 
 
 def _as_slices(config: MergeConfig, meta: dict[str, ModelMetadata], arch: Architecture) -> list[OutputSlice]:
@@ -195,7 +192,7 @@ def build_plan(
         The :class:`MergePlan`.
 
     Raises:
-        ConfigErrors: every problem found (layer ranges, model counts, missing parameters,
+        ConfigProblems: every problem found (layer ranges, model counts, missing parameters,
             missing base, tensor shapes, vocab sizes, architectures), each naming the field,
             the models involved and the fix.
     """

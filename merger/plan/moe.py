@@ -9,16 +9,19 @@ Reference: Jiang et al. 2024, "Mixtral of Experts", arXiv:2401.04088; Goddard 20
 
 from __future__ import annotations
 
-import math
-
-import torch
-
-from .architecture import architecture_by_type, architecture_for
-from .config import ModelReference, MoEConfig
-from .errors import ArchitectureError, ConfigError, ConfigErrors, LayerRangeError, ShapeMismatchError, VocabSizeError
-from .metadata import ModelMetadata
-from .plan import DEFAULT_SEED, MergePlan, TensorJob, TensorSource, output_dtype, set_config_dtype
-from .tokenizer import Vocabulary
+from merger.plan.architecture import architecture_by_type, architecture_for
+from merger.config.schema import ModelReference, MoEConfig
+from merger.errors import (
+    ArchitectureError,
+    ConfigError,
+    LayerRangeError,
+    ShapeMismatchError,
+    VocabSizeError,
+    raise_problems,
+)
+from merger.io.metadata import ModelMetadata
+from merger.plan.merge import DEFAULT_SEED, MergePlan, TensorJob, TensorSource, output_dtype, set_config_dtype
+from merger.plan.tokenizer import Vocabulary
 
 MOE_PRETTY_NAME = "Mixture of Experts (mergekit-moe)"
 MOE_REFERENCE_URL = "https://arxiv.org/abs/2401.04088"
@@ -32,13 +35,13 @@ def build_moe_plan(config: MoEConfig, metadata: dict[str, ModelMetadata]) -> Mer
         metadata: canonical model key -> metadata, for the base and every expert.
 
     Returns:
-        The :class:`~merger.plan.MergePlan`; its output config is a Mixtral config with
+        The :class:`~merger.plan.merge.MergePlan`; its output config is a Mixtral config with
         `num_local_experts` = number of experts and `num_experts_per_tok` = `experts_per_token`.
 
     Raises:
         ArchitectureError: the base or an expert is not a Llama/Mistral decoder.
         ConfigError: `tokenizer_source` is `union` or names a model outside the MoE.
-        ConfigErrors: an expert differs from the base in layer count or MLP shapes.
+        ConfigProblems: an expert differs from the base in layer count or MLP shapes.
     """
     out_arch = architecture_by_type("mixtral")
     base_key = config.base_model.key
@@ -67,8 +70,7 @@ def build_moe_plan(config: MoEConfig, metadata: dict[str, ModelMetadata]) -> Mer
             ))
         if expert.noise_scale:
             problems.append(ConfigError(f"`experts[{index}].noise_scale` is not supported yet; remove it"))
-    if problems:
-        raise ConfigErrors(problems)
+    raise_problems(problems)
 
     experts = len(config.experts)
     hidden = int(base_meta.config["hidden_size"])
@@ -109,8 +111,7 @@ def build_moe_plan(config: MoEConfig, metadata: dict[str, ModelMetadata]) -> Mer
     for weight in out_arch.post_weights:
         if weight.name in base_meta.tensors or not weight.optional:
             jobs.append(copy(weight.name))
-    if shape_problems:
-        raise ConfigErrors(list({str(p): p for p in shape_problems}.values()))
+    raise_problems(shape_problems)
 
     output_config = dict(base_meta.config)
     output_config.update(
@@ -190,24 +191,3 @@ def _copy_job(config: MoEConfig, base_meta: ModelMetadata, base_key: str, name: 
     info = base_meta.tensors[name]
     return TensorJob(name, "passthrough", (TensorSource(base_key, name),), None, {"scale": (None,)}, {},
                      info.shape, output_dtype(config.out_dtype, config.dtype, info.dtype))
-
-
-def gate_weights(gate_mode: str, shape: tuple[int, int], seed: int, layer: int) -> torch.Tensor:
-    """A random router matrix for one layer.
-
-    Args:
-        gate_mode: `random` (standard normal, as mergekit) or `uniform_random` (U(−1/√H, 1/√H),
-            `nn.Linear`'s initialisation).
-        shape: `(experts, hidden_size)`.
-        seed: the run's seed; each layer draws from its own generator seeded by (seed, layer), so the
-            result does not depend on the order tensors are computed in.
-        layer: the layer index.
-
-    Returns:
-        float32 tensor `(experts, hidden_size)`.
-    """
-    generator = torch.Generator().manual_seed(seed * 100_003 + layer)
-    if gate_mode == "random":
-        return torch.randn(shape, generator=generator)
-    bound = 1 / math.sqrt(shape[1])
-    return torch.rand(shape, generator=generator) * (2 * bound) - bound

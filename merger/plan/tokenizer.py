@@ -22,9 +22,9 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .chat_template import chat_template_text
-from .config import ModelReference
-from .errors import ConfigError, excerpt
+from merger.config.chat_template import chat_template_text
+from merger.config.schema import ModelReference
+from merger.errors import ConfigError, excerpt
 
 
 @dataclass(frozen=True)
@@ -311,7 +311,7 @@ def resolve_chat_template(setting: str | None, vocabs: list[Vocabulary]) -> str 
     built-in name (`templates/chat_templates/<name>.jinja`) -> its text; literal Jinja -> itself.
 
     Raises:
-        ChatTemplateError: not a built-in name, or Jinja that does not compile (see :mod:`merger.chat_template`).
+        ChatTemplateError: not a built-in name, or Jinja that does not compile (see :mod:`merger.config.chat_template`).
     """
     if setting is None:
         return None

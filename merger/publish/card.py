@@ -11,9 +11,9 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from .hub import looks_like_hub_id, split_reference
+from merger.publish.hub import looks_like_hub_id, split_reference
 
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "templates" / "model_card.md"
+TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "templates" / "model_card.md"
 # Links point at huggingface.co whatever endpoint the card is pushed to: that is where cards are read.
 HUB_WEB_URL = "https://huggingface.co"
 TAGS = ["merge", "mergekit"]

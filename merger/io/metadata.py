@@ -1,7 +1,7 @@
 """What a model is, read from its metadata alone: config.json and safetensors headers, no weights.
 
 Both the validator (before any download) and the planner work from :class:`ModelMetadata`; local
-directories are read here, Hub repos by :func:`merger.hub.fetch_metadata`.
+directories are read here, Hub repos by :func:`merger.publish.hub.fetch_metadata`.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .constants import CONFIG_FILE, PICKLE_WEIGHT_SUFFIXES, SAFETENSORS_INDEX_FILE
-from .errors import ModelNotFoundError, UnsafeWeightsError
+from merger.constants import CONFIG_FILE, PICKLE_WEIGHT_SUFFIXES, SAFETENSORS_INDEX_FILE
+from merger.errors import ModelNotFoundError, UnsafeWeightsError
 
 # safetensors dtype codes -> bytes per element
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}

@@ -13,8 +13,8 @@ import json
 import re
 from pathlib import Path
 
-from .constants import CONFIG_FILE
-from .errors import RemoteCodeError
+from merger.constants import CONFIG_FILE
+from merger.errors import RemoteCodeError
 
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 # A module an `auto_map` entry names: `configuration_foo.FooConfig` -> `configuration_foo`.

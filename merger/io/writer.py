@@ -16,9 +16,9 @@ from typing import BinaryIO, Sequence
 
 import torch
 
-from .constants import SAFETENSORS_INDEX_FILE
-from .loader import STORAGE_DTYPES
-from .metadata import DTYPE_SIZES
+from merger.constants import SAFETENSORS_INDEX_FILE
+from merger.io.loader import STORAGE_DTYPES
+from merger.io.metadata import DTYPE_SIZES
 
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from .errors import ChatTemplateError, excerpt
+from merger.errors import ChatTemplateError, excerpt
 
-TEMPLATES_DIR = Path(__file__).parents[1] / "templates" / "chat_templates"
+TEMPLATES_DIR = Path(__file__).parents[2] / "templates" / "chat_templates"
 JINJA_MARKERS = ("{{", "{%", "{#")  # a setting holding one of these is literal Jinja
 
 

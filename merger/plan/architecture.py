@@ -22,7 +22,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from .errors import ArchitectureError
+from merger.errors import ArchitectureError
 
 ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
 
@@ -369,7 +369,7 @@ def infer_architecture(config: dict, tensors: Mapping[str, Any] | Iterable[str])
         config: the model's parsed `config.json` (`model_type`, `architectures`, the layer count
             under one of :data:`NUM_LAYERS_CONFIG_KEYS`, `vocab_size`).
         tensors: the model's tensor names, or a mapping name -> anything with a `.shape` (e.g.
-            :attr:`ModelMetadata.tensors <merger.metadata.ModelMetadata.tensors>`) so that
+            :attr:`ModelMetadata.tensors <merger.io.metadata.ModelMetadata.tensors>`) so that
             embeddings are recognised by shape.
 
     Returns:
@@ -620,7 +620,7 @@ def _default_layers(text_config: dict) -> int | None:
     """The text class's default layer count (what transformers assumes when the config states none)."""
     if isinstance(text_config.get("num_hidden_layers"), int):
         return text_config["num_hidden_layers"]
-    from .settings import effective_text_config
+    from merger.plan.settings import effective_text_config
 
     value = getattr(effective_text_config(text_config), "num_hidden_layers", None)
     return value if isinstance(value, int) else None

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-from .config import ConditionalParameter, MergeConfig, ParameterSetting
-from .errors import ConfigError, ListTooLongError
-from .ranges import Range
+from merger.config.schema import ConditionalParameter, MergeConfig, ParameterSetting
+from merger.errors import ConfigError, ListTooLongError
+from merger.config.ranges import Range
 
 MAX_SETTING_ENTRIES = 256  # gradient points or filtered entries of one parameter
 

@@ -35,7 +35,7 @@ from yaml.constructor import SafeConstructor
 from yaml.cyaml import CParser
 from yaml.resolver import Resolver
 
-from .errors import (
+from merger.errors import (
     ConfigError,
     ConfigTooLargeError,
     InvalidYamlError,
@@ -47,7 +47,7 @@ from .errors import (
     YamlAliasError,
     excerpt,
 )
-from .tokens import TOKEN_PATTERN
+from merger.scrub import TOKEN_PATTERN
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Merge jobs: their records, and the API the app uses to submit, poll and cancel them.
 
-The app never merges: :func:`submit` writes a record and hands the job to the worker process
-(:mod:`merger.worker`) through huey's queue. The records live in their own SQLite table at
+The app never merges: :func:`merger.jobs.queue.submit` writes a record here and hands the job to the
+worker process (:mod:`merger.jobs.worker`) through huey's queue. The records live in their own SQLite table at
 `constants.JOBS_DB`, which both processes read and write; every change is one short statement in WAL
 mode, and each status change is a compare-and-set on the current status, so a cancel racing with the
 worker's start can never leave a job both cancelled and running.
@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from . import constants
-from .errors import JobAccessError, JobLimitError, TokenInConfigError
-from .tokens import TOKEN_PATTERN
+from merger import constants
+from merger.errors import JobAccessError, JobLimitError, TokenInConfigError
+from merger.scrub import TOKEN_PATTERN
 
 _BUSY_TIMEOUT_S = 10.0  # how long a statement waits for the other process's write to finish
 
@@ -131,7 +131,7 @@ class Job:
 # ---------------------------------------------------------------- the app's API
 
 
-def submit(
+def create_record(
     config_yaml: str,
     repo_id: str,
     token: str,
@@ -139,10 +139,10 @@ def submit(
     private: bool = False,
     reuse_repo: bool = False,
 ) -> str:
-    """Queue a merge whose result is pushed to `repo_id`, if the owner's and the app's caps allow.
+    """Write the `queued` record of a merge whose result is pushed to `repo_id`, if the caps allow.
 
-    The token travels to the worker sealed (see :mod:`merger.worker`); it is never written to the
-    job record or to the queue in clear.
+    :func:`merger.jobs.queue.submit` calls it, then queues the job. The token is only checked
+    against the config here; it is never written to the record.
 
     Args:
         config_yaml: the merge config (mergekit YAML); the worker validates it.
@@ -160,11 +160,8 @@ def submit(
             included): the record keeps the config, and the card and `mergekit_config.yml` carry it.
         JobLimitError: the owner has `constants.MAX_JOBS_PER_USER` unfinished jobs, or the app
             `constants.MAX_JOBS_TOTAL`.
-        sqlite3.Error: the job record or the queue could not be written (then no job exists to run).
+        sqlite3.Error: the job record could not be written.
     """
-    # Imported here rather than at the top: the worker imports this module for the records.
-    from .worker import enqueue
-
     _refuse_tokens(config_yaml, token)
     job_id = uuid.uuid4().hex
     now = time.time()
@@ -184,22 +181,16 @@ def submit(
         conn.execute("commit")
     finally:
         conn.close()
-    try:
-        enqueue(job_id, token)
-    except BaseException:
-        # Without its queue entry the job would stay `queued` forever.
-        mark_finished(job_id, JobStatus.FAILED, error="The job could not be queued; submit it again.")
-        raise
     return job_id
 
 
 def check_caps(owner: str) -> None:
     """Refuse early (before a validation or a Hub call) when a new job of `owner` would be over a cap.
 
-    :func:`submit` checks again, atomically with the insert.
+    :func:`create_record` checks again, atomically with the insert.
 
     Raises:
-        JobLimitError: as in :func:`submit`.
+        JobLimitError: as in :func:`create_record`.
     """
     conn = _connect()
     try:
@@ -233,7 +224,7 @@ def get_job(job_id: str) -> Job | None:
     """The current state of a job, whoever owns it (for the worker; the app uses :func:`owned_job`).
 
     Args:
-        job_id: an id returned by :func:`submit`.
+        job_id: an id returned by :func:`create_record`.
 
     Returns:
         The job's snapshot, or None if no job has that id.

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .buffers import BufferPool
-from .metadata import StoredTensor, read_safetensors_layout, weight_files
+from merger.execute.buffers import BufferPool
+from merger.io.metadata import StoredTensor, read_safetensors_layout, weight_files
 
 STORAGE_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

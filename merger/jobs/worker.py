@@ -1,12 +1,10 @@
-"""The worker side of the job queue: the huey queue, the merge task, the consumer process, its supervision.
+"""The worker side of the job queue: the merge task's body, the consumer process, its supervision.
 
-huey's SQLite queue (`constants.QUEUE_DB`) carries only a job's id and its sealed Hub token; the rest
-of the job is its record (:mod:`merger.jobs`). Tokens are sealed with Fernet under the queue key: the
-`MERGER_QUEUE_KEY` environment variable when set, else a key created once in the data directory
-(`queue.key`, mode 0600), so that jobs still queued survive an app restart. The worker unseals the
+The queue and the sealing of tokens are :mod:`merger.jobs.queue`'s; importing this module makes
+:func:`_run_job` the queue's task body (:func:`merger.jobs.queue.set_runner`). The worker unseals the
 token when the job starts, keeps it in that job's frame only, and scrubs it from every log line.
 
-`python -m merger.worker` runs the consumer alone; it must see the app's data directory (and the
+`python -m merger.jobs.worker` runs the consumer alone; it must see the app's data directory (and the
 app's `MERGER_QUEUE_KEY`, if the app has one in its environment). The app then starts no worker of
 its own (`MERGER_EXTERNAL_WORKER=1`) and shows the worker's heartbeat instead. Started by the app,
 the consumer is supervised by :class:`WorkerSupervisor`, which starts a new one when it dies.
@@ -32,21 +30,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.fernet import Fernet, InvalidToken
-from huey import SqliteHuey
-from huey.api import TaskWrapper
+from cryptography.fernet import InvalidToken
 from huey.consumer import Consumer
 
-from . import constants, engine, hub, jobs, tokens
-from .errors import MergeCancelled, MergerError
-from .jobs import Job, JobStatus
+from merger import constants, engine, scrub as tokens
+from merger.publish import hub
+from merger.jobs import store as jobs
+from merger.errors import MergeCancelled, MergerError
+from merger.jobs.queue import ensure_queue_key, get_huey, seal, set_runner, unseal
+from merger.jobs.store import Job, JobStatus
 
 logger = logging.getLogger(__name__)
 
 _WRITE_INTERVAL_S = 0.5  # at most this often a running job writes its progress or reads its cancel flag
 _LOG_TAIL_LINES = 50
 _SHUTDOWN_TIMEOUT_S = 30.0  # how long a stopping consumer waits for the running merge to clean up
-_PROJECT_ROOT = Path(__file__).resolve().parents[1]
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 TOKEN_LOST_MESSAGE = (
@@ -65,35 +64,6 @@ _SHUTDOWN = threading.Event()  # set when the consumer stops: the running merge 
 _active_tokens: set[str] = set()  # tokens of running jobs, scrubbed from every log line
 
 # ---------------------------------------------------------------- tokens
-
-
-def ensure_queue_key() -> None:
-    """Give this process the queue key (child processes inherit it).
-
-    `MERGER_QUEUE_KEY` wins when set; otherwise the key is read from `DATA_DIR/queue.key`, which the
-    first process to need it creates, readable by its user only (mode 0600).
-    """
-    if not os.environ.get(constants.QUEUE_KEY_ENV):
-        os.environ[constants.QUEUE_KEY_ENV] = _stored_queue_key(Path(constants.DATA_DIR) / constants.QUEUE_KEY_FILE_NAME)
-
-
-def _stored_queue_key(path: Path) -> str:
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        draft = path.with_name(f".{path.name}.{os.getpid()}")
-        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as file:
-            file.write(Fernet.generate_key().decode())
-        try:
-            os.link(draft, path)  # atomic, and fails if another process made the key first: then use theirs
-        except FileExistsError:
-            pass
-        finally:
-            draft.unlink()
-    if path.stat().st_mode & 0o077:
-        logger.warning("%s was readable by others; making it readable by its owner only.", path)
-        path.chmod(0o600)
-    return path.read_text().strip()
 
 
 def scrub(text: str) -> str:
@@ -142,54 +112,6 @@ def install_log_scrubbing() -> None:
 
     make_record.scrubs_tokens = True
     logging.setLogRecordFactory(make_record)
-
-
-def _fernet() -> Fernet:
-    return Fernet(os.environ[constants.QUEUE_KEY_ENV].encode())
-
-
-# ---------------------------------------------------------------- the queue
-
-
-@dataclass(frozen=True)
-class _Queue:
-    huey: SqliteHuey
-    merge: TaskWrapper  # calling it enqueues a merge task
-
-
-_queues: dict[Path, _Queue] = {}
-_queues_lock = threading.Lock()
-
-
-def _queue() -> _Queue:
-    # One huey per queue file, built on first use, so `constants.QUEUE_DB` is read at call time.
-    path = Path(constants.QUEUE_DB)
-    with _queues_lock:
-        if path not in _queues:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            huey = SqliteHuey("merger", filename=str(path), results=False)
-            _queues[path] = _Queue(huey, huey.task(name="merge")(_run_job))
-        return _queues[path]
-
-
-def get_huey() -> SqliteHuey:
-    """The huey instance on `constants.QUEUE_DB` (tests switch it to immediate mode).
-
-    Returns:
-        The process's SqliteHuey for that file, with the merge task registered.
-    """
-    return _queue().huey
-
-
-def enqueue(job_id: str, token: str) -> None:
-    """Queue the merge task of an existing `queued` job record; :func:`merger.jobs.submit` calls it.
-
-    Args:
-        job_id: the job's id.
-        token: the job's Hub token; it is sealed before it reaches the queue.
-    """
-    ensure_queue_key()
-    _queue().merge(job_id, _fernet().encrypt(token.encode()))
 
 
 # ---------------------------------------------------------------- the task
@@ -285,10 +207,13 @@ def _run_job(job_id: str, sealed_token: bytes) -> None:
     )
 
 
+set_runner(_run_job)
+
+
 def _outcome(job: Job, sealed_token: bytes, work_dir: Path, reporter: _Reporter) -> _Outcome:
     """Unseal the token, merge, push; every exception becomes a status and a message for the user."""
     try:
-        token = _fernet().decrypt(sealed_token).decode()
+        token = unseal(sealed_token)
     except InvalidToken:
         logger.error("Job %s: the sealed Hub token does not match this worker's key.", job.id)
         return _Outcome(JobStatus.FAILED, error=TOKEN_LOST_MESSAGE)
@@ -380,7 +305,7 @@ def _sweep_pending_repos() -> dict[str, str]:
     outcomes = {}
     for job_id, repo_id, sealed_token in jobs.pending_repos():
         try:
-            token = _fernet().decrypt(sealed_token).decode()
+            token = unseal(sealed_token)
         except (InvalidToken, KeyError, ValueError):
             outcomes[job_id] = (
                 f"The repo `{repo_id}` this job created could not be checked (the queue key changed); "
@@ -420,7 +345,7 @@ class _MergeConsumer(Consumer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # On SIGHUP huey re-executes `sys.argv`, which under `python -m merger.worker` is this file's
+        # On SIGHUP huey re-executes `sys.argv`, which under `python -m merger.jobs.worker` is this file's
         # path, and the file cannot run outside its package: stop instead, as for the other signals.
         if hasattr(signal, "SIGHUP"):
             self._signal_actions[signal.SIGHUP] = (False, True)
@@ -440,7 +365,7 @@ def _exit_with_parent(parent_pid: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the consumer until SIGTERM or SIGINT: `python -m merger.worker`.
+    """Run the consumer until SIGTERM or SIGINT: `python -m merger.jobs.worker`.
 
     Args:
         argv: command-line arguments (default: `sys.argv[1:]`).
@@ -448,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The exit status: 0 after a clean stop, 2 when the queue key (environment or key file) is invalid.
     """
-    parser = argparse.ArgumentParser(prog="python -m merger.worker", description="Run merger's job worker.")
+    parser = argparse.ArgumentParser(prog="python -m merger.jobs.worker", description="Run merger's job worker.")
     parser.add_argument("--parent-pid", type=int, help="stop when this process (the app) exits")
     args = parser.parse_args(argv)
 
@@ -459,7 +384,7 @@ def main(argv: list[str] | None = None) -> int:
     install_log_scrubbing()
     try:
         ensure_queue_key()
-        _fernet()
+        seal("")  # a key that is not a Fernet key fails here, not at the first job
     except (KeyError, ValueError):
         logger.error(
             "%s must hold the app's Fernet key (32 url-safe base64 bytes); set the same key in the app's and "
@@ -505,7 +430,7 @@ def start_consumer_process(log_file: Path | None = None) -> subprocess.Popen:
         MERGER_JOBS_DB=str(constants.JOBS_DB),
         PYTHONPATH=os.pathsep.join(filter(None, [str(_PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
     )
-    command = [sys.executable, "-m", "merger.worker", "--parent-pid", str(os.getpid())]
+    command = [sys.executable, "-m", "merger.jobs.worker", "--parent-pid", str(os.getpid())]
     if log_file is None:
         return subprocess.Popen(command, env=env)
     with open(log_file, "ab") as log:
@@ -588,8 +513,8 @@ def _exit_description(code: int) -> str:
 
 
 if __name__ == "__main__":
-    # Run the imported module, not this `__main__` copy: huey names tasks after their module, and the
-    # app enqueues `merger.worker.merge`.
-    from merger.worker import main as _main
+    # Run the imported module, not this `__main__` copy: its module-level state (the running jobs'
+    # tokens, the shutdown flag) is the one the registered task body uses.
+    from merger.jobs.worker import main as _main
 
     sys.exit(_main())

@@ -28,9 +28,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .constants import TOKENIZER_FILES
-from .errors import ConfigError
-from .tokenizer import NewToken, VocabPlan
+from merger.constants import TOKENIZER_FILES
+from merger.errors import ConfigError
+from merger.plan.tokenizer import NewToken, VocabPlan
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def write_tokenizer(plan: VocabPlan, donor_dir: Path, out_dir: Path) -> None:
     """Write the output tokenizer into `out_dir`: the donor's files plus the plan's tokens and template.
 
     Args:
-        plan: the :class:`~merger.tokenizer.VocabPlan` (new tokens in id order from `first_new_id`).
+        plan: the :class:`~merger.plan.tokenizer.VocabPlan` (new tokens in id order from `first_new_id`).
         donor_dir: the donor model's folder.
         out_dir: the output folder.
 

@@ -1,9 +1,9 @@
 """mergekit's YAML schemas as pydantic models: merge configs and mergekit-moe configs.
 
 The field names, nesting and defaults mirror mergekit so that configs from Hub model cards load
-unchanged. Validators raise `ValueError`, so pydantic reports the field's location; :func:`load_config`
-turns that into a :class:`~merger.errors.ConfigError` whose message names the field, the value and
-the fix. Checks that need the models' metadata (layer counts, shapes) live in :mod:`merger.plan`.
+unchanged. Validators raise `ValueError`, so pydantic reports the field's location;
+:func:`merger.config.load.load_config` turns that into a :class:`~merger.errors.ConfigError` whose message names the field, the value and
+the fix. Checks that need the models' metadata (layer counts, shapes) live in :mod:`merger.plan.merge`.
 """
 
 from __future__ import annotations
@@ -11,25 +11,14 @@ from __future__ import annotations
 import os
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .chat_template import check_chat_template
-from .errors import (
-    ChatTemplateError,
-    ConfigError,
-    ConfigErrors,
-    ListTooLongError,
-    ParameterValueError,
-    StringTooLongError,
-    UnknownMethodError,
-    excerpt,
-)
-from .parse import parse_config_text
-from .ranges import MAX_FACTOR, Range
+from merger.config.ranges import MAX_FACTOR, Range
+from merger.errors import ParameterValueError, StringTooLongError, excerpt
 
 Scalar = Union[bool, int, float, str]
 
-# Bounds of list fields and numbers (the text itself is bounded by merger.parse.LIMITS)
+# Bounds of list fields and numbers (the text itself is bounded by merger.config.parse.LIMITS)
 MAX_MODELS = 128  # models, sources of one slice, experts
 MAX_SLICES = 512
 MAX_PROMPTS = 256  # positive or negative prompts of one expert
@@ -363,82 +352,3 @@ class MoEConfig(BaseModel):
 
 
 AnyConfig = Union[MergeConfig, MoEConfig]
-
-
-def _location(error: dict) -> str:
-    parts = [excerpt(p, 40) for p in error["loc"] if not str(p).startswith("function-")]
-    out = ""
-    for part in parts:
-        out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
-    return out or "config"
-
-
-def _schema_problem(error: dict) -> ConfigError:
-    """One pydantic error as a named ConfigError: the class a validator raised is kept."""
-    original = (error.get("ctx") or {}).get("error")
-    kind = type(original) if isinstance(original, ConfigError) else ConfigError
-    msg = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "missing":
-        msg = "is required"
-    elif error["type"] == "extra_forbidden":
-        msg = f"is not a known key (value `{excerpt(error['input'])}`); check its spelling against the config reference"
-    elif error["type"] == "too_long":
-        kind = ListTooLongError
-        msg = f"has more than {error['ctx']['max_length']:,} entries; that is the limit for this field"
-    location = _location(error)
-    return kind(f"`{location}`: {msg}" if location == "config" else f"`{location}` {msg}")
-
-
-def load_config(text: str) -> AnyConfig:
-    """Parse a mergekit (or mergekit-moe) YAML config.
-
-    An MoE config is recognised by its top-level `experts` key. The text goes through
-    :func:`merger.parse.parse_config_text` (size, alias, nesting, length and token limits); every
-    method parameter is then type- and range-checked against its declared :class:`~merger.ranges.Range`.
-
-    Args:
-        text: the YAML text.
-
-    Returns:
-        A :class:`MergeConfig` or :class:`MoEConfig`.
-
-    Raises:
-        ConfigError: the YAML is malformed or a field is invalid; the message names the field
-            (e.g. `slices[0].sources[1].layer_range`), a short excerpt of the value and the fix. Named
-            subclasses say which rule: ConfigTooLargeError (and its YamlAliasError, NestingTooDeepError,
-            ListTooLongError, StringTooLongError), InvalidYamlError, MultiDocumentError,
-            TokenInConfigError, ChatTemplateError, ParameterValueError, UnknownMethodError.
-    """
-    data = parse_config_text(text)
-    if not isinstance(data, dict):
-        raise ConfigError("the config must be a YAML mapping with `merge_method` (or `experts` for a MoE)")
-    schema = MoEConfig if "experts" in data else MergeConfig
-    problems: list[ConfigError] = []
-    method = None
-    if schema is MergeConfig and "merge_method" in data:
-        from .methods import get_method  # the registry's did-you-mean message
-
-        try:
-            method = get_method(str(data["merge_method"]))
-        except UnknownMethodError as err:
-            problems.append(err)
-    config = None
-    try:
-        config = schema.model_validate(data)
-    except ValidationError as err:
-        problems += [_schema_problem(e) for e in err.errors()]
-    if config is not None and method is not None:
-        from .parameters import check_parameter_values  # parameters.py reads this module's classes
-
-        problems += check_parameter_values(config, {p.name: p.range for p in method.parameters})
-    if isinstance(config, MergeConfig):
-        try:
-            check_chat_template(config.chat_template)
-        except ChatTemplateError as err:
-            problems.append(err)
-    if len(problems) > MAX_SHOWN_PROBLEMS:
-        rest = len(problems) - MAX_SHOWN_PROBLEMS
-        problems = problems[:MAX_SHOWN_PROBLEMS] + [ConfigError(f"... and {rest:,} more problem(s) of the same kind")]
-    if problems:
-        raise problems[0] if len(problems) == 1 else ConfigErrors(problems)
-    return config

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import hub
-from .config import ModelReference
-from .errors import ModelNotFoundError
-from .metadata import ModelMetadata, read_local_metadata
-from .tokenizer import Vocabulary, load_vocabulary
+from merger.publish import hub
+from merger.config.schema import ModelReference
+from merger.errors import ModelNotFoundError
+from merger.io.metadata import ModelMetadata, read_local_metadata
+from merger.plan.tokenizer import Vocabulary, load_vocabulary
 
 
 def local_path(ref: ModelReference) -> Path | None:
@@ -38,7 +38,7 @@ def fetch_metadata(refs: list[ModelReference], token: str | None) -> dict[str, M
         canonical key -> :class:`ModelMetadata`.
 
     Raises:
-        ModelNotFoundError, UnsafeWeightsError, HubError: as :func:`merger.hub.fetch_metadata`.
+        ModelNotFoundError, UnsafeWeightsError, HubError: as :func:`merger.publish.hub.fetch_metadata`.
     """
     result = {}
     for ref in refs:
@@ -54,7 +54,7 @@ def materialize(refs: list[ModelReference], token: str | None) -> dict[str, Path
 
 def embedding_rows(meta: ModelMetadata) -> int:
     """Rows of a model's input embedding matrix (its usable vocabulary), from its metadata."""
-    from .architecture import architecture_for
+    from merger.plan.architecture import architecture_for
 
     arch = architecture_for(meta.config, meta.reference, meta.tensors)
     name = next(w for w in arch.pre_weights if w.is_embed).stored_name(meta.tensors)
@@ -67,7 +67,7 @@ def fetch_vocabularies(
     """Every model's tokenizer vocabulary (Hub models: tokenizer files only, no weights).
 
     Returns:
-        canonical key -> :class:`~merger.tokenizer.Vocabulary`.
+        canonical key -> :class:`~merger.plan.tokenizer.Vocabulary`.
     """
     result = {}
     for ref in refs:

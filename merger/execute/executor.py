@@ -24,14 +24,14 @@ from typing import Callable
 
 import torch
 
-from .buffers import BufferPool, keep_freed_memory
-from .errors import MergeCancelled
-from .loader import STORAGE_DTYPES, TensorReader
-from .methods import MergeMethod, get_method
-from .moe import gate_weights
-from .plan import MergePlan, TensorJob, TensorSource
-from .tokenizer import align_embeddings
-from .writer import ShardedWriter
+from merger.execute.buffers import BufferPool, keep_freed_memory
+from merger.errors import MergeCancelled
+from merger.io.loader import STORAGE_DTYPES, TensorReader
+from merger.methods.registry import MergeMethod, get_method
+from merger.execute.router import gate_weights
+from merger.plan.merge import MergePlan, TensorJob, TensorSource
+from merger.plan.tokenizer import align_embeddings
+from merger.io.writer import ShardedWriter
 
 Progress = Callable[[float, str], None]
 # entries per slice of an elementwise method: four MiB of float32 per input, in cache; a multiple of

@@ -177,7 +177,7 @@ def test_an_out_of_range_random_seed_is_refused_before_anything_is_written(tmp_p
 
 def test_every_method_parameter_declares_its_range_and_one_without_is_not_registered() -> None:
     from merger.methods.registry import METHODS, merge_method
-    from merger.config.ranges import Range
+    from merger.ranges import Range
 
     assert all(isinstance(p.range, Range) for m in METHODS.values() for p in m.parameters)
     numeric = [p.range for m in METHODS.values() for p in m.parameters if p.range.kind is not bool]

@@ -22,12 +22,11 @@ from merger.publish.hub import (
     delete_unpushed_repo,
     download_model,
     fetch_metadata,
-    is_hub_id,
     push_folder,
     search_models,
-    split_reference,
     whoami,
 )
+from merger.config.references import is_hub_id, split_reference
 from merger.io.metadata import TensorMeta, read_safetensors_header
 
 LICENSED_README = "---\nlicense: apache-2.0\ntags:\n- fixture\n---\n\n# mistral-base fixture\n"

@@ -534,7 +534,7 @@ def test_worker_start_sweeps_repos_created_but_never_committed(hub, monkeypatch,
 # A consumer whose merge reports each tensor slowly, so that a test can kill it mid-merge.
 _SLOW_WORKER = """
 import sys, time
-from merger.jobs.store import worker
+from merger.jobs import worker
 report = worker._Reporter.progress
 def slow(self, fraction, message):
     time.sleep(0.25)
@@ -656,7 +656,7 @@ def test_queued_job_survives_an_app_restart_with_the_key_in_the_data_dir(
     monkeypatch.delenv(constants.QUEUE_KEY_ENV)  # no key given: the app keeps one in its data dir
     env = {k: v for k, v in _worker_env(data_dir).items() if k != constants.QUEUE_KEY_ENV}
     submit = (
-        "import sys; from merger.jobs.store import store as jobs; "
+        "import sys; from merger.jobs import queue; "
         "print(queue.submit(sys.stdin.read(), 'alice/after-restart', 'hf_test_alice', 'alice'))"
     )
     # The first app process queues the job and exits (as a restart would end it), before any worker ran.

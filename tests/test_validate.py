@@ -21,7 +21,7 @@ REPOS = ("mistralai/Mistral-7B-Instruct-v0.1", "mistralai/Mistral-7B-Instruct-v0
 
 
 def mistral_shapes(config: dict) -> dict[str, list[int]]:
-    """Tensor names and shapes of a Mistral checkpoint, from its config (../shared/spec/seed-models.md)."""
+    """Tensor names and shapes of a Mistral checkpoint, from its config (the layout of the Hub's Mistral checkpoints)."""
     h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
     shapes = {"model.embed_tokens.weight": [v, h], "model.norm.weight": [h], "lm_head.weight": [v, h]}

@@ -53,7 +53,7 @@ def load_config(text: str) -> AnyConfig:
 
     An MoE config is recognised by its top-level `experts` key. The text goes through
     :func:`merger.config.parse.parse_config_text` (size, alias, nesting, length and token limits); every
-    method parameter is then type- and range-checked against its declared :class:`~merger.config.ranges.Range`.
+    method parameter is then type- and range-checked against its declared :class:`~merger.ranges.Range`.
 
     Args:
         text: the YAML text.

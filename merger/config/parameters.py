@@ -12,7 +12,7 @@ from typing import Any, Iterable
 
 from merger.config.schema import ConditionalParameter, MergeConfig, ParameterSetting
 from merger.errors import ConfigError, ListTooLongError
-from merger.config.ranges import Range
+from merger.ranges import Range
 
 MAX_SETTING_ENTRIES = 256  # gradient points or filtered entries of one parameter
 

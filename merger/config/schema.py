@@ -13,7 +13,8 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from merger.config.ranges import MAX_FACTOR, Range
+from merger.config.references import PATH_PREFIXES, split_reference
+from merger.ranges import MAX_FACTOR, Range
 from merger.errors import ParameterValueError, StringTooLongError, excerpt
 
 Scalar = Union[bool, int, float, str]
@@ -75,16 +76,14 @@ class ModelReference(BaseModel):
         if "+" in text and not os.path.exists(text):
             raise ValueError(f"LoRA references (`model+lora`) are not supported yet, got `{excerpt(text)}`; "
                              "merge the LoRA into its base first")
-        if "@" in text and not os.path.exists(text):
-            model, revision = text.rsplit("@", 1)
-            return cls(model=model, revision=revision or None)
-        return cls(model=text)
+        model, revision = split_reference(text)
+        return cls(model=model, revision=revision)
 
     @property
     def key(self) -> str:
         """Canonical identity: trailing slashes and `./` dropped, so spellings of one model compare equal."""
         path = self.model.rstrip("/")
-        if path.startswith(("./", "../", "/", "~")) or os.path.isdir(path):
+        if path.startswith(PATH_PREFIXES) or os.path.isdir(path):
             path = os.path.normpath(os.path.expanduser(path))
         return f"{path}@{self.revision}" if self.revision else path
 

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from merger.execute.buffers import BufferPool, keep_freed_memory
+from merger.io.buffers import BufferPool, keep_freed_memory
 from merger.errors import MergeCancelled
 from merger.io.loader import STORAGE_DTYPES, TensorReader
 from merger.methods.registry import MergeMethod, get_method

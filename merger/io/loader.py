@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from merger.execute.buffers import BufferPool
+from merger.io.buffers import BufferPool
 from merger.io.metadata import StoredTensor, read_safetensors_layout, weight_files
 
 STORAGE_DTYPES = {

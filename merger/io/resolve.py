@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from merger.publish import hub
+from merger.config.references import is_hub_id
 from merger.config.schema import ModelReference
 from merger.errors import ModelNotFoundError
 from merger.io.metadata import ModelMetadata, read_local_metadata
@@ -24,7 +25,7 @@ def local_path(ref: ModelReference) -> Path | None:
     path = Path(os.path.expanduser(ref.model))
     if path.is_dir():
         return path.resolve()
-    if ref.model.startswith(("./", "../", "/", "~")) or not hub.is_hub_id(ref.model):
+    if not is_hub_id(ref.model):
         raise ModelNotFoundError(
             f"model `{ref}`: no such local directory ({path.resolve()}); check the path, or give a Hub id like `org/name`"
         )

@@ -9,7 +9,7 @@ from typing import Annotated
 import torch
 from torch import Tensor
 
-from merger.config.ranges import Range
+from merger.ranges import Range
 from merger.methods.registry import Factor, PerModel, merge_method
 from merger.methods.reductions import dot, norm
 

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from torch import Tensor
 
-from merger.config.ranges import MAX_FACTOR, Range
+from merger.ranges import MAX_FACTOR, Range
 from merger.methods.registry import merge_method
 
 DIFF_MIN = 1e-6  # floor of |a − b|, so equal entries get weight 1 instead of t/0

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Generic, Literal, TypeVar
 
 from merger.errors import UnknownMethodError, excerpt
-from merger.config.ranges import MAX_FACTOR, Range
+from merger.ranges import MAX_FACTOR, Range
 
 T = TypeVar("T")
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from merger.publish.hub import looks_like_hub_id, split_reference
+from merger.config.references import looks_like_hub_id, split_reference
 
 TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "templates" / "model_card.md"
 # Links point at huggingface.co whatever endpoint the card is pushed to: that is where cards are read.

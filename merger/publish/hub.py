@@ -30,6 +30,7 @@ from huggingface_hub.errors import (
 )
 from huggingface_hub.utils import validate_repo_id
 
+from merger.config.references import split_reference
 from merger.constants import CONFIG_FILE, HUB_ALLOW_PATTERNS, PICKLE_WEIGHT_SUFFIXES, TOKENIZER_FILES
 from merger.errors import ConfigError, HubError, MergerError, ModelNotFoundError, PushTargetError, UnsafeWeightsError
 from merger.io.metadata import ModelMetadata, TensorMeta, unsafe_weights_message
@@ -38,50 +39,6 @@ from merger.scrub import scrub
 logger = logging.getLogger(__name__)
 
 _WRITE_ROLES = ("write", "admin")  # organization roles (whoami's `roleInOrg`) that may create and push repos
-
-def split_reference(reference: str) -> tuple[str, str | None]:
-    """Split a model reference into repo id and revision.
-
-    Args:
-        reference (`str`): `"org/name"` or `"org/name@revision"` (a branch, tag or commit sha).
-
-    Returns:
-        `tuple[str, str | None]`: the repo id and the revision (`None` when absent or empty).
-    """
-    repo_id, _, revision = reference.partition("@")
-    return repo_id, revision or None
-
-
-def looks_like_hub_id(reference: str) -> bool:
-    """Whether `reference` has the shape of a Hub repo id (`name` or `org/name`, optional `@rev`).
-
-    Pure: the local filesystem is not consulted (see :func:`is_hub_id` for that).
-
-    Args:
-        reference (`str`): a model reference from a config.
-
-    Returns:
-        `bool`: `True` when the part before `@` passes huggingface_hub's `validate_repo_id`.
-    """
-    try:
-        validate_repo_id(split_reference(reference)[0])
-    except HFValidationError:
-        return False
-    return True
-
-
-def is_hub_id(reference: str) -> bool:
-    """Whether `reference` names a Hub repo rather than a local model directory.
-
-    Args:
-        reference (`str`): a model reference from a config.
-
-    Returns:
-        `bool`: `True` when no local path of that name exists and it looks like a repo id
-        (`name` or `org/name`, optional `@rev`).
-    """
-    return not Path(reference).expanduser().exists() and looks_like_hub_id(reference)
-
 
 def download_model(reference: str, token: str | None = None) -> Path:
     """Download a Hub model's safetensors weights, configs and tokenizer files into the HF cache.

@@ -147,7 +147,7 @@ def test_only_the_ui_imports_gradio() -> None:
 
 
 def test_errors_and_constants_are_leaves() -> None:
-    for leaf in ("merger.errors", "merger.constants", "merger.ranges"):
+    for leaf in ("merger.errors", "merger.constants", "merger.ranges", "merger.dtypes", "merger.config.references"):
         assert _internal(leaf) <= {"merger", "merger.errors"}, (leaf, _internal(leaf))
 
 

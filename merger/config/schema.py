@@ -13,6 +13,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from merger.dtypes import DTYPES
 from merger.config.references import PATH_PREFIXES, split_reference
 from merger.ranges import MAX_FACTOR, Range
 from merger.errors import ParameterValueError, StringTooLongError, excerpt
@@ -183,7 +184,6 @@ class TokenizerConfig(BaseModel):
     )
 
 
-DTYPES = ("bfloat16", "float16", "float32")
 
 
 def _dtype(value: str | None) -> str | None:

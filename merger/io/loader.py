@@ -12,13 +12,11 @@ from pathlib import Path
 
 import torch
 
+from merger.dtypes import DTYPE_SIZES, torch_dtype
 from merger.io.buffers import BufferPool
 from merger.io.metadata import StoredTensor, read_safetensors_layout, weight_files
 
-STORAGE_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}
+STORAGE_DTYPES = {code: torch_dtype(code) for code in DTYPE_SIZES}  # safetensors code -> torch dtype
 
 
 class TensorReader:

@@ -15,7 +15,6 @@ from merger.constants import CONFIG_FILE, PICKLE_WEIGHT_SUFFIXES, SAFETENSORS_IN
 from merger.errors import ModelNotFoundError, UnsafeWeightsError
 
 # safetensors dtype codes -> bytes per element
-DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 
 from merger.constants import SAFETENSORS_INDEX_FILE
 from merger.io.loader import STORAGE_DTYPES
-from merger.io.metadata import DTYPE_SIZES
+from merger.dtypes import DTYPE_SIZES
 
 
 

@@ -29,14 +29,14 @@ from merger.errors import (
     WeightSumError,
     excerpt,
 )
-from merger.io.metadata import DTYPE_SIZES, ModelMetadata
+from merger.dtypes import DTYPE_SIZES, SAFETENSORS_CODES
+from merger.io.metadata import ModelMetadata
 from merger.methods.registry import MergeMethod, get_method
 from merger.config.parameters import resolve
 from merger.plan.settings import compare_settings
 from merger.methods.sparsify import della_bounds_problem
 from merger.plan.tokenizer import Vocabulary, VocabPlan, plan_vocabulary
 
-TORCH_TO_SAFETENSORS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 DEFAULT_SEED = 0
 
 
@@ -134,7 +134,7 @@ class MergePlan:
 def output_dtype(config_out: str | None, config_dtype: str | None, stored: str) -> str:
     """Spec decision 2: `out_dtype`, else `dtype`, else the stored dtype of the base (first) input."""
     chosen = config_out or config_dtype
-    return TORCH_TO_SAFETENSORS[chosen] if chosen else stored
+    return SAFETENSORS_CODES[chosen] if chosen else stored
 
 
 class _Problems:

@@ -24,19 +24,17 @@ from typing import Callable
 
 import torch
 
-from merger.io.buffers import BufferPool, keep_freed_memory
+from merger.io.buffers import BufferPool, freed_memory_kept
 from merger.errors import MergeCancelled
 from merger.io.loader import STORAGE_DTYPES, TensorReader
-from merger.methods.registry import MergeMethod, get_method
+from merger.methods.sparsify import helper_threads
+from merger.methods.registry import SLICE, MergeMethod, get_method
 from merger.execute.router import gate_weights
 from merger.plan.merge import MergePlan, TensorJob, TensorSource
 from merger.plan.tokenizer import align_embeddings
 from merger.io.writer import ShardedWriter
 
 Progress = Callable[[float, str], None]
-# entries per slice of an elementwise method: four MiB of float32 per input, in cache; a multiple of
-# SLERP's summing block, so its sums do not depend on the slicing
-SLICE = 1 << 20
 MIN_BUDGET = 64 * 2**20  # read-ahead and idle-buffer floor, bytes; both also scale with the largest job
 _DONE = object()
 
@@ -91,11 +89,13 @@ def execute_plan(
         MergeCancelled: `should_cancel()` returned True.
         MergerError / OSError: from reading inputs; the writer leaves no index behind.
     """
-    keep_freed_memory()
+    # The process's settings are changed for the run only: torch's thread count, glibc's reuse of
+    # freed memory, and the helper threads of the methods' prepare passes (shut down at the end).
     threads = torch.get_num_threads()
     torch.set_num_threads(_math_threads(plan, threads))
     try:
-        _execute(plan, dirs, out_dir, device, shard_size, progress, should_cancel)
+        with freed_memory_kept(), helper_threads():
+            _execute(plan, dirs, out_dir, device, shard_size, progress, should_cancel)
     finally:
         torch.set_num_threads(threads)
 

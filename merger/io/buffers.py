@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -19,24 +21,34 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 SMALL_BLOCKS = 8 << 20  # below this, allocations come from the heap: a slice's 4 MiB temporaries
 KEPT_FREE = 64 << 20  # free heap kept for reuse instead of being returned to the system
+GLIBC_DEFAULT_THRESHOLD = 128 << 10  # both settings' defaults (mallopt(3))
 
 
-def keep_freed_memory() -> None:
-    """Have glibc reuse freed slice-sized blocks instead of returning and re-faulting them.
+@contextmanager
+def freed_memory_kept() -> Iterator[None]:
+    """Have glibc reuse freed slice-sized blocks for the block, instead of returning and re-faulting them.
 
     By default glibc serves multi-megabyte blocks by fresh mappings, or trims the heap top as soon as
     128 KiB are free, so every slice's temporaries would page-fault anew: in a TIES merge that is
     half of the system time. Larger blocks (pooled buffers) still get their own mappings, returned on
-    release. Does nothing where the C library is not glibc.
+    release. On exit both settings go back to glibc's defaults (glibc cannot report the values it had;
+    its sliding mmap threshold stays off once set). Does nothing where the C library is not glibc.
     """
     name = ctypes.util.find_library("c")
     try:
         mallopt = ctypes.CDLL(name).mallopt if name else None
     except (OSError, AttributeError):
         mallopt = None
-    if mallopt is not None:
-        mallopt(M_MMAP_THRESHOLD, SMALL_BLOCKS)
-        mallopt(M_TRIM_THRESHOLD, KEPT_FREE)
+    if mallopt is None:
+        yield
+        return
+    mallopt(M_MMAP_THRESHOLD, SMALL_BLOCKS)
+    mallopt(M_TRIM_THRESHOLD, KEPT_FREE)
+    try:
+        yield
+    finally:
+        mallopt(M_MMAP_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
+        mallopt(M_TRIM_THRESHOLD, GLIBC_DEFAULT_THRESHOLD)
 
 
 class BufferPool:

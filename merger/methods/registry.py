@@ -50,6 +50,11 @@ class PerModel(Generic[T]):
     """Marks a keyword parameter as per-model: the method gets `list[T]`, one per input tensor."""
 
 
+# Entries per slice of a whole tensor, for the engine's elementwise calls and the prepare passes
+# streamed reductions: four MiB of float32 per input, in cache; a multiple of the reductions' BLOCK,
+# so SLERP's sums do not depend on the slicing.
+SLICE = 1 << 20
+
 FRACTION = Range(float, 0.0, 1.0, "a fraction")
 FACTOR = Range(float, -MAX_FACTOR, MAX_FACTOR, "a multiplier")
 Fraction = Annotated[float, FRACTION]  # density, gamma, epsilon, select_topk, slerp's t

@@ -1,11 +1,19 @@
 """Sparsifying task vectors and electing signs: the shared parts of the task-arithmetic family and SCE.
 
-A task vector is `δ = x − base` of one tensor, float32 `(*shape)`. Each `*_mask` function returns the
-bool mask of the entries it keeps (one byte per element, whatever `int8_mask` says), or None when
-`density ≥ 1` (keep everything); :func:`apply_mask_` zeroes the rest and optionally rescales.
+A task vector is `δ = x − base` of one tensor, float32 `(*shape)`.
 
-- magnitude (TIES, Yadav et al. 2023, arXiv:2306.01708): keep the `int(density·N)` largest `|δ|`.
-- bernoulli (DARE, Yu et al. 2023, arXiv:2311.03099): keep each entry with probability `density`.
+- magnitude (TIES, Yadav et al. 2023, arXiv:2306.01708): keep the `int(density·N)` largest `|δ|`
+  (:func:`magnitude_trims`).
+- random drop (DARE, Yu et al. 2023, arXiv:2311.03099): keep each entry with probability `density`
+  (:func:`random_drops`).
+
+TIES and DARE run as prepare passes: what needs the whole tensor is decided over its slices first
+(:func:`set_l1_factors` adds the rescale), then applied slice by slice, so the engine never holds a
+float32 copy of a whole tensor; :func:`slices_of` gives a whole tensor's slices. The others are
+whole-tensor `*_mask` functions returning the bool mask of the entries they keep (one byte per
+element, whatever `int8_mask` says), or None when `density ≥ 1`; :func:`apply_mask_` zeroes the rest
+and optionally rescales:
+
 - breadcrumbs (Davari & Belilovsky 2023, arXiv:2312.06795): drop the `int(gamma·N)` largest `|δ|` as
   outliers, keep the next `int(density·N)`.
 - della (Deep et al. 2024, arXiv:2406.11617): keep each entry with a probability that grows linearly
@@ -15,11 +23,6 @@ Exact counts use a streamed radix select (:class:`TopK`: linear time, ties at th
 lowest index first), never a full sort. Rescaling is mergekit's L1-norm matching over the whole tensor
 (docs/decisions.md), not the papers' per-entry `1/p`, summed in float64. Random masks draw from the
 `generator` passed in, so a seeded generator reproduces them.
-
-TIES and DARE also come as prepare passes (:func:`magnitude_trims`, :func:`random_drops`, and
-:func:`set_l1_factors` for `rescale`): what needs the whole tensor is decided over its slices first,
-then applied slice by slice, so the engine never holds a float32 copy of a whole tensor;
-:func:`slices_of` gives a whole tensor's slices.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import os
 import struct
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -35,9 +39,10 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from merger.methods.registry import SLICE
+
 RESCALE_EPS = 1e-7  # below this L1 norm (before or after masking) no rescale is applied
 RADIX = 1 << 16  # the selection reads each 32-bit key as two 16-bit digits
-CHUNK = 1 << 20  # entries per slice of a whole tensor (temporaries in cache); the engine's slice size
 
 
 def ordered_key(scores: Tensor) -> Tensor:
@@ -151,16 +156,16 @@ class TopK:
         else:
             values, threshold = ordered_key(scores), self._threshold
         kept = torch.gt(values, threshold, out=torch.empty(values.shape, device=scores.device))
-        for start in range(0, values.numel(), CHUNK):
+        for start in range(0, values.numel(), SLICE):
             if self._ties_left == 0:
                 break
-            part = values[start:start + CHUNK]
+            part = values[start:start + SLICE]
             ties = torch.eq(part, threshold, out=torch.empty(part.shape, device=scores.device))
             count = int(ties.sum())
             if count > self._ties_left:  # the cut: keep only the first ties
                 ties[torch.nonzero(ties > 0).reshape(-1)[self._ties_left:]] = 0.0
                 count = self._ties_left
-            kept[start:start + CHUNK].add_(ties)
+            kept[start:start + SLICE].add_(ties)
             self._ties_left -= count
         return kept.view(scores.shape)
 
@@ -185,7 +190,7 @@ def top_k_mask(scores: Tensor, k: int, *, nonnegative: bool = False) -> Tensor:
     Returns:
         bool `(*shape)` with exactly `k` True entries.
     """
-    chunks = scores.contiguous().reshape(-1).split(CHUNK)  # cache-sized temporaries
+    chunks = scores.contiguous().reshape(-1).split(SLICE)  # cache-sized temporaries
     selection = TopK(k, nonnegative=nonnegative)
     for chunk in chunks:
         selection.count_high(chunk)
@@ -194,7 +199,9 @@ def top_k_mask(scores: Tensor, k: int, *, nonnegative: bool = False) -> Tensor:
     return torch.cat([selection.mask(chunk) for chunk in chunks]).view(scores.shape)
 
 
-_helpers: ThreadPoolExecutor | None = None
+_helpers: ThreadPoolExecutor | None = None  # while someone holds helper_threads()
+_helper_users = 0
+_helpers_lock = threading.Lock()
 
 
 @contextmanager
@@ -208,28 +215,53 @@ def single_threaded_math() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+@contextmanager
+def helper_threads() -> Iterator[None]:
+    """Keep the helper threads of :func:`run_concurrently` for the block; the last holder shuts them down.
+
+    The executor holds them for a whole merge, so a run starts its threads once and leaves none behind;
+    a call outside any holder gets threads for that call only.
+    """
+    global _helpers, _helper_users
+    with _helpers_lock:
+        if _helpers is None:
+            _helpers = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
+                                          thread_name_prefix="merger-math", initializer=torch.set_num_threads,
+                                          initargs=(1,))
+        _helper_users += 1
+    try:
+        yield
+    finally:
+        with _helpers_lock:
+            _helper_users -= 1
+            pool = _helpers if _helper_users == 0 else None
+            if pool is not None:
+                _helpers = None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
 def run_concurrently(calls: Sequence[Callable[[], object]]) -> None:
     """Run `calls` at once, the first on this thread, the others on helper threads (torch releases the
     GIL inside its kernels); returns when all are done, raising the first error."""
-    global _helpers
-    if len(calls) > 1 and _helpers is None:
-        _helpers = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
-                                      thread_name_prefix="merger-math", initializer=torch.set_num_threads,
-                                      initargs=(1,))
-    futures = [_helpers.submit(call) for call in calls[1:]]
-    try:
+    if len(calls) == 1:
         calls[0]()
-    finally:
-        for future in futures:
-            future.result()
+        return
+    with helper_threads():
+        futures = [_helpers.submit(call) for call in calls[1:]]
+        try:
+            calls[0]()
+        finally:
+            for future in futures:
+                future.result()
 
 
 def slices_of(tensors: Sequence[Tensor], base: Tensor) -> Iterator[tuple[list[Tensor], Tensor]]:
-    """Consecutive `(tensors, base)` slices of the flattened whole tensors, `CHUNK` entries each (views)."""
+    """Consecutive `(tensors, base)` slices of the flattened whole tensors, `SLICE` entries each (views)."""
     flat = [t.reshape(-1) for t in tensors]
     flat_base = base.reshape(-1)
-    for start in range(0, flat_base.numel(), CHUNK):
-        yield [t[start:start + CHUNK] for t in flat], flat_base[start:start + CHUNK]
+    for start in range(0, flat_base.numel(), SLICE):
+        yield [t[start:start + SLICE] for t in flat], flat_base[start:start + SLICE]
 
 
 class MagnitudeTrim:
@@ -255,8 +287,8 @@ class MagnitudeTrim:
 
 
 class RandomDrop:
-    """DARE "drop" of one task vector: its :func:`bernoulli_mask` for the whole tensor, applied to its
-    slices in flat order.
+    """DARE "drop" of one task vector: its keep mask for the whole tensor (:func:`random_drops`), applied
+    to its slices in flat order.
 
     Args:
         mask: bool `(N,)`, the kept entries.
@@ -318,8 +350,10 @@ def magnitude_trims(slices: Slices, densities: Sequence[float]) -> list[Magnitud
 
 
 def random_drops(numel: int, densities: Sequence[float], generator: torch.Generator) -> list[RandomDrop | None]:
-    """DARE "drop" as a prepare step: per model, the :func:`bernoulli_mask` over all `numel` entries,
-    drawn model by model from `generator`.
+    """DARE "drop" as a prepare step: per model, keep each of the `numel` entries independently with
+    probability `density` (entry j is kept when `u_j < density`, `u` being the generator's float32
+    uniform stream in flat order, drawn `SLICE` entries at a time: on CPU the stream does not depend
+    on that, on CUDA it does, so the chunk is fixed), drawn model by model from `generator`.
 
     Args:
         numel: entries of the whole tensor.
@@ -353,47 +387,10 @@ def set_l1_factors(slices: Slices, steps: Sequence[MagnitudeTrim | RandomDrop | 
         step.rewind()
 
 
-def magnitude_mask(delta: Tensor, *, density: float) -> Tensor | None:
-    """TIES "trim": keep the `k = int(density·N)` entries of largest `|δ|`.
-
-    mergekit asserts `k > 0`; here `k = 0` (a tiny tensor or density) keeps nothing, as its `build_mask` does.
-
-    Args:
-        delta: float32 task vector `(*shape)`.
-        density: fraction to keep.
-
-    Returns:
-        bool `(*shape)` with exactly `k` True entries, or None when `density ≥ 1`.
-    """
-    if density >= 1:
-        return None
-    return top_k_mask(delta.abs(), int(density * delta.numel()), nonnegative=True)
-
-
-def bernoulli_mask(delta: Tensor, *, density: float, generator: torch.Generator) -> Tensor | None:
-    """DARE "drop": keep each entry independently with probability `density` (≤ 0 keeps nothing).
-
-    Entry j is kept when `u_j < density`, `u` being `generator`'s float32 uniform stream in flat order,
-    drawn `CHUNK` entries at a time (on CPU the stream does not depend on that; on CUDA it does, so
-    the chunk is fixed). Three times faster than `bernoulli_` here, with no whole-tensor temporary.
-
-    Args:
-        delta: float32 task vector `(*shape)` (only its shape and device are used).
-        density: keep probability.
-        generator: seeded RNG on `delta`'s device.
-
-    Returns:
-        bool `(*shape)`, or None when `density ≥ 1`.
-    """
-    if density >= 1:
-        return None
-    return _uniform_below(delta.numel(), density, generator).view(delta.shape)
-
-
 def _uniform_below(numel: int, density: float, generator: torch.Generator) -> Tensor:
-    """bool `(numel,)`: `u_j < density` for the generator's next `numel` uniforms, drawn by `CHUNK`."""
+    """bool `(numel,)`: `u_j < density` for the generator's next `numel` uniforms, drawn by `SLICE`."""
     mask = torch.empty(numel, dtype=torch.bool, device=generator.device)
-    for piece in mask.split(CHUNK):
+    for piece in mask.split(SLICE):
         torch.lt(torch.rand(piece.numel(), generator=generator, device=generator.device), density, out=piece)
     return mask
 
@@ -485,7 +482,7 @@ def della_mask(delta: Tensor, *, density: float, epsilon: float, generator: torc
 
 
 def l1_norm(tensor: Tensor) -> float:
-    """`Σ|x|` accumulated in float64, `CHUNK` entries at a time.
+    """`Σ|x|` accumulated in float64, `SLICE` entries at a time.
 
     A float32 norm is not good enough here: over a 65M-entry embedding it is off by 6% with two
     threads and 28% with one (the running sum outgrows the addends' precision), so the rescale factor
@@ -497,7 +494,7 @@ def l1_norm(tensor: Tensor) -> float:
     Returns:
         The L1 norm as a Python float.
     """
-    return sum(float(torch.sum(piece.abs(), dtype=torch.float64)) for piece in tensor.reshape(-1).split(CHUNK))
+    return sum(float(torch.sum(piece.abs(), dtype=torch.float64)) for piece in tensor.reshape(-1).split(SLICE))
 
 
 def apply_mask_(delta: Tensor, mask: Tensor | None, *, rescale: bool) -> Tensor:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -69,10 +70,7 @@ class BufferPool:
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised CPU tensor of `shape` and `dtype`, reusing an idle buffer of the same size."""
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         storage = None
         with self._lock:
             for i in range(len(self._idle) - 1, -1, -1):

@@ -7,6 +7,7 @@ directories are read here, Hub repos by :func:`merger.publish.hub.fetch_metadata
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +33,7 @@ class TensorMeta:
     @property
     def numel(self) -> int:
         """Number of elements (1 for a 0-dim tensor)."""
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)

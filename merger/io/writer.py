@@ -9,6 +9,7 @@ length, JSON header padded with spaces to 8 bytes, then the raw little-endian da
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,9 +48,7 @@ def layout_shards(tensors: Sequence[tuple[str, tuple[int, ...], str]], max_shard
     shards: list[list[TensorSlot]] = [[]]
     used = 0
     for name, shape, dtype in tensors:
-        size = DTYPE_SIZES[dtype]
-        for d in shape:
-            size *= d
+        size = DTYPE_SIZES[dtype] * math.prod(shape)
         if shards[-1] and used + size > max_shard_size:
             shards.append([])
             used = 0

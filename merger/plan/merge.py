@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,10 +79,7 @@ class TensorJob:
     @property
     def nbytes(self) -> int:
         """Bytes of the output tensor in its output dtype."""
-        n = DTYPE_SIZES[self.dtype]
-        for d in self.shape:
-            n *= d
-        return n
+        return DTYPE_SIZES[self.dtype] * math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -122,17 +120,11 @@ class MergePlan:
     @property
     def parameter_count(self) -> int:
         """Parameters in the output (sum of the output tensors' elements)."""
-        total = 0
-        for job in self.jobs:
-            n = 1
-            for d in job.shape:
-                n *= d
-            total += n
-        return total
+        return sum(math.prod(job.shape) for job in self.jobs)
 
 
 def output_dtype(config_out: str | None, config_dtype: str | None, stored: str) -> str:
-    """Spec decision 2: `out_dtype`, else `dtype`, else the stored dtype of the base (first) input."""
+    """`out_dtype`, else `dtype`, else the stored dtype of the base (first) input (docs/decisions.md, Compatibility)."""
     chosen = config_out or config_dtype
     return SAFETENSORS_CODES[chosen] if chosen else stored
 

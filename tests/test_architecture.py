@@ -305,7 +305,7 @@ def _multimodal(tmp_path_factory, model_type: str, config: dict) -> ModelMetadat
 @pytest.mark.parametrize(("model_type", "config", "embed", "side", "inferred"), MULTIMODAL, ids=[m[0] for m in MULTIMODAL])
 def test_multimodal_checkpoints_are_their_text_decoder_plus_side_modules(tmp_path_factory, model_type, config, embed, side,
                                                                         inferred):
-    from merger.plan.merge import _undescribed_tensors
+    from merger.plan.checks import undescribed_tensors
 
     meta = _multimodal(tmp_path_factory, model_type, config)
     arch = architecture_for(meta.config, model_type, meta.tensors)
@@ -313,7 +313,7 @@ def test_multimodal_checkpoints_are_their_text_decoder_plus_side_modules(tmp_pat
     assert arch.num_layers_config_key == "text_config.num_hidden_layers"
     assert [w.name for w in arch.pre_weights if w.is_embed] == [embed]
     assert sorted({w.name.split(".")[0] for w in arch.post_weights if w.side_module}) == side
-    assert _undescribed_tensors(meta, arch) == []  # every tensor is text decoder or a side module
+    assert undescribed_tensors(meta, arch) == []  # every tensor is text decoder or a side module
     layer_names = {w.for_layer(i).name for w in arch.layer_weights for i in range(2)}
     assert layer_names <= set(meta.tensors) and all(".layers." in n for n in layer_names)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from merger.config.schema import AnyConfig, ModelReference, MoEConfig
 from merger.io.metadata import ModelMetadata
 from merger.io.resolve import embedding_rows, fetch_metadata, fetch_vocabularies, local_path
-from merger.plan.merge import MergePlan, build_plan, needs_vocabularies
+from merger.plan.build import build_plan, needs_vocabularies
+from merger.plan.merge import MergePlan
 from merger.plan.moe import build_moe_plan, check_tokenizer_fits
 from merger.plan.tokenizer import Vocabulary, load_vocabulary
 from merger.publish import hub

@@ -9,7 +9,7 @@ Reference: Jiang et al. 2024, "Mixtral of Experts", arXiv:2401.04088; Goddard 20
 
 from __future__ import annotations
 
-from merger.plan.architecture import architecture_by_type, architecture_for
+from merger.plan.architecture import Architecture, architecture_by_type, architecture_for
 from merger.config.schema import ModelReference, MoEConfig
 from merger.errors import (
     ArchitectureError,
@@ -54,6 +54,40 @@ def build_moe_plan(config: MoEConfig, metadata: dict[str, ModelMetadata]) -> Mer
             f"{' or '.join(out_arch.moe_from)} models. Pick a base of one of those families"
         )
     layers = dense.num_layers(base_meta.config)
+    _check_experts(config, metadata, dense, layers)
+    jobs = _moe_jobs(config, metadata, layers)
+
+    output_config = dict(base_meta.config)
+    output_config.update(
+        architectures=list(out_arch.architectures),
+        model_type=out_arch.model_type,
+        num_local_experts=len(config.experts),
+        num_experts_per_tok=config.experts_per_token,
+        sliding_window=None,
+        tie_word_embeddings="lm_head.weight" not in {j.name for j in jobs},
+        vocab_size=next(j.shape[0] for j in jobs if j.name == "model.embed_tokens.weight"),  # rows written
+    )
+    set_config_dtype(output_config, config.out_dtype or config.dtype)
+    refs = config.referenced_models()
+    return MergePlan(
+        method_name="moe",
+        pretty_name=MOE_PRETTY_NAME,
+        reference_url=MOE_REFERENCE_URL,
+        base_model=config.base_model,
+        models=tuple(refs),
+        jobs=tuple(jobs),
+        output_config=output_config,
+        num_layers=layers,
+        config_donor=base_key,
+        tokenizer_donor=tokenizer_donor,
+        input_dtype=config.dtype,
+        seed=DEFAULT_SEED if config.seed is None else config.seed,
+    )
+
+
+def _check_experts(config: MoEConfig, metadata: dict[str, ModelMetadata], dense: Architecture, layers: int) -> None:
+    """Every expert is of a family the output takes, with the base's layer count; all problems at once."""
+    out_arch = architecture_by_type("mixtral")
     problems: list = []
     for index, expert in enumerate(config.experts):
         meta = metadata[expert.source_model.key]
@@ -72,6 +106,16 @@ def build_moe_plan(config: MoEConfig, metadata: dict[str, ModelMetadata]) -> Mer
             problems.append(ConfigError(f"`experts[{index}].noise_scale` is not supported yet; remove it"))
     raise_problems(problems)
 
+
+def _moe_jobs(config: MoEConfig, metadata: dict[str, ModelMetadata], layers: int) -> list[TensorJob]:
+    """The output's jobs in order: the base's tensors copied, random gates, experts' MLPs as experts.
+
+    Raises:
+        ConfigProblems / ShapeMismatchError: an expert's MLP differs in shape from the base's.
+    """
+    out_arch = architecture_by_type("mixtral")
+    base_key = config.base_model.key
+    base_meta = metadata[base_key]
     experts = len(config.experts)
     hidden = int(base_meta.config["hidden_size"])
 
@@ -112,33 +156,7 @@ def build_moe_plan(config: MoEConfig, metadata: dict[str, ModelMetadata]) -> Mer
         if weight.name in base_meta.tensors or not weight.optional:
             jobs.append(copy(weight.name))
     raise_problems(shape_problems)
-
-    output_config = dict(base_meta.config)
-    output_config.update(
-        architectures=list(out_arch.architectures),
-        model_type=out_arch.model_type,
-        num_local_experts=experts,
-        num_experts_per_tok=config.experts_per_token,
-        sliding_window=None,
-        tie_word_embeddings="lm_head.weight" not in {j.name for j in jobs},
-        vocab_size=next(j.shape[0] for j in jobs if j.name == "model.embed_tokens.weight"),  # rows written
-    )
-    set_config_dtype(output_config, config.out_dtype or config.dtype)
-    refs = config.referenced_models()
-    return MergePlan(
-        method_name="moe",
-        pretty_name=MOE_PRETTY_NAME,
-        reference_url=MOE_REFERENCE_URL,
-        base_model=config.base_model,
-        models=tuple(refs),
-        jobs=tuple(jobs),
-        output_config=output_config,
-        num_layers=layers,
-        config_donor=base_key,
-        tokenizer_donor=tokenizer_donor,
-        input_dtype=config.dtype,
-        seed=DEFAULT_SEED if config.seed is None else config.seed,
-    )
+    return jobs
 
 
 def moe_tokenizer_donor(config: MoEConfig) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from typing import Any
 
 from merger.config.parameters import resolve
 from merger.config.schema import InputSliceSource, MergeConfig, OutputSlice
@@ -56,19 +57,7 @@ class TensorPlanner:
         """The job for one output tensor (empty when an optional tensor is in no model)."""
         config, method = self.config, self.method
         base_ref = output_slice.base_model or config.base_model
-        found: list[tuple[int, InputSliceSource, str]] = []
-        any_own_name = False
-        for index, source in enumerate(output_slice.sources):
-            weight = template if offset is None else template.for_layer(source.layer_range[0] + offset)
-            name = self._find(source.model.key, weight)
-            if name is None and not weight.optional and not weight.side_module:
-                self.problems.add(ShapeMismatchError(
-                    f"`{source.model}` has no tensor `{weight.name}` (and maybe more): it is not a complete "
-                    f"checkpoint of the output's architecture ({self.meta[self.donor].config.get('model_type')})"
-                ), key=("missing", source.model.key))
-            elif name is not None:
-                found.append((index, source, name))
-                any_own_name |= name in (weight.name, *weight.aliases)
+        found, any_own_name = self._found_inputs(output_slice, template, offset)
         # an optional tensor that no model has under its own name (a tied lm_head) is not written
         if not found or (out_weight.optional and not any_own_name):
             return []
@@ -93,6 +82,47 @@ class TensorPlanner:
             return [TensorJob(out_weight.name, "passthrough", (TensorSource(only[1].model.key, only[2]),), None,
                               {"scale": (None,)}, {}, shape, dtype, align)]
 
+        per_model = self._per_model_parameters(output_slice, slice_index, inputs, t)
+        self._check_della(per_model, slice_index, inputs, out_weight.name)
+        global_params = self._global_parameters(output_slice, out_weight, t)
+        self._check_weight_sum(per_model, global_params, out_weight)
+        return [TensorJob(
+            out_weight.name,
+            method.name,
+            tuple(TensorSource(s.model.key, n) for _, s, n in inputs),
+            TensorSource(base_entry[1].model.key, base_entry[2]) if base_entry else None,
+            per_model,
+            global_params,
+            shape,
+            dtype,
+            align,
+        )]
+
+    def _found_inputs(
+        self, output_slice: OutputSlice, template: WeightInfo, offset: int | None
+    ) -> tuple[list[tuple[int, InputSliceSource, str]], bool]:
+        """The sources that have the tensor, as (source index, source, stored name), and whether any
+        has it under its own name (not only as a tied alias); a missing required tensor is a problem."""
+        found: list[tuple[int, InputSliceSource, str]] = []
+        any_own_name = False
+        for index, source in enumerate(output_slice.sources):
+            weight = template if offset is None else template.for_layer(source.layer_range[0] + offset)
+            name = self._find(source.model.key, weight)
+            if name is None and not weight.optional and not weight.side_module:
+                self.problems.add(ShapeMismatchError(
+                    f"`{source.model}` has no tensor `{weight.name}` (and maybe more): it is not a complete "
+                    f"checkpoint of the output's architecture ({self.meta[self.donor].config.get('model_type')})"
+                ), key=("missing", source.model.key))
+            elif name is not None:
+                found.append((index, source, name))
+                any_own_name |= name in (weight.name, *weight.aliases)
+        return found, any_own_name
+
+    def _per_model_parameters(
+        self, output_slice: OutputSlice, slice_index: int, inputs: list, t: float
+    ) -> dict[str, tuple]:
+        """Each per-model parameter's value for every input (source, slice, global precedence)."""
+        config, method = self.config, self.method
         per_model: dict[str, tuple] = {}
         for spec in method.per_model_parameters:
             values = []
@@ -108,7 +138,11 @@ class TensorPlanner:
                     ), key=(field_name, spec.name))
                 values.append(spec.default if value is None else value)
             per_model[spec.name] = tuple(values)
-        self._check_della(per_model, slice_index, inputs, out_weight.name)
+        return per_model
+
+    def _global_parameters(self, output_slice: OutputSlice, out_weight: WeightInfo, t: float) -> dict[str, Any]:
+        """Each global parameter's value for this tensor (slice, then global)."""
+        config, method = self.config, self.method
         global_params = {}
         for spec in method.global_parameters:
             value = resolve(spec.name, (output_slice.parameters, config.parameters), out_weight.name, t)
@@ -118,6 +152,13 @@ class TensorPlanner:
                     f"`{out_weight.name}`); add e.g. `parameters: {{{spec.name}: 0.5}}`{self._misspelt(spec.name)}"
                 ), key=("parameters", spec.name))
             global_params[spec.name] = spec.default if value is None else value
+        return global_params
+
+    def _check_weight_sum(
+        self, per_model: dict[str, tuple], global_params: dict[str, Any], out_weight: WeightInfo
+    ) -> None:
+        """Weights summing to 0 would make a normalizing method divide by zero."""
+        method = self.method
         normalizing = {"linear": "normalize", "multislerp": "normalize_weights"}.get(method.name)
         if normalizing and global_params.get(normalizing) and per_model.get("weight"):
             if all(w is not None for w in per_model["weight"]) and abs(sum(per_model["weight"])) < 1e-12:
@@ -125,17 +166,6 @@ class TensorPlanner:
                     f"the `weight`s sum to 0 (first for `{out_weight.name}`), so `{normalizing}: true` would divide "
                     f"by zero; change the weights or set `parameters: {{{normalizing}: false}}`"
                 ), key="weight sum")
-        return [TensorJob(
-            out_weight.name,
-            method.name,
-            tuple(TensorSource(s.model.key, n) for _, s, n in inputs),
-            TensorSource(base_entry[1].model.key, base_entry[2]) if base_entry else None,
-            per_model,
-            global_params,
-            shape,
-            dtype,
-            align,
-        )]
 
     def _same_everywhere(self, output_slice: OutputSlice, found: list) -> bool:
         """Whether every source of the slice has this tensor, all with one shape."""

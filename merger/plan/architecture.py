@@ -14,7 +14,6 @@ model's tensor names, infers the layout from them (:func:`infer_architecture`).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, replace
@@ -22,25 +21,15 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from merger.errors import ArchitectureError
+from merger.plan.definitions import Definition, definition_problems
 
 ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
 
 LAYER_PLACEHOLDER = "${layer_index}"
 EXPERT_PLACEHOLDER = "${expert_index}"
-
-# Definition file keys: required ones, then optional ones with their expected JSON types.
-_DEFINITION_KEYS: dict[str, type] = {
-    "model_type": str,
-    "architectures": list,
-    "num_layers_config_key": str,
-    "pre_weights": list,
-    "layer_templates": dict,
-    "post_weights": list,
-}
-_OPTIONAL_DEFINITION_KEYS: dict[str, type] = {"moe_from": list}
-# Python type -> its JSON name, for messages.
-_JSON_TYPE_NAMES = {str: "a string", bool: "a boolean", list: "a list", dict: "an object"}
 
 # Inference heuristics for models without a definition (see :func:`infer_architecture`).
 # The layer index is the first all-digit path segment: `model.layers.7.mlp...`, `transformer.h.7.attn...`.
@@ -179,71 +168,8 @@ class Architecture:
 
 # ---------------------------------------------------------------- definition files
 
-# WeightInfo field -> the JSON type its value must have (lists become tuples); kept equal to the
-# dataclass's fields by a test.
-_WEIGHT_FIELD_TYPES: dict[str, type] = {
-    "name": str,
-    "is_embed": bool,
-    "optional": bool,
-    "aliases": list,
-    "tied_names": list,
-    "expert_source": str,
-    "residual": bool,
-    "router": bool,
-    "side_module": bool,
-}
-
-
-def _check_strings(value: Any, where: str, path: Path) -> None:
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise ArchitectureError(f"{path.name}: `{where}` must be a list of strings, got {json.dumps(value)}")
-
-
-def _weights(items: list, where: str, path: Path, in_layer: bool) -> tuple[WeightInfo, ...]:
-    """Validate one list of weight entries and build them.
-
-    Args:
-        items: the JSON list.
-        where: its key in the file, for messages (e.g. `layer_templates.weights`).
-        path: the definition file, for messages.
-        in_layer: whether names must carry `${layer_index}` (layer templates) or must not (pre/post).
-
-    Returns:
-        The :class:`WeightInfo` entries, in file order.
-
-    Raises:
-        ArchitectureError: an entry is not an object, lacks `name`, has an unknown field or a
-            field of the wrong type, or misuses `${layer_index}`; the message names the file.
-    """
-    weights = []
-    for index, item in enumerate(items):
-        at = f"{where}[{index}]"
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
-            raise ArchitectureError(f"{path.name}: `{at}` must be an object with a string `name`, got {json.dumps(item)}")
-        label = f"`{at}` (`{item['name']}`)"
-        unknown = sorted(set(item) - set(_WEIGHT_FIELD_TYPES))
-        if unknown:
-            raise ArchitectureError(
-                f"{path.name}: {label} has unknown field(s) {', '.join(f'`{k}`' for k in unknown)}; "
-                f"known fields: {', '.join(_WEIGHT_FIELD_TYPES)}"
-            )
-        for key, value in item.items():
-            expected = _WEIGHT_FIELD_TYPES[key]
-            if expected is list:
-                _check_strings(value, f"{at}.{key}", path)
-            elif not isinstance(value, expected):
-                raise ArchitectureError(
-                    f"{path.name}: `{at}.{key}` must be {_JSON_TYPE_NAMES[expected]}, got {json.dumps(value)}"
-                )
-        if (LAYER_PLACEHOLDER in item["name"]) != in_layer:
-            rule = "must contain" if in_layer else "must not contain"
-            raise ArchitectureError(f"{path.name}: {label} is in `{where}`, so its name {rule} `{LAYER_PLACEHOLDER}`")
-        weights.append(WeightInfo(**{k: tuple(v) if isinstance(v, list) else v for k, v in item.items()}))
-    return tuple(weights)
-
-
 def load_definition(path: Path) -> Architecture:
-    """Read and validate one definition file.
+    """Read and validate one definition file (schema: :class:`~merger.plan.definitions.Definition`).
 
     Args:
         path: an `architectures/*.json` file.
@@ -252,45 +178,33 @@ def load_definition(path: Path) -> Architecture:
         The :class:`Architecture` it defines.
 
     Raises:
-        ArchitectureError: the file is not valid JSON, lacks a required key, has an unknown key, or
-            has a value of the wrong type; the message names the file and the key.
+        ArchitectureError: the file is not valid JSON, lacks a required key, has an unknown key, has
+            a value of the wrong type, or misuses `${layer_index}`; the message names the file and the key.
     """
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ArchitectureError(f"{path.name} is not valid JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise ArchitectureError(f"{path.name}: the top level must be a JSON object")
-    missing = [key for key in _DEFINITION_KEYS if key not in data]
-    if missing:
-        raise ArchitectureError(f"{path.name}: missing required key(s) {', '.join(f'`{k}`' for k in missing)}")
-    known = {**_DEFINITION_KEYS, **_OPTIONAL_DEFINITION_KEYS}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ArchitectureError(
-            f"{path.name}: unknown key(s) {', '.join(f'`{k}`' for k in unknown)}; known keys: {', '.join(known)}"
-        )
-    for key, expected in known.items():
-        if key in data and not isinstance(data[key], expected):
-            raise ArchitectureError(
-                f"{path.name}: `{key}` must be {_JSON_TYPE_NAMES[expected]}, got {json.dumps(data[key])}"
-            )
-    for key in ("architectures", "moe_from"):
-        if key in data:
-            _check_strings(data[key], key, path)
-    if not data["architectures"]:
-        raise ArchitectureError(f"{path.name}: `architectures` must name at least one Hugging Face class")
-    templates = data["layer_templates"]
-    if set(templates) != {"weights"} or not isinstance(templates["weights"], list):
-        raise ArchitectureError(f"{path.name}: `layer_templates` must be an object with only a `weights` list")
+        data = Definition.model_validate_json(path.read_text())
+    except ValidationError as error:
+        raise ArchitectureError(f"{path.name}: " + "; ".join(definition_problems(error))) from None
+    parts = {
+        "pre_weights": (data.pre_weights, False),
+        "layer_templates.weights": (data.layer_templates.weights, True),
+        "post_weights": (data.post_weights, False),
+    }
+    for where, (entries, in_layer) in parts.items():
+        for index, entry in enumerate(entries):
+            if (LAYER_PLACEHOLDER in entry.name) != in_layer:
+                rule = "must contain" if in_layer else "must not contain"
+                raise ArchitectureError(f"{path.name}: `{where}[{index}]` (`{entry.name}`) is in `{where}`, "
+                                        f"so its name {rule} `{LAYER_PLACEHOLDER}`")
+    weights = {where: tuple(WeightInfo(**e.model_dump()) for e in entries) for where, (entries, _) in parts.items()}
     return Architecture(
-        model_type=data["model_type"],
-        architectures=tuple(data["architectures"]),
-        num_layers_config_key=data["num_layers_config_key"],
-        pre_weights=_weights(data["pre_weights"], "pre_weights", path, in_layer=False),
-        layer_weights=_weights(templates["weights"], "layer_templates.weights", path, in_layer=True),
-        post_weights=_weights(data["post_weights"], "post_weights", path, in_layer=False),
-        moe_from=tuple(data.get("moe_from", ())),
+        model_type=data.model_type,
+        architectures=data.architectures,
+        num_layers_config_key=data.num_layers_config_key,
+        pre_weights=weights["pre_weights"],
+        layer_weights=weights["layer_templates.weights"],
+        post_weights=weights["post_weights"],
+        moe_from=data.moe_from,
     )
 
 

@@ -301,7 +301,27 @@ def infer_architecture(config: dict, tensors: Mapping[str, Any] | Iterable[str])
         raise ArchitectureError(
             f"the config states no layer count (none of {', '.join(f'`{k}`' for k in NUM_LAYERS_CONFIG_KEYS)})"
         )
+    prefix, suffixes, outside = _layer_stack(names, config[key], key)
+    pre, post = _weights_outside_layers(outside, config.get("vocab_size"), shapes)
+    return Architecture(
+        model_type=str(config.get("model_type") or "unknown"),
+        architectures=tuple(config.get("architectures") or ()),
+        num_layers_config_key=key,
+        pre_weights=tuple(pre),
+        layer_weights=tuple(WeightInfo(prefix + LAYER_PLACEHOLDER + suffix) for suffix in sorted(suffixes)),
+        post_weights=tuple(post),
+        inferred=True,
+    )
 
+
+def _layer_stack(names: list[str], count: int, key: str) -> tuple[str, set[str], list[str]]:
+    """The one layer stack of an inferred model: its name prefix, each layer's name suffixes, and the
+    names outside the layers.
+
+    Raises:
+        ArchitectureError: no layer tensors, more than one stack, indices other than `0..count-1`
+            (the config's `key`), or layers with different tensors.
+    """
     layers: dict[int, set[str]] = {}
     prefixes: set[str] = set()
     outside: list[str] = []
@@ -319,7 +339,6 @@ def infer_architecture(config: dict, tensors: Mapping[str, Any] | Iterable[str])
             f"the tensors form more than one layer stack ({', '.join(f'`{p}<n>`' for p in sorted(prefixes))}); "
             "only single-stack decoder-only models can be inferred"
         )
-    count = config[key]
     if sorted(layers) != list(range(count)):
         found = sorted(layers)
         raise ArchitectureError(
@@ -335,8 +354,13 @@ def infer_architecture(config: dict, tensors: Mapping[str, Any] | Iterable[str])
                 f"{', '.join(f'`{s[1:]}`' for s in differing[:5])}); inference needs every layer to have the same tensors"
             )
     (prefix,) = prefixes
+    return prefix, suffixes, outside
 
-    vocab_size = config.get("vocab_size")
+
+def _weights_outside_layers(
+    outside: list[str], vocab_size: int | None, shapes: dict[str, tuple[int, ...]] | None
+) -> tuple[list[WeightInfo], list[WeightInfo]]:
+    """The pre- and post-weights of an inferred model (see :func:`infer_architecture`)."""
 
     def is_embed(name: str) -> bool:
         if shapes is None:
@@ -355,15 +379,7 @@ def infer_architecture(config: dict, tensors: Mapping[str, Any] | Iterable[str])
     embeddings = tuple(w.name for w in pre if w.is_embed)
     # Heads go last: they read the final norm's output.
     post += [WeightInfo(name, is_embed=is_embed(name), optional=True, tied_names=embeddings) for name in heads]
-    return Architecture(
-        model_type=str(config.get("model_type") or "unknown"),
-        architectures=tuple(config.get("architectures") or ()),
-        num_layers_config_key=key,
-        pre_weights=tuple(pre),
-        layer_weights=tuple(WeightInfo(prefix + LAYER_PLACEHOLDER + suffix) for suffix in sorted(suffixes)),
-        post_weights=tuple(post),
-        inferred=True,
-    )
+    return pre, post
 
 
 def architecture_for(

@@ -183,6 +183,40 @@ def plan_vocabulary(
             raise ConfigError(f"`tokenizer_source: {excerpt(choice)}` is not one of the merged models; use `base`, `union` "
                               f"or one of: {', '.join(order)}")
     donor_vocab = vocabs[donor]
+    new_tokens, token_of = _new_tokens(choice, vocabs, order, donor, tokens)
+    vocab_size = max(donor_vocab.size + len(new_tokens), donor_vocab.rows)
+    rows = vocab_size if not pad_to_multiple_of else -(-vocab_size // pad_to_multiple_of) * pad_to_multiple_of
+    index = _row_index(vocabs, order, donor, token_of, vocab_size)
+    identity = rows == vocab_size and all(
+        vocabs[key].rows == vocab_size and bool((index[key] == torch.arange(vocab_size)).all()) for key in order
+    )
+    overrides = _overrides(tokens or {}, vocabs, order, donor_vocab, token_of)
+    template = resolve_chat_template(chat_template, [vocabs[k] for k in order])
+    missing = template_tokens_missing(template, set(donor_vocab.ids) | {t.content for t in new_tokens})
+    return VocabPlan(
+        donor=donor,
+        new_tokens=tuple(new_tokens),
+        first_new_id=donor_vocab.size,
+        vocab_size=vocab_size,
+        rows=rows,
+        index=index,
+        base=base,
+        overrides=overrides,
+        identity=identity and not overrides,
+        chat_template=template,
+        warnings=(f"the chat template (`chat_template: {_short(chat_template)}`) writes "
+                  f"{', '.join(f'`{t}`' for t in missing)}, which the output tokenizer lacks: each would be "
+                  "split into ordinary tokens the model never saw in that role. Use a template of the "
+                  "output tokenizer's family, or add them under `tokenizer: {tokens: ...}`",) if missing else (),
+    )
+
+
+def _new_tokens(
+    choice: str, vocabs: dict[str, Vocabulary], order: list[str], donor: str, tokens: dict[str, Any] | None
+) -> tuple[list[NewToken], dict[int, str]]:
+    """The tokens the output adds to the donor's (the other models' for `union`, then `tokens`), and
+    the output's id -> token map (the donor's ids, then the new ones in order)."""
+    donor_vocab = vocabs[donor]
     token_of: dict[int, str] = {i: t for t, i in donor_vocab.ids.items()}
     new_tokens: list[NewToken] = []
     next_id = donor_vocab.size
@@ -207,9 +241,14 @@ def plan_vocabulary(
                     append(content, special, added=True)
     for token in tokens or {}:
         append(token, False, added=True)
+    return new_tokens, token_of
 
-    vocab_size = max(next_id, donor_vocab.rows)
-    rows = vocab_size if not pad_to_multiple_of else -(-vocab_size // pad_to_multiple_of) * pad_to_multiple_of
+
+def _row_index(
+    vocabs: dict[str, Vocabulary], order: list[str], donor: str, token_of: dict[int, str], vocab_size: int
+) -> dict[str, torch.Tensor]:
+    """Per model, int64 `(vocab_size,)`: the model's embedding row of each output token id, -1 where it has none."""
+    donor_vocab = vocabs[donor]
     donor_own = {i for i in range(donor_vocab.rows) if i not in token_of or token_of[i] in donor_vocab.ids}
     index = {}
     for key in order:
@@ -222,28 +261,7 @@ def plan_vocabulary(
                 j = vocab.ids.get(token_of.get(i, ""), -1) if i in token_of else -1
                 rows_of.append(j if j < vocab.rows else -1)
         index[key] = torch.tensor(rows_of, dtype=torch.long)
-    identity = rows == vocab_size and all(
-        vocabs[key].rows == vocab_size and bool((index[key] == torch.arange(vocab_size)).all()) for key in order
-    )
-    overrides = _overrides(tokens or {}, vocabs, order, donor_vocab, token_of)
-    template = resolve_chat_template(chat_template, [vocabs[k] for k in order])
-    missing = template_tokens_missing(template, set(donor_vocab.ids) | {t.content for t in new_tokens})
-    return VocabPlan(
-        donor=donor,
-        new_tokens=tuple(new_tokens),
-        first_new_id=donor_vocab.size,
-        vocab_size=vocab_size,
-        rows=rows,
-        index=index,
-        base=base,
-        overrides=overrides,
-        identity=identity and not overrides,
-        chat_template=template,
-        warnings=(f"the chat template (`chat_template: {_short(chat_template)}`) writes "
-                  f"{', '.join(f'`{t}`' for t in missing)}, which the output tokenizer lacks: each would be "
-                  "split into ordinary tokens the model never saw in that role. Use a template of the "
-                  "output tokenizer's family, or add them under `tokenizer: {tokens: ...}`",) if missing else (),
-    )
+    return index
 
 
 # Control tokens chat templates write literally: ChatML / Llama-3 / Phi `<|...|>`, Gemma's turn markers.

@@ -16,7 +16,8 @@ import torch
 from merger.plan.architecture import is_multimodal
 from merger.publish.card import render_model_card
 from merger.config.load import load_config
-from merger.config.schema import SEED
+from merger.config.schema import SEED, AnyConfig
+from merger.io.metadata import ModelMetadata
 from merger.constants import (
     CARD_FILE,
     CONFIG_FILE,
@@ -83,6 +84,8 @@ def run_merge(
     seed: int | None = None,
     progress: Progress | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    config: AnyConfig | None = None,
+    planned: tuple[MergePlan, dict[str, ModelMetadata]] | None = None,
 ) -> MergeResult:
     """Merge the models of a YAML config into `out_dir` (a complete Hugging Face model folder).
 
@@ -100,6 +103,9 @@ def run_merge(
         seed: seed of DARE/DELLA masks and random gates; overrides the config's `seed` (default 0).
         progress: called after each tensor with (fraction done 0–1, tensor name).
         should_cancel: polled before each tensor; True stops the run with :class:`MergeCancelled`.
+        config: `load_config(config_text)`, when the caller has parsed it already (not parsed again).
+        planned: `plan_config(config, token)`, when the caller has planned it already (not planned
+            again; the models must not have changed since).
 
     Returns:
         A :class:`MergeResult`.
@@ -109,10 +115,10 @@ def run_merge(
             cancellation. Nothing is left at `out_dir` on failure.
     """
     started = time.monotonic()
-    config = load_config(config_text)
+    config = load_config(config_text) if config is None else config
     SEED.check("--random-seed", seed)
     _check_out_dir(out_dir)
-    plan, metadata = plan_config(config, token)
+    plan, metadata = plan_config(config, token) if planned is None else planned
     for warning in plan.warnings:
         logger.warning(warning)
     if seed is not None:

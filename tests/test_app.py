@@ -484,7 +484,7 @@ def test_submit_to_an_existing_repo_with_reuse(
 def test_the_app_log_is_scrubbed_httpx_lines_included() -> None:
     import logging
 
-    from merger.jobs.worker import install_log_scrubbing
+    from merger.scrub import install_log_scrubbing
 
     secret = "hf_" + "Tk9" * 12
     lines: list[str] = []

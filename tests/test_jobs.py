@@ -25,6 +25,7 @@ from merger import constants, engine
 from merger.publish import hub
 from merger.jobs import store as jobs, worker
 from merger.jobs import queue
+from merger.scrub import scrub_log
 from merger.errors import ConfigError, JobAccessError, JobLimitError, MergeCancelled, ModelNotFoundError
 from merger.jobs.store import JobStatus
 
@@ -371,7 +372,7 @@ def test_queue_key_is_created_once_in_the_data_dir_for_its_owner_only(monkeypatc
 
 
 def test_scrub_hides_tokens_of_any_job():
-    assert worker.scrub(f"token={TOKEN}; other=hf_{'a' * 30} short=hf_abc") == "token=***; other=*** short=hf_abc"
+    assert scrub_log(f"token={TOKEN}; other=hf_{'a' * 30} short=hf_abc") == "token=***; other=*** short=hf_abc"
 
 
 # ---------------------------------------------------------------- the consumer process

@@ -33,10 +33,11 @@ from pathlib import Path
 from cryptography.fernet import InvalidToken
 from huey.consumer import Consumer
 
-from merger import constants, engine, scrub as tokens
+from merger import constants, engine
 from merger.publish import hub
 from merger.jobs import store as jobs
 from merger.errors import MergeCancelled, MergerError
+from merger.scrub import ACTIVE_TOKENS, ScrubbingFormatter, install_log_scrubbing, scrub_log
 from merger.jobs.queue import ensure_queue_key, get_huey, seal, set_runner, unseal
 from merger.jobs.store import Job, JobStatus
 
@@ -61,57 +62,6 @@ WORKER_LOST_REASON = "the worker process stopped unexpectedly (it was killed, ra
 NOTHING_PUSHED = "Nothing was pushed."
 
 _SHUTDOWN = threading.Event()  # set when the consumer stops: the running merge stops at its next tensor
-_active_tokens: set[str] = set()  # tokens of running jobs, scrubbed from every log line
-
-# ---------------------------------------------------------------- tokens
-
-
-def scrub(text: str) -> str:
-    """Replace every Hub token (the running jobs' and anything shaped like one) with `***`.
-
-    Args:
-        text: a log line, traceback or message.
-
-    Returns:
-        The text without tokens.
-    """
-    return tokens.scrub(text, tuple(_active_tokens))
-
-
-class ScrubbingFormatter(logging.Formatter):
-    """A log formatter whose output (message, arguments and traceback) never holds a Hub token."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        """Format `record` as usual, then :func:`scrub` it."""
-        return scrub(super().format(record))
-
-
-def install_log_scrubbing() -> None:
-    """Scrub Hub tokens from every log record this process makes, whatever logger or handler it goes to.
-
-    A log record factory replaces the message (with its arguments) and the traceback text by their
-    scrubbed forms when the record is made, so no handler, including those of httpx, gradio and
-    uvicorn, ever sees a token. Installing twice is harmless.
-    """
-    previous = logging.getLogRecordFactory()
-    if getattr(previous, "scrubs_tokens", False):
-        return
-
-    def make_record(*args, **kwargs) -> logging.LogRecord:
-        record = previous(*args, **kwargs)
-        try:
-            message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a malformed call is the handler's to report, as usual
-            return record
-        clean = scrub(message)
-        if clean != message:
-            record.msg, record.args = clean, None
-        if record.exc_info and record.exc_info[0] is not None:
-            record.exc_text = scrub(logging.Formatter().formatException(record.exc_info))
-        return record
-
-    make_record.scrubs_tokens = True
-    logging.setLogRecordFactory(make_record)
 
 
 # ---------------------------------------------------------------- the task
@@ -218,7 +168,7 @@ def _outcome(job: Job, sealed_token: bytes, work_dir: Path, reporter: _Reporter)
         logger.error("Job %s: the sealed Hub token does not match this worker's key.", job.id)
         return _Outcome(JobStatus.FAILED, error=TOKEN_LOST_MESSAGE)
     if token:
-        _active_tokens.add(token)
+        ACTIVE_TOKENS.add(token)
     try:
         url = _merge_and_push(job, token, sealed_token, work_dir / "model", reporter)
         return _Outcome(JobStatus.SUCCEEDED, result_url=url)
@@ -230,16 +180,16 @@ def _outcome(job: Job, sealed_token: bytes, work_dir: Path, reporter: _Reporter)
         return _Outcome(JobStatus.CANCELLED)
     except MergerError as err:
         logger.info("Job %s failed: %s", job.id, err)
-        return _Outcome(JobStatus.FAILED, error=scrub(str(err)))
+        return _Outcome(JobStatus.FAILED, error=scrub_log(str(err)))
     except Exception as err:
         # The traceback is scrubbed here, at the source, so that no handler anywhere can print the token.
-        logger.error("Job %s failed unexpectedly (%s):\n%s", job.id, type(err).__name__, scrub(traceback.format_exc()))
+        logger.error("Job %s failed unexpectedly (%s):\n%s", job.id, type(err).__name__, scrub_log(traceback.format_exc()))
         return _Outcome(
             JobStatus.FAILED,
             error=f"The merge failed unexpectedly ({type(err).__name__}); the worker log has the details.",
         )
     finally:
-        _active_tokens.discard(token)
+        ACTIVE_TOKENS.discard(token)
 
 
 def _merge_and_push(job: Job, token: str, sealed_token: bytes, out_dir: Path, reporter: _Reporter) -> str:
@@ -313,11 +263,11 @@ def _sweep_pending_repos() -> dict[str, str]:
             )
             jobs.clear_pending_repo(job_id)
             continue
-        _active_tokens.add(token)
+        ACTIVE_TOKENS.add(token)
         try:
             settled, outcomes[job_id] = hub.delete_unpushed_repo(repo_id, token)
         finally:
-            _active_tokens.discard(token)
+            ACTIVE_TOKENS.discard(token)
         if settled:
             jobs.clear_pending_repo(job_id)
         logger.warning("Job %s: %s", job_id, outcomes[job_id])

@@ -5,6 +5,7 @@ attempt to read weights would fail)."""
 from __future__ import annotations
 
 import json
+import math
 import struct
 import subprocess
 import sys
@@ -45,9 +46,7 @@ def write_header_only_checkpoint(config: dict, out: Path, shards: int = 3) -> No
         file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
         header, offset = {}, 0
         for name, shape in names[s * per_shard:(s + 1) * per_shard]:
-            size = 2
-            for d in shape:
-                size *= d
+            size = 2 * math.prod(shape)
             header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
             offset += size
             weight_map[name] = file

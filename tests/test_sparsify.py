@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from merger.methods.sparsify import (
-    TopK,
     agrees_with,
     apply_mask_,
     breadcrumbs_mask,
@@ -17,8 +16,8 @@ from merger.methods.sparsify import (
     magnitude_trims,
     random_drops,
     slices_of,
-    top_k_mask,
 )
+from merger.methods.topk import TopK, top_k_mask
 
 # distinct magnitudes, shuffled signs and order: |δ| ranks are unambiguous
 DELTA = torch.tensor([0.3, -1.2, 0.05, 2.5, -0.7, 0.9, -0.01, 1.6, -3.1, 0.4])

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from merger.methods.sparsify import agrees_with, elect_sign, top_k_mask
+from merger.methods.sparsify import agrees_with, elect_sign
+from merger.methods.topk import top_k_mask
 from merger.methods.registry import Fraction, merge_method
 from merger.methods.reductions import squared_norm
 

@@ -523,6 +523,7 @@ def test_job_status_says_when_no_worker_is_alive(
 ) -> None:
     import time
 
+    from merger.jobs import queue
     from merger.jobs import store as jobs
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)

@@ -36,7 +36,7 @@ import gradio as gr
 
 from merger import constants
 from merger.errors import ConfigError, MergerError
-from merger.tokens import scrub
+from merger.scrub import scrub
 from merger.form import (
     DTYPE_CHOICES,
     FORM_METHODS,
@@ -117,7 +117,7 @@ def _owner(token: str | None) -> str | None:
         cached = _owners.get(key)
     if cached and cached[1] > now:
         return cached[0]
-    from merger.hub import whoami
+    from merger.publish.hub import whoami
 
     name = whoami(token)
     with _owners_lock:
@@ -129,7 +129,7 @@ def _owner(token: str | None) -> str | None:
 
 def _worker_note() -> str | None:
     """"No worker alive since ..." when the worker's heartbeat is missing or stale, else None."""
-    from merger import jobs
+    from merger.jobs import store as jobs
 
     beat = jobs.last_heartbeat()
     if beat is not None and time.time() - beat <= constants.WORKER_STALE_S:
@@ -211,7 +211,7 @@ def _job_dict(job: Any) -> dict[str, Any]:
 
 def _get_job(job_id: str, token: str | None) -> dict[str, Any]:
     """The caller's own job as a dict; raises JobAccessError for a bad id or another user's job."""
-    from merger import jobs
+    from merger.jobs import store as jobs
 
     jobs.check_job_id(job_id)  # before any Hub call: a malformed id costs nothing
     return _job_dict(jobs.owned_job(job_id, _owner(token)))
@@ -266,15 +266,16 @@ def api_submit(
     if not repo_id:
         raise gr.Error("name the repo to create, e.g. `my-merge` or `your-name/my-merge`", print_exception=False)
     with _user_errors():
-        from merger import jobs
-        from merger.hub import check_push_target
+        from merger.jobs import store as jobs
+        from merger.jobs import queue
+        from merger.publish.hub import check_push_target
 
         owner = _owner(token)
         jobs.check_caps(owner)  # the cheap refusal first; submit checks again with the insert
         # The target is checked before the config: a repo the user may not write to fails now, not after the merge.
         target = check_push_target(repo_id, token, private=bool(private), reuse_repo=bool(reuse_repo))
         _validate(yaml_text, token)
-        return str(jobs.submit(yaml_text, target.repo_id, token, owner, bool(private), bool(reuse_repo)))
+        return str(queue.submit(yaml_text, target.repo_id, token, owner, bool(private), bool(reuse_repo)))
 
 
 def api_job_status(job_id: str, oauth_token: gr.OAuthToken | None = None) -> dict:
@@ -286,7 +287,7 @@ def api_job_status(job_id: str, oauth_token: gr.OAuthToken | None = None) -> dic
 def api_job_config(job_id: str) -> str:
     """The config of any job (what its link shares with everyone); never its status, log or result."""
     with _user_errors():
-        from merger import jobs
+        from merger.jobs import store as jobs
 
         return jobs.shared_config(job_id)
 
@@ -294,7 +295,7 @@ def api_job_config(job_id: str) -> str:
 def api_cancel(job_id: str, oauth_token: gr.OAuthToken | None = None) -> bool:
     """Cancel your queued or running job. Returns whether it was cancelled (False: it had finished)."""
     with _user_errors():
-        from merger import jobs
+        from merger.jobs import store as jobs
 
         jobs.check_job_id(job_id)
         return bool(jobs.cancel(job_id, _owner(_token(oauth_token))))
@@ -597,7 +598,7 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
             query = (data.input_value or "").strip()
             if len(query) < 2 or query.startswith(("/", ".", "~")):
                 return gr.skip()
-            from merger.hub import search_models
+            from merger.publish.hub import search_models
 
             try:
                 found = search_models(query, token=_token(oauth_token), limit=20)
@@ -755,7 +756,7 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
         # ---------------------------------------------------------------- reopening from a link
         def on_job_link(raw_id: str, request: gr.Request, token: str | None) -> dict:
             """The owner gets the job view; anyone else only the config the link shares."""
-            from merger import jobs
+            from merger.jobs import store as jobs
             from merger.errors import JobAccessError
 
             try:
@@ -831,7 +832,9 @@ def serve(demo: gr.Blocks, **launch: Any) -> tuple[Any, str, str]:
 
 def main() -> None:
     """Serve the app; unless the worker runs apart (`MERGER_EXTERNAL_WORKER=1`), start and supervise one."""
-    from merger.worker import WorkerSupervisor, ensure_queue_key, install_log_scrubbing
+    from merger.jobs.worker import WorkerSupervisor
+    from merger.jobs.queue import ensure_queue_key
+    from merger.scrub import install_log_scrubbing
 
     install_log_scrubbing()  # before anything logs: the app's own log (httpx's lines included) never holds a token
     logging.basicConfig(level=logging.INFO)

@@ -1,6 +1,6 @@
 """merger: merge language models from mergekit-format YAML configs, streaming, tensor by tensor.
 
-The public names are imported on first use, so that `import merger.jobs` (the app's side) does not
+The public names are imported on first use, so that `import merger.jobs.store` (the app's side) does not
 load torch.
 """
 

@@ -9,9 +9,9 @@ import re
 import sys
 from pathlib import Path
 
-from .errors import MergerError, excerpt
-from .evaluate.cli import add_commands, add_eval_flags, merge_evaluator, run_eval, run_report, run_suggest
-from .parse import read_config_file
+from merger.errors import MergerError, excerpt
+from merger.evaluate.cli import add_commands, add_eval_flags, merge_evaluator, run_eval, run_report, run_suggest
+from merger.config.parse import read_config_file
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -61,7 +61,7 @@ def _run(args: argparse.Namespace) -> None:
     from huggingface_hub import get_token
     from tqdm import tqdm
 
-    from .engine import run_merge
+    from merger.engine import run_merge
 
     token = get_token()
     if args.private and not args.push_to:
@@ -71,7 +71,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.push_to and not token:
         raise MergerError("`--push-to` needs a Hub token: set HF_TOKEN or run `hf auth login`")
     if args.push_to:
-        from .hub import check_push_target
+        from merger.publish.hub import check_push_target
 
         # Before the merge: a target the user may not write to must not cost a whole merge.
         target = check_push_target(args.push_to, token, private=args.private, reuse_repo=args.reuse_repo)
@@ -96,7 +96,7 @@ def _run(args: argparse.Namespace) -> None:
     print(f"wrote {result.out_dir}: {result.num_layers} layers, {result.parameter_count:,} parameters "
           f"in {result.seconds:.1f}s")
     if args.push_to:
-        from .hub import push_folder
+        from merger.publish.hub import push_folder
 
         url = push_folder(args.out, args.push_to, token, private=args.private, reuse_repo=args.reuse_repo)
         print(f"pushed to {url}")
@@ -105,7 +105,7 @@ def _run(args: argparse.Namespace) -> None:
 def _extract_lora(args: argparse.Namespace) -> None:
     from huggingface_hub import get_token
 
-    from .lora.extract import extract_lora
+    from merger.lora.extract import extract_lora
 
     print(f"{'tensor':60s} {'shape':>14s} {'rank':>6s} {'energy':>8s} {'rel. error':>10s}")
 
@@ -121,7 +121,7 @@ def _extract_lora(args: argparse.Namespace) -> None:
 def _validate(args: argparse.Namespace) -> None:
     from huggingface_hub import get_token
 
-    from .validate import validate_config
+    from merger.validate import validate_config
 
     report = validate_config(_read_config(args.config), token=get_token())
     print(f"OK: {report.summary()}")
@@ -136,7 +136,7 @@ def _read_config(path: Path) -> str:
 
     Raises:
         MergerError: the file does not exist, is a folder, or cannot be read (one line, the reason named).
-        ConfigError: as :func:`merger.parse.read_config_file` (too large, not UTF-8, holds a token).
+        ConfigError: as :func:`merger.config.parse.read_config_file` (too large, not UTF-8, holds a token).
     """
     shown = excerpt(str(path), 200)
     if path.is_dir():

@@ -23,7 +23,7 @@ HUB_ALLOW_PATTERNS = [
     "vocab.txt",
     "*.jinja",
     "README.md",
-    "*.py",  # code an `auto_map` names, carried to the output (merger.remote_code); never run
+    "*.py",  # code an `auto_map` names, carried to the output (merger.plan.remote_code); never run
     "*.model",  # sentencepiece vocabularies of custom tokenizers
 ]
 
@@ -70,7 +70,7 @@ WORKER_HEARTBEAT_S = 2.0
 WORKER_STALE_S = _env_int("MERGER_WORKER_STALE_S", 30)
 # How often the app's watchdog checks that the worker it started is alive.
 WATCHDOG_INTERVAL_S = 2.0
-# `1`: the worker runs apart (`python -m merger.worker`); the app starts none and only shows its heartbeat.
+# `1`: the worker runs apart (`python -m merger.jobs.worker`); the app starts none and only shows its heartbeat.
 EXTERNAL_WORKER = os.environ.get("MERGER_EXTERNAL_WORKER", "") == "1"
 JOB_ID_LENGTH = 32  # uuid4 hex
 # Per-request bounds for the public app (issue 8): validation of metadata gives up after

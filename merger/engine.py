@@ -15,10 +15,11 @@ from typing import Callable
 
 import torch
 
-from .architecture import is_multimodal
-from .card import render_model_card
-from .config import SEED, AnyConfig, load_config
-from .constants import (
+from merger.plan.architecture import is_multimodal
+from merger.publish.card import render_model_card
+from merger.config.schema import SEED, AnyConfig
+from merger.config.load import load_config
+from merger.constants import (
     CARD_FILE,
     CONFIG_FILE,
     DEFAULT_SHARD_SIZE,
@@ -28,15 +29,16 @@ from .constants import (
     SAFETENSORS_INDEX_FILE,
     TOKENIZER_FILES,
 )
-from .errors import ConfigError, DiskSpaceError, MergerError
-from .executor import Progress, execute_plan
-from .plan import MergePlan
-from .remote_code import needs_remote_code, remote_code_files
-from .resolve import materialize, materialize_adapters
-from .stages import is_multi_stage, run_stages
-from .tokenizer_files import write_tokenizer
-from .validate import plan_config
-from .writer import format_bytes, output_error
+from merger.errors import ConfigError, DiskSpaceError, MergerError
+from merger.execute.executor import Progress, execute_plan
+from merger.io.metadata import ModelMetadata
+from merger.plan.merge import MergePlan
+from merger.plan.remote_code import needs_remote_code, remote_code_files
+from merger.io.resolve import materialize, materialize_adapters
+from merger.stages import is_multi_stage, run_stages
+from merger.io.tokenizer_files import write_tokenizer
+from merger.plan.entry import plan_config
+from merger.io.writer import format_bytes, output_error
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +93,8 @@ def run_merge(
     progress: Progress | None = None,
     should_cancel: Callable[[], bool] | None = None,
     evaluate: Callable[[Path, dict[str, Path]], str] | None = None,
+    config: AnyConfig | None = None,
+    planned: tuple[MergePlan, dict[str, ModelMetadata]] | None = None,
 ) -> MergeResult:
     """Merge the models of a YAML config into `out_dir` (a complete Hugging Face model folder).
 
@@ -111,6 +115,9 @@ def run_merge(
         evaluate: called with the finished (staged) output folder and the input folders (key -> folder;
             `model+lora` inputs left out, their folder being the base without the adapter) before the output is moved into place; the markdown it returns goes into the card's
             Evaluation section (see :mod:`merger.evaluate`).
+        config: `load_config(config_text)`, when the caller has parsed it already (not parsed again).
+        planned: `plan_config(config, token)`, when the caller has planned it already (not planned
+            again; the models must not have changed since).
 
     Returns:
         A :class:`MergeResult`.
@@ -127,14 +134,14 @@ def run_merge(
         if evaluate is not None:
             raise ConfigError("`--eval` does not evaluate multi-stage configs yet; after the merge, run "
                               "`python -m merger eval OUT PARENT... --merge OUT`")
-        return run_stages(config_text, out_dir, device=device, token=token, shard_size=shard_size, title=title,
+        return run_stages(config_text, out_dir, run_merge, device=device, token=token, shard_size=shard_size, title=title,
                           seed=seed, progress=progress, should_cancel=should_cancel)
     started = time.monotonic()
-    config = load_config(config_text)
+    config = load_config(config_text) if config is None else config
     SEED.check("--random-seed", seed)
     _check_out_dir(out_dir)
     _refuse_input_folders(out_dir, config)
-    plan, metadata = plan_config(config, token)
+    plan, metadata = plan_config(config, token) if planned is None else planned
     for warning in plan.warnings:
         logger.warning(warning)
     if seed is not None:
@@ -324,7 +331,7 @@ def _is_merge_output(name: str) -> bool:
         or name in TOKENIZER_FILES
         or name in PROCESSOR_FILES
         or (name.startswith("model") and name.endswith(".safetensors"))
-        or name.endswith(".py")  # code an `auto_map` needs (merger.remote_code)
+        or name.endswith(".py")  # code an `auto_map` needs (merger.plan.remote_code)
     )
 
 

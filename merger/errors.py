@@ -19,7 +19,7 @@ class ConfigError(MergerError, ValueError):
     """The merge config is malformed or inconsistent (a field, its value, and how to fix it)."""
 
 
-class ConfigErrors(ConfigError):
+class ConfigProblems(ConfigError):
     """Several config problems found together; `problems` keeps them apart for the form.
 
     Args:
@@ -35,6 +35,22 @@ class ConfigErrors(ConfigError):
                 f"- {p}" for p in self.problems
             )
         super().__init__(message)
+
+
+def raise_problems(problems: Iterable[MergerError]) -> None:
+    """The one rule for "one problem or several": raise nothing, the problem itself, or :class:`ConfigProblems`.
+
+    Args:
+        problems: the problems found, in order; duplicates (same message) are reported once.
+
+    Raises:
+        MergerError: the only problem, as itself; ConfigProblems: two or more.
+    """
+    unique = list({str(p): p for p in problems}.values())
+    if len(unique) == 1:
+        raise unique[0]
+    if unique:
+        raise ConfigProblems(unique)
 
 
 class UnknownMethodError(ConfigError):

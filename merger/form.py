@@ -27,9 +27,10 @@ from typing import Any
 
 import yaml
 
-from .config import DTYPES, SUPPORTED_GATE_MODES, ModelReference
-from .errors import ConfigError, InvalidYamlError
-from .parse import parse_config_text
+from merger.dtypes import DTYPES
+from merger.config.schema import SUPPORTED_GATE_MODES, ModelReference
+from merger.errors import ConfigError, InvalidYamlError
+from merger.config.parse import parse_config_text
 
 FORM_METHODS = ("slerp", "linear", "passthrough", "moe")
 METHOD_LABELS = {
@@ -244,7 +245,7 @@ def build_config(values: FormValues) -> dict[str, Any]:
 
 
 def build_yaml(values: FormValues) -> str:
-    """The config YAML for the form values (valid for :func:`merger.config.load_config` when complete)."""
+    """The config YAML for the form values (valid for :func:`merger.config.load.load_config` when complete)."""
     return dump_yaml(build_config(values))
 
 
@@ -286,7 +287,7 @@ def parse_yaml(text: str) -> ParsedForm:
 
     Never raises: YAML the form cannot read gives default values with `exact=False` and a note.
     `exact` is decided by rebuilding: the form's YAML must mean the same config as the input.
-    The text goes through :func:`merger.parse.parse_config_text`, so the value walked here is bounded
+    The text goes through :func:`merger.config.parse.parse_config_text`, so the value walked here is bounded
     in size and depth (a limit it breaks is the note).
     """
     try:

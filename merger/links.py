@@ -3,7 +3,7 @@
 The payload is the config YAML, zlib-compressed, then URL-safe base64 without padding. A link only
 ever encodes config YAML: the functions here take no token and nothing but the YAML goes in, and a
 YAML that itself contains something shaped like a Hugging Face token is refused, so a shared link
-can never leak a credential. Both ways the YAML goes through :func:`merger.parse.parse_config_text`,
+can never leak a credential. Both ways the YAML goes through :func:`merger.config.parse.parse_config_text`,
 so a link carries nothing a pasted config could not (no alias bomb, no over-deep nesting).
 """
 
@@ -15,8 +15,8 @@ import re
 import zlib
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from .errors import ConfigError, InvalidYamlError, MultiDocumentError, excerpt
-from .parse import LIMITS, parse_config_text
+from merger.errors import ConfigError, InvalidYamlError, MultiDocumentError, excerpt
+from merger.config.parse import LIMITS, parse_config_text
 
 QUERY_KEY = "config"
 MAX_PAYLOAD_CHARS = 64 * 1024  # far above any real config; keeps a hostile link from costing much
@@ -38,7 +38,7 @@ def encode_config(yaml_text: str) -> str:
 
     Raises:
         ConfigError: whatever :func:`decode_config` would refuse, found at share time: a token
-            (TokenInConfigError), a parsing limit (the errors of :func:`merger.parse.parse_config_text`),
+            (TokenInConfigError), a parsing limit (the errors of :func:`merger.config.parse.parse_config_text`),
             or a payload over `MAX_PAYLOAD_CHARS`.
     """
     _parse_for_link(yaml_text)
@@ -56,7 +56,7 @@ def decode_config(payload: str) -> str:
     Raises:
         ConfigError: the payload is truncated, altered, too large or not a config link
             ("the shared link is damaged ..."); or the YAML breaks a parsing limit or holds a token
-            (the errors of :func:`merger.parse.parse_config_text`; YAML syntax errors and several
+            (the errors of :func:`merger.config.parse.parse_config_text`; YAML syntax errors and several
             documents are left for the editor to show).
     """
     text = (payload or "").strip()

@@ -1,7 +1,7 @@
 """Type and range of one config value: the single check behind every numeric or boolean setting.
 
 Method parameters declare their :class:`Range` in their signature (see :mod:`merger.methods`); config
-fields (`seed`, `layer_range`, `pad_to_multiple_of`, ...) declare theirs in :mod:`merger.config`.
+fields (`seed`, `layer_range`, `pad_to_multiple_of`, ...) declare theirs in :mod:`merger.config.schema`.
 Either way the value is checked at validation, before any model is read, and a refusal names the
 field, a short excerpt of the value and the allowed range.
 """
@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ParameterValueError, excerpt
+from merger.errors import ParameterValueError, excerpt
 
 MAX_FACTOR = 1e6  # |weight|, |lambda|, |scale|: far above any useful merge, far below float32 overflow
 

@@ -21,10 +21,11 @@ from typing import Any
 
 import yaml
 
-from .config import AnyConfig, MoEConfig, config_from_value
-from .errors import StageError, excerpt
-from .metadata import ModelMetadata, TensorMeta
-from .parse import parse_config_documents
+from merger.config.schema import AnyConfig, MoEConfig
+from merger.config.load import config_from_value
+from merger.errors import StageError, excerpt
+from merger.io.metadata import ModelMetadata, TensorMeta
+from merger.config.parse import parse_config_documents
 
 REFERENCE_KEYS = ("model", "base_model", "source_model")
 MAX_NAME_CHARS = 128
@@ -49,7 +50,7 @@ def is_multi_stage(text: str) -> bool:
     """Whether a config is multi-stage: several documents, or one with a `name:` (parses the text).
 
     Raises:
-        ConfigError subclasses: as :func:`merger.parse.parse_config_documents`.
+        ConfigError subclasses: as :func:`merger.config.parse.parse_config_documents`.
     """
     documents = parse_config_documents(text)
     return len(documents) > 1 or (len(documents) == 1 and isinstance(documents[0][0], dict) and "name" in documents[0][0])
@@ -59,7 +60,7 @@ def split_stages(text: str) -> list[Stage]:
     """The documents of a config, checked as stages (a single document is one stage).
 
     Raises:
-        ConfigError subclasses: as :func:`merger.parse.parse_config_documents`.
+        ConfigError subclasses: as :func:`merger.config.parse.parse_config_documents`.
         StageError: a stage but the last without a `name:`, a repeated or non-text name, or a stage
             naming itself or a later stage as a model.
     """
@@ -122,7 +123,7 @@ def plan_stages(text: str, token: str | None, work: Path) -> list[tuple[Any, dic
         ConfigError subclasses (StageError among them), ModelNotFoundError, HubError, ModelFileError: the
             first stage that fails, its number in the message.
     """
-    from .validate import plan_config
+    from merger.plan.entry import plan_config
 
     stages = split_stages(text)
     outputs = {s.name: work / f"stage-{i}" for i, s in enumerate(stages) if s.name is not None}
@@ -143,7 +144,7 @@ def plan_stages(text: str, token: str | None, work: Path) -> list[tuple[Any, dic
 
 
 def _needs_tokenizers(config: AnyConfig) -> bool:
-    from .plan import needs_vocabularies
+    from merger.plan.build import needs_vocabularies
 
     return not isinstance(config, MoEConfig) and needs_vocabularies(config)
 
@@ -187,13 +188,14 @@ def _replace(reference: str, outputs: dict[str, str]) -> str:
     return outputs[model] + plus + lora if model in outputs else reference
 
 
-def run_stages(text: str, out_dir: Path, *, token: str | None = None, title: str | None = None,
-               progress: Callable[[float, str], None] | None = None, **options: Any) -> Any:
+def run_stages(text: str, out_dir: Path, run_merge: Callable[..., Any], *, token: str | None = None,
+               title: str | None = None, progress: Callable[[float, str], None] | None = None, **options: Any) -> Any:
     """Run a multi-stage config into `out_dir`: stages in order, intermediates deleted at the end.
 
     Args:
         text: the config (several `---` documents).
         out_dir: the final output folder (as :func:`merger.engine.run_merge`).
+        run_merge: runs one stage: :func:`merger.engine.run_merge` (passed in, since the engine calls this).
         token: a Hub token.
         title: the card's title.
         progress: called with (fraction of all stages done, `stage N: tensor`).
@@ -206,8 +208,6 @@ def run_stages(text: str, out_dir: Path, *, token: str | None = None, title: str
     Raises:
         As :func:`plan_stages` (before any stage runs) and :func:`merger.engine.run_merge`.
     """
-    from .engine import run_merge
-
     work = out_dir.resolve().parent / f".{out_dir.name}.stages-{os.getpid()}"
     _remove_stale_work(work)
     plan_stages(text, token, work)  # every stage checked (where metadata allows) before the first runs
@@ -225,7 +225,7 @@ def run_stages(text: str, out_dir: Path, *, token: str | None = None, title: str
 
             result = run_merge(stage_text(stages, index, outputs), target, token=token, title=title,
                                progress=staged, **options)
-        from .validate import plan_config
+        from merger.plan.entry import plan_config
 
         # every stage as it ran (the intermediates exist now), for the card's model list and licenses
         ran = [plan_config(stage_config(stages, i, outputs), token) for i in range(len(stages))]
@@ -256,10 +256,10 @@ def _alive(pid: int) -> bool:
 
 def _write_card(out_dir: Path, text: str, plans: list, work: Path, title: str) -> None:
     """The card and `mergekit_config.yml` of the whole multi-stage config (not the last stage's alone)."""
-    from .architecture import is_multimodal
-    from .card import render_model_card
-    from .constants import CARD_FILE, MERGE_CONFIG_FILE
-    from .remote_code import needs_remote_code
+    from merger.plan.architecture import is_multimodal
+    from merger.publish.card import render_model_card
+    from merger.constants import CARD_FILE, MERGE_CONFIG_FILE
+    from merger.plan.remote_code import needs_remote_code
 
     final, _ = plans[-1]
     models = external_models(plans, work)

@@ -2,7 +2,7 @@
 
 A Python thread cannot be killed, so a limited call runs in a thread of its own while the caller waits at
 most its time limit, then gets :class:`~merger.errors.ValidationTimeoutError`. The abandoned call learns
-that it is over at its next :func:`check_deadline` (between Hub calls, see `merger.resolve`) and stops
+that it is over at its next :func:`check_deadline` (between Hub calls, see `merger.io.resolve`) and stops
 there; at most `constants.MAX_LIMITED_CALLS` such calls run at once, abandoned ones included, so a
 flood of slow requests costs a bounded number of threads (see docs/decisions.md, "Validation time limit").
 """
@@ -14,8 +14,8 @@ import threading
 import time
 from typing import Callable, TypeVar
 
-from . import constants
-from .errors import ValidationTimeoutError
+from merger import constants
+from merger.errors import ValidationTimeoutError
 
 T = TypeVar("T")
 

@@ -4,52 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import constants, hub
-from .config import AnyConfig, ModelReference, MoEConfig, load_config
-from .metadata import ModelMetadata
-from .moe import build_moe_plan, check_tokenizer_fits
-from .plan import MergePlan, build_plan, needs_vocabularies
-from .resolve import embedding_rows, fetch_metadata, fetch_vocabularies, local_path
-from .timeouts import run_limited
-from .tokenizer import Vocabulary, load_vocabulary
-
-
-def plan_config(
-    config: AnyConfig, token: str | None, known: dict[str, ModelMetadata] | None = None
-) -> tuple[MergePlan, dict[str, ModelMetadata]]:
-    """Plan either schema (mergekit merge or mergekit-moe) from metadata, fetching no weights.
-
-    Args:
-        config: the parsed config.
-        token: a Hub token.
-        known: metadata of models not written yet (a multi-stage config's intermediates), by model key.
-
-    Returns:
-        The plan, and every referenced model's metadata (canonical key -> metadata).
-    """
-    refs = config.referenced_models()
-    known = known or {}
-    metadata = fetch_metadata([r for r in refs if r.base.key not in known], token)
-    metadata.update({r.key: known[r.base.key] for r in refs if r.base.key in known})
-    if isinstance(config, MoEConfig):
-        plan = build_moe_plan(config, metadata)
-        vocabulary = _tokenizer_if_any(next(ref for ref in refs if ref.key == plan.tokenizer_donor), metadata, token)
-        if vocabulary is not None:  # a donor without a tokenizer writes none
-            check_tokenizer_fits(plan, vocabulary)
-        return plan, metadata
-    vocabs = fetch_vocabularies(refs, metadata, token) if needs_vocabularies(config) else None
-    return build_plan(config, metadata, vocabs), metadata
-
-
-TOKENIZER_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
-
-
-def _tokenizer_if_any(ref: ModelReference, metadata: dict[str, ModelMetadata], token: str | None) -> Vocabulary | None:
-    """The model's tokenizer vocabulary (Hub: tokenizer files only), or None when it ships no tokenizer."""
-    path = local_path(ref.base) or hub.download_tokenizer(str(ref.base), token=token)
-    if not any((path / name).is_file() for name in TOKENIZER_VOCABULARY_FILES):
-        return None
-    return load_vocabulary(path, embedding_rows(metadata[ref.key]))
+from merger import constants
+from merger.config.load import load_config
+from merger.plan.entry import plan_config
+from merger.timeouts import run_limited
 
 
 @dataclass(frozen=True)
@@ -94,7 +52,7 @@ def validate_config(text: str, token: str | None = None, timeout_s: float | None
         timeout_s: seconds to wait at most; defaults to `constants.VALIDATION_TIMEOUT_S`.
 
     Raises:
-        ConfigError / ConfigErrors, ArchitectureError, ModelNotFoundError, UnsafeWeightsError, HubError.
+        ConfigError / ConfigProblems, ArchitectureError, ModelNotFoundError, UnsafeWeightsError, HubError.
         ValidationTimeoutError: the check took longer than `timeout_s` (it stops at its next Hub call).
     """
     limit = constants.VALIDATION_TIMEOUT_S if timeout_s is None else timeout_s
@@ -102,7 +60,7 @@ def validate_config(text: str, token: str | None = None, timeout_s: float | None
 
 
 def _report(text: str, token: str | None) -> ValidationReport:
-    from .stages import is_multi_stage
+    from merger.stages import is_multi_stage
 
     if is_multi_stage(text):
         return _stages_report(text, token)
@@ -123,7 +81,7 @@ def _stages_report(text: str, token: str | None) -> ValidationReport:
     plan); the last stage that could be planned before running describes the output."""
     from pathlib import Path
 
-    from .stages import external_models, plan_stages
+    from merger.stages import external_models, plan_stages
 
     work = Path(".stages-validation").resolve()  # a name only: nothing is written
     plans = plan_stages(text, token, work)

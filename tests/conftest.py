@@ -40,15 +40,11 @@ import pytest  # noqa: E402
 
 from minihub import Store, serve  # noqa: E402
 
-SHARED_FIXTURE_MODELS = Path("/work/shared/fixtures/models")
-
-
 # ---------------------------------------------------------------- fixture models
 @pytest.fixture(scope="session")
 def fixture_models_dir() -> Path:
-    """The directory holding the tiny trained models (`mistral-base`, `llama-code`, ...)."""
-    local = Path(__file__).parent / "data" / "fixtures"
-    return local if local.is_dir() else SHARED_FIXTURE_MODELS
+    """The directory holding the tiny trained models (`mistral-base`, `qwen2-code`, ...), in the repository."""
+    return Path(__file__).parent / "data" / "fixtures"
 
 
 # ---------------------------------------------------------------- loopback Hub

@@ -68,7 +68,7 @@ def no_token(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def job_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Job records and queue in a temporary folder (no worker runs: jobs stay queued)."""
-    pytest.importorskip("merger.jobs")
+    pytest.importorskip("merger.jobs.store")
     from cryptography.fernet import Fernet
 
     data = tmp_path / "data"
@@ -98,11 +98,11 @@ def value_of(update):
 def test_importing_app_starts_nothing() -> None:
     code = (
         "import sys, threading, multiprocessing; import app;"
-        "assert 'merger.worker' not in sys.modules, 'worker imported';"
+        "assert 'merger.jobs.worker' not in sys.modules, 'worker imported';"
         "assert not multiprocessing.active_children();"
         "assert threading.active_count() == 1, threading.enumerate();"
         "d = app.build_demo(); assert d.server is None if hasattr(d, 'server') else True;"
-        "assert 'merger.worker' not in sys.modules; print('ok')"
+        "assert 'merger.jobs.worker' not in sys.modules; print('ok')"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -302,11 +302,12 @@ def test_damaged_config_link_says_so(served: tuple[gr.Blocks, str]) -> None:
 def test_job_link_reopens_the_job_view_for_its_owner_only(
     served: tuple[gr.Blocks, str], job_store: Path, monkeypatch: pytest.MonkeyPatch, hub
 ) -> None:
-    from merger import jobs
+    from merger.jobs import store as jobs
+    from merger.jobs import queue
 
     demo = served[0]
     text = build_yaml(FormValues(method="linear", models=["org/a", "org/b"], weights=[0.7, 0.3]))
-    the_id = jobs.submit(text, "alice/m", TOKEN, "alice")
+    the_id = queue.submit(text, "alice/m", TOKEN, "alice")
     on_load = handler(demo, "on_load")
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -360,7 +361,7 @@ def test_examples_fill_the_form(served: tuple[gr.Blocks, str]) -> None:
         updates = on_example(index)
         assert updates[by_id(demo, "edit-yaml")] is False, example.name
         yaml_text = value_of(updates[by_id(demo, "config-yaml")])
-        from merger.config import load_config
+        from merger.config.load import load_config
 
         assert load_config(yaml_text) and load_config(example.yaml_text)
 
@@ -473,7 +474,7 @@ def test_submit_to_an_existing_repo_with_reuse(
 ) -> None:
     from huggingface_hub import HfApi
 
-    from merger import jobs
+    from merger.jobs import store as jobs
 
     HfApi(token=TOKEN).create_repo("alice/app-reused", exist_ok=True)
     monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -485,7 +486,7 @@ def test_submit_to_an_existing_repo_with_reuse(
 def test_the_app_log_is_scrubbed_httpx_lines_included() -> None:
     import logging
 
-    from merger.worker import install_log_scrubbing
+    from merger.scrub import install_log_scrubbing
 
     secret = "hf_" + "Tk9" * 12
     lines: list[str] = []
@@ -524,10 +525,11 @@ def test_job_status_says_when_no_worker_is_alive(
 ) -> None:
     import time
 
-    from merger import jobs
+    from merger.jobs import queue
+    from merger.jobs import store as jobs
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    the_id = jobs.submit("merge_method: linear\n", "alice/waiting", TOKEN, "alice")
+    the_id = queue.submit("merge_method: linear\n", "alice/waiting", TOKEN, "alice")
     jobs.beat(4242)
     assert client.predict(the_id, api_name="/job_status")["worker"] is None  # a fresh heartbeat
 

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from merger.architecture import (
-    _WEIGHT_FIELD_TYPES,
+from merger.plan.architecture import (
     ARCHITECTURES_DIR,
     Architecture,
     WeightInfo,
@@ -24,7 +23,8 @@ from merger.architecture import (
     load_definitions,
 )
 from merger.errors import ArchitectureError
-from merger.metadata import ModelMetadata, read_local_metadata
+from merger.plan.definitions import WeightEntry
+from merger.io.metadata import ModelMetadata, read_local_metadata
 
 # Tiny sizes: 2 layers, hidden 32, vocab 160 (no other tensor has 160 rows, so shapes single out embeddings).
 DECODER = dict(
@@ -237,14 +237,14 @@ def _edited(edit) -> dict:
     ("data", "message"),
     [
         ("{not json", "is not valid JSON"),
-        (_edited(lambda d: d.pop("post_weights")), "missing required key.*`post_weights`"),
-        (_edited(lambda d: d.update(kind="modular")), "unknown key.*`kind`"),
+        (_edited(lambda d: d.pop("post_weights")), "`post_weights` is required"),
+        (_edited(lambda d: d.update(kind="modular")), "`kind` is not a known key"),
         (_edited(lambda d: d.update(architectures="ToyForCausalLM")), "`architectures` must be a list"),
         (_edited(lambda d: d.update(architectures=[])), "at least one"),
-        (_edited(lambda d: d["pre_weights"][0].update(is_embeded=True)), r"`pre_weights\[0\]`.*unknown field.*`is_embeded`"),
+        (_edited(lambda d: d["pre_weights"][0].update(is_embeded=True)), r"`pre_weights\[0\]\.is_embeded` is not a known key"),
         (_edited(lambda d: d["pre_weights"][0].update(is_embed="yes")), r"`pre_weights\[0\]\.is_embed` must be a boolean"),
-        (_edited(lambda d: d["post_weights"][0].update(tied_names="embed.weight")), "must be a list of strings"),
-        (_edited(lambda d: d["pre_weights"].append({"is_embed": True})), "string `name`"),
+        (_edited(lambda d: d["post_weights"][0].update(tied_names="embed.weight")), r"`post_weights\[0\]\.tied_names` must be a list"),
+        (_edited(lambda d: d["pre_weights"].append({"is_embed": True})), r"`pre_weights\[1\]\.name` is required"),
         (_edited(lambda d: d["layer_templates"]["weights"].append({"name": "layers.w"})), "must contain"),
         (_edited(lambda d: d["post_weights"].append({"name": "x.${layer_index}.w"})), "must not contain"),
         (_edited(lambda d: d.update(layer_templates=[])), "`layer_templates` must be an object"),
@@ -269,7 +269,7 @@ def test_a_valid_definition_loads_every_field(tmp_path: Path):
     (arch,) = load_definitions(tmp_path)
     assert arch.layer_weights == (WeightInfo("layers.${layer_index}.w", aliases=("h.${layer_index}.w",)),)
     assert arch.post_weights == (WeightInfo("head.weight", optional=True, tied_names=("embed.weight",)),)
-    assert set(_WEIGHT_FIELD_TYPES) == {f.name for f in fields(WeightInfo)}
+    assert set(WeightEntry.model_fields) == {f.name for f in fields(WeightInfo)}
 
 
 # ---------------------------------------------------------------- multimodal checkpoints (issue 10, rule 5)
@@ -305,7 +305,7 @@ def _multimodal(tmp_path_factory, model_type: str, config: dict) -> ModelMetadat
 @pytest.mark.parametrize(("model_type", "config", "embed", "side", "inferred"), MULTIMODAL, ids=[m[0] for m in MULTIMODAL])
 def test_multimodal_checkpoints_are_their_text_decoder_plus_side_modules(tmp_path_factory, model_type, config, embed, side,
                                                                         inferred):
-    from merger.plan import _undescribed_tensors
+    from merger.plan.checks import undescribed_tensors
 
     meta = _multimodal(tmp_path_factory, model_type, config)
     arch = architecture_for(meta.config, model_type, meta.tensors)
@@ -313,7 +313,7 @@ def test_multimodal_checkpoints_are_their_text_decoder_plus_side_modules(tmp_pat
     assert arch.num_layers_config_key == "text_config.num_hidden_layers"
     assert [w.name for w in arch.pre_weights if w.is_embed] == [embed]
     assert sorted({w.name.split(".")[0] for w in arch.post_weights if w.side_module}) == side
-    assert _undescribed_tensors(meta, arch) == []  # every tensor is text decoder or a side module
+    assert undescribed_tensors(meta, arch) == []  # every tensor is text decoder or a side module
     layer_names = {w.for_layer(i).name for w in arch.layer_weights for i in range(2)}
     assert layer_names <= set(meta.tensors) and all(".layers." in n for n in layer_names)
 

@@ -1,4 +1,4 @@
-"""merger.card: front matter keys, license agreement, and the body's method link, models and YAML."""
+"""merger.publish.card: front matter keys, license agreement, and the body's method link, models and YAML."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from merger.card import render_model_card
+from merger.publish.card import render_model_card
 
 TIES_YAML = """\
 # merged for the tests

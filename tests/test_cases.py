@@ -133,12 +133,12 @@ def test_tensors_the_output_would_drop_are_refused_or_with_opt_in_reported(fixtu
 
 
 def test_several_problems_are_reported_together(fixture_models_dir: Path) -> None:
-    from merger.errors import BaseModelError, ConfigErrors
+    from merger.errors import BaseModelError, ConfigProblems
 
     p, c = fixture_models_dir / "mistral-prose", fixture_models_dir / "mistral-code"
     text = (f"merge_method: ties\nslices:\n  - sources:\n      - {{model: {p}, layer_range: [0, 6]}}\n"
             f"      - {{model: {c}, layer_range: [2, 8]}}\n")
-    with pytest.raises(ConfigErrors) as caught:
+    with pytest.raises(ConfigProblems) as caught:
         validate_config(text)
     kinds = [type(problem) for problem in caught.value.problems]
     assert kinds == [LayerRangeError, LayerRangeError, BaseModelError]

@@ -46,7 +46,7 @@ def published(hub, fixture_models_dir: Path, tmp_path_factory) -> dict[str, str]
 @pytest.fixture(scope="module")
 def served(hub, published, tmp_path_factory):
     """The app on a free port and its worker process, on a temporary data directory, signed in as alice."""
-    from merger.worker import start_consumer_process
+    from merger.jobs.worker import start_consumer_process
 
     data = tmp_path_factory.mktemp("data")
     saved = (constants.DATA_DIR, constants.QUEUE_DB, constants.JOBS_DB, os.environ.get("HF_TOKEN"))

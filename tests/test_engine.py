@@ -241,3 +241,25 @@ def test_pickle_only_model_is_refused(fx: Path, tmp_path: Path) -> None:
 def test_missing_local_model_is_named(tmp_path: Path) -> None:
     with pytest.raises(MergerError, match="no-such-dir"):
         run_merge("merge_method: passthrough\nmodels:\n  - model: ./no-such-dir\n", tmp_path / "out", device="cpu")
+
+
+def test_run_merge_takes_the_callers_parsed_config_and_plan(fx: Path, tmp_path: Path, monkeypatch) -> None:
+    """A caller that validated first passes its config and plan on: the engine neither parses nor plans again."""
+    from merger import engine
+    from merger.config.load import load_config
+    from merger.plan.entry import plan_config
+
+    text = slerp_yaml(fx / "mistral-prose", fx / "mistral-code", 1.0)
+    config = load_config(text)
+    planned = plan_config(config, None)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("parsed or planned a second time")
+
+    monkeypatch.setattr(engine, "load_config", refuse)
+    monkeypatch.setattr(engine, "plan_config", refuse)
+    out = tmp_path / "out"
+    result = run_merge(text, out, device="cpu", config=config, planned=planned)
+    parent = tensors(fx / "mistral-code")
+    assert result.parameter_count == sum(t.numel() for t in parent.values())
+    assert all(torch.equal(tensors(out)[name], tensor) for name, tensor in parent.items())  # t = 1: the second parent

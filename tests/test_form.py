@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from merger.config import MergeConfig, MoEConfig, load_config
+from merger.config.load import load_config
+from merger.config.schema import MergeConfig, MoEConfig
 from merger.form import (
     CLASSIC_T,
     MAX_MODELS,

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from merger.config import load_config
+from merger.config.load import load_config
 from merger.engine import run_merge
-from merger.errors import ChatTemplateError, ConfigErrors, ParameterValueError, excerpt
+from merger.errors import ChatTemplateError, ConfigProblems, ParameterValueError, excerpt
 from merger.form import local_paths, parse_yaml
 from merger.links import decode_config
-from merger.parse import Limits, parse_config_text
+from merger.config.parse import Limits, parse_config_text
 from merger.validate import validate_config
 from tests.hostile_catalogue import CATALOGUE, Hostile, pack
 
@@ -104,7 +104,7 @@ def test_one_problem_per_bad_value_in_lists_and_levels() -> None:
     text = ("merge_method: ties\nbase_model: org/base\nmodels:\n"
             "  - {model: org/a, parameters: {weight: [0.5, .nan], density: 2}}\n"
             "  - {model: org/b, parameters: {weight: 1, density: [{filter: mlp, value: -1}, {value: 0.5}]}}\n")
-    with pytest.raises(ConfigErrors) as info:
+    with pytest.raises(ConfigProblems) as info:
         load_config(text)
     fields = [str(p).split("`")[1] for p in info.value.problems]
     assert fields == ["models[0].parameters.weight[1]", "models[0].parameters.density",
@@ -151,7 +151,7 @@ def test_an_out_of_range_random_seed_is_refused_before_anything_is_written(tmp_p
 
 
 def test_every_method_parameter_declares_its_range_and_one_without_is_not_registered() -> None:
-    from merger.methods import METHODS, merge_method
+    from merger.methods.registry import METHODS, merge_method
     from merger.ranges import Range
 
     assert all(isinstance(p.range, Range) for m in METHODS.values() for p in m.parameters)

@@ -116,7 +116,7 @@ def _submit(entry: HostileRequest, ctx: Context) -> Answer:
     if entry.while_queued:
         _stop_worker()
     elif _WORKER.get("process") is None:
-        from merger.worker import start_consumer_process
+        from merger.jobs.worker import start_consumer_process
 
         _WORKER["process"] = start_consumer_process(log_file=ctx.data / "worker.log")  # one for the module
     if entry.field == "repo":
@@ -125,7 +125,7 @@ def _submit(entry: HostileRequest, ctx: Context) -> Answer:
         answer = _app(ctx, entry.value, SUBMIT_REPO, False, False, api_name="/submit")
     if answer.error is not None or not entry.while_queued:
         return answer if answer.error is not None else _final_status(ctx, job_id=answer.message)
-    from merger.worker import start_consumer_process
+    from merger.jobs.worker import start_consumer_process
 
     WHILE_QUEUED[entry.while_queued](ctx)
     _WORKER["process"] = start_consumer_process(log_file=ctx.data / "worker.log")
@@ -346,10 +346,10 @@ def test_the_cli_process_prints_one_line(entry_id: str, hub, tmp_path: Path) -> 
 
 
 def test_model_and_repo_echoes_use_the_one_excerpt() -> None:
-    from merger.config import ModelReference
+    from merger.config.schema import ModelReference
     from merger.errors import ConfigError, ModelNotFoundError, excerpt
-    from merger.hub import check_repo_id
-    from merger.resolve import local_path
+    from merger.publish.hub import check_repo_id
+    from merger.io.resolve import local_path
 
     hostile = "./x`y\n" + "z" * 500
     with pytest.raises(ModelNotFoundError) as missing:

@@ -1,4 +1,4 @@
-"""merger.hub against the loopback Hub (tests/minihub.py), started by conftest's `hub` fixture."""
+"""merger.publish.hub against the loopback Hub (tests/minihub.py), started by conftest's `hub` fixture."""
 
 from __future__ import annotations
 
@@ -14,21 +14,20 @@ import pytest
 from huggingface_hub import HfApi, constants
 from huggingface_hub.file_download import repo_folder_name
 
-from merger import hub as hub_module
+from merger.publish import hub as hub_module
 from merger.errors import ConfigError, HubError, ModelNotFoundError, PushTargetError, UnsafeWeightsError
-from merger.hub import (
+from merger.publish.hub import (
     PushTarget,
     check_push_target,
     delete_unpushed_repo,
     download_model,
     fetch_metadata,
-    is_hub_id,
     push_folder,
     search_models,
-    split_reference,
     whoami,
 )
-from merger.metadata import TensorMeta, read_safetensors_header
+from merger.config.references import is_hub_id, split_reference
+from merger.io.metadata import TensorMeta, read_safetensors_header
 
 LICENSED_README = "---\nlicense: apache-2.0\ntags:\n- fixture\n---\n\n# mistral-base fixture\n"
 

@@ -21,9 +21,13 @@ import pytest
 from cryptography.fernet import Fernet
 from huggingface_hub import HfApi
 
-from merger import constants, engine, hub, jobs, worker
+from merger import constants, engine
+from merger.publish import hub
+from merger.jobs import store as jobs, worker
+from merger.jobs import queue
+from merger.scrub import scrub_log
 from merger.errors import ConfigError, JobAccessError, JobLimitError, MergeCancelled, ModelNotFoundError
-from merger.jobs import JobStatus
+from merger.jobs.store import JobStatus
 
 TOKEN = "hf_" + "Zq7" * 12  # shaped like a real user token
 REPO = "alice/merged"
@@ -47,7 +51,7 @@ def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def immediate(data_dir: Path) -> None:
     """Run tasks synchronously inside `submit`, as the consumer would."""
-    worker.get_huey().immediate = True
+    queue.get_huey().immediate = True
 
 
 @pytest.fixture
@@ -109,7 +113,7 @@ def test_success_reports_progress_then_result(immediate, pushes, monkeypatch, ca
         progress(1.0, "lm_head.weight")
 
     calls = fake_engine(monkeypatch, body)
-    job_id = jobs.submit(CONFIG, REPO, TOKEN, OWNER, private=True)
+    job_id = queue.submit(CONFIG, REPO, TOKEN, OWNER, private=True)
 
     assert [(j.status, j.progress, j.current_tensor) for j in seen] == [
         (JobStatus.RUNNING, 0.0, ""),
@@ -145,7 +149,7 @@ def test_merger_error_fails_with_its_message(immediate, pushes, monkeypatch, dat
         raise ModelNotFoundError(message)
 
     fake_engine(monkeypatch, body)
-    job_id = jobs.submit(CONFIG, REPO, TOKEN, OWNER)
+    job_id = queue.submit(CONFIG, REPO, TOKEN, OWNER)
 
     job = jobs.get_job(job_id)
     assert (job.status, job.error, job.result_url) == (JobStatus.FAILED, f"{message} Nothing was pushed to the Hub.", None)
@@ -161,7 +165,7 @@ def test_unexpected_error_is_generic_and_the_token_is_scrubbed(immediate, pushes
         raise RuntimeError(f"request with Authorization: Bearer {TOKEN} failed")
 
     fake_engine(monkeypatch, body)
-    job_id = jobs.submit(CONFIG, REPO, TOKEN, OWNER)
+    job_id = queue.submit(CONFIG, REPO, TOKEN, OWNER)
 
     job = jobs.get_job(job_id)
     assert job.status is JobStatus.FAILED
@@ -186,7 +190,7 @@ def test_cancel_while_running_stops_at_the_next_tensor(immediate, pushes, monkey
         raise MergeCancelled("the merge was cancelled; nothing was written or pushed")
 
     fake_engine(monkeypatch, body)
-    job_id = jobs.submit(CONFIG, REPO, TOKEN, OWNER)
+    job_id = queue.submit(CONFIG, REPO, TOKEN, OWNER)
 
     assert polls == [True]
     job = jobs.get_job(job_id)
@@ -197,7 +201,7 @@ def test_cancel_while_running_stops_at_the_next_tensor(immediate, pushes, monkey
 
 def test_cancel_after_the_merge_skips_the_upload(immediate, pushes, monkeypatch):
     fake_engine(monkeypatch, lambda out_dir, **_: jobs.cancel(job_id_of(out_dir), OWNER))
-    job_id = jobs.submit(CONFIG, REPO, TOKEN, OWNER)
+    job_id = queue.submit(CONFIG, REPO, TOKEN, OWNER)
 
     assert jobs.get_job(job_id).status is JobStatus.CANCELLED
     assert pushes == []
@@ -210,7 +214,7 @@ def test_worker_shutdown_fails_the_running_job(immediate, pushes, monkeypatch):
         raise MergeCancelled("the merge was cancelled; nothing was written or pushed")
 
     fake_engine(monkeypatch, body)
-    job_id = jobs.submit(CONFIG, REPO, TOKEN, OWNER)
+    job_id = queue.submit(CONFIG, REPO, TOKEN, OWNER)
 
     job = jobs.get_job(job_id)
     assert (job.status, job.error) == (JobStatus.FAILED, worker.INTERRUPTED_MESSAGE)
@@ -221,13 +225,13 @@ def test_worker_shutdown_fails_the_running_job(immediate, pushes, monkeypatch):
 
 def test_queued_job_cancelled_never_runs(pushes, monkeypatch, data_dir):
     calls = fake_engine(monkeypatch, lambda out_dir, **_: None)
-    job_id = jobs.submit(CONFIG, REPO, TOKEN, OWNER)
+    job_id = queue.submit(CONFIG, REPO, TOKEN, OWNER)
     assert jobs.get_job(job_id).status is JobStatus.QUEUED
     assert TOKEN.encode() not in (data_dir / "queue.db").read_bytes() + _wal(data_dir / "queue.db")
 
     assert jobs.cancel(job_id, OWNER) is True
     assert jobs.get_job(job_id).status is JobStatus.CANCELLED
-    huey = worker.get_huey()
+    huey = queue.get_huey()
     huey.execute(huey.dequeue())  # what the consumer does next
 
     assert calls == [] and pushes == []
@@ -237,9 +241,9 @@ def test_queued_job_cancelled_never_runs(pushes, monkeypatch, data_dir):
 
 def test_job_queued_under_another_key_fails_asking_to_resubmit(pushes, monkeypatch):
     calls = fake_engine(monkeypatch, lambda out_dir, **_: None)
-    job_id = jobs.submit(CONFIG, REPO, TOKEN, OWNER)
+    job_id = queue.submit(CONFIG, REPO, TOKEN, OWNER)
     monkeypatch.setenv(constants.QUEUE_KEY_ENV, Fernet.generate_key().decode())  # the app restarted
-    huey = worker.get_huey()
+    huey = queue.get_huey()
     huey.execute(huey.dequeue())
 
     job = jobs.get_job(job_id)
@@ -248,8 +252,8 @@ def test_job_queued_under_another_key_fails_asking_to_resubmit(pushes, monkeypat
 
 
 def test_recovery_fails_jobs_left_running_and_clears_work(monkeypatch, data_dir):
-    running = jobs.submit(CONFIG, REPO, TOKEN, OWNER)
-    queued = jobs.submit(CONFIG, REPO, TOKEN, OWNER)
+    running = queue.submit(CONFIG, REPO, TOKEN, OWNER)
+    queued = queue.submit(CONFIG, REPO, TOKEN, OWNER)
     assert jobs.mark_running(running) is True
     staging = data_dir / "work" / running / ".model.partial-123"
     staging.mkdir(parents=True)
@@ -299,13 +303,13 @@ def test_config_holding_a_token_is_never_recorded(config, data_dir):
     from merger.errors import TokenInConfigError
 
     with pytest.raises(TokenInConfigError, match=r"looks like a Hugging Face token \(`hf_...`\) on line \d") as caught:
-        jobs.submit(config, REPO, "hf_test_alice", OWNER)  # the parser's one check, the submitter's own token too
+        queue.submit(config, REPO, "hf_test_alice", OWNER)  # the parser's one check, the submitter's own token too
     assert TOKEN not in str(caught.value) and "hf_test_alice" not in str(caught.value)
     assert not (data_dir / "jobs.db").exists() or _count_jobs(data_dir) == 0
 
 
 def test_only_the_owner_reads_or_cancels_a_job_others_see_its_config():
-    job_id = jobs.submit(CONFIG, REPO, TOKEN, "alice")
+    job_id = queue.submit(CONFIG, REPO, TOKEN, "alice")
 
     assert jobs.owned_job(job_id, "alice").status is JobStatus.QUEUED
     for caller, words in (("bob", "only its owner sees its status"), (None, "sign in as its owner")):
@@ -322,24 +326,24 @@ def test_only_the_owner_reads_or_cancels_a_job_others_see_its_config():
 def test_caps_per_user_and_in_total(monkeypatch, data_dir):
     monkeypatch.setattr(constants, "MAX_JOBS_PER_USER", 2)
     monkeypatch.setattr(constants, "MAX_JOBS_TOTAL", 3)
-    first = jobs.submit(CONFIG, REPO, TOKEN, "alice")
-    jobs.submit(CONFIG, REPO, TOKEN, "alice")
+    first = queue.submit(CONFIG, REPO, TOKEN, "alice")
+    queue.submit(CONFIG, REPO, TOKEN, "alice")
     with pytest.raises(JobLimitError) as caught:
-        jobs.submit(CONFIG, REPO, TOKEN, "alice")
+        queue.submit(CONFIG, REPO, TOKEN, "alice")
     assert str(caught.value) == (
         "you already have 2 unfinished job(s), the most one account may have here (2); "
         "wait for one to finish or cancel one, then submit again"
     )
-    jobs.submit(CONFIG, "bob/m", TOKEN, "bob")  # bob has his own cap; the app now holds 3
+    queue.submit(CONFIG, "bob/m", TOKEN, "bob")  # bob has his own cap; the app now holds 3
     with pytest.raises(JobLimitError, match=r"this app is full: 3 jobs are queued or running \(at most 3\)"):
         jobs.check_caps("carol")
     with pytest.raises(JobLimitError, match="this app is full"):
-        jobs.submit(CONFIG, "carol/m", TOKEN, "carol")
+        queue.submit(CONFIG, "carol/m", TOKEN, "carol")
     assert _count_jobs(data_dir) == 4 - 1  # the refused submissions left no record
-    assert worker.get_huey().pending_count() == 3  # nor a queue entry
+    assert queue.get_huey().pending_count() == 3  # nor a queue entry
 
     assert jobs.cancel(first, "alice") is True  # a finished job no longer counts
-    jobs.submit(CONFIG, REPO, TOKEN, "alice")
+    queue.submit(CONFIG, REPO, TOKEN, "alice")
 
 
 def test_caps_hold_for_a_burst_of_concurrent_submissions(monkeypatch, data_dir):
@@ -348,7 +352,7 @@ def test_caps_hold_for_a_burst_of_concurrent_submissions(monkeypatch, data_dir):
 
     def submit():
         try:
-            accepted.append(jobs.submit(CONFIG, REPO, TOKEN, "alice"))
+            accepted.append(queue.submit(CONFIG, REPO, TOKEN, "alice"))
         except JobLimitError:
             refused.append(1)
 
@@ -363,7 +367,7 @@ def test_caps_hold_for_a_burst_of_concurrent_submissions(monkeypatch, data_dir):
 
 def test_queue_key_is_created_once_in_the_data_dir_for_its_owner_only(monkeypatch, data_dir):
     monkeypatch.delenv(constants.QUEUE_KEY_ENV)
-    worker.ensure_queue_key()
+    queue.ensure_queue_key()
     key_file = data_dir / "queue.key"
     key = os.environ[constants.QUEUE_KEY_ENV]
     assert key_file.read_text() == key and len(Fernet(key.encode()).encrypt(b"x")) > 0
@@ -371,17 +375,17 @@ def test_queue_key_is_created_once_in_the_data_dir_for_its_owner_only(monkeypatc
     assert [p.name for p in data_dir.iterdir()] == ["queue.key"]  # no draft left
 
     monkeypatch.delenv(constants.QUEUE_KEY_ENV)  # a restarted app: same data dir, no key in its environment
-    worker.ensure_queue_key()
+    queue.ensure_queue_key()
     assert os.environ[constants.QUEUE_KEY_ENV] == key
 
     given = Fernet.generate_key().decode()
     monkeypatch.setenv(constants.QUEUE_KEY_ENV, given)  # a key in the environment wins
-    worker.ensure_queue_key()
+    queue.ensure_queue_key()
     assert os.environ[constants.QUEUE_KEY_ENV] == given and key_file.read_text() == key
 
 
 def test_scrub_hides_tokens_of_any_job():
-    assert worker.scrub(f"token={TOKEN}; other=hf_{'a' * 30} short=hf_abc") == "token=***; other=*** short=hf_abc"
+    assert scrub_log(f"token={TOKEN}; other=hf_{'a' * 30} short=hf_abc") == "token=***; other=*** short=hf_abc"
 
 
 # ---------------------------------------------------------------- the consumer process
@@ -405,16 +409,16 @@ def consumer(data_dir: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
 
 def test_consumer_process_runs_jobs_end_to_end(hub, fixture_models_dir, consumer, data_dir, tmp_path):
     process, log = consumer
-    cancelled = jobs.submit(CONFIG, f"{hub.user}/never", hub.token, hub.user)
+    cancelled = queue.submit(CONFIG, f"{hub.user}/never", hub.token, hub.user)
     assert jobs.cancel(cancelled, OWNER) is True
     missing = tmp_path / "no-such-model"
     bad_config = f"merge_method: linear\nmodels:\n  - model: {missing}\n    parameters: {{weight: 1.0}}\n"
-    bad = jobs.submit(bad_config, f"{hub.user}/bad", hub.token, hub.user)
+    bad = queue.submit(bad_config, f"{hub.user}/bad", hub.token, hub.user)
     good_config = "merge_method: linear\nmodels:\n" + "".join(
         f"  - model: {fixture_models_dir / name}\n    parameters: {{weight: 0.5}}\n"
         for name in ("mistral-base", "mistral-code")
     )
-    good = jobs.submit(good_config, f"{hub.user}/merged-tiny", hub.token, hub.user)
+    good = queue.submit(good_config, f"{hub.user}/merged-tiny", hub.token, hub.user)
 
     _wait_until(lambda: jobs.get_job(good).status.finished, log)  # FIFO: the other two ran first
 
@@ -430,7 +434,7 @@ def test_consumer_process_runs_jobs_end_to_end(hub, fixture_models_dir, consumer
     files = HfApi(endpoint=hub.url, token=hub.token).list_repo_files(f"{hub.user}/merged-tiny")
     assert {"config.json", "model.safetensors.index.json", "mergekit_config.yml"} <= set(files)
     assert not any((data_dir / "work").iterdir())
-    assert worker.get_huey().pending_count() == 0
+    assert queue.get_huey().pending_count() == 0
     assert time.time() - jobs.last_heartbeat() < 3 * constants.WORKER_HEARTBEAT_S  # it says it is alive
 
     # SIGTERM stops the consumer cleanly.
@@ -449,7 +453,7 @@ def test_worker_alone_refuses_to_start_with_an_invalid_key(data_dir):
     env = dict(os.environ, MERGER_DATA_DIR=str(data_dir), PYTHONPATH=str(Path(__file__).parents[1]))
     env[constants.QUEUE_KEY_ENV] = "not-a-fernet-key"
     result = subprocess.run(
-        [sys.executable, "-m", "merger.worker"], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "merger.jobs.worker"], env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 2
     assert "MERGER_QUEUE_KEY must hold the app's Fernet key" in result.stderr
@@ -477,7 +481,7 @@ def test_hub_failing_mid_push_fails_the_job_and_deletes_the_repo_it_created(
     monkeypatch.setattr(hub.store, "fail_commits", failure)  # 503: the Hub refuses; "drop": it is gone mid-upload
     repo = f"alice/mid-push-{failure}"
 
-    job_id = jobs.submit(CONFIG, repo, hub.token, hub.user)
+    job_id = queue.submit(CONFIG, repo, hub.token, hub.user)
 
     job = jobs.get_job(job_id)
     assert job.status is JobStatus.FAILED
@@ -494,7 +498,7 @@ def test_job_to_an_existing_repo_without_reuse_fails_before_the_merge(hub, immed
     HfApi(token=hub.token).create_repo("alice/taken-meanwhile")  # created after submit, before the job ran
     commits = list(hub.store.repos[("model", "alice/taken-meanwhile")]["commits"])
 
-    job_id = jobs.submit(CONFIG, "alice/taken-meanwhile", hub.token, hub.user)
+    job_id = queue.submit(CONFIG, "alice/taken-meanwhile", hub.token, hub.user)
 
     job = jobs.get_job(job_id)
     assert job.status is JobStatus.FAILED
@@ -507,7 +511,7 @@ def test_job_with_reuse_pushes_a_new_commit_and_keeps_visibility(hub, immediate,
     _write_model_only(monkeypatch)
     HfApi(token=hub.token).create_repo("alice/reused-private", private=True)
 
-    job_id = jobs.submit(CONFIG, "alice/reused-private", hub.token, hub.user, private=False, reuse_repo=True)
+    job_id = queue.submit(CONFIG, "alice/reused-private", hub.token, hub.user, private=False, reuse_repo=True)
 
     job = jobs.get_job(job_id)
     assert (job.status, job.error) == (JobStatus.SUCCEEDED, None)
@@ -517,12 +521,12 @@ def test_job_with_reuse_pushes_a_new_commit_and_keeps_visibility(hub, immediate,
 
 def test_worker_start_sweeps_repos_created_but_never_committed(hub, monkeypatch, data_dir):
     api = HfApi(token=hub.token)
-    empty, full = jobs.submit(CONFIG, "alice/swept-empty", hub.token, hub.user), jobs.submit(
+    empty, full = queue.submit(CONFIG, "alice/swept-empty", hub.token, hub.user), queue.submit(
         CONFIG, "alice/swept-full", hub.token, hub.user
     )
     for job_id, repo in ((empty, "alice/swept-empty"), (full, "alice/swept-full")):
         assert jobs.mark_running(job_id)
-        jobs.record_pending_repo(job_id, repo, worker._fernet().encrypt(hub.token.encode()))
+        jobs.record_pending_repo(job_id, repo, queue.seal(hub.token))
         api.create_repo(repo)
     api.upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id="alice/swept-full")  # it had landed
 
@@ -544,7 +548,7 @@ def test_worker_start_sweeps_repos_created_but_never_committed(hub, monkeypatch,
 # A consumer whose merge reports each tensor slowly, so that a test can kill it mid-merge.
 _SLOW_WORKER = """
 import sys, time
-from merger import worker
+from merger.jobs import worker
 report = worker._Reporter.progress
 def slow(self, fraction, message):
     time.sleep(0.25)
@@ -592,8 +596,8 @@ def test_worker_killed_mid_merge_is_restarted_and_its_job_failed(hub, fixture_mo
         starts.append(process)
         return process
 
-    killed = jobs.submit(_good_config(fixture_models_dir), "alice/killed-mid-merge", hub.token, hub.user)
-    after = jobs.submit(_good_config(fixture_models_dir), "alice/after-the-kill", hub.token, hub.user)
+    killed = queue.submit(_good_config(fixture_models_dir), "alice/killed-mid-merge", hub.token, hub.user)
+    after = queue.submit(_good_config(fixture_models_dir), "alice/after-the-kill", hub.token, hub.user)
     supervisor = worker.WorkerSupervisor(start=start, interval=0.2)
     try:
         work = data_dir / "work" / killed
@@ -630,7 +634,7 @@ def test_worker_killed_mid_upload_the_next_worker_deletes_the_repo(hub, fixture_
     held = threading.Event()
     monkeypatch.setattr(hub.store, "hold_commits", held)  # the upload stays in flight until the test says
     repo = "alice/killed-mid-upload"
-    job_id = jobs.submit(_good_config(fixture_models_dir), repo, hub.token, hub.user)
+    job_id = queue.submit(_good_config(fixture_models_dir), repo, hub.token, hub.user)
     first = worker.start_consumer_process(log_file=log)
     second = None
     try:
@@ -668,8 +672,8 @@ def test_queued_job_survives_an_app_restart_with_the_key_in_the_data_dir(
     monkeypatch.delenv(constants.QUEUE_KEY_ENV)  # no key given: the app keeps one in its data dir
     env = {k: v for k, v in _worker_env(data_dir).items() if k != constants.QUEUE_KEY_ENV}
     submit = (
-        "import sys; from merger import jobs; "
-        "print(jobs.submit(sys.stdin.read(), 'alice/after-restart', 'hf_test_alice', 'alice'))"
+        "import sys; from merger.jobs import queue; "
+        "print(queue.submit(sys.stdin.read(), 'alice/after-restart', 'hf_test_alice', 'alice'))"
     )
     # The first app process queues the job and exits (as a restart would end it), before any worker ran.
     done = subprocess.run([sys.executable, "-c", submit], input=_good_config(fixture_models_dir), env=env,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from merger.config import ModelReference
+from merger.config.schema import ModelReference
 from merger.engine import run_merge
 from merger.errors import AdapterTargetError, LoraAdapterError
 from merger.validate import validate_config

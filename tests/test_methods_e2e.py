@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from merger import executor, sparsify
+from merger.execute import executor
+from merger.methods import sparsify
 from merger.engine import run_merge
-from merger.methods import METHODS
+from merger.methods.registry import METHODS, SLICE
 from merger.methods.reductions import BLOCK
 from helpers import bits_per_token
 
@@ -175,13 +176,13 @@ def test_slices_write_the_bytes_of_whole_tensors(
     monkeypatch.setattr(executor, "SLICE", 5 * BLOCK if method == "slerp" else 4099)
     run_merge(text, tmp_path / "small", device="cpu")
     monkeypatch.setitem(METHODS, method, dataclasses.replace(METHODS[method], elementwise=False))  # whole tensors
-    monkeypatch.setattr(sparsify, "CHUNK", 3 * BLOCK if method == "slerp" else 3001)
+    monkeypatch.setattr(sparsify, "SLICE", 3 * BLOCK if method == "slerp" else 3001)
     run_merge(text, tmp_path / "whole", device="cpu")
     assert sha256(tmp_path / "default") == sha256(tmp_path / "small") == sha256(tmp_path / "whole") == GOLDEN[method]
 
 
-def test_slice_sizes_are_whole_slerp_blocks() -> None:
-    assert executor.SLICE % BLOCK == 0 and sparsify.CHUNK % BLOCK == 0
+def test_the_slice_size_is_one_value_of_whole_slerp_blocks() -> None:
+    assert SLICE % BLOCK == 0 and executor.SLICE == sparsify.SLICE == SLICE
 
 
 def test_ties_with_rescale_runs_in_slices_and_rescales(

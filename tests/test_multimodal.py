@@ -132,7 +132,7 @@ def test_mergekit_modules_text_decoder_is_the_top_level_slices(pair):
     ("  text_decoder: [1]\n", "only `text_decoder`"),
 ])
 def test_other_modules_are_refused_by_name(modules, message):
-    from merger.config import load_config
+    from merger.config.load import load_config
     from merger.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message):
@@ -171,8 +171,8 @@ def test_a_text_only_finetune_merges_into_a_multimodal_base(tmp_path: Path):
 def test_gemma3_frankenmerge_sets_the_text_layer_count_and_layer_types_in_text_config(tmp_path: Path):
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration
 
-    from merger.config import load_config
-    from merger.validate import plan_config
+    from merger.config.load import load_config
+    from merger.plan.entry import plan_config
 
     config = Gemma3Config(mm_tokens_per_image=4, text_config=dict(
         vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,

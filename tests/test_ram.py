@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merger.methods import get_method
+from merger.methods.registry import get_method
 from merger.methods.ram import ramplus_scales
 
 BASE = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0, -1.0])

@@ -10,7 +10,7 @@ import torch
 
 from merger.engine import run_merge
 from merger.errors import RemoteCodeError
-from merger.remote_code import auto_map_modules
+from merger.plan.remote_code import auto_map_modules
 
 TINY = dict(num_hidden_layers=2, hidden_size=16, intermediate_size=32, num_attention_heads=2,
             num_key_value_heads=1, vocab_size=64, tie_word_embeddings=False)

@@ -50,12 +50,13 @@ def _timed(call) -> tuple[object, float]:
 
 
 def test_light_requests_answer_while_ten_hostile_ones_run(slow_hub, tmp_path, monkeypatch) -> None:
-    from merger import jobs
+    from merger.jobs import store as jobs
+    from merger.jobs import queue
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the fixtures' relative paths
     monkeypatch.setattr(constants, "VALIDATION_TIMEOUT_S", TIME_LIMIT_S)
     with served_app(tmp_path / "data") as (client, _):
-        job_id = jobs.submit("merge_method: linear\n", "alice/waiting", TOKEN, "alice")
+        job_id = queue.submit("merge_method: linear\n", "alice/waiting", TOKEN, "alice")
         client.predict(job_id, api_name="/job_status")  # the owner lookup is cached from here on
 
         start = time.monotonic()

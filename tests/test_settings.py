@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from merger.engine import run_merge
-from merger.errors import ArchitectureSettingError, ConfigErrors, UnmergedTensorsError
-from merger.settings import compare_settings
+from merger.errors import ArchitectureSettingError, ConfigProblems, UnmergedTensorsError
+from merger.plan.settings import compare_settings
 from merger.validate import validate_config
 from helpers import weights
 
@@ -33,7 +33,7 @@ def slerp(base: Path, other: Path) -> str:
 def test_llama_with_qwen2_is_refused_naming_the_bias_tensors_and_the_family(tmp_path: Path):
     """Equal widths, so shapes agree: before, the output silently lost Qwen2's q/k/v biases."""
     llama, qwen = tiny(tmp_path / "llama", "llama", 0), tiny(tmp_path / "qwen", "qwen2", 1)
-    with pytest.raises(ConfigErrors) as caught:
+    with pytest.raises(ConfigProblems) as caught:
         validate_config(slerp(llama, qwen))
     kinds = {type(p) for p in caught.value.problems}
     assert {UnmergedTensorsError, ArchitectureSettingError} <= kinds
@@ -104,7 +104,7 @@ def test_a_hostile_layer_count_builds_no_per_layer_lists():
     """Qwen2Config builds `layer_types` with one entry per layer: 10**12 layers must not reach it."""
     import time
 
-    from merger.settings import effective_text_config
+    from merger.plan.settings import effective_text_config
 
     config = dict(DIMS, model_type="qwen2", num_hidden_layers=10**12)
     started = time.monotonic()

@@ -6,18 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from merger.sparsify import (
-    TopK,
+from merger.methods.sparsify import (
     agrees_with,
     apply_mask_,
-    bernoulli_mask,
     breadcrumbs_mask,
     della_mask,
     elect_sign,
     l1_norm,
-    magnitude_mask,
-    top_k_mask,
+    magnitude_trims,
+    random_drops,
+    slices_of,
 )
+from merger.methods.topk import TopK, top_k_mask
 
 # distinct magnitudes, shuffled signs and order: |δ| ranks are unambiguous
 DELTA = torch.tensor([0.3, -1.2, 0.05, 2.5, -0.7, 0.9, -0.01, 1.6, -3.1, 0.4])
@@ -81,6 +81,21 @@ def test_top_k_streamed_over_slices_equals_a_stable_descending_sort(nonnegative:
             selection.count_low(piece)
         assert kept(torch.cat([selection.mask(piece) for piece in slices])) == expected
         assert kept(top_k_mask(scores, k, nonnegative=nonnegative)) == expected
+
+
+def magnitude_mask(delta: torch.Tensor, *, density: float) -> torch.Tensor | None:
+    """The entries TIES keeps, through the engine's path: the prepare pass over slices, then its trim."""
+    trim = magnitude_trims(lambda: slices_of([delta], torch.zeros_like(delta)), [density])[0]
+    if trim is None:
+        return None
+    # the trim zeroes the dropped entries of δ itself (the deltas used here have no zeros)
+    return (trim.apply_(delta.reshape(-1).clone()) != 0).view(delta.shape)
+
+
+def bernoulli_mask(delta: torch.Tensor, *, density: float, generator: torch.Generator | None) -> torch.Tensor | None:
+    """The entries DARE keeps, through the engine's path (the prepare pass's drop mask)."""
+    drop = random_drops(delta.numel(), [density], generator)[0]
+    return None if drop is None else drop.mask.view(delta.shape)
 
 
 @pytest.mark.parametrize("density, expected", [(0.1, 1), (0.35, 3), (0.5, 5), (0.99, 9)])

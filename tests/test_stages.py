@@ -10,7 +10,7 @@ import pytest
 from merger.__main__ import main
 from merger.engine import run_merge
 from merger.errors import MultiDocumentError, StageError
-from merger.parse import MAX_STAGES
+from merger.config.parse import MAX_STAGES
 from merger.stages import split_stages
 from merger.validate import validate_config
 

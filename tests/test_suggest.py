@@ -11,7 +11,7 @@ import torch
 
 from helpers import bits_per_token
 from merger.__main__ import main
-from merger.config import load_config
+from merger.config.load import load_config
 from merger.engine import run_merge
 from merger.errors import SearchError
 from merger.evaluate.search import Candidate, SearchBudget, neighbours, suggest_merge

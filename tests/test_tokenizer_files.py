@@ -116,8 +116,8 @@ def test_a_donor_with_vocabulary_files_only_gets_a_tokenizer_json(fixture_models
     # GPT-2 style vocab.json + merges.txt (the fixture's byte-level BPE) and no tokenizer.json
     from tokenizers import Tokenizer
 
-    from merger.tokenizer import load_vocabulary, plan_vocabulary
-    from merger.tokenizer_files import write_tokenizer
+    from merger.plan.tokenizer import load_vocabulary, plan_vocabulary
+    from merger.io.tokenizer_files import write_tokenizer
 
     fx = fixture_models_dir
     donor, out = tmp_path / "donor", tmp_path / "out"

@@ -1,6 +1,6 @@
 """The one token scrubber every message, log and link goes through."""
 
-from merger.tokens import TOKEN_PATTERN, scrub
+from merger.scrub import TOKEN_PATTERN, scrub
 
 
 def test_scrub_removes_user_oauth_and_known_tokens_but_not_identifiers() -> None:

@@ -5,6 +5,7 @@ attempt to read weights would fail)."""
 from __future__ import annotations
 
 import json
+import math
 import struct
 import subprocess
 import sys
@@ -21,7 +22,7 @@ REPOS = ("mistralai/Mistral-7B-Instruct-v0.1", "mistralai/Mistral-7B-Instruct-v0
 
 
 def mistral_shapes(config: dict) -> dict[str, list[int]]:
-    """Tensor names and shapes of a Mistral checkpoint, from its config (../shared/spec/seed-models.md)."""
+    """Tensor names and shapes of a Mistral checkpoint, from its config (the layout of the Hub's Mistral checkpoints)."""
     h, i, v = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
     shapes = {"model.embed_tokens.weight": [v, h], "model.norm.weight": [h], "lm_head.weight": [v, h]}
@@ -45,9 +46,7 @@ def write_header_only_checkpoint(config: dict, out: Path, shards: int = 3) -> No
         file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
         header, offset = {}, 0
         for name, shape in names[s * per_shard:(s + 1) * per_shard]:
-            size = 2
-            for d in shape:
-                size *= d
+            size = 2 * math.prod(shape)
             header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
             offset += size
             weight_map[name] = file

@@ -65,8 +65,8 @@ def budget_of(args: argparse.Namespace) -> EvalBudget:
 
 def model_folder(reference: str, token: str | None) -> Path:
     """A local folder for a model folder or Hub id (downloaded: safetensors, configs, tokenizer)."""
-    from merger.config import ModelReference
-    from merger.resolve import materialize
+    from merger.config.schema import ModelReference
+    from merger.io.resolve import materialize
 
     if Path(reference).is_dir():
         return Path(reference)

@@ -2,7 +2,7 @@
 relative to the base's), the cosine between task vectors and the share of sign conflicts, with warnings
 where a method will misbehave.
 
-Streaming: one tensor name at a time is read from each model (:class:`merger.loader.TensorReader`,
+Streaming: one tensor name at a time is read from each model (:class:`merger.io.loader.TensorReader`,
 positioned reads into pooled buffers) and reduced in float32 chunks of :data:`CHUNK` entries, so memory
 is about (models + 1) × the largest stored tensor, plus the chunks.
 
@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from merger.buffers import BufferPool
-from merger.loader import STORAGE_DTYPES, TensorReader
-from merger.metadata import read_checkpoint
+from merger.io.buffers import BufferPool
+from merger.io.loader import STORAGE_DTYPES, TensorReader
+from merger.io.metadata import read_checkpoint
 
 CHUNK = 2**22  # float32 entries reduced at once (16 MiB per model)
 NOT_A_FINE_TUNE = 0.5  # ‖τ‖/‖base‖ above this: too far to be a fine-tune of the base (independent inits give ~1.4)
@@ -227,9 +227,10 @@ def report_for_config(config_text: str, token: str | None = None) -> WeightRepor
         ConfigError subclasses: the config does not parse, or names fewer than two models.
         ModelNotFoundError / HubError / ModelFileError subclasses: a model cannot be read.
     """
-    from merger.config import MoEConfig, load_config
+    from merger.config.schema import MoEConfig
+    from merger.config.load import load_config
     from merger.errors import ConfigError
-    from merger.resolve import materialize
+    from merger.io.resolve import materialize
 
     config = load_config(config_text)
     if isinstance(config, MoEConfig):

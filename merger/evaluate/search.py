@@ -17,7 +17,6 @@ the judging texts, if given, are scored only for the parents, the naive 50/50 av
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,8 +27,8 @@ import torch
 from merger.errors import SearchError
 from merger.evaluate.score import EvalBudget, bits_per_token, bos_id, load_causal_lm, token_ids
 from merger.evaluate.text import EvalText
-from merger.executor import tensor_seed
-from merger.methods import get_method
+from merger.execute.executor import tensor_seed
+from merger.methods.registry import get_method
 
 RANGES = {"t": (0.0, 1.0), "lambda": (0.0, 2.0), "density": (0.05, 1.0), "weight": (0.0, 2.0)}
 FIRST_STEP = 0.1  # refinement step of every parameter (all are of order 1)

@@ -22,9 +22,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from ..errors import AdapterTargetError, LoraAdapterError
-from ..metadata import TensorMeta
-from ..modelfiles import excerpt, parse_json_object, read_bytes, read_safetensors_entries
+from merger.errors import AdapterTargetError, LoraAdapterError
+from merger.io.metadata import TensorMeta
+from merger.io.modelfiles import excerpt, parse_json_object, read_bytes, read_safetensors_entries
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"

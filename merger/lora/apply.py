@@ -6,13 +6,13 @@ from pathlib import Path
 
 import torch
 
-from ..buffers import BufferPool
-from ..loader import TensorReader
-from .adapter import LoraAdapter, read_adapter
+from merger.io.buffers import BufferPool
+from merger.io.loader import TensorReader
+from merger.lora.adapter import LoraAdapter, read_adapter
 
 
 class AdaptedTensorReader(TensorReader):
-    """A :class:`~merger.loader.TensorReader` that returns `W + s·B@A` for the tensors an adapter changes
+    """A :class:`~merger.io.loader.TensorReader` that returns `W + s·B@A` for the tensors an adapter changes
     (or the adapter's own weight, for its `modules_to_save`).
 
     Shapes and dtypes are the model's (the sum is computed in float32 and stored back in the
@@ -24,7 +24,7 @@ class AdaptedTensorReader(TensorReader):
         adapter: the checked adapter (its targets checked against the model at validation).
 
     Raises:
-        As :class:`~merger.loader.TensorReader`.
+        As :class:`~merger.io.loader.TensorReader`.
     """
 
     def __init__(self, model_dir: Path, pool: BufferPool, adapter: LoraAdapter):

@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..architecture import architecture_for
-from ..buffers import BufferPool
-from ..config import ModelReference
-from ..errors import ConfigError, ShapeMismatchError
-from ..loader import TensorReader
-from ..resolve import fetch_metadata, materialize
-from .adapter import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_PREFIX
+from merger.plan.architecture import architecture_for
+from merger.io.buffers import BufferPool
+from merger.config.schema import ModelReference
+from merger.errors import ConfigError, ShapeMismatchError
+from merger.io.loader import TensorReader
+from merger.io.resolve import fetch_metadata, materialize
+from merger.lora.adapter import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, PEFT_PREFIX
 
 MAX_RANK = 65_536
 
@@ -114,7 +114,7 @@ def extract_lora(
         ConfigError: neither or both of rank/energy, or a value out of range; `out_dir` not empty;
             nothing changed.
         ShapeMismatchError: the models' tensor names or shapes differ.
-        ModelNotFoundError, HubError, ModelFileError subclasses: as :func:`merger.resolve.fetch_metadata`.
+        ModelNotFoundError, HubError, ModelFileError subclasses: as :func:`merger.io.resolve.fetch_metadata`.
     """
     _check_target(rank, energy, out_dir)
     refs = [ModelReference.parse(finetune), ModelReference.parse(base)]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import merge_method
+from merger.methods.registry import merge_method
 
 SOFTMAX_EPS = 1e-8  # added to both distributions before the KL divergence
 QUANTILE_SAMPLE = 1_000_000  # larger tensors estimate the quartiles from this many random entries

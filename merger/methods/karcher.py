@@ -10,9 +10,9 @@ from typing import Annotated
 import torch
 from torch import Tensor
 
-from ..ranges import Range
-from . import merge_method
-from .reductions import dot, norm
+from merger.ranges import Range
+from merger.methods.registry import merge_method
+from merger.methods.reductions import dot, norm
 
 
 @merge_method("karcher", pretty_name="Karcher Mean", reference_url="https://en.wikipedia.org/wiki/Karcher_mean")

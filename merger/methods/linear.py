@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import Factor, PerModel, merge_method
+from merger.methods.registry import Factor, PerModel, merge_method
 
 
 @merge_method("linear", pretty_name="Linear", reference_url="https://arxiv.org/abs/2203.05482", elementwise=True)

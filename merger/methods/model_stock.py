@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import merge_method
+from merger.methods.registry import merge_method
 
 NORM_PRODUCT_EPS = 1e-6  # floor of ‖oᵢ‖·‖oⱼ‖ in the cosine
 T_BOUND = 1.0  # |t| ≤ 1: the output is never farther from the base than the fine-tunes' mean is

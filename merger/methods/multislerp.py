@@ -9,9 +9,9 @@ from typing import Annotated
 import torch
 from torch import Tensor
 
-from ..ranges import Range
-from . import Factor, PerModel, merge_method
-from .reductions import dot, norm
+from merger.ranges import Range
+from merger.methods.registry import Factor, PerModel, merge_method
+from merger.methods.reductions import dot, norm
 
 
 @merge_method(

@@ -7,8 +7,8 @@ from typing import Annotated
 
 from torch import Tensor
 
-from ..ranges import MAX_FACTOR, Range
-from . import merge_method
+from merger.ranges import MAX_FACTOR, Range
+from merger.methods.registry import merge_method
 
 DIFF_MIN = 1e-6  # floor of |a − b|, so equal entries get weight 1 instead of t/0
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import Factor, PerModel, merge_method
+from merger.methods.registry import Factor, PerModel, merge_method
 
 WEIGHT_SUM_EPS = 1e-6  # |w₁ + w₂| below this interpolates half-way
 NORM_EPS = 1e-7  # floor of a vector's norm when normalising; at or below it the vector has no direction

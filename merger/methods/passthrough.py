@@ -9,7 +9,7 @@ from typing import Annotated
 
 from torch import Tensor
 
-from . import FACTOR, PerModel, merge_method
+from merger.methods.registry import FACTOR, PerModel, merge_method
 
 
 @merge_method(

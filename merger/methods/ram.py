@@ -9,8 +9,8 @@ from typing import Annotated
 import torch
 from torch import Tensor
 
-from ..ranges import MAX_FACTOR, Range
-from . import merge_method
+from merger.ranges import MAX_FACTOR, Range
+from merger.methods.registry import merge_method
 
 Epsilon = Annotated[float, Range(float, 0.0, 1.0, "the smallest change that counts")]
 NonNegative = Annotated[float, Range(float, 0.0, MAX_FACTOR, "a non-negative number")]

@@ -6,9 +6,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..sparsify import agrees_with, elect_sign, top_k_mask
-from . import Fraction, merge_method
-from .reductions import squared_norm
+from merger.methods.sparsify import agrees_with, elect_sign
+from merger.methods.topk import top_k_mask
+from merger.methods.registry import Fraction, merge_method
+from merger.methods.reductions import squared_norm
 
 UNIFORM_BELOW = 1e-6  # total task-vector energy below which every model weighs the same
 DIVISOR_MIN = 1e-6  # floor of the per-entry weight sum

@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from . import Fraction, merge_method
-from .reductions import dot, squared_norm
+from merger.methods.registry import Fraction, merge_method
+from merger.methods.reductions import dot, squared_norm
 
 DOT_THRESHOLD = 0.9995  # above this |cos θ| the arc is numerically a line: use lerp
 NORM_EPS = 1e-8

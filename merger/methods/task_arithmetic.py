@@ -21,20 +21,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..sparsify import (
+from merger.methods.sparsify import (
     agrees_with,
     apply_mask_,
-    bernoulli_mask,
     breadcrumbs_mask,
     della_mask,
     elect_sign,
-    magnitude_mask,
     magnitude_trims,
     random_drops,
     set_l1_factors,
     slices_of,
 )
-from . import Factor, Fraction, PerModel, merge_method
+from merger.methods.registry import Factor, Fraction, PerModel, merge_method
 
 Sparsifier = Callable[..., "Tensor | None"]
 
@@ -120,13 +118,14 @@ class Variant:
         pretty_name: the name on the card.
         reference_url: the paper.
         summary: the first line of the registered function's docstring.
-        sparsifier: a mask function of `merger.sparsify`, or None; its keyword parameters become
-            per-model config parameters (defaults in `PER_MODEL_DEFAULTS`), and a `generator` parameter
-            makes the method take the run's seeded RNG.
+        sparsifier: a whole-tensor mask function of `merger.methods.sparsify`, or None; its keyword
+            parameters become per-model config parameters (defaults in `PER_MODEL_DEFAULTS`), and a
+            `generator` parameter makes the method take the run's seeded RNG.
         elementwise: the engine may run it on slices (no sparsifier, or one decided by `prepare`).
-        prepare: the whole-tensor pass deciding the sparsifier's masks slice by slice (TIES's
+        prepare: the whole-tensor pass deciding the masks slice by slice (TIES's
             :func:`magnitude_trims`, DARE's :func:`random_drops`; `rescale` adds :func:`set_l1_factors`),
-            or None.
+            or None; used instead of a sparsifier.
+        random: `prepare` draws from the run's seeded RNG (DARE).
         consensus: TIES sign election.
         normalize: the default of `normalize`.
         rescale: the default of `rescale` (declared only with a sparsifier).
@@ -142,6 +141,22 @@ class Variant:
     rescale: bool = False
     elementwise: bool = False
     prepare: Callable[..., list[Any]] | None = None
+    random: bool = False
+
+    def mask_parameters(self) -> list[str]:
+        """The per-model parameters of its masks (`density`, `gamma`, `epsilon`), in order."""
+        if self.prepare is not None:
+            return ["density"]
+        if self.sparsifier is None:
+            return []
+        return [n for n in inspect.signature(self.sparsifier).parameters if n not in ("delta", "generator")]
+
+    @property
+    def draws(self) -> bool:
+        """It takes the run's seeded RNG."""
+        if self.prepare is not None:
+            return self.random
+        return self.sparsifier is not None and "generator" in inspect.signature(self.sparsifier).parameters
 
 
 def _magnitude_trims(slices: Callable[[], Any], shape: tuple[int, ...], density: list[float],
@@ -160,13 +175,14 @@ VARIANTS = (
             None, consensus=False, normalize=False, elementwise=True),
     Variant("ties", "TIES", "https://arxiv.org/abs/2306.01708",
             "Trim each task vector to its largest magnitudes, elect signs, take the disjoint mean.",
-            magnitude_mask, consensus=True, normalize=True, elementwise=True, prepare=_magnitude_trims),
+            None, consensus=True, normalize=True, elementwise=True, prepare=_magnitude_trims),
     Variant("dare_ties", "DARE TIES", "https://arxiv.org/abs/2311.03099",
             "Drop task-vector entries at random (rescaled), then elect signs as TIES does.",
-            bernoulli_mask, consensus=True, normalize=False, rescale=True, elementwise=True, prepare=_random_drops),
+            None, consensus=True, normalize=False, rescale=True, elementwise=True, prepare=_random_drops, random=True),
     Variant("dare_linear", "Linear DARE", "https://arxiv.org/abs/2311.03099",
             "Drop task-vector entries at random (rescaled) and add the weighted sum.",
-            bernoulli_mask, consensus=False, normalize=False, rescale=True, elementwise=True, prepare=_random_drops),
+            None, consensus=False, normalize=False, rescale=True, elementwise=True, prepare=_random_drops,
+            random=True),
     Variant("breadcrumbs", "Model Breadcrumbs", "https://arxiv.org/abs/2312.06795",
             "Drop the largest (outliers) and smallest task-vector entries and add the weighted sum.",
             breadcrumbs_mask, consensus=False, normalize=False),
@@ -192,20 +208,19 @@ def signature(variant: Variant) -> inspect.Signature:
     `variant.prepare`, None to prepare from the whole tensors) when it has a prepare pass.
     """
     keyword = inspect.Parameter.KEYWORD_ONLY
-    sparsifier = {} if variant.sparsifier is None else inspect.signature(variant.sparsifier).parameters
     parameters = [
         inspect.Parameter("tensors", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[Tensor]),
         inspect.Parameter("base", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Tensor),
         inspect.Parameter("weight", keyword, annotation=PerModel[Factor]),
         *(inspect.Parameter(name, keyword, annotation=PerModel[Fraction], default=PER_MODEL_DEFAULTS[name])
-          for name in sparsifier if name not in ("delta", "generator")),
+          for name in variant.mask_parameters()),
         inspect.Parameter("normalize", keyword, annotation=bool, default=variant.normalize),
     ]
-    if variant.sparsifier is not None:
+    if variant.sparsifier is not None or variant.prepare is not None:
         parameters.append(inspect.Parameter("rescale", keyword, annotation=bool, default=variant.rescale))
     parameters.append(inspect.Parameter("int8_mask", keyword, annotation=bool, default=False))
     parameters.append(inspect.Parameter("lambda_", keyword, annotation=Factor, default=1.0))
-    if "generator" in sparsifier:
+    if variant.draws:
         parameters.append(inspect.Parameter("generator", keyword, annotation=torch.Generator))
     if variant.prepare is not None:
         parameters.append(inspect.Parameter("prepared", keyword, annotation=list, default=None))

@@ -1,0 +1,322 @@
+"""Runs a merge plan tensor by tensor: reading, math and writing overlap on three threads.
+
+- the reader thread reads each job's inputs (positioned reads into pooled buffers), up to a byte
+  budget ahead of the writer, so the next tensors arrive while the current ones are merged;
+- the calling thread converts inputs to float32 (on the chosen device), runs the method and casts
+  the result to the output dtype once;
+- the writer thread appends each result to its shard and returns the buffers to the pool.
+
+An elementwise method (linear, task arithmetic, TIES, ...) runs on slices of a million entries: the
+inputs stay in their stored dtype and only one slice of each is converted to float32 at a time.
+A copy of a tensor whose stored dtype is already the output's (frankenmerge layers, MoE experts) skips
+the math: its bytes go from the read buffer to the shard unchanged. The order of the output never
+depends on timing: jobs run and are written strictly in plan order. Memory is bounded by the budget
+plus one job's working set.
+
+No NaN or inf is ever written: the writer checks each tensor, cast to its output dtype, as it streams
+(:func:`merger.io.writer.is_finite`, one cheap pass). Input weights are not checked when read: a NaN or
+inf in an input that reaches the output shows there, and only then are that tensor's inputs read
+again to say whether a model's weights (which model, which tensor) or the merge itself (an overflow
+of the output dtype) made it. Inputs that never reach the output cost nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from merger.io.buffers import BufferPool, freed_memory_kept
+from merger.errors import MergeCancelled, NonFiniteOutputError, NonFiniteWeightsError
+from merger.io.loader import STORAGE_DTYPES, TensorReader
+from merger.lora.apply import open_reader
+from merger.methods.sparsify import helper_threads
+from merger.methods.registry import SLICE, MergeMethod, get_method
+from merger.execute.router import gate_weights
+from merger.plan.merge import MergePlan, TensorJob, TensorSource
+from merger.plan.tokenizer import align_embeddings
+from merger.io.writer import ShardedWriter, is_finite
+
+Progress = Callable[[float, str], None]
+MIN_BUDGET = 64 * 2**20  # read-ahead and idle-buffer floor, bytes; both also scale with the largest job
+_DONE = object()
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed from the run's seed and the tensor's name: results do not depend on order."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+class _Budget:
+    """Bytes read but not yet released; the reader waits while the budget is spent."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, nbytes: int, stop: threading.Event) -> bool:
+        with self._cond:
+            while self.used and self.used + nbytes > self.limit and not stop.is_set():
+                self._cond.wait(0.1)
+            self.used += nbytes
+            return not stop.is_set()
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self.used -= nbytes
+            self._cond.notify_all()
+
+
+def execute_plan(
+    plan: MergePlan,
+    dirs: dict[str, Path],
+    out_dir: Path,
+    device: torch.device,
+    shard_size: int,
+    progress: Progress | None = None,
+    should_cancel: Callable[[], bool] | None = None,
+    adapters: dict[str, Path] | None = None,
+) -> None:
+    """Write every tensor of `plan` into safetensors shards in `out_dir`.
+
+    Args:
+        plan: the merge plan.
+        dirs: model key -> local model directory.
+        out_dir: the (staging) output directory.
+        device: where the float32 math runs.
+        shard_size: bytes of tensor data per shard.
+        progress: called after each tensor is written with (fraction done, tensor name).
+        should_cancel: polled before each tensor; True raises :class:`MergeCancelled`.
+        adapters: model key -> local LoRA adapter folder, for `model+lora` inputs (applied as read).
+
+    Raises:
+        MergeCancelled: `should_cancel()` returned True.
+        NonFiniteWeightsError: an input tensor that reaches the output holds NaN or inf (names both).
+        NonFiniteOutputError: a merged tensor holds NaN or inf though its inputs are finite.
+        OutputWriteError / DiskSpaceError: the OS refused a write.
+        MergerError: from reading inputs; the writer leaves no index behind.
+    """
+    # The process's settings are changed for the run only: torch's thread count, glibc's reuse of
+    # freed memory, and the helper threads of the methods' prepare passes (shut down at the end).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_math_threads(plan, threads))
+    try:
+        with freed_memory_kept(), helper_threads():
+            _execute(plan, dirs, out_dir, device, shard_size, progress, should_cancel, adapters or {})
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _math_threads(plan: MergePlan, cores: int) -> int:
+    """Threads for the math: a streaming plan (copies and elementwise methods with no prepare pass,
+    such as linear and task arithmetic) is bound by reading and writing, so it leaves a core to the
+    reader and writer threads (measured: linear 4.5 → 4.1 s on two cores); heavier math takes all."""
+    methods = {get_method(job.method) for job in plan.jobs if job.method != "gate"}
+    streaming = all(method.elementwise and method.prepare is None for method in methods)
+    return max(1, cores - 1) if streaming else cores
+
+
+def _execute(
+    plan: MergePlan,
+    dirs: dict[str, Path],
+    out_dir: Path,
+    device: torch.device,
+    shard_size: int,
+    progress: Progress | None,
+    should_cancel: Callable[[], bool] | None,
+    adapters: dict[str, Path],
+) -> None:
+    pool = BufferPool(max_retained=0)
+    readers: dict[str, TensorReader] = {}
+    try:
+        for key in sorted({s.model for j in plan.jobs for s in _sources(j)}):
+            readers[key] = open_reader(dirs[key], pool, adapters.get(key), key)
+    except BaseException:  # a broken file or adapter: the files opened so far are closed
+        for r in readers.values():
+            r.close()
+        raise
+    largest = max((sum(readers[s.model].nbytes(s.name) for s in _sources(j)) for j in plan.jobs), default=0)
+    pool.max_retained = max(MIN_BUDGET, largest)  # idle buffers kept: a few layers' working sets
+    budget = _Budget(max(MIN_BUDGET, largest))
+    stop = threading.Event()
+    read_queue: queue.Queue = queue.Queue()
+    write_queue: queue.Queue = queue.Queue(maxsize=4)
+    errors: list[BaseException] = []
+
+    def read_all() -> None:
+        try:
+            for job in plan.jobs:
+                sources = _sources(job)
+                nbytes = sum(readers[s.model].nbytes(s.name) for s in sources)
+                if not budget.acquire(nbytes, stop):
+                    return
+                read_queue.put((job, [readers[s.model].read(s.name) for s in sources], nbytes))
+        except BaseException as err:  # handed to the calling thread, which raises it
+            read_queue.put(err)
+
+    with ShardedWriter(out_dir, [(j.name, j.shape, j.dtype) for j in plan.jobs], shard_size) as writer:
+
+        def write_all() -> None:
+            done = 0
+            while (item := write_queue.get()) is not _DONE:
+                job, tensor, release = item
+                try:
+                    if not errors:
+                        writer.write(job.name, tensor)
+                except NonFiniteOutputError as err:
+                    errors.append(_explain_non_finite(job, err, readers, pool))
+                except BaseException as err:
+                    errors.append(err)
+                pool.give([tensor])
+                if release:
+                    budget.release(release)
+                done += 1
+                if progress is not None and not errors:
+                    progress(done / len(plan.jobs), job.name)
+
+        reader = threading.Thread(target=read_all, name="merger-reader", daemon=True)
+        writer_thread = threading.Thread(target=write_all, name="merger-writer", daemon=True)
+        reader.start()
+        writer_thread.start()
+        try:
+            for _ in plan.jobs:
+                if should_cancel is not None and should_cancel():
+                    raise MergeCancelled("the merge was cancelled; nothing was written or pushed")
+                item = read_queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                job, raw, nbytes = item
+                if _is_plain_copy(job, raw, plan):
+                    write_queue.put((job, raw[0], nbytes))  # the writer releases the read buffer
+                    continue
+                result = _compute(job, raw, plan, device, pool)  # gives the read buffers back once converted
+                budget.release(nbytes)
+                write_queue.put((job, result, 0))
+                if errors:
+                    raise errors[0]
+        finally:
+            stop.set()
+            write_queue.put(_DONE)
+            writer_thread.join()
+            reader.join()
+            for r in readers.values():
+                r.close()
+        if errors:
+            raise errors[0]
+
+
+def _explain_non_finite(
+    job: TensorJob, err: NonFiniteOutputError, readers: dict[str, TensorReader], pool: BufferPool
+) -> NonFiniteOutputError | NonFiniteWeightsError:
+    """Which input of `job` holds NaN or inf (re-read now), else the output's overflow, as a named error."""
+    for source in _sources(job):
+        tensor = readers[source.model].read(source.name)
+        finite = is_finite(tensor)
+        pool.give([tensor])
+        if not finite:
+            return NonFiniteWeightsError(
+                f"model `{source.model}`: its tensor `{source.name}` holds NaN or inf, so merged tensor `{job.name}` "
+                "would too; the merge was stopped and nothing was kept. Use an intact copy of that model"
+            )
+    return NonFiniteOutputError(
+        f"{err} Every input of it is finite, so the merge itself overflowed: `{job.method}` gave values beyond "
+        f"{job.dtype}'s range (F16 stops at 65504). Check the parameters (e.g. large `weight`s), or use "
+        "`out_dtype: bfloat16` or `float32`"
+    )
+
+
+def _sources(job: TensorJob) -> list[TensorSource]:
+    return list(job.sources) + ([job.base] if job.base is not None else [])
+
+
+def _is_plain_copy(job: TensorJob, raw: list[torch.Tensor], plan: MergePlan) -> bool:
+    """A copy with nothing to compute: one source, no scale, no re-layout, stored dtype = output dtype."""
+    return (
+        job.method == "passthrough"
+        and job.per_model.get("scale", (None,)) == (None,)
+        and not job.align_vocab
+        and raw[0].dtype == STORAGE_DTYPES[job.dtype]
+        and (plan.input_dtype is None or getattr(torch, plan.input_dtype) == raw[0].dtype)
+    )
+
+
+def _compute(job: TensorJob, raw: list[torch.Tensor], plan: MergePlan, device: torch.device, pool: BufferPool) -> torch.Tensor:
+    """One output tensor, cast to its output dtype in a pooled CPU buffer."""
+    if job.method == "gate":
+        out = pool.take(job.shape, STORAGE_DTYPES[job.dtype])
+        return out.copy_(gate_weights(job.global_params["gate_mode"], job.shape, plan.seed, job.global_params["layer"]))
+    method = get_method(job.method)
+    argument = {spec.name: spec.argument for spec in method.parameters}  # config key -> Python name (`lambda_`)
+    kwargs = {argument[name]: list(values) for name, values in job.per_model.items()}
+    kwargs.update({argument[name]: value for name, value in job.global_params.items()})
+    if method.uses_generator:
+        kwargs["generator"] = torch.Generator(device=device).manual_seed(tensor_seed(plan.seed, job.name))
+    if device.type == "cpu" and not job.align_vocab and method.elementwise:
+        return _compute_in_slices(job, method, raw, plan, kwargs, pool)
+    input_dtype = getattr(torch, plan.input_dtype) if plan.input_dtype else None
+    inputs = {}
+    for source, tensor in zip(_sources(job), raw):
+        if input_dtype is not None and tensor.dtype != input_dtype:  # the config's `dtype`, as mergekit
+            tensor = tensor.to(input_dtype)
+        work = pool.take(tuple(tensor.shape), torch.float32).copy_(tensor)
+        inputs.setdefault(source.model, []).append(work.to(device) if device.type != "cpu" else work)
+    pool.give(raw)  # the stored-dtype copies are no longer needed: free them before the math
+    if job.align_vocab:
+        aligned = align_embeddings({key: values[0] for key, values in inputs.items()}, plan.vocab)
+        inputs = {key: [tensor] * len(inputs[key]) for key, tensor in aligned.items()}
+    if job.base is not None:
+        kwargs["base"] = inputs[job.base.model].pop()
+    tensors = [_own(inputs[s.model]) for s in job.sources]
+    result = method.function(tensors, **kwargs)
+    to_release = [t for values in inputs.values() for t in values] + tensors + [kwargs.get("base")]
+    out = pool.take(job.shape, STORAGE_DTYPES[job.dtype])
+    out.copy_(result.reshape(job.shape))
+    pool.give([t for t in to_release if t is not None])
+    return out
+
+
+def _compute_in_slices(
+    job: TensorJob, method: MergeMethod, raw: list[torch.Tensor], plan: MergePlan, kwargs: dict, pool: BufferPool
+) -> torch.Tensor:
+    """An elementwise method's output, computed `SLICE` entries at a time.
+
+    Each input's slice is converted to float32 in a small reused buffer, so no float32 copy of a whole
+    tensor exists and the method's temporaries stay in cache; the bytes equal a whole-tensor run's.
+    """
+    input_dtype = getattr(torch, plan.input_dtype) if plan.input_dtype else None
+    flat = [tensor.reshape(-1) for tensor in raw]  # sources in config order, then the base
+    numel = flat[0].numel()
+    work = [torch.empty(min(SLICE, numel), dtype=torch.float32) for _ in flat]
+    others = len(job.sources)
+
+    def slices():
+        for start in range(0, numel, SLICE):
+            stop = min(start + SLICE, numel)
+            converted = []
+            for buffer, tensor in zip(work, flat):
+                part = tensor[start:stop]
+                if input_dtype is not None and part.dtype != input_dtype:  # the config's `dtype`, as mergekit
+                    part = part.to(input_dtype)
+                converted.append(buffer[: stop - start].copy_(part))
+            yield start, stop, converted[:others], (converted[others] if job.base is not None else None)
+
+    if method.prepare is not None:
+        kwargs["prepared"] = method.prepare(lambda: ((tensors, base) for _, _, tensors, base in slices()), job.shape, **kwargs)
+    out = pool.take(job.shape, STORAGE_DTYPES[job.dtype])
+    flat_out = out.view(-1)
+    for start, stop, tensors, base in slices():
+        result = method.function(tensors, **kwargs) if base is None else method.function(tensors, base=base, **kwargs)
+        flat_out[start:stop].copy_(result.reshape(-1))
+    pool.give(raw)
+    return out
+
+
+def _own(values: list[torch.Tensor]) -> torch.Tensor:
+    """The next input of a model; a model listed twice gets its own copy, since methods may work in place."""
+    tensor = values.pop(0)
+    return tensor.clone() if any(v.data_ptr() == tensor.data_ptr() for v in values) else tensor

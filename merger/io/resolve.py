@@ -1,0 +1,114 @@
+"""Where each referenced model lives: a local directory, or a Hub repo (metadata first, weights later)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from merger.publish import hub
+from merger.config.schema import ModelReference
+from merger.errors import ModelNotFoundError, excerpt
+from merger.io.formats import check_layer_count, refuse_unmergeable_weights
+from merger.lora.adapter import read_adapter
+from merger.io.metadata import ModelMetadata, read_local_metadata
+from merger.timeouts import check_deadline
+from merger.plan.tokenizer import Vocabulary, load_vocabulary
+from merger.config.references import is_hub_id
+
+
+def local_path(ref: ModelReference) -> Path | None:
+    """The local directory `ref` names, or None for a Hub id.
+
+    Relative paths resolve against the working directory; an existing directory wins over a Hub id
+    of the same spelling (as in mergekit).
+
+    Raises:
+        ModelNotFoundError: `ref` is written as a path (`./`, `../`, `/`, `~`) but no such directory exists.
+    """
+    path = Path(os.path.expanduser(ref.model))
+    try:
+        if path.is_dir():
+            return path.resolve()
+        hub_id = is_hub_id(ref.model)
+    except OSError:  # e.g. a name too long for the filesystem: neither a folder nor a Hub id
+        hub_id = False
+    if not hub_id:
+        raise ModelNotFoundError(
+            f"model `{excerpt(str(ref), 100)}`: no such local directory ({excerpt(str(path.resolve()), 100)}); "
+            "check the path, or give a Hub id like `org/name`"
+        )
+    return None
+
+
+def fetch_metadata(refs: list[ModelReference], token: str | None) -> dict[str, ModelMetadata]:
+    """Metadata of every model without downloading weights (local headers, or the Hub's).
+
+    Returns:
+        canonical key -> :class:`ModelMetadata`.
+
+    Every model is also checked to be mergeable: no quantised or adapter tensors, a layer count. A
+    `model+lora` input takes its model's metadata, after its adapter (downloaded: adapter files only)
+    is checked to change only tensors the model has, with their shapes.
+
+    Raises:
+        ModelNotFoundError, UnsafeWeightsError, HubError: as :func:`merger.publish.hub.fetch_metadata`.
+        ModelFileError subclasses: a broken file, or weights that cannot be merged (quantised, GGUF,
+            a PEFT adapter); see :mod:`merger.io.modelfiles` and :mod:`merger.io.formats`.
+        LoraAdapterError / AdapterTargetError: a `+lora` adapter that cannot be applied to its model.
+    """
+    result = {}
+    for ref in refs:
+        check_deadline("reading the next model")  # a timed-out validation stops here, not after every model
+        path = local_path(ref.base)
+        meta = read_local_metadata(path, str(ref.base)) if path else hub.fetch_metadata(str(ref.base), token=token)
+        refuse_unmergeable_weights(meta)
+        check_layer_count(meta)
+        if ref.lora:  # the adapter changes values only: the model's metadata stands, once its targets fit
+            read_adapter(adapter_path(ref, token), ref.lora).check_targets(meta.tensors, str(ref.base))
+        result[ref.key] = meta
+    return result
+
+
+def materialize(refs: list[ModelReference], token: str | None) -> dict[str, Path]:
+    """Local directories for every model, downloading Hub repos (safetensors, configs, tokenizer files only)."""
+    return {ref.key: local_path(ref.base) or hub.download_model(str(ref.base), token=token) for ref in refs}
+
+
+def adapter_path(ref: ModelReference, token: str | None) -> Path:
+    """The local folder of `ref`'s LoRA adapter, downloading a Hub adapter (its two adapter files only).
+
+    Raises:
+        ModelNotFoundError: neither a folder nor a Hub id; HubError: as :func:`merger.publish.hub.download_adapter`.
+    """
+    lora = ModelReference.parse(ref.lora)  # `org/adapter@rev` or a folder
+    return local_path(lora) or hub.download_adapter(str(lora), token=token)
+
+
+def materialize_adapters(refs: list[ModelReference], token: str | None) -> dict[str, Path]:
+    """model key -> local adapter folder, for every `model+lora` input."""
+    return {ref.key: adapter_path(ref, token) for ref in refs if ref.lora}
+
+
+def embedding_rows(meta: ModelMetadata) -> int:
+    """Rows of a model's input embedding matrix (its usable vocabulary), from its metadata."""
+    from merger.plan.architecture import architecture_for
+
+    arch = architecture_for(meta.config, meta.reference, meta.tensors)
+    name = next(w for w in arch.pre_weights if w.is_embed).stored_name(meta.tensors)
+    return meta.tensors[name].shape[0]
+
+
+def fetch_vocabularies(
+    refs: list[ModelReference], metadata: dict[str, ModelMetadata], token: str | None
+) -> dict[str, Vocabulary]:
+    """Every model's tokenizer vocabulary (Hub models: tokenizer files only, no weights).
+
+    Returns:
+        canonical key -> :class:`~merger.plan.tokenizer.Vocabulary`.
+    """
+    result = {}
+    for ref in refs:
+        check_deadline("reading the next tokenizer")
+        path = local_path(ref.base) or hub.download_tokenizer(str(ref.base), token=token)
+        result[ref.key] = load_vocabulary(path, embedding_rows(metadata[ref.key]))
+    return result

@@ -1,0 +1,1 @@
+"""Jobs of the hosted app: records (:mod:`merger.jobs.store`), the queue (`queue`), the worker (`worker`)."""

@@ -1,0 +1,173 @@
+"""The job queue: huey's SQLite queue, the sealing of Hub tokens on their way through it, and submit.
+
+huey's SQLite queue (`constants.QUEUE_DB`) carries only a job's id and its sealed Hub token; the rest
+of the job is its record (:mod:`merger.jobs.store`). Tokens are sealed with Fernet under the queue key:
+the `MERGER_QUEUE_KEY` environment variable when set, else a key created once in the data directory
+(`queue.key`, mode 0600), so that jobs still queued survive an app restart.
+
+The task's body is the worker's (:mod:`merger.jobs.worker` registers it with :func:`set_runner` when
+imported): the app's side queues jobs without importing the worker or the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.fernet import Fernet
+from huey import SqliteHuey
+from huey.api import TaskWrapper
+
+from merger import constants
+from merger.jobs.store import JobStatus, create_private_file, create_record, mark_finished
+
+logger = logging.getLogger(__name__)
+
+_runner: Callable[[str, bytes], None] | None = None
+
+
+def submit(
+    config_yaml: str,
+    repo_id: str,
+    token: str,
+    owner: str,
+    private: bool = False,
+    reuse_repo: bool = False,
+) -> str:
+    """Queue a merge whose result is pushed to `repo_id`, if the owner's and the app's caps allow.
+
+    The record is written first (:func:`merger.jobs.store.create_record`, which checks the caps and
+    refuses tokens in the config), then the job is queued with its token sealed; the token is never
+    written to the job record or to the queue in clear.
+
+    Args: as :func:`merger.jobs.store.create_record`.
+
+    Returns:
+        The new job's id (uuid4 hex, `constants.JOB_ID_LENGTH` characters).
+
+    Raises:
+        TokenInConfigError, JobLimitError: as :func:`merger.jobs.store.create_record`.
+        sqlite3.Error: the job record or the queue could not be written (then no job exists to run).
+    """
+    job_id = create_record(config_yaml, repo_id, token, owner, private=private, reuse_repo=reuse_repo)
+    try:
+        enqueue(job_id, token)
+    except BaseException:
+        # Without its queue entry the job would stay `queued` forever.
+        mark_finished(job_id, JobStatus.FAILED, error="The job could not be queued; submit it again.")
+        raise
+    return job_id
+
+
+# ---------------------------------------------------------------- the key
+
+
+def ensure_queue_key() -> None:
+    """Give this process the queue key (child processes inherit it).
+
+    `MERGER_QUEUE_KEY` wins when set; otherwise the key is read from `DATA_DIR/queue.key`, which the
+    first process to need it creates, readable by its user only (mode 0600).
+    """
+    if not os.environ.get(constants.QUEUE_KEY_ENV):
+        os.environ[constants.QUEUE_KEY_ENV] = _stored_queue_key(Path(constants.DATA_DIR) / constants.QUEUE_KEY_FILE_NAME)
+
+
+def _stored_queue_key(path: Path) -> str:
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draft = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            file.write(Fernet.generate_key().decode())
+        try:
+            os.link(draft, path)  # atomic, and fails if another process made the key first: then use theirs
+        except FileExistsError:
+            pass
+        finally:
+            draft.unlink()
+    if path.stat().st_mode & 0o077:
+        logger.warning("%s was readable by others; making it readable by its owner only.", path)
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def seal(token: str) -> bytes:
+    """The token encrypted under the queue key (call :func:`ensure_queue_key` first).
+
+    Raises:
+        KeyError: no queue key in the environment. ValueError: the key is not a Fernet key.
+    """
+    return _fernet().encrypt(token.encode())
+
+
+def unseal(sealed_token: bytes) -> str:
+    """The token :func:`seal` sealed.
+
+    Raises:
+        cryptography.fernet.InvalidToken: sealed under another key. KeyError, ValueError: as :func:`seal`.
+    """
+    return _fernet().decrypt(sealed_token).decode()
+
+
+def _fernet() -> Fernet:
+    return Fernet(os.environ[constants.QUEUE_KEY_ENV].encode())
+
+
+# ---------------------------------------------------------------- the queue
+
+
+@dataclass(frozen=True)
+class _Queue:
+    huey: SqliteHuey
+    merge: TaskWrapper  # calling it enqueues a merge task
+
+
+_queues: dict[Path, _Queue] = {}
+_queues_lock = threading.Lock()
+
+
+def _queue() -> _Queue:
+    # One huey per queue file, built on first use, so `constants.QUEUE_DB` is read at call time.
+    path = Path(constants.QUEUE_DB)
+    with _queues_lock:
+        if path not in _queues:
+            create_private_file(path)
+            huey = SqliteHuey("merger", filename=str(path), results=False)
+            _queues[path] = _Queue(huey, huey.task(name="merge")(_run_merge))
+        return _queues[path]
+
+
+def get_huey() -> SqliteHuey:
+    """The huey instance on `constants.QUEUE_DB` (tests switch it to immediate mode).
+
+    Returns:
+        The process's SqliteHuey for that file, with the merge task registered.
+    """
+    return _queue().huey
+
+
+def enqueue(job_id: str, token: str) -> None:
+    """Queue the merge task of an existing `queued` job record; :func:`submit` calls it.
+
+    Args:
+        job_id: the job's id.
+        token: the job's Hub token; it is sealed before it reaches the queue.
+    """
+    ensure_queue_key()
+    _queue().merge(job_id, seal(token))
+
+
+def set_runner(run: Callable[[str, bytes], None]) -> None:
+    """Make `run(job_id, sealed_token)` the merge task's body in this process (the worker's job runner)."""
+    global _runner
+    _runner = run
+
+
+def _run_merge(job_id: str, sealed_token: bytes) -> None:
+    if _runner is None:
+        raise RuntimeError("this process has no job runner: import merger.jobs.worker to consume the queue")
+    _runner(job_id, sealed_token)

@@ -1,0 +1,397 @@
+"""Sparsifying task vectors and electing signs: the shared parts of the task-arithmetic family and SCE.
+
+A task vector is `δ = x − base` of one tensor, float32 `(*shape)`.
+
+- magnitude (TIES, Yadav et al. 2023, arXiv:2306.01708): keep the `int(density·N)` largest `|δ|`
+  (:func:`magnitude_trims`).
+- random drop (DARE, Yu et al. 2023, arXiv:2311.03099): keep each entry with probability `density`
+  (:func:`random_drops`).
+
+TIES and DARE run as prepare passes: what needs the whole tensor is decided over its slices first
+(:func:`set_l1_factors` adds the rescale), then applied slice by slice, so the engine never holds a
+float32 copy of a whole tensor; :func:`slices_of` gives a whole tensor's slices. The others are
+whole-tensor `*_mask` functions returning the bool mask of the entries they keep (one byte per
+element, whatever `int8_mask` says), or None when `density ≥ 1`; :func:`apply_mask_` zeroes the rest
+and optionally rescales:
+
+- breadcrumbs (Davari & Belilovsky 2023, arXiv:2312.06795): drop the `int(gamma·N)` largest `|δ|` as
+  outliers, keep the next `int(density·N)`.
+- della (Deep et al. 2024, arXiv:2406.11617): keep each entry with a probability that grows linearly
+  with its magnitude rank in its row, from `density − ε` to `density + ε`.
+
+Exact counts use a streamed radix select (:class:`TopK`: linear time, ties at the threshold kept
+lowest index first), never a full sort. Rescaling is mergekit's L1-norm matching over the whole tensor
+(docs/decisions.md), not the papers' per-entry `1/p`, summed in float64. Random masks draw from the
+`generator` passed in, so a seeded generator reproduces them.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+from torch import Tensor
+
+from merger.methods.registry import SLICE
+from merger.methods.topk import TopK, top_k_mask
+
+RESCALE_EPS = 1e-7  # below this L1 norm (before or after masking) no rescale is applied
+
+
+_helpers: ThreadPoolExecutor | None = None  # while someone holds helper_threads()
+_helper_users = 0
+_helpers_lock = threading.Lock()
+
+
+@contextmanager
+def single_threaded_math() -> Iterator[None]:
+    """Torch's intra-op threads set to one in this thread for the block (helpers always run with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextmanager
+def helper_threads() -> Iterator[None]:
+    """Keep the helper threads of :func:`run_concurrently` for the block; the last holder shuts them down.
+
+    The executor holds them for a whole merge, so a run starts its threads once and leaves none behind;
+    a call outside any holder gets threads for that call only.
+    """
+    global _helpers, _helper_users
+    with _helpers_lock:
+        if _helpers is None:
+            _helpers = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
+                                          thread_name_prefix="merger-math", initializer=torch.set_num_threads,
+                                          initargs=(1,))
+        _helper_users += 1
+    try:
+        yield
+    finally:
+        with _helpers_lock:
+            _helper_users -= 1
+            pool = _helpers if _helper_users == 0 else None
+            if pool is not None:
+                _helpers = None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+def run_concurrently(calls: Sequence[Callable[[], object]]) -> None:
+    """Run `calls` at once, the first on this thread, the others on helper threads (torch releases the
+    GIL inside its kernels); returns when all are done, raising the first error."""
+    if len(calls) == 1:
+        calls[0]()
+        return
+    with helper_threads():
+        futures = [_helpers.submit(call) for call in calls[1:]]
+        try:
+            calls[0]()
+        finally:
+            for future in futures:
+                future.result()
+
+
+def slices_of(tensors: Sequence[Tensor], base: Tensor) -> Iterator[tuple[list[Tensor], Tensor]]:
+    """Consecutive `(tensors, base)` slices of the flattened whole tensors, `SLICE` entries each (views)."""
+    flat = [t.reshape(-1) for t in tensors]
+    flat_base = base.reshape(-1)
+    for start in range(0, flat_base.numel(), SLICE):
+        yield [t[start:start + SLICE] for t in flat], flat_base[start:start + SLICE]
+
+
+class MagnitudeTrim:
+    """TIES "trim" of one task vector, decided over the whole tensor (:class:`TopK` of `|δ|`) and
+    applied to its slices in flat order.
+
+    Attributes:
+        factor: the L1 rescale factor (:func:`set_l1_factors`), or None not to rescale.
+    """
+
+    def __init__(self, selection: TopK):
+        self.selection = selection
+        self.factor: float | None = None
+
+    def apply_(self, delta: Tensor) -> Tensor:
+        """Zero (and rescale) the next slice's trimmed entries in place; returns `delta` (float32, any shape)."""
+        delta.mul_(self.selection.keep(delta.abs()))
+        return delta if self.factor is None else delta.mul_(self.factor)
+
+    def rewind(self) -> None:
+        """Apply from the first slice again."""
+        self.selection.rewind()
+
+
+class RandomDrop:
+    """DARE "drop" of one task vector: its keep mask for the whole tensor (:func:`random_drops`), applied
+    to its slices in flat order.
+
+    Args:
+        mask: bool `(N,)`, the kept entries.
+
+    Attributes:
+        factor: the L1 rescale factor (:func:`set_l1_factors`), or None not to rescale.
+    """
+
+    def __init__(self, mask: Tensor):
+        self.mask = mask
+        self.factor: float | None = None
+        self._offset = 0
+
+    def apply_(self, delta: Tensor) -> Tensor:
+        """Drop (and rescale) the next slice's entries in place; returns `delta` (float32, any shape)."""
+        n = delta.numel()
+        delta.mul_(self.mask[self._offset:self._offset + n].view(torch.uint8).view(delta.shape))  # bool: slow
+        self._offset += n
+        return delta if self.factor is None else delta.mul_(self.factor)
+
+    def rewind(self) -> None:
+        """Apply from the first slice again."""
+        self._offset = 0
+
+
+Slices = Callable[[], Iterable[tuple[Sequence[Tensor], Tensor]]]
+
+
+def magnitude_trims(slices: Slices, densities: Sequence[float]) -> list[MagnitudeTrim | None]:
+    """TIES "trim" as a prepare pass: per model, the :class:`TopK` of `|xᵢ − base|` keeping
+    `int(densityᵢ·N)`, counted over the slices (two passes; the inputs are not modified).
+
+    Args:
+        slices: returns a fresh iterator over `(tensors, base)` float32 slices, in flat order.
+        densities: one per model.
+
+    Returns:
+        One trim per model, None where `density ≥ 1` (keep everything); apply them to the same slices'
+        task vectors in order.
+    """
+    selections = [None if density >= 1 else TopK(density=density, nonnegative=True) for density in densities]
+    active = [(i, selection) for i, selection in enumerate(selections) if selection is not None]
+    if not active:
+        return [None] * len(selections)
+    scratch: list[Tensor] = []  # |δᵢ| of one slice per model, reused
+    # counting is single-threaded: the models are counted on threads of their own, each running its
+    # elementwise ops single-threaded too (idle OpenMP workers would spin on the cores they need)
+    with single_threaded_math():
+        for count in (TopK.count_high, TopK.count_low):
+            for tensors, base in slices():
+                if not scratch or scratch[0].numel() < base.numel():
+                    scratch = [torch.empty_like(base) for _ in active]
+                run_concurrently([
+                    partial(lambda selection, x, b, out: count(selection, torch.sub(x, b, out=out).abs_()),
+                            selection, tensors[i], base, buffer[:base.numel()])
+                    for (i, selection), buffer in zip(active, scratch)
+                ])
+    return [None if selection is None else MagnitudeTrim(selection) for selection in selections]
+
+
+def random_drops(numel: int, densities: Sequence[float], generator: torch.Generator) -> list[RandomDrop | None]:
+    """DARE "drop" as a prepare step: per model, keep each of the `numel` entries independently with
+    probability `density` (entry j is kept when `u_j < density`, `u` being the generator's float32
+    uniform stream in flat order, drawn `SLICE` entries at a time: on CPU the stream does not depend
+    on that, on CUDA it does, so the chunk is fixed), drawn model by model from `generator`.
+
+    Args:
+        numel: entries of the whole tensor.
+        densities: keep probabilities, one per model (≤ 0 keeps nothing).
+        generator: the seeded RNG, on the slices' device.
+
+    Returns:
+        One drop per model, None where `density ≥ 1`.
+    """
+    return [None if density >= 1 else RandomDrop(_uniform_below(numel, density, generator)) for density in densities]
+
+
+def set_l1_factors(slices: Slices, steps: Sequence[MagnitudeTrim | RandomDrop | None]) -> None:
+    """`rescale` for prepared sparsifiers: set each step's factor `Σ|δᵢ| / Σ|δᵢ ⊙ maskᵢ|`, summed over
+    the slices in float64 (None where either sum is below 1e-7, as :func:`apply_mask_`), and rewind it.
+
+    Args:
+        slices: returns a fresh iterator over `(tensors, base)` float32 slices, in flat order.
+        steps: one per model, from :func:`magnitude_trims` or :func:`random_drops`; None keeps everything.
+    """
+    active = [(i, step) for i, step in enumerate(steps) if step is not None]
+    before, after = [0.0] * len(active), [0.0] * len(active)
+    if active:
+        for tensors, base in slices():
+            for j, (i, step) in enumerate(active):
+                magnitude = torch.sub(tensors[i], base).abs_()
+                before[j] += float(torch.sum(magnitude, dtype=torch.float64))
+                after[j] += float(torch.sum(step.apply_(magnitude), dtype=torch.float64))
+    for (_, step), b, a in zip(active, before, after):
+        step.factor = b / a if b >= RESCALE_EPS and a >= RESCALE_EPS else None
+        step.rewind()
+
+
+def _uniform_below(numel: int, density: float, generator: torch.Generator) -> Tensor:
+    """bool `(numel,)`: `u_j < density` for the generator's next `numel` uniforms, drawn by `SLICE`."""
+    mask = torch.empty(numel, dtype=torch.bool, device=generator.device)
+    for piece in mask.split(SLICE):
+        torch.lt(torch.rand(piece.numel(), generator=generator, device=generator.device), density, out=piece)
+    return mask
+
+
+def breadcrumbs_mask(delta: Tensor, *, density: float, gamma: float) -> Tensor | None:
+    """Model Breadcrumbs: drop the largest `|δ|` as outliers and the smallest, keep `int(density·N)`.
+
+    With `keep = int(density·N)`, `n_top = int(gamma·N)` and `n_bottom = N − keep − n_top` (when negative,
+    `n_top` shrinks by that much and `n_bottom = 0`), the kept entries are ranks `[n_bottom, N − n_top)`
+    of `|δ|` in ascending order. `n_top = 0` keeps through the end (docs/decisions.md; mergekit's slice
+    `[n_bottom:-0]` is empty there and zeroes the whole task vector).
+
+    Args:
+        delta: float32 task vector `(*shape)`.
+        density: fraction to keep.
+        gamma: fraction of largest magnitudes to drop (the paper's β).
+
+    Returns:
+        bool `(*shape)` with exactly `keep` True entries, or None when `density ≥ 1`.
+    """
+    if density >= 1:
+        return None
+    n = delta.numel()
+    keep = int(density * n)
+    n_top = int(gamma * n)
+    n_bottom = n - keep - n_top
+    if n_bottom < 0:  # too few left for the density: drop fewer outliers
+        n_top += n_bottom
+    magnitudes = delta.abs()  # (*shape), ours to modify
+    if n_top > 0:
+        # rank the outliers below every magnitude (≥ 0), then keep the `keep` largest of the rest
+        flat = magnitudes.view(-1)
+        flat[flat.topk(n_top, sorted=False).indices] = -1.0
+    return top_k_mask(magnitudes, keep)
+
+
+def della_bounds_problem(density: float, epsilon: float) -> str | None:
+    """Why DELLA cannot use `density ± epsilon` as keep probabilities, or None when it can.
+
+    A density of 1 or more keeps everything and of 0 or less nothing, so epsilon is unused there.
+    """
+    if density >= 1 or density <= 0 or (density - epsilon > 0 and density + epsilon < 1):
+        return None
+    return (f"DELLA needs `density - epsilon > 0` and `density + epsilon < 1`, got density={density:g}, "
+            f"epsilon={epsilon:g}; lower `epsilon` (or move `density` away from 0 and 1)")
+
+
+def della_mask(delta: Tensor, *, density: float, epsilon: float, generator: torch.Generator) -> Tensor | None:
+    """DELLA MagPrune: keep entries with probabilities linear in their magnitude rank within each row.
+
+    Rows run along dim 1 (a matrix's rows; a 0-/1-D tensor is one row), as in mergekit. In a row of `n`
+    entries, the entry of ascending rank `r ∈ [0, n)` is kept with probability
+    `pᵣ = (density − ε) + r/(n − 1)·2ε`. A one-entry row, where the rank is undefined (mergekit divides
+    0/0 and fails), gets `p = density`.
+
+    Args:
+        delta: float32 task vector `(*shape)`.
+        density: mean keep probability; ≤ 0 keeps nothing.
+        epsilon: half-width of the probability range.
+        generator: seeded RNG on `delta`'s device.
+
+    Returns:
+        bool `(*shape)`, or None when `density ≥ 1`.
+
+    Raises:
+        ValueError: `density ± epsilon` not inside `(0, 1)`.
+    """
+    if density >= 1:
+        return None
+    if density <= 0:
+        return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
+    problem = della_bounds_problem(density, epsilon)
+    if problem:
+        raise ValueError(problem)
+    rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)  # (R, n, ...)
+    n = rows.shape[1]
+    # probability of each ascending rank: (n,), shaped to broadcast along dim 1
+    if n == 1:
+        ladder = torch.full((1,), density, device=delta.device)
+    else:
+        ladder = (density - epsilon) + torch.arange(n, dtype=torch.float32, device=delta.device) / (n - 1) * 2 * epsilon
+    ladder = ladder.view(1, n, *([1] * (rows.dim() - 2)))
+    order = rows.abs().argsort(dim=1, stable=True)  # (R, n, ...): position of each ascending rank
+    probs = torch.empty(rows.shape, dtype=torch.float32, device=delta.device)
+    probs.scatter_(1, order, ladder.expand_as(order))  # probs[position] = ladder[rank]
+    del order
+    mask = torch.empty(rows.shape, dtype=torch.bool, device=delta.device)
+    return mask.bernoulli_(probs, generator=generator).view(delta.shape)
+
+
+def l1_norm(tensor: Tensor) -> float:
+    """`Σ|x|` accumulated in float64, `SLICE` entries at a time.
+
+    A float32 norm is not good enough here: over a 65M-entry embedding it is off by 6% with two
+    threads and 28% with one (the running sum outgrows the addends' precision), so the rescale factor
+    would depend on the machine.
+
+    Args:
+        tensor: float32 `(*shape)`.
+
+    Returns:
+        The L1 norm as a Python float.
+    """
+    return sum(float(torch.sum(piece.abs(), dtype=torch.float64)) for piece in tensor.reshape(-1).split(SLICE))
+
+
+def apply_mask_(delta: Tensor, mask: Tensor | None, *, rescale: bool) -> Tensor:
+    """Zero the entries outside `mask`, in place; with `rescale`, restore the L1 norm.
+
+    Rescaling multiplies by `Σ|δ| / Σ|δ ⊙ mask|` (mergekit's L1 matching over the whole tensor; equal to
+    the papers' `1/density` only in expectation; the sums in float64, :func:`l1_norm`), and is skipped
+    when either sum is below 1e-7.
+
+    Args:
+        delta: float32 task vector `(*shape)`; modified in place.
+        mask: bool `(*shape)`, or None to keep everything (then `delta` is returned as is).
+        rescale: match the L1 norm of the unmasked `delta`.
+
+    Returns:
+        `delta`, float32 `(*shape)`.
+    """
+    if mask is None:
+        return delta
+    before = l1_norm(delta) if rescale else None
+    delta.mul_(mask.view(torch.uint8) if mask.dtype == torch.bool else mask)  # × 0/1: a bool operand is slow
+    if before is not None:
+        after = l1_norm(delta)
+        if before >= RESCALE_EPS and after >= RESCALE_EPS:
+            delta.mul_(before / after)
+    return delta
+
+
+def elect_sign(deltas: Sequence[Tensor]) -> Tensor:
+    """TIES "elect": the sign of the summed task vectors, `s = +1` where `Σᵢ δᵢ ≥ 0`, else −1.
+
+    Float arithmetic throughout (here, comparisons producing bool tensors are several times slower).
+
+    Args:
+        deltas: n float32 `(*shape)` task vectors (weighted for the GTA family, unweighted for SCE).
+
+    Returns:
+        float32 `(*shape)` of +1.0 and −1.0.
+    """
+    total = torch.add(deltas[0], deltas[1]) if len(deltas) > 1 else deltas[0].clone()  # (*shape)
+    for delta in deltas[2:]:
+        total.add_(delta)
+    return total.sign_().add_(0.5).sign_()  # sign, with 0 (either zero) → +1
+
+
+def agrees_with(delta: Tensor, sign: Tensor) -> Tensor:
+    """TIES "disjoint" membership `mᵢ = [sign(δ) = s]`; zeros agree with neither sign.
+
+    Args:
+        delta: float32 task vector `(*shape)`.
+        sign: float32 `(*shape)` of ±1 from :func:`elect_sign`.
+
+    Returns:
+        float32 `(*shape)` of 1.0 (agrees) and +0.0, so multiplying by it equals masking with a bool.
+    """
+    return torch.gt(delta * sign, 0, out=torch.empty_like(delta))  # δ·s > 0, written as 1.0 / +0.0

@@ -1,0 +1,58 @@
+"""The one entry to planning: a parsed config (either schema) and the models' metadata -> a plan.
+
+The engine, the validator and the worker all plan through :func:`plan_config`; nothing here reads
+weights (metadata are config.json and safetensors headers; tokenizers only where the config needs them).
+"""
+
+from __future__ import annotations
+
+from merger.config.schema import AnyConfig, ModelReference, MoEConfig
+from merger.io.metadata import ModelMetadata
+from merger.io.resolve import embedding_rows, fetch_metadata, fetch_vocabularies, local_path
+from merger.plan.build import build_plan, needs_vocabularies
+from merger.plan.merge import MergePlan
+from merger.plan.moe import build_moe_plan, check_tokenizer_fits
+from merger.plan.tokenizer import Vocabulary, load_vocabulary
+from merger.publish import hub
+
+
+def plan_config(
+    config: AnyConfig, token: str | None, known: dict[str, ModelMetadata] | None = None
+) -> tuple[MergePlan, dict[str, ModelMetadata]]:
+    """Plan either schema (mergekit merge or mergekit-moe) from metadata, fetching no weights.
+
+    Args:
+        config: a config from :func:`merger.config.load.load_config`.
+        token: a Hub token for private or gated models, or None.
+        known: metadata of models not written yet (a multi-stage config's intermediates), by model key.
+
+    Returns:
+        The plan, and every referenced model's metadata (canonical key -> metadata).
+
+    Raises:
+        ConfigProblems / ConfigError, ArchitectureError: the config does not fit the models.
+        ModelNotFoundError, UnsafeWeightsError, HubError: a model could not be read.
+    """
+    refs = config.referenced_models()
+    known = known or {}
+    metadata = fetch_metadata([r for r in refs if r.base.key not in known], token)
+    metadata.update({r.key: known[r.base.key] for r in refs if r.base.key in known})
+    if isinstance(config, MoEConfig):
+        plan = build_moe_plan(config, metadata)
+        vocabulary = _tokenizer_if_any(next(ref for ref in refs if ref.key == plan.tokenizer_donor), metadata, token)
+        if vocabulary is not None:  # a donor without a tokenizer writes none
+            check_tokenizer_fits(plan, vocabulary)
+        return plan, metadata
+    vocabs = fetch_vocabularies(refs, metadata, token) if needs_vocabularies(config) else None
+    return build_plan(config, metadata, vocabs), metadata
+
+
+TOKENIZER_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _tokenizer_if_any(ref: ModelReference, metadata: dict[str, ModelMetadata], token: str | None) -> Vocabulary | None:
+    """The model's tokenizer vocabulary (Hub: tokenizer files only), or None when it ships no tokenizer."""
+    path = local_path(ref.base) or hub.download_tokenizer(str(ref.base), token=token)
+    if not any((path / name).is_file() for name in TOKENIZER_VOCABULARY_FILES):
+        return None
+    return load_vocabulary(path, embedding_rows(metadata[ref.key]))

@@ -13,7 +13,7 @@ import gradio as gr
 
 from ..form import CLASSIC_T, dump_yaml
 from . import config_view as cv
-from .pickers import PICKER_HINT, picker
+from .pickers import PICKER_HINT, Picker, picker
 from .yaml_panel import ConfigViews
 
 Edit = Callable[[dict, Any], dict]
@@ -44,8 +44,7 @@ def build(views: ConfigViews, demo: gr.Blocks) -> None:
         _method_picker(views, view, live)
         if view.base != "none" or view.base_model:
             label = "Base model (attention, norms, embeddings)" if view.method == cv.MOE else "Base model"
-            base = picker(label, view.base_model, "base-model", live)
-            _wire(views, base, "model", cv.set_base)
+            _wire_picker(views, picker(label, view.base_model, "base-model", live), cv.set_base)
         if view.slices is not None or (view.method == "passthrough" and not view.rows):
             _slices(views, view.slices or (), live)
         else:
@@ -72,7 +71,7 @@ def _rows(views: ConfigViews, view: cv.View, live: bool) -> None:
     for i, row in enumerate(view.rows):
         with gr.Row(equal_height=True):
             box = picker(f"{noun} {i + 1}", row.model, f"model-{i}", live)
-            _wire(views, box, "model", lambda d, v, i=i: cv.set_model(d, i, v))
+            _wire_picker(views, box, lambda d, v, i=i: cv.set_model(d, i, v))
             for f in row.params:
                 widget = _widget(f, f"param-{i}-{f.key}", f.key, live, scale=1)
                 _wire(views, widget, f.kind, lambda d, v, i=i, key=f.key: cv.set_model_param(d, i, key, v))
@@ -87,7 +86,7 @@ def _slices(views: ConfigViews, slices: tuple[cv.SliceRow, ...], live: bool) -> 
     for i, row in enumerate(slices):
         with gr.Row(equal_height=True):
             box = picker(f"Slice {i + 1}: model", row.model, f"slice-{i}-model", live)
-            _wire(views, box, "model", lambda d, v, i=i: cv.set_slice(d, i, "model", v))
+            _wire_picker(views, box, lambda d, v, i=i: cv.set_slice(d, i, "model", v))
             for key, value in (("start", row.start), ("end", row.end)):
                 number = gr.Number(value=value, precision=0, minimum=0, label=key, elem_id=f"slice-{i}-{key}",
                                    interactive=live, scale=1, min_width=80)
@@ -140,9 +139,7 @@ def _wire(views: ConfigViews, widget: Any, kind: str, edit: Edit, structural: bo
     def on_input(values: dict) -> dict:
         data = cv.parse(values[views.config]) or {}
         value = values[widget]
-        if kind == "model":
-            value = (value or "").strip()
-        elif kind == "choice":
+        if kind == "choice":
             value = value or None
         else:
             value = cv.from_widget(kind, value)
@@ -156,6 +153,29 @@ def _wire(views: ConfigViews, widget: Any, kind: str, edit: Edit, structural: bo
         show_progress="hidden",
         api_visibility="private",
     )
+
+
+def _wire_picker(views: ConfigViews, made: Picker, edit: Edit) -> None:
+    """A typed model counts when the box loses focus or Enter is pressed; a clicked match counts at once."""
+
+    def on_commit(values: dict) -> dict:
+        data = cv.parse(values[views.config]) or {}
+        return views.show(dump_yaml(edit(data, (values[made.box] or "").strip())), values[views.layout], reload=False)
+
+    gr.on([made.box.blur, made.box.submit], on_commit, inputs={views.config, views.layout, made.box},
+          outputs=views.outputs, show_progress="hidden", api_visibility="private")
+
+    def on_pick(values: dict) -> dict:
+        chosen = values[made.suggestions] or ""
+        data = cv.parse(values[views.config]) or {}
+        updates = views.show(dump_yaml(edit(data, chosen)), values[views.layout], reload=False)
+        updates[made.box] = chosen
+        updates[made.suggestions] = gr.Radio(choices=[], value=None, visible=False)
+        return updates
+
+    made.suggestions.input(on_pick, inputs={views.config, views.layout, made.suggestions},
+                           outputs=[*views.outputs, made.box, made.suggestions], show_progress="hidden",
+                           api_visibility="private")
 
 
 def _click(views: ConfigViews, button: gr.Button, edit: Callable[[dict], dict], structural: bool = False) -> None:

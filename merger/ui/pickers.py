@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from dataclasses import dataclass
 
 import gradio as gr
 
@@ -25,40 +26,45 @@ _latest: dict[tuple[str, str], int] = {}
 _lock = threading.Lock()
 
 
-def picker(label: str, value: str, elem_id: str, interactive: bool = True) -> gr.Dropdown:
-    """A model picker: free text or a Hub suggestion; wired to the search with :func:`wire_search`."""
-    box = gr.Dropdown(
-        choices=[value] if value else [],
-        value=value or None,
-        allow_custom_value=True,
-        filterable=True,
-        label=label,
-        elem_id=elem_id,
-        interactive=interactive,
-        scale=4,
-    )
-    wire_search(box)
-    return box
+@dataclass
+class Picker:
+    """A model box and the Hub's suggestions for what is typed in it (a click on one picks it)."""
+
+    box: gr.Textbox
+    suggestions: gr.Radio
 
 
-def wire_search(box: gr.Dropdown) -> None:
-    """Search the Hub as the user types into `box` (suggestions only; picking is the form's `input` event)."""
-    name = box.elem_id or str(box._id)
+def picker(label: str, value: str, elem_id: str, interactive: bool = True) -> Picker:
+    """A model picker: free text (a Hub id) with Hub suggestions as you type; the form wires the picks."""
+    with gr.Column(scale=4, min_width=200):
+        box = gr.Textbox(value=value, label=label, elem_id=elem_id, interactive=interactive,
+                         placeholder="org/model")
+        suggestions = gr.Radio([], value=None, label="Hub matches (click one)", visible=False,
+                               elem_id=f"{elem_id}-matches", interactive=interactive)
+    made = Picker(box, suggestions)
+    if interactive:
+        wire_search(made, elem_id)
+    return made
 
-    def on_search(data: gr.KeyUpData, request: gr.Request, oauth_token: gr.OAuthToken | None = None):
+
+def wire_search(made: Picker, name: str) -> None:
+    """Search the Hub as the user types; only the newest keystroke's answer is shown."""
+
+    def on_search(values: dict, request: gr.Request, oauth_token: gr.OAuthToken | None = None):
         seq = _begin(request, name)
         try:
-            found = service.search_models(data.input_value or "", token_of(oauth_token))
+            found = service.search_models(values[made.box] or "", token_of(oauth_token))
         except Exception:  # noqa: BLE001 - suggestions must never break the form
             logger.warning("model search failed", exc_info=True)
             return gr.skip()
-        if not found or not _is_latest(request, name, seq):
-            return gr.skip()
-        return gr.Dropdown(choices=found)
+        if not _is_latest(request, name, seq):
+            return gr.skip()  # a later keystroke's answer is (or will be) shown instead
+        return gr.Radio(choices=found, value=None, visible=bool(found))
 
-    box.key_up(
+    made.box.input(
         on_search,
-        outputs=box,
+        inputs={made.box},
+        outputs=made.suggestions,
         trigger_mode="always_last",
         show_progress="hidden",
         concurrency_limit=8,

@@ -70,28 +70,161 @@ def shot(page, name: str) -> None:
     page.screenshot(path=str(OUTPUT / f"{name}.png"), full_page=True)
 
 
-def test_explore(site, browser) -> None:
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(site)
-    page.wait_for_selector("#method")
-    time.sleep(2)
-    shot(page, "00-explore")
-    (OUTPUT / "explore.html").write_text(page.content())
+# A config the form cannot fully show: a comment, a `tokenizer:` block and a per-slice filter stay in the YAML.
+PASTED = """# a TIES merge from a model card
+merge_method: ties
+base_model: alice/mistral-base
+models:
+  - model: alice/mistral-prose
+    parameters: {weight: 1.0, density: 0.6}
+  - model: alice/mistral-code
+    parameters:
+      weight: 1.0
+      density: [0.2, 0.8]
+tokenizer:
+  source: base
+dtype: float32
+"""
 
 
-def test_explore2(site, browser) -> None:
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.goto(site)
-    page.wait_for_selector("#method")
-    box = page.locator("#model-0 textarea, #model-0 input").first
+def field(page, elem_id: str):
+    return page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+
+
+def pick(page, elem_id: str, query: str, choice: str, shown: int) -> None:
+    """Type `query` into a model box, wait for the Hub's `shown` matches (the last query's), click `choice`."""
+    box = field(page, elem_id)
     box.click()
-    box.press_sequentially("mistral-c", delay=80)
-    page.wait_for_selector("#model-0-matches label")
-    time.sleep(1)
-    shot(page, "01-explore")
-    labels = page.locator("#model-0-matches label")
-    print("OPTIONS", labels.count(), [labels.nth(i).inner_text() for i in range(labels.count())])
-    labels.first.click()
+    box.press_sequentially(query, delay=40)
+    page.wait_for_function(
+        "([id, n]) => document.querySelectorAll(`#${id}-matches label`).length === n", arg=[elem_id, shown]
+    )
+    page.locator(f"#{elem_id}-matches label").filter(has_text=choice).first.click()
+    page.wait_for_function(
+        "([id, v]) => { const e = document.querySelector(`#${id} textarea, #${id} input`); return e && e.value === v; }",
+        arg=[elem_id, choice],
+    )
+
+
+def yaml_shown(page) -> str:
+    return page.locator("#config-yaml .cm-content").inner_text()
+
+
+def wait_for_yaml(page, *needles: str, timeout: float = 20_000) -> None:
+    page.wait_for_function(
+        "(needles) => { const e = document.querySelector('#config-yaml .cm-content');"
+        " return e && needles.every(n => e.innerText.includes(n)); }",
+        arg=list(needles),
+        timeout=timeout,
+    )
+
+
+def wait_ready(page, timeout: float = 60_000) -> None:
+    page.wait_for_selector("#preflight [data-ok=true]", timeout=timeout)
+    page.wait_for_selector("#merge:not([disabled])", timeout=timeout)
+
+
+def paste_yaml(page, text: str) -> None:
+    """Replace the editor's text with `text` as a clipboard paste does (CodeMirror inserts pasted text as is)."""
+    editor = page.locator("#config-yaml .cm-content")
+    editor.click()
+    page.keyboard.press("Control+A")
+    editor.evaluate(
+        "(el, text) => { const dt = new DataTransfer(); dt.setData('text/plain', text);"
+        " el.dispatchEvent(new ClipboardEvent('paste', {clipboardData: dt, bubbles: true, cancelable: true})); }",
+        text,
+    )
+
+
+def shared_payload(page) -> str:
+    from urllib.parse import parse_qs, urlsplit
+
+    before = field(page, "share-link").input_value() if page.locator("#share-link").is_visible() else ""
+    page.locator("#share").click()
+    page.wait_for_function(
+        "(old) => { const e = document.querySelector('#share-link textarea, #share-link input');"
+        " return e && e.value && e.value !== old; }",
+        arg=before,
+    )
+    link = field(page, "share-link").input_value()
+    return link, parse_qs(urlsplit(link).query)["config"][0]
+
+
+def test_a_users_path_through_the_page(site, browser) -> None:
+    from merger import jobs
+    from merger.links import decode_config
+
+    started = time.monotonic()
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(site)
+    page.wait_for_selector("#method")
+    shot(page, "01-page")
+
+    # TIES: the form re-renders with a base model and per-model weight and density
+    page.locator("#method input").click()
+    page.locator("#method li[role=option]", has_text="(ties)").click()
+    page.wait_for_selector("#param-0-density")
+    wait_for_yaml(page, "merge_method: ties")
+    pick(page, "base-model", "mistral-ba", "alice/mistral-base", shown=1)  # a single match, clicked
+    pick(page, "model-0", "mistral", "alice/mistral-prose", shown=3)
+    pick(page, "model-1", "mistral-c", "alice/mistral-code", shown=1)
+    for i, density in ((0, "0.4"), (1, "0.7")):
+        number = field(page, f"param-{i}-density")
+        number.fill(density)
+        number.press("Tab")
+    wait_for_yaml(page, "base_model: alice/mistral-base", "model: alice/mistral-prose", "density: 0.4",
+                  "density: 0.7")
+    shot(page, "02-form")
+
+    # pre-flight: every line passes once the target repo is named
+    field(page, "repo-id").fill("browser-ties")
+    wait_ready(page)
+    checklist = page.locator("#preflight").inner_text()
+    for line in ("config", "models", "compatibility", "target repo", "resources"):
+        assert f"✓ {line}" in checklist, checklist
+    shot(page, "03-preflight")
+
+    # merge, and follow the job to 100%
+    page.locator("#merge").click()
+    page.wait_for_selector("#job-view", state="visible")
+    page.wait_for_function(
+        "() => { const e = document.querySelector('#job-progress .percent'); return e && e.innerText.trim() === '100%'; }",
+        timeout=180_000,
+    )
+    page.wait_for_function("() => document.querySelector('#job-result') && "
+                           "document.querySelector('#job-result').innerText.includes('browser-ties')")
+    job_id = field(page, "job-id").input_value()
+    assert jobs.get_job(job_id).status.value == "succeeded"
+    shot(page, "04-job")
+
+    # My merges lists it, newest first
+    page.locator("#refresh-merges").click()
+    page.wait_for_selector(f"#my-merges tr[data-job='{job_id}']")
+    assert "succeeded" in page.locator(f"#my-merges tr[data-job='{job_id}']").inner_text()
+    shot(page, "05-my-merges")
+
+    # a config the form cannot fully show: pasted, shared, reopened byte for byte
+    paste_yaml(page, PASTED)
+    wait_for_yaml(page, "density: [0.2, 0.8]")
+    page.wait_for_function("() => document.querySelector('#kept-note').innerText.includes('tokenizer')")
+    link, payload = shared_payload(page)
+    assert decode_config(payload) == PASTED
+    other = browser.new_page(viewport={"width": 1400, "height": 1000})
+    other.goto(link)
+    wait_for_yaml(other, "# a TIES merge from a model card", "density: [0.2, 0.8]", "source: base")
+    assert yaml_shown(other).strip() == PASTED.strip()
+    other.wait_for_function("() => document.querySelector('#method input').value.endsWith('(ties)')")
+    other.wait_for_function("() => document.querySelector('#kept-note').innerText.includes('tokenizer')")
+    _, payload_again = shared_payload(other)  # what the reopened page holds, every byte
+    assert decode_config(payload_again) == PASTED
+    shot(other, "06-shared-link")
+
+    # a double click on Merge queues one job
+    field(other, "repo-id").fill("browser-double")
+    wait_ready(other)
+    other.locator("#merge").dblclick()
+    other.wait_for_selector("#job-view", state="visible")
     time.sleep(2)
-    print("VALUE", box.input_value())
-    shot(page, "02-explore")
+    assert [j.repo_id for j in jobs.list_jobs("alice")].count("alice/browser-double") == 1
+    shot(other, "07-double-click")
+    print(f"browser test: {time.monotonic() - started:.1f} s")

@@ -251,6 +251,7 @@ def set_method(data: dict[str, Any], method: str) -> dict[str, Any]:
         return _to_moe(out)
     if method_of(out) == MOE:
         out = _from_moe(out)
+    _drop_parameters_of(out, METHODS.get(method_of(out)), METHODS.get(method))
     out["merge_method"] = method
     spec = METHODS.get(method)
     if spec is None:
@@ -271,6 +272,22 @@ def set_method(data: dict[str, Any], method: str) -> dict[str, Any]:
             if isinstance(params, dict):
                 params.setdefault(p.name, STARTERS.get(p.name, 0.5))
     return _front(out, "merge_method")
+
+
+def _drop_parameters_of(data: dict[str, Any], old: Any, new: Any) -> None:
+    """Remove the old method's parameters that the new one does not take (any other key stays as written)."""
+    if old is None:
+        return
+    taken = {p.name for p in new.parameters} if new else set()
+    dropped = {p.name for p in old.parameters} - taken
+    holders = [data] + [e for e in data.get("models") or [] if isinstance(e, dict)]
+    for holder in holders:
+        params = holder.get("parameters")
+        if isinstance(params, dict):
+            for name in dropped:
+                params.pop(name, None)
+            if not params:
+                holder.pop("parameters", None)
 
 
 def _to_moe(data: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,6 @@ import gradio as gr
 
 from merger import constants, service
 from merger.ui import api, form_panel, job_panel, my_merges, page_events, preflight_panel, yaml_panel
-from merger.ui.common import token_of as _token  # noqa: F401 - kept for callers of the old name
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "templates" / "examples"
 
@@ -63,7 +62,7 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
         listing, refresh = my_merges.build()
 
         preflight_panel.wire(pre, views)
-        job_panel.wire(job)
+        job_panel.wire(job, listing)
         page_events.wire_merge(views, pre, job, listing)
         page_events.wire_load(demo, views, pre, job, listing)
         if table is not None:

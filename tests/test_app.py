@@ -23,6 +23,7 @@ import app  # noqa: E402
 from merger import constants  # noqa: E402
 from merger.form import FormValues, build_yaml  # noqa: E402
 from merger.links import decode_config, encode_config  # noqa: E402
+from merger.ui.common import token_of  # noqa: E402
 from merger.ui.job_panel import job_markdown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -226,10 +227,10 @@ def test_a_space_refuses_local_paths(
 
 def test_a_space_never_falls_back_to_its_own_token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    assert app._token(None) == TOKEN
+    assert token_of(None) == TOKEN
     monkeypatch.setattr(constants, "ON_SPACE", True)
-    assert app._token(None) is None
-    assert app._token(gr.OAuthToken(token="hf_oauth_user", scope="", expires_at=0)) == "hf_oauth_user"
+    assert token_of(None) is None
+    assert token_of(gr.OAuthToken(token="hf_oauth_user", scope="", expires_at=0)) == "hf_oauth_user"
 
 
 # ---------------------------------------------------------------- submit, status, cancel

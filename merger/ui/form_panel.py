@@ -14,7 +14,7 @@ import gradio as gr
 from ..form import CLASSIC_T, dump_yaml
 from . import config_view as cv
 from .pickers import PICKER_HINT, Picker, picker
-from .yaml_panel import ConfigViews
+from .yaml_panel import EDIT_QUEUE, ConfigViews
 
 Edit = Callable[[dict, Any], dict]
 
@@ -153,6 +153,7 @@ def _wire(views: ConfigViews, widget: Any, kind: str, edit: Edit, structural: bo
         trigger_mode="always_last",
         show_progress="hidden",
         api_visibility="private",
+        **EDIT_QUEUE,
     )
 
 
@@ -164,7 +165,7 @@ def _wire_picker(views: ConfigViews, made: Picker, edit: Edit) -> None:
         return views.show(dump_yaml(edit(data, (values[made.box] or "").strip())), values[views.layout], reload=False)
 
     gr.on([made.box.blur, made.box.submit], on_commit, inputs={views.config, views.layout, made.box},
-          outputs=views.outputs, show_progress="hidden", api_visibility="private")
+          outputs=views.outputs, show_progress="hidden", api_visibility="private", **EDIT_QUEUE)
 
     def on_pick(values: dict) -> dict:
         chosen = values[made.suggestions] or ""
@@ -176,7 +177,7 @@ def _wire_picker(views: ConfigViews, made: Picker, edit: Edit) -> None:
 
     made.suggestions.input(on_pick, inputs={views.config, views.layout, made.suggestions},
                            outputs=[*views.outputs, made.box, made.suggestions], show_progress="hidden",
-                           api_visibility="private")
+                           api_visibility="private", **EDIT_QUEUE)
 
 
 def _click(views: ConfigViews, button: gr.Button, edit: Callable[[dict], dict], structural: bool = False) -> None:
@@ -184,4 +185,5 @@ def _click(views: ConfigViews, button: gr.Button, edit: Callable[[dict], dict], 
         data = cv.parse(values[views.config]) or {}
         return views.show(dump_yaml(edit(data)), values[views.layout], reload=structural)
 
-    button.click(on_click, inputs={views.config, views.layout}, outputs=views.outputs, api_visibility="private")
+    button.click(on_click, inputs={views.config, views.layout}, outputs=views.outputs, api_visibility="private",
+                 **EDIT_QUEUE)

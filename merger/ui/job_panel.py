@@ -12,6 +12,7 @@ import gradio as gr
 from .. import service
 from ..errors import MergerError
 from .common import one_line, token_of
+from .my_merges import refresh_listing
 
 
 @dataclass
@@ -65,10 +66,10 @@ def build() -> JobView:
     return JobView(box, job_id, job_link, progress, state, log, result, cancel_button, timer)
 
 
-def wire(view: JobView) -> None:
-    """Polling and cancel."""
+def wire(view: JobView, listing: gr.HTML) -> None:
+    """Polling and cancel; `listing` ("My merges") is refreshed when the job ends."""
 
-    def on_tick(values: dict, oauth_token: gr.OAuthToken | None = None) -> dict:
+    def on_tick(values: dict, request: gr.Request, oauth_token: gr.OAuthToken | None = None) -> dict:
         the_id = (values[view.job_id] or "").strip()
         if not the_id:
             return {view.timer: gr.Timer(active=False)}
@@ -80,6 +81,7 @@ def wire(view: JobView) -> None:
             return gr.skip()
         done = info["status"] in service.TERMINAL_STATUSES
         return {
+            listing: refresh_listing(request, oauth_token) if done else gr.skip(),
             view.progress: progress_html(info),
             view.state: job_markdown(info),
             view.log: info["log_tail"],
@@ -88,7 +90,7 @@ def wire(view: JobView) -> None:
             view.timer: gr.Timer(active=not done),
         }
 
-    view.timer.tick(on_tick, inputs={view.job_id}, outputs=view.outputs, show_progress="hidden",
+    view.timer.tick(on_tick, inputs={view.job_id}, outputs=[*view.outputs, listing], show_progress="hidden",
                     concurrency_limit=None, api_visibility="private")
 
     def on_cancel(values: dict, oauth_token: gr.OAuthToken | None = None) -> dict:

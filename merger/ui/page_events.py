@@ -16,7 +16,7 @@ from .common import app_url, one_line, token_of
 from .job_panel import JobView
 from .my_merges import refresh_listing
 from .preflight_panel import Preflight, SubmitGuard
-from .yaml_panel import ConfigViews
+from .yaml_panel import EDIT_QUEUE, ConfigViews
 
 _guard = SubmitGuard()
 
@@ -66,7 +66,8 @@ def wire_examples(views: ConfigViews, table: gr.Dataset, examples: list[Example]
     def on_example(values: dict) -> dict:
         return views.show(examples[values[table]].yaml_text, values[views.layout], readonly=False)
 
-    table.click(on_example, inputs={table, views.layout}, outputs=views.outputs, api_visibility="private")
+    table.click(on_example, inputs={table, views.layout}, outputs=views.outputs, api_visibility="private",
+                **EDIT_QUEUE)
 
 
 def wire_load(demo: gr.Blocks, views: ConfigViews, pre: Preflight, job: JobView, listing: gr.HTML) -> None:

@@ -26,6 +26,12 @@ START_CONFIG = dump_yaml(
 )
 
 
+# Every edit of the config runs in this one queue: gradio reads a session's state when an event starts,
+# so two edits running at once (a quick second keystroke, a blur then a click) would each start from the
+# same config and the later one would undo the earlier. Edits are pure and take milliseconds.
+EDIT_QUEUE = {"concurrency_id": "config-edit", "concurrency_limit": 1}
+
+
 @dataclass
 class ConfigViews:
     """The state and the YAML widgets every other panel reads or updates.
@@ -120,10 +126,11 @@ def build(initial: str = START_CONFIG) -> ConfigViews:
         trigger_mode="always_last",
         show_progress="hidden",
         api_visibility="private",
+        **EDIT_QUEUE,
     )
 
     def on_copy(values: dict) -> dict:
         return views.show(values[config], values[layout], readonly=False)
 
-    copy_button.click(on_copy, inputs={config, layout}, outputs=views.outputs, api_visibility="private")
+    copy_button.click(on_copy, inputs={config, layout}, outputs=views.outputs, api_visibility="private", **EDIT_QUEUE)
     return views

@@ -66,6 +66,13 @@ def browser():
         chromium.close()
 
 
+def new_page(browser):
+    """A desktop-sized page; waits are generous because CI machines are shared (each step takes ~1 s alone)."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    return page
+
+
 def shot(page, name: str) -> None:
     page.screenshot(path=str(OUTPUT / f"{name}.png"), full_page=True)
 
@@ -110,7 +117,15 @@ def yaml_shown(page) -> str:
     return page.locator("#config-yaml .cm-content").inner_text()
 
 
-def wait_for_yaml(page, *needles: str, timeout: float = 20_000) -> None:
+def wait_for_yaml(page, *needles: str, timeout: float = 60_000) -> None:
+    try:
+        _wait_for_yaml(page, needles, timeout)
+    except Exception:
+        shot(page, "failed")
+        raise AssertionError(f"the YAML never showed {needles}; it shows:\n{yaml_shown(page)}") from None
+
+
+def _wait_for_yaml(page, needles, timeout: float) -> None:
     page.wait_for_function(
         "(needles) => { const e = document.querySelector('#config-yaml .cm-content');"
         " return e && needles.every(n => e.innerText.includes(n)); }",
@@ -155,7 +170,7 @@ def test_a_users_path_through_the_page(site, browser) -> None:
     from merger.links import decode_config
 
     started = time.monotonic()
-    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page = new_page(browser)
     page.goto(site)
     page.wait_for_selector("#method")
     shot(page, "01-page")
@@ -214,7 +229,7 @@ def test_a_users_path_through_the_page(site, browser) -> None:
                            " return e && e.innerText.includes('tokenizer'); }")
     link, payload = shared_payload(page)
     assert decode_config(payload) == PASTED
-    other = browser.new_page(viewport={"width": 1400, "height": 1000})
+    other = new_page(browser)
     other.goto(link)
     wait_for_yaml(other, "# a TIES merge from a model card", "density: [0.2, 0.8]", "source: base")
     assert yaml_shown(other).strip() == PASTED.strip()

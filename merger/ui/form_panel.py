@@ -117,9 +117,9 @@ def _globals(views: ConfigViews, view: cv.View, live: bool) -> None:
 def _widget(f: cv.Field, elem_id: str, label: str, live: bool, scale: int | None = None) -> gr.components.Component:
     # An unset parameter shows its default (it stays unset in the config until edited).
     shown = cv.to_widget(f.kind, f.value if f.value is not None else f.default)
-    if f.default is not None and f.value is None:
-        label = f"{label} (default)"
     common = {"label": label, "elem_id": elem_id, "interactive": live}
+    if f.default is not None:
+        common["info"] = f"default {f.default}"
     if f.kind == "bool":
         return gr.Checkbox(value=bool(f.value if f.value is not None else f.default), **common)
     if f.kind == "number":

@@ -13,7 +13,7 @@ import gradio as gr
 
 from ..form import CLASSIC_T, dump_yaml
 from . import config_view as cv
-from .pickers import PICKER_HINT, Picker, picker
+from .pickers import PICKER_HINT, Picker, note_pick, picker, superseded_by_pick
 from .yaml_panel import EDIT_QUEUE, ConfigViews
 
 Edit = Callable[[dict, Any], dict]
@@ -159,16 +159,21 @@ def _wire(views: ConfigViews, widget: Any, kind: str, edit: Edit, structural: bo
 
 def _wire_picker(views: ConfigViews, made: Picker, edit: Edit) -> None:
     """A typed model counts when the box loses focus or Enter is pressed; a clicked match counts at once."""
+    name = made.box.elem_id or ""
 
-    def on_commit(values: dict) -> dict:
+    def on_commit(values: dict, request: gr.Request) -> dict:
+        typed = (values[made.box] or "").strip()
+        if superseded_by_pick(request, name, typed):
+            return {output: gr.skip() for output in views.outputs}
         data = cv.parse(values[views.config]) or {}
-        return views.show(dump_yaml(edit(data, (values[made.box] or "").strip())), values[views.layout], reload=False)
+        return views.show(dump_yaml(edit(data, typed)), values[views.layout], reload=False)
 
     gr.on([made.box.blur, made.box.submit], on_commit, inputs={views.config, views.layout, made.box},
           outputs=views.outputs, show_progress="hidden", api_visibility="private", **EDIT_QUEUE)
 
-    def on_pick(values: dict) -> dict:
+    def on_pick(values: dict, request: gr.Request) -> dict:
         chosen = values[made.suggestions] or ""
+        note_pick(request, name, chosen)
         data = cv.parse(values[views.config]) or {}
         updates = views.show(dump_yaml(edit(data, chosen)), values[views.layout], reload=False)
         updates[made.box] = chosen

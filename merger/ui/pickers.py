@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 import gradio as gr
@@ -21,8 +22,11 @@ logger = logging.getLogger(__name__)
 PICKER_HINT = "Type to search the Hub" + ("" if constants.ON_SPACE else " (or type a local folder)")
 _MAX_TRACKED = 10_000  # (session, picker) pairs remembered; a hostile client cannot grow this without bound
 
+PICK_WINS_S = 5.0  # a blur this soon after a click on a match, typing part of it, is that same gesture
+
 _counter = itertools.count(1)
 _latest: dict[tuple[str, str], int] = {}
+_picked: dict[tuple[str, str], tuple[str, float]] = {}  # (session, picker) -> (match clicked, when)
 _lock = threading.Lock()
 
 
@@ -87,3 +91,27 @@ def _is_latest(request: gr.Request | None, name: str, seq: int) -> bool:
     key = (getattr(request, "session_hash", None) or "", name)
     with _lock:
         return _latest.get(key, seq) == seq
+
+
+def note_pick(request: gr.Request | None, name: str, value: str) -> None:
+    """Remember a click on a match (see :func:`superseded_by_pick`)."""
+    key = (getattr(request, "session_hash", None) or "", name)
+    with _lock:
+        if len(_picked) >= _MAX_TRACKED:
+            _picked.clear()
+        _picked[key] = (value, time.monotonic())
+
+
+def superseded_by_pick(request: gr.Request | None, name: str, typed: str) -> bool:
+    """Whether a box's typed text lost to a match the user clicked.
+
+    Clicking a match blurs the box first, and the browser may deliver that blur after the click: the
+    blur then carries the half-typed query (`mistral-ba`) and must not replace the match
+    (`alice/mistral-base`) that contains it.
+    """
+    key = (getattr(request, "session_hash", None) or "", name)
+    with _lock:
+        picked = _picked.get(key)
+    if picked is None or time.monotonic() - picked[1] > PICK_WINS_S:
+        return False
+    return typed != picked[0] and typed.lower() in picked[0].lower()

@@ -540,3 +540,32 @@ def test_job_status_says_when_no_worker_is_alive(
     status = client.predict(the_id, api_name="/job_status")
     assert status["worker"] == f"No worker alive since {since}: queued jobs wait until a worker is running again."
     assert job_markdown(status).endswith(f"**Worker:** {status['worker']}")
+
+
+# ---------------------------------------------------------------- one config, two views
+def _method_yamls() -> list[str]:
+    from merger.methods import METHODS
+    from merger.form import dump_yaml
+    from merger.ui import config_edits
+
+    start = {"merge_method": "linear", "models": [{"model": "org/a", "parameters": {"weight": 1.0}},
+                                                    {"model": "org/b", "parameters": {"weight": 1.0}}]}
+    return [dump_yaml(config_edits.set_method(start, name)) for name in [*sorted(METHODS), "moe"]]
+
+
+def test_pasting_any_example_or_method_keeps_its_bytes_and_shows_its_form(served: tuple[gr.Blocks, str]) -> None:
+    from merger.form import load_examples
+    from merger.ui import config_view
+
+    demo = served[0]
+    on_paste = handler(demo, "on_paste")
+    code, layout = by_id(demo, "config-yaml"), state_of(demo, "layout")
+    texts = [e.yaml_text for e in load_examples(app.EXAMPLES_DIR)] + _method_yamls()
+    for text in texts:
+        pasted = text + "# a trailing comment\n"
+        updates = on_paste({code: pasted, layout: layout.value})
+        assert updates[state_of(demo, "config")] == pasted
+        assert isinstance(updates[code], type(gr.skip()))  # the editor is left alone while being typed in
+        shown = updates[state_of(demo, "layout")]["structure"]
+        assert shown == config_view.view_of(config_view.parse(text)).structure()
+        assert updates[by_id(demo, "kept-note")] == ""  # the form shows every field of these configs

@@ -12,6 +12,7 @@ import yaml
 from merger.config import load_config
 from merger.form import dump_yaml, load_examples
 from merger.methods import METHODS
+from merger.ui import config_edits as ce
 from merger.ui import config_view as cv
 
 EXAMPLES = load_examples(Path(__file__).parents[1] / "templates" / "examples")
@@ -29,25 +30,25 @@ def replay(data: dict) -> dict:
     view = cv.view_of(data)
     out = data
     if view.base != "none" or view.base_model:
-        out = cv.set_base(out, view.base_model)
+        out = ce.set_base(out, view.base_model)
     for i, row in enumerate(view.rows):
-        out = cv.set_model(out, i, row.model)
+        out = ce.set_model(out, i, row.model)
         for f in row.params:
-            out = cv.set_model_param(out, i, f.key, through_widgets(f.kind, f.value))
+            out = ce.set_model_param(out, i, f.key, through_widgets(f.kind, f.value))
     for f in view.globals:
-        out = cv.set_global(out, f.key, through_widgets(f.kind, f.value))
+        out = ce.set_global(out, f.key, through_widgets(f.kind, f.value))
     for f in view.options:
-        out = cv.set_option(out, f.key, through_widgets(f.kind, f.value))
-    for i, sl in enumerate(view.slices or ()):
+        out = ce.set_option(out, f.key, through_widgets(f.kind, f.value))
+    for sl in view.slices or ():
         for key, value in (("model", sl.model), ("start", sl.start), ("end", sl.end), ("scale", sl.scale)):
-            out = cv.set_slice(out, i, key, value)
+            out = ce.set_slice(out, sl.slice, key, value, sl.source)
     return out
 
 
 def method_config(name: str) -> dict:
     """A 3-model config switched to `name` through the form."""
     start = {"merge_method": "linear", "models": [{"model": f"org/m{i}", "parameters": {"weight": 1.0}} for i in range(3)]}
-    return cv.set_method(start, name)
+    return ce.set_method(start, name)
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.name for e in EXAMPLES])
@@ -93,7 +94,7 @@ def test_switching_method_drops_only_the_old_methods_parameters() -> None:
         "models": [{"model": "org/a"}, {"model": "org/b", "parameters": {"custom": 3}}],
         "parameters": {"t": 0.3, "my_own": 1},
     }
-    out = cv.set_method(data, "ties")
+    out = ce.set_method(data, "ties")
     assert out["parameters"] == {"my_own": 1}  # `t` was slerp's; `my_own` is nobody's and stays
     assert out["models"][1]["parameters"] == {"custom": 3, "weight": 1.0}  # required: a starter value
     assert list(out)[0] == "merge_method"
@@ -107,7 +108,7 @@ def test_an_edit_changes_only_its_field() -> None:
         "  - model: org/c\n    parameters: {weight: 0.5, density: 0.5}\n"
         "tokenizer:\n  source: union\n"
     )
-    out = cv.set_model_param(data, 1, "density", cv.from_widget("number", 0.7))
+    out = ce.set_model_param(data, 1, "density", cv.from_widget("number", 0.7))
     expected = copy.deepcopy(data)
     expected["models"][1]["parameters"]["density"] = 0.7
     assert out == expected and data["models"][1]["parameters"]["density"] == 0.5  # the input is not modified
@@ -116,33 +117,41 @@ def test_an_edit_changes_only_its_field() -> None:
     assert gradient.kind == "text" and cv.to_widget("text", gradient.value) == "[0.2, 0.8]"
 
 
-def test_configs_the_form_shows_in_part_list_what_they_keep() -> None:
+def test_a_slerp_over_a_layer_range_shows_its_sources_and_keeps_what_the_form_lacks() -> None:
     data = cv.parse(
         "merge_method: slerp\nbase_model: org/a\n"
         "slices:\n  - sources:\n      - {model: org/a, layer_range: [0, 4]}\n      - {model: org/b, layer_range: [0, 4]}\n"
+        "    residual_weight: 0.1\n"
         "parameters:\n  t: [{filter: self_attn, value: [0, 1]}, {value: 0.5}]\n"
     )
     view = cv.view_of(data)
-    assert view.slices is None and "slices" in view.kept  # two-source slices: kept as written
+    assert [(s.slice, s.source, s.model, s.start, s.end) for s in view.slices] == [
+        (0, 0, "org/a", 0, 4), (0, 1, "org/b", 0, 4)
+    ]
+    assert view.kept == ("slices[0].residual_weight",)
     assert view.globals[0].kind == "text"  # filtered t: shown as inline YAML
     assert replay(copy.deepcopy(data)) == data
+    out = ce.set_slice(data, 0, "end", 6, source=1)
+    assert out["slices"][0]["sources"][1]["layer_range"] == [0, 6] and data["slices"][0]["sources"][1]["layer_range"] == [0, 4]
+    more = ce.add_slice(data)["slices"][1]["sources"]
+    assert more == [{"model": "org/a", "layer_range": [4, 8]}, {"model": "org/b", "layer_range": [4, 8]}]
 
 
 def test_passthrough_slices_are_rows_with_add_and_remove() -> None:
-    data = cv.set_method({"merge_method": "linear", "models": []}, "passthrough")
-    data = cv.add_slice(cv.add_slice(data))
-    data = cv.set_slice(cv.set_slice(data, 0, "model", "org/a"), 0, "end", 8)
-    data = cv.set_slice(data, 1, "model", "org/b")
+    data = ce.set_method({"merge_method": "linear", "models": []}, "passthrough")
+    data = ce.add_slice(data)
+    data = ce.set_slice(ce.set_slice(data, 0, "model", "org/a"), 0, "end", 8)
+    data = ce.set_slice(ce.add_slice(data), 1, "model", "org/b")
     view = cv.view_of(data)
-    assert [(s.model, s.start, s.end) for s in view.slices] == [("org/a", 0, 8), ("org/b", 1, 2)]
-    data = cv.set_slice(data, 1, "scale", 0.5)
+    assert [(s.model, s.start, s.end) for s in view.slices] == [("org/a", 0, 8), ("org/b", 8, 16)]
+    data = ce.set_slice(data, 1, "scale", 0.5)
     assert data["slices"][1]["sources"][0]["parameters"] == {"scale": 0.5}
-    data = cv.remove_slice(data, 0)
-    assert [(s.model, s.start, s.end, s.scale) for s in cv.view_of(data).slices] == [("org/b", 1, 2, 0.5)]
+    data = ce.remove_slice(data, 0)
+    assert [(s.model, s.start, s.end, s.scale) for s in cv.view_of(data).slices] == [("org/b", 8, 16, 0.5)]
 
 
 def test_moe_in_the_form_and_back() -> None:
-    data = cv.set_method(method_config("linear"), cv.MOE)
+    data = ce.set_method(method_config("linear"), cv.MOE)
     assert data == {
         "base_model": "org/m0",
         "gate_mode": "random",
@@ -150,10 +159,10 @@ def test_moe_in_the_form_and_back() -> None:
         "experts": [{"source_model": f"org/m{i}"} for i in range(3)],
     }
     assert load_config(dump_yaml(data))
-    data = cv.add_model(data)
-    data = cv.set_model(data, 3, "org/m3")
+    data = ce.add_model(data)
+    data = ce.set_model(data, 3, "org/m3")
     assert cv.view_of(data).rows[-1].model == "org/m3"
-    back = cv.set_method(data, "linear")
+    back = ce.set_method(data, "linear")
     assert [m["model"] for m in back["models"]] == ["org/m0", "org/m1", "org/m2", "org/m3"]
     assert all(m["parameters"] == {"weight": 1.0} for m in back["models"])
 
@@ -161,4 +170,4 @@ def test_moe_in_the_form_and_back() -> None:
 def test_a_yaml_that_is_not_a_mapping_shows_no_form() -> None:
     assert cv.parse("- just\n- a list\n") is None
     assert cv.parse("key: [unclosed\n") is None
-    assert yaml.safe_load(dump_yaml(cv.set_option({}, "seed", 3))) == {"seed": 3}
+    assert yaml.safe_load(dump_yaml(ce.set_option({}, "seed", 3))) == {"seed": 3}

@@ -1,15 +1,13 @@
-"""The form as a view of the config: what the form shows of a config mapping, and edits that change only that.
+"""The form as a view of the config: what the form shows of a config mapping, and what it keeps.
 
 No gradio here. The config mapping (the parsed YAML) is the single source of truth: :func:`view_of`
 reads what the form can show from it (generated from the method registry: every method, its per-model
-and global parameters with their defaults), and each edit function returns a new mapping in which
-only the edited field changed. Everything the form cannot show stays in the mapping untouched and is
-listed in :attr:`View.kept`.
+and global parameters with their defaults); :mod:`merger.ui.config_edits` changes one field at a time.
+Everything the form cannot show stays in the mapping untouched and is listed in :attr:`View.kept`.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +21,6 @@ TOP_FIELDS = ("dtype", "out_dtype", "tokenizer_source", "chat_template", "seed")
 MOE_FIELDS = ("gate_mode", "experts_per_token")
 TOKENIZER_CHOICES = ("base", "union")  # or a model reference
 CHAT_TEMPLATES = ("chatml", "llama3", "alpaca", "mistral")
-# A value to start a required parameter at when a method is chosen (by parameter name, not by method).
-STARTERS = {"weight": 1.0, "t": 0.5, "density": 0.5}
 
 
 @dataclass(frozen=True)
@@ -59,12 +55,18 @@ class ModelRow:
 
 @dataclass(frozen=True)
 class SliceRow:
-    """A one-source slice: layers `[start, end)` of `model`, with an optional `scale`."""
+    """One source of a slice: layers `[start, end)` of `model`, with an optional `scale`.
+
+    `slice` and `source` say where it sits: `slices[slice].sources[source]` (a passthrough slice has
+    one source; a SLERP over a layer range has one slice with a source per model).
+    """
 
     model: str
     start: int
     end: int
     scale: float | None = None
+    slice: int = 0
+    source: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ class View:
             self.method,
             self.base,
             len(self.rows),
-            -1 if self.slices is None else len(self.slices),
+            None if self.slices is None else [(r.slice, r.source) for r in self.slices],
             [f.kind for f in self.globals],
             [[f.kind for f in row.params] for row in self.rows],
         ]
@@ -134,16 +136,16 @@ def view_of(data: dict[str, Any]) -> View:
     per_model = [p for p in params if p.per_model]
     entries = data.get("models") if isinstance(data.get("models"), list) else []
     rows = tuple(
-        ModelRow(_text(e.get("model")), tuple(_field(p, _params(e).get(p.name)) for p in per_model))
+        ModelRow(text_of(e.get("model")), tuple(_field(p, params_of(e).get(p.name)) for p in per_model))
         for e in entries
         if isinstance(e, dict)
     )
-    slices = _slice_rows(data.get("slices"))
+    slices = slice_rows(data.get("slices"))
     top_params = data.get("parameters") if isinstance(data.get("parameters"), dict) else {}
     return View(
         method=method,
         base=spec.base if spec else "optional",
-        base_model=_text(data.get("base_model")),
+        base_model=text_of(data.get("base_model")),
         rows=rows,
         slices=slices,
         globals=tuple(_field(p, top_params.get(p.name)) for p in params if not p.per_model),
@@ -154,7 +156,7 @@ def view_of(data: dict[str, Any]) -> View:
 
 def _moe_view(data: dict[str, Any]) -> View:
     experts = data.get("experts") if isinstance(data.get("experts"), list) else []
-    rows = tuple(ModelRow(_text(e.get("source_model"))) for e in experts if isinstance(e, dict))
+    rows = tuple(ModelRow(text_of(e.get("source_model"))) for e in experts if isinstance(e, dict))
     options = (
         Field("gate_mode", "choice", data.get("gate_mode"), "hidden", SUPPORTED_GATE_MODES),
         Field("experts_per_token", "number", data.get("experts_per_token"), 2, minimum=1),
@@ -165,7 +167,7 @@ def _moe_view(data: dict[str, Any]) -> View:
     for i, expert in enumerate(experts):
         if isinstance(expert, dict):
             kept += [f"experts[{i}].{k}" for k in expert if k != "source_model"]
-    return View(MOE, "required", _text(data.get("base_model")), rows, None, (), options, tuple(kept))
+    return View(MOE, "required", text_of(data.get("base_model")), rows, None, (), options, tuple(kept))
 
 
 def _options(data: dict[str, Any]) -> tuple[Field, ...]:
@@ -199,21 +201,21 @@ def _bounds(spec: ParameterSpec) -> tuple[float | None, float | None]:
     return getattr(spec, "minimum", None), getattr(spec, "maximum", None)
 
 
-def _slice_rows(slices: Any) -> tuple[SliceRow, ...] | None:
-    """One-source slices as rows; None when there are none or any slice has another shape."""
+def slice_rows(slices: Any) -> tuple[SliceRow, ...] | None:
+    """Every slice's sources as rows, in order; None when there are none or one has a shape the form lacks."""
     if not isinstance(slices, list) or not slices:
         return None
     rows = []
-    for sl in slices:
+    for i, sl in enumerate(slices):
         sources = sl.get("sources") if isinstance(sl, dict) else None
-        if not isinstance(sources, list) or len(sources) != 1 or not isinstance(sources[0], dict):
+        if not isinstance(sources, list) or not sources:
             return None
-        source = sources[0]
-        bounds = source.get("layer_range")
-        if not (isinstance(bounds, list) and len(bounds) == 2 and all(isinstance(b, int) for b in bounds)):
-            return None
-        scale = _params(source).get("scale")
-        rows.append(SliceRow(_text(source.get("model")), bounds[0], bounds[1], scale))
+        for j, source in enumerate(sources):
+            bounds = source.get("layer_range") if isinstance(source, dict) else None
+            if not (isinstance(bounds, list) and len(bounds) == 2 and all(type(b) is int for b in bounds)):
+                return None
+            scale = params_of(source).get("scale")
+            rows.append(SliceRow(text_of(source.get("model")), bounds[0], bounds[1], scale, i, j))
     return tuple(rows)
 
 
@@ -234,204 +236,14 @@ def _kept(data: dict[str, Any], spec: Any, slices_shown: bool) -> list[str]:
             kept.append(f"models[{i}]")
             continue
         kept += [f"models[{i}].{k}" for k in entry if k not in ("model", "parameters")]
-        kept += [f"models[{i}].parameters.{k}" for k in _params(entry) if k not in per_model]
+        kept += [f"models[{i}].parameters.{k}" for k in params_of(entry) if k not in per_model]
     for i, sl in enumerate(data.get("slices") if slices_shown else []):
         kept += [f"slices[{i}].{k}" for k in sl if k != "sources"]
-        source = sl["sources"][0]
-        kept += [f"slices[{i}].sources[0].{k}" for k in source if k not in ("model", "layer_range", "parameters")]
-        kept += [f"slices[{i}].sources[0].parameters.{k}" for k in _params(source) if k != "scale"]
+        for j, source in enumerate(sl["sources"]):
+            where = f"slices[{i}].sources[{j}]"
+            kept += [f"{where}.{k}" for k in source if k not in ("model", "layer_range", "parameters")]
+            kept += [f"{where}.parameters.{k}" for k in params_of(source) if k != "scale"]
     return kept
-
-
-# ---------------------------------------------------------------- edits (each returns a new mapping)
-def set_method(data: dict[str, Any], method: str) -> dict[str, Any]:
-    """Switch the method, keeping the models; required parameters the new method lacks get a starter value."""
-    out = copy.deepcopy(data)
-    if method == MOE:
-        return _to_moe(out)
-    if method_of(out) == MOE:
-        out = _from_moe(out)
-    _drop_parameters_of(out, METHODS.get(method_of(out)), METHODS.get(method))
-    out["merge_method"] = method
-    spec = METHODS.get(method)
-    if spec is None:
-        return _front(out, "merge_method")
-    if spec.base == "none":
-        out.pop("base_model", None)
-    entries = [e for e in out.get("models") or [] if isinstance(e, dict)]
-    if out.get("slices") is None:
-        out["models"] = entries
-    for p in spec.parameters:
-        if not p.required:
-            continue
-        if p.per_model:
-            for entry in entries:
-                entry.setdefault("parameters", {}).setdefault(p.name, STARTERS.get(p.name, 0.5))
-        else:
-            params = out.setdefault("parameters", {})
-            if isinstance(params, dict):
-                params.setdefault(p.name, STARTERS.get(p.name, 0.5))
-    return _front(out, "merge_method")
-
-
-def _drop_parameters_of(data: dict[str, Any], old: Any, new: Any) -> None:
-    """Remove the old method's parameters that the new one does not take (any other key stays as written)."""
-    if old is None:
-        return
-    taken = {p.name for p in new.parameters} if new else set()
-    dropped = {p.name for p in old.parameters} - taken
-    holders = [data] + [e for e in data.get("models") or [] if isinstance(e, dict)]
-    for holder in holders:
-        params = holder.get("parameters")
-        if isinstance(params, dict):
-            for name in dropped:
-                params.pop(name, None)
-            if not params:
-                holder.pop("parameters", None)
-
-
-def _to_moe(data: dict[str, Any]) -> dict[str, Any]:
-    models = [_text(e.get("model")) for e in data.get("models") or [] if isinstance(e, dict)]
-    out = {
-        "base_model": data.get("base_model") or (models[0] if models else ""),
-        "gate_mode": "random",
-        "experts_per_token": min(2, max(1, len(models))),
-        "experts": [{"source_model": m} for m in models],
-    }
-    out.update({k: data[k] for k in TOP_FIELDS if k in data})
-    return out
-
-
-def _from_moe(data: dict[str, Any]) -> dict[str, Any]:
-    experts = [e for e in data.get("experts") or [] if isinstance(e, dict)]
-    out: dict[str, Any] = {"base_model": data.get("base_model", "")}
-    out["models"] = [{"model": e.get("source_model", "")} for e in experts]
-    out.update({k: data[k] for k in TOP_FIELDS if k in data})
-    return out
-
-
-def set_base(data: dict[str, Any], reference: str) -> dict[str, Any]:
-    """Set (or, when blank, remove) `base_model`."""
-    out = copy.deepcopy(data)
-    _set_or_drop(out, "base_model", _text(reference))
-    return out
-
-
-def add_model(data: dict[str, Any]) -> dict[str, Any]:
-    """Append a blank model row (MoE: an expert), with the method's required per-model parameters."""
-    out = copy.deepcopy(data)
-    if method_of(out) == MOE:
-        out.setdefault("experts", []).append({"source_model": ""})
-        return out
-    entry: dict[str, Any] = {"model": ""}
-    spec = METHODS.get(method_of(out))
-    required = [p for p in (spec.per_model_parameters if spec else ()) if p.required]
-    if required:
-        entry["parameters"] = {p.name: STARTERS.get(p.name, 0.5) for p in required}
-    if not isinstance(out.get("models"), list):
-        out["models"] = []
-    out["models"].append(entry)
-    return out
-
-
-def remove_model(data: dict[str, Any], index: int) -> dict[str, Any]:
-    """Remove model row `index` (MoE: expert `index`)."""
-    out = copy.deepcopy(data)
-    key = "experts" if method_of(out) == MOE else "models"
-    rows = out.get(key)
-    if isinstance(rows, list) and 0 <= index < len(rows):
-        del rows[index]
-    return out
-
-
-def set_model(data: dict[str, Any], index: int, reference: str) -> dict[str, Any]:
-    """Set the model of row `index` (MoE: the expert's `source_model`)."""
-    out = copy.deepcopy(data)
-    key, name = ("experts", "source_model") if method_of(out) == MOE else ("models", "model")
-    rows = out.get(key)
-    if isinstance(rows, list) and 0 <= index < len(rows) and isinstance(rows[index], dict):
-        rows[index][name] = _text(reference)
-    return out
-
-
-def set_model_param(data: dict[str, Any], index: int, key: str, value: Any) -> dict[str, Any]:
-    """Set (None: remove) per-model parameter `key` of row `index`."""
-    out = copy.deepcopy(data)
-    rows = out.get("models")
-    if isinstance(rows, list) and 0 <= index < len(rows) and isinstance(rows[index], dict):
-        entry = rows[index]
-        params = entry.get("parameters") if isinstance(entry.get("parameters"), dict) else {}
-        _set_or_drop(params, key, value)
-        if params:
-            entry["parameters"] = params
-        else:
-            entry.pop("parameters", None)
-    return out
-
-
-def set_global(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
-    """Set (None: remove) global parameter `key` under `parameters:`."""
-    out = copy.deepcopy(data)
-    params = out.get("parameters") if isinstance(out.get("parameters"), dict) else {}
-    _set_or_drop(params, key, value)
-    if params:
-        out["parameters"] = params
-    else:
-        out.pop("parameters", None)
-    return out
-
-
-def set_option(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
-    """Set (None or blank: remove) a top-level option (`dtype`, `tokenizer_source`, `seed`, `gate_mode`, ...)."""
-    out = copy.deepcopy(data)
-    _set_or_drop(out, key, value)
-    return out
-
-
-def add_slice(data: dict[str, Any]) -> dict[str, Any]:
-    """Append a slice copying the previous one's model, starting where it ended."""
-    out = copy.deepcopy(data)
-    rows = _slice_rows(out.get("slices")) or ()
-    last = rows[-1] if rows else SliceRow("", 0, 1)
-    start = last.end if rows else 0
-    source = {"model": last.model, "layer_range": [start, start + max(1, last.end - last.start)]}
-    if not isinstance(out.get("slices"), list):
-        out["slices"] = []
-        out.pop("models", None)
-    out["slices"].append({"sources": [source]})
-    return out
-
-
-def remove_slice(data: dict[str, Any], index: int) -> dict[str, Any]:
-    """Remove slice `index`."""
-    out = copy.deepcopy(data)
-    slices = out.get("slices")
-    if isinstance(slices, list) and 0 <= index < len(slices):
-        del slices[index]
-    return out
-
-
-def set_slice(data: dict[str, Any], index: int, key: str, value: Any) -> dict[str, Any]:
-    """Set `model`, `start`, `end` or `scale` (None: remove) of one-source slice `index`."""
-    out = copy.deepcopy(data)
-    slices = out.get("slices")
-    if not (isinstance(slices, list) and 0 <= index < len(slices)):
-        return out
-    source = slices[index]["sources"][0]
-    if key == "model":
-        source["model"] = _text(value)
-    elif key in ("start", "end"):
-        bounds = list(source.get("layer_range") or [0, 0])
-        bounds[0 if key == "start" else 1] = int(value or 0)
-        source["layer_range"] = bounds
-    elif key == "scale":
-        params = source.get("parameters") if isinstance(source.get("parameters"), dict) else {}
-        _set_or_drop(params, "scale", value)
-        if params:
-            source["parameters"] = params
-        else:
-            source.pop("parameters", None)
-    return out
 
 
 # ---------------------------------------------------------------- widget values
@@ -463,22 +275,12 @@ def to_widget(kind: str, value: Any) -> Any:
     return value
 
 
-def _set_or_drop(mapping: dict[str, Any], key: str, value: Any) -> None:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        mapping.pop(key, None)
-    else:
-        mapping[key] = value
-
-
-def _front(data: dict[str, Any], key: str) -> dict[str, Any]:
-    """The mapping with `key` first (configs read from the method down)."""
-    return {key: data[key], **{k: v for k, v in data.items() if k != key}}
-
-
-def _params(entry: dict[str, Any]) -> dict[str, Any]:
+def params_of(entry: dict[str, Any]) -> dict[str, Any]:
+    """An entry's `parameters:` mapping (empty when absent or not a mapping)."""
     params = entry.get("parameters")
     return params if isinstance(params, dict) else {}
 
 
-def _text(value: Any) -> str:
+def text_of(value: Any) -> str:
+    """A config value as stripped text (None: empty)."""
     return "" if value is None else str(value).strip()

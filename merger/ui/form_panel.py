@@ -12,6 +12,7 @@ from typing import Any, Callable
 import gradio as gr
 
 from ..form import CLASSIC_T, dump_yaml
+from . import config_edits as ce
 from . import config_view as cv
 from .pickers import PICKER_HINT, Picker, note_pick, picker, superseded_by_pick
 from .yaml_panel import EDIT_QUEUE, ConfigViews
@@ -44,7 +45,7 @@ def build(views: ConfigViews, demo: gr.Blocks) -> None:
         _method_picker(views, view, live)
         if view.base != "none" or view.base_model:
             label = "Base model (attention, norms, embeddings)" if view.method == cv.MOE else "Base model"
-            _wire_picker(views, picker(label, view.base_model, "base-model", live), cv.set_base)
+            _wire_picker(views, picker(label, view.base_model, "base-model", live), ce.set_base)
         if view.slices is not None or (view.method == "passthrough" and not view.rows):
             _slices(views, view.slices or (), live)
         else:
@@ -53,7 +54,7 @@ def build(views: ConfigViews, demo: gr.Blocks) -> None:
         with gr.Accordion("Options: dtype, tokenizer, chat template, seed", open=view.method == cv.MOE):
             for f in view.options:
                 widget = _widget(f, f"option-{f.key}", LABELS.get(f.key, f.key), live)
-                _wire(views, widget, f.kind, lambda d, v, key=f.key: cv.set_option(d, key, v))
+                _wire(views, widget, f.kind, lambda d, v, key=f.key: ce.set_option(d, key, v))
 
 
 def _method_picker(views: ConfigViews, view: cv.View, live: bool) -> None:
@@ -63,7 +64,7 @@ def _method_picker(views: ConfigViews, view: cv.View, live: bool) -> None:
     method = gr.Dropdown(
         choices, value=view.method or None, label="Merge method", elem_id="method", interactive=live
     )
-    _wire(views, method, "choice", cv.set_method, structural=True)
+    _wire(views, method, "choice", ce.set_method, structural=True)
 
 
 def _rows(views: ConfigViews, view: cv.View, live: bool) -> None:
@@ -71,33 +72,42 @@ def _rows(views: ConfigViews, view: cv.View, live: bool) -> None:
     for i, row in enumerate(view.rows):
         with gr.Row(equal_height=True):
             box = picker(f"{noun} {i + 1}", row.model, f"model-{i}", live)
-            _wire_picker(views, box, lambda d, v, i=i: cv.set_model(d, i, v))
+            _wire_picker(views, box, lambda d, v, i=i: ce.set_model(d, i, v))
             for f in row.params:
                 widget = _widget(f, f"param-{i}-{f.key}", f.key, live, scale=1)
-                _wire(views, widget, f.kind, lambda d, v, i=i, key=f.key: cv.set_model_param(d, i, key, v))
+                _wire(views, widget, f.kind, lambda d, v, i=i, key=f.key: ce.set_model_param(d, i, key, v))
             remove = gr.Button("✕", size="sm", scale=0, min_width=40, elem_id=f"remove-model-{i}", interactive=live)
-            _click(views, remove, lambda d, i=i: cv.remove_model(d, i))
+            _click(views, remove, lambda d, i=i: ce.remove_model(d, i))
     add = gr.Button(f"+ Add {noun.lower()}", size="sm", elem_id="add-model", interactive=live)
-    _click(views, add, cv.add_model)
+    _click(views, add, ce.add_model)
 
 
-def _slices(views: ConfigViews, slices: tuple[cv.SliceRow, ...], live: bool) -> None:
+def _slices(views: ConfigViews, rows: tuple[cv.SliceRow, ...], live: bool) -> None:
     gr.Markdown("Slices, stacked in order: layers [start, end) of each model (end is exclusive).")
-    for i, row in enumerate(slices):
-        with gr.Row(equal_height=True):
-            box = picker(f"Slice {i + 1}: model", row.model, f"slice-{i}-model", live)
-            _wire_picker(views, box, lambda d, v, i=i: cv.set_slice(d, i, "model", v))
-            for key, value in (("start", row.start), ("end", row.end)):
-                number = gr.Number(value=value, precision=0, minimum=0, label=key, elem_id=f"slice-{i}-{key}",
-                                   interactive=live, scale=1, min_width=80)
-                _wire(views, number, "number", lambda d, v, i=i, key=key: cv.set_slice(d, i, key, v))
-            scale = gr.Number(value=row.scale, label="scale", elem_id=f"slice-{i}-scale", interactive=live,
-                              scale=1, min_width=80)
-            _wire(views, scale, "number", lambda d, v, i=i: cv.set_slice(d, i, "scale", v))
-            remove = gr.Button("✕", size="sm", scale=0, min_width=40, elem_id=f"remove-slice-{i}", interactive=live)
-            _click(views, remove, lambda d, i=i: cv.remove_slice(d, i))
+    for i in sorted({r.slice for r in rows}):
+        with gr.Group():
+            gr.Markdown(f"Slice {i + 1}")
+            for row in [r for r in rows if r.slice == i]:
+                _slice_source(views, row, live)
+            remove = gr.Button(f"✕ Remove slice {i + 1}", size="sm", elem_id=f"remove-slice-{i}", interactive=live)
+            _click(views, remove, lambda d, i=i: ce.remove_slice(d, i))
     add = gr.Button("+ Add slice", size="sm", elem_id="add-slice", interactive=live)
-    _click(views, add, cv.add_slice)
+    _click(views, add, ce.add_slice)
+
+
+def _slice_source(views: ConfigViews, row: cv.SliceRow, live: bool) -> None:
+    i, j = row.slice, row.source
+    where = f"slice-{i}-{j}"
+    with gr.Row(equal_height=True):
+        box = picker("model", row.model, f"{where}-model", live)
+        _wire_picker(views, box, lambda d, v: ce.set_slice(d, i, "model", v, j))
+        for key, value in (("start", row.start), ("end", row.end)):
+            number = gr.Number(value=value, precision=0, minimum=0, label=key, elem_id=f"{where}-{key}",
+                               interactive=live, scale=1, min_width=80)
+            _wire(views, number, "number", lambda d, v, key=key: ce.set_slice(d, i, key, v, j))
+        scale = gr.Number(value=row.scale, label="scale", elem_id=f"{where}-scale", interactive=live,
+                          scale=1, min_width=80)
+        _wire(views, scale, "number", lambda d, v: ce.set_slice(d, i, "scale", v, j))
 
 
 def _globals(views: ConfigViews, view: cv.View, live: bool) -> None:
@@ -106,12 +116,12 @@ def _globals(views: ConfigViews, view: cv.View, live: bool) -> None:
     with gr.Row():
         for f in view.globals:
             widget = _widget(f, f"global-{f.key}", f.key, live)
-            _wire(views, widget, f.kind, lambda d, v, key=f.key: cv.set_global(d, key, v))
+            _wire(views, widget, f.kind, lambda d, v, key=f.key: ce.set_global(d, key, v))
     if any(f.key == "t" for f in view.globals):
         gr.Markdown("`t` may be a number, a gradient across the layers (`[0, 0.5, 1]`) or filtered values.")
         classic = gr.Button("Use the classic attention/MLP schedule for t", size="sm", elem_id="classic-t",
                             interactive=live)
-        _click(views, classic, lambda d: cv.set_global(d, "t", CLASSIC_T), structural=True)
+        _click(views, classic, lambda d: ce.set_global(d, "t", CLASSIC_T), structural=True)
 
 
 def _widget(f: cv.Field, elem_id: str, label: str, live: bool, scale: int | None = None) -> gr.components.Component:

@@ -252,4 +252,13 @@ def test_a_users_path_through_the_page(site, browser) -> None:
     time.sleep(2)
     assert [j.repo_id for j in jobs.list_jobs("alice")].count("alice/browser-double") == 1
     shot(other, "07-double-click")
+
+    # an example fills the form in one click: a SLERP over a layer range shows both sources of its slice
+    other.locator("#examples").get_by_text("Offline twin of seed-slerp").click()
+    other.wait_for_function(
+        "() => { const e = document.querySelector('#slice-0-1-model textarea, #slice-0-1-model input');"
+        " return e && e.value.endsWith('mistral-code'); }"
+    )
+    wait_for_yaml(other, "filter: self_attn")
+    shot(other, "08-example")
     print(f"browser test: {time.monotonic() - started:.1f} s")

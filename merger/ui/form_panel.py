@@ -105,8 +105,9 @@ def _slice_source(views: ConfigViews, row: cv.SliceRow, live: bool) -> None:
             number = gr.Number(value=value, precision=0, minimum=0, label=key, elem_id=f"{where}-{key}",
                                interactive=live, scale=1, min_width=80)
             _wire(views, number, "number", lambda d, v, key=key: ce.set_slice(d, i, key, v, j))
-        scale = gr.Number(value=row.scale, label="scale", elem_id=f"{where}-scale", interactive=live,
-                          scale=1, min_width=80)
+        # unset, the source is used as is: the box shows 1 and writes nothing until edited
+        scale = gr.Number(value=1 if row.scale is None else row.scale, label="scale", info="default 1",
+                          elem_id=f"{where}-scale", interactive=live, scale=1, min_width=80)
         _wire(views, scale, "number", lambda d, v: ce.set_slice(d, i, "scale", v, j))
 
 

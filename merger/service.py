@@ -173,8 +173,8 @@ def preflight(yaml_text: str, token: str | None, repo_id: str, private: bool, re
     lines.append(CheckLine("config", True, "the config parses"))
     try:
         metadata = fetch_metadata(config.referenced_models(), token)
-        lines.append(CheckLine("models", True, f"{len(metadata)} model(s) reachable"))
-        plan, metadata = plan_config(config, token)
+        lines.append(CheckLine("models", True, _models_summary(metadata)))
+        plan, metadata = plan_config(config, token, metadata)  # planned from the metadata just fetched
     except MergerError as err:
         name = "compatibility" if len(lines) > 1 and lines[-1].name == "models" else "models"
         lines.append(CheckLine(name, False, _short(err), _fix_for(err, name)))
@@ -184,6 +184,16 @@ def preflight(yaml_text: str, token: str | None, repo_id: str, private: bool, re
     lines.append(_target_line(repo_id, token, private, reuse_repo))
     lines.append(_resources_line(plan, metadata))
     return Preflight(tuple(lines))
+
+
+def _models_summary(metadata: dict[str, Any]) -> str:
+    """`N model(s) reachable: `id` (architecture, parameters, license), ...`."""
+    parts = []
+    for meta in metadata.values():
+        architecture = (meta.config.get("architectures") or ["unknown architecture"])[0]
+        count = sum(t.numel for t in meta.tensors.values())
+        parts.append(f"`{meta.reference}` ({architecture}, {_count(count)} parameters, license {meta.license or 'unknown'})")
+    return f"{len(metadata)} model(s) reachable: " + ", ".join(parts)
 
 
 def _plan_summary(plan: Any) -> str:

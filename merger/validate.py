@@ -11,14 +11,21 @@ from .plan import MergePlan, build_plan, needs_vocabularies
 from .resolve import fetch_metadata, fetch_vocabularies
 
 
-def plan_config(config: AnyConfig, token: str | None) -> tuple[MergePlan, dict[str, ModelMetadata]]:
+def plan_config(
+    config: AnyConfig, token: str | None, metadata: dict[str, ModelMetadata] | None = None
+) -> tuple[MergePlan, dict[str, ModelMetadata]]:
     """Plan either schema (mergekit merge or mergekit-moe) from metadata, fetching no weights.
+
+    Args:
+        config: the parsed config.
+        token: a Hub token for private or gated models.
+        metadata: the referenced models' metadata when already fetched (else fetched here).
 
     Returns:
         The plan, and every referenced model's metadata (canonical key -> metadata).
     """
     refs = config.referenced_models()
-    metadata = fetch_metadata(refs, token)
+    metadata = fetch_metadata(refs, token) if metadata is None else metadata
     if isinstance(config, MoEConfig):
         return build_moe_plan(config, metadata), metadata
     vocabs = fetch_vocabularies(refs, metadata, token) if needs_vocabularies(config) else None

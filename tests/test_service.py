@@ -18,6 +18,8 @@ def published(hub, fixture_models_dir: Path, tmp_path_factory) -> None:
     for name in ("mistral-base", "mistral-prose", "qwen2-base"):
         folder = tmp_path_factory.mktemp(name)
         shutil.copytree(fixture_models_dir / name, folder, dirs_exist_ok=True)
+        if name == "mistral-base":  # one card with a license, one without
+            (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# fixture\n")
         hub.upload_model(folder, f"alice/{name}")
 
 
@@ -51,7 +53,9 @@ def test_a_mergeable_config_passes_every_line(hub, published, job_store) -> None
     found = lines(result)
     assert list(found) == ["config", "models", "compatibility", "target repo", "resources"]
     assert result.ok, result
-    assert found["models"].detail == "2 model(s) reachable"
+    # each model with its architecture, parameter count (from the safetensors headers) and license
+    assert found["models"].detail.startswith("2 model(s) reachable: `alice/mistral-base` (MistralForCausalLM, ")
+    assert "license apache-2.0" in found["models"].detail and "license unknown" in found["models"].detail
     assert found["target repo"].detail == "`alice/pf-new`: new, public"
     # the download is the two fixtures' safetensors payloads, counted from their headers
     from merger.metadata import DTYPE_SIZES

@@ -213,6 +213,7 @@ def test_a_users_path_through_the_page(site, browser) -> None:
                            "document.querySelector('#job-result').innerText.includes('browser-ties')")
     job_id = field(page, "job-id").input_value()
     assert jobs.get_job(job_id).status.value == "succeeded"
+    page.wait_for_selector("#merge:not([disabled])")  # enabled again once the job id was back
     shot(page, "04-job")
 
     # My merges lists it (refreshed when the job ended)

@@ -27,7 +27,7 @@ def wire_merge(views: ConfigViews, pre: Preflight, job: JobView, listing: gr.HTM
     def on_merge(values: dict, request: gr.Request, oauth_token: gr.OAuthToken | None = None) -> dict:
         session = getattr(request, "session_hash", None) or ""
         if not _guard.enter(session):
-            return {pre.merge_button: gr.skip()}
+            return {pre.share_link: gr.skip()}
         try:
             new_id = api_submit(
                 values[views.config], values[pre.repo_id], values[pre.private], values[pre.reuse_repo], oauth_token
@@ -37,15 +37,21 @@ def wire_merge(views: ConfigViews, pre: Preflight, job: JobView, listing: gr.HTM
         return {
             **job.opened(new_id, app_url(request)),
             pre.share_link: gr.Textbox(visible=False),
-            pre.merge_button: gr.Button(interactive=True),
             listing: refresh_listing(request, oauth_token),
         }
 
+    # The button is disabled in the browser at the click (the js), then through its own property (so the
+    # later re-enabling is a real change the page applies), and enabled again once the submission is over.
     pre.merge_button.click(
+        lambda: gr.Button(interactive=False),
+        outputs=pre.merge_button,
+        js="() => { const b = document.querySelector('#merge'); if (b) b.disabled = true; }",
+        queue=False,
+        api_visibility="private",
+    ).then(
         on_merge,
         inputs={views.config, pre.repo_id, pre.private, pre.reuse_repo},
-        outputs=[*job.outputs, pre.share_link, pre.merge_button, listing],
-        js="(...args) => { const b = document.querySelector('#merge'); if (b) b.disabled = true; return args; }",
+        outputs=[*job.outputs, pre.share_link, listing],
         concurrency_limit=2,
         concurrency_id="submit",
         api_visibility="private",

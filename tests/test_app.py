@@ -569,3 +569,33 @@ def test_pasting_any_example_or_method_keeps_its_bytes_and_shows_its_form(served
         shown = updates[state_of(demo, "layout")]["structure"]
         assert shown == config_view.view_of(config_view.parse(text)).structure()
         assert updates[by_id(demo, "kept-note")] == ""  # the form shows every field of these configs
+
+
+def test_a_second_merge_click_while_one_is_submitting_queues_nothing(
+    served: tuple[gr.Blocks, str], job_store: Path, monkeypatch: pytest.MonkeyPatch, hub
+) -> None:
+    from merger import jobs
+    from merger.ui import page_events
+
+    demo = served[0]
+    on_merge = handler(demo, "on_merge")
+    values = {
+        state_of(demo, "config"): "merge_method: linear\n",
+        by_id(demo, "repo-id"): "twice",
+        by_id(demo, "private"): False,
+        by_id(demo, "reuse-repo"): False,
+    }
+    req = gr.Request()
+    req.session_hash = "double-clicker"
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert page_events._guard.enter("double-clicker")  # the first click's submission is in flight
+    try:
+        updates = on_merge(values, req)
+    finally:
+        page_events._guard.leave("double-clicker")
+    assert all(isinstance(u, type(gr.skip())) for u in updates.values())
+    assert jobs.list_jobs("alice") == []
+    with pytest.raises(gr.Error):  # once it is over, the next click is handled (here: refused, bad config)
+        on_merge(values, req)
+    assert page_events._guard.enter("double-clicker")  # and a refusal leaves the guard free
+    page_events._guard.leave("double-clicker")

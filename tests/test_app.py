@@ -599,3 +599,21 @@ def test_a_second_merge_click_while_one_is_submitting_queues_nothing(
         on_merge(values, req)
     assert page_events._guard.enter("double-clicker")  # and a refusal leaves the guard free
     page_events._guard.leave("double-clicker")
+
+
+def test_my_jobs_lists_the_callers_jobs_newest_first(
+    client: Client, job_store: Path, monkeypatch: pytest.MonkeyPatch, hub
+) -> None:
+    from merger import jobs
+
+    first = jobs.submit("merge_method: linear\n", "alice/first", TOKEN, "alice")
+    second = jobs.submit("merge_method: linear\n", "alice/second", TOKEN, "alice")
+    jobs.submit("merge_method: linear\n", "bob/theirs", "hf_test_bob", "bob")
+    assert jobs.cancel(first, "alice")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    listed = client.predict(api_name="/my_jobs")
+    assert [(j["id"], j["repo_id"], j["status"]) for j in listed] == [
+        (second, "alice/second", "queued"),
+        (first, "alice/first", "cancelled"),
+    ]
+    assert listed[0]["config_yaml"] == "merge_method: linear\n" and listed[0]["queue_position"] == 1

@@ -8,6 +8,7 @@ and the jobs only through `merger.service`; the named API endpoints are listed i
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 
@@ -72,6 +73,20 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
     return demo
 
 
+# Waiting events across the app: past it gradio answers "queue is full" at once instead of holding a
+# connection for each (a burst of requests cannot grow memory without bound).
+QUEUE_MAX_SIZE = 64
+# gradio's cap on an uploaded file (the app takes no files; a config is text, bounded by the parser).
+# gradio has no setting for the size of a JSON request body: the parser's limits bound what is read from it.
+MAX_FILE_SIZE = "1mb"
+
+
+def serve(demo: gr.Blocks, **launch: Any) -> tuple[Any, str, str]:
+    """Queue and launch `demo` with the app's bounds (queue length, upload size); `launch` adds options."""
+    demo.queue(default_concurrency_limit=4, max_size=QUEUE_MAX_SIZE)
+    return demo.launch(max_file_size=MAX_FILE_SIZE, **launch)
+
+
 def main() -> None:
     """Serve the app; unless the worker runs apart (`MERGER_EXTERNAL_WORKER=1`), start and supervise one."""
     from merger.worker import WorkerSupervisor, ensure_queue_key, install_log_scrubbing
@@ -81,7 +96,7 @@ def main() -> None:
     ensure_queue_key()  # the data dir's key (or the given one), so jobs still queued survive a restart
     supervisor = None if constants.EXTERNAL_WORKER else WorkerSupervisor()
     try:
-        build_demo().queue(default_concurrency_limit=4).launch()
+        serve(build_demo())
     finally:
         if supervisor is not None:
             supervisor.stop()

@@ -1,4 +1,5 @@
-"""Command line: `python -m merger run CONFIG OUT` and `python -m merger validate CONFIG`."""
+"""Command line: `python -m merger run CONFIG OUT`, `python -m merger validate CONFIG` and
+`python -m merger extract-lora FINETUNE BASE OUT --rank R`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import re
 import sys
 from pathlib import Path
 
-from .errors import MergerError
+from .errors import MergerError, excerpt
+from .parse import read_config_file
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -38,6 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="push to the --push-to repo even if it exists (a new commit; its visibility is kept)")
     validate = commands.add_parser("validate", help="check CONFIG against the models' metadata, without downloading weights")
     validate.add_argument("config", type=Path)
+    extract = commands.add_parser("extract-lora", help="write a PEFT LoRA adapter of FINETUNE − BASE to the folder OUT")
+    extract.add_argument("finetune", help="the fine-tuned model (Hub id or folder)")
+    extract.add_argument("base", help="its base model (Hub id or folder)")
+    extract.add_argument("out", type=Path, help="adapter folder (new, or empty)")
+    target = extract.add_mutually_exclusive_group(required=True)
+    target.add_argument("--rank", type=int, help="the rank of every matrix's LoRA (at most the matrix's own)")
+    target.add_argument("--energy", type=float, help="the share of each change's energy kept, e.g. 0.9 (ranks vary)")
     return parser
 
 
@@ -60,7 +69,7 @@ def _run(args: argparse.Namespace) -> None:
         # Before the merge: a target the user may not write to must not cost a whole merge.
         target = check_push_target(args.push_to, token, private=args.private, reuse_repo=args.reuse_repo)
         args.push_to = target.repo_id
-    text = args.config.read_text()
+    text = _read_config(args.config)
     bars: list[tqdm] = []  # made at the first tensor, so a config error prints no empty bar
 
     def progress(fraction: float, name: str) -> None:
@@ -85,15 +94,50 @@ def _run(args: argparse.Namespace) -> None:
         print(f"pushed to {url}")
 
 
+def _extract_lora(args: argparse.Namespace) -> None:
+    from huggingface_hub import get_token
+
+    from .lora.extract import extract_lora
+
+    print(f"{'tensor':60s} {'shape':>14s} {'rank':>6s} {'energy':>8s} {'rel. error':>10s}")
+
+    def show(row) -> None:
+        shape = "×".join(map(str, row.shape))
+        print(f"{row.name:60s} {shape:>14s} {row.rank or 'whole':>6} {row.energy:8.4f} {row.relative_error:10.4f}")
+
+    rows = extract_lora(args.finetune, args.base, args.out, rank=args.rank, energy=args.energy, token=get_token(),
+                        progress=show)
+    print(f"wrote {args.out}: {len(rows)} tensors, lowest retained energy {min(r.energy for r in rows):.4f}")
+
+
 def _validate(args: argparse.Namespace) -> None:
     from huggingface_hub import get_token
 
     from .validate import validate_config
 
-    report = validate_config(args.config.read_text(), token=get_token())
+    report = validate_config(_read_config(args.config), token=get_token())
     print(f"OK: {report.summary()}")
     print(f"layers: {report.num_layers}")
     print(f"parameters: {report.parameter_count}")
+
+
+def _read_config(path: Path) -> str:
+    """The config file's text, read with the parser's limits.
+
+    Raises:
+        MergerError: the file does not exist, is a folder, or cannot be read (one line, the reason named).
+        ConfigError: as :func:`merger.parse.read_config_file` (too large, not UTF-8, holds a token).
+    """
+    shown = excerpt(str(path), 200)
+    if path.is_dir():
+        raise MergerError(f"config file `{shown}` is a folder; give the path of a YAML file")
+    try:
+        return read_config_file(path)
+    except FileNotFoundError:
+        raise MergerError(f"config file `{shown}` does not exist") from None
+    except OSError as err:
+        raise MergerError(f"config file `{shown}` cannot be read ({err.strerror or type(err).__name__}); "
+                          "check its permissions") from None
 
 
 class _TqdmHandler(logging.Handler):
@@ -106,18 +150,21 @@ class _TqdmHandler(logging.Handler):
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0, or 2 with a one-line `error:` on stderr for any MergerError)."""
+    """Run the CLI; returns the exit status (0, or 2 with `error: ErrorClass: message` on stderr for a MergerError)."""
     args = build_parser().parse_args(argv)
     logger = logging.getLogger("merger")
     handler, propagate = _TqdmHandler(logging.WARNING), logger.propagate
     logger.addHandler(handler)
     logger.propagate = False  # for this call only: warnings print once, above the bar
     try:
-        if not args.config.is_file():
-            raise MergerError(f"config file `{args.config}` does not exist")
+        if args.command == "extract-lora":
+            _extract_lora(args)
+            return 0
+        if not args.config.is_file():  # before any other work; _read_config says why
+            _read_config(args.config)
         (_run if args.command == "run" else _validate)(args)
     except MergerError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)  # the class name: a stable label for scripts
         return 2
     finally:
         logger.removeHandler(handler)

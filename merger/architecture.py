@@ -68,6 +68,9 @@ class WeightInfo:
         expert_source: for MoE outputs, the dense tensor an expert copies.
         residual: for MoE outputs, whether this is the expert's residual write (gets `residual_scale`).
         router: for MoE outputs, the router (gate) matrix, shape `(experts, hidden_size)`.
+        side_module: a tensor beside the text decoder (a multimodal model's vision tower or
+            projector): merged by the merge's method when every input has it with one shape, else
+            copied from the config donor.
     """
 
     name: str
@@ -78,6 +81,7 @@ class WeightInfo:
     expert_source: str | None = None
     residual: bool = False
     router: bool = False
+    side_module: bool = False
 
     def stored_name(self, tensors: Container[str], tied: bool = True) -> str | None:
         """The name this tensor is stored under in one model: its own name, else an alias, else a tied name.
@@ -129,6 +133,8 @@ class Architecture:
         pre_weights / layer_weights / post_weights: the tensor templates, in file order.
         moe_from: for an MoE output, the dense `model_type`s it can be assembled from.
         inferred: True when inferred from a model's tensor names rather than read from a definition.
+        default_layers: the layer count transformers assumes when a config states none (multimodal
+            `text_config`s often leave the text class's default implicit); None: the count is required.
     """
 
     model_type: str
@@ -139,13 +145,32 @@ class Architecture:
     post_weights: tuple[WeightInfo, ...]
     moe_from: tuple[str, ...] = ()
     inferred: bool = False
+    default_layers: int | None = None
 
-    def num_layers(self, config: dict) -> int:
-        """The layer count stated by a model's `config.json` (dotted keys allowed)."""
-        value = config
-        for part in self.num_layers_config_key.split("."):
-            value = value[part]
-        return int(value)
+    def num_layers(self, config: dict, default: int | None = None) -> int:
+        """The layer count stated by a model's `config.json`.
+
+        Args:
+            config: the parsed `config.json`.
+            default: returned when the config states no count; None raises instead.
+
+        Returns:
+            The value under :attr:`num_layers_config_key` (dotted keys walk nested objects, e.g.
+            `text_config.num_hidden_layers`; a text-only config is read under the last part alone).
+
+        Raises:
+            KeyError: the config states no count and `default` is None.
+        """
+        for path in (self.num_layers_config_key.split("."), self.num_layers_config_key.split(".")[-1:]):
+            value = config
+            for part in path:
+                value = value.get(part) if isinstance(value, dict) else None
+            if isinstance(value, int):
+                return value
+        default = self.default_layers if default is None else default
+        if default is None:
+            raise KeyError(self.num_layers_config_key)
+        return default
 
     def layer(self, index: int) -> tuple[WeightInfo, ...]:
         """The weights of layer `index` (templates filled in; expert templates left to the caller)."""
@@ -165,6 +190,7 @@ _WEIGHT_FIELD_TYPES: dict[str, type] = {
     "expert_source": str,
     "residual": bool,
     "router": bool,
+    "side_module": bool,
 }
 
 
@@ -449,6 +475,8 @@ def architecture_for(
     """
     names = config.get("architectures") or []
     model_type = config.get("model_type")
+    if is_multimodal(config) and tensor_names is not None:
+        return multimodal_architecture(config, reference, tensor_names)
     candidates = [d for d in _definitions() if names and names[0] in d.architectures]
     if len(candidates) > 1:
         candidates = [d for d in candidates if d.model_type == model_type] or candidates
@@ -467,3 +495,132 @@ def architecture_for(
             f"{unsupported} has no definition for, and its layout could not be inferred from its tensors: "
             f"{error}. Supported: {supported}"
         ) from error
+
+
+# ---------------------------------------------------------------- multimodal checkpoints (text decoder + vision)
+
+# Where a multimodal checkpoint keeps its text decoder: the prefixes that replace a text definition's
+# `model.` and `lm_head.`. First the format transformers saves and the Hub holds (LLaVA, Gemma-3,
+# Mistral-3: `language_model.model.layers.0...`), then the one some 4.5x versions saved, then the
+# plain one of models that put vision beside an ordinary decoder (Qwen2-VL: `model.layers`, `visual.*`).
+TEXT_DECODER_LAYOUTS = (
+    ("language_model.model.", "language_model.lm_head."),
+    ("model.language_model.", "lm_head."),
+    ("model.", "lm_head."),
+)
+
+
+def is_multimodal(config: dict) -> bool:
+    """Whether a `config.json` describes a text decoder with other modules (`text_config` / `vision_config`)."""
+    return isinstance(config.get("text_config"), dict) or isinstance(config.get("vision_config"), dict)
+
+
+def _moved(name: str, layout: tuple[str, str]) -> str | None:
+    """A text-only name (`model.x`, `lm_head.x`) under a layout's prefixes; None for other names."""
+    for plain, prefix in zip(("model.", "lm_head."), layout):
+        if name.startswith(plain):
+            return prefix + name[len(plain):]
+    return None
+
+
+def _unmoved(name: str, layout: tuple[str, str]) -> str | None:
+    """The inverse of :func:`_moved`: a multimodal name back to its text-only spelling."""
+    for plain, prefix in zip(("model.", "lm_head."), layout):
+        if name.startswith(prefix):
+            return plain + name[len(prefix):]
+    return None
+
+
+def _move_weight(weight: WeightInfo, layout: tuple[str, str]) -> WeightInfo:
+    """A text weight under `layout`, read also under its text-only name and the other layouts' names
+    (so a text-only fine-tune, or a checkpoint saved in the other format, merges with it)."""
+    def spellings(name: str) -> list[str]:
+        return [n for n in (_moved(name, other) for other in TEXT_DECODER_LAYOUTS) if n] + [name]
+
+    own = _moved(weight.name, layout) or weight.name
+    aliases = [n for a in (weight.name, *weight.aliases) for n in spellings(a) if n != own]
+    return replace(
+        weight,
+        name=own,
+        aliases=tuple(dict.fromkeys(aliases)),
+        tied_names=tuple(dict.fromkeys(n for t in weight.tied_names for n in [_moved(t, layout) or t, *spellings(t)])),
+    )
+
+
+def multimodal_architecture(config: dict, reference: str, tensors: Mapping[str, Any] | Iterable[str]) -> Architecture:
+    """The layout of a multimodal checkpoint: its text decoder, then every other tensor as a side module.
+
+    The text decoder is found under one of :data:`TEXT_DECODER_LAYOUTS`; its layout is the definition
+    of `text_config.model_type` (or inferred from the decoder's tensors when there is none), renamed
+    into the checkpoint's prefixes. Layer counts come from `text_config` (the top level when there is
+    none), so `models:` and `slices:` address the text decoder's layers. The remaining tensors (vision
+    tower, projector) become `side_module` post-weights, in name order.
+
+    Args:
+        config: the parsed multimodal `config.json`.
+        reference: the model's name, for messages.
+        tensors: the model's tensor names, or its name -> `.shape` mapping.
+
+    Returns:
+        The :class:`Architecture` (`model_type` and `architectures` the checkpoint's own).
+
+    Raises:
+        ArchitectureError: no text decoder is found, or its layout is unknown and cannot be inferred.
+    """
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    names = list(tensors)
+    layout = next((lay for lay in TEXT_DECODER_LAYOUTS if any(n.startswith(lay[0]) for n in names)), None)
+    if layout is None:
+        raise ArchitectureError(
+            f"model `{reference}` is multimodal (`{(config.get('architectures') or ['?'])[0]}`) but no tensor "
+            f"lies under a known text decoder prefix ({', '.join(f'`{lay[0]}`' for lay in TEXT_DECODER_LAYOUTS)})"
+        )
+    text_names = {_unmoved(n, layout): n for n in names if _unmoved(n, layout) is not None}
+    text_tensors = (
+        {plain: tensors[n] for plain, n in text_names.items()} if isinstance(tensors, Mapping) else list(text_names)
+    )
+    text = _text_definition(text_config, reference, text_tensors)
+    nested = "text_config." if text_config is not config else ""
+    moved = {section: tuple(_move_weight(w, layout) for w in getattr(text, section))
+             for section in ("pre_weights", "layer_weights", "post_weights")}
+    described = {n for ws in moved.values() for w in ws for n in (w.name, *w.aliases)}
+    count = text.num_layers(text_config, default=_default_layers(text_config))
+    described |= {w.for_layer(i).name for w in moved["layer_weights"] for i in range(count)}
+    side = tuple(WeightInfo(n, side_module=True) for n in sorted(names) if n not in described
+                 and not (_LAYER_INDEX.search(n) and n.startswith(layout[0])))
+    return Architecture(
+        model_type=str(config.get("model_type") or text.model_type),
+        architectures=tuple(config.get("architectures") or ()),
+        num_layers_config_key=nested + text.num_layers_config_key,
+        pre_weights=moved["pre_weights"],
+        layer_weights=moved["layer_weights"],
+        post_weights=moved["post_weights"] + side,
+        inferred=text.inferred,
+        default_layers=_default_layers(text_config),
+    )
+
+
+def _text_definition(text_config: dict, reference: str, text_tensors: Mapping[str, Any] | list[str]) -> Architecture:
+    """The definition of a multimodal model's text decoder, or its layout inferred from the decoder's tensors."""
+    model_type = text_config.get("model_type")
+    for definition in _definitions():
+        if definition.model_type == model_type:
+            return definition
+    try:
+        return infer_architecture({**text_config, **({} if "num_hidden_layers" in text_config else
+                                   {"num_hidden_layers": _default_layers(text_config)})}, text_tensors)
+    except ArchitectureError as error:
+        raise ArchitectureError(
+            f"model `{reference}` has a `{model_type}` text decoder, which merger has no definition for, and its "
+            f"layout could not be inferred from its tensors: {error}"
+        ) from error
+
+
+def _default_layers(text_config: dict) -> int | None:
+    """The text class's default layer count (what transformers assumes when the config states none)."""
+    if isinstance(text_config.get("num_hidden_layers"), int):
+        return text_config["num_hidden_layers"]
+    from .settings import effective_text_config
+
+    value = getattr(effective_text_config(text_config), "num_hidden_layers", None)
+    return value if isinstance(value, int) else None

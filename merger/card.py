@@ -39,6 +39,8 @@ def render_model_card(
     licenses: list[str | None],
     moe: bool = False,
     mention_base: bool = True,
+    remote_code: bool = False,
+    multimodal: bool = False,
 ) -> str:
     """Render the README.md of a merged model.
 
@@ -55,6 +57,10 @@ def render_model_card(
         moe (`bool`, *optional*): the merge is a Mixture of Experts with a freshly initialised router.
         mention_base (`bool`, *optional*, defaults to `True`): say "using <base> as a base" (off for
             methods where the base plays no special role).
+        remote_code (`bool`, *optional*): the model ships its own code (an `auto_map`), so loading it
+            takes `trust_remote_code=True`; the card says so and the usage snippet passes it.
+        multimodal (`bool`, *optional*): the model reads images too (a `text_config` / `vision_config`);
+            the usage snippet loads it with `AutoModelForImageTextToText` and its processor.
 
     Returns:
         `str`: the card, YAML front matter included.
@@ -85,6 +91,8 @@ def render_model_card(
         merged=list(parents.values()),
         license_parents=[] if agreed else list(parents.values()),
         moe=moe,
+        remote_code=remote_code,
+        multimodal=multimodal,
     )
     return str(card)
 

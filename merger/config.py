@@ -11,12 +11,34 @@ from __future__ import annotations
 import os
 from typing import Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, ConfigErrors, UnknownMethodError
+from .chat_template import check_chat_template
+from .errors import (
+    ChatTemplateError,
+    ConfigError,
+    ConfigErrors,
+    ListTooLongError,
+    ParameterValueError,
+    StringTooLongError,
+    UnknownMethodError,
+    excerpt,
+)
+from .parse import parse_config_text
+from .ranges import MAX_FACTOR, Range
 
 Scalar = Union[bool, int, float, str]
+
+# Bounds of list fields and numbers (the text itself is bounded by merger.parse.LIMITS)
+MAX_MODELS = 128  # models, sources of one slice, experts
+MAX_SLICES = 512
+MAX_PROMPTS = 256  # positive or negative prompts of one expert
+MAX_TOKENS = 1024  # entries of `tokenizer.tokens`
+MAX_REFERENCE_CHARS = 512  # a Hub id or local path
+MAX_SHOWN_PROBLEMS = 10  # problems listed in one error; the rest are counted
+LAYER_INDEX = Range(int, 0, 10_000, "a layer index")
+SEED = Range(int, 0, 2**63 - 1, "the random seed")
+FACTOR = Range(float, -MAX_FACTOR, MAX_FACTOR, "a multiplier")
 
 
 class ConditionalParameter(BaseModel):
@@ -33,46 +55,91 @@ Parameters = dict[str, ParameterSetting]
 
 
 class ModelReference(BaseModel):
-    """A model as a config names it: a Hub id or a local path, optionally with `@revision`.
+    """A model as a config names it: a Hub id or a local path, optionally with `@revision` and a LoRA.
 
     Attributes:
         model: the Hub repo id or local directory, as written (minus the revision).
         revision: the Hub revision (branch, tag or commit), if given.
+        lora: a PEFT LoRA adapter applied to the model as it is read (`model+lora`, or the
+            `{model, lora}` form): a Hub id (optionally `@revision`) or a local folder; None without.
     """
 
     model_config = ConfigDict(frozen=True)
     model: str
     revision: str | None = None
+    lora: str | None = None
 
     @classmethod
     def parse(cls, value: Any) -> "ModelReference":
-        """Parse `"org/name"`, `"org/name@rev"`, `"./local/dir"` or a `{model, revision}` dict."""
+        """Parse `"org/name"`, `"org/name@rev"`, `"./local/dir"`, `"org/name+org/adapter"` or a
+        `{model, revision, lora}` dict (mergekit's `{model: {path}, lora: {path}}` too)."""
         if isinstance(value, ModelReference):
             return value
         if isinstance(value, dict):
-            if value.get("lora"):
-                raise ValueError(f"LoRA references are not supported yet, got lora `{value['lora']}`; merge the LoRA into its base first")
-            return cls(model=str(value["model"]), revision=value.get("revision"))
+            model, revision = _path_and_revision(value.get("model"), "model")
+            lora = _lora_text(value["lora"]) if value.get("lora") is not None else None
+            return cls(model=model, revision=revision or value.get("revision"), lora=lora)
         if not isinstance(value, str) or not value.strip():
-            raise ValueError(f"must be a Hub id like `org/name` or a local path, got {value!r}")
+            raise ValueError(f"must be a Hub id like `org/name` or a local path, got `{excerpt(value)}`")
+        _check_length(value)
         text = value.strip()
+        lora = None
         if "+" in text and not os.path.exists(text):
-            raise ValueError(f"LoRA references (`model+lora`) are not supported yet, got `{text}`; merge the LoRA into its base first")
+            text, lora = text.split("+", 1)
+            if not text.strip() or not lora.strip():
+                raise ValueError(f"a LoRA reference is `model+adapter`, got `{excerpt(value)}`; give both parts")
         if "@" in text and not os.path.exists(text):
             model, revision = text.rsplit("@", 1)
-            return cls(model=model, revision=revision or None)
-        return cls(model=text)
+            return cls(model=model, revision=revision or None, lora=lora)
+        return cls(model=text, lora=lora)
+
+    @property
+    def base(self) -> "ModelReference":
+        """The model without its LoRA (itself when it has none)."""
+        return ModelReference(model=self.model, revision=self.revision) if self.lora else self
 
     @property
     def key(self) -> str:
         """Canonical identity: trailing slashes and `./` dropped, so spellings of one model compare equal."""
-        path = self.model.rstrip("/")
-        if path.startswith(("./", "../", "/", "~")) or os.path.isdir(path):
-            path = os.path.normpath(os.path.expanduser(path))
-        return f"{path}@{self.revision}" if self.revision else path
+        key = f"{_canonical(self.model)}@{self.revision}" if self.revision else _canonical(self.model)
+        return f"{key}+{_canonical(self.lora)}" if self.lora else key
 
     def __str__(self) -> str:
-        return f"{self.model}@{self.revision}" if self.revision else self.model
+        text = f"{self.model}@{self.revision}" if self.revision else self.model
+        return f"{text}+{self.lora}" if self.lora else text
+
+
+def _canonical(path: str) -> str:
+    path = path.rstrip("/")
+    if path.startswith(("./", "../", "/", "~")) or os.path.isdir(path):
+        path = os.path.normpath(os.path.expanduser(path))
+    return path
+
+
+def _path_and_revision(value: Any, field: str) -> tuple[str, str | None]:
+    """`(path, revision)` of a `model:`/`lora:` value: a string, or mergekit's `{path, revision}`."""
+    if isinstance(value, dict) and set(value) <= {"path", "revision"}:
+        value, revision = value.get("path"), value.get("revision")
+    else:
+        revision = None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"must give `{field}:` as a Hub id or a local path, got `{excerpt(value)}`")
+    _check_length(value)
+    if revision is not None and not isinstance(revision, str):
+        raise ValueError(f"`{field}.revision` must be text, got `{excerpt(revision)}`")
+    return value.strip(), revision
+
+
+def _lora_text(value: Any) -> str:
+    """A `lora:` value as `path` or `path@revision`."""
+    path, revision = _path_and_revision(value, "lora")
+    return f"{path}@{revision}" if revision else path
+
+
+def _check_length(reference: str) -> None:
+    if len(reference) > MAX_REFERENCE_CHARS:
+        raise StringTooLongError(f"is {len(reference):,} characters (`{excerpt(reference)}`), over the "
+                                 f"{MAX_REFERENCE_CHARS} limit for a Hub id or path")
 
 
 def _reference(value: Any) -> ModelReference:
@@ -99,6 +166,16 @@ class InputSliceSource(BaseModel):
 
     _parse_model = field_validator("model", mode="before")(classmethod(lambda cls, v: _reference(v)))
 
+    @field_validator("layer_range", mode="before")
+    @classmethod
+    def _layer_indices(cls, value: Any) -> Any:
+        if isinstance(value, (list, tuple)) and len(value) == 2:
+            for end in value:
+                problem = LAYER_INDEX.problem(end)
+                if problem:
+                    raise ParameterValueError(f"ends {problem}")
+        return value
+
     @field_validator("layer_range")
     @classmethod
     def _range_not_empty(cls, value: tuple[int, int]) -> tuple[int, int]:
@@ -115,10 +192,12 @@ class OutputSlice(BaseModel):
     """An entry of `slices:`: sources merged layer by layer into consecutive output layers."""
 
     model_config = ConfigDict(extra="forbid")
-    sources: list[InputSliceSource] = Field(min_length=1)
+    sources: list[InputSliceSource] = Field(min_length=1, max_length=MAX_MODELS)
     base_model: ModelReference | None = None
     parameters: Parameters | None = None
     residual_weight: float | None = None  # parsed for compatibility; mergekit ignores it too
+
+    _check_residual = field_validator("residual_weight", mode="before")(FACTOR.validator())
 
     _parse_base = field_validator("base_model", mode="before")(
         classmethod(lambda cls, v: None if v is None else _reference(v))
@@ -141,8 +220,12 @@ class TokenizerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     source: str = "union"
-    tokens: dict[str, Any] | None = None
+    tokens: dict[str, Any] | None = Field(None, max_length=MAX_TOKENS)
     pad_to_multiple_of: int | None = None
+
+    _check_pad = field_validator("pad_to_multiple_of", mode="before")(
+        Range(int, 1, 65_536, "rows of the embedding, padded up to a multiple").validator()
+    )
 
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -153,7 +236,7 @@ def _dtype(value: str | None) -> str | None:
         return None
     name = str(value).removeprefix("torch.")
     if name not in DTYPES:
-        raise ValueError(f"must be one of {', '.join(DTYPES)}, got `{value}`")
+        raise ValueError(f"must be one of {', '.join(DTYPES)}, got `{excerpt(value)}`")
     return name
 
 
@@ -166,8 +249,8 @@ class MergeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     merge_method: str
-    models: list[InputModel] | None = None
-    slices: list[OutputSlice] | None = None
+    models: list[InputModel] | None = Field(None, max_length=MAX_MODELS)
+    slices: list[OutputSlice] | None = Field(None, max_length=MAX_SLICES)
     base_model: ModelReference | None = None
     parameters: Parameters | None = None
     dtype: str | None = None
@@ -177,11 +260,39 @@ class MergeConfig(BaseModel):
     chat_template: str | None = None
     seed: int | None = None
     name: str | None = None
+    # merger's extension (docs/decisions.md): merge although an input has tensors the output's layout
+    # does not describe; they are dropped and named in a warning instead of refusing the merge.
+    drop_unknown_tensors: bool = False
 
     _parse_base = field_validator("base_model", mode="before")(
         classmethod(lambda cls, v: None if v is None else _reference(v))
     )
     _parse_dtypes = field_validator("dtype", "out_dtype", mode="before")(classmethod(lambda cls, v: _dtype(v)))
+    _check_seed = field_validator("seed", mode="before")(SEED.validator())
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_decoder_module(cls, data: Any) -> Any:
+        """mergekit's `modules: {text_decoder: {models | slices}}` is the top-level `models` / `slices`: the text
+        decoder is what they address, and other modules follow it (docs/decisions.md, "Multimodal")."""
+        if not isinstance(data, dict) or "modules" not in data:
+            return data
+        modules = data["modules"]
+        others = sorted(set(modules) - {"text_decoder"}) if isinstance(modules, dict) else []
+        if not isinstance(modules, dict) or not isinstance(modules.get("text_decoder"), dict) or others:
+            named = f", not `{'`, `'.join(map(str, others))}`" if others else ""
+            raise ValueError(
+                f"`modules` may hold only `text_decoder` (an object with `models` or `slices`){named}: the vision tower "
+                "and projector are merged by the same method (or copied from the base when the inputs differ), "
+                "so remove their entries"
+            )
+        body = modules["text_decoder"]
+        if set(body) - {"models", "slices"} or "models" in data or "slices" in data:
+            raise ValueError(
+                "`modules.text_decoder` takes only `models` or `slices`, given instead of (not beside) the top-level "
+                f"ones; got keys {sorted(body)}"
+            )
+        return {**{k: v for k, v in data.items() if k != "modules"}, **body}
 
     @model_validator(mode="after")
     def _models_or_slices(self) -> "MergeConfig":
@@ -220,12 +331,13 @@ class MoEExpert(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     source_model: ModelReference
-    positive_prompts: list[str] | None = None
-    negative_prompts: list[str] | None = None
+    positive_prompts: list[str] | None = Field(None, max_length=MAX_PROMPTS)
+    negative_prompts: list[str] | None = Field(None, max_length=MAX_PROMPTS)
     noise_scale: float | None = None
     residual_scale: float | None = None
 
     _parse_model = field_validator("source_model", mode="before")(classmethod(lambda cls, v: _reference(v)))
+    _check_scales = field_validator("noise_scale", "residual_scale", mode="before")(FACTOR.validator())
 
 
 GATE_MODES = ("random", "uniform_random", "hidden", "hidden_avg", "hidden_last", "cheap_embed")
@@ -237,7 +349,7 @@ class MoEConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     base_model: ModelReference
-    experts: list[MoEExpert] = Field(min_length=1)
+    experts: list[MoEExpert] = Field(min_length=1, max_length=MAX_MODELS)
     gate_mode: Literal["random", "uniform_random", "hidden", "hidden_avg", "hidden_last", "cheap_embed"] = "hidden"
     experts_per_token: int = 2
     dtype: str | None = None
@@ -249,6 +361,10 @@ class MoEConfig(BaseModel):
 
     _parse_base = field_validator("base_model", mode="before")(classmethod(lambda cls, v: _reference(v)))
     _parse_dtypes = field_validator("dtype", "out_dtype", mode="before")(classmethod(lambda cls, v: _dtype(v)))
+    _check_seed = field_validator("seed", mode="before")(SEED.validator())
+    _check_top_k = field_validator("experts_per_token", mode="before")(
+        Range(int, 1, MAX_MODELS, "experts routed per token").validator()
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "MoEConfig":
@@ -265,7 +381,7 @@ class MoEConfig(BaseModel):
         if self.shared_experts:
             raise ValueError("`shared_experts` need a Qwen-MoE or DeepSeek output, which is not supported yet; remove them")
         if self.architecture and self.architecture.lower() not in ("mixtral", "auto"):
-            raise ValueError(f"`architecture: {self.architecture}` is not supported yet; use `mixtral`")
+            raise ValueError(f"`architecture: {excerpt(self.architecture)}` is not supported yet; use `mixtral`")
         return self
 
     @property
@@ -283,17 +399,35 @@ AnyConfig = Union[MergeConfig, MoEConfig]
 
 
 def _location(error: dict) -> str:
-    parts = [str(p) for p in error["loc"] if not str(p).startswith("function-")]
+    parts = [excerpt(p, 40) for p in error["loc"] if not str(p).startswith("function-")]
     out = ""
     for part in parts:
         out += f"[{part}]" if part.isdigit() else (f".{part}" if out else part)
     return out or "config"
 
 
+def _schema_problem(error: dict) -> ConfigError:
+    """One pydantic error as a named ConfigError: the class a validator raised is kept."""
+    original = (error.get("ctx") or {}).get("error")
+    kind = type(original) if isinstance(original, ConfigError) else ConfigError
+    msg = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "missing":
+        msg = "is required"
+    elif error["type"] == "extra_forbidden":
+        msg = f"is not a known key (value `{excerpt(error['input'])}`); check its spelling against the config reference"
+    elif error["type"] == "too_long":
+        kind = ListTooLongError
+        msg = f"has more than {error['ctx']['max_length']:,} entries; that is the limit for this field"
+    location = _location(error)
+    return kind(f"`{location}`: {msg}" if location == "config" else f"`{location}` {msg}")
+
+
 def load_config(text: str) -> AnyConfig:
     """Parse a mergekit (or mergekit-moe) YAML config.
 
-    An MoE config is recognised by its top-level `experts` key.
+    An MoE config is recognised by its top-level `experts` key. The text goes through
+    :func:`merger.parse.parse_config_text` (size, alias, nesting, length and token limits); every
+    method parameter is then type- and range-checked against its declared :class:`~merger.ranges.Range`.
 
     Args:
         text: the YAML text.
@@ -303,34 +437,49 @@ def load_config(text: str) -> AnyConfig:
 
     Raises:
         ConfigError: the YAML is malformed or a field is invalid; the message names the field
-            (e.g. `slices[0].sources[1].layer_range`), the value and the fix.
+            (e.g. `slices[0].sources[1].layer_range`), a short excerpt of the value and the fix. Named
+            subclasses say which rule: ConfigTooLargeError (and its YamlAliasError, NestingTooDeepError,
+            ListTooLongError, StringTooLongError), InvalidYamlError, MultiDocumentError,
+            TokenInConfigError, ChatTemplateError, ParameterValueError, UnknownMethodError.
     """
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"the config is not valid YAML: {err}") from None
+    return config_from_value(parse_config_text(text))
+
+
+def config_from_value(data: Any) -> AnyConfig:
+    """Check an already parsed config value (one document of :func:`merger.parse.parse_config_documents`).
+
+    Raises:
+        ConfigError and its subclasses: as :func:`load_config`.
+    """
     if not isinstance(data, dict):
         raise ConfigError("the config must be a YAML mapping with `merge_method` (or `experts` for a MoE)")
     schema = MoEConfig if "experts" in data else MergeConfig
     problems: list[ConfigError] = []
+    method = None
     if schema is MergeConfig and "merge_method" in data:
         from .methods import get_method  # the registry's did-you-mean message
 
         try:
-            get_method(str(data["merge_method"]))
+            method = get_method(str(data["merge_method"]))
         except UnknownMethodError as err:
             problems.append(err)
+    config = None
     try:
         config = schema.model_validate(data)
     except ValidationError as err:
-        for e in err.errors():
-            msg = e["msg"].removeprefix("Value error, ")
-            if e["type"] == "missing":
-                msg = "is required"
-            elif e["type"] == "extra_forbidden":
-                msg = f"is not a known key (value {e['input']!r}); check its spelling against the config reference"
-            location = _location(e)
-            problems.append(ConfigError(f"`{location}`: {msg}" if location == "config" else f"`{location}` {msg}"))
+        problems += [_schema_problem(e) for e in err.errors()]
+    if config is not None and method is not None:
+        from .parameters import check_parameter_values  # parameters.py reads this module's classes
+
+        problems += check_parameter_values(config, {p.name: p.range for p in method.parameters})
+    if isinstance(config, MergeConfig):
+        try:
+            check_chat_template(config.chat_template)
+        except ChatTemplateError as err:
+            problems.append(err)
+    if len(problems) > MAX_SHOWN_PROBLEMS:
+        rest = len(problems) - MAX_SHOWN_PROBLEMS
+        problems = problems[:MAX_SHOWN_PROBLEMS] + [ConfigError(f"... and {rest:,} more problem(s) of the same kind")]
     if problems:
         raise problems[0] if len(problems) == 1 else ConfigErrors(problems)
     return config

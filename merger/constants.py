@@ -23,6 +23,8 @@ HUB_ALLOW_PATTERNS = [
     "vocab.txt",
     "*.jinja",
     "README.md",
+    "*.py",  # code an `auto_map` names, carried to the output (merger.remote_code); never run
+    "*.model",  # sentencepiece vocabularies of custom tokenizers
 ]
 
 # Tokenizer files copied byte for byte from the tokenizer's donor.
@@ -38,6 +40,9 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
+
+# A multimodal model's image/video processor settings, copied from the config donor (its vision tower's).
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3  # bytes; the Hub's usual 5GB shards
 
@@ -68,3 +73,11 @@ WATCHDOG_INTERVAL_S = 2.0
 # `1`: the worker runs apart (`python -m merger.worker`); the app starts none and only shows its heartbeat.
 EXTERNAL_WORKER = os.environ.get("MERGER_EXTERNAL_WORKER", "") == "1"
 JOB_ID_LENGTH = 32  # uuid4 hex
+# Per-request bounds for the public app (issue 8): validation of metadata gives up after
+# VALIDATION_TIMEOUT_S seconds (ValidationTimeoutError), at most MAX_LIMITED_CALLS validations run at
+# once (abandoned ones included), and the app runs at most VALIDATE_CONCURRENCY checks and
+# SUBMIT_CONCURRENCY submissions at a time, so that light requests (job status, share) always answer.
+VALIDATION_TIMEOUT_S = _env_int("MERGER_VALIDATION_TIMEOUT_S", 60)
+MAX_LIMITED_CALLS = _env_int("MERGER_MAX_LIMITED_CALLS", 16)
+VALIDATE_CONCURRENCY = _env_int("MERGER_VALIDATE_CONCURRENCY", 4)
+SUBMIT_CONCURRENCY = _env_int("MERGER_SUBMIT_CONCURRENCY", 2)

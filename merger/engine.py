@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -13,25 +15,34 @@ from typing import Callable
 
 import torch
 
+from .architecture import is_multimodal
 from .card import render_model_card
-from .config import load_config
+from .config import SEED, AnyConfig, load_config
 from .constants import (
     CARD_FILE,
     CONFIG_FILE,
     DEFAULT_SHARD_SIZE,
     GENERATION_CONFIG_FILE,
     MERGE_CONFIG_FILE,
+    PROCESSOR_FILES,
     SAFETENSORS_INDEX_FILE,
     TOKENIZER_FILES,
 )
-from .errors import ConfigError
+from .errors import ConfigError, DiskSpaceError, MergerError
 from .executor import Progress, execute_plan
 from .plan import MergePlan
-from .tokenizer import write_tokenizer
-from .resolve import materialize
+from .remote_code import needs_remote_code, remote_code_files
+from .resolve import materialize, materialize_adapters
+from .stages import is_multi_stage, run_stages
+from .tokenizer_files import write_tokenizer
 from .validate import plan_config
+from .writer import format_bytes, output_error
 
 logger = logging.getLogger(__name__)
+
+# room for what a merge writes besides tensors (headers, index, tokenizer, card), bytes
+OUTPUT_EXTRA_BYTES = 16 * 2**20
+_STAGING = re.compile(r"\..+\.(partial|old)-([0-9]+)")
 
 
 @dataclass(frozen=True)
@@ -103,28 +114,107 @@ def run_merge(
     Raises:
         MergerError subclasses: config problems, missing models, pickle-only weights, Hub failures,
             cancellation. Nothing is left at `out_dir` on failure.
+        DiskSpaceError: the output's folder has less free space than the output needs (checked before
+            any download), or a write ran out of space.
+        OutputWriteError: the OS refused another write (the path and its reason).
+        NonFiniteWeightsError / NonFiniteOutputError: a merged tensor would hold NaN or inf.
     """
+    if is_multi_stage(config_text):  # mergekit-multi: each stage is a run_merge of its own
+        return run_stages(config_text, out_dir, device=device, token=token, shard_size=shard_size, title=title,
+                          seed=seed, progress=progress, should_cancel=should_cancel)
     started = time.monotonic()
     config = load_config(config_text)
+    SEED.check("--random-seed", seed)
     _check_out_dir(out_dir)
+    _refuse_input_folders(out_dir, config)
     plan, metadata = plan_config(config, token)
     for warning in plan.warnings:
         logger.warning(warning)
     if seed is not None:
         plan = replace(plan, seed=seed)
+    needed = sum(job.nbytes for job in plan.jobs) + OUTPUT_EXTRA_BYTES
+    remove_stale_staging(out_dir.parent)
+    check_free_space(out_dir, needed)
     dirs = materialize(list(plan.models), token)
+    adapters = materialize_adapters(list(plan.models), token)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     try:
-        execute_plan(plan, dirs, staging, pick_device(device), shard_size, progress, should_cancel)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        execute_plan(plan, dirs, staging, pick_device(device), shard_size, progress, should_cancel, adapters)
         _write_files(plan, dirs, staging, config_text, metadata, title or out_dir.name)
         _replace_dir(staging, out_dir)
+    except OSError as err:
+        if isinstance(err, MergerError):
+            raise
+        raise output_error(err, Path(os.fsdecode(err.filename)) if err.filename else staging, needed) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return MergeResult(out_dir, plan.method_name, plan.num_layers, plan.parameter_count, time.monotonic() - started)
+
+
+def check_free_space(out_dir: Path, needed: int) -> None:
+    """Refuse early when the output's file system has less free space than the output needs.
+
+    Args:
+        out_dir: the output folder (it and its parents may not exist yet).
+        needed: bytes the output needs (its tensors plus :data:`OUTPUT_EXTRA_BYTES`).
+
+    Raises:
+        DiskSpaceError: `needed` is over the free space, naming both.
+    """
+    existing = out_dir.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise DiskSpaceError(
+            f"output `{out_dir}` needs about {format_bytes(needed)}, but `{existing}` has only {format_bytes(free)} "
+            "free; free some space or choose an output folder on another disk"
+        )
+
+
+def remove_stale_staging(parent: Path) -> list[Path]:
+    """Remove the staging folders (`.OUT.partial-PID`, `.OUT.old-PID`) of runs whose process is gone.
+
+    A killed run cannot clean up after itself; the next run into the same folder does. Only folders
+    named so, whose process id is not alive, and holding nothing but files a merge writes, are removed.
+
+    Returns:
+        The folders removed.
+    """
+    removed = []
+    try:
+        entries = list(parent.iterdir()) if parent.is_dir() else []
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _STAGING.fullmatch(entry.name)
+        if match is None or entry.is_symlink() or not entry.is_dir() or _process_alive(int(match.group(2))):
+            continue
+        try:
+            ours = all(_is_merge_output(p.name) and p.is_file() and not p.is_symlink() for p in entry.iterdir())
+        except OSError:
+            continue
+        if ours:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+            logger.info("removed `%s`, left by a run that was stopped", entry)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 def _write_files(
@@ -132,8 +222,9 @@ def _write_files(
 ) -> None:
     (staging / CONFIG_FILE).write_text(json.dumps(plan.output_config, indent=2, sort_keys=True) + "\n")
     donor = dirs[plan.config_donor]
-    if (donor / GENERATION_CONFIG_FILE).is_file():
-        shutil.copyfile(donor / GENERATION_CONFIG_FILE, staging / GENERATION_CONFIG_FILE)
+    for name in (GENERATION_CONFIG_FILE, *PROCESSOR_FILES):
+        if (donor / name).is_file():
+            shutil.copyfile(donor / name, staging / name)
     tokenizer_dir = dirs[plan.tokenizer_donor]
     if plan.vocab is not None and plan.vocab.rewrites_tokenizer:
         write_tokenizer(plan.vocab, tokenizer_dir, staging)
@@ -141,6 +232,9 @@ def _write_files(
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
                 shutil.copyfile(tokenizer_dir / name, staging / name)
+    for source, name in remote_code_files(plan.output_config, donor, tokenizer_dir):
+        if not (staging / name).exists():  # a re-saved tokenizer keeps its own files
+            shutil.copyfile(source, staging / name)
     (staging / MERGE_CONFIG_FILE).write_text(config_text)
     card = render_model_card(
         title=title,
@@ -152,6 +246,8 @@ def _write_files(
         licenses=[metadata[m.key].license for m in plan.models],
         moe=plan.method_name == "moe",
         mention_base=plan.method_name != "slerp",
+        remote_code=needs_remote_code(plan.output_config, tokenizer_dir),
+        multimodal=is_multimodal(plan.output_config),
     )
     (staging / CARD_FILE).write_text(card)
 
@@ -161,6 +257,7 @@ def _check_out_dir(out_dir: Path) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"output `{out_dir}` is a file; give a folder path (it is created)")
     if not out_dir.exists():
+        _check_creatable(out_dir)
         return
     foreign = sorted(p.name for p in out_dir.iterdir() if not _is_merge_output(p.name))
     if foreign:
@@ -171,11 +268,46 @@ def _check_out_dir(out_dir: Path) -> None:
         )
 
 
+def _check_creatable(out_dir: Path) -> None:
+    """Refuse, before any work, an output folder that cannot be made (under a file, `/proc`, a read-only disk).
+
+    A folder is made and removed again in the nearest existing parent: the only test that holds for
+    root and for special file systems alike. Nothing is left behind.
+    """
+    existing = out_dir.absolute().parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        why = f"`{existing}` is a file"
+    else:
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".merger-probe-", dir=existing))
+            return
+        except OSError as err:
+            why = f"{err.strerror or type(err).__name__} in `{existing}`"
+    raise ConfigError(f"output `{out_dir}` cannot be created ({why}); choose a folder you can write to")
+
+
+def _refuse_input_folders(out_dir: Path, config: AnyConfig) -> None:
+    """An output must not replace a local model the merge reads (its files are all names a merge writes)."""
+    out = out_dir.resolve()
+    for ref in config.referenced_models():
+        source = Path(os.path.expanduser(ref.model))
+        try:
+            same = source.is_dir() and out == source.resolve()
+        except OSError:  # not a folder we could read: resolve.py reports it
+            continue
+        if same:
+            raise ConfigError(f"output `{out_dir}` is the model `{ref}` this merge reads; choose another folder")
+
+
 def _is_merge_output(name: str) -> bool:
     return (
         name in (CONFIG_FILE, GENERATION_CONFIG_FILE, MERGE_CONFIG_FILE, CARD_FILE, SAFETENSORS_INDEX_FILE)
         or name in TOKENIZER_FILES
+        or name in PROCESSOR_FILES
         or (name.startswith("model") and name.endswith(".safetensors"))
+        or name.endswith(".py")  # code an `auto_map` needs (merger.remote_code)
     )
 
 

@@ -7,6 +7,7 @@ and the CLI can print it without a traceback. All inherit from :class:`MergerErr
 
 from __future__ import annotations
 
+import reprlib
 from typing import Iterable
 
 
@@ -105,3 +106,163 @@ class JobAccessError(MergerError, LookupError):
 
 class PushTargetError(MergerError, ValueError):
     """The push target cannot be used as asked: no write access, repo exists without reuse, or visibility mismatch."""
+
+# ---------------------------------------------------------------- models from the wild (issue 10: rules 1, 5, 6)
+
+
+class UnmergedTensorsError(ConfigError):
+    """An input has tensors the output's layout does not describe, so the output would silently lack them."""
+
+
+class ArchitectureSettingError(ConfigError):
+    """An input's architecture setting (rope, sliding window, biases, ...) cannot reach the output's config."""
+
+
+class RemoteCodeError(MergerError, ValueError):
+    """A model's `auto_map` names a code file the model does not ship, so the output could not load."""
+
+
+# ---------------------------------------------------------------- hostile input (issue 8: parsing, parameters, templates)
+EXCERPT_LIMIT = 60  # characters of user input an error message may repeat
+
+
+def excerpt(value: object, limit: int = EXCERPT_LIMIT) -> str:
+    """A short, escaped rendering of user input, safe inside a Markdown code span of an error message.
+
+    Control characters are escaped (`\\n`), backticks become `'` (so the value cannot close the span),
+    and text past `limit` characters is cut, saying how long the whole was.
+
+    Args:
+        value: any user input (a string is shown without quotes, anything else as a shortened `repr`).
+        limit: the most characters of the value shown.
+
+    Returns:
+        At most `limit` characters of the value plus a short `… (N characters)` note.
+    """
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]  # as YAML spells them
+    text = value if isinstance(value, str) else _SHORT_REPR.repr(value)
+    shown = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[:limit]).replace("`", "'")
+    return shown if len(text) <= limit else f"{shown}… ({len(text):,} characters)"
+
+
+_SHORT_REPR = reprlib.Repr()  # a nested value's repr stays short however large the value
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxdict, _SHORT_REPR.maxlist = 3, 4, 6
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = _SHORT_REPR.maxlong = EXCERPT_LIMIT
+
+
+class ConfigTooLargeError(ConfigError):
+    """The config exceeds a parsing limit (text size, alias expansion, nesting, list or string length)."""
+
+
+class YamlAliasError(ConfigTooLargeError):
+    """YAML anchors/aliases would expand past the limit (a "billion laughs" bomb) or refer to themselves."""
+
+
+class NestingTooDeepError(ConfigTooLargeError):
+    """Lists or mappings are nested deeper than any config needs."""
+
+
+class ListTooLongError(ConfigTooLargeError):
+    """A list (or mapping) has more entries than the limit for its field."""
+
+
+class StringTooLongError(ConfigTooLargeError):
+    """A string (a key, a model reference, a prompt, a chat template) is longer than its limit."""
+
+
+class InvalidYamlError(ConfigError):
+    """The config text is not YAML (a syntax error), or holds tags or values YAML cannot read safely."""
+
+
+class MultiDocumentError(ConfigError):
+    """The text holds several YAML documents (`---` separated, mergekit-mega style); one config is merged at a time."""
+
+
+class TokenInConfigError(ConfigError):
+    """The config holds something shaped like a Hugging Face token (comments included); it is never stored."""
+
+
+class ChatTemplateError(ConfigError):
+    """`chat_template` is neither `auto`, a built-in name nor Jinja that compiles (file paths are never read)."""
+
+# --- model files
+class ModelFileError(MergerError, ValueError):
+    """A model's files are broken or are not weights merger can merge; the message names the file and the fix."""
+
+
+class ModelConfigFileError(ModelFileError):
+    """`config.json` is not UTF-8, not JSON, not an object, or states no usable layer count."""
+
+
+class SafetensorsHeaderError(ModelFileError):
+    """A safetensors header is unreadable or inconsistent: its length, JSON, a dtype, or a tensor's byte range
+    (outside the file, overlapping another, or not shape × dtype size)."""
+
+
+class TruncatedWeightsError(ModelFileError):
+    """A safetensors file is shorter than its header says (a download cut short), or empty."""
+
+
+class WeightIndexError(ModelFileError):
+    """`model.safetensors.index.json` is malformed, names a missing shard, or disagrees with the shards."""
+
+
+class UnreadableModelFileError(ModelFileError):
+    """The operating system refused to read a model file (a symlink loop, no permission, a directory)."""
+
+
+class LfsPointerError(ModelFileError):
+    """A Git LFS pointer file stands where the weights should be (cloned without `git lfs pull`)."""
+
+
+class QuantizedWeightsError(ModelFileError):
+    """The weights are quantised (GPTQ, AWQ, EXL2, bitsandbytes, FP8): packed integers cannot be averaged."""
+
+
+class GgufOnlyError(ModelFileError):
+    """The model ships only GGUF files (llama.cpp's format), no safetensors checkpoint."""
+
+
+class AdapterModelError(ModelFileError):
+    """The model is a PEFT (LoRA) adapter, not a full model."""
+
+
+class NonFiniteWeightsError(ModelFileError):
+    """An input model's tensor holds NaN or inf."""
+
+
+class NonFiniteOutputError(MergerError, ArithmeticError):
+    """A merged tensor came out with NaN or inf (overflow of the output dtype, or a parameter); nothing is kept."""
+
+
+class OutputWriteError(MergerError, OSError):
+    """The operating system refused to write the output (permissions, I/O error); the message names the path."""
+
+
+class DiskSpaceError(OutputWriteError):
+    """Not enough free space for the output, found before the merge or when a write ran out of space."""
+
+
+# ---------------------------------------------------------------- per-request time limits (issue 8: responsiveness)
+
+
+class ValidationTimeoutError(MergerError, TimeoutError):
+    """Checking a config against the models' metadata took longer than its limit (`MERGER_VALIDATION_TIMEOUT_S`)."""
+
+
+# ---------------------------------------------------------------- LoRA adapters and multi-stage configs (issue 11)
+
+
+class LoraAdapterError(ModelFileError):
+    """A LoRA adapter (`model+lora`) is not a PEFT LoRA merger can apply: missing or broken
+    `adapter_config.json`, no safetensors weights, DoRA, unpaired or misshapen `lora_A`/`lora_B`."""
+
+
+class AdapterTargetError(LoraAdapterError):
+    """A LoRA adapter targets a tensor its model lacks, or one of another shape."""
+
+
+class StageError(ConfigError):
+    """A multi-stage config is inconsistent: a duplicate or missing `name:`, a stage naming a later
+    stage, or too many stages."""

@@ -12,6 +12,12 @@ A copy of a tensor whose stored dtype is already the output's (frankenmerge laye
 the math: its bytes go from the read buffer to the shard unchanged. The order of the output never
 depends on timing: jobs run and are written strictly in plan order. Memory is bounded by the budget
 plus one job's working set.
+
+No NaN or inf is ever written: the writer checks each tensor, cast to its output dtype, as it streams
+(:func:`merger.writer.is_finite`, one cheap pass). Input weights are not checked when read: a NaN or
+inf in an input that reaches the output shows there, and only then are that tensor's inputs read
+again to say whether a model's weights (which model, which tensor) or the merge itself (an overflow
+of the output dtype) made it. Inputs that never reach the output cost nothing.
 """
 
 from __future__ import annotations
@@ -25,13 +31,14 @@ from typing import Callable
 import torch
 
 from .buffers import BufferPool, keep_freed_memory
-from .errors import MergeCancelled
+from .errors import MergeCancelled, NonFiniteOutputError, NonFiniteWeightsError
 from .loader import STORAGE_DTYPES, TensorReader
+from .lora.apply import open_reader
 from .methods import MergeMethod, get_method
 from .moe import gate_weights
 from .plan import MergePlan, TensorJob, TensorSource
 from .tokenizer import align_embeddings
-from .writer import ShardedWriter
+from .writer import ShardedWriter, is_finite
 
 Progress = Callable[[float, str], None]
 # entries per slice of an elementwise method: four MiB of float32 per input, in cache; a multiple of
@@ -75,6 +82,7 @@ def execute_plan(
     shard_size: int,
     progress: Progress | None = None,
     should_cancel: Callable[[], bool] | None = None,
+    adapters: dict[str, Path] | None = None,
 ) -> None:
     """Write every tensor of `plan` into safetensors shards in `out_dir`.
 
@@ -86,16 +94,20 @@ def execute_plan(
         shard_size: bytes of tensor data per shard.
         progress: called after each tensor is written with (fraction done, tensor name).
         should_cancel: polled before each tensor; True raises :class:`MergeCancelled`.
+        adapters: model key -> local LoRA adapter folder, for `model+lora` inputs (applied as read).
 
     Raises:
         MergeCancelled: `should_cancel()` returned True.
-        MergerError / OSError: from reading inputs; the writer leaves no index behind.
+        NonFiniteWeightsError: an input tensor that reaches the output holds NaN or inf (names both).
+        NonFiniteOutputError: a merged tensor holds NaN or inf though its inputs are finite.
+        OutputWriteError / DiskSpaceError: the OS refused a write.
+        MergerError: from reading inputs; the writer leaves no index behind.
     """
     keep_freed_memory()
     threads = torch.get_num_threads()
     torch.set_num_threads(_math_threads(plan, threads))
     try:
-        _execute(plan, dirs, out_dir, device, shard_size, progress, should_cancel)
+        _execute(plan, dirs, out_dir, device, shard_size, progress, should_cancel, adapters or {})
     finally:
         torch.set_num_threads(threads)
 
@@ -117,9 +129,17 @@ def _execute(
     shard_size: int,
     progress: Progress | None,
     should_cancel: Callable[[], bool] | None,
+    adapters: dict[str, Path],
 ) -> None:
     pool = BufferPool(max_retained=0)
-    readers = {key: TensorReader(dirs[key], pool) for key in sorted({s.model for j in plan.jobs for s in _sources(j)})}
+    readers: dict[str, TensorReader] = {}
+    try:
+        for key in sorted({s.model for j in plan.jobs for s in _sources(j)}):
+            readers[key] = open_reader(dirs[key], pool, adapters.get(key), key)
+    except BaseException:  # a broken file or adapter: the files opened so far are closed
+        for r in readers.values():
+            r.close()
+        raise
     largest = max((sum(readers[s.model].nbytes(s.name) for s in _sources(j)) for j in plan.jobs), default=0)
     pool.max_retained = max(MIN_BUDGET, largest)  # idle buffers kept: a few layers' working sets
     budget = _Budget(max(MIN_BUDGET, largest))
@@ -148,6 +168,8 @@ def _execute(
                 try:
                     if not errors:
                         writer.write(job.name, tensor)
+                except NonFiniteOutputError as err:
+                    errors.append(_explain_non_finite(job, err, readers, pool))
                 except BaseException as err:
                     errors.append(err)
                 pool.give([tensor])
@@ -186,6 +208,26 @@ def _execute(
                 r.close()
         if errors:
             raise errors[0]
+
+
+def _explain_non_finite(
+    job: TensorJob, err: NonFiniteOutputError, readers: dict[str, TensorReader], pool: BufferPool
+) -> NonFiniteOutputError | NonFiniteWeightsError:
+    """Which input of `job` holds NaN or inf (re-read now), else the output's overflow, as a named error."""
+    for source in _sources(job):
+        tensor = readers[source.model].read(source.name)
+        finite = is_finite(tensor)
+        pool.give([tensor])
+        if not finite:
+            return NonFiniteWeightsError(
+                f"model `{source.model}`: its tensor `{source.name}` holds NaN or inf, so merged tensor `{job.name}` "
+                "would too; the merge was stopped and nothing was kept. Use an intact copy of that model"
+            )
+    return NonFiniteOutputError(
+        f"{err} Every input of it is finite, so the merge itself overflowed: `{job.method}` gave values beyond "
+        f"{job.dtype}'s range (F16 stops at 65504). Check the parameters (e.g. large `weight`s), or use "
+        "`out_dtype: bfloat16` or `float32`"
+    )
 
 
 def _sources(job: TensorJob) -> list[TensorSource]:

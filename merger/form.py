@@ -28,7 +28,8 @@ from typing import Any
 import yaml
 
 from .config import DTYPES, SUPPORTED_GATE_MODES, ModelReference
-from .errors import ConfigError
+from .errors import ConfigError, InvalidYamlError
+from .parse import parse_config_text
 
 FORM_METHODS = ("slerp", "linear", "passthrough", "moe")
 METHOD_LABELS = {
@@ -285,11 +286,15 @@ def parse_yaml(text: str) -> ParsedForm:
 
     Never raises: YAML the form cannot read gives default values with `exact=False` and a note.
     `exact` is decided by rebuilding: the form's YAML must mean the same config as the input.
+    The text goes through :func:`merger.parse.parse_config_text`, so the value walked here is bounded
+    in size and depth (a limit it breaks is the note).
     """
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
+        data = parse_config_text(text)
+    except InvalidYamlError:
         return ParsedForm(FormValues(), False, "the YAML does not parse; fix it in the editor")
+    except ConfigError as err:
+        return ParsedForm(FormValues(), False, str(err))
     if not isinstance(data, dict):
         return ParsedForm(FormValues(), False, "the YAML is not a config mapping; fix it in the editor")
     try:
@@ -472,8 +477,8 @@ def local_paths(yaml_text: str) -> list[str]:
     Unparseable YAML gives an empty list (validation reports the YAML itself).
     """
     try:
-        data = yaml.safe_load(yaml_text)
-    except yaml.YAMLError:
+        data = parse_config_text(yaml_text)
+    except ConfigError:
         return []
     found: list[str] = []
 

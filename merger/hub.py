@@ -8,36 +8,59 @@ built here and scrubbed of tokens.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2  # huggingface_hub's HTTP client: its transport errors are what a dead network raises
-from huggingface_hub import HfApi, ModelInfo, get_token
+from huggingface_hub import HfApi, ModelInfo, get_token, hf_hub_url
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
     HFValidationError,
     LocalTokenNotFoundError,
-    NotASafetensorsRepoError,
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
-    SafetensorsParsingError,
 )
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, validate_repo_id
 
-from .constants import CONFIG_FILE, HUB_ALLOW_PATTERNS, PICKLE_WEIGHT_SUFFIXES, TOKENIZER_FILES
-from .errors import ConfigError, HubError, MergerError, ModelNotFoundError, PushTargetError, UnsafeWeightsError
-from .metadata import ModelMetadata, TensorMeta, unsafe_weights_message
+from .constants import CONFIG_FILE, HUB_ALLOW_PATTERNS, SAFETENSORS_INDEX_FILE, TOKENIZER_FILES
+from .errors import (
+    ConfigError,
+    HubError,
+    LoraAdapterError,
+    MergerError,
+    ModelNotFoundError,
+    PushTargetError,
+    TruncatedWeightsError,
+    WeightIndexError,
+    excerpt,
+)
+from .formats import refuse_non_checkpoint_files
+from .metadata import ModelMetadata, TensorMeta, read_model_config
+from .modelfiles import (
+    TensorEntry,
+    check_header,
+    check_index_matches,
+    header_length,
+    parse_header,
+    parse_weight_map,
+    read_bytes,
+)
 from .tokens import scrub
 
 logger = logging.getLogger(__name__)
 
 _WRITE_ROLES = ("write", "admin")  # organization roles (whoami's `roleInOrg`) that may create and push repos
+
+SAFETENSORS_SINGLE_FILE = "model.safetensors"
+HEADER_FIRST_READ = 100_000  # bytes of a shard fetched first: most headers fit, as huggingface_hub assumes
+HUB_TIMEOUT = 10  # seconds to wait for the Hub to send data
+
 
 def split_reference(reference: str) -> tuple[str, str | None]:
     """Split a model reference into repo id and revision.
@@ -99,13 +122,14 @@ def download_model(reference: str, token: str | None = None) -> Path:
     Raises:
         [`~merger.errors.ModelNotFoundError`]: the repo or revision does not exist or is not visible.
         [`~merger.errors.UnsafeWeightsError`]: the repo has only pickle weights (`.bin`, `.pt`, ...).
+        [`~merger.errors.AdapterModelError`], [`~merger.errors.GgufOnlyError`]: a PEFT adapter or GGUF-only repo.
         [`~merger.errors.HubError`]: the token was rejected, or the Hub could not be reached.
     """
     repo_id, revision = split_reference(reference)
     api = HfApi(token=token)
     with _reading(reference, token):
         info = api.model_info(repo_id, revision=revision)
-        _refuse_pickle_only(reference, info)
+        _refuse_non_checkpoint(api, reference, info)
         return Path(api.snapshot_download(repo_id, revision=info.sha, allow_patterns=HUB_ALLOW_PATTERNS))
 
 
@@ -130,6 +154,35 @@ def download_tokenizer(reference: str, token: str | None = None) -> Path:
         return Path(api.snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns))
 
 
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors"]
+MAX_ADAPTER_BYTES = 8 * 2**30  # a rank-256 adapter of a 70B model is about 6 GB
+
+
+def download_adapter(reference: str, token: str | None = None) -> Path:
+    """Download a Hub LoRA adapter's `adapter_config.json` and `adapter_model.safetensors` only.
+
+    Args:
+        reference (`str`): `"org/name"` or `"org/name@revision"`.
+        token (`str`, *optional*): a Hugging Face token; defaults to HF_TOKEN or the saved login.
+
+    Returns:
+        `Path`: the local snapshot directory (its files are checked by :mod:`merger.lora.adapter`).
+
+    Raises:
+        [`~merger.errors.ModelNotFoundError`], [`~merger.errors.HubError`]: as :func:`download_model`.
+        [`~merger.errors.LoraAdapterError`]: the adapter's weights are over 8 GB.
+    """
+    repo_id, revision = split_reference(reference)
+    api = HfApi(token=token)
+    with _reading(reference, token):
+        info = api.model_info(repo_id, revision=revision, files_metadata=True)
+        size = sum(s.size or 0 for s in info.siblings or [] if s.rfilename in ADAPTER_FILES)
+        if size > MAX_ADAPTER_BYTES:
+            raise LoraAdapterError(f"LoRA `{reference}`: its files are {size / 2**30:.1f} GB, over the "
+                                   f"{MAX_ADAPTER_BYTES // 2**30} GB limit for an adapter")
+        return Path(api.snapshot_download(repo_id, revision=info.sha, allow_patterns=ADAPTER_FILES))
+
+
 def fetch_metadata(reference: str, token: str | None = None) -> ModelMetadata:
     """Read a Hub model's config, tensor shapes/dtypes and license without downloading its weights.
 
@@ -147,16 +200,17 @@ def fetch_metadata(reference: str, token: str | None = None) -> ModelMetadata:
         [`~merger.errors.ModelNotFoundError`]: the repo or revision does not exist or is not visible,
             or it has no `config.json` or no `model.safetensors` / `model.safetensors.index.json`.
         [`~merger.errors.UnsafeWeightsError`]: the repo has only pickle weights.
-        [`~merger.errors.HubError`]: the token was rejected, the Hub could not be reached, or a
-            safetensors header is unreadable.
+        [`~merger.errors.ModelFileError`] subclasses: a PEFT adapter or GGUF-only repo; a broken
+            `config.json`, index or safetensors header (see :mod:`merger.modelfiles`).
+        [`~merger.errors.HubError`]: the token was rejected, or the Hub could not be reached.
     """
     repo_id, revision = split_reference(reference)
     api = HfApi(token=token)
     with _reading(reference, token):
         info = api.model_info(repo_id, revision=revision)
-        _refuse_pickle_only(reference, info)
+        _refuse_non_checkpoint(api, reference, info)
         config = _remote_config(api, reference, repo_id, info.sha)
-        tensors = _remote_tensors(api, reference, repo_id, info.sha)
+        tensors = _remote_tensors(api, reference, info)
     card_license = info.card_data.license if info.card_data else None
     return ModelMetadata(reference, config, tensors, card_license)
 
@@ -329,13 +383,14 @@ def search_models(query: str, token: str | None = None, limit: int = 20) -> list
 # ---------------------------------------------------------------- helpers
 
 
-def _refuse_pickle_only(reference: str, info: ModelInfo) -> None:
+def _refuse_non_checkpoint(api: HfApi, reference: str, info: ModelInfo) -> None:
+    """Refuse a PEFT adapter, GGUF-only or pickle-only repo from its file list."""
     names = [sibling.rfilename for sibling in info.siblings or []]
-    if any(name.endswith(".safetensors") for name in names):
-        return
-    pickles = sorted(name for name in names if name.endswith(PICKLE_WEIGHT_SUFFIXES))
-    if pickles:
-        raise UnsafeWeightsError(unsafe_weights_message(reference, pickles))
+
+    def read(name: str) -> bytes:
+        return read_bytes(Path(api.hf_hub_download(info.id, name, revision=info.sha)))
+
+    refuse_non_checkpoint_files(reference, names, read)
 
 
 def _remote_config(api: HfApi, reference: str, repo_id: str, revision: str) -> dict:
@@ -345,26 +400,57 @@ def _remote_config(api: HfApi, reference: str, repo_id: str, revision: str) -> d
         raise ModelNotFoundError(
             f"model `{reference}` has no `{CONFIG_FILE}` on the Hub; merger needs a transformers model repo."
         ) from None
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    return read_model_config(read_bytes(Path(path)), reference)
 
 
-def _remote_tensors(api: HfApi, reference: str, repo_id: str, revision: str) -> dict[str, TensorMeta]:
-    try:
-        repo_metadata = api.get_safetensors_metadata(repo_id, revision=revision)
-    except NotASafetensorsRepoError:
+def _remote_tensors(api: HfApi, reference: str, info: ModelInfo) -> dict[str, TensorMeta]:
+    """Every tensor's shape and dtype from the repo's safetensors headers, each checked as a local one's is
+    (:mod:`merger.modelfiles`), except against the file's size: a header-only check cannot see the data."""
+    names = {sibling.rfilename for sibling in info.siblings or []}
+    where = f"model `{reference}`"
+    index_where = f"{where}: `{SAFETENSORS_INDEX_FILE}`"
+    weight_map = None
+    if SAFETENSORS_INDEX_FILE in names:
+        index = api.hf_hub_download(info.id, SAFETENSORS_INDEX_FILE, revision=info.sha)
+        weight_map = parse_weight_map(read_bytes(Path(index)), index_where)
+        files = list(dict.fromkeys(weight_map.values()))
+        missing = [name for name in files if name not in names]
+        if missing:
+            raise WeightIndexError(f"{index_where} names shard `{excerpt(missing[0])}`, which is not in the repo")
+    elif SAFETENSORS_SINGLE_FILE in names:
+        files = [SAFETENSORS_SINGLE_FILE]
+    else:
         raise ModelNotFoundError(
-            f"model `{reference}` has neither `model.safetensors` nor `model.safetensors.index.json`; "
+            f"model `{reference}` has neither `{SAFETENSORS_SINGLE_FILE}` nor `{SAFETENSORS_INDEX_FILE}`; "
             "use a revision that ships safetensors weights under those names."
-        ) from None
-    except SafetensorsParsingError as err:
-        raise HubError(
-            f"model `{reference}`: a safetensors header could not be read ({err}); the file may be corrupt."
-        ) from None
+        )
+    with ThreadPoolExecutor(max_workers=8) as threads:
+        headers = dict(zip(files, threads.map(lambda name: _remote_header(api, info, name, f"{where}: `{name}`"), files)))
+    if weight_map is not None:
+        check_index_matches(weight_map, {name: set(entries) for name, entries in headers.items()}, index_where)
     return {
-        name: TensorMeta(tuple(info.shape), info.dtype)
-        for file_metadata in repo_metadata.files_metadata.values()
-        for name, info in file_metadata.tensors.items()
+        name: TensorMeta(shape, dtype) for entries in headers.values() for name, (shape, dtype, _, _) in entries.items()
     }
+
+
+def _remote_header(api: HfApi, info: ModelInfo, filename: str, where: str) -> dict[str, TensorEntry]:
+    """One Hub file's safetensors header, read by byte ranges (as huggingface_hub's own parser does) and checked."""
+    url = hf_hub_url(info.id, filename, revision=info.sha, endpoint=api.endpoint)
+    headers = build_hf_headers(token=api.token)
+
+    def byte_range(first: int, last: int) -> bytes:
+        response = get_session().get(url, headers={**headers, "range": f"bytes={first}-{last}"}, timeout=HUB_TIMEOUT)
+        if response.status_code == 416:  # Range Not Satisfiable: the file ends before `first` (a 0-byte file)
+            return b""
+        hf_raise_for_status(response)
+        return response.content
+
+    head = byte_range(0, HEADER_FIRST_READ - 1)
+    length = header_length(head, None, where)
+    data = head[8 : 8 + length] if len(head) >= 8 + length else byte_range(8, 8 + length - 1)
+    if len(data) < length:
+        raise TruncatedWeightsError(f"{where} ends inside its safetensors header; the file on the Hub is incomplete")
+    return check_header(parse_header(data, where), where, None)
 
 
 def check_repo_id(repo_id: str) -> None:
@@ -377,8 +463,8 @@ def check_repo_id(repo_id: str) -> None:
         validate_repo_id(repo_id)
     except HFValidationError:
         raise ConfigError(
-            f"`repo`: `{repo_id}` is not a valid Hub repo id; use `name` or `namespace/name` made of letters, "
-            "digits, `-`, `_` and `.` (no `--` or `..`, not starting or ending with `-` or `.`, "
+            f"`repo`: `{excerpt(repo_id, 100)}` is not a valid Hub repo id; use `name` or `namespace/name` made of "
+            "letters, digits, `-`, `_` and `.` (no `--` or `..`, not starting or ending with `-` or `.`, "
             "at most 96 characters)."
         ) from None
 

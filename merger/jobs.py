@@ -20,6 +20,7 @@ Paths are looked up on :mod:`merger.constants` at call time, so tests can point 
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import time
@@ -29,8 +30,8 @@ from enum import Enum
 from pathlib import Path
 
 from . import constants
-from .errors import ConfigError, JobAccessError, JobLimitError
-from .tokens import TOKEN_PATTERN
+from .errors import JobAccessError, JobLimitError
+from .parse import refuse_tokens
 
 _BUSY_TIMEOUT_S = 10.0  # how long a statement waits for the other process's write to finish
 
@@ -50,7 +51,8 @@ create table if not exists jobs (
     created_at real not null,
     updated_at real not null,
     owner text not null default '',
-    reuse_repo integer not null default 0
+    reuse_repo integer not null default 0,
+    error_type text
 );
 create index if not exists jobs_status on jobs (status, owner);
 create table if not exists pending_repos (
@@ -69,6 +71,7 @@ create table if not exists worker (
 _ADDED_COLUMNS = {
     "owner": "alter table jobs add column owner text not null default ''",
     "reuse_repo": "alter table jobs add column reuse_repo integer not null default 0",
+    "error_type": "alter table jobs add column error_type text",
 }
 _JOB_ID = re.compile(f"[0-9a-f]{{{constants.JOB_ID_LENGTH}}}")
 _UNFINISHED = ("queued", "running")
@@ -109,6 +112,7 @@ class Job:
         updated_at: last change, epoch seconds.
         owner: the Hub username that submitted the job.
         reuse_repo: the owner allowed pushing to an existing repo.
+        error_type: the class name of the error that failed the job (e.g. `PushTargetError`), else None.
     """
 
     id: str
@@ -126,6 +130,7 @@ class Job:
     updated_at: float
     owner: str
     reuse_repo: bool
+    error_type: str | None = None
 
 
 # ---------------------------------------------------------------- the app's API
@@ -156,7 +161,7 @@ def submit(
         The new job's id (uuid4 hex, `constants.JOB_ID_LENGTH` characters).
 
     Raises:
-        ConfigError: the config holds the token or anything shaped like a Hub token (comments
+        TokenInConfigError: the config holds the token or anything shaped like a Hub token (comments
             included): the record keeps the config, and the card and `mergekit_config.yml` carry it.
         JobLimitError: the owner has `constants.MAX_JOBS_PER_USER` unfinished jobs, or the app
             `constants.MAX_JOBS_TOTAL`.
@@ -165,7 +170,7 @@ def submit(
     # Imported here rather than at the top: the worker imports this module for the records.
     from .worker import enqueue
 
-    _refuse_tokens(config_yaml, token)
+    refuse_tokens(config_yaml, token)
     job_id = uuid.uuid4().hex
     now = time.time()
     conn = _connect()
@@ -373,6 +378,7 @@ def mark_finished(
     log_tail: str | None = None,
     result_url: str | None = None,
     error: str | None = None,
+    error_type: str | None = None,
 ) -> bool:
     """Give an unfinished job its final status.
 
@@ -382,6 +388,7 @@ def mark_finished(
         log_tail: the job's last log lines; None keeps the stored ones.
         result_url: the pushed repo's URL (succeeded jobs).
         error: the message for the user (failed jobs).
+        error_type: the failing error's class name, a stable label for scripts (failed jobs).
 
     Returns:
         True if the job was queued or running; False if it had already finished.
@@ -393,9 +400,9 @@ def mark_finished(
         raise ValueError(f"mark_finished needs a final status, got `{status.value}`")
     return bool(
         _execute(
-            "update jobs set status = ?, result_url = ?, error = ?, log_tail = coalesce(?, log_tail), updated_at = ?"
-            " where id = ? and status in (?, ?)",
-            (status.value, result_url, error, log_tail, time.time(), job_id,
+            "update jobs set status = ?, result_url = ?, error = ?, error_type = ?, log_tail = coalesce(?, log_tail),"
+            " updated_at = ? where id = ? and status in (?, ?)",
+            (status.value, result_url, error, error_type, log_tail, time.time(), job_id,
              JobStatus.QUEUED.value, JobStatus.RUNNING.value),
         )
     )
@@ -505,15 +512,8 @@ def _job_from_row(row: sqlite3.Row) -> Job:
         updated_at=row["updated_at"],
         owner=row["owner"],
         reuse_repo=bool(row["reuse_repo"]),
+        error_type=row["error_type"],
     )
-
-
-def _refuse_tokens(config_yaml: str, token: str) -> None:
-    if TOKEN_PATTERN.search(config_yaml) or (token and token in config_yaml):
-        raise ConfigError(
-            "the config contains a Hugging Face token (`hf_...`), perhaps in a comment; remove it: the config "
-            "is stored with the job and pushed with the model"
-        )
 
 
 def _existing_job(job_id: str) -> Job:
@@ -563,7 +563,7 @@ def _execute(sql: str, params: tuple) -> int:
 def _connect() -> sqlite3.Connection:
     # A connection per call: both processes touch this file, and short-lived connections hold no locks.
     path = Path(constants.JOBS_DB)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    create_private_file(path)
     conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
     conn.row_factory = sqlite3.Row
     try:
@@ -574,6 +574,19 @@ def _connect() -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+def create_private_file(path: Path) -> None:
+    """Create `path` (and its folder) readable by this user only, if it does not exist yet.
+
+    SQLite gives its `-wal` and `-shm` files the database's mode, so they are owner-only too: the records
+    hold configs and owners, the queue sealed tokens.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
 
 
 def _add_missing_columns(conn: sqlite3.Connection) -> None:

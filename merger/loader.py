@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 from .buffers import BufferPool
-from .metadata import StoredTensor, read_safetensors_layout, weight_files
+from .errors import TruncatedWeightsError
+from .metadata import StoredTensor, read_checkpoint
+from .modelfiles import unreadable
 
 STORAGE_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -28,18 +30,28 @@ class TensorReader:
         model_dir: a directory with `*.safetensors` (and optionally `model.safetensors.index.json`).
         pool: where read buffers come from.
 
+    Every file's header is checked against its size first (:func:`merger.metadata.read_checkpoint`),
+    so a download cut short is refused before any tensor is merged.
+
     Raises:
-        UnsafeWeightsError: the directory has only pickle checkpoints.
+        ModelNotFoundError: the directory has no safetensors weights.
+        ModelFileError subclasses: a truncated, unreadable or inconsistent file or index.
     """
 
     def __init__(self, model_dir: Path, pool: BufferPool):
         self.pool = pool
         self._where: dict[str, tuple[int, StoredTensor]] = {}
         self._fds: list[int] = []
-        for path in weight_files(model_dir):
-            fd = os.open(path, os.O_RDONLY)
+        self._paths: dict[int, Path] = {}
+        for path, layout in read_checkpoint(model_dir).items():
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as err:
+                self.close()
+                raise unreadable(path, err) from None
             self._fds.append(fd)
-            for name, stored in read_safetensors_layout(path).items():
+            self._paths[fd] = path
+            for name, stored in layout.items():
                 self._where[name] = (fd, stored)
 
     def nbytes(self, name: str) -> int:
@@ -51,16 +63,22 @@ class TensorReader:
 
         Raises:
             KeyError: no such tensor in this model.
-            OSError: the file ended early (a truncated download).
+            TruncatedWeightsError: the file ended early (it shrank after its header was checked).
+            UnreadableModelFileError: the OS failed the read (an I/O error).
         """
         fd, stored = self._where[name]
         tensor = self.pool.take(stored.meta.shape, STORAGE_DTYPES[stored.meta.dtype])
         view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
         done = 0
         while done < stored.nbytes:
-            n = os.preadv(fd, [view[done:]], stored.offset + done)
+            try:
+                n = os.preadv(fd, [view[done:]], stored.offset + done)
+            except OSError as err:
+                raise unreadable(self._paths[fd], err) from None
             if n == 0:
-                raise OSError(f"`{name}`: file ends {stored.nbytes - done} bytes early; download the model again")
+                raise TruncatedWeightsError(
+                    f"`{self._paths[fd]}` ends {stored.nbytes - done} bytes early, in tensor `{name}`; download the model again"
+                )
             done += n
         return tensor
 

@@ -6,13 +6,24 @@ directories are read here, Hub repos by :func:`merger.hub.fetch_metadata`.
 
 from __future__ import annotations
 
-import json
-import struct
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .constants import CONFIG_FILE, PICKLE_WEIGHT_SUFFIXES, SAFETENSORS_INDEX_FILE
-from .errors import ModelNotFoundError, UnsafeWeightsError
+from .constants import CONFIG_FILE, SAFETENSORS_INDEX_FILE
+from .errors import ModelConfigFileError, ModelNotFoundError, WeightIndexError, excerpt
+from .formats import refuse_non_checkpoint_files
+from .modelfiles import (
+    check_index_matches,
+    parse_json_object,
+    read_bytes,
+    read_index,
+    read_safetensors_entries,
+    unreadable,
+)
+
+logger = logging.getLogger(__name__)
 
 # safetensors dtype codes -> bytes per element
 DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -71,66 +82,102 @@ class StoredTensor:
     nbytes: int
 
 
-def read_safetensors_layout(path: Path) -> dict[str, StoredTensor]:
-    """Read one safetensors file's header (8-byte length + JSON), without touching its data.
+def read_safetensors_layout(path: Path, where: str | None = None) -> dict[str, StoredTensor]:
+    """Read and check one safetensors file's header (8-byte length + JSON), without touching its data.
 
     Args:
         path: a `.safetensors` file.
+        where: how error messages name the file (defaults to its path).
 
     Returns:
         tensor name -> :class:`StoredTensor` (shape, dtype and absolute byte range).
+
+    Raises:
+        ModelFileError subclasses: see :func:`merger.modelfiles.read_safetensors_entries`.
     """
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    header.pop("__metadata__", None)
-    start = 8 + length
+    start, entries = read_safetensors_entries(path, where or f"`{path}`")
     return {
-        name: StoredTensor(
-            TensorMeta(tuple(info["shape"]), info["dtype"]),
-            start + info["data_offsets"][0],
-            info["data_offsets"][1] - info["data_offsets"][0],
-        )
-        for name, info in header.items()
+        name: StoredTensor(TensorMeta(shape, dtype), start + begin, end - begin)
+        for name, (shape, dtype, begin, end) in entries.items()
     }
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
-    """Shapes and dtypes of one safetensors file's tensors (its header only)."""
+    """Shapes and dtypes of one safetensors file's tensors (its header only, checked)."""
     return {name: stored.meta for name, stored in read_safetensors_layout(path).items()}
 
 
-def weight_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of a local model directory, in the index's order.
+def read_checkpoint(model_dir: Path, reference: str | None = None) -> dict[Path, dict[str, StoredTensor]]:
+    """Every safetensors file of a local model directory, its header checked, in the index's order.
+
+    With `model.safetensors.index.json`, its shards (each present, and agreeing with the index);
+    without, every `*.safetensors` file (no tensor in two of them).
+
+    Args:
+        model_dir: the model directory.
+        reference: the model's name in error messages (defaults to the path).
+
+    Returns:
+        file -> tensor name -> :class:`StoredTensor`.
 
     Raises:
-        UnsafeWeightsError: the directory has only pickle checkpoints (`.bin`, `.pt`).
-        ModelNotFoundError: the directory has no weights at all.
+        ModelNotFoundError: the directory has no safetensors weights.
+        ModelFileError subclasses: an unreadable, truncated or inconsistent file or index.
     """
-    index = model_dir / SAFETENSORS_INDEX_FILE
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [model_dir / name for name in dict.fromkeys(weight_map.values())]
-    files = sorted(model_dir.glob("*.safetensors"))
-    if files:
-        return files
-    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_WEIGHT_SUFFIXES)
-    if pickles:
-        raise UnsafeWeightsError(unsafe_weights_message(str(model_dir), pickles))
-    raise ModelNotFoundError(f"model `{model_dir}` has no `*.safetensors` weights; point `model` at a model directory.")
+    reference = reference or str(model_dir)
+    names = list_model_files(model_dir)
+    where = f"model `{reference}`"
+    if SAFETENSORS_INDEX_FILE in names:
+        weight_map = read_index(model_dir / SAFETENSORS_INDEX_FILE, f"{where}: `{SAFETENSORS_INDEX_FILE}`")
+        files = [model_dir / name for name in dict.fromkeys(weight_map.values())]
+    else:
+        weight_map = None
+        files = [model_dir / name for name in sorted(names) if name.endswith(".safetensors")]
+    if not files:
+        raise ModelNotFoundError(f"model `{reference}` has no `*.safetensors` weights; point `model` at a model directory.")
+    layouts = {path: read_safetensors_layout(path, f"{where}: `{path.name}`") for path in files}
+    if weight_map is not None:
+        check_index_matches(weight_map, {p.name: set(t) for p, t in layouts.items()}, f"{where}: `{SAFETENSORS_INDEX_FILE}`")
+    else:
+        _refuse_duplicates(layouts, where)
+    return layouts
 
 
-def unsafe_weights_message(reference: str, pickles: list[str]) -> str:
-    """The refusal text for a model that ships only pickle checkpoints."""
-    return (
-        f"model `{reference}` ships only pickle weights ({', '.join(pickles[:3])}); loading them can run "
-        "arbitrary code, so merger refuses them. Use a revision with `*.safetensors` weights, or convert "
-        "the checkpoint yourself (e.g. with the Hub's safetensors convert Space)."
-    )
+def _refuse_duplicates(layouts: dict[Path, dict[str, StoredTensor]], where: str) -> None:
+    seen: dict[str, Path] = {}
+    for path, tensors in layouts.items():
+        for name in tensors:
+            if name in seen:
+                raise WeightIndexError(
+                    f"{where}: tensor `{excerpt(name)}` is in both `{seen[name].name}` and `{path.name}`; remove the "
+                    f"file that does not belong, or add the `{SAFETENSORS_INDEX_FILE}` that says which to use"
+                )
+            seen[name] = path
+
+
+def list_model_files(model_dir: Path) -> list[str]:
+    """The names in a model directory.
+
+    Raises:
+        UnreadableModelFileError: the OS refused to list it.
+    """
+    try:
+        return os.listdir(model_dir)
+    except OSError as err:
+        raise unreadable(model_dir, err) from None
+
+
+def read_model_config(data: bytes, reference: str) -> dict:
+    """A model's `config.json` from its bytes: a UTF-8 JSON object.
+
+    Raises:
+        ModelConfigFileError: not UTF-8, not JSON, or not an object. LfsPointerError: an LFS pointer.
+    """
+    return parse_json_object(data, f"model `{reference}`: `{CONFIG_FILE}`", ModelConfigFileError)
 
 
 def read_local_metadata(model_dir: Path, reference: str | None = None) -> ModelMetadata:
-    """Read a local model directory's metadata.
+    """Read a local model directory's metadata, every file checked (:func:`read_checkpoint`).
 
     Args:
         model_dir: directory holding `config.json` and safetensors weights.
@@ -139,23 +186,33 @@ def read_local_metadata(model_dir: Path, reference: str | None = None) -> ModelM
     Raises:
         ModelNotFoundError: the directory or its `config.json` is missing.
         UnsafeWeightsError: only pickle checkpoints are present.
+        ModelFileError subclasses: a broken config, header or index; an adapter or GGUF-only folder.
     """
     reference = reference or str(model_dir)
     config_path = model_dir / CONFIG_FILE
-    if not config_path.is_file():
+    names = list_model_files(model_dir)
+    refuse_non_checkpoint_files(reference, names, lambda name: read_bytes(model_dir / name))
+    if CONFIG_FILE not in names:
         raise ModelNotFoundError(
             f"model `{reference}`: no `{CONFIG_FILE}` in `{model_dir}`; give a Hub id or a model directory."
         )
+    config = read_model_config(read_bytes(config_path), reference)
     tensors: dict[str, TensorMeta] = {}
-    for path in weight_files(model_dir):
-        tensors.update(read_safetensors_header(path))
-    return ModelMetadata(reference, json.loads(config_path.read_text()), tensors, _local_license(model_dir))
+    for layout in read_checkpoint(model_dir, reference).values():
+        tensors.update({name: stored.meta for name, stored in layout.items()})
+    return ModelMetadata(reference, config, tensors, _local_license(model_dir))
 
 
 def _local_license(model_dir: Path) -> str | None:
+    """The card's `license`; None without a card, or (with a warning) when its front matter is unreadable."""
     readme = model_dir / "README.md"
     if not readme.is_file():
         return None
+    import yaml
     from huggingface_hub import ModelCard
 
-    return ModelCard.load(readme).data.to_dict().get("license")
+    try:
+        return ModelCard.load(readme).data.to_dict().get("license")
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        logger.warning("`%s`: the model card's front matter is unreadable (%s); its license is unknown", readme, type(err).__name__)
+        return None

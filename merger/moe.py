@@ -15,9 +15,10 @@ import torch
 
 from .architecture import architecture_by_type, architecture_for
 from .config import ModelReference, MoEConfig
-from .errors import ArchitectureError, ConfigError, ConfigErrors, LayerRangeError, ShapeMismatchError
+from .errors import ArchitectureError, ConfigError, ConfigErrors, LayerRangeError, ShapeMismatchError, VocabSizeError
 from .metadata import ModelMetadata
 from .plan import DEFAULT_SEED, MergePlan, TensorJob, TensorSource, output_dtype, set_config_dtype
+from .tokenizer import Vocabulary
 
 MOE_PRETTY_NAME = "Mixture of Experts (mergekit-moe)"
 MOE_REFERENCE_URL = "https://arxiv.org/abs/2401.04088"
@@ -36,10 +37,12 @@ def build_moe_plan(config: MoEConfig, metadata: dict[str, ModelMetadata]) -> Mer
 
     Raises:
         ArchitectureError: the base or an expert is not a Llama/Mistral decoder.
+        ConfigError: `tokenizer_source` is `union` or names a model outside the MoE.
         ConfigErrors: an expert differs from the base in layer count or MLP shapes.
     """
     out_arch = architecture_by_type("mixtral")
     base_key = config.base_model.key
+    tokenizer_donor = moe_tokenizer_donor(config)
     base_meta = metadata[base_key]
     dense = architecture_for(base_meta.config, str(config.base_model))
     if dense.model_type not in out_arch.moe_from:
@@ -117,6 +120,7 @@ def build_moe_plan(config: MoEConfig, metadata: dict[str, ModelMetadata]) -> Mer
         num_experts_per_tok=config.experts_per_token,
         sliding_window=None,
         tie_word_embeddings="lm_head.weight" not in {j.name for j in jobs},
+        vocab_size=next(j.shape[0] for j in jobs if j.name == "model.embed_tokens.weight"),  # rows written
     )
     set_config_dtype(output_config, config.out_dtype or config.dtype)
     refs = config.referenced_models()
@@ -130,11 +134,54 @@ def build_moe_plan(config: MoEConfig, metadata: dict[str, ModelMetadata]) -> Mer
         output_config=output_config,
         num_layers=layers,
         config_donor=base_key,
-        tokenizer_donor=base_key if config.tokenizer_source in (None, "base")
-        else ModelReference.parse(config.tokenizer_source).key,
+        tokenizer_donor=tokenizer_donor,
         input_dtype=config.dtype,
         seed=DEFAULT_SEED if config.seed is None else config.seed,
     )
+
+
+def moe_tokenizer_donor(config: MoEConfig) -> str:
+    """The key of the model whose tokenizer files the MoE output gets (`tokenizer_source`, default the base).
+
+    Raises:
+        ConfigError: `union` (an MoE's embedding is the base's: new tokens would have no rows), or a
+            model that is neither the base nor an expert.
+    """
+    source = config.tokenizer_source
+    base_key = config.base_model.key
+    if source in (None, "base"):
+        return base_key
+    members = [str(config.base_model)] + [str(e.source_model) for e in config.experts]
+    if source == "union":
+        raise ConfigError("`tokenizer_source: union` is not supported for MoE configs (the embedding is the base's, "
+                          f"so new tokens would have no rows); use `base` or one of: {', '.join(members)}")
+    key = ModelReference.parse(source).key
+    if key not in {base_key} | {e.source_model.key for e in config.experts}:
+        raise ConfigError(f"`tokenizer_source: {source}` is not a model of this MoE; use `base` or one of: "
+                          f"{', '.join(members)}")
+    return key
+
+
+def check_tokenizer_fits(plan: MergePlan, vocabulary: Vocabulary) -> None:
+    """Refuse an MoE whose tokenizer has ids past the embedding it copies from the base.
+
+    Args:
+        plan: the MoE plan (its embedding job's rows are the base's).
+        vocabulary: the tokenizer donor's vocabulary.
+
+    Raises:
+        VocabSizeError: a token id ≥ the embedding rows (it would index past the matrix at inference).
+    """
+    rows = next(job.shape[0] for job in plan.jobs if job.name == "model.embed_tokens.weight")
+    past = sorted((i, token) for token, i in vocabulary.ids.items() if i >= rows)
+    if past:
+        shown = ", ".join(f"`{token}` ({i})" for i, token in past[:5]) + (" ..." if len(past) > 5 else "")
+        raise VocabSizeError(
+            f"the tokenizer of `{plan.tokenizer_donor}` (`tokenizer_source`) has {len(past)} token id(s) at or past "
+            f"the embedding's {rows} rows (from `base_model`): {shown}; they would index past the matrix at "
+            "inference. Use a `tokenizer_source` whose tokenizer fits the base's embedding, or a base model "
+            "whose embedding has rows for those tokens"
+        )
 
 
 def _copy_job(config: MoEConfig, base_meta: ModelMetadata, base_key: str, name: str) -> TensorJob:

@@ -10,7 +10,11 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable
 
-from .config import ConditionalParameter, ParameterSetting
+from .config import ConditionalParameter, MergeConfig, ParameterSetting
+from .errors import ConfigError, ListTooLongError
+from .ranges import Range
+
+MAX_SETTING_ENTRIES = 256  # gradient points or filtered entries of one parameter
 
 
 def evaluate_setting(setting: ParameterSetting | None, tensor_name: str, t: float) -> Any:
@@ -65,3 +69,58 @@ def resolve(
             if value is not None:
                 return value
     return None
+
+
+def parameter_levels(config: MergeConfig) -> list[tuple[str, dict[str, ParameterSetting] | None]]:
+    """Every `parameters:` block of a config with its location (`parameters`, `slices[0].sources[1].parameters`)."""
+    levels = [("parameters", config.parameters)]
+    levels += [(f"models[{i}].parameters", m.parameters) for i, m in enumerate(config.models or [])]
+    for i, output_slice in enumerate(config.slices or []):
+        levels.append((f"slices[{i}].parameters", output_slice.parameters))
+        levels += [(f"slices[{i}].sources[{j}].parameters", s.parameters) for j, s in enumerate(output_slice.sources)]
+    return levels
+
+
+def check_parameter_values(config: MergeConfig, ranges: dict[str, Range]) -> list[ConfigError]:
+    """Type- and range-check every value of the method's parameters wherever the config sets them.
+
+    Gradients and filtered lists are checked entry by entry (a gradient interpolates between its
+    points, so the points in range keep every layer's value in range). Keys the method does not take
+    are left to the planner's warning.
+
+    Args:
+        config: the parsed config.
+        ranges: the method's parameters (config key -> declared :class:`Range`).
+
+    Returns:
+        One ParameterValueError or ListTooLongError per bad value, in config order.
+    """
+    problems: list[ConfigError] = []
+    for where, level in parameter_levels(config):
+        for name, setting in (level or {}).items():
+            if name in ranges:
+                problems += _check_setting(f"{where}.{name}", setting, ranges[name])
+    return problems
+
+
+def _check_setting(field: str, setting: ParameterSetting, allowed: Range) -> list[ConfigError]:
+    if not isinstance(setting, list):
+        return _check_value(field, setting, allowed)
+    if len(setting) > MAX_SETTING_ENTRIES:
+        return [ListTooLongError(f"`{field}` has {len(setting):,} entries, over the {MAX_SETTING_ENTRIES} limit; "
+                                 "a gradient needs a few points")]
+    problems: list[ConfigError] = []
+    for index, entry in enumerate(setting):
+        if isinstance(entry, ConditionalParameter):
+            problems += _check_setting(f"{field}[{index}].value", entry.value, allowed)
+        else:
+            problems += _check_value(f"{field}[{index}]", entry, allowed)
+    return problems
+
+
+def _check_value(field: str, value: object, allowed: Range) -> list[ConfigError]:
+    try:
+        allowed.check(field, value)
+    except ConfigError as err:
+        return [err]
+    return []

@@ -7,6 +7,7 @@ Planning reads no weights: it needs each model's `config.json` and safetensors h
 
 from __future__ import annotations
 
+import copy
 import difflib
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 from .architecture import Architecture, WeightInfo, architecture_for
 from .config import InputSliceSource, MergeConfig, ModelReference, OutputSlice
 from .errors import (
+    ArchitectureSettingError,
     BaseModelError,
     ConfigErrors,
     LayerRangeError,
@@ -22,12 +24,16 @@ from .errors import (
     ModelCountError,
     ParameterValueError,
     ShapeMismatchError,
+    UnmergedTensorsError,
     VocabSizeError,
     WeightSumError,
+    excerpt,
 )
 from .metadata import DTYPE_SIZES, ModelMetadata
 from .methods import MergeMethod, get_method
 from .parameters import resolve
+from .settings import compare_settings
+from .sparsify import della_bounds_problem
 from .tokenizer import Vocabulary, VocabPlan, plan_vocabulary
 
 TORCH_TO_SAFETENSORS = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -204,6 +210,7 @@ def build_plan(
     _check_widths(refs, metadata)
     slices = _as_slices(config, metadata, arch)
     _check_slices(config, slices, method, metadata, arch, problems)
+    input_warnings = _check_inputs(config, refs, metadata, arch, problems)
     problems.raise_if_any()
 
     vocab_plan = None
@@ -227,8 +234,9 @@ def build_plan(
             for template in arch.layer_weights:
                 jobs += planner.plan(output_slice, slice_index, template.for_layer(out_layer), template, t, offset)
             layer_origins.append((output_slice.sources[0].model.key, start + offset))
-    for weight in arch.post_weights:
-        jobs += planner.plan(slices[-1], len(slices) - 1, weight, weight, 0.0)  # t = 0 for the post-weights, as mergekit 0.1.5 (docs/decisions.md)
+    for weight in arch.post_weights:  # t = 0, as mergekit 0.1.5 (docs/decisions.md)
+        jobs += (planner.plan_side_module(slices, weight) if weight.side_module
+                 else planner.plan(slices[-1], len(slices) - 1, weight, weight, 0.0))
     problems.raise_if_any()
 
     written = {job.name for job in jobs}
@@ -249,33 +257,76 @@ def build_plan(
         input_dtype=config.dtype,
         seed=DEFAULT_SEED if config.seed is None else config.seed,
         vocab=vocab_plan,
-        warnings=_unknown_tensors(metadata[donor], arch) + tuple(
-            f"`{key}` is not a parameter of `{method.name}` and is ignored (it takes: "
-            f"{', '.join(p.name for p in method.parameters) or 'none'})"
-            for key in unknown_parameters(config, method)
-        ),
+        warnings=(input_warnings + planner.copy_warnings() + _unknown_parameter_warnings(config, method)
+                  + (vocab_plan.warnings if vocab_plan else ())),
     )
 
 
 # Buffers some checkpoints store that no model reads back (recomputed at load time).
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "attn.masked_bias", "attn.bias")
+# The leading dot keeps real parameters out: GPT-2's `c_attn.bias` is a weight, `h.0.attn.bias` a causal mask.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq", ".attn.masked_bias", ".attn.bias")
 
 
-def _unknown_tensors(meta: ModelMetadata, arch: Architecture) -> tuple[str, ...]:
-    """A warning when the donor has tensors its architecture definition does not describe (they would
-    be dropped silently); tensors outside the configured layer ranges are expected and not reported."""
+def _undescribed_tensors(meta: ModelMetadata, arch: Architecture) -> list[str]:
+    """A model's tensors that `arch` (the output's layout) does not describe, in every one of its layers;
+    tensors of layers a slice leaves out are described, so a frankenmerge's unused layers are not reported."""
     described = {n for w in (*arch.pre_weights, *arch.post_weights) for n in (w.name, *w.aliases)}
-    for layer in range(arch.num_layers(meta.config)):
+    for layer in range(arch.num_layers(meta.config, default=0)):
         described |= {n for w in arch.layer(layer) for n in (w.name, *w.aliases)}
-    unknown = sorted(n for n in meta.tensors if n not in described and not n.endswith(IGNORED_SUFFIXES))
-    if not unknown:
-        return ()
-    shown = ", ".join(f"`{n}`" for n in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-    return (f"`{meta.reference}` has {len(unknown)} tensor(s) the {arch.model_type} layout does not describe, so "
-            f"the output will not contain them: {shown}",)
+    return sorted(n for n in meta.tensors if n not in described and not n.endswith(IGNORED_SUFFIXES))
 
 
-UNIT_INTERVAL = ("density", "select_topk")  # fractions of entries kept
+def _check_inputs(
+    config: MergeConfig, refs: list[ModelReference], meta: dict[str, ModelMetadata], arch: Architecture,
+    problems: _Problems,
+) -> tuple[str, ...]:
+    """Issue 10, rule 1: every input's tensors and architecture settings reach the output, or are named.
+
+    Refusals go to `problems`; returns the warnings (settings that disagree, tensors dropped on request).
+    """
+    settings = compare_settings({str(ref): meta[ref.key].config for ref in refs}, str(config.base_model or refs[0]))
+    for refusal in settings.refusals:
+        problems.add(ArchitectureSettingError(refusal))
+    return _account_for_tensors(config, refs, meta, arch, problems) + settings.warnings
+
+
+def _account_for_tensors(
+    config: MergeConfig, refs: list[ModelReference], meta: dict[str, ModelMetadata], arch: Architecture,
+    problems: _Problems,
+) -> tuple[str, ...]:
+    """Rule: every input tensor is merged into the output or named. A tensor the output's layout does not
+    describe is a refusal naming it, or with `drop_unknown_tensors: true` a warning naming it.
+
+    Returns:
+        The warnings (empty unless `drop_unknown_tensors` is set and tensors are dropped).
+    """
+    warnings = []
+    for ref in refs:
+        unknown = _undescribed_tensors(meta[ref.key], arch)
+        if not unknown:
+            continue
+        shown = ", ".join(f"`{n}`" for n in unknown[:6]) + (f" and {len(unknown) - 6} more" if len(unknown) > 6 else "")
+        what = (f"`{ref}` has {len(unknown)} tensor(s) the output's `{arch.model_type}` layout (from "
+                f"`{config.base_model or refs[0]}`) does not describe, so the output would not contain them: {shown}")
+        if config.drop_unknown_tensors:
+            warnings.append(f"{what}; dropped, as `drop_unknown_tensors: true` asks")
+        else:
+            problems.add(UnmergedTensorsError(
+                f"{what}. Merge models of the base's architecture, or set `drop_unknown_tensors: true` to merge "
+                "without them"
+            ))
+    return tuple(warnings)
+
+
+def _unknown_parameter_warnings(config: MergeConfig, method: MergeMethod) -> tuple[str, ...]:
+    """One warning per ignored parameter key, at most 10 (the keys are user input)."""
+    unknown = unknown_parameters(config, method)
+    takes = ", ".join(p.name for p in method.parameters) or "none"
+    warnings = [f"`{excerpt(key)}` is not a parameter of `{method.name}` and is ignored (it takes: {takes})"
+                for key in unknown[:10]]
+    if len(unknown) > 10:
+        warnings.append(f"... and {len(unknown) - 10} more keys `{method.name}` does not take are ignored")
+    return tuple(warnings)
 
 
 def unknown_parameters(config: MergeConfig, method: MergeMethod) -> list[str]:
@@ -369,11 +420,12 @@ class _TensorPlanner:
         self.meta = meta
         self.problems = problems
         self.vocab = vocab
+        self.copied_modules: dict[tuple[str, str], list[str]] = {}
 
     def _misspelt(self, name: str) -> str:
         """` (found `weigth`: did you mean `weight`?)` when a config key is a likely misspelling of `name`."""
         close = difflib.get_close_matches(name, unknown_parameters(self.config, self.method), n=1)
-        return f" (found `{close[0]}`: did you mean `{name}`?)" if close else ""
+        return f" (found `{excerpt(close[0])}`: did you mean `{name}`?)" if close else ""
 
     def _find(self, key: str, weight: WeightInfo) -> str | None:
         return weight.stored_name(self.meta[key].tensors)
@@ -395,7 +447,7 @@ class _TensorPlanner:
         for index, source in enumerate(output_slice.sources):
             weight = template if offset is None else template.for_layer(source.layer_range[0] + offset)
             name = self._find(source.model.key, weight)
-            if name is None and not weight.optional:
+            if name is None and not weight.optional and not weight.side_module:
                 self.problems.add(ShapeMismatchError(
                     f"`{source.model}` has no tensor `{weight.name}` (and maybe more): it is not a complete "
                     f"checkpoint of the output's architecture ({self.meta[self.donor].config.get('model_type')})"
@@ -406,6 +458,8 @@ class _TensorPlanner:
         # an optional tensor that no model has under its own name (a tied lm_head) is not written
         if not found or (out_weight.optional and not any_own_name):
             return []
+        if out_weight.side_module and not self._same_everywhere(output_slice, found):
+            return [self._copy_from_donor(out_weight, "is not in every input with one shape")]
 
         base_entry = None
         if method.base != "none" and base_ref is not None:
@@ -438,13 +492,9 @@ class _TensorPlanner:
                         f"`{method.name}` needs one per model: add `parameters: {{{spec.name}: ...}}` to it, "
                         f"or a global one{self._misspelt(spec.name)}"
                     ), key=(field_name, spec.name))
-                if spec.name in UNIT_INTERVAL and value is not None and not 0 <= value <= 1:
-                    self.problems.add(ParameterValueError(
-                        f"`{spec.name}` of `{_field(config, slice_index, index)}` (`{source.model}`) is {value}; "
-                        f"it is a fraction of entries kept, so give a value from 0 to 1"
-                    ), key=("range", spec.name, index))
                 values.append(spec.default if value is None else value)
             per_model[spec.name] = tuple(values)
+        self._check_della(per_model, slice_index, inputs, out_weight.name)
         global_params = {}
         for spec in method.global_parameters:
             value = resolve(spec.name, (output_slice.parameters, config.parameters), out_weight.name, t)
@@ -453,16 +503,13 @@ class _TensorPlanner:
                     f"`parameters.{spec.name}` is required by `merge_method: {method.name}` (first needed for "
                     f"`{out_weight.name}`); add e.g. `parameters: {{{spec.name}: 0.5}}`{self._misspelt(spec.name)}"
                 ), key=("parameters", spec.name))
-            if spec.name in UNIT_INTERVAL and value is not None and not 0 <= value <= 1:
-                self.problems.add(ParameterValueError(
-                    f"`parameters.{spec.name}` is {value}; give a value from 0 to 1"
-                ), key=("range", spec.name))
             global_params[spec.name] = spec.default if value is None else value
-        if method.name == "linear" and global_params.get("normalize") and per_model.get("weight"):
+        normalizing = {"linear": "normalize", "multislerp": "normalize_weights"}.get(method.name)
+        if normalizing and global_params.get(normalizing) and per_model.get("weight"):
             if all(w is not None for w in per_model["weight"]) and abs(sum(per_model["weight"])) < 1e-12:
                 self.problems.add(WeightSumError(
-                    f"the `weight`s sum to 0 (first for `{out_weight.name}`), so `normalize: true` would divide "
-                    "by zero; change the weights or set `parameters: {normalize: false}`"
+                    f"the `weight`s sum to 0 (first for `{out_weight.name}`), so `{normalizing}: true` would divide "
+                    f"by zero; change the weights or set `parameters: {{{normalizing}: false}}`"
                 ), key="weight sum")
         return [TensorJob(
             out_weight.name,
@@ -475,6 +522,47 @@ class _TensorPlanner:
             dtype,
             align,
         )]
+
+    def _same_everywhere(self, output_slice: OutputSlice, found: list) -> bool:
+        """Whether every source of the slice has this tensor, all with one shape."""
+        shapes = {tuple(self.meta[s.model.key].tensors[n].shape) for _, s, n in found}
+        return len(found) == len(output_slice.sources) and len(shapes) == 1
+
+    def plan_side_module(self, slices: list[OutputSlice], weight: WeightInfo) -> list[TensorJob]:
+        """A tensor beside the text decoder (vision tower, projector): merged like the first slice when every
+        slice has the same models (a whole-model merge), else the config donor's, whose config describes it."""
+        if len({frozenset(s.model.key for s in sl.sources) for sl in slices}) == 1:
+            return self.plan(slices[0], 0, weight, weight, 0.0)
+        return [self._copy_from_donor(weight, "belongs to no layer range of a frankenmerge")]
+
+    def _copy_from_donor(self, weight: WeightInfo, reason: str) -> TensorJob:
+        """A side module the inputs do not share: the config donor's, as is (`reason` goes in the warning)."""
+        stored = self.meta[self.donor].tensors[weight.name]
+        parts = weight.name.split(".")
+        module = ".".join(parts[:2] if parts[0] == "model" else parts[:1])  # `model.vision_tower`, `visual`
+        self.copied_modules.setdefault((module, reason), []).append(weight.name)
+        dtype = output_dtype(self.config.out_dtype, self.config.dtype, stored.dtype)
+        return TensorJob(weight.name, "passthrough", (TensorSource(self.donor, weight.name),), None,
+                         {"scale": (None,)}, {}, tuple(stored.shape), dtype)
+
+    def copy_warnings(self) -> tuple[str, ...]:
+        """One warning per side module copied from the donor because the inputs do not all share it."""
+        return tuple(
+            f"`{module}.*` ({len(names)} tensor(s)) {reason}, so the output takes "
+            f"`{self.meta[self.donor].reference}`'s (the config donor's) unchanged"
+            for (module, reason), names in self.copied_modules.items()
+        )
+
+    def _check_della(self, per_model: dict[str, tuple], slice_index: int, inputs: list, tensor: str) -> None:
+        """DELLA's keep probabilities `density ± epsilon` must lie in (0, 1) (each is range-checked alone at load)."""
+        if "epsilon" not in per_model:
+            return
+        for (index, source, _), density, epsilon in zip(inputs, per_model["density"], per_model["epsilon"]):
+            problem = della_bounds_problem(density, epsilon)
+            if problem:
+                self.problems.add(ParameterValueError(
+                    f"`{_field(self.config, slice_index, index)}` (`{source.model}`, first for `{tensor}`): {problem}"
+                ), key=("della", index))
 
     def _check_shapes(self, weight: WeightInfo, found: list, shapes: dict[str, tuple[int, ...]], align: bool) -> None:
         """Inputs of one tensor must agree in shape (in columns only, when a vocabulary plan re-lays rows)."""
@@ -517,26 +605,42 @@ def output_model_config(
 
     Sets the layer count, per-layer lists (`layer_types`) taken from each output layer's origin,
     `vocab_size` from the written embedding rows, `tie_word_embeddings` from whether a separate
-    output head was written, and `dtype`/`torch_dtype`.
+    output head was written, and `dtype`/`torch_dtype`. For a multimodal config these are set in
+    its `text_config` (the section holding the layer count); the rest of the config is kept whole.
     """
-    out = dict(donor_config)
+    out = copy.deepcopy(donor_config)
     old_layers = arch.num_layers(donor_config)
-    out[arch.num_layers_config_key] = len(layer_origins)
-    if isinstance(out.get("layer_types"), list):
-        out["layer_types"] = [
-            meta[key].config.get("layer_types", donor_config["layer_types"])[layer] for key, layer in layer_origins
+    *path, count_key = arch.num_layers_config_key.split(".")
+    text = _section(out, path)
+    text[count_key] = len(layer_origins)
+    if isinstance(text.get("layer_types"), list):
+        donor_types = text["layer_types"]
+        text["layer_types"] = [
+            _section(meta[key].config, path).get("layer_types", donor_types)[layer] for key, layer in layer_origins
         ]
-    if out.get("max_window_layers") == old_layers:
-        out["max_window_layers"] = len(layer_origins)
+    if text.get("max_window_layers") == old_layers:
+        text["max_window_layers"] = len(layer_origins)
     for weight in arch.pre_weights:
         job = next((j for j in jobs if j.name == weight.name), None)
         if weight.is_embed and job is not None:
-            out["vocab_size"] = job.shape[0]
+            text["vocab_size"] = job.shape[0]
+            if "vocab_size" in out:  # older multimodal configs state it at the top level too
+                out["vocab_size"] = job.shape[0]
     tied_heads = [w for w in arch.post_weights if w.tied_names]
     if tied_heads:
         out["tie_word_embeddings"] = not any(w.name in written for w in tied_heads)
+        if text is not out and "tie_word_embeddings" in text:
+            text["tie_word_embeddings"] = out["tie_word_embeddings"]
     set_config_dtype(out, dtype)
     return out
+
+
+def _section(config: dict, path: list[str]) -> dict:
+    """The nested object at `path` (a multimodal config's `text_config`); the config itself when absent."""
+    section = config
+    for part in path:
+        section = section.get(part) if isinstance(section.get(part), dict) else section
+    return section
 
 
 def set_config_dtype(config: dict, dtype: str | None) -> None:

@@ -7,8 +7,11 @@ from pathlib import Path
 
 from . import hub
 from .config import ModelReference
-from .errors import ModelNotFoundError
+from .errors import ModelNotFoundError, excerpt
+from .formats import check_layer_count, refuse_unmergeable_weights
+from .lora.adapter import read_adapter
 from .metadata import ModelMetadata, read_local_metadata
+from .timeouts import check_deadline
 from .tokenizer import Vocabulary, load_vocabulary
 
 
@@ -22,11 +25,16 @@ def local_path(ref: ModelReference) -> Path | None:
         ModelNotFoundError: `ref` is written as a path (`./`, `../`, `/`, `~`) but no such directory exists.
     """
     path = Path(os.path.expanduser(ref.model))
-    if path.is_dir():
-        return path.resolve()
-    if ref.model.startswith(("./", "../", "/", "~")) or not hub.is_hub_id(ref.model):
+    try:
+        if path.is_dir():
+            return path.resolve()
+        hub_id = not ref.model.startswith(("./", "../", "/", "~")) and hub.is_hub_id(ref.model)
+    except OSError:  # e.g. a name too long for the filesystem: neither a folder nor a Hub id
+        hub_id = False
+    if not hub_id:
         raise ModelNotFoundError(
-            f"model `{ref}`: no such local directory ({path.resolve()}); check the path, or give a Hub id like `org/name`"
+            f"model `{excerpt(str(ref), 100)}`: no such local directory ({excerpt(str(path.resolve()), 100)}); "
+            "check the path, or give a Hub id like `org/name`"
         )
     return None
 
@@ -37,19 +45,47 @@ def fetch_metadata(refs: list[ModelReference], token: str | None) -> dict[str, M
     Returns:
         canonical key -> :class:`ModelMetadata`.
 
+    Every model is also checked to be mergeable: no quantised or adapter tensors, a layer count. A
+    `model+lora` input takes its model's metadata, after its adapter (downloaded: adapter files only)
+    is checked to change only tensors the model has, with their shapes.
+
     Raises:
         ModelNotFoundError, UnsafeWeightsError, HubError: as :func:`merger.hub.fetch_metadata`.
+        ModelFileError subclasses: a broken file, or weights that cannot be merged (quantised, GGUF,
+            a PEFT adapter); see :mod:`merger.modelfiles` and :mod:`merger.formats`.
+        LoraAdapterError / AdapterTargetError: a `+lora` adapter that cannot be applied to its model.
     """
     result = {}
     for ref in refs:
-        path = local_path(ref)
-        result[ref.key] = read_local_metadata(path, str(ref)) if path else hub.fetch_metadata(str(ref), token=token)
+        check_deadline("reading the next model")  # a timed-out validation stops here, not after every model
+        path = local_path(ref.base)
+        meta = read_local_metadata(path, str(ref.base)) if path else hub.fetch_metadata(str(ref.base), token=token)
+        refuse_unmergeable_weights(meta)
+        check_layer_count(meta)
+        if ref.lora:  # the adapter changes values only: the model's metadata stands, once its targets fit
+            read_adapter(adapter_path(ref, token), ref.lora).check_targets(meta.tensors, str(ref.base))
+        result[ref.key] = meta
     return result
 
 
 def materialize(refs: list[ModelReference], token: str | None) -> dict[str, Path]:
     """Local directories for every model, downloading Hub repos (safetensors, configs, tokenizer files only)."""
-    return {ref.key: local_path(ref) or hub.download_model(str(ref), token=token) for ref in refs}
+    return {ref.key: local_path(ref.base) or hub.download_model(str(ref.base), token=token) for ref in refs}
+
+
+def adapter_path(ref: ModelReference, token: str | None) -> Path:
+    """The local folder of `ref`'s LoRA adapter, downloading a Hub adapter (its two adapter files only).
+
+    Raises:
+        ModelNotFoundError: neither a folder nor a Hub id; HubError: as :func:`merger.hub.download_adapter`.
+    """
+    lora = ModelReference.parse(ref.lora)  # `org/adapter@rev` or a folder
+    return local_path(lora) or hub.download_adapter(str(lora), token=token)
+
+
+def materialize_adapters(refs: list[ModelReference], token: str | None) -> dict[str, Path]:
+    """model key -> local adapter folder, for every `model+lora` input."""
+    return {ref.key: adapter_path(ref, token) for ref in refs if ref.lora}
 
 
 def embedding_rows(meta: ModelMetadata) -> int:
@@ -71,6 +107,7 @@ def fetch_vocabularies(
     """
     result = {}
     for ref in refs:
-        path = local_path(ref) or hub.download_tokenizer(str(ref), token=token)
+        check_deadline("reading the next tokenizer")
+        path = local_path(ref.base) or hub.download_tokenizer(str(ref.base), token=token)
         result[ref.key] = load_vocabulary(path, embedding_rows(metadata[ref.key]))
     return result

@@ -160,6 +160,7 @@ def preflight(yaml_text: str, token: str | None, repo_id: str, private: bool, re
     """
     from .config import load_config
     from .resolve import fetch_metadata
+    from .timeouts import run_limited
     from .validate import plan_config
 
     lines: list[CheckLine] = []
@@ -171,10 +172,12 @@ def preflight(yaml_text: str, token: str | None, repo_id: str, private: bool, re
         lines.append(_target_line(repo_id, token, private, reuse_repo))
         return Preflight(tuple(lines))
     lines.append(CheckLine("config", True, "the config parses"))
+    limit = constants.VALIDATION_TIMEOUT_S  # as for /validate: a slow Hub never holds a worker thread for long
     try:
-        metadata = fetch_metadata(config.referenced_models(), token)
+        refs = config.referenced_models()
+        metadata = run_limited(lambda: fetch_metadata(refs, token), limit, "fetching the models' metadata")
         lines.append(CheckLine("models", True, _models_summary(metadata)))
-        plan, metadata = plan_config(config, token, metadata)  # planned from the metadata just fetched
+        plan, metadata = run_limited(lambda: plan_config(config, token), limit, "checking the models against each other")
     except MergerError as err:
         name = "compatibility" if len(lines) > 1 and lines[-1].name == "models" else "models"
         lines.append(CheckLine(name, False, _short(err), _fix_for(err, name)))
@@ -311,7 +314,7 @@ def submit(yaml_text: str, repo_id: str, token: str, private: bool, reuse_repo: 
 
 def job_status(job_id: str, token: str | None) -> dict[str, Any]:
     """The caller's own job: id, status, progress (0-1), current_tensor, log_tail, result_url, error,
-    worker (a note when no worker is alive), created_at / updated_at (epoch s), elapsed_s,
+    error_type (the failing error's class name), worker (a note when no worker is alive), created_at / updated_at (epoch s), elapsed_s,
     remaining_s (estimated, None until there is progress) and queue_position (1 = next; None unless queued).
 
     Raises:
@@ -378,6 +381,7 @@ def _job_dict(job: Any) -> dict[str, Any]:
         "log_tail": scrub(job.log_tail or ""),
         "result_url": job.result_url,
         "error": scrub(job.error) if job.error else None,
+        "error_type": job.error_type,
         "worker": None if status in TERMINAL_STATUSES else worker_note(),
         "created_at": job.created_at,
         "updated_at": job.updated_at,

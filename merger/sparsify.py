@@ -430,6 +430,17 @@ def breadcrumbs_mask(delta: Tensor, *, density: float, gamma: float) -> Tensor |
     return top_k_mask(magnitudes, keep)
 
 
+def della_bounds_problem(density: float, epsilon: float) -> str | None:
+    """Why DELLA cannot use `density ± epsilon` as keep probabilities, or None when it can.
+
+    A density of 1 or more keeps everything and of 0 or less nothing, so epsilon is unused there.
+    """
+    if density >= 1 or density <= 0 or (density - epsilon > 0 and density + epsilon < 1):
+        return None
+    return (f"DELLA needs `density - epsilon > 0` and `density + epsilon < 1`, got density={density:g}, "
+            f"epsilon={epsilon:g}; lower `epsilon` (or move `density` away from 0 and 1)")
+
+
 def della_mask(delta: Tensor, *, density: float, epsilon: float, generator: torch.Generator) -> Tensor | None:
     """DELLA MagPrune: keep entries with probabilities linear in their magnitude rank within each row.
 
@@ -454,11 +465,9 @@ def della_mask(delta: Tensor, *, density: float, epsilon: float, generator: torc
         return None
     if density <= 0:
         return torch.zeros(delta.shape, dtype=torch.bool, device=delta.device)
-    if density - epsilon <= 0 or density + epsilon >= 1:
-        raise ValueError(
-            f"DELLA needs `density - epsilon > 0` and `density + epsilon < 1`, got density={density}, "
-            f"epsilon={epsilon}; lower `epsilon`"
-        )
+    problem = della_bounds_problem(density, epsilon)
+    if problem:
+        raise ValueError(problem)
     rows = delta if delta.dim() >= 2 else delta.reshape(1, -1)  # (R, n, ...)
     n = rows.shape[1]
     # probability of each ascending rank: (n,), shaped to broadcast along dim 1

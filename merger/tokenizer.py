@@ -14,17 +14,17 @@ Deterministic: new tokens are appended in config order (base first), never in se
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from .chat_template import chat_template_text
 from .config import ModelReference
-from .errors import ConfigError
-
-TEMPLATES_DIR = Path(__file__).parents[1] / "templates" / "chat_templates"
+from .errors import ConfigError, excerpt
 
 
 @dataclass(frozen=True)
@@ -98,13 +98,29 @@ class TokenOverride:
     force: bool
 
 
+class NewToken(NamedTuple):
+    """A token the output tokenizer gains.
+
+    Attributes:
+        content: the token string, as the vocabulary spells it (byte-level BPE: `Ġword`).
+        special: an added token marked special (skipped when decoding).
+        added: an added token, matched in raw text before the model tokenises (a model's own added
+            tokens, `tokenizer.tokens` entries); False for another model's ordinary vocabulary token,
+            which enters the donor's model vocabulary so the donor's text tokenises as before.
+    """
+
+    content: str
+    special: bool
+    added: bool
+
+
 @dataclass(frozen=True)
 class VocabPlan:
     """The output vocabulary and, per model, where each output row comes from.
 
     Attributes:
         donor: key of the model whose tokenizer files the output starts from.
-        new_tokens: tokens appended to the donor's tokenizer, (content, special), in id order.
+        new_tokens: tokens appended to the donor's tokenizer, in id order.
         first_new_id: the id of the first new token (the donor tokenizer's size).
         vocab_size: output token ids (before padding).
         rows: output embedding rows (`vocab_size` padded to `pad_to_multiple_of`).
@@ -113,10 +129,11 @@ class VocabPlan:
         overrides: output id -> :class:`TokenOverride`.
         identity: every model already has exactly the output layout (alignment is a no-op).
         chat_template: the template to write, or None to keep the donor's files verbatim.
+        warnings: problems that do not stop the merge (a chat template's tokens the output lacks).
     """
 
     donor: str
-    new_tokens: tuple[tuple[str, bool], ...]
+    new_tokens: tuple[NewToken, ...]
     first_new_id: int
     vocab_size: int
     rows: int
@@ -125,6 +142,7 @@ class VocabPlan:
     overrides: dict[int, TokenOverride]
     identity: bool
     chat_template: str | None
+    warnings: tuple[str, ...] = ()
 
     @property
     def rewrites_tokenizer(self) -> bool:
@@ -162,17 +180,17 @@ def plan_vocabulary(
     else:
         donor = ModelReference.parse(choice).key
         if donor not in vocabs:
-            raise ConfigError(f"`tokenizer_source: {choice}` is not one of the merged models; use `base`, `union` "
+            raise ConfigError(f"`tokenizer_source: {excerpt(choice)}` is not one of the merged models; use `base`, `union` "
                               f"or one of: {', '.join(order)}")
     donor_vocab = vocabs[donor]
     token_of: dict[int, str] = {i: t for t, i in donor_vocab.ids.items()}
-    new_tokens: list[tuple[str, bool]] = []
+    new_tokens: list[NewToken] = []
     next_id = donor_vocab.size
 
-    def append(token: str, special: bool) -> None:
+    def append(token: str, special: bool, added: bool) -> None:
         nonlocal next_id
-        if token not in donor_vocab.ids and token not in {t for t, _ in new_tokens}:
-            new_tokens.append((token, special))
+        if token not in donor_vocab.ids and token not in {t.content for t in new_tokens}:
+            new_tokens.append(NewToken(token, special, added))
             token_of[next_id] = token
             next_id += 1
 
@@ -182,13 +200,13 @@ def plan_vocabulary(
             vocab = vocabs[key]
             for token, i in sorted(vocab.ids.items(), key=lambda item: item[1]):
                 if i < vocab.rows and token not in added:
-                    append(token, False)
+                    append(token, False, added=False)
         for key in [donor] + [k for k in order if k != donor]:
             for i, content, special in vocabs[key].added:
                 if i < vocabs[key].rows:
-                    append(content, special)
+                    append(content, special, added=True)
     for token in tokens or {}:
-        append(token, False)
+        append(token, False, added=True)
 
     vocab_size = max(next_id, donor_vocab.rows)
     rows = vocab_size if not pad_to_multiple_of else -(-vocab_size // pad_to_multiple_of) * pad_to_multiple_of
@@ -208,6 +226,8 @@ def plan_vocabulary(
         vocabs[key].rows == vocab_size and bool((index[key] == torch.arange(vocab_size)).all()) for key in order
     )
     overrides = _overrides(tokens or {}, vocabs, order, donor_vocab, token_of)
+    template = resolve_chat_template(chat_template, [vocabs[k] for k in order])
+    missing = template_tokens_missing(template, set(donor_vocab.ids) | {t.content for t in new_tokens})
     return VocabPlan(
         donor=donor,
         new_tokens=tuple(new_tokens),
@@ -218,8 +238,35 @@ def plan_vocabulary(
         base=base,
         overrides=overrides,
         identity=identity and not overrides,
-        chat_template=resolve_chat_template(chat_template, [vocabs[k] for k in order]),
+        chat_template=template,
+        warnings=(f"the chat template (`chat_template: {_short(chat_template)}`) writes "
+                  f"{', '.join(f'`{t}`' for t in missing)}, which the output tokenizer lacks: each would be "
+                  "split into ordinary tokens the model never saw in that role. Use a template of the "
+                  "output tokenizer's family, or add them under `tokenizer: {tokens: ...}`",) if missing else (),
     )
+
+
+# Control tokens chat templates write literally: ChatML / Llama-3 / Phi `<|...|>`, Gemma's turn markers.
+TEMPLATE_TOKEN = re.compile(r"<\|[^<>|\s]{1,64}\|>|<(?:start|end)_of_turn>")
+
+
+def template_tokens_missing(template: str | None, vocabulary: set[str]) -> list[str]:
+    """The control tokens a chat template writes literally that are not single tokens of `vocabulary`.
+
+    Args:
+        template: Jinja text, or None.
+        vocabulary: every token string of the output tokenizer (model vocabulary and added tokens).
+
+    Returns:
+        The missing tokens, in order of first appearance.
+    """
+    found = dict.fromkeys(TEMPLATE_TOKEN.findall(template or ""))
+    return [token for token in found if token not in vocabulary]
+
+
+def _short(setting: str | None) -> str:
+    text = " ".join((setting or "").split())
+    return text if len(text) <= 30 else text[:27] + "..."
 
 
 def _overrides(tokens: dict[str, Any], vocabs: dict[str, Vocabulary], order: list[str],
@@ -227,7 +274,7 @@ def _overrides(tokens: dict[str, Any], vocabs: dict[str, Vocabulary], order: lis
     out_id = {t: i for i, t in token_of.items()}
     result = {}
     for token, spec in tokens.items():
-        where = f"`tokenizer.tokens.{token}`"
+        where = f"`tokenizer.tokens.{excerpt(token)}`"
         spec = spec if isinstance(spec, dict) else {"source": spec}
         source, force = spec.get("source"), bool(spec.get("force", False))
         if isinstance(source, dict) and source.get("kind") == "zero":
@@ -243,7 +290,7 @@ def _overrides(tokens: dict[str, Any], vocabs: dict[str, Vocabulary], order: lis
             row = vocabs[key].ids.get(token, -1)
         else:
             raise ConfigError(f"{where}.source must be a model, {{kind: model_token, model, token}} or {{kind: zero}}, "
-                              f"got {source!r}")
+                              f"got `{excerpt(source)}`")
         if not 0 <= row < vocabs[key].rows:
             raise ConfigError(f"{where}: model `{key}` has no row for that token; pick a model that has it or "
                               "use `{kind: zero}`")
@@ -254,7 +301,7 @@ def _overrides(tokens: dict[str, Any], vocabs: dict[str, Vocabulary], order: lis
 def _model_key(reference: Any, vocabs: dict[str, Vocabulary], where: str) -> str:
     key = ModelReference.parse(reference).key
     if key not in vocabs:
-        raise ConfigError(f"{where} names `{reference}`, which is not one of the merged models; use one of: "
+        raise ConfigError(f"{where} names `{excerpt(reference)}`, which is not one of the merged models; use one of: "
                           f"{', '.join(vocabs)}")
     return key
 
@@ -264,21 +311,14 @@ def resolve_chat_template(setting: str | None, vocabs: list[Vocabulary]) -> str 
     built-in name (`templates/chat_templates/<name>.jinja`) -> its text; literal Jinja -> itself.
 
     Raises:
-        ConfigError: an unknown name.
+        ChatTemplateError: not a built-in name, or Jinja that does not compile (see :mod:`merger.chat_template`).
     """
     if setting is None:
         return None
     if setting == "auto":
         templates = [v.chat_template for v in vocabs if v.chat_template]
         return Counter(templates).most_common(1)[0][0] if templates else None
-    if len(setting) >= 20 and "{" in setting:
-        return setting
-    path = TEMPLATES_DIR / f"{setting}.jinja"
-    if not path.is_file():
-        names = ", ".join(sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja")))
-        raise ConfigError(f"`chat_template: {setting}` is not a known template; use `auto`, one of {names}, "
-                          "or literal Jinja")
-    return path.read_text()
+    return chat_template_text(setting)
 
 
 def align_embeddings(tensors: dict[str, torch.Tensor], plan: VocabPlan) -> dict[str, torch.Tensor]:
@@ -324,29 +364,3 @@ def align_embeddings(tensors: dict[str, torch.Tensor], plan: VocabPlan) -> dict[
             aligned = torch.cat([aligned, pad])
         out[key] = aligned
     return out
-
-
-def write_tokenizer(plan: VocabPlan, donor_dir: Path, out_dir: Path) -> None:
-    """Save the donor's tokenizer with the new tokens appended and the chat template set.
-
-    Only called when :attr:`VocabPlan.rewrites_tokenizer`; otherwise the donor's files are copied byte
-    for byte.
-
-    Raises:
-        ConfigError: the tokenizer assigned a new token another id than planned (its files disagree
-            with its vocabulary).
-    """
-    from tokenizers import AddedToken
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(donor_dir)
-    for content, special in plan.new_tokens:
-        tokenizer.add_tokens([AddedToken(content, special=special, normalized=not special)], special_tokens=special)
-    for offset, (content, _) in enumerate(plan.new_tokens):
-        got = tokenizer.convert_tokens_to_ids(content)
-        if got != plan.first_new_id + offset:
-            raise ConfigError(f"the output tokenizer gave `{content}` id {got}, not {plan.first_new_id + offset}; "
-                              "choose another `tokenizer_source`")
-    if plan.chat_template is not None:
-        tokenizer.chat_template = plan.chat_template
-    tokenizer.save_pretrained(out_dir)

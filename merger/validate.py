@@ -4,32 +4,52 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import AnyConfig, MoEConfig, load_config
+from . import constants, hub
+from .config import AnyConfig, ModelReference, MoEConfig, load_config
 from .metadata import ModelMetadata
-from .moe import build_moe_plan
+from .moe import build_moe_plan, check_tokenizer_fits
 from .plan import MergePlan, build_plan, needs_vocabularies
-from .resolve import fetch_metadata, fetch_vocabularies
+from .resolve import embedding_rows, fetch_metadata, fetch_vocabularies, local_path
+from .timeouts import run_limited
+from .tokenizer import Vocabulary, load_vocabulary
 
 
 def plan_config(
-    config: AnyConfig, token: str | None, metadata: dict[str, ModelMetadata] | None = None
+    config: AnyConfig, token: str | None, known: dict[str, ModelMetadata] | None = None
 ) -> tuple[MergePlan, dict[str, ModelMetadata]]:
     """Plan either schema (mergekit merge or mergekit-moe) from metadata, fetching no weights.
 
     Args:
         config: the parsed config.
-        token: a Hub token for private or gated models.
-        metadata: the referenced models' metadata when already fetched (else fetched here).
+        token: a Hub token.
+        known: metadata of models not written yet (a multi-stage config's intermediates), by model key.
 
     Returns:
         The plan, and every referenced model's metadata (canonical key -> metadata).
     """
     refs = config.referenced_models()
-    metadata = fetch_metadata(refs, token) if metadata is None else metadata
+    known = known or {}
+    metadata = fetch_metadata([r for r in refs if r.base.key not in known], token)
+    metadata.update({r.key: known[r.base.key] for r in refs if r.base.key in known})
     if isinstance(config, MoEConfig):
-        return build_moe_plan(config, metadata), metadata
+        plan = build_moe_plan(config, metadata)
+        vocabulary = _tokenizer_if_any(next(ref for ref in refs if ref.key == plan.tokenizer_donor), metadata, token)
+        if vocabulary is not None:  # a donor without a tokenizer writes none
+            check_tokenizer_fits(plan, vocabulary)
+        return plan, metadata
     vocabs = fetch_vocabularies(refs, metadata, token) if needs_vocabularies(config) else None
     return build_plan(config, metadata, vocabs), metadata
+
+
+TOKENIZER_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _tokenizer_if_any(ref: ModelReference, metadata: dict[str, ModelMetadata], token: str | None) -> Vocabulary | None:
+    """The model's tokenizer vocabulary (Hub: tokenizer files only), or None when it ships no tokenizer."""
+    path = local_path(ref.base) or hub.download_tokenizer(str(ref.base), token=token)
+    if not any((path / name).is_file() for name in TOKENIZER_VOCABULARY_FILES):
+        return None
+    return load_vocabulary(path, embedding_rows(metadata[ref.key]))
 
 
 @dataclass(frozen=True)
@@ -65,16 +85,27 @@ class ValidationReport:
         return "\n".join([text, *(f"warning: {w}" for w in self.warnings)])
 
 
-def validate_config(text: str, token: str | None = None) -> ValidationReport:
-    """Parse and check a YAML config from metadata alone (config.json, safetensors headers).
+def validate_config(text: str, token: str | None = None, timeout_s: float | None = None) -> ValidationReport:
+    """Parse and check a YAML config from metadata alone (config.json, safetensors headers), within a time limit.
 
     Args:
         text: the YAML config (either schema).
         token: a Hub token for private or gated models.
+        timeout_s: seconds to wait at most; defaults to `constants.VALIDATION_TIMEOUT_S`.
 
     Raises:
         ConfigError / ConfigErrors, ArchitectureError, ModelNotFoundError, UnsafeWeightsError, HubError.
+        ValidationTimeoutError: the check took longer than `timeout_s` (it stops at its next Hub call).
     """
+    limit = constants.VALIDATION_TIMEOUT_S if timeout_s is None else timeout_s
+    return run_limited(lambda: _report(text, token), limit, "checking the config against the models' metadata")
+
+
+def _report(text: str, token: str | None) -> ValidationReport:
+    from .stages import is_multi_stage
+
+    if is_multi_stage(text):
+        return _stages_report(text, token)
     plan, _ = plan_config(load_config(text), token)
     return ValidationReport(
         method=plan.method_name,
@@ -84,4 +115,28 @@ def validate_config(text: str, token: str | None = None) -> ValidationReport:
         parameter_count=plan.parameter_count,
         architecture=(plan.output_config.get("architectures") or ["?"])[0],
         warnings=plan.warnings,
+    )
+
+
+def _stages_report(text: str, token: str | None) -> ValidationReport:
+    """A multi-stage config's report: every stage planned from metadata (intermediates from their stage's
+    plan); the last stage that could be planned before running describes the output."""
+    from pathlib import Path
+
+    from .stages import external_models, plan_stages
+
+    work = Path(".stages-validation").resolve()  # a name only: nothing is written
+    plans = plan_stages(text, token, work)
+    planned = [p for p in plans if p is not None]
+    plan = planned[-1][0]
+    unchecked = [f"stage {i + 1} reads an earlier stage and edits the tokenizer: it is checked when it runs"
+                 for i, p in enumerate(plans) if p is None]
+    return ValidationReport(
+        method=plan.method_name,
+        pretty_name=f"{len(plans)} stages, ending in {plan.pretty_name}" if plans[-1] else f"{len(plans)} stages",
+        models=tuple(m for m, _ in external_models(planned, work)),
+        num_layers=plan.num_layers,
+        parameter_count=plan.parameter_count,
+        architecture=(plan.output_config.get("architectures") or ["?"])[0],
+        warnings=tuple(w for p, _ in planned for w in p.warnings) + tuple(unchecked),
     )

@@ -166,7 +166,7 @@ def _queue() -> _Queue:
     path = Path(constants.QUEUE_DB)
     with _queues_lock:
         if path not in _queues:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            jobs.create_private_file(path)
             huey = SqliteHuey("merger", filename=str(path), results=False)
             _queues[path] = _Queue(huey, huey.task(name="merge")(_run_job))
         return _queues[path]
@@ -200,6 +200,7 @@ class _Outcome:
     status: JobStatus
     result_url: str | None = None
     error: str | None = None
+    error_type: str | None = None  # the error's class name (what the app's API reports as `error_type`)
 
 
 class _Reporter:
@@ -281,7 +282,8 @@ def _run_job(job_id: str, sealed_token: bytes) -> None:
         shutil.rmtree(work_dir, ignore_errors=True)
     reporter.write(force=True)
     jobs.mark_finished(
-        job_id, outcome.status, log_tail=reporter.log_tail, result_url=outcome.result_url, error=outcome.error
+        job_id, outcome.status, log_tail=reporter.log_tail, result_url=outcome.result_url, error=outcome.error,
+        error_type=outcome.error_type,
     )
 
 
@@ -305,30 +307,43 @@ def _outcome(job: Job, sealed_token: bytes, work_dir: Path, reporter: _Reporter)
         return _Outcome(JobStatus.CANCELLED)
     except MergerError as err:
         logger.info("Job %s failed: %s", job.id, err)
-        return _Outcome(JobStatus.FAILED, error=scrub(str(err)))
+        return _Outcome(JobStatus.FAILED, error=_job_message(err, work_dir), error_type=type(err).__name__)
     except Exception as err:
         # The traceback is scrubbed here, at the source, so that no handler anywhere can print the token.
         logger.error("Job %s failed unexpectedly (%s):\n%s", job.id, type(err).__name__, scrub(traceback.format_exc()))
         return _Outcome(
             JobStatus.FAILED,
             error=f"The merge failed unexpectedly ({type(err).__name__}); the worker log has the details.",
+            error_type="UnexpectedError",  # as the app labels a bug
         )
     finally:
         _active_tokens.discard(token)
+
+
+def _job_message(err: MergerError, work_dir: Path) -> str:
+    """The failed job's message: tokens scrubbed, the worker's own paths hidden, and the Hub's state said
+    when the merge failed before its push (push failures say it themselves)."""
+    text = scrub(str(err)).replace(str(work_dir), "the job's output folder")
+    text = text.replace(str(constants.DATA_DIR), "the worker's data folder")
+    return f"{text} Nothing was pushed to the Hub." if getattr(err, "before_push", False) else text
 
 
 def _merge_and_push(job: Job, token: str, sealed_token: bytes, out_dir: Path, reporter: _Reporter) -> str:
     # Checked again before the merge: the Hub may have changed while the job was queued.
     target = hub.check_push_target(job.repo_id, token, private=job.private, reuse_repo=job.reuse_repo)
     logger.info("Job %s: merging for %s.", job.id, target.repo_id)
-    engine.run_merge(
-        job.config_yaml,
-        out_dir,
-        token=token,
-        title=target.repo_id.rsplit("/", 1)[-1],
-        progress=reporter.progress,
-        should_cancel=reporter.should_cancel,
-    )
+    try:
+        engine.run_merge(
+            job.config_yaml,
+            out_dir,
+            token=token,
+            title=target.repo_id.rsplit("/", 1)[-1],
+            progress=reporter.progress,
+            should_cancel=reporter.should_cancel,
+        )
+    except MergerError as err:
+        err.before_push = True  # read by _job_message: the Hub was not touched
+        raise
     # The upload cannot be stopped half-way, so this is the last point where a cancel takes effect.
     if _SHUTDOWN.is_set() or jobs.is_cancel_requested(job.id):
         raise MergeCancelled("the merge was cancelled before its upload; nothing was pushed")

@@ -8,7 +8,8 @@ ndjson commit (upload_folder/create_commit/upload_file with HF_HUB_DISABLE_XET=1
 
 Adopted from the project's shared tools so the test suite stands alone. Tests can make commits fail
 on purpose: set `store.fail_commits` to an HTTP status, or to "drop" to close the connection unanswered;
-hold them in flight with `store.hold_commits` (a threading.Event). `store.orgs` gives organizations
+hold them in flight with `store.hold_commits` (a threading.Event); slow it down with `store.delay_s`
+seconds before each request whose path matches the regex `store.delay_paths` (None: all). `store.orgs` gives organizations
 and their members' roles (whoami lists them; write/admin may create, push and delete there).
 
 Not implemented: Xet, multipart LFS, pagination, sort/filter/expand semantics, branches/tags/PRs
@@ -28,6 +29,7 @@ import re
 import secrets
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -81,6 +83,8 @@ class Store:
         self.fail_commits = None  # an HTTP status: every commit is refused with it; "drop": the connection is closed
         self.hold_commits = None  # a threading.Event: commits wait until it is set (an upload "in flight")
         self.orgs = {}  # org name -> {username: role ("admin", "write", "contributor", "read")}
+        self.delay_s = 0.0  # seconds every matching request waits before it is answered (a slow Hub)
+        self.delay_paths = None  # a regex searched in the request path; None: every request waits
 
     def may_write(self, user, namespace):
         """Whether `user` may create or push repos under `namespace` (their own, or an org role of write/admin)."""
@@ -219,6 +223,8 @@ class Handler(BaseHTTPRequestHandler):
             self._body = self._read_body()  # always drain the body: keep-alive connections are reused
             url = urlsplit(self.path)
             path, q = unquote(url.path), parse_qs(url.query)
+            if self.store.delay_s and (self.store.delay_paths is None or re.search(self.store.delay_paths, path)):
+                time.sleep(self.store.delay_s)
             m = self.command
             user, bad = self.user()
             if bad and not path.startswith("/_lfs/"):
@@ -479,6 +485,10 @@ class Handler(BaseHTTPRequestHandler):
         start, end = 0, size - 1
         rng = self.headers.get("Range")
         status = 200
+        if rng and (mm := re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())) and int(mm[1]) >= size:
+            # as the Hub's CDN does: a range starting at or past the end (any range of a 0-byte file)
+            return self.error(416, "RangeNotSatisfiable", "Range Not Satisfiable",
+                              headers={"Content-Range": f"bytes */{size}"})
         if rng and (mm := re.fullmatch(r"bytes=(\d+)-(\d*)", rng.strip())) and size:
             start, end = int(mm[1]), min(int(mm[2]) if mm[2] else size - 1, size - 1)
             status = 206

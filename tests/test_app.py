@@ -11,6 +11,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from urllib.parse import parse_qs, urlsplit  # noqa: E402
 
@@ -49,8 +50,7 @@ def slerp_yaml(fixture_models_dir: Path) -> str:
 @pytest.fixture(scope="module")
 def served() -> tuple[gr.Blocks, str]:
     demo = app.build_demo()
-    demo.queue()
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True)
+    _, url, _ = app.serve(demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True)
     yield demo, url
     demo.close()
 
@@ -274,7 +274,7 @@ def test_submit_status_cancel(
     status = caller.predict(job_id, api_name="/job_status")
     assert status["id"] == job_id and status["status"] == "queued" and status["progress"] == 0.0
     assert set(status) == {
-        "id", "status", "progress", "current_tensor", "log_tail", "result_url", "error", "worker",
+        "id", "status", "progress", "current_tensor", "log_tail", "result_url", "error", "error_type", "worker",
         "created_at", "updated_at", "elapsed_s", "remaining_s", "queue_position",
     }
     assert status["queue_position"] == 1 and status["remaining_s"] is None  # nothing ahead; no progress yet
@@ -617,3 +617,36 @@ def test_my_jobs_lists_the_callers_jobs_newest_first(
         (first, "alice/first", "cancelled"),
     ]
     assert listed[0]["config_yaml"] == "merge_method: linear\n" and listed[0]["queue_position"] == 1
+
+
+def test_the_served_app_caps_its_queue_and_uploads(served: tuple[gr.Blocks, str]) -> None:
+    demo, _ = served
+    assert demo._queue.max_size == app.QUEUE_MAX_SIZE == 64
+    assert demo.max_file_size == 2**20  # gradio reads "1mb" as 1 MiB
+
+
+def test_a_full_queue_is_refused_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    release = threading.Event()
+    monkeypatch.setattr(app, "QUEUE_MAX_SIZE", 1)
+    with gr.Blocks() as demo:  # one slow event, one at a time: the second call waits, the third finds the queue full
+        box = gr.Textbox()
+        box.submit(lambda text: (release.wait(20), text)[1], box, box, api_name="slow", concurrency_limit=1)
+    app.serve(demo, prevent_thread_lock=True, server_name="127.0.0.1", server_port=_free_port(), quiet=True)
+    try:
+        client = Client(demo.local_url, verbose=False)
+        running, waiting = client.submit("a", api_name="/slow"), None
+        deadline = time.monotonic() + 10
+        while running.status().code.name not in ("PROCESSING", "PROGRESS") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        waiting = client.submit("b", api_name="/slow")
+        while waiting.status().code.name != "IN_QUEUE" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(Exception, match="(?i)queue is full"):
+            client.predict("c", api_name="/slow")
+        assert time.monotonic() - started < 5
+    finally:
+        release.set()
+        demo.close()

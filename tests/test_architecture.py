@@ -270,3 +270,67 @@ def test_a_valid_definition_loads_every_field(tmp_path: Path):
     assert arch.layer_weights == (WeightInfo("layers.${layer_index}.w", aliases=("h.${layer_index}.w",)),)
     assert arch.post_weights == (WeightInfo("head.weight", optional=True, tied_names=("embed.weight",)),)
     assert set(_WEIGHT_FIELD_TYPES) == {f.name for f in fields(WeightInfo)}
+
+
+# ---------------------------------------------------------------- multimodal checkpoints (issue 10, rule 5)
+
+MM_TEXT = dict(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+               num_key_value_heads=1, head_dim=8)
+MM_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=8,
+                 patch_size=4)
+MROPE = {"type": "mrope", "mrope_section": [1, 1, 2]}
+# (model_type, config, text decoder's first tensor, side modules, inferred text layout)
+MULTIMODAL = [
+    ("gemma3", dict(text_config=MM_TEXT, vision_config=MM_VISION, mm_tokens_per_image=4),
+     "language_model.model.embed_tokens.weight", ["multi_modal_projector", "vision_tower"], False),
+    ("mistral3", dict(text_config=dict(MM_TEXT, model_type="mistral"), spatial_merge_size=1,
+                      vision_config=dict(MM_VISION, model_type="pixtral", head_dim=8, image_size=16)),
+     "language_model.model.embed_tokens.weight", ["multi_modal_projector", "vision_tower"], False),
+    ("paligemma", dict(text_config=dict(MM_TEXT, model_type="gemma"), vision_config=dict(MM_VISION, projection_dim=16)),
+     "language_model.model.embed_tokens.weight", ["multi_modal_projector", "vision_tower"], False),
+    ("qwen2_vl", dict(text_config=dict(MM_TEXT, rope_scaling=MROPE), vision_config=dict(
+        depth=1, embed_dim=16, hidden_size=16, num_heads=2, mlp_ratio=2, patch_size=4, spatial_merge_size=1)),
+     "model.embed_tokens.weight", ["visual"], True),
+]
+
+
+def _multimodal(tmp_path_factory, model_type: str, config: dict) -> ModelMetadata:
+    from transformers import AutoModelForImageTextToText
+
+    out = tmp_path_factory.mktemp(model_type)
+    AutoModelForImageTextToText.from_config(AutoConfig.for_model(model_type, **config)).save_pretrained(out)
+    return read_local_metadata(out)
+
+
+@pytest.mark.parametrize(("model_type", "config", "embed", "side", "inferred"), MULTIMODAL, ids=[m[0] for m in MULTIMODAL])
+def test_multimodal_checkpoints_are_their_text_decoder_plus_side_modules(tmp_path_factory, model_type, config, embed, side,
+                                                                        inferred):
+    from merger.plan import _undescribed_tensors
+
+    meta = _multimodal(tmp_path_factory, model_type, config)
+    arch = architecture_for(meta.config, model_type, meta.tensors)
+    assert (arch.model_type, arch.inferred, arch.num_layers(meta.config)) == (model_type, inferred, 2)
+    assert arch.num_layers_config_key == "text_config.num_hidden_layers"
+    assert [w.name for w in arch.pre_weights if w.is_embed] == [embed]
+    assert sorted({w.name.split(".")[0] for w in arch.post_weights if w.side_module}) == side
+    assert _undescribed_tensors(meta, arch) == []  # every tensor is text decoder or a side module
+    layer_names = {w.for_layer(i).name for w in arch.layer_weights for i in range(2)}
+    assert layer_names <= set(meta.tensors) and all(".layers." in n for n in layer_names)
+
+
+def test_llama4_text_decoder_with_interleaved_experts_is_refused_by_name(tmp_path_factory):
+    text = dict(MM_TEXT, intermediate_size_mlp=32, num_local_experts=2, interleave_moe_layer_step=2)
+    vision = dict(MM_VISION, image_size=16, vision_output_dim=16, projector_input_dim=16, projector_output_dim=16)
+    meta = _multimodal(tmp_path_factory, "llama4", dict(text_config=text, vision_config=vision))
+    with pytest.raises(ArchitectureError, match=r"`llama4_text` text decoder.*layer 1 does not have the same tensors"):
+        architecture_for(meta.config, "meta-llama/Llama-4-Scout", meta.tensors)
+
+
+def test_text_config_without_a_layer_count_takes_the_text_class_default():
+    """llava-1.5's text_config states no num_hidden_layers: transformers builds LlamaConfig's default, 32."""
+    names = ["language_model.model.embed_tokens.weight", "vision_tower.w"] + [
+        f"language_model.model.layers.{i}.{w}" for i in range(32) for w in ("input_layernorm.weight",)]
+    config = {"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"],
+              "text_config": {"model_type": "llama", "vocab_size": 32064}, "vision_config": {"model_type": "clip_vision_model"}}
+    arch = architecture_for(config, "llava-hf/llava-1.5-7b-hf", names)
+    assert arch.num_layers(config) == 32 and arch.default_layers == 32

@@ -49,7 +49,11 @@ def test_slice_base_spelled_with_a_trailing_slash_is_recognised(fixture_models_d
 
 @pytest.mark.parametrize("base_type, other_type", [("llama", "mistral"), ("mistral", "llama")])
 def test_cross_family_output_takes_the_base_architecture(tmp_path: Path, base_type: str, other_type: str) -> None:
+    """Llama and Mistral compute alike when Mistral's sliding window is off (compared as a setting)."""
     base, other = tiny(tmp_path / "base", base_type, 0), tiny(tmp_path / "other", other_type, 1)
+    for path in (base, other):  # MistralConfig defaults to a 4096-token window: turn it off
+        config = json.loads((path / "config.json").read_text())
+        (path / "config.json").write_text(json.dumps({**config, "sliding_window": None}))
     text = (f"merge_method: linear\nbase_model: {base}\nmodels:\n  - model: {other}\n    parameters: {{weight: 0.5}}\n"
             f"  - model: {base}\n    parameters: {{weight: 0.5}}\n")
     for run in ("a", "b"):
@@ -110,16 +114,20 @@ def test_tied_inputs_stay_tied(fixture_models_dir: Path, tmp_path: Path) -> None
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is True
 
 
-def test_tensors_the_output_drops_are_reported(fixture_models_dir: Path, tmp_path: Path) -> None:
+def test_tensors_the_output_would_drop_are_refused_or_with_opt_in_reported(fixture_models_dir: Path, tmp_path: Path) -> None:
     extra = tmp_path / "extra"
     extra.mkdir()
     tensors = weights(fixture_models_dir / "mistral-base")
     tensors["model.layers.0.self_attn.q_norm.weight"] = torch.ones(24)
     save_file(tensors, str(extra / "model.safetensors"))
     (extra / "config.json").write_bytes((fixture_models_dir / "mistral-base" / "config.json").read_bytes())
-    report = validate_config(f"merge_method: passthrough\nmodels:\n  - model: {extra}\n")
+    from merger.errors import UnmergedTensorsError
+
+    with pytest.raises(UnmergedTensorsError, match=r"1 tensor\(s\).*`model.layers.0.self_attn.q_norm.weight`"):
+        validate_config(f"merge_method: passthrough\nmodels:\n  - model: {extra}\n")
+    report = validate_config(f"merge_method: passthrough\nmodels:\n  - model: {extra}\ndrop_unknown_tensors: true\n")
     assert report.warnings and "model.layers.0.self_attn.q_norm.weight" in report.warnings[0]
-    assert "warning: " in report.summary()
+    assert "dropped" in report.warnings[0] and "warning: " in report.summary()
     clean = validate_config(f"merge_method: passthrough\nmodels:\n  - model: {fixture_models_dir / 'mistral-base'}\n")
     assert clean.warnings == ()
 

@@ -96,4 +96,24 @@ def test_density_outside_zero_one_is_refused(capsys, tmp_path: Path) -> None:
     config.write_text(f"merge_method: dare_ties\nbase_model: {fx / 'mistral-base'}\nmodels:\n"
                       f"  - model: {fx / 'mistral-prose'}\n    parameters: {{weight: 1, density: 1.5}}\n")
     code, _, err = run(capsys, "validate", str(config))
-    assert code == 2 and "`density`" in err and "1.5" in err and "from 0 to 1" in err
+    assert code == 2 and "`models[0].parameters.density`" in err and "1.5" in err and "from 0 to 1" in err
+
+
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_config_file_that_cannot_be_read_is_one_line(capsys, tmp_path: Path, command: str) -> None:
+    import os
+
+    unreadable = tmp_path / "locked.yml"
+    unreadable.write_text("merge_method: linear\n")
+    unreadable.chmod(0)
+    # /proc/self/mem is a file no one can read from its start (an I/O error, for root too)
+    cases = {tmp_path / "missing.yml": "does not exist", tmp_path: "is a folder",
+             Path("/proc/self/mem"): "cannot be read ("}
+    if not os.access(unreadable, os.R_OK):  # root reads any file: permission is not denied there
+        cases[unreadable] = "cannot be read (Permission denied)"
+    for path, words in cases.items():
+        args = [command, str(path)] + ([str(tmp_path / "out"), "--device", "cpu"] if command == "run" else [])
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: MergerError: config file `") and words in err, err
+        assert not (tmp_path / "out").exists()

@@ -148,7 +148,7 @@ def test_merger_error_fails_with_its_message(immediate, pushes, monkeypatch, dat
     job_id = jobs.submit(CONFIG, REPO, TOKEN, OWNER)
 
     job = jobs.get_job(job_id)
-    assert (job.status, job.error, job.result_url) == (JobStatus.FAILED, message, None)
+    assert (job.status, job.error, job.result_url) == (JobStatus.FAILED, f"{message} Nothing was pushed to the Hub.", None)
     assert pushes == []
     assert not (data_dir / "work" / job_id).exists()
     assert jobs.cancel(job_id, OWNER) is False  # finished jobs cannot be cancelled
@@ -284,10 +284,23 @@ def test_malformed_job_id_is_refused_without_echo(bad_id):
         assert bad_id not in message and "<b>" not in message and len(message) < 150
 
 
+def test_job_and_queue_databases_are_created_owner_only(data_dir):
+    old = os.umask(0o022)  # the usual umask, under which a new file is world-readable
+    try:
+        jobs.submit(CONFIG, REPO, TOKEN, OWNER)
+    finally:
+        os.umask(old)
+    for name in ("jobs.db", "queue.db"):
+        assert (data_dir / name).stat().st_mode & 0o777 == 0o600, name
+
+
 @pytest.mark.parametrize("config", [f"# my token: {TOKEN}\n{CONFIG}", CONFIG + "  # hf_test_alice\n"])
 def test_config_holding_a_token_is_never_recorded(config, data_dir):
-    with pytest.raises(ConfigError, match="the config contains a Hugging Face token"):
-        jobs.submit(config, REPO, "hf_test_alice", OWNER)
+    from merger.errors import TokenInConfigError
+
+    with pytest.raises(TokenInConfigError, match=r"looks like a Hugging Face token \(`hf_...`\) on line \d") as caught:
+        jobs.submit(config, REPO, "hf_test_alice", OWNER)  # the parser's one check, the submitter's own token too
+    assert TOKEN not in str(caught.value) and "hf_test_alice" not in str(caught.value)
     assert not (data_dir / "jobs.db").exists() or _count_jobs(data_dir) == 0
 
 
@@ -602,6 +615,8 @@ def test_worker_killed_mid_merge_is_restarted_and_its_job_failed(hub, fixture_mo
         assert (supervisor.restarts, len(starts)) == (1, 2) and supervisor.process is starts[1]
         assert ("model", "alice/killed-mid-merge") not in hub.store.repos
         assert ("model", "alice/after-the-kill") in hub.store.repos
+        assert not (data_dir / "work" / after).exists()  # nothing of either job stays on the app's disk
+        assert jobs.pending_repos() == []
         assert time.time() - jobs.last_heartbeat() < 10  # the new worker's heartbeat
     finally:
         supervisor.stop(timeout=30)
@@ -673,8 +688,36 @@ def test_queued_job_survives_an_app_restart_with_the_key_in_the_data_dir(
         job = jobs.get_job(job_id)
         assert (job.status, job.error) == (JobStatus.SUCCEEDED, None), _read(log)
         assert "model.safetensors.index.json" in hub.store.repos[("model", "alice/after-restart")]["commits"][-1]["files"]
+        assert not (data_dir / "work" / job_id).exists()  # the pushed output is not kept on the app's disk
+        for name in ("queue.key", "queue.db", "jobs.db", "queue.db-wal", "jobs.db-wal"):  # owner-only, SQLite's too
+            path = data_dir / name
+            assert not path.exists() or path.stat().st_mode & 0o777 == 0o600, (name, oct(path.stat().st_mode))
     finally:
         _stop(process)
+
+
+def test_a_job_on_a_full_disk_fails_naming_the_space_and_leaves_nothing(hub, fixture_models_dir, data_dir, tmp_path,
+                                                                        monkeypatch):
+    mount = tmp_path / "small-disk"  # a 2 MB tmpfs holds the job's work folder; the merge needs 2.4 MB
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        monkeypatch.setattr(constants, "DATA_DIR", mount)  # the records stay in data_dir: only the work is short
+        worker.get_huey().immediate = True
+        repo = "alice/full-disk"
+
+        job_id = jobs.submit(_good_config(fixture_models_dir), repo, hub.token, hub.user)
+
+        job = jobs.get_job(job_id)
+        assert (job.status, job.error_type) == (JobStatus.FAILED, "DiskSpaceError"), job.error
+        assert "needs about" in job.error and "MB free" in job.error, job.error
+        assert job.error.endswith("Nothing was pushed to the Hub.") and str(mount) not in job.error, job.error
+        assert ("model", repo) not in hub.store.repos and jobs.pending_repos() == []
+        assert [p for p in mount.rglob("*") if p.is_file()] == []  # no staging, no partial shard
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
 
 
 # ---------------------------------------------------------------- helpers

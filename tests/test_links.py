@@ -45,7 +45,7 @@ name: "naïve merge ✨"
 WINDOWS_NEWLINES = "merge_method: passthrough\r\nslices:\r\n  - sources: [{model: a/b, layer_range: [0, 2]}]\r\n"
 
 
-@pytest.mark.parametrize("text", [SLERP, MOE, UNICODE, WINDOWS_NEWLINES, "", "x" * 50_000])
+@pytest.mark.parametrize("text", [SLERP, MOE, UNICODE, WINDOWS_NEWLINES, "", "# " + "x" * 50_000])
 def test_round_trip_is_byte_exact(text: str) -> None:
     payload = encode_config(text)
     assert decode_config(payload) == text
@@ -125,3 +125,28 @@ def test_a_decompression_bomb_is_refused() -> None:
 def test_padding_is_tolerated() -> None:
     payload = encode_config(MOE)
     assert decode_config(payload + "=" * (-len(payload) % 4)) == MOE
+
+
+@pytest.mark.parametrize("text, error", [
+    ("a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)), "YamlAliasError"),
+    ("a: " + "[" * 100 + "]" * 100 + "\n", "NestingTooDeepError"),
+    ("# " + "x" * 300_000 + "\n", "ConfigTooLargeError"),
+])
+def test_a_link_the_decoder_would_refuse_is_refused_when_shared(text: str, error: str) -> None:
+    with pytest.raises(ConfigError) as made:
+        encode_config(text)
+    assert type(made.value).__name__ == error
+    with pytest.raises(ConfigError) as opened:  # the same config, packed by hand, is refused alike when opened
+        decode_config(base64.urlsafe_b64encode(zlib.compress(text.encode(), 9)).decode().rstrip("="))
+    assert type(opened.value).__name__ in (error, "ConfigError")
+
+
+def test_an_incompressible_config_too_long_for_a_link_is_refused_at_share_time() -> None:
+    import random
+
+    rng = random.Random(0)
+    noise = "".join("# " + "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(78)) + "\n"
+                    for _ in range(1200))  # ~97 KB: under the parser's 256 KiB, its link over 64 Ki characters
+    with pytest.raises(ConfigError, match="packs into .* over a link's 65,536"):
+        encode_config("merge_method: linear\n" + noise)

@@ -47,6 +47,8 @@ def config(method: str, fx: Path) -> str:
         "multislerp": (with_base, W, ""),
         "karcher": (f"models:\n{two}", "", ""),
         "sce": (with_base, "", "parameters: {select_topk: 0.5}\n"),
+        "ram": (with_base, "", "parameters: {epsilon: 0.0001}\n"),
+        "ramplus_tl": (with_base, "", "parameters: {r: 0.5, alpha: 0.5, epsilon: 0.0001}\n"),
         "nearswap": (f"base_model: {b}\nmodels:\n  - model: {p}\n", "", "parameters: {t: 0.001}\n"),
         "arcee_fusion": (f"base_model: {b}\nmodels:\n  - model: {p}\n", "", "dtype: float16\n"),
     }[method]
@@ -86,6 +88,8 @@ GOLDEN = {
     "nearswap": "df6eb70b9c9e1079",
     "nuslerp": "fa24d008cbb429bc",
     "passthrough": "120569ed9e4dcf3a",
+    "ram": "41b8f63ba0f35bd9",
+    "ramplus_tl": "51f031dbaf63d948",
     "sce": "ffa23f0737b37dec",
     "slerp": "274d436d7da562d0",
     "task_arithmetic": "f626e815c9c24a04",
@@ -156,7 +160,7 @@ def test_seed_makes_random_methods_reproducible_and_changes_them(fixture_models_
 
 def test_the_elementwise_methods_are_the_expected_ones() -> None:
     assert ELEMENTWISE == [
-        "dare_linear", "dare_ties", "linear", "nearswap", "passthrough", "slerp", "task_arithmetic", "ties"
+        "dare_linear", "dare_ties", "linear", "nearswap", "passthrough", "ram", "ramplus_tl", "slerp", "task_arithmetic", "ties"
     ]
 
 

@@ -13,6 +13,9 @@ A method is a pure function of float32 tensors::
   base is simply one more entry of `tensors`.
 - keyword-only parameters are the config's `parameters`: annotated `PerModel[...]` they are per-model
   (the method receives one value per entry of `tensors`), otherwise global; no default = required.
+  A numeric parameter declares its type and range in its annotation, `Annotated[float, Range(...)]`
+  (or the shorthands :data:`Fraction`, :data:`Factor`); a `bool` needs nothing more. Validation reads
+  them from :attr:`ParameterSpec.range`, so a method's signature is the one home of its ranges.
   A trailing underscore is dropped from the config key, for keys that are Python keywords: the
   argument `lambda_` is the config's `lambda`.
 - `generator` (keyword-only, `torch.Generator`), when declared, receives the run's seeded RNG.
@@ -35,15 +38,22 @@ import difflib
 import inspect
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Literal, TypeVar
+from typing import Annotated, Any, Callable, Generic, Literal, TypeVar
 
-from ..errors import UnknownMethodError
+from ..errors import UnknownMethodError, excerpt
+from ..ranges import MAX_FACTOR, Range
 
 T = TypeVar("T")
 
 
 class PerModel(Generic[T]):
     """Marks a keyword parameter as per-model: the method gets `list[T]`, one per input tensor."""
+
+
+FRACTION = Range(float, 0.0, 1.0, "a fraction")
+FACTOR = Range(float, -MAX_FACTOR, MAX_FACTOR, "a multiplier")
+Fraction = Annotated[float, FRACTION]  # density, gamma, epsilon, select_topk, slerp's t
+Factor = Annotated[float, FACTOR]  # weight, lambda
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,7 @@ class ParameterSpec:
         per_model: whether each model sets its own value.
         required: whether the config must set it (the base is exempt for per-model parameters).
         default: the value used when the config leaves it out.
+        range: its type and allowed values, checked at validation.
     """
 
     name: str
@@ -63,6 +74,7 @@ class ParameterSpec:
     per_model: bool
     required: bool
     default: Any
+    range: Range
 
 
 @dataclass(frozen=True)
@@ -122,7 +134,7 @@ def merge_method(
     """Register a merge method under `name`, reading its parameters from the signature."""
 
     def register(function: Callable[..., Any]) -> Callable[..., Any]:
-        hints = typing.get_type_hints(function)
+        hints = typing.get_type_hints(function, include_extras=True)
         signature = inspect.signature(function)
         base = "none"
         if "base" in signature.parameters:
@@ -134,6 +146,7 @@ def merge_method(
                 per_model=typing.get_origin(hints[p.name]) is PerModel,
                 required=p.default is inspect.Parameter.empty,
                 default=None if p.default is inspect.Parameter.empty else p.default,
+                range=_declared_range(name, p.name, hints[p.name]),
             )
             for p in signature.parameters.values()
             if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in ENGINE_ARGUMENTS
@@ -156,6 +169,18 @@ def merge_method(
     return register
 
 
+def _declared_range(method: str, argument: str, hint: Any) -> Range:
+    """The :class:`Range` annotated on a parameter (inside `PerModel[...]` too); `bool` needs none."""
+    if typing.get_origin(hint) is PerModel:
+        hint = typing.get_args(hint)[0]
+    for extra in getattr(hint, "__metadata__", ()):
+        if isinstance(extra, Range):
+            return extra
+    if hint is bool:
+        return Range(bool)
+    raise TypeError(f"{method}: parameter `{argument}` needs `Annotated[..., Range(...)]` declaring its range")
+
+
 def get_method(name: str) -> MergeMethod:
     """Look up a method by its `merge_method` name.
 
@@ -164,10 +189,10 @@ def get_method(name: str) -> MergeMethod:
     """
     if name in METHODS:
         return METHODS[name]
-    close = difflib.get_close_matches(name.replace("-", "_"), METHODS, n=3, cutoff=0.5)
+    close = difflib.get_close_matches(name[:100].replace("-", "_"), METHODS, n=3, cutoff=0.5)
     hint = f"did you mean {' or '.join(f'`{c}`' for c in close)}? " if close else ""
     raise UnknownMethodError(
-        f"`merge_method: {name}` is not a known method; {hint}known methods: {', '.join(sorted(METHODS))}"
+        f"`merge_method: {excerpt(name)}` is not a known method; {hint}known methods: {', '.join(sorted(METHODS))}"
     )
 
 
@@ -180,6 +205,7 @@ from . import (  # noqa: E402,F401  (registers the methods)
     nearswap,
     nuslerp,
     passthrough,
+    ram,
     sce,
     slerp,
     task_arithmetic,

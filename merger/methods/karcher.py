@@ -5,23 +5,32 @@ doi:10.1002/cpa.3160300502; https://en.wikipedia.org/wiki/Karcher_mean)."""
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
+from ..ranges import Range
 from . import merge_method
 from .reductions import dot, norm
 
 
 @merge_method("karcher", pretty_name="Karcher Mean", reference_url="https://en.wikipedia.org/wiki/Karcher_mean")
-def karcher(tensors: list[Tensor], *, max_iter: int = 10, tol: float = 1e-5) -> Tensor:
+def karcher(
+    tensors: list[Tensor],
+    *,
+    max_iter: Annotated[int, Range(int, 1, 10_000, "iterations")] = 10,
+    tol: Annotated[float, Range(float, 0.0, 1.0, "the convergence tolerance")] = 1e-5,
+) -> Tensor:
     """Equal-weight Karcher mean of the flattened inputs' directions, times their mean norm.
 
     Steps, every input weighted `αᵢ = 1/N` (a configured base is one more input):
       1. `nᵢ = ‖xᵢ‖`, `uᵢ = xᵢ/nᵢ`; inputs with `nᵢ ≤ tol` are left out and the α renormalised
          (none left: zeros).
       2. `u = normalize(Σ αᵢuᵢ)`, or the first unit vector if that norm is below `tol`.
-      3. Up to `max_iter` times: `θᵢ = acos(clamp(u·uᵢ, −1, 1))` (terms with `θᵢ < tol` skipped),
+      3. Up to `max_iter` times: `θᵢ = acos(clamp(u·uᵢ, −1, 1))` (terms with `θᵢ < tol` skipped, and
+         those with `θᵢ > π − tol`: the direction towards an antipode is undefined and `θ/sin θ`
+         unbounded, so two opposed inputs keep the first one's direction),
          `T = Σ αᵢ(θᵢ/sin θᵢ)(uᵢ − cos θᵢ·u)`; stop if `‖T‖ < tol`; else
          `u ← cos‖T‖·u + sin‖T‖·T/‖T‖`, renormalised.
       4. `out = (Σᵢ nᵢ/N)·u`, over all inputs.
@@ -62,7 +71,7 @@ def karcher(tensors: list[Tensor], *, max_iter: int = 10, tol: float = 1e-5) -> 
         for v, n in valid:
             cos_theta = min(max(dot(u, v) / n, -1.0), 1.0)
             theta = math.acos(cos_theta)
-            if theta < tol:
+            if theta < tol or theta > math.pi - tol:
                 continue
             coefficient = alpha * theta / math.sin(theta)
             tangent.add_(v, alpha=coefficient / n)

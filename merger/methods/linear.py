@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import PerModel, merge_method
+from . import Factor, PerModel, merge_method
 
 
 @merge_method("linear", pretty_name="Linear", reference_url="https://arxiv.org/abs/2203.05482", elementwise=True)
-def linear(tensors: list[Tensor], *, weight: PerModel[float], normalize: bool = True) -> Tensor:
+def linear(tensors: list[Tensor], *, weight: PerModel[Factor], normalize: bool = True) -> Tensor:
     """Weighted sum `Σᵢ wᵢ·xᵢ`, divided by `Σᵢ wᵢ` when `normalize`.
 
     Args:

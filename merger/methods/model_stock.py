@@ -9,6 +9,7 @@ from torch import Tensor
 from . import merge_method
 
 NORM_PRODUCT_EPS = 1e-6  # floor of ‖oᵢ‖·‖oⱼ‖ in the cosine
+T_BOUND = 1.0  # |t| ≤ 1: the output is never farther from the base than the fine-tunes' mean is
 
 
 @merge_method(
@@ -26,6 +27,16 @@ def model_stock(tensors: list[Tensor], base: Tensor, *, filter_wise: bool = Fals
          (the paper assumes one angle; mergekit averages the pairwise ones).
       3. `t = N·cos θ / (1 + (N − 1)·cos θ)`; `out = t·mean(wᵢ) + (1 − t)·w₀`.
     Vectors are whole tensors, or each row (last axis) with `filter_wise`; a 0-/1-D tensor is one vector.
+
+    Degenerate cases (docs/decisions.md, "model_stock near opposed task vectors"):
+      - `t` is clamped to [−1, 1], so `‖out − w₀‖ ≤ ‖mean(wᵢ) − w₀‖`. The formula's `t` rises from −∞ at
+        `cos θ = −1/(N − 1)` (opposed task vectors: the denominator is 0; mergekit writes NaN or inf) to
+        1 at `cos θ = 1`; the clamp only acts below `cos θ = −1/(2N − 1)`, where the fine-tunes mostly
+        cancel and the unclamped `t` would blow their small residual mean up. Where the denominator is
+        ≤ 0 (at the pole, or past it by rounding) `t = −1`. Exactly opposed offsets have
+        `mean(wᵢ) = w₀`, so the output is then the base.
+      - an offset of norm 0 (a model equal to the base) has cosine 0 with every other: all equal to the
+        base gives `t = 0`, the base itself.
 
     Args:
         tensors: N ≥ 2 float32 tensors `(*shape)`, the fine-tuned models.
@@ -51,7 +62,8 @@ def model_stock(tensors: list[Tensor], base: Tensor, *, filter_wise: bool = Fals
     del offsets
     cos_theta = torch.stack(cosines).mean(dim=0).unsqueeze(-1)  # (R, 1)
     n = len(tensors)
-    t = n * cos_theta / (1 + (n - 1) * cos_theta)  # (R, 1)
+    denominator = 1 + (n - 1) * cos_theta  # (R, 1); 0 where the offsets are opposed
+    t = torch.where(denominator > 0, n * cos_theta / denominator, -T_BOUND).clamp_(-T_BOUND, T_BOUND)  # (R, 1)
 
     average = tensors[0].clone()
     for w in tensors[1:]:

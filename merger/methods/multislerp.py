@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 from torch import Tensor
 
-from . import PerModel, merge_method
+from ..ranges import Range
+from . import Factor, PerModel, merge_method
 from .reductions import dot, norm
 
 
@@ -21,15 +23,17 @@ def multislerp(
     tensors: list[Tensor],
     base: Tensor | None = None,
     *,
-    weight: PerModel[float],
+    weight: PerModel[Factor],
     normalize_weights: bool = True,
-    eps: float = 1e-8,
+    eps: Annotated[float, Range(float, 0.0, 1.0, "the norms' floor")] = 1e-8,
 ) -> Tensor:
     """Weighted spherical mean of the flattened inputs (task vectors `xᵢ − base` when a base is given).
 
     Steps, with `wᵢ` divided by `Σ wᵢ` when `normalize_weights`:
       1. `nᵢ = ‖xᵢ‖`, `uᵢ = xᵢ/(nᵢ + eps)`.
-      2. `m = Σ wᵢuᵢ`; if `‖m‖ < eps`, two inputs fall back to `Σ wᵢxᵢ`, more raise.
+      2. `m = Σ wᵢuᵢ`; if `‖m‖ < eps` the spherical mean is undefined (every input a zero vector, as
+         when each model equals the base; or antipodal inputs with balancing weights): the weighted
+         linear mean `Σ wᵢxᵢ` instead, for any number of inputs.
       3. Project to the tangent space at `m̂ = m/‖m‖`: `τ = Σ wᵢ(uᵢ − (uᵢ·m̂)m̂)`, `ℓ = ‖τ‖ + eps`.
       4. Map back: `r = m̂·cos ℓ + τ·sin ℓ/ℓ`; `out = r·Σ wᵢnᵢ` (+ base).
 
@@ -37,14 +41,11 @@ def multislerp(
         tensors: n float32 tensors `(*shape)`; a single one is returned as is.
         base: optional float32 `(*shape)`: the origin of the hypersphere.
         weight: n per-model weights.
-        normalize_weights: divide the weights by their sum.
+        normalize_weights: divide the weights by their sum (the planner refuses a sum of 0).
         eps: numerical floor of the norms.
 
     Returns:
         float32 `(*shape)`.
-
-    Raises:
-        ValueError: more than two inputs whose weighted unit vectors cancel out (antipodal inputs).
     """
     if len(tensors) == 1:
         return tensors[0]
@@ -58,13 +59,10 @@ def multislerp(
     for v, n, w in zip(vectors, norms, weights):
         mean.add_(v / (n + eps), alpha=w)
     mean_norm = norm(mean)
-    if mean_norm < eps:
-        if len(vectors) != 2:
-            raise ValueError(
-                "multislerp: the weighted unit vectors of the models cancel out (antipodal models with "
-                "balancing weights), so their spherical mean is undefined; change the `weight`s"
-            )
-        result = vectors[0] * weights[0] + vectors[1] * weights[1]
+    if mean_norm < eps:  # no direction to average around: the weighted linear mean
+        result = vectors[0] * weights[0]
+        for v, w in zip(vectors[1:], weights[1:]):
+            result.add_(v, alpha=w)
     else:
         mean.div_(mean_norm)  # m̂
         # 3. tangent vectors at m̂, weighted (their sum vanishes in exact arithmetic: m̂ is already the

@@ -3,8 +3,11 @@ https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001)."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from torch import Tensor
 
+from ..ranges import MAX_FACTOR, Range
 from . import merge_method
 
 DIFF_MIN = 1e-6  # floor of |a − b|, so equal entries get weight 1 instead of t/0
@@ -18,7 +21,7 @@ DIFF_MIN = 1e-6  # floor of |a − b|, so equal entries get weight 1 instead of 
     max_others=1,
     elementwise=True,
 )
-def nearswap(tensors: list[Tensor], base: Tensor, *, t: float) -> Tensor:
+def nearswap(tensors: list[Tensor], base: Tensor, *, t: Annotated[float, Range(float, 0.0, MAX_FACTOR, "the sameness threshold")]) -> Tensor:
     """Per entry `wgt = clamp(t / max(|a − b|, 1e-6), 0, 1)` and `out = wgt·b + (1 − wgt)·a`.
 
     Entries that differ by at most `t` are swapped to `b`; larger differences stay near the base `a`

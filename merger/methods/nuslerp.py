@@ -6,11 +6,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import PerModel, merge_method
+from . import Factor, PerModel, merge_method
 
 WEIGHT_SUM_EPS = 1e-6  # |w₁ + w₂| below this interpolates half-way
-NORM_EPS = 1e-7  # floor of a vector's norm when normalising
-COLINEAR_EPS = 1e-8  # |sin θ| below this falls back to lerp
+NORM_EPS = 1e-7  # floor of a vector's norm when normalising; at or below it the vector has no direction
+DOT_THRESHOLD = 0.9995  # above this |cos θ| (parallel or opposed vectors) lerp, as SLERP does
 
 
 @merge_method(
@@ -24,15 +24,18 @@ def nuslerp(
     tensors: list[Tensor],
     base: Tensor | None = None,
     *,
-    weight: PerModel[float],
+    weight: PerModel[Factor],
     nuslerp_flatten: bool = True,
     nuslerp_row_wise: bool = False,
 ) -> Tensor:
     """SLERP from the first model (t=0) to the second (t=1), with `t = w₂/(w₁ + w₂)`.
 
     With a base, interpolates the task vectors: `out = base + slerp(t, x₁ − base, x₂ − base)`.
-    Per vector: `θ = acos(clamp(â·b̂, −1, 1))`, `out = (sin((1−t)θ)·a + sin(tθ)·b)/sin θ`, and
-    `(1−t)·a + t·b` where `|sin θ| < 1e-8`.
+    Per vector: `θ = acos(clamp(â·b̂, −1, 1))`, `out = (sin((1−t)θ)·a + sin(tθ)·b)/sin θ`, and the lerp
+    `(1−t)·a + t·b` where the arc is degenerate: `|cos θ| > 0.9995` (parallel, or opposed: mergekit
+    divides by `sin θ` only when it is below 1e-8, so opposed vectors, whose float32 `sin θ` is ~1e-7 or
+    more, come out scaled by up to 1e7) or either norm ≤ 1e-7 (no direction; a model equal to the base
+    has a zero task vector).
 
     Args:
         tensors: two float32 tensors `(*shape)`, in config order.
@@ -59,15 +62,16 @@ def nuslerp(
 
 def _slerp(t: float, a: Tensor, b: Tensor, *, dim: int) -> Tensor:
     """Slerp of the vectors along `dim` of `a` and `b` (float32, one shape), in a new tensor."""
-    norm_a = torch.linalg.vector_norm(a, dim=dim, keepdim=True).clamp_(min=NORM_EPS)
-    norm_b = torch.linalg.vector_norm(b, dim=dim, keepdim=True).clamp_(min=NORM_EPS)
-    cos_theta = torch.linalg.vecdot(a, b, dim=dim).unsqueeze(dim) / (norm_a * norm_b)  # (..., 1, ...)
-    theta = cos_theta.clamp_(-1, 1).acos_()
-    sin_theta = theta.sin()
+    norm_a = torch.linalg.vector_norm(a, dim=dim, keepdim=True)
+    norm_b = torch.linalg.vector_norm(b, dim=dim, keepdim=True)
+    no_direction = (norm_a <= NORM_EPS) | (norm_b <= NORM_EPS)
+    norms = norm_a.clamp(min=NORM_EPS) * norm_b.clamp(min=NORM_EPS)
+    cos_theta = (torch.linalg.vecdot(a, b, dim=dim).unsqueeze(dim) / norms).clamp_(-1, 1)  # (..., 1, ...)
+    degenerate = no_direction | (cos_theta.abs() > DOT_THRESHOLD)
+    theta = cos_theta.acos()
+    sin_theta = theta.sin().masked_fill_(degenerate, 1.0)  # no division by (nearly) 0 below
     scale_a = torch.sin((1 - t) * theta) / sin_theta
     scale_b = torch.sin(t * theta) / sin_theta
-    # (nearly) colinear vectors: lerp
-    colinear = sin_theta.abs() < COLINEAR_EPS
-    scale_a.masked_fill_(colinear, 1 - t)
-    scale_b.masked_fill_(colinear, t)
+    scale_a.masked_fill_(degenerate, 1 - t)
+    scale_b.masked_fill_(degenerate, t)
     return (a * scale_a).addcmul_(b, scale_b)

@@ -5,9 +5,11 @@ Source: mergekit's `passthrough` (Goddard et al. 2024, "Arcee's MergeKit", arXiv
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from torch import Tensor
 
-from . import PerModel, merge_method
+from . import FACTOR, PerModel, merge_method
 
 
 @merge_method(
@@ -18,7 +20,7 @@ from . import PerModel, merge_method
     max_others=1,
     elementwise=True,
 )
-def passthrough(tensors: list[Tensor], *, scale: PerModel[float | None] = None) -> Tensor:
+def passthrough(tensors: list[Tensor], *, scale: PerModel[Annotated[float | None, FACTOR]] = None) -> Tensor:
     """Return the single input, multiplied by its `scale` when one is set.
 
     Args:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from ..sparsify import agrees_with, elect_sign, top_k_mask
-from . import merge_method
+from . import Fraction, merge_method
 from .reductions import squared_norm
 
 UNIFORM_BELOW = 1e-6  # total task-vector energy below which every model weighs the same
@@ -15,7 +15,7 @@ DIVISOR_MIN = 1e-6  # floor of the per-entry weight sum
 
 
 @merge_method("sce", pretty_name="SCE", reference_url="https://arxiv.org/abs/2408.07990")
-def sce(tensors: list[Tensor], base: Tensor, *, select_topk: float = 1.0, int8_mask: bool = False) -> Tensor:
+def sce(tensors: list[Tensor], base: Tensor, *, select_topk: Fraction = 1.0, int8_mask: bool = False) -> Tensor:
     """`base + Σᵢ τᵢ·ωᵢ·mᵢ / max(Σᵢ ωᵢ·mᵢ, 1e-6)` over the task vectors `τᵢ = xᵢ − base`.
 
     Paper steps:

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from . import merge_method
+from . import Fraction, merge_method
 from .reductions import dot, squared_norm
 
 DOT_THRESHOLD = 0.9995  # above this |cos θ| the arc is numerically a line: use lerp
@@ -22,8 +22,9 @@ def slerp_coefficients(
     """The prepare pass: `(s0, s1)` with `out = s0·v0 + s1·v1`, or None to lerp.
 
     `‖v0‖²`, `‖v1‖²` and `v0·v1` are summed per slice by :mod:`.reductions` (the same on every machine
-    and thread count), then over slices in float64. A vector of norm ≤ 1e-8 is left
-    unnormalised.
+    and thread count), then over slices in float64. A vector of norm ≤ 1e-8 has no direction,
+    so the angle is undefined: lerp (mergekit takes θ = π/2 there, which scales the other vector by
+    `sin(tπ/2)`). Opposed vectors (`cos θ = −1`, no unique great circle) lerp by the threshold.
 
     Args:
         slices: returns a fresh iterator over `([v1], v0)` float32 slices.
@@ -31,8 +32,8 @@ def slerp_coefficients(
         t: interpolation factor.
 
     Returns:
-        The two coefficients, or None where `t` is 0 or 1 (the endpoints), the tensor is 0-dim, or
-        `|cos θ| > 0.9995`.
+        The two coefficients, or None where `t` is 0 or 1 (the endpoints), the tensor is 0-dim, a
+        vector has norm ≤ 1e-8, or `|cos θ| > 0.9995`.
     """
     if t in (0, 1) or len(shape) == 0:
         return None
@@ -42,7 +43,9 @@ def slerp_coefficients(
         bb += squared_norm(v1)
         ab += dot(v0, v1)
     na, nb = math.sqrt(aa), math.sqrt(bb)
-    cosine = ab / ((na if na > NORM_EPS else 1.0) * (nb if nb > NORM_EPS else 1.0))
+    if na <= NORM_EPS or nb <= NORM_EPS:
+        return None
+    cosine = ab / (na * nb)
     if abs(cosine) > DOT_THRESHOLD:
         return None
     theta = math.acos(cosine)
@@ -59,12 +62,13 @@ def slerp_coefficients(
     elementwise=True,
     prepare=slerp_coefficients,
 )
-def slerp(tensors: list[Tensor], base: Tensor, *, t: float, prepared: tuple[float, float] | None = None) -> Tensor:
+def slerp(tensors: list[Tensor], base: Tensor, *, t: Fraction, prepared: tuple[float, float] | None = None) -> Tensor:
     """Interpolate on the great circle from `base` (t=0) to the other model (t=1).
 
     The whole tensor is one vector. With `θ` the angle between the normalised vectors,
     `out = sin((1−t)θ)/sin θ · v0 + sin(tθ)/sin θ · v1` on the original (unnormalised) vectors; when
-    `|cos θ| > 0.9995` it falls back to `lerp = (1−t)·v0 + t·v1`. 0-dim tensors are lerped. The angle
+    `|cos θ| > 0.9995` (parallel or opposed vectors) or either vector has norm ≤ 1e-8 (no angle) it
+    falls back to `lerp = (1−t)·v0 + t·v1`. 0-dim tensors are lerped. The angle
     comes from :func:`slerp_coefficients`, so the engine can run this on slices.
 
     Args:

@@ -34,7 +34,7 @@ from ..sparsify import (
     set_l1_factors,
     slices_of,
 )
-from . import PerModel, merge_method
+from . import Factor, Fraction, PerModel, merge_method
 
 Sparsifier = Callable[..., "Tensor | None"]
 
@@ -196,15 +196,15 @@ def signature(variant: Variant) -> inspect.Signature:
     parameters = [
         inspect.Parameter("tensors", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=list[Tensor]),
         inspect.Parameter("base", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Tensor),
-        inspect.Parameter("weight", keyword, annotation=PerModel[float]),
-        *(inspect.Parameter(name, keyword, annotation=PerModel[float], default=PER_MODEL_DEFAULTS[name])
+        inspect.Parameter("weight", keyword, annotation=PerModel[Factor]),
+        *(inspect.Parameter(name, keyword, annotation=PerModel[Fraction], default=PER_MODEL_DEFAULTS[name])
           for name in sparsifier if name not in ("delta", "generator")),
         inspect.Parameter("normalize", keyword, annotation=bool, default=variant.normalize),
     ]
     if variant.sparsifier is not None:
         parameters.append(inspect.Parameter("rescale", keyword, annotation=bool, default=variant.rescale))
     parameters.append(inspect.Parameter("int8_mask", keyword, annotation=bool, default=False))
-    parameters.append(inspect.Parameter("lambda_", keyword, annotation=float, default=1.0))
+    parameters.append(inspect.Parameter("lambda_", keyword, annotation=Factor, default=1.0))
     if "generator" in sparsifier:
         parameters.append(inspect.Parameter("generator", keyword, annotation=torch.Generator))
     if variant.prepare is not None:

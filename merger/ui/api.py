@@ -7,19 +7,22 @@ All take the Hugging Face token from the signed-in user (OAuth) or, off a Space,
   The push target is checked first (your namespace or an org where you have the write role; an
   existing repo only with `reuse_repo`, and never made private or public here); caps on unfinished
   jobs apply per user and in total.
-- `/job_status` (job_id: str) -> dict: see :func:`merger.service.job_status`. The job's owner only.
+- `/job_status` (job_id: str) -> dict: see :func:`merger.service.job_status` (error_type: the failing
+  error's class name, e.g. `PushTargetError`). The job's owner only.
 - `/job_config` (job_id: str) -> str: the job's config YAML, for anyone with the id (what a job link shares).
 - `/cancel` (job_id: str) -> bool: whether the job was cancelled. The job's owner only.
 - `/my_jobs` () -> list[dict]: the signed-in user's jobs, newest first.
 - `/share` (yaml_text: str) -> str: the share link (`...?config=<payload>`).
 - `/load_link` (payload: str) -> str: the YAML a share payload carries.
+
+Errors reach gradio_client as `AppError` whose `title` is the error's class name (e.g. `ConfigError`).
 """
 
 from __future__ import annotations
 
 import gradio as gr
 
-from .. import service
+from .. import constants, service
 from .common import app_url, require_token, token_of, user_errors
 
 
@@ -75,7 +78,7 @@ def api_my_jobs(oauth_token: gr.OAuthToken | None = None) -> list[dict]:
 def api_share(yaml_text: str, request: gr.Request) -> str:
     """A link that reopens the app with this config, byte for byte (it carries the YAML only, never a token)."""
     with user_errors():
-        return service.share(app_url(request), yaml_text)
+        return service.share(app_url(request), yaml_text or "")  # refused if /load_link would refuse the link
 
 
 def api_load_link(payload: str) -> str:
@@ -86,11 +89,14 @@ def api_load_link(payload: str) -> str:
 
 def register() -> None:
     """Add the named endpoints to the Blocks being built (call inside `with gr.Blocks()`)."""
-    gr.api(api_validate, api_name="validate", concurrency_limit=4, concurrency_id="validate")
-    gr.api(api_submit, api_name="submit", concurrency_limit=2, concurrency_id="submit")
+    # Validation and submission share bounded pools (the UI's events too), each call time-limited
+    # (constants.VALIDATION_TIMEOUT_S); status, config, share and link reads never wait behind them.
+    gr.api(api_validate, api_name="validate", concurrency_limit=constants.VALIDATE_CONCURRENCY,
+           concurrency_id="validate")
+    gr.api(api_submit, api_name="submit", concurrency_limit=constants.SUBMIT_CONCURRENCY, concurrency_id="submit")
     gr.api(api_job_status, api_name="job_status", concurrency_limit=None)
     gr.api(api_job_config, api_name="job_config", concurrency_limit=None)
     gr.api(api_cancel, api_name="cancel")
     gr.api(api_my_jobs, api_name="my_jobs", concurrency_limit=None)
-    gr.api(api_share, api_name="share")
-    gr.api(api_load_link, api_name="load_link")
+    gr.api(api_share, api_name="share", concurrency_limit=8, concurrency_id="links")
+    gr.api(api_load_link, api_name="load_link", concurrency_limit=8, concurrency_id="links")

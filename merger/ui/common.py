@@ -49,17 +49,22 @@ def require_token(oauth_token: gr.OAuthToken | None) -> str:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn merger's errors into a gr.Error with their message; anything else into a short error, never a traceback."""
+    """Turn merger's errors into a gr.Error with their message; anything else into a short error, never a traceback.
+
+    The error's class name is the gr.Error's title (gradio_client's `AppError.title`, the UI's pop-up
+    heading), a stable label for scripts and tests; the message stays the user's sentence.
+    """
     try:
         yield
     except gr.Error:
         raise
     except MergerError as err:
-        raise gr.Error(scrub(str(err)), print_exception=False) from None
+        raise gr.Error(scrub(str(err)), title=type(err).__name__, print_exception=False) from None
     except Exception as err:  # noqa: BLE001 - a bug must still reach the user as one line
         logger.exception("unexpected error in a handler")
         raise gr.Error(
-            scrub(f"unexpected error ({type(err).__name__}: {err}); the details are in the app's log"),
+            scrub(f"unexpected error ({type(err).__name__}); the details are in the app's log"),
+            title="UnexpectedError",
             print_exception=False,
         ) from None
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import gradio as gr
 
-from .. import service
+from .. import constants, service
 from ..errors import JobAccessError, MergerError
 from ..form import Example
 from ..links import QUERY_KEY
@@ -52,7 +52,7 @@ def wire_merge(views: ConfigViews, pre: Preflight, job: JobView, listing: gr.HTM
         on_merge,
         inputs={views.config, pre.repo_id, pre.private, pre.reuse_repo},
         outputs=[*job.outputs, pre.share_link, listing],
-        concurrency_limit=2,
+        concurrency_limit=constants.SUBMIT_CONCURRENCY,
         concurrency_id="submit",
         api_visibility="private",
     ).then(lambda: gr.Button(interactive=True), outputs=pre.merge_button, api_visibility="private", queue=False)

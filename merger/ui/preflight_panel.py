@@ -13,7 +13,7 @@ from html import escape
 
 import gradio as gr
 
-from .. import service
+from .. import constants, service
 from .common import token_of
 from .yaml_panel import ConfigViews
 
@@ -66,7 +66,7 @@ def wire(panel: Preflight, views: ConfigViews) -> None:
         trigger_mode="always_last",
         show_progress="minimal",
         show_progress_on=panel.checklist,
-        concurrency_limit=4,
+        concurrency_limit=constants.VALIDATE_CONCURRENCY,
         concurrency_id="validate",
         api_visibility="private",
     )

@@ -1,0 +1,142 @@
+"""Architecture settings that change what a model computes, compared across a merge's inputs.
+
+The output's `config.json` is the config donor's (the base model, else the first model), so every
+setting of the donor reaches the output. What can go wrong is another input: trained with another
+value (the plan warns, naming the value kept and why), with a setting the donor's class does not
+have at all (refused: the output could not compute it), or of another model family whose
+computation differs in ways no setting states (refused). Values are compared as transformers reads
+them (class defaults filled in, old `rope_scaling` and new `rope_parameters` spellings unified), so a
+config saved by another transformers version is not a difference. See docs/decisions.md,
+"Architecture settings".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# Config attributes that change the forward pass (grouped as in the issue: position encoding, sliding
+# window, biases, norms, activation, head counts, scales). `layer_types` is not here: the planner takes
+# it per output layer from each layer's origin.
+SETTINGS = (
+    "rope_parameters", "rope_theta", "rope_scaling", "partial_rotary_factor", "rotary_pct", "rotary_emb_base",
+    "rope_local_base_freq", "position_embedding_type", "max_position_embeddings",
+    "sliding_window", "use_sliding_window", "max_window_layers", "sliding_window_pattern", "attention_chunk_size",
+    "attention_bias", "mlp_bias", "use_qkv_bias", "qkv_bias", "bias", "use_bias",
+    "rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", "qk_layernorm", "use_qk_norm",
+    "hidden_act", "hidden_activation", "activation_function",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "n_head", "num_kv_heads", "multi_query",
+    "attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar", "logit_scale",
+    "embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling",
+    "use_parallel_residual", "parallel_attn",
+)
+# Families whose layers compute the same function given equal settings (Mistral is Llama with an
+# optional sliding window, which is compared as a setting).
+SAME_COMPUTATION = ({"llama", "mistral"},)
+_MISSING = object()
+# transformers' config classes build per-layer lists (`layer_types`) from the layer count: a hostile
+# config.json stating billions of layers must not reach them (no real decoder has this many).
+MAX_LAYERS = 4096
+
+
+@dataclass(frozen=True)
+class SettingsCheck:
+    """What comparing the inputs' settings found.
+
+    Attributes:
+        warnings: one per setting the inputs disagree on, naming each value and the one kept.
+        refusals: one per setting that cannot reach the output, and one per family mismatch.
+    """
+
+    warnings: tuple[str, ...]
+    refusals: tuple[str, ...]
+
+
+def effective_text_config(config: dict) -> Any:
+    """The text decoder's config as transformers reads it (defaults filled in), or the raw dict.
+
+    Args:
+        config: a parsed `config.json` (a multimodal one's text part is its `text_config`).
+
+    Returns:
+        A transformers config object, or the (text part of the) dict when transformers does not
+        know the `model_type` or rejects the values.
+    """
+    from transformers import AutoConfig
+
+    sections = [config] + ([config["text_config"]] if isinstance(config.get("text_config"), dict) else [])
+    if any(isinstance(v, int) and v > MAX_LAYERS for part in sections for k, v in part.items() if "layers" in k):
+        return sections[-1]  # implausible layer count: compare the raw keys, build nothing
+    try:
+        fields = {key: value for key, value in config.items() if key != "model_type"}
+        return AutoConfig.for_model(config["model_type"], **fields).get_text_config()
+    except Exception:  # unknown or custom model_type, or values the class rejects: compare the raw keys
+        text = config.get("text_config")
+        return text if isinstance(text, dict) else config
+
+
+def _value(config: Any, name: str) -> Any:
+    if name in ("rope_scaling", "rope_theta") and _get(config, "rope_parameters") is not _MISSING:
+        return _MISSING  # transformers 5 folds both into `rope_parameters`, compared already
+    return _get(config, name)
+
+
+def _get(config: Any, name: str) -> Any:
+    return config.get(name, _MISSING) if isinstance(config, dict) else getattr(config, name, _MISSING)
+
+
+def _family(config: Any, raw: dict) -> str:
+    return str(_get(config, "model_type") if _get(config, "model_type") is not _MISSING else raw.get("model_type"))
+
+
+def compare_settings(configs: dict[str, dict], donor: str) -> SettingsCheck:
+    """Compare every input's computation-changing settings with the config donor's.
+
+    Args:
+        configs: model reference -> its parsed `config.json`, in config order.
+        donor: the reference whose config the output takes.
+
+    Returns:
+        The :class:`SettingsCheck`: disagreements as warnings (the donor's value is kept), settings
+        the donor's class lacks but another input sets (not None/False) and family mismatches as refusals.
+    """
+    effective = {ref: effective_text_config(config) for ref, config in configs.items()}
+
+    warnings, refusals = [], []
+    families = {ref: _family(cfg, configs[ref]) for ref, cfg in effective.items()}
+    for ref, family in families.items():
+        if family != families[donor] and not any({family, families[donor]} <= group for group in SAME_COMPUTATION):
+            refusals.append(
+                f"`{ref}` is a `{family}` model and the output takes the base `{donor}`'s `{families[donor]}` "
+                "architecture; their layers compute differently, so merge models of one family (or make the "
+                "base one of the same family as the others)"
+            )
+    for name in SETTINGS:
+        values = {ref: _value(cfg, name) for ref, cfg in effective.items()}
+        if len({repr(_off(v)) for v in values.values()}) <= 1:
+            continue
+        if values[donor] is _MISSING:
+            for ref, value in values.items():
+                if _off(value) is not None:
+                    refusals.append(
+                        f"`{ref}` sets `{name}: {_short(value)}`, but the output's config (from `{donor}`, "
+                        f"{families[donor]}) has no `{name}`, so the output would compute without it; make "
+                        f"`{ref}` the base model, or leave it out"
+                    )
+            continue
+        listing = ", ".join(f"`{ref}` {_short(v)}" for ref, v in values.items() if v is not _MISSING)
+        warnings.append(
+            f"`{name}` differs between the models ({listing}); the output keeps {_short(values[donor])} from "
+            f"`{donor}`, whose config.json it takes (the base model, else the first model)"
+        )
+    return SettingsCheck(tuple(warnings), tuple(refusals))
+
+
+def _off(value: Any) -> Any:
+    """None for a setting that is absent, None or False (all mean "off"); else the value."""
+    return None if value is _MISSING or value is None or value is False else value
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -73,8 +73,10 @@ def test_every_method_is_in_the_form_with_its_declared_parameters(name: str) -> 
         for entry in data["models"]:
             assert (p.name in entry.get("parameters", {})) == p.required
     declared = {p.name: p for p in spec.parameters}
-    for f in view.globals:
+    for f in [*view.globals, *(f for row in view.rows for f in row.params)]:
         assert f.default == (None if declared[f.key].required else declared[f.key].default)
+        ends = (declared[f.key].range.low, declared[f.key].range.high)
+        assert (f.minimum, f.maximum) == tuple(e if e is not None and abs(e) != float("inf") else None for e in ends)
     assert replay(copy.deepcopy(data)) == data
     assert not [k for k in view.kept if not k.startswith("parameters.")]  # nothing of the method is hidden
 
@@ -99,6 +101,12 @@ def test_switching_method_drops_only_the_old_methods_parameters() -> None:
     assert out["models"][1]["parameters"] == {"custom": 3, "weight": 1.0}  # required: a starter value
     assert list(out)[0] == "merge_method"
     assert "models[1].parameters.custom" in cv.view_of(out).kept
+
+
+def test_number_widgets_take_the_registry_ranges() -> None:
+    view = cv.view_of(method_config("ties"))
+    density = view.rows[0].params[1]
+    assert (density.key, density.minimum, density.maximum) == ("density", 0.0, 1.0)  # a fraction
 
 
 def test_an_edit_changes_only_its_field() -> None:

@@ -8,6 +8,7 @@ Everything the form cannot show stays in the mapping untouched and is listed in 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -194,11 +195,11 @@ def _field(spec: ParameterSpec, value: Any) -> Field:
 
 
 def _bounds(spec: ParameterSpec) -> tuple[float | None, float | None]:
-    """The registry's declared range for a parameter, when it declares one (older registries do not)."""
+    """The registry's declared range for a number (`spec.range.low` / `.high`), finite ends only."""
     declared = getattr(spec, "range", None)
-    if isinstance(declared, (tuple, list)) and len(declared) == 2:
-        return declared[0], declared[1]
-    return getattr(spec, "minimum", None), getattr(spec, "maximum", None)
+    ends = (getattr(declared, "low", None), getattr(declared, "high", None))
+    return tuple(e if isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) else None
+                 for e in ends)
 
 
 def slice_rows(slices: Any) -> tuple[SliceRow, ...] | None:

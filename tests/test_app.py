@@ -24,6 +24,8 @@ import app  # noqa: E402
 from merger import constants  # noqa: E402
 from merger.form import FormValues, build_yaml  # noqa: E402
 from merger.links import decode_config, encode_config  # noqa: E402
+from merger.ui.common import token_of  # noqa: E402
+from merger.ui.job_panel import job_markdown  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_test_alice"
@@ -88,6 +90,18 @@ def by_id(demo: gr.Blocks, elem_id: str):
     return next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == elem_id)
 
 
+def state_of(demo: gr.Blocks, name: str) -> gr.State:
+    """The page's config (`name="config"`, the YAML text) or layout state: the first / second gr.State."""
+    states = [b for b in demo.blocks.values() if isinstance(b, gr.State)]
+    return states[{"config": 0, "layout": 1}[name]]
+
+
+def load_page(demo: gr.Blocks, **query: str) -> dict:
+    """What the page's load event returns for a URL with `query`."""
+    layout = state_of(demo, "layout")
+    return handler(demo, "on_load")({layout: layout.value}, gr.Request(query_params=query))
+
+
 def value_of(update):
     """The value an update sets (gr.Code shows its text stripped, as the browser gets it)."""
     value = update.get("value") if isinstance(update, dict) else getattr(update, "value", update)
@@ -113,7 +127,7 @@ def test_build_demo_wires_the_named_endpoints() -> None:
     demo = app.build_demo()
     assert isinstance(demo, gr.Blocks)
     public = {f.api_name for f in demo.fns.values() if f.api_visibility == "public"}
-    assert public == {"validate", "submit", "job_status", "job_config", "cancel", "share", "load_link"}
+    assert public == {"validate", "submit", "job_status", "job_config", "cancel", "my_jobs", "share", "load_link"}
     # locally the token comes from HF_TOKEN: no LoginButton, whose local mock needs a Hub login
     assert not any(isinstance(b, gr.LoginButton) for b in demo.blocks.values())
 
@@ -187,11 +201,20 @@ def test_validate_names_the_field_without_a_traceback(client: Client, text: str,
     assert "Traceback" not in message and 'File "' not in message
 
 
-def test_the_ui_check_shows_the_problem_in_the_status_box(served: tuple[gr.Blocks, str]) -> None:
-    on_yaml_change = handler(served[0], "on_yaml_change")
-    shown = on_yaml_change("merge_method: nope\nmodels: [{model: org/a}]\n", None)
-    assert shown.startswith("**Not ready:**") and "merge_method: nope" in shown
+def test_the_preflight_shows_the_problem_and_keeps_merge_disabled(served: tuple[gr.Blocks, str]) -> None:
+    demo = served[0]
+    on_check = handler(demo, "on_check")
+    values = {
+        state_of(demo, "config"): "merge_method: nope\nmodels: [{model: org/a}]\n",
+        by_id(demo, "repo-id"): "",
+        by_id(demo, "private"): False,
+        by_id(demo, "reuse-repo"): False,
+    }
+    updates = on_check(values, None)
+    shown = updates[by_id(demo, "preflight")]
+    assert "✗ config" in shown and "merge_method: nope" in shown and "How to fix" in shown
     assert "Traceback" not in shown
+    assert updates[by_id(demo, "merge")].interactive is False
 
 
 def test_a_space_refuses_local_paths(
@@ -204,10 +227,10 @@ def test_a_space_refuses_local_paths(
 
 def test_a_space_never_falls_back_to_its_own_token(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    assert app._token(None) == TOKEN
+    assert token_of(None) == TOKEN
     monkeypatch.setattr(constants, "ON_SPACE", True)
-    assert app._token(None) is None
-    assert app._token(gr.OAuthToken(token="hf_oauth_user", scope="", expires_at=0)) == "hf_oauth_user"
+    assert token_of(None) is None
+    assert token_of(gr.OAuthToken(token="hf_oauth_user", scope="", expires_at=0)) == "hf_oauth_user"
 
 
 # ---------------------------------------------------------------- submit, status, cancel
@@ -251,8 +274,10 @@ def test_submit_status_cancel(
     status = caller.predict(job_id, api_name="/job_status")
     assert status["id"] == job_id and status["status"] == "queued" and status["progress"] == 0.0
     assert set(status) == {
-        "id", "status", "progress", "current_tensor", "log_tail", "result_url", "error", "error_type", "worker"
+        "id", "status", "progress", "current_tensor", "log_tail", "result_url", "error", "error_type", "worker",
+        "created_at", "updated_at", "elapsed_s", "remaining_s", "queue_position",
     }
+    assert status["queue_position"] == 1 and status["remaining_s"] is None  # nothing ahead; no progress yet
     # No worker runs in this test: the status says so (the heartbeat has never been written).
     assert status["worker"] == "No worker alive since it started: queued jobs wait until a worker is running again."
     assert TOKEN not in str(status)
@@ -271,57 +296,63 @@ def test_unknown_job(client: Client, job_store: Path) -> None:
 
 
 # ---------------------------------------------------------------- reopening from links, examples, the form
-def test_config_link_reopens_the_form(served: tuple[gr.Blocks, str]) -> None:
+def test_config_link_reopens_the_config_byte_for_byte(served: tuple[gr.Blocks, str]) -> None:
     demo = served[0]
-    on_load = handler(demo, "on_load")
-    text = build_yaml(FormValues(method="linear", models=["org/a", "org/b"], weights=[0.7, 0.3]))
-    updates = on_load(gr.Request(query_params={"config": encode_config(text)}))
+    text = "# my merge\nmerge_method: linear\nmodels:\n  - model: org/a\n    parameters: {weight: 0.7}\n" \
+        "  - model: org/b\n    parameters: {weight: 0.3}\n\n"
+    updates = load_page(demo, config=encode_config(text))
+    assert updates[state_of(demo, "config")] == text  # the state keeps every byte, comments and blank lines too
     assert value_of(updates[by_id(demo, "config-yaml")]) == text.strip()
-    assert updates[by_id(demo, "edit-yaml")] is False
-    assert updates[by_id(demo, "method")] == "linear"
+    assert updates[state_of(demo, "layout")]["structure"][0] == "linear"
+    assert updates[by_id(demo, "kept-note")] == ""
 
 
-def test_inexact_config_link_opens_the_yaml_editor(served: tuple[gr.Blocks, str]) -> None:
+def test_a_ties_link_stays_ties_and_lists_what_the_form_cannot_show(served: tuple[gr.Blocks, str]) -> None:
+    """The issue's bug: a pasted TIES config reopened as a 2-model linear merge."""
     demo = served[0]
     text = (
         "merge_method: ties\nbase_model: org/a\n"
         "models:\n  - model: org/b\n    parameters: {weight: 1, density: 0.5}\n"
+        "tokenizer:\n  source: union\n"
     )
-    updates = handler(demo, "on_load")(gr.Request(query_params={"config": encode_config(text)}))
-    assert value_of(updates[by_id(demo, "config-yaml")]) == text.strip()
-    assert updates[by_id(demo, "edit-yaml")] is True
-    assert "ties" in updates[by_id(demo, "validation-status")]
+    updates = load_page(demo, config=encode_config(text))
+    assert updates[state_of(demo, "config")] == text
+    assert updates[state_of(demo, "layout")]["structure"][0] == "ties"
+    assert "`tokenizer`" in updates[by_id(demo, "kept-note")]
 
 
 def test_damaged_config_link_says_so(served: tuple[gr.Blocks, str]) -> None:
     demo = served[0]
-    updates = handler(demo, "on_load")(gr.Request(query_params={"config": "garbage!"}))
-    assert "the shared link is damaged" in updates[by_id(demo, "validation-status")]
+    updates = load_page(demo, config="garbage!")
+    assert "the shared link is damaged" in updates[by_id(demo, "kept-note")]
+    assert state_of(demo, "config") not in updates
 
 
 def test_job_link_reopens_the_job_view_for_its_owner_only(
     served: tuple[gr.Blocks, str], job_store: Path, monkeypatch: pytest.MonkeyPatch, hub
 ) -> None:
-    from merger.jobs import store as jobs
     from merger.jobs import queue
 
     demo = served[0]
     text = build_yaml(FormValues(method="linear", models=["org/a", "org/b"], weights=[0.7, 0.3]))
     the_id = queue.submit(text, "alice/m", TOKEN, "alice")
-    on_load = handler(demo, "on_load")
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    updates = on_load(gr.Request(query_params={"job": the_id}))
+    updates = load_page(demo, job=the_id)
     assert updates[by_id(demo, "job-id")] == the_id
     assert updates[by_id(demo, "job-view")].visible
     timer = next(b for b in demo.blocks.values() if isinstance(b, gr.Timer))
     assert updates[timer].active is True
+    assert updates[state_of(demo, "config")] == text  # the job's own config, read-only ("edit a copy")
+    assert updates[state_of(demo, "layout")]["readonly"] is True
+    assert updates[by_id(demo, "config-yaml")].interactive is False
+    assert updates[by_id(demo, "edit-copy")].visible is True
 
     monkeypatch.setenv("HF_TOKEN", "hf_test_bob")  # someone else opens the link: the config only
-    updates = on_load(gr.Request(query_params={"job": the_id}))
+    updates = load_page(demo, job=the_id)
     assert by_id(demo, "job-id") not in updates and by_id(demo, "job-view") not in updates
-    assert value_of(updates[by_id(demo, "config-yaml")]) == text.strip()
-    assert updates[by_id(demo, "validation-status")] == (
+    assert updates[state_of(demo, "config")] == text
+    assert updates[by_id(demo, "kept-note")] == (
         "**Job link:** this job belongs to another account: only its owner sees its status, log and result; "
         "its link shows you its config only."
     )
@@ -330,64 +361,34 @@ def test_job_link_reopens_the_job_view_for_its_owner_only(
 @pytest.mark.parametrize("raw", ["abc123", "<img src=x onerror=alert(1)>" * 300, "[x](javascript:alert(1))", "0" * 31])
 def test_hostile_job_link_is_refused_without_echo(served: tuple[gr.Blocks, str], raw: str) -> None:
     demo = served[0]
-    updates = handler(demo, "on_load")(gr.Request(query_params={"job": raw}))
-    shown = updates[by_id(demo, "validation-status")]
-    assert shown == (
+    updates = load_page(demo, job=raw)
+    assert updates[by_id(demo, "kept-note")] == (
         "**Job link not opened:** this is not a job id: a job id is 32 hexadecimal characters (0-9, a-f); "
         "copy the job link again"
     )
     assert by_id(demo, "job-view") not in updates
 
 
-def test_plain_page_load_returns_updates_gradio_accepts(served: tuple[gr.Blocks, str]) -> None:
-    """Gradio reads a dict as per-component updates only when it is non-empty; `{}` broke every plain load."""
+def test_plain_page_load_leaves_the_config_alone(served: tuple[gr.Blocks, str]) -> None:
     demo = served[0]
     load = next(f for f in demo.fns.values() if f.name == "on_load")
-    updates = load.fn(gr.Request(query_params={}))
+    updates = load_page(demo)
     assert isinstance(updates, dict) and updates
     assert set(updates) <= set(load.outputs)
-    assert all(isinstance(u, type(gr.skip())) for u in updates.values())  # nothing in the form changes
+    assert state_of(demo, "config") not in updates and by_id(demo, "job-view") not in updates
 
 
-def test_examples_fill_the_form(served: tuple[gr.Blocks, str]) -> None:
-    demo = served[0]
-    examples = [f for f in demo.fns.values() if f.name == "on_example"]
-    if not examples:
-        pytest.skip("no examples shipped yet")
-    on_example = examples[0].fn
+def test_examples_fill_the_config_byte_for_byte(served: tuple[gr.Blocks, str]) -> None:
+    from merger.config.load import load_config
     from merger.form import load_examples
 
+    demo = served[0]
+    on_example = handler(demo, "on_example")
+    table, layout = by_id(demo, "examples"), state_of(demo, "layout")
     for index, example in enumerate(load_examples(app.EXAMPLES_DIR)):
-        updates = on_example(index)
-        assert updates[by_id(demo, "edit-yaml")] is False, example.name
-        yaml_text = value_of(updates[by_id(demo, "config-yaml")])
-        from merger.config.load import load_config
-
-        assert load_config(yaml_text) and load_config(example.yaml_text)
-
-
-def test_form_change_builds_the_yaml(served: tuple[gr.Blocks, str]) -> None:
-    on_form_change = handler(served[0], "on_form_change")
-    widgets = FormValues(method="moe", base_model="org/a", models=["org/b", "org/c"]).to_widgets()
-    args = [
-        widgets["method"],
-        *widgets["models"],
-        *widgets["weights"],
-        widgets["normalize"],
-        widgets["base_model"],
-        widgets["t_mode"],
-        widgets["t"],
-        *widgets["t_gradient"],
-        widgets["range_start"],
-        widgets["range_end"],
-        widgets["slice_rows"],
-        widgets["gate_mode"],
-        widgets["experts_per_token"],
-        widgets["dtype"],
-    ]
-    text = on_form_change(*args, False)
-    assert text == build_yaml(FormValues(method="moe", base_model="org/a", models=["org/b", "org/c"]))
-    assert isinstance(on_form_change(*args, True), type(gr.skip()))  # editing by hand: the form keeps out
+        updates = on_example({table: index, layout: layout.value})
+        assert updates[state_of(demo, "config")] == example.yaml_text, example.name
+        assert load_config(updates[state_of(demo, "config")])
 
 
 def test_cancel_of_an_unknown_job_says_so(client: Client, job_store: Path) -> None:
@@ -539,7 +540,85 @@ def test_job_status_says_when_no_worker_is_alive(
     since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(beat))
     status = client.predict(the_id, api_name="/job_status")
     assert status["worker"] == f"No worker alive since {since}: queued jobs wait until a worker is running again."
-    assert app._job_markdown(status).endswith(f"**Worker:** {status['worker']}")
+    assert job_markdown(status).endswith(f"**Worker:** {status['worker']}")
+
+
+# ---------------------------------------------------------------- one config, two views
+def _method_yamls() -> list[str]:
+    from merger.methods.registry import METHODS
+    from merger.form import dump_yaml
+    from merger.ui import config_edits
+
+    start = {"merge_method": "linear", "models": [{"model": "org/a", "parameters": {"weight": 1.0}},
+                                                    {"model": "org/b", "parameters": {"weight": 1.0}}]}
+    return [dump_yaml(config_edits.set_method(start, name)) for name in [*sorted(METHODS), "moe"]]
+
+
+def test_pasting_any_example_or_method_keeps_its_bytes_and_shows_its_form(served: tuple[gr.Blocks, str]) -> None:
+    from merger.form import load_examples
+    from merger.ui import config_view
+
+    demo = served[0]
+    on_paste = handler(demo, "on_paste")
+    code, layout = by_id(demo, "config-yaml"), state_of(demo, "layout")
+    texts = [e.yaml_text for e in load_examples(app.EXAMPLES_DIR)] + _method_yamls()
+    for text in texts:
+        pasted = text + "# a trailing comment\n"
+        updates = on_paste({code: pasted, layout: layout.value})
+        assert updates[state_of(demo, "config")] == pasted
+        assert isinstance(updates[code], type(gr.skip()))  # the editor is left alone while being typed in
+        shown = updates[state_of(demo, "layout")]["structure"]
+        assert shown == config_view.view_of(config_view.parse(text)).structure()
+        assert updates[by_id(demo, "kept-note")] == ""  # the form shows every field of these configs
+
+
+def test_a_second_merge_click_while_one_is_submitting_queues_nothing(
+    served: tuple[gr.Blocks, str], job_store: Path, monkeypatch: pytest.MonkeyPatch, hub
+) -> None:
+    from merger.jobs import store as jobs
+    from merger.ui import page_events
+
+    demo = served[0]
+    on_merge = handler(demo, "on_merge")
+    values = {
+        state_of(demo, "config"): "merge_method: linear\n",
+        by_id(demo, "repo-id"): "twice",
+        by_id(demo, "private"): False,
+        by_id(demo, "reuse-repo"): False,
+    }
+    req = gr.Request()
+    req.session_hash = "double-clicker"
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert page_events._guard.enter("double-clicker")  # the first click's submission is in flight
+    try:
+        updates = on_merge(values, req)
+    finally:
+        page_events._guard.leave("double-clicker")
+    assert all(isinstance(u, type(gr.skip())) for u in updates.values())
+    assert jobs.list_jobs("alice") == []
+    with pytest.raises(gr.Error):  # once it is over, the next click is handled (here: refused, bad config)
+        on_merge(values, req)
+    assert page_events._guard.enter("double-clicker")  # and a refusal leaves the guard free
+    page_events._guard.leave("double-clicker")
+
+
+def test_my_jobs_lists_the_callers_jobs_newest_first(
+    client: Client, job_store: Path, monkeypatch: pytest.MonkeyPatch, hub
+) -> None:
+    from merger.jobs import store as jobs
+    from merger.jobs import queue
+
+    first = queue.submit("merge_method: linear\n", "alice/first", TOKEN, "alice")
+    second = queue.submit("merge_method: linear\n", "alice/second", TOKEN, "alice")
+    queue.submit("merge_method: linear\n", "bob/theirs", "hf_test_bob", "bob")
+    assert jobs.cancel(first, "alice")
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    listed = client.predict(api_name="/my_jobs")
+    assert [(j["id"], j["repo_id"], j["status"]) for j in listed] == [
+        (second, "alice/second", "queued"),
+        (first, "alice/first", "cancelled"),
+    ]
+    assert listed[0]["config_yaml"] == "merge_method: linear\n" and listed[0]["queue_position"] == 1
 
 
 def test_the_served_app_caps_its_queue_and_uploads(served: tuple[gr.Blocks, str]) -> None:

@@ -3,7 +3,7 @@ error, in bounded time, memory and words, echoing no more than a short excerpt, 
 behind: no output folder, no staging, no job record, no repo on the (loopback) Hub.
 
 How the error's class reaches each channel (see docs/decisions.md, "Error labels"):
-- the app: `gradio_client`'s `AppError.title` is the class name (`app._user_errors`), the message the sentence;
+- the app: `gradio_client`'s `AppError.title` is the class name (`merger.ui.common.user_errors`), the message the sentence;
 - the CLI: stderr is one line, `error: ClassName: message`, and the exit status 2.
 
 The CLI channels call `merger.__main__.main` in this process (a fresh `python -m merger` costs seconds
@@ -281,11 +281,12 @@ def test_hostile_request_is_refused_by_name_quickly_briefly_and_leaves_nothing(
     if entry.requires and not hasattr(merger.errors, entry.requires):
         pytest.skip(f"needs {entry.requires} (the bounded parser's branch)")  # its limits come first
     if entry.space:
-        import app
         from merger import constants
+        from merger.ui import api, common
 
         monkeypatch.setattr(constants, "ON_SPACE", True)
-        monkeypatch.setattr(app, "_token", lambda oauth_token=None: TOKEN)  # a signed-in visitor
+        for module in (api, common):  # a signed-in visitor, wherever the endpoints read the token
+            monkeypatch.setattr(module, "token_of", lambda oauth_token=None: TOKEN)
     if entry.model:
         _build_broken_model(entry.model, ctx.hub, tmp_path_factory.mktemp("broken"))
     send_through_channels(entry, ctx)

@@ -26,7 +26,7 @@ from merger.publish import hub
 from merger.jobs import store as jobs, worker
 from merger.jobs import queue
 from merger.scrub import scrub_log
-from merger.errors import ConfigError, JobAccessError, JobLimitError, MergeCancelled, ModelNotFoundError
+from merger.errors import JobAccessError, JobLimitError, MergeCancelled, ModelNotFoundError
 from merger.jobs.store import JobStatus
 
 TOKEN = "hf_" + "Zq7" * 12  # shaped like a real user token

@@ -50,7 +50,6 @@ def _timed(call) -> tuple[object, float]:
 
 
 def test_light_requests_answer_while_ten_hostile_ones_run(slow_hub, tmp_path, monkeypatch) -> None:
-    from merger.jobs import store as jobs
     from merger.jobs import queue
 
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the fixtures' relative paths

@@ -239,26 +239,7 @@ def get_job(job_id: str) -> Job | None:
         row = conn.execute("select * from jobs where id = ?", (job_id,)).fetchone()
     finally:
         conn.close()
-    if row is None:
-        return None
-    return Job(
-        id=row["id"],
-        config_yaml=row["config_yaml"],
-        repo_id=row["repo_id"],
-        private=bool(row["private"]),
-        status=JobStatus(row["status"]),
-        progress=row["progress"],
-        current_tensor=row["current_tensor"],
-        log_tail=row["log_tail"],
-        result_url=row["result_url"],
-        error=row["error"],
-        cancel_requested=bool(row["cancel_requested"]),
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        owner=row["owner"],
-        reuse_repo=bool(row["reuse_repo"]),
-        error_type=row["error_type"],
-    )
+    return None if row is None else _job_from_row(row)
 
 
 def shared_config(job_id: str) -> str:
@@ -470,6 +451,60 @@ def pending_repos() -> list[tuple[str, str, bytes]]:
 
 
 # ---------------------------------------------------------------- storage
+
+
+def list_jobs(owner: str, limit: int = 50) -> list[Job]:
+    """An owner's jobs, newest first (for "My merges").
+
+    Args:
+        owner: the Hub username.
+        limit: the most jobs returned.
+    """
+    conn = _connect()
+    try:
+        rows = conn.execute(
+            "select * from jobs where owner = ? order by created_at desc limit ?", (owner, int(limit))
+        ).fetchall()
+    finally:
+        conn.close()
+    return [_job_from_row(row) for row in rows]
+
+
+def queue_position(job_id: str) -> int | None:
+    """Where a queued job stands: 1 when it runs next (jobs run in submission order); None if not queued."""
+    conn = _connect()
+    try:
+        row = conn.execute("select created_at, status from jobs where id = ?", (job_id,)).fetchone()
+        if row is None or row["status"] != JobStatus.QUEUED.value:
+            return None
+        ahead = conn.execute(
+            "select count(*) from jobs where status = ? and created_at < ?",
+            (JobStatus.QUEUED.value, row["created_at"]),
+        ).fetchone()[0]
+    finally:
+        conn.close()
+    return int(ahead) + 1
+
+
+def _job_from_row(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        config_yaml=row["config_yaml"],
+        repo_id=row["repo_id"],
+        private=bool(row["private"]),
+        status=JobStatus(row["status"]),
+        progress=row["progress"],
+        current_tensor=row["current_tensor"],
+        log_tail=row["log_tail"],
+        result_url=row["result_url"],
+        error=row["error"],
+        cancel_requested=bool(row["cancel_requested"]),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        owner=row["owner"],
+        reuse_repo=bool(row["reuse_repo"]),
+        error_type=row["error_type"],
+    )
 
 
 def _existing_job(job_id: str) -> Job:

@@ -1,0 +1,102 @@
+"""The app's named API endpoints (stable names for gradio_client), thin wrappers over :mod:`merger.service`.
+
+All take the Hugging Face token from the signed-in user (OAuth) or, off a Space, from `HF_TOKEN`:
+
+- `/validate` (yaml_text: str) -> str: the report's one-line summary; invalid -> error with the message.
+- `/submit` (yaml_text: str, repo_id: str, private: bool, reuse_repo: bool = False) -> str: the job id.
+  The push target is checked first (your namespace or an org where you have the write role; an
+  existing repo only with `reuse_repo`, and never made private or public here); caps on unfinished
+  jobs apply per user and in total.
+- `/job_status` (job_id: str) -> dict: see :func:`merger.service.job_status` (error_type: the failing
+  error's class name, e.g. `PushTargetError`). The job's owner only.
+- `/job_config` (job_id: str) -> str: the job's config YAML, for anyone with the id (what a job link shares).
+- `/cancel` (job_id: str) -> bool: whether the job was cancelled. The job's owner only.
+- `/my_jobs` () -> list[dict]: the signed-in user's jobs, newest first.
+- `/share` (yaml_text: str) -> str: the share link (`...?config=<payload>`).
+- `/load_link` (payload: str) -> str: the YAML a share payload carries.
+
+Errors reach gradio_client as `AppError` whose `title` is the error's class name (e.g. `ConfigError`).
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from merger import constants, service
+from merger.ui.common import app_url, require_token, token_of, user_errors
+
+
+def api_validate(yaml_text: str, oauth_token: gr.OAuthToken | None = None) -> str:
+    """Check a config against the models' metadata. Returns the one-line summary; raises the problem."""
+    with user_errors():
+        return service.validate(yaml_text, token_of(oauth_token)).summary()
+
+
+def api_submit(
+    yaml_text: str,
+    repo_id: str,
+    private: bool,
+    reuse_repo: bool = False,
+    oauth_token: gr.OAuthToken | None = None,
+) -> str:
+    """Check the push target and the config, then queue a merge that pushes to `repo_id`. Returns the job id.
+
+    A bare name goes under your account; an existing repo is used only with `reuse_repo`.
+    """
+    token = require_token(oauth_token)
+    repo_id = (repo_id or "").strip()
+    if not repo_id:
+        raise gr.Error("name the repo to create, e.g. `my-merge` or `your-name/my-merge`", print_exception=False)
+    with user_errors():
+        return service.submit(yaml_text, repo_id, token, bool(private), bool(reuse_repo))
+
+
+def api_job_status(job_id: str, oauth_token: gr.OAuthToken | None = None) -> dict:
+    """Your job's state: id, status, progress (0-1), current_tensor, log_tail, result_url, error, worker, times."""
+    with user_errors():
+        return service.job_status(job_id, token_of(oauth_token))
+
+
+def api_job_config(job_id: str) -> str:
+    """The config of any job (what its link shares with everyone); never its status, log or result."""
+    with user_errors():
+        return service.job_config(job_id)
+
+
+def api_cancel(job_id: str, oauth_token: gr.OAuthToken | None = None) -> bool:
+    """Cancel your queued or running job. Returns whether it was cancelled (False: it had finished)."""
+    with user_errors():
+        return service.cancel(job_id, token_of(oauth_token))
+
+
+def api_my_jobs(oauth_token: gr.OAuthToken | None = None) -> list[dict]:
+    """Your jobs, newest first (empty when signed out)."""
+    with user_errors():
+        return service.my_jobs(token_of(oauth_token))
+
+
+def api_share(yaml_text: str, request: gr.Request) -> str:
+    """A link that reopens the app with this config, byte for byte (it carries the YAML only, never a token)."""
+    with user_errors():
+        return service.share(app_url(request), yaml_text or "")  # refused if /load_link would refuse the link
+
+
+def api_load_link(payload: str) -> str:
+    """The config YAML a share link's `config` payload carries."""
+    with user_errors():
+        return service.load_link(payload)
+
+
+def register() -> None:
+    """Add the named endpoints to the Blocks being built (call inside `with gr.Blocks()`)."""
+    # Validation and submission share bounded pools (the UI's events too), each call time-limited
+    # (constants.VALIDATION_TIMEOUT_S); status, config, share and link reads never wait behind them.
+    gr.api(api_validate, api_name="validate", concurrency_limit=constants.VALIDATE_CONCURRENCY,
+           concurrency_id="validate")
+    gr.api(api_submit, api_name="submit", concurrency_limit=constants.SUBMIT_CONCURRENCY, concurrency_id="submit")
+    gr.api(api_job_status, api_name="job_status", concurrency_limit=None)
+    gr.api(api_job_config, api_name="job_config", concurrency_limit=None)
+    gr.api(api_cancel, api_name="cancel")
+    gr.api(api_my_jobs, api_name="my_jobs", concurrency_limit=None)
+    gr.api(api_share, api_name="share", concurrency_limit=8, concurrency_id="links")
+    gr.api(api_load_link, api_name="load_link", concurrency_limit=8, concurrency_id="links")

@@ -1,0 +1,220 @@
+"""Edits of the config mapping, one per form widget: each returns a new mapping in which only its field changed.
+
+No gradio here. Keys the form does not show are never touched; switching the method removes only the
+old method's own parameters (and gives the new method's required ones a starter value).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from merger.methods.registry import METHODS
+from merger.ui.config_view import MOE, TOP_FIELDS, SliceRow, method_of, slice_rows, text_of
+
+# A value to start a required parameter at when a method is chosen (by parameter name, not by method).
+STARTERS = {"weight": 1.0, "t": 0.5, "density": 0.5}
+
+
+def set_method(data: dict[str, Any], method: str) -> dict[str, Any]:
+    """Switch the method, keeping the models; required parameters the new method lacks get a starter value."""
+    out = copy.deepcopy(data)
+    if method == MOE:
+        return _to_moe(out)
+    if method_of(out) == MOE:
+        out = _from_moe(out)
+    _drop_parameters_of(out, METHODS.get(method_of(out)), METHODS.get(method))
+    out["merge_method"] = method
+    spec = METHODS.get(method)
+    if spec is None:
+        return _front(out, "merge_method")
+    if spec.base == "none":
+        out.pop("base_model", None)
+    entries = [e for e in out.get("models") or [] if isinstance(e, dict)]
+    if out.get("slices") is None:
+        out["models"] = entries
+    for p in spec.parameters:
+        if not p.required:
+            continue
+        if p.per_model:
+            for entry in entries:
+                entry.setdefault("parameters", {}).setdefault(p.name, STARTERS.get(p.name, 0.5))
+        else:
+            params = out.setdefault("parameters", {})
+            if isinstance(params, dict):
+                params.setdefault(p.name, STARTERS.get(p.name, 0.5))
+    return _front(out, "merge_method")
+
+
+def _drop_parameters_of(data: dict[str, Any], old: Any, new: Any) -> None:
+    """Remove the old method's parameters that the new one does not take (any other key stays as written)."""
+    if old is None:
+        return
+    taken = {p.name for p in new.parameters} if new else set()
+    dropped = {p.name for p in old.parameters} - taken
+    holders = [data] + [e for e in data.get("models") or [] if isinstance(e, dict)]
+    for holder in holders:
+        params = holder.get("parameters")
+        if isinstance(params, dict):
+            for name in dropped:
+                params.pop(name, None)
+            if not params:
+                holder.pop("parameters", None)
+
+
+def _to_moe(data: dict[str, Any]) -> dict[str, Any]:
+    models = [text_of(e.get("model")) for e in data.get("models") or [] if isinstance(e, dict)]
+    out = {
+        "base_model": data.get("base_model") or (models[0] if models else ""),
+        "gate_mode": "random",
+        "experts_per_token": min(2, max(1, len(models))),
+        "experts": [{"source_model": m} for m in models],
+    }
+    out.update({k: data[k] for k in TOP_FIELDS if k in data})
+    return out
+
+
+def _from_moe(data: dict[str, Any]) -> dict[str, Any]:
+    experts = [e for e in data.get("experts") or [] if isinstance(e, dict)]
+    out: dict[str, Any] = {"base_model": data.get("base_model", "")}
+    out["models"] = [{"model": e.get("source_model", "")} for e in experts]
+    out.update({k: data[k] for k in TOP_FIELDS if k in data})
+    return out
+
+
+def set_base(data: dict[str, Any], reference: str) -> dict[str, Any]:
+    """Set (or, when blank, remove) `base_model`."""
+    out = copy.deepcopy(data)
+    _set_or_drop(out, "base_model", text_of(reference))
+    return out
+
+
+def add_model(data: dict[str, Any]) -> dict[str, Any]:
+    """Append a blank model row (MoE: an expert), with the method's required per-model parameters."""
+    out = copy.deepcopy(data)
+    if method_of(out) == MOE:
+        out.setdefault("experts", []).append({"source_model": ""})
+        return out
+    entry: dict[str, Any] = {"model": ""}
+    spec = METHODS.get(method_of(out))
+    required = [p for p in (spec.per_model_parameters if spec else ()) if p.required]
+    if required:
+        entry["parameters"] = {p.name: STARTERS.get(p.name, 0.5) for p in required}
+    if not isinstance(out.get("models"), list):
+        out["models"] = []
+    out["models"].append(entry)
+    return out
+
+
+def remove_model(data: dict[str, Any], index: int) -> dict[str, Any]:
+    """Remove model row `index` (MoE: expert `index`)."""
+    out = copy.deepcopy(data)
+    key = "experts" if method_of(out) == MOE else "models"
+    rows = out.get(key)
+    if isinstance(rows, list) and 0 <= index < len(rows):
+        del rows[index]
+    return out
+
+
+def set_model(data: dict[str, Any], index: int, reference: str) -> dict[str, Any]:
+    """Set the model of row `index` (MoE: the expert's `source_model`)."""
+    out = copy.deepcopy(data)
+    key, name = ("experts", "source_model") if method_of(out) == MOE else ("models", "model")
+    rows = out.get(key)
+    if isinstance(rows, list) and 0 <= index < len(rows) and isinstance(rows[index], dict):
+        rows[index][name] = text_of(reference)
+    return out
+
+
+def set_model_param(data: dict[str, Any], index: int, key: str, value: Any) -> dict[str, Any]:
+    """Set (None: remove) per-model parameter `key` of row `index`."""
+    out = copy.deepcopy(data)
+    rows = out.get("models")
+    if isinstance(rows, list) and 0 <= index < len(rows) and isinstance(rows[index], dict):
+        entry = rows[index]
+        params = entry.get("parameters") if isinstance(entry.get("parameters"), dict) else {}
+        _set_or_drop(params, key, value)
+        if params:
+            entry["parameters"] = params
+        else:
+            entry.pop("parameters", None)
+    return out
+
+
+def set_global(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """Set (None: remove) global parameter `key` under `parameters:`."""
+    out = copy.deepcopy(data)
+    params = out.get("parameters") if isinstance(out.get("parameters"), dict) else {}
+    _set_or_drop(params, key, value)
+    if params:
+        out["parameters"] = params
+    else:
+        out.pop("parameters", None)
+    return out
+
+
+def set_option(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """Set (None or blank: remove) a top-level option (`dtype`, `tokenizer_source`, `seed`, `gate_mode`, ...)."""
+    out = copy.deepcopy(data)
+    _set_or_drop(out, key, value)
+    return out
+
+
+def add_slice(data: dict[str, Any]) -> dict[str, Any]:
+    """Append a slice like the last one (same models), its layer ranges continuing where the last one's ended."""
+    out = copy.deepcopy(data)
+    rows = slice_rows(out.get("slices")) or ()
+    last = [r for r in rows if r.slice == rows[-1].slice] if rows else [SliceRow("", 0, 0)]
+    sources = [
+        {"model": r.model, "layer_range": [r.end, r.end + max(1, r.end - r.start)]} for r in last
+    ]
+    if not isinstance(out.get("slices"), list):
+        out["slices"] = []
+        out.pop("models", None)
+    out["slices"].append({"sources": sources})
+    return out
+
+
+def remove_slice(data: dict[str, Any], index: int) -> dict[str, Any]:
+    """Remove slice `index`."""
+    out = copy.deepcopy(data)
+    slices = out.get("slices")
+    if isinstance(slices, list) and 0 <= index < len(slices):
+        del slices[index]
+    return out
+
+
+def set_slice(data: dict[str, Any], index: int, key: str, value: Any, source: int = 0) -> dict[str, Any]:
+    """Set `model`, `start`, `end` or `scale` (None: remove) of `slices[index].sources[source]`."""
+    out = copy.deepcopy(data)
+    slices = out.get("slices")
+    try:
+        entry = slices[index]["sources"][source]
+    except (TypeError, LookupError):
+        return out
+    if key == "model":
+        entry["model"] = text_of(value)
+    elif key in ("start", "end"):
+        bounds = list(entry.get("layer_range") or [0, 0])
+        bounds[0 if key == "start" else 1] = int(value or 0)
+        entry["layer_range"] = bounds
+    elif key == "scale":
+        params = entry.get("parameters") if isinstance(entry.get("parameters"), dict) else {}
+        _set_or_drop(params, "scale", value)
+        if params:
+            entry["parameters"] = params
+        else:
+            entry.pop("parameters", None)
+    return out
+
+
+def _set_or_drop(mapping: dict[str, Any], key: str, value: Any) -> None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        mapping.pop(key, None)
+    else:
+        mapping[key] = value
+
+
+def _front(data: dict[str, Any], key: str) -> dict[str, Any]:
+    """The mapping with `key` first (configs read from the method down)."""
+    return {key: data[key], **{k: v for k, v in data.items() if k != key}}

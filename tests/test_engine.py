@@ -17,6 +17,7 @@ from merger.errors import (
     MissingParameterError,
     ModelCountError,
     UnknownMethodError,
+    UnmergedTensorsError,
     UnsafeWeightsError,
 )
 from helpers import weights as tensors
@@ -188,6 +189,46 @@ def test_moe_keeps_a_tied_base_tied(fx: Path, tmp_path: Path) -> None:
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
     gate = tensors(out)["model.layers.0.block_sparse_moe.gate.weight"].float()
     assert gate.abs().max() <= 1 / 96 ** 0.5  # uniform_random: U(-1/sqrt(H), 1/sqrt(H))
+
+
+def _variant(fx: Path, tmp_path: Path, name: str, config_changes: dict, extra: dict | None = None) -> Path:
+    """A copy of `mistral-code` with its config.json changed and, optionally, extra tensors."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / name
+    folder.mkdir()
+    config = json.loads((fx / "mistral-code" / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **config_changes}))
+    save_file({**tensors(fx / "mistral-code"), **(extra or {})}, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_moe_keeps_the_base_sliding_window_and_computes_like_the_dense_model(fx: Path, tmp_path: Path) -> None:
+    """A window of 4 over the 8-token prompt changes the logits: the MoE must keep it to match its base."""
+    dense = _variant(fx, tmp_path, "windowed", {"sliding_window": 4})
+    out = tmp_path / "out"
+    run_merge(f"base_model: {dense}\ngate_mode: random\nexperts:\n  - source_model: {dense}\n  - source_model: {dense}\n",
+              out, device="cpu")
+    assert json.loads((out / "config.json").read_text())["sliding_window"] == 4
+    torch.testing.assert_close(logits(out), logits(dense), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(logits(dense), logits(fx / "mistral-code"), atol=1e-3)  # the window matters here
+
+
+def test_moe_base_tensors_a_mixtral_cannot_hold_are_refused_by_name(fx: Path, tmp_path: Path) -> None:
+    biases = {f"model.layers.{i}.self_attn.q_proj.bias": torch.zeros(96, dtype=torch.bfloat16) for i in range(4)}
+    base = _variant(fx, tmp_path, "biased", {}, biases)
+    out = tmp_path / "out"
+    with pytest.raises(UnmergedTensorsError, match=r"4 tensor\(s\) a Mixtral output cannot hold.*q_proj.bias"):
+        run_merge(f"base_model: {base}\ngate_mode: random\nexperts_per_token: 1\nexperts:\n  - source_model: {fx / 'mistral-code'}\n", out, device="cpu")
+    assert not out.exists()
+
+
+def test_moe_expert_settings_that_differ_from_the_base_are_named(fx: Path, tmp_path: Path) -> None:
+    from merger.validate import validate_config
+
+    other = _variant(fx, tmp_path, "other-rope", {"rope_theta": 50000.0, "rope_parameters": {"rope_theta": 50000.0, "rope_type": "default"}})
+    report = validate_config(f"base_model: {fx / 'mistral-code'}\ngate_mode: random\nexperts_per_token: 1\nexperts:\n  - source_model: {other}\n")
+    assert any("rope" in w and "50000" in w for w in report.warnings), report.warnings
 
 
 def test_output_folder_has_every_file_and_copies_the_tokenizer(fx: Path, tmp_path: Path) -> None:

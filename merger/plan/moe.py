@@ -13,14 +13,18 @@ from merger.plan.architecture import Architecture, architecture_by_type, archite
 from merger.config.schema import ModelReference, MoEConfig
 from merger.errors import (
     ArchitectureError,
+    ArchitectureSettingError,
     ConfigError,
     LayerRangeError,
     ShapeMismatchError,
+    UnmergedTensorsError,
     VocabSizeError,
     raise_problems,
 )
 from merger.io.metadata import ModelMetadata
+from merger.plan.checks import IGNORED_SUFFIXES
 from merger.plan.merge import DEFAULT_SEED, MergePlan, TensorJob, TensorSource, output_dtype, set_config_dtype
+from merger.plan.settings import compare_settings
 from merger.plan.tokenizer import Vocabulary
 
 MOE_PRETTY_NAME = "Mixture of Experts (mergekit-moe)"
@@ -55,7 +59,9 @@ def build_moe_plan(config: MoEConfig, metadata: dict[str, ModelMetadata]) -> Mer
         )
     layers = dense.num_layers(base_meta.config)
     _check_experts(config, metadata, dense, layers)
+    warnings = _check_settings(config, metadata)
     jobs = _moe_jobs(config, metadata, layers)
+    _check_base_tensors_reach_the_output(config, base_meta, jobs, layers)
 
     output_config = dict(base_meta.config)
     output_config.update(
@@ -63,7 +69,6 @@ def build_moe_plan(config: MoEConfig, metadata: dict[str, ModelMetadata]) -> Mer
         model_type=out_arch.model_type,
         num_local_experts=len(config.experts),
         num_experts_per_tok=config.experts_per_token,
-        sliding_window=None,
         tie_word_embeddings="lm_head.weight" not in {j.name for j in jobs},
         vocab_size=next(j.shape[0] for j in jobs if j.name == "model.embed_tokens.weight"),  # rows written
     )
@@ -82,7 +87,48 @@ def build_moe_plan(config: MoEConfig, metadata: dict[str, ModelMetadata]) -> Mer
         tokenizer_donor=tokenizer_donor,
         input_dtype=config.dtype,
         seed=DEFAULT_SEED if config.seed is None else config.seed,
+        warnings=warnings,
     )
+
+
+def _check_settings(config: MoEConfig, metadata: dict[str, ModelMetadata]) -> tuple[str, ...]:
+    """The experts' settings against the base's, whose config the output takes: disagreements are
+    warnings naming the value kept, a setting the base's family lacks is refused.
+
+    Raises:
+        ConfigProblems / ArchitectureSettingError: an expert sets what the output could not compute.
+    """
+    configs = {str(config.base_model): metadata[config.base_model.key].config}
+    configs.update({str(e.source_model): metadata[e.source_model.key].config for e in config.experts})
+    settings = compare_settings(configs, str(config.base_model))
+    raise_problems([ArchitectureSettingError(refusal) for refusal in settings.refusals])
+    return settings.warnings
+
+
+def _check_base_tensors_reach_the_output(
+    config: MoEConfig, base_meta: ModelMetadata, jobs: list[TensorJob], layers: int
+) -> None:
+    """Every tensor of the base is copied into the output, or is one of its dense MLPs, which the experts
+    replace by the method's definition (the experts' own attention and norms are likewise not used: the
+    output's attention is the base's). Anything else (attention biases, say) has no place in a Mixtral.
+
+    Raises:
+        UnmergedTensorsError: naming the base's tensors the output could not hold.
+    """
+    read = {source.name for job in jobs for source in job.sources if source.model == config.base_model.key}
+    experts_replace = {
+        template.for_layer(layer, 0).expert_source
+        for layer in range(layers)
+        for template in architecture_by_type("mixtral").layer_weights
+        if template.expert_source
+    }
+    unknown = sorted(n for n in base_meta.tensors if n not in read | experts_replace and not n.endswith(IGNORED_SUFFIXES))
+    if unknown:
+        shown = ", ".join(f"`{n}`" for n in unknown[:6]) + (f" and {len(unknown) - 6} more" if len(unknown) > 6 else "")
+        raise UnmergedTensorsError(
+            f"`base_model` `{config.base_model}` has {len(unknown)} tensor(s) a Mixtral output cannot hold, so it "
+            f"would not contain them: {shown}. Pick a base whose layers a Mixtral has (no attention biases)"
+        )
 
 
 def _check_experts(config: MoEConfig, metadata: dict[str, ModelMetadata], dense: Architecture, layers: int) -> None:

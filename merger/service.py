@@ -20,7 +20,9 @@ from typing import Any
 
 from merger import constants
 from merger.errors import ConfigError, MergerError, VocabSizeError
-from merger.form import Example, load_examples, local_paths
+from merger.config.examples import Example, load_examples
+from merger.config.parse import parse_config_documents
+from merger.config.references import local_paths
 from merger.links import decode_config, share_url
 from merger.scrub import scrub
 
@@ -68,12 +70,20 @@ def check_local_paths(yaml_text: str) -> None:
         ConfigError: naming the local paths, on a Space only.
     """
     if constants.ON_SPACE:
-        paths = local_paths(yaml_text)
+        paths = _local_paths(yaml_text)
         if paths:
             raise ConfigError(
                 f"local paths are not available here ({', '.join(f'`{p}`' for p in paths)}); "
                 "use Hub model ids like `org/name`"
             )
+
+
+def _local_paths(yaml_text: str) -> list[str]:
+    """The local references of every stage of a config; none when the parser refuses it (validation names why)."""
+    try:
+        return local_paths([value for value, _ in parse_config_documents(yaml_text)])
+    except ConfigError:
+        return []
 
 
 def validate(yaml_text: str, token: str | None) -> Any:
@@ -95,7 +105,7 @@ def examples(directory: str | os.PathLike[str]) -> list[Example]:
     """The one-click example configs the page offers (fixture twins with local paths hidden on a Space)."""
     found = load_examples(directory)
     if constants.ON_SPACE:
-        found = [e for e in found if not local_paths(e.yaml_text)]
+        found = [e for e in found if not _local_paths(e.yaml_text)]
     return found
 
 

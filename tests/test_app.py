@@ -22,7 +22,6 @@ from gradio_client.exceptions import AppError  # noqa: E402
 
 import app  # noqa: E402
 from merger import constants  # noqa: E402
-from merger.form import FormValues, build_yaml  # noqa: E402
 from merger.links import decode_config, encode_config  # noqa: E402
 from merger.ui.common import token_of  # noqa: E402
 from merger.ui.job_panel import job_markdown  # noqa: E402
@@ -38,13 +37,9 @@ def _free_port() -> int:
 
 
 def slerp_yaml(fixture_models_dir: Path) -> str:
-    return build_yaml(
-        FormValues(
-            method="slerp",
-            models=[str(fixture_models_dir / "mistral-prose"), str(fixture_models_dir / "mistral-code")],
-            t=0.5,
-        )
-    )
+    prose, code = fixture_models_dir / "mistral-prose", fixture_models_dir / "mistral-code"
+    return (f"merge_method: slerp\nbase_model: {prose}\nmodels:\n  - model: {prose}\n  - model: {code}\n"
+            "parameters:\n  t: 0.5\n")
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +150,8 @@ def test_share_round_trips_and_never_carries_the_token(
     client: Client, served: tuple[gr.Blocks, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    text = "# Ünïcødé 模型\n" + build_yaml(FormValues(method="passthrough", slices=[("org/a", 0, 2)]))
+    text = "# Ünïcødé 模型\n" + (
+        "merge_method: passthrough\nslices:\n  - sources:\n      - model: org/a\n        layer_range: [0, 2]\n")
     link = client.predict(text, api_name="/share")
     assert link.startswith(served[1].rstrip("/") + "/?config=")
     assert TOKEN not in link
@@ -334,7 +330,9 @@ def test_job_link_reopens_the_job_view_for_its_owner_only(
     from merger.jobs import queue
 
     demo = served[0]
-    text = build_yaml(FormValues(method="linear", models=["org/a", "org/b"], weights=[0.7, 0.3]))
+    text = (
+        "merge_method: linear\nmodels:\n  - model: org/a\n    parameters: {weight: 0.7}\n"
+        "  - model: org/b\n    parameters: {weight: 0.3}\n")
     the_id = queue.submit(text, "alice/m", TOKEN, "alice")
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
@@ -380,7 +378,7 @@ def test_plain_page_load_leaves_the_config_alone(served: tuple[gr.Blocks, str]) 
 
 def test_examples_fill_the_config_byte_for_byte(served: tuple[gr.Blocks, str]) -> None:
     from merger.config.load import load_config
-    from merger.form import load_examples
+    from merger.config.examples import load_examples
 
     demo = served[0]
     on_example = handler(demo, "on_example")
@@ -546,7 +544,7 @@ def test_job_status_says_when_no_worker_is_alive(
 # ---------------------------------------------------------------- one config, two views
 def _method_yamls() -> list[str]:
     from merger.methods.registry import METHODS
-    from merger.form import dump_yaml
+    from merger.config.dump import dump_yaml
     from merger.ui import config_edits
 
     start = {"merge_method": "linear", "models": [{"model": "org/a", "parameters": {"weight": 1.0}},
@@ -555,7 +553,7 @@ def _method_yamls() -> list[str]:
 
 
 def test_pasting_any_example_or_method_keeps_its_bytes_and_shows_its_form(served: tuple[gr.Blocks, str]) -> None:
-    from merger.form import load_examples
+    from merger.config.examples import load_examples
     from merger.ui import config_view
 
     demo = served[0]

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from merger.config.load import load_config
-from merger.form import dump_yaml, load_examples
+from merger.config.dump import dump_yaml
+from merger.config.examples import load_examples
 from merger.methods.registry import METHODS
 from merger.ui import config_edits as ce
 from merger.ui import config_view as cv

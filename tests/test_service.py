@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from merger import constants, service
-from merger.form import dump_yaml
+from merger.config.dump import dump_yaml
 
 TOKEN = "hf_test_alice"
 

@@ -11,10 +11,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from typing import Any
+
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 PATH_PREFIXES = ("./", "../", "/", "~")  # a reference written like this is a path, never a Hub id
+# Config keys whose string values are model references.
+REFERENCE_KEYS = ("model", "base_model", "source_model", "tokenizer_source", "source", "lora", "path")
 
 
 def split_reference(reference: str) -> tuple[str, str | None]:
@@ -64,3 +68,31 @@ def is_hub_id(reference: str) -> bool:
     if reference.startswith(PATH_PREFIXES) or Path(reference).expanduser().exists():
         return False
     return looks_like_hub_id(reference)
+
+
+def local_paths(data: Any) -> list[str]:
+    """The model references in a parsed config that are local paths rather than Hub ids (a Space refuses them).
+
+    Args:
+        data: a parsed config value (:func:`merger.config.parse.parse_config_text`), any schema.
+
+    Returns:
+        Each local reference once, in the order found; `base` and `union` (tokenizer choices) are not models.
+        A `model+adapter` reference counts each part.
+    """
+    found: dict[str, None] = {}
+
+    def visit(node: Any, key: str | None = None) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                visit(v, str(k))
+        elif isinstance(node, list):
+            for v in node:
+                visit(v, key)
+        elif key in REFERENCE_KEYS and isinstance(node, str) and node.strip() not in ("base", "union"):
+            for part in node.strip().split("+") if not os.path.exists(node.strip()) else [node.strip()]:
+                if part and not is_hub_id(part):
+                    found[part] = None
+
+    visit(data)
+    return list(found)

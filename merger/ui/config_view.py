@@ -15,7 +15,9 @@ from typing import Any
 import yaml
 
 from merger.dtypes import DTYPES
+from merger.config.parse import parse_config_text
 from merger.config.schema import SUPPORTED_GATE_MODES
+from merger.errors import ConfigError
 from merger.methods.registry import METHODS, ParameterSpec
 
 MOE = "moe"  # the mergekit-moe schema (no `merge_method` key)
@@ -114,10 +116,11 @@ def method_choices() -> list[tuple[str, str]]:
 
 
 def parse(text: str) -> dict[str, Any] | None:
-    """The mapping a YAML text holds, or None when it is not a mapping (the form then shows nothing)."""
+    """The mapping a YAML text holds, or None when it is not one or the one parser refuses it (its limits,
+    several documents, a token): the form then shows nothing and validation names the problem."""
     try:
-        data = yaml.safe_load(text or "")
-    except yaml.YAMLError:
+        data = parse_config_text(text or "")
+    except ConfigError:
         return None
     return data if isinstance(data, dict) else None
 
@@ -263,8 +266,8 @@ def from_widget(kind: str, value: Any) -> Any:
         return int(number) if number.is_integer() else number
     if kind == "text":
         try:
-            parsed = yaml.safe_load(str(value))
-        except yaml.YAMLError:
+            parsed = parse_config_text(str(value))
+        except ConfigError:
             return str(value)
         return parsed if parsed is not None else None
     return value

@@ -11,11 +11,18 @@ from typing import Any, Callable
 
 import gradio as gr
 
-from merger.form import CLASSIC_T, dump_yaml
+from merger.config.dump import dump_yaml
 from merger.ui import config_edits as ce
 from merger.ui import config_view as cv
 from merger.ui.pickers import PICKER_HINT, Picker, note_pick, picker, superseded_by_pick
 from merger.ui.yaml_panel import EDIT_QUEUE, ConfigViews
+
+# The classic SLERP schedule posted on model cards: attention from one end, MLPs from the other.
+CLASSIC_T: list[dict[str, Any]] = [
+    {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+    {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+    {"value": 0.5},
+]
 
 Edit = Callable[[dict, Any], dict]
 

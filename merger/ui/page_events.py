@@ -9,7 +9,7 @@ import gradio as gr
 
 from merger import constants, service
 from merger.errors import JobAccessError, MergerError
-from merger.form import Example
+from merger.config.examples import Example
 from merger.links import QUERY_KEY
 from merger.ui.api import api_submit
 from merger.ui.common import app_url, one_line, token_of

@@ -12,7 +12,7 @@ from typing import Any
 
 import gradio as gr
 
-from merger.form import dump_yaml
+from merger.config.dump import dump_yaml
 from merger.ui import config_view
 
 START_CONFIG = dump_yaml(

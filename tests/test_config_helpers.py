@@ -1,0 +1,40 @@
+"""The small config helpers around the form: example configs and local-path references."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from merger.config.examples import load_examples
+from merger.config.parse import parse_config_text
+from merger.config.references import local_paths
+
+V1 = "mistralai/Mistral-7B-Instruct-v0.1"
+V2 = "mistralai/Mistral-7B-Instruct-v0.2"
+
+
+def test_load_examples(tmp_path: Path) -> None:
+    (tmp_path / "b-linear.yaml").write_text("# Two models averaged\nmerge_method: linear\nmodels: [{model: a/b}]\n")
+    (tmp_path / "a_slerp.yml").write_text("merge_method: slerp\n")
+    (tmp_path / "notes.txt").write_text("ignored")
+    examples = load_examples(tmp_path)
+    assert [(e.name, e.title) for e in examples] == [("a_slerp", "A slerp"), ("b-linear", "Two models averaged")]
+    assert examples[1].yaml_text.startswith("# Two models averaged")
+    assert load_examples(tmp_path / "missing") == []
+
+
+def test_local_paths() -> None:
+    text = f"""
+merge_method: passthrough
+slices:
+  - sources: [{{model: ./models/a, layer_range: [0, 2]}}]
+  - sources: [{{model: /data/b, layer_range: [0, 2]}}]
+  - sources: [{{model: "{V1}@main", layer_range: [0, 2]}}]
+  - sources: [{{model: ~/c, layer_range: [0, 2]}}]
+  - sources: [{{model: "..\\\\d", layer_range: [0, 2]}}]
+  - sources: [{{model: "{V2}+./adapter", layer_range: [0, 2]}}]
+tokenizer_source: union
+"""
+    assert local_paths(parse_config_text(text)) == ["./models/a", "/data/b", "~/c", "..\\d", "./adapter"]
+    moe = f"base_model: {V1}\nexperts: [{{source_model: tests/data/fixtures/mistral-code}}]\n"
+    assert local_paths(parse_config_text(moe)) == ["tests/data/fixtures/mistral-code"]
+    assert local_paths(parse_config_text(f"base_model: {V1}\nexperts: [{{source_model: {V2}}}]\n")) == []

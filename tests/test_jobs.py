@@ -291,7 +291,7 @@ def test_malformed_job_id_is_refused_without_echo(bad_id):
 def test_job_and_queue_databases_are_created_owner_only(data_dir):
     old = os.umask(0o022)  # the usual umask, under which a new file is world-readable
     try:
-        jobs.submit(CONFIG, REPO, TOKEN, OWNER)
+        queue.submit(CONFIG, REPO, TOKEN, OWNER)
     finally:
         os.umask(old)
     for name in ("jobs.db", "queue.db"):
@@ -709,10 +709,10 @@ def test_a_job_on_a_full_disk_fails_naming_the_space_and_leaves_nothing(hub, fix
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
     try:
         monkeypatch.setattr(constants, "DATA_DIR", mount)  # the records stay in data_dir: only the work is short
-        worker.get_huey().immediate = True
+        queue.get_huey().immediate = True
         repo = "alice/full-disk"
 
-        job_id = jobs.submit(_good_config(fixture_models_dir), repo, hub.token, hub.user)
+        job_id = queue.submit(_good_config(fixture_models_dir), repo, hub.token, hub.user)
 
         job = jobs.get_job(job_id)
         assert (job.status, job.error_type) == (JobStatus.FAILED, "DiskSpaceError"), job.error

@@ -200,6 +200,8 @@ def identity_params(name: str, n: int) -> dict:
         "nuslerp": per_model,
         "nearswap": {"t": 0.01},
         "arcee_fusion": {},
+        "ram": {},
+        "ramplus_tl": {},
     }[name]
 
 

@@ -20,7 +20,7 @@ def published(hub, fixture_models_dir: Path, tmp_path_factory) -> None:
         shutil.copytree(fixture_models_dir / name, folder, dirs_exist_ok=True)
         if name == "mistral-base":  # one card with a license, one without
             (folder / "README.md").write_text("---\nlicense: apache-2.0\n---\n# fixture\n")
-        hub.upload_model(folder, f"alice/{name}")
+        hub.upload_model(folder, f"alice/pf-{name}")  # names of its own: other tests publish the fixtures too
 
 
 @pytest.fixture
@@ -35,7 +35,7 @@ def job_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return data
 
 
-def ties(base: str = "alice/mistral-base", other: str = "alice/mistral-prose", **extra) -> str:
+def ties(base: str = "alice/pf-mistral-base", other: str = "alice/pf-mistral-prose", **extra) -> str:
     return dump_yaml({
         "merge_method": "ties",
         "base_model": base,
@@ -54,7 +54,7 @@ def test_a_mergeable_config_passes_every_line(hub, published, job_store) -> None
     assert list(found) == ["config", "models", "compatibility", "target repo", "resources"]
     assert result.ok, result
     # each model with its architecture, parameter count (from the safetensors headers) and license
-    assert found["models"].detail.startswith("2 model(s) reachable: `alice/mistral-base` (MistralForCausalLM, ")
+    assert found["models"].detail.startswith("2 model(s) reachable: `alice/pf-mistral-base` (MistralForCausalLM, ")
     assert "license apache-2.0" in found["models"].detail and "license unknown" in found["models"].detail
     assert found["target repo"].detail == "`alice/pf-new`: new, public"
     # the download is the two fixtures' safetensors payloads, counted from their headers
@@ -84,11 +84,11 @@ def test_an_unknown_model_is_a_models_line_with_its_fix(hub, published) -> None:
 
 
 def test_a_cross_family_merge_fails_compatibility(hub, published) -> None:
-    result = service.preflight(ties(other="alice/qwen2-base"), TOKEN, "pf-x", False, False)
+    result = service.preflight(ties(other="alice/pf-qwen2-base"), TOKEN, "pf-x", False, False)
     found = lines(result)
     assert found["models"].ok and not found["compatibility"].ok
     assert "the models differ in width" in found["compatibility"].detail
-    assert "`alice/qwen2-base` (qwen2, hidden size 128)" in found["compatibility"].detail
+    assert "`alice/pf-qwen2-base` (qwen2, hidden size 128)" in found["compatibility"].detail
     assert found["compatibility"].fix.endswith("in the form")
     assert found["target repo"].ok  # the other lines are still checked
 

@@ -175,6 +175,7 @@ def test_pushed_card_front_matter(served, hub, published) -> None:
     assert set(data["tags"]) >= {"merge", "mergekit"} and data["library_name"] == "transformers"
     assert data["license"] == "apache-2.0"
     assert "[SLERP](" in card.text and hub_example("fixture-slerp.yaml", published).strip() in card.text
+    assert f'from_pretrained("{hub.user}/slerp-card")' in card.text  # the repo people load, not its bare name
     assert (out / "mergekit_config.yml").read_text() == hub_example("fixture-slerp.yaml", published)
 
 

@@ -134,9 +134,10 @@ def test_success_reports_progress_then_result(immediate, pushes, monkeypatch, ca
         f"Job {job_id}: uploading to alice/merged.",
         f"Job {job_id}: pushed https://hub.test/alice/merged",
     ]
-    # The engine got the real token and the repo's name as the card title; the push got the folder.
+    # The engine got the real token and the repo id as the card's title (its usage snippet loads it by
+    # that id); the push got the folder.
     out_dir = data_dir / "work" / job_id / "model"
-    assert calls == [{"config": CONFIG, "out_dir": out_dir, "token": TOKEN, "title": "merged"}]
+    assert calls == [{"config": CONFIG, "out_dir": out_dir, "token": TOKEN, "title": REPO}]
     assert pushes == [{"files": ["config.json"], "repo_id": REPO, "token": TOKEN, "private": True}]
     assert not (data_dir / "work" / job_id).exists()
     assert TOKEN.encode() not in (data_dir / "jobs.db").read_bytes() + _wal(data_dir / "jobs.db")

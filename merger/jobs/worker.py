@@ -212,7 +212,7 @@ def _merge_and_push(job: Job, token: str, sealed_token: bytes, out_dir: Path, re
             job.config_yaml,
             out_dir,
             token=token,
-            title=target.repo_id.rsplit("/", 1)[-1],
+            title=target.repo_id,  # the card's heading and usage snippet name the repo people load
             progress=reporter.progress,
             should_cancel=reporter.should_cancel,
         )

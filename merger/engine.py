@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from merger.plan.architecture import is_multimodal
+from merger.plan.multimodal import is_multimodal
 from merger.publish.card import render_model_card
 from merger.config.schema import SEED, AnyConfig
 from merger.config.load import load_config

@@ -367,9 +367,9 @@ def my_jobs(token: str | None, limit: int = 50) -> list[dict[str, Any]]:
 
 def worker_note() -> str | None:
     """"No worker alive since ..." when the worker's heartbeat is missing or stale, else None."""
-    from merger.jobs import store as jobs
+    from merger.jobs.worker_notes import last_heartbeat
 
-    beat = jobs.last_heartbeat()
+    beat = last_heartbeat()
     if beat is not None and time.time() - beat <= constants.WORKER_STALE_S:
         return None
     since = "it started" if beat is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(beat))

@@ -115,6 +115,10 @@ FORBIDDEN = {
     # The app's side of the queue: no worker, no engine, no torch.
     "merger.jobs.store": ("merger.jobs.queue", "merger.jobs.worker", "merger.engine", "merger.execute",
                           "merger.plan", "merger.methods"),
+    "merger.jobs.database": ("merger.jobs.store", "merger.jobs.queue", "merger.jobs.worker", "merger.engine",
+                             "merger.execute", "merger.plan", "merger.methods"),
+    "merger.jobs.worker_notes": ("merger.jobs.queue", "merger.jobs.worker", "merger.engine", "merger.execute",
+                                 "merger.plan", "merger.methods"),
     "merger.jobs.queue": ("merger.jobs.worker", "merger.engine", "merger.execute", "merger.plan", "merger.methods"),
     "merger.scrub": ("merger",),
 }

@@ -91,7 +91,7 @@ def materialize_adapters(refs: list[ModelReference], token: str | None) -> dict[
 
 def embedding_rows(meta: ModelMetadata) -> int:
     """Rows of a model's input embedding matrix (its usable vocabulary), from its metadata."""
-    from merger.plan.architecture import architecture_for
+    from merger.plan.lookup import architecture_for
 
     arch = architecture_for(meta.config, meta.reference, meta.tensors)
     name = next(w for w in arch.pre_weights if w.is_embed).stored_name(meta.tensors)

@@ -22,7 +22,7 @@ from cryptography.fernet import Fernet
 from huggingface_hub import HfApi
 
 from merger import constants, engine
-from merger.publish import hub
+from merger.publish import hub_push
 from merger.jobs import store as jobs, worker, worker_notes
 from merger.jobs.supervisor import WorkerSupervisor
 from merger.jobs import queue
@@ -67,11 +67,11 @@ def pushes(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
         )
         return f"https://hub.test/{repo_id}"
 
-    def fake_check(repo_id: str, token: str, private: bool = False, reuse_repo: bool = False) -> hub.PushTarget:
-        return hub.PushTarget(repo_id, exists=False, private=private)
+    def fake_check(repo_id: str, token: str, private: bool = False, reuse_repo: bool = False) -> hub_push.PushTarget:
+        return hub_push.PushTarget(repo_id, exists=False, private=private)
 
-    monkeypatch.setattr(hub, "push_folder", fake_push)
-    monkeypatch.setattr(hub, "check_push_target", fake_check)
+    monkeypatch.setattr(hub_push, "push_folder", fake_push)
+    monkeypatch.setattr(hub_push, "check_push_target", fake_check)
     return calls
 
 

@@ -34,7 +34,7 @@ from cryptography.fernet import InvalidToken
 from huey.consumer import Consumer
 
 from merger import constants, engine
-from merger.publish import hub
+from merger.publish import hub_push
 from merger.jobs import store as jobs
 from merger.jobs import worker_notes
 from merger.errors import MergeCancelled, MergerError
@@ -206,7 +206,7 @@ def _job_message(err: MergerError, work_dir: Path) -> str:
 
 def _merge_and_push(job: Job, token: str, sealed_token: bytes, out_dir: Path, reporter: _Reporter) -> str:
     # Checked again before the merge: the Hub may have changed while the job was queued.
-    target = hub.check_push_target(job.repo_id, token, private=job.private, reuse_repo=job.reuse_repo)
+    target = hub_push.check_push_target(job.repo_id, token, private=job.private, reuse_repo=job.reuse_repo)
     logger.info("Job %s: merging for %s.", job.id, target.repo_id)
     try:
         engine.run_merge(
@@ -225,7 +225,7 @@ def _merge_and_push(job: Job, token: str, sealed_token: bytes, out_dir: Path, re
         raise MergeCancelled("the merge was cancelled before its upload; nothing was pushed")
     logger.info("Job %s: uploading to %s.", job.id, target.repo_id)
     try:
-        url = hub.push_folder(
+        url = hub_push.push_folder(
             out_dir,
             target.repo_id,
             token,
@@ -281,7 +281,7 @@ def _sweep_pending_repos() -> dict[str, str]:
             continue
         ACTIVE_TOKENS.add(token)
         try:
-            settled, outcomes[job_id] = hub.delete_unpushed_repo(repo_id, token)
+            settled, outcomes[job_id] = hub_push.delete_unpushed_repo(repo_id, token)
         finally:
             ACTIVE_TOKENS.discard(token)
         if settled:

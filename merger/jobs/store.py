@@ -1,19 +1,15 @@
 """Merge jobs: their records, and the API the app uses to submit, poll and cancel them.
 
 The app never merges: :func:`merger.jobs.queue.submit` writes a record here and hands the job to the
-worker process (:mod:`merger.jobs.worker`) through huey's queue. The records live in their own table of
-the jobs database (:mod:`merger.jobs.database`), which both processes read and write; each status change is a compare-and-set on the current status, so a cancel racing with the
-worker's start can never leave a job both cancelled and running.
+worker process (:mod:`merger.jobs.worker`) through huey's queue. The records are a table of the jobs
+database (:mod:`merger.jobs.database`, beside the worker's notes, :mod:`merger.jobs.worker_notes`),
+which both processes read and write; each status change is a compare-and-set on the current status,
+so a cancel racing with the worker's start can never leave a job both cancelled and running.
 
 Every job has an owner, the Hub user whose token submitted it: only the owner reads its status, log
 and result or cancels it; anyone with its id sees only its config (what the owner shares with a job
 link). Unfinished jobs are capped per owner and in total (`constants.MAX_JOBS_PER_USER`,
 `constants.MAX_JOBS_TOTAL`); the check and the insert are one transaction, so a burst cannot overshoot.
-
-The same file holds the worker's heartbeat and the repos a job created on the Hub but has not yet
-committed to (:mod:`merger.jobs.worker_notes`).
-
-Paths are looked up on :mod:`merger.constants` at call time, so tests can point them elsewhere.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""merger.publish.hub_read and hub_push against the loopback Hub (tests/minihub.py), started by conftest's `hub` fixture."""
+"""merger.publish.hub_read and hub_push against the loopback Hub (tests/minihub.py), via conftest's `hub` fixture."""
 
 from __future__ import annotations
 

@@ -89,7 +89,7 @@ def serve(demo: gr.Blocks, **launch: Any) -> tuple[Any, str, str]:
 
 def main() -> None:
     """Serve the app; unless the worker runs apart (`MERGER_EXTERNAL_WORKER=1`), start and supervise one."""
-    from merger.jobs.worker import WorkerSupervisor
+    from merger.jobs.supervisor import WorkerSupervisor
     from merger.jobs.queue import ensure_queue_key
     from merger.scrub import install_log_scrubbing
 

@@ -71,7 +71,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.push_to and not token:
         raise MergerError("`--push-to` needs a Hub token: set HF_TOKEN or run `hf auth login`")
     if args.push_to:
-        from merger.publish.hub import check_push_target
+        from merger.publish.hub_push import check_push_target
 
         # Before the merge: a target the user may not write to must not cost a whole merge.
         target = check_push_target(args.push_to, token, private=args.private, reuse_repo=args.reuse_repo)
@@ -96,7 +96,7 @@ def _run(args: argparse.Namespace) -> None:
     print(f"wrote {result.out_dir}: {result.num_layers} layers, {result.parameter_count:,} parameters "
           f"in {result.seconds:.1f}s")
     if args.push_to:
-        from merger.publish.hub import push_folder
+        from merger.publish.hub_push import push_folder
 
         url = push_folder(args.out, args.push_to, token, private=args.private, reuse_repo=args.reuse_repo)
         print(f"pushed to {url}")

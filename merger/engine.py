@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from merger.plan.architecture import is_multimodal
+from merger.plan.multimodal import is_multimodal
 from merger.publish.card import render_model_card
 from merger.config.schema import SEED, AnyConfig
 from merger.config.load import load_config
@@ -141,27 +141,64 @@ def run_merge(
     SEED.check("--random-seed", seed)
     _check_out_dir(out_dir)
     _refuse_input_folders(out_dir, config)
-    plan, metadata = plan_config(config, token) if planned is None else planned
-    for warning in plan.warnings:
-        logger.warning(warning)
-    if seed is not None:
-        plan = replace(plan, seed=seed)
+    plan, metadata = _planned(config, token, planned, seed)
     needed = sum(job.nbytes for job in plan.jobs) + OUTPUT_EXTRA_BYTES
     remove_stale_staging(out_dir.parent)
     check_free_space(out_dir, needed)
     dirs = materialize(list(plan.models), token)
     adapters = materialize_adapters(list(plan.models), token)
 
+    _write_through_staging(
+        plan, dirs, adapters, out_dir, needed, config_text=config_text, metadata=metadata, title=title or out_dir.name,
+        device=device, shard_size=shard_size, progress=progress, should_cancel=should_cancel, evaluate=evaluate,
+    )
+    return MergeResult(out_dir, plan.method_name, plan.num_layers, plan.parameter_count, time.monotonic() - started)
+
+
+
+def _planned(
+    config: AnyConfig, token: str | None, planned: tuple[MergePlan, dict[str, ModelMetadata]] | None, seed: int | None
+) -> tuple[MergePlan, dict[str, ModelMetadata]]:
+    """The config's plan (made here unless the caller made it), its warnings logged, `seed` applied."""
+    plan, metadata = plan_config(config, token) if planned is None else planned
+    for warning in plan.warnings:
+        logger.warning(warning)
+    if seed is not None:
+        plan = replace(plan, seed=seed)
+    return plan, metadata
+
+
+def _write_through_staging(
+    plan: MergePlan,
+    dirs: dict[str, Path],
+    adapters: dict[str, Path],
+    out_dir: Path,
+    needed: int,
+    *,
+    config_text: str,
+    metadata: dict[str, ModelMetadata],
+    title: str,
+    device: str,
+    shard_size: int,
+    progress: Progress | None,
+    should_cancel: Callable[[], bool] | None,
+    evaluate: Callable[[Path, dict[str, Path]], str] | None,
+) -> None:
+    """Merge and write the whole output into a temporary sibling of `out_dir`, then move it into place.
+
+    Nothing is left behind on failure: the staging folder is deleted whatever happens, and an OS
+    error becomes a MergerError naming the path (`needed`, in bytes, for a full disk).
+    """
     staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     try:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         execute_plan(plan, dirs, staging, pick_device(device), shard_size, progress, should_cancel, adapters)
-        _write_files(plan, dirs, staging, config_text, metadata, title or out_dir.name)
+        _write_files(plan, dirs, staging, config_text, metadata, title)
         if evaluate is not None:  # the staged folder is a complete model: score it, then card the table
             parents = {key: folder for key, folder in dirs.items() if key not in adapters}  # a LoRA input's folder is its base
-            _write_card(plan, dirs, staging, config_text, metadata, title or out_dir.name, evaluate(staging, parents))
+            _write_card(plan, dirs, staging, config_text, metadata, title, evaluate(staging, parents))
         _replace_dir(staging, out_dir)
     except OSError as err:
         if isinstance(err, MergerError):
@@ -169,7 +206,6 @@ def run_merge(
         raise output_error(err, Path(os.fsdecode(err.filename)) if err.filename else staging, needed) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return MergeResult(out_dir, plan.method_name, plan.num_layers, plan.parameter_count, time.monotonic() - started)
 
 
 def check_free_space(out_dir: Path, needed: int) -> None:

@@ -52,7 +52,7 @@ def owner(token: str | None) -> str | None:
         cached = _owners.get(key)
     if cached and cached[1] > now:
         return cached[0]
-    from merger.publish.hub import whoami
+    from merger.publish.hub_push import whoami
 
     name = whoami(token)
     with _owners_lock:
@@ -124,7 +124,7 @@ def search_models(query: str, token: str | None, limit: int = 20) -> list[str]:
     query = (query or "").strip()
     if len(query) < 2 or query.startswith(("/", ".", "~")):
         return []
-    from merger.publish.hub import search_models as hub_search
+    from merger.publish.hub_read import search_models as hub_search
 
     return list(dict.fromkeys(hub_search(query, token=token, limit=limit)))
 
@@ -229,7 +229,7 @@ def _target_line(repo_id: str, token: str | None, private: bool, reuse_repo: boo
         return CheckLine("target repo", False, "no repo named", "type a repo name next to Merge, e.g. `my-merge`")
     if not token:
         return CheckLine("target repo", False, "signed out", "sign in with Hugging Face to push the result")
-    from merger.publish.hub import check_push_target
+    from merger.publish.hub_push import check_push_target
 
     try:
         target = check_push_target(repo_id, token, private=bool(private), reuse_repo=bool(reuse_repo))
@@ -313,7 +313,7 @@ def submit(yaml_text: str, repo_id: str, token: str, private: bool, reuse_repo: 
     """
     from merger.jobs import store as jobs
     from merger.jobs import queue
-    from merger.publish.hub import check_push_target
+    from merger.publish.hub_push import check_push_target
 
     user = owner(token)
     jobs.check_caps(user)  # the cheap refusal first; submit checks again with the insert
@@ -367,9 +367,9 @@ def my_jobs(token: str | None, limit: int = 50) -> list[dict[str, Any]]:
 
 def worker_note() -> str | None:
     """"No worker alive since ..." when the worker's heartbeat is missing or stale, else None."""
-    from merger.jobs import store as jobs
+    from merger.jobs.worker_notes import last_heartbeat
 
-    beat = jobs.last_heartbeat()
+    beat = last_heartbeat()
     if beat is not None and time.time() - beat <= constants.WORKER_STALE_S:
         return None
     since = "it started" if beat is None else time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(beat))

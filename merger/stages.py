@@ -256,7 +256,7 @@ def _alive(pid: int) -> bool:
 
 def _write_card(out_dir: Path, text: str, plans: list, work: Path, title: str) -> None:
     """The card and `mergekit_config.yml` of the whole multi-stage config (not the last stage's alone)."""
-    from merger.plan.architecture import is_multimodal
+    from merger.plan.multimodal import is_multimodal
     from merger.publish.card import render_model_card
     from merger.constants import CARD_FILE, MERGE_CONFIG_FILE
     from merger.plan.remote_code import needs_remote_code

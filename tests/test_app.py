@@ -525,14 +525,14 @@ def test_job_status_says_when_no_worker_is_alive(
     import time
 
     from merger.jobs import queue
-    from merger.jobs import store as jobs
+    from merger.jobs import worker_notes
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     the_id = queue.submit("merge_method: linear\n", "alice/waiting", TOKEN, "alice")
-    jobs.beat(4242)
+    worker_notes.beat(4242)
     assert client.predict(the_id, api_name="/job_status")["worker"] is None  # a fresh heartbeat
 
-    beat = jobs.last_heartbeat()
+    beat = worker_notes.last_heartbeat()
     monkeypatch.setattr(constants, "WORKER_STALE_S", 0)
     time.sleep(0.05)
     since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(beat))

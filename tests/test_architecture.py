@@ -14,14 +14,9 @@ from pathlib import Path
 import pytest
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from merger.plan.architecture import (
-    ARCHITECTURES_DIR,
-    Architecture,
-    WeightInfo,
-    architecture_for,
-    infer_architecture,
-    load_definitions,
-)
+from merger.plan.architecture import ARCHITECTURES_DIR, Architecture, WeightInfo, load_definitions
+from merger.plan.inference import infer_architecture
+from merger.plan.lookup import architecture_for
 from merger.errors import ArchitectureError
 from merger.plan.definitions import WeightEntry
 from merger.io.metadata import ModelMetadata, read_local_metadata

@@ -349,7 +349,7 @@ def test_the_cli_process_prints_one_line(entry_id: str, hub, tmp_path: Path) -> 
 def test_model_and_repo_echoes_use_the_one_excerpt() -> None:
     from merger.config.schema import ModelReference
     from merger.errors import ConfigError, ModelNotFoundError, excerpt
-    from merger.publish.hub import check_repo_id
+    from merger.publish.hub_push import check_repo_id
     from merger.io.resolve import local_path
 
     hostile = "./x`y\n" + "z" * 500

@@ -1,4 +1,4 @@
-"""merger.publish.hub against the loopback Hub (tests/minihub.py), started by conftest's `hub` fixture."""
+"""merger.publish.hub_read and hub_push against the loopback Hub (tests/minihub.py), via conftest's `hub` fixture."""
 
 from __future__ import annotations
 
@@ -14,18 +14,10 @@ import pytest
 from huggingface_hub import HfApi, constants
 from huggingface_hub.file_download import repo_folder_name
 
-from merger.publish import hub as hub_module
+from merger.publish import hub_calls
 from merger.errors import ConfigError, HubError, ModelNotFoundError, PushTargetError, UnsafeWeightsError
-from merger.publish.hub import (
-    PushTarget,
-    check_push_target,
-    delete_unpushed_repo,
-    download_model,
-    fetch_metadata,
-    push_folder,
-    search_models,
-    whoami,
-)
+from merger.publish.hub_push import PushTarget, check_push_target, delete_unpushed_repo, push_folder, whoami
+from merger.publish.hub_read import download_model, fetch_metadata, search_models
 from merger.config.references import is_hub_id, split_reference
 from merger.io.metadata import TensorMeta, read_safetensors_header
 
@@ -413,7 +405,7 @@ def test_rejected_token_never_appears_in_errors(hub, mistral_repo, merged_dir):
 
 
 def test_scrub_removes_given_and_token_shaped_strings():
-    text = hub_module._scrub(f"failed for {BAD_TOKEN} and hf_{'A1' * 15} but hf_hub_download stays", "tok-en")
+    text = hub_calls._scrub(f"failed for {BAD_TOKEN} and hf_{'A1' * 15} but hf_hub_download stays", "tok-en")
     assert text == "failed for *** and *** but hf_hub_download stays"
 
 

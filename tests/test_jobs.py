@@ -22,8 +22,9 @@ from cryptography.fernet import Fernet
 from huggingface_hub import HfApi
 
 from merger import constants, engine
-from merger.publish import hub
-from merger.jobs import store as jobs, worker
+from merger.publish import hub_push
+from merger.jobs import store as jobs, worker, worker_notes
+from merger.jobs.supervisor import WorkerSupervisor
 from merger.jobs import queue
 from merger.scrub import scrub_log
 from merger.errors import JobAccessError, JobLimitError, MergeCancelled, ModelNotFoundError
@@ -66,11 +67,11 @@ def pushes(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
         )
         return f"https://hub.test/{repo_id}"
 
-    def fake_check(repo_id: str, token: str, private: bool = False, reuse_repo: bool = False) -> hub.PushTarget:
-        return hub.PushTarget(repo_id, exists=False, private=private)
+    def fake_check(repo_id: str, token: str, private: bool = False, reuse_repo: bool = False) -> hub_push.PushTarget:
+        return hub_push.PushTarget(repo_id, exists=False, private=private)
 
-    monkeypatch.setattr(hub, "push_folder", fake_push)
-    monkeypatch.setattr(hub, "check_push_target", fake_check)
+    monkeypatch.setattr(hub_push, "push_folder", fake_push)
+    monkeypatch.setattr(hub_push, "check_push_target", fake_check)
     return calls
 
 
@@ -436,7 +437,7 @@ def test_consumer_process_runs_jobs_end_to_end(hub, fixture_models_dir, consumer
     assert {"config.json", "model.safetensors.index.json", "mergekit_config.yml"} <= set(files)
     assert not any((data_dir / "work").iterdir())
     assert queue.get_huey().pending_count() == 0
-    assert time.time() - jobs.last_heartbeat() < 3 * constants.WORKER_HEARTBEAT_S  # it says it is alive
+    assert time.time() - worker_notes.last_heartbeat() < 3 * constants.WORKER_HEARTBEAT_S  # it says it is alive
 
     # SIGTERM stops the consumer cleanly.
     process.send_signal(signal.SIGTERM)
@@ -490,7 +491,7 @@ def test_hub_failing_mid_push_fails_the_job_and_deletes_the_repo_it_created(
     assert job.error.startswith(f"pushing to `{repo}` {cause}"), job.error
     assert job.error.endswith(f"Nothing was pushed: the repo `{repo}` this job created was deleted.")
     assert ("model", repo) not in hub.store.repos
-    assert jobs.pending_repos() == []
+    assert worker_notes.pending_repos() == []
     assert not (data_dir / "work" / job_id).exists()
 
 
@@ -527,7 +528,7 @@ def test_worker_start_sweeps_repos_created_but_never_committed(hub, monkeypatch,
     )
     for job_id, repo in ((empty, "alice/swept-empty"), (full, "alice/swept-full")):
         assert jobs.mark_running(job_id)
-        jobs.record_pending_repo(job_id, repo, queue.seal(hub.token))
+        worker_notes.record_pending_repo(job_id, repo, queue.seal(hub.token))
         api.create_repo(repo)
     api.upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id="alice/swept-full")  # it had landed
 
@@ -540,7 +541,7 @@ def test_worker_start_sweeps_repos_created_but_never_committed(hub, monkeypatch,
         "`alice/swept-empty` this job created was deleted. Submit the job again."
     )
     assert "The repo `alice/swept-full` holds the uploaded files; it was kept." in jobs.get_job(full).error
-    assert jobs.pending_repos() == []
+    assert worker_notes.pending_repos() == []
     assert hub.token.encode() not in (data_dir / "jobs.db").read_bytes() + _wal(data_dir / "jobs.db")
 
 
@@ -599,7 +600,7 @@ def test_worker_killed_mid_merge_is_restarted_and_its_job_failed(hub, fixture_mo
 
     killed = queue.submit(_good_config(fixture_models_dir), "alice/killed-mid-merge", hub.token, hub.user)
     after = queue.submit(_good_config(fixture_models_dir), "alice/after-the-kill", hub.token, hub.user)
-    supervisor = worker.WorkerSupervisor(start=start, interval=0.2)
+    supervisor = WorkerSupervisor(start=start, interval=0.2)
     try:
         work = data_dir / "work" / killed
         _wait_until(lambda: jobs.get_job(killed).progress > 0 and any(work.rglob("*.safetensors")), log)
@@ -621,8 +622,8 @@ def test_worker_killed_mid_merge_is_restarted_and_its_job_failed(hub, fixture_mo
         assert ("model", "alice/killed-mid-merge") not in hub.store.repos
         assert ("model", "alice/after-the-kill") in hub.store.repos
         assert not (data_dir / "work" / after).exists()  # nothing of either job stays on the app's disk
-        assert jobs.pending_repos() == []
-        assert time.time() - jobs.last_heartbeat() < 10  # the new worker's heartbeat
+        assert worker_notes.pending_repos() == []
+        assert time.time() - worker_notes.last_heartbeat() < 10  # the new worker's heartbeat
     finally:
         supervisor.stop(timeout=30)
         for process in starts:
@@ -639,8 +640,8 @@ def test_worker_killed_mid_upload_the_next_worker_deletes_the_repo(hub, fixture_
     first = worker.start_consumer_process(log_file=log)
     second = None
     try:
-        _wait_until(lambda: ("model", repo) in hub.store.repos and jobs.pending_repos(), log)
-        assert [(j, r) for j, r, _ in jobs.pending_repos()] == [(job_id, repo)]
+        _wait_until(lambda: ("model", repo) in hub.store.repos and worker_notes.pending_repos(), log)
+        assert [(j, r) for j, r, _ in worker_notes.pending_repos()] == [(job_id, repo)]
         time.sleep(0.5)  # into the held commit
         first.kill()
         first.wait(timeout=30)
@@ -658,7 +659,7 @@ def test_worker_killed_mid_upload_the_next_worker_deletes_the_repo(hub, fixture_
             "this job created was deleted. Submit the job again."
         )
         assert ("model", repo) not in hub.store.repos
-        assert jobs.pending_repos() == []
+        assert worker_notes.pending_repos() == []
         assert not (data_dir / "work" / job_id).exists()
     finally:
         held.set()
@@ -719,7 +720,7 @@ def test_a_job_on_a_full_disk_fails_naming_the_space_and_leaves_nothing(hub, fix
         assert (job.status, job.error_type) == (JobStatus.FAILED, "DiskSpaceError"), job.error
         assert "needs about" in job.error and "MB free" in job.error, job.error
         assert job.error.endswith("Nothing was pushed to the Hub.") and str(mount) not in job.error, job.error
-        assert ("model", repo) not in hub.store.repos and jobs.pending_repos() == []
+        assert ("model", repo) not in hub.store.repos and worker_notes.pending_repos() == []
         assert [p for p in mount.rglob("*") if p.is_file()] == []  # no staging, no partial shard
     finally:
         subprocess.run(["umount", str(mount)], check=True)

@@ -111,10 +111,14 @@ FORBIDDEN = {
                        "merger.ui"),
     "merger.io": ("merger.execute", "merger.jobs", "merger.engine", "merger.validate", "merger.ui"),
     "merger.publish": ("merger.execute", "merger.plan", "merger.jobs", "merger.engine", "merger.ui"),
-    "merger.publish.card": ("merger.publish.hub",),
+    "merger.publish.card": ("merger.publish.hub_read", "merger.publish.hub_push", "merger.publish.hub_calls"),
     # The app's side of the queue: no worker, no engine, no torch.
     "merger.jobs.store": ("merger.jobs.queue", "merger.jobs.worker", "merger.engine", "merger.execute",
                           "merger.plan", "merger.methods"),
+    "merger.jobs.database": ("merger.jobs.store", "merger.jobs.queue", "merger.jobs.worker", "merger.engine",
+                             "merger.execute", "merger.plan", "merger.methods"),
+    "merger.jobs.worker_notes": ("merger.jobs.queue", "merger.jobs.worker", "merger.engine", "merger.execute",
+                                 "merger.plan", "merger.methods"),
     "merger.jobs.queue": ("merger.jobs.worker", "merger.engine", "merger.execute", "merger.plan", "merger.methods"),
     "merger.scrub": ("merger",),
 }

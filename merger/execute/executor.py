@@ -132,14 +132,7 @@ def _execute(
     adapters: dict[str, Path],
 ) -> None:
     pool = BufferPool(max_retained=0)
-    readers: dict[str, TensorReader] = {}
-    try:
-        for key in sorted({s.model for j in plan.jobs for s in _sources(j)}):
-            readers[key] = open_reader(dirs[key], pool, adapters.get(key), key)
-    except BaseException:  # a broken file or adapter: the files opened so far are closed
-        for r in readers.values():
-            r.close()
-        raise
+    readers = _open_readers(plan, dirs, pool, adapters)
     largest = max((sum(readers[s.model].nbytes(s.name) for s in _sources(j)) for j in plan.jobs), default=0)
     pool.max_retained = max(MIN_BUDGET, largest)  # idle buffers kept: a few layers' working sets
     budget = _Budget(max(MIN_BUDGET, largest))
@@ -184,21 +177,7 @@ def _execute(
         reader.start()
         writer_thread.start()
         try:
-            for _ in plan.jobs:
-                if should_cancel is not None and should_cancel():
-                    raise MergeCancelled("the merge was cancelled; nothing was written or pushed")
-                item = read_queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                job, raw, nbytes = item
-                if _is_plain_copy(job, raw, plan):
-                    write_queue.put((job, raw[0], nbytes))  # the writer releases the read buffer
-                    continue
-                result = _compute(job, raw, plan, device, pool)  # gives the read buffers back once converted
-                budget.release(nbytes)
-                write_queue.put((job, result, 0))
-                if errors:
-                    raise errors[0]
+            _merge_in_order(plan, device, pool, budget, read_queue, write_queue, errors, should_cancel)
         finally:
             stop.set()
             write_queue.put(_DONE)
@@ -206,6 +185,51 @@ def _execute(
             reader.join()
             for r in readers.values():
                 r.close()
+        if errors:
+            raise errors[0]
+
+
+
+def _open_readers(
+    plan: MergePlan, dirs: dict[str, Path], pool: BufferPool, adapters: dict[str, Path]
+) -> dict[str, TensorReader]:
+    """A reader for every model the plan reads (model key -> reader); on failure none is left open."""
+    readers: dict[str, TensorReader] = {}
+    try:
+        for key in sorted({s.model for j in plan.jobs for s in _sources(j)}):
+            readers[key] = open_reader(dirs[key], pool, adapters.get(key), key)
+    except BaseException:  # a broken file or adapter: the files opened so far are closed
+        for r in readers.values():
+            r.close()
+        raise
+    return readers
+
+
+def _merge_in_order(
+    plan: MergePlan,
+    device: torch.device,
+    pool: BufferPool,
+    budget: _Budget,
+    read_queue: queue.Queue,
+    write_queue: queue.Queue,
+    errors: list[BaseException],
+    should_cancel: Callable[[], bool] | None,
+) -> None:
+    """The math thread's loop: each job's read tensors from `read_queue`, merged (or passed through
+    when a plain copy), onto `write_queue` in plan order; raises the reader's or the writer's error."""
+    for _ in plan.jobs:
+        if should_cancel is not None and should_cancel():
+            raise MergeCancelled("the merge was cancelled; nothing was written or pushed")
+        item = read_queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        job, raw, nbytes = item
+        if _is_plain_copy(job, raw, plan):
+            write_queue.put((job, raw[0], nbytes))  # the writer releases the read buffer
+            continue
+        result = _compute(job, raw, plan, device, pool)  # gives the read buffers back once converted
+        budget.release(nbytes)
+        write_queue.put((job, result, 0))
         if errors:
             raise errors[0]
 

@@ -160,9 +160,9 @@ def check_layer_count(meta: ModelMetadata) -> None:
     Raises:
         ModelConfigFileError: the key is missing or not a positive integer.
         ArchitectureError: no definition matches and none can be inferred (from
-            :func:`merger.plan.architecture.architecture_for`).
+            :func:`merger.plan.lookup.architecture_for`).
     """
-    from merger.plan.architecture import architecture_for
+    from merger.plan.lookup import architecture_for
 
     arch = architecture_for(meta.config, meta.reference, meta.tensors)
     try:

@@ -1,7 +1,7 @@
 """What a model is, read from its metadata alone: config.json and safetensors headers, no weights.
 
 Both the validator (before any download) and the planner work from :class:`ModelMetadata`; local
-directories are read here, Hub repos by :func:`merger.publish.hub.fetch_metadata`.
+directories are read here, Hub repos by :func:`merger.publish.hub_read.fetch_metadata`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from merger.publish import hub
+from merger.publish import hub_read
 from merger.config.schema import ModelReference
 from merger.errors import ModelNotFoundError, excerpt
 from merger.io.formats import check_layer_count, refuse_unmergeable_weights
@@ -51,7 +51,7 @@ def fetch_metadata(refs: list[ModelReference], token: str | None) -> dict[str, M
     is checked to change only tensors the model has, with their shapes.
 
     Raises:
-        ModelNotFoundError, UnsafeWeightsError, HubError: as :func:`merger.publish.hub.fetch_metadata`.
+        ModelNotFoundError, UnsafeWeightsError, HubError: as :func:`merger.publish.hub_read.fetch_metadata`.
         ModelFileError subclasses: a broken file, or weights that cannot be merged (quantised, GGUF,
             a PEFT adapter); see :mod:`merger.io.modelfiles` and :mod:`merger.io.formats`.
         LoraAdapterError / AdapterTargetError: a `+lora` adapter that cannot be applied to its model.
@@ -60,7 +60,7 @@ def fetch_metadata(refs: list[ModelReference], token: str | None) -> dict[str, M
     for ref in refs:
         check_deadline("reading the next model")  # a timed-out validation stops here, not after every model
         path = local_path(ref.base)
-        meta = read_local_metadata(path, str(ref.base)) if path else hub.fetch_metadata(str(ref.base), token=token)
+        meta = read_local_metadata(path, str(ref.base)) if path else hub_read.fetch_metadata(str(ref.base), token=token)
         refuse_unmergeable_weights(meta)
         check_layer_count(meta)
         if ref.lora:  # the adapter changes values only: the model's metadata stands, once its targets fit
@@ -71,17 +71,17 @@ def fetch_metadata(refs: list[ModelReference], token: str | None) -> dict[str, M
 
 def materialize(refs: list[ModelReference], token: str | None) -> dict[str, Path]:
     """Local directories for every model, downloading Hub repos (safetensors, configs, tokenizer files only)."""
-    return {ref.key: local_path(ref.base) or hub.download_model(str(ref.base), token=token) for ref in refs}
+    return {ref.key: local_path(ref.base) or hub_read.download_model(str(ref.base), token=token) for ref in refs}
 
 
 def adapter_path(ref: ModelReference, token: str | None) -> Path:
     """The local folder of `ref`'s LoRA adapter, downloading a Hub adapter (its two adapter files only).
 
     Raises:
-        ModelNotFoundError: neither a folder nor a Hub id; HubError: as :func:`merger.publish.hub.download_adapter`.
+        ModelNotFoundError: neither a folder nor a Hub id; HubError: as :func:`merger.publish.hub_read.download_adapter`.
     """
     lora = ModelReference.parse(ref.lora)  # `org/adapter@rev` or a folder
-    return local_path(lora) or hub.download_adapter(str(lora), token=token)
+    return local_path(lora) or hub_read.download_adapter(str(lora), token=token)
 
 
 def materialize_adapters(refs: list[ModelReference], token: str | None) -> dict[str, Path]:
@@ -91,7 +91,7 @@ def materialize_adapters(refs: list[ModelReference], token: str | None) -> dict[
 
 def embedding_rows(meta: ModelMetadata) -> int:
     """Rows of a model's input embedding matrix (its usable vocabulary), from its metadata."""
-    from merger.plan.architecture import architecture_for
+    from merger.plan.lookup import architecture_for
 
     arch = architecture_for(meta.config, meta.reference, meta.tensors)
     name = next(w for w in arch.pre_weights if w.is_embed).stored_name(meta.tensors)
@@ -109,6 +109,6 @@ def fetch_vocabularies(
     result = {}
     for ref in refs:
         check_deadline("reading the next tokenizer")
-        path = local_path(ref.base) or hub.download_tokenizer(str(ref.base), token=token)
+        path = local_path(ref.base) or hub_read.download_tokenizer(str(ref.base), token=token)
         result[ref.key] = load_vocabulary(path, embedding_rows(metadata[ref.key]))
     return result

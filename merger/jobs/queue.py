@@ -23,7 +23,8 @@ from huey import SqliteHuey
 from huey.api import TaskWrapper
 
 from merger import constants
-from merger.jobs.store import JobStatus, create_private_file, create_record, mark_finished
+from merger.jobs.database import create_private_file
+from merger.jobs.store import JobStatus, create_record, mark_finished
 
 logger = logging.getLogger(__name__)
 

@@ -1,78 +1,31 @@
 """Merge jobs: their records, and the API the app uses to submit, poll and cancel them.
 
 The app never merges: :func:`merger.jobs.queue.submit` writes a record here and hands the job to the
-worker process (:mod:`merger.jobs.worker`) through huey's queue. The records live in their own SQLite table at
-`constants.JOBS_DB`, which both processes read and write; every change is one short statement in WAL
-mode, and each status change is a compare-and-set on the current status, so a cancel racing with the
-worker's start can never leave a job both cancelled and running.
+worker process (:mod:`merger.jobs.worker`) through huey's queue. The records are a table of the jobs
+database (:mod:`merger.jobs.database`, beside the worker's notes, :mod:`merger.jobs.worker_notes`),
+which both processes read and write; each status change is a compare-and-set on the current status,
+so a cancel racing with the worker's start can never leave a job both cancelled and running.
 
 Every job has an owner, the Hub user whose token submitted it: only the owner reads its status, log
 and result or cancels it; anyone with its id sees only its config (what the owner shares with a job
 link). Unfinished jobs are capped per owner and in total (`constants.MAX_JOBS_PER_USER`,
 `constants.MAX_JOBS_TOTAL`); the check and the insert are one transaction, so a burst cannot overshoot.
-
-The same file holds the worker's heartbeat and the repos a job created on the Hub but has not yet
-committed to (with the job's token, sealed as in the queue), so that a worker starting after a crash
-can delete them.
-
-Paths are looked up on :mod:`merger.constants` at call time, so tests can point them elsewhere.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import sqlite3
 import time
 import uuid
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 
 from merger import constants
 from merger.config.parse import refuse_tokens
 from merger.errors import JobAccessError, JobLimitError
+from merger.jobs.database import connect, execute
 
-_BUSY_TIMEOUT_S = 10.0  # how long a statement waits for the other process's write to finish
-
-_SCHEMA = """
-create table if not exists jobs (
-    id text primary key,
-    config_yaml text not null,
-    repo_id text not null,
-    private integer not null,
-    status text not null,
-    progress real not null default 0,
-    current_tensor text not null default '',
-    log_tail text not null default '',
-    result_url text,
-    error text,
-    cancel_requested integer not null default 0,
-    created_at real not null,
-    updated_at real not null,
-    owner text not null default '',
-    reuse_repo integer not null default 0,
-    error_type text
-);
-create index if not exists jobs_status on jobs (status, owner);
-create table if not exists pending_repos (
-    job_id text primary key,
-    repo_id text not null,
-    sealed_token blob not null,
-    created_at real not null
-);
-create table if not exists worker (
-    id integer primary key check (id = 1),
-    pid integer not null,
-    beat_at real not null
-)
-"""
-# Columns added after the first release: a data dir from then gets them on first use.
-_ADDED_COLUMNS = {
-    "owner": "alter table jobs add column owner text not null default ''",
-    "reuse_repo": "alter table jobs add column reuse_repo integer not null default 0",
-    "error_type": "alter table jobs add column error_type text",
-}
 _JOB_ID = re.compile(f"[0-9a-f]{{{constants.JOB_ID_LENGTH}}}")
 _UNFINISHED = ("queued", "running")
 
@@ -170,7 +123,7 @@ def create_record(
     refuse_tokens(config_yaml, token)
     job_id = uuid.uuid4().hex
     now = time.time()
-    conn = _connect()
+    conn = connect()
     try:
         conn.execute("begin immediate")  # the count and the insert see no other submit in between
         try:
@@ -197,7 +150,7 @@ def check_caps(owner: str) -> None:
     Raises:
         JobLimitError: as in :func:`create_record`.
     """
-    conn = _connect()
+    conn = connect()
     try:
         _check_caps(conn, owner)
     finally:
@@ -234,7 +187,7 @@ def get_job(job_id: str) -> Job | None:
     Returns:
         The job's snapshot, or None if no job has that id.
     """
-    conn = _connect()
+    conn = connect()
     try:
         row = conn.execute("select * from jobs where id = ?", (job_id,)).fetchone()
     finally:
@@ -298,21 +251,11 @@ def cancel(job_id: str, owner: str | None) -> bool:
     if _set_status(job_id, JobStatus.QUEUED, JobStatus.CANCELLED):
         return True
     return bool(
-        _execute(
+        execute(
             "update jobs set cancel_requested = 1, updated_at = ? where id = ? and status = ?",
             (time.time(), job_id, JobStatus.RUNNING.value),
         )
     )
-
-
-def last_heartbeat() -> float | None:
-    """When a worker last said it was alive (epoch seconds), or None if none ever did on this data dir."""
-    conn = _connect()
-    try:
-        row = conn.execute("select beat_at from worker where id = 1").fetchone()
-    finally:
-        conn.close()
-    return None if row is None else row["beat_at"]
 
 
 # ---------------------------------------------------------------- the worker's side
@@ -339,7 +282,7 @@ def record_progress(job_id: str, progress: float, current_tensor: str, log_tail:
         current_tensor: the tensor merged last.
         log_tail: the job's last log lines.
     """
-    _execute(
+    execute(
         "update jobs set progress = ?, current_tensor = ?, log_tail = ?, updated_at = ? where id = ? and status = ?",
         (progress, current_tensor, log_tail, time.time(), job_id, JobStatus.RUNNING.value),
     )
@@ -354,7 +297,7 @@ def is_cancel_requested(job_id: str) -> bool:
     Returns:
         The job's cancel flag (False for an unknown id).
     """
-    conn = _connect()
+    conn = connect()
     try:
         row = conn.execute("select cancel_requested from jobs where id = ?", (job_id,)).fetchone()
     finally:
@@ -390,7 +333,7 @@ def mark_finished(
     if not status.finished:
         raise ValueError(f"mark_finished needs a final status, got `{status.value}`")
     return bool(
-        _execute(
+        execute(
             "update jobs set status = ?, result_url = ?, error = ?, error_type = ?, log_tail = coalesce(?, log_tail),"
             " updated_at = ? where id = ? and status in (?, ?)",
             (status.value, result_url, error, error_type, log_tail, time.time(), job_id,
@@ -408,46 +351,10 @@ def fail_running_jobs(error: str) -> int:
     Returns:
         How many jobs were marked.
     """
-    return _execute(
+    return execute(
         "update jobs set status = ?, error = ?, updated_at = ? where status = ?",
         (JobStatus.FAILED.value, error, time.time(), JobStatus.RUNNING.value),
     )
-
-
-def beat(pid: int) -> None:
-    """Record that the worker `pid` is alive now (its heartbeat thread calls this periodically)."""
-    _execute("insert or replace into worker (id, pid, beat_at) values (1, ?, ?)", (pid, time.time()))
-
-
-def record_pending_repo(job_id: str, repo_id: str, sealed_token: bytes) -> None:
-    """Note, before creating it, that the job is about to create `repo_id` on the Hub.
-
-    Kept until :func:`clear_pending_repo`: a worker starting after a crash deletes the repos still noted.
-
-    Args:
-        job_id: the job's id.
-        repo_id: the full repo id (`namespace/name`).
-        sealed_token: the job's token sealed with the queue key (never the token in clear).
-    """
-    _execute(
-        "insert or replace into pending_repos (job_id, repo_id, sealed_token, created_at) values (?, ?, ?, ?)",
-        (job_id, repo_id, sealed_token, time.time()),
-    )
-
-
-def clear_pending_repo(job_id: str) -> None:
-    """Forget the job's pending repo: it was committed to, or deleted."""
-    _execute("delete from pending_repos where job_id = ?", (job_id,))
-
-
-def pending_repos() -> list[tuple[str, str, bytes]]:
-    """The repos jobs created and never committed to, as (job id, repo id, sealed token), oldest first."""
-    conn = _connect()
-    try:
-        rows = conn.execute("select job_id, repo_id, sealed_token from pending_repos order by created_at").fetchall()
-    finally:
-        conn.close()
-    return [(row["job_id"], row["repo_id"], bytes(row["sealed_token"])) for row in rows]
 
 
 # ---------------------------------------------------------------- storage
@@ -460,7 +367,7 @@ def list_jobs(owner: str, limit: int = 50) -> list[Job]:
         owner: the Hub username.
         limit: the most jobs returned.
     """
-    conn = _connect()
+    conn = connect()
     try:
         rows = conn.execute(
             "select * from jobs where owner = ? order by created_at desc limit ?", (owner, int(limit))
@@ -472,7 +379,7 @@ def list_jobs(owner: str, limit: int = 50) -> list[Job]:
 
 def queue_position(job_id: str) -> int | None:
     """Where a queued job stands: 1 when it runs next (jobs run in submission order); None if not queued."""
-    conn = _connect()
+    conn = connect()
     try:
         row = conn.execute("select created_at, status from jobs where id = ?", (job_id,)).fetchone()
         if row is None or row["status"] != JobStatus.QUEUED.value:
@@ -535,71 +442,8 @@ def _check_caps(conn: sqlite3.Connection, owner: str) -> None:
 def _set_status(job_id: str, current: JobStatus, new: JobStatus) -> bool:
     """Compare-and-set: change the status only if it still is `current`."""
     return bool(
-        _execute(
+        execute(
             "update jobs set status = ?, updated_at = ? where id = ? and status = ?",
             (new.value, time.time(), job_id, current.value),
         )
     )
-
-
-def _execute(sql: str, params: tuple) -> int:
-    """Run one write statement in its own (autocommit) transaction; returns the rows it changed."""
-    conn = _connect()
-    try:
-        return conn.execute(sql, params).rowcount
-    finally:
-        conn.close()
-
-
-def _connect() -> sqlite3.Connection:
-    # A connection per call: both processes touch this file, and short-lived connections hold no locks.
-    path = Path(constants.JOBS_DB)
-    create_private_file(path)
-    conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
-    conn.row_factory = sqlite3.Row
-    try:
-        _use_wal(conn)
-        conn.executescript(_SCHEMA)
-        _add_missing_columns(conn)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def create_private_file(path: Path) -> None:
-    """Create `path` (and its folder) readable by this user only, if it does not exist yet.
-
-    SQLite gives its `-wal` and `-shm` files the database's mode, so they are owner-only too: the records
-    hold configs and owners, the queue sealed tokens.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except FileExistsError:
-        pass
-
-
-def _add_missing_columns(conn: sqlite3.Connection) -> None:
-    present = {row["name"] for row in conn.execute("pragma table_info(jobs)")}
-    for name, statement in _ADDED_COLUMNS.items():
-        if name not in present:
-            try:
-                conn.execute(statement)
-            except sqlite3.OperationalError as err:  # the other process added it just now
-                if "duplicate column" not in str(err):
-                    raise
-
-
-def _use_wal(conn: sqlite3.Connection) -> None:
-    # Switching a new file to WAL needs an exclusive lock, which SQLite reports as "locked" at once
-    # (without waiting) when the other process is switching it too; retry until the busy timeout.
-    deadline = time.monotonic() + _BUSY_TIMEOUT_S
-    while True:
-        try:
-            conn.execute("pragma journal_mode = wal")
-            return
-        except sqlite3.OperationalError as err:
-            if "locked" not in str(err) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)

@@ -1,4 +1,4 @@
-"""The worker side of the job queue: the merge task's body, the consumer process, its supervision.
+"""The worker side of the job queue: the merge task's body and the consumer process.
 
 The queue and the sealing of tokens are :mod:`merger.jobs.queue`'s; importing this module makes
 :func:`_run_job` the queue's task body (:func:`merger.jobs.queue.set_runner`). The worker unseals the
@@ -7,7 +7,8 @@ token when the job starts, keeps it in that job's frame only, and scrubs it from
 `python -m merger.jobs.worker` runs the consumer alone; it must see the app's data directory (and the
 app's `MERGER_QUEUE_KEY`, if the app has one in its environment). The app then starts no worker of
 its own (`MERGER_EXTERNAL_WORKER=1`) and shows the worker's heartbeat instead. Started by the app,
-the consumer is supervised by :class:`WorkerSupervisor`, which starts a new one when it dies.
+the consumer is supervised by :class:`merger.jobs.supervisor.WorkerSupervisor`, which starts a new one
+when it dies.
 
 One consumer per data directory: on start it marks jobs left `running` by a previous one as failed,
 deletes their partial output, and deletes the Hub repos they created but never committed to.
@@ -26,7 +27,6 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,8 +34,9 @@ from cryptography.fernet import InvalidToken
 from huey.consumer import Consumer
 
 from merger import constants, engine
-from merger.publish import hub
+from merger.publish import hub_push
 from merger.jobs import store as jobs
+from merger.jobs import worker_notes
 from merger.errors import MergeCancelled, MergerError
 from merger.scrub import ACTIVE_TOKENS, ScrubbingFormatter, install_log_scrubbing, scrub_log
 from merger.jobs.queue import ensure_queue_key, get_huey, seal, set_runner, unseal
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 _WRITE_INTERVAL_S = 0.5  # at most this often a running job writes its progress or reads its cancel flag
 _LOG_TAIL_LINES = 50
-_SHUTDOWN_TIMEOUT_S = 30.0  # how long a stopping consumer waits for the running merge to clean up
+SHUTDOWN_TIMEOUT_S = 30.0  # how long a stopping consumer waits for the running merge to clean up
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -205,7 +206,7 @@ def _job_message(err: MergerError, work_dir: Path) -> str:
 
 def _merge_and_push(job: Job, token: str, sealed_token: bytes, out_dir: Path, reporter: _Reporter) -> str:
     # Checked again before the merge: the Hub may have changed while the job was queued.
-    target = hub.check_push_target(job.repo_id, token, private=job.private, reuse_repo=job.reuse_repo)
+    target = hub_push.check_push_target(job.repo_id, token, private=job.private, reuse_repo=job.reuse_repo)
     logger.info("Job %s: merging for %s.", job.id, target.repo_id)
     try:
         engine.run_merge(
@@ -224,17 +225,17 @@ def _merge_and_push(job: Job, token: str, sealed_token: bytes, out_dir: Path, re
         raise MergeCancelled("the merge was cancelled before its upload; nothing was pushed")
     logger.info("Job %s: uploading to %s.", job.id, target.repo_id)
     try:
-        url = hub.push_folder(
+        url = hub_push.push_folder(
             out_dir,
             target.repo_id,
             token,
             private=job.private,
             reuse_repo=job.reuse_repo,
             # Noted before the repo exists: a worker killed mid-upload leaves the note for the next one's sweep.
-            before_create=lambda repo_id: jobs.record_pending_repo(job.id, repo_id, sealed_token),
+            before_create=lambda repo_id: worker_notes.record_pending_repo(job.id, repo_id, sealed_token),
         )
     finally:
-        jobs.clear_pending_repo(job.id)  # committed, or already deleted by push_folder
+        worker_notes.clear_pending_repo(job.id)  # committed, or already deleted by push_folder
     logger.info("Job %s: pushed %s", job.id, url)
     return url
 
@@ -268,7 +269,7 @@ def _lost_job_message(reason: str, on_hub: str) -> str:
 def _sweep_pending_repos() -> dict[str, str]:
     """Delete the repos noted as created but not committed; returns job id -> what is on the Hub now."""
     outcomes = {}
-    for job_id, repo_id, sealed_token in jobs.pending_repos():
+    for job_id, repo_id, sealed_token in worker_notes.pending_repos():
         try:
             token = unseal(sealed_token)
         except (InvalidToken, KeyError, ValueError):
@@ -276,15 +277,15 @@ def _sweep_pending_repos() -> dict[str, str]:
                 f"The repo `{repo_id}` this job created could not be checked (the queue key changed); "
                 "delete it on the Hub if it is empty."
             )
-            jobs.clear_pending_repo(job_id)
+            worker_notes.clear_pending_repo(job_id)
             continue
         ACTIVE_TOKENS.add(token)
         try:
-            settled, outcomes[job_id] = hub.delete_unpushed_repo(repo_id, token)
+            settled, outcomes[job_id] = hub_push.delete_unpushed_repo(repo_id, token)
         finally:
             ACTIVE_TOKENS.discard(token)
         if settled:
-            jobs.clear_pending_repo(job_id)
+            worker_notes.clear_pending_repo(job_id)
         logger.warning("Job %s: %s", job_id, outcomes[job_id])
     return outcomes
 
@@ -293,7 +294,7 @@ def _heartbeat(stop: threading.Event) -> None:
     # The app reads it to tell "no worker alive since ..." when the worker runs apart.
     while True:
         try:
-            jobs.beat(os.getpid())
+            worker_notes.beat(os.getpid())
         except Exception as err:  # noqa: BLE001 - a busy database must not kill the heartbeat
             logger.warning("could not write the heartbeat (%s)", type(err).__name__)
         if stop.wait(constants.WORKER_HEARTBEAT_S):
@@ -316,7 +317,7 @@ class _MergeConsumer(Consumer):
             self._signal_actions[signal.SIGHUP] = (False, True)
 
     def stop(self, graceful: bool = False) -> None:
-        """Ask the running merge to stop at its next tensor, then wait up to _SHUTDOWN_TIMEOUT_S for it."""
+        """Ask the running merge to stop at its next tensor, then wait up to SHUTDOWN_TIMEOUT_S for it."""
         _SHUTDOWN.set()
         super().stop(graceful=True)
 
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=_exit_with_parent, args=(args.parent_pid,), daemon=True).start()
     # One worker thread: a merge holds several models' tensors in memory at once.
     consumer = _MergeConsumer(
-        get_huey(), workers=1, worker_type="thread", periodic=False, max_delay=1.0, shutdown_timeout=_SHUTDOWN_TIMEOUT_S
+        get_huey(), workers=1, worker_type="thread", periodic=False, max_delay=1.0, shutdown_timeout=SHUTDOWN_TIMEOUT_S
     )
     logger.info("Worker ready: queue %s, jobs %s.", constants.QUEUE_DB, constants.JOBS_DB)
     try:
@@ -400,81 +401,6 @@ def start_consumer_process(log_file: Path | None = None) -> subprocess.Popen:
         return subprocess.Popen(command, env=env)
     with open(log_file, "ab") as log:
         return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-class WorkerSupervisor:
-    """The app's watchdog: it keeps one consumer child alive and cleans up after each one that dies.
-
-    A thread polls the child every `constants.WATCHDOG_INTERVAL_S`. When the child has exited (killed,
-    out of memory, crashed), the jobs it left `running` are failed with the reason, their partial
-    output and uncommitted Hub repos deleted (:func:`recover_interrupted_jobs`), and a new child is
-    started, so queued jobs run again. A child that keeps dying at once is restarted less and less
-    often (doubling up to a minute).
-
-    Args:
-        start: starts a consumer child (default :func:`start_consumer_process`).
-        interval: seconds between checks.
-    """
-
-    _MAX_BACKOFF_S = 60.0
-    _STABLE_AFTER_S = 30.0  # a child that lived this long resets the backoff
-
-    def __init__(self, start: Callable[[], subprocess.Popen] = start_consumer_process, interval: float | None = None):
-        self._start = start
-        self._interval = constants.WATCHDOG_INTERVAL_S if interval is None else interval
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self.restarts = 0
-        self.process = start()
-        self._started_at = time.monotonic()
-        self._thread = threading.Thread(target=self._watch, daemon=True, name="merger-watchdog")
-        self._thread.start()
-
-    def _watch(self) -> None:
-        backoff = self._interval
-        while not self._stop.wait(backoff):
-            code = self.process.poll()
-            if code is None:
-                continue
-            lived = time.monotonic() - self._started_at
-            backoff = self._interval if lived >= self._STABLE_AFTER_S else min(2 * backoff, self._MAX_BACKOFF_S)
-            try:
-                self._restart(code)
-            except Exception:  # noqa: BLE001 - the watchdog must outlive a failed restart and try again
-                logger.exception("could not restart the worker; trying again in %.0fs", backoff)
-
-    def _restart(self, code: int) -> None:
-        with self._lock:
-            if self._stop.is_set():
-                return
-            how = _exit_description(code)
-            logger.error("The worker (pid %d) %s; failing its running job and starting a new worker.", self.process.pid, how)
-            recover_interrupted_jobs(f"the worker process {how} while it ran")
-            self.process = self._start()
-            self._started_at = time.monotonic()
-            self.restarts += 1
-
-    def stop(self, timeout: float = _SHUTDOWN_TIMEOUT_S + 5) -> None:
-        """Stop watching, then stop the child (SIGTERM; SIGKILL after `timeout` seconds)."""
-        with self._lock:
-            self._stop.set()
-        self._thread.join()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def _exit_description(code: int) -> str:
-    if code < 0:
-        try:
-            return f"was killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"was killed by signal {-code}"
-    return f"exited with status {code}"
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from merger.plan.architecture import architecture_for
+from merger.plan.lookup import architecture_for
 from merger.io.buffers import BufferPool
 from merger.config.schema import ModelReference
 from merger.errors import ConfigError, ShapeMismatchError

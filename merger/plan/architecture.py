@@ -8,18 +8,17 @@ from when a model lacks it, e.g. `lm_head.weight` from the embeddings of a tied 
 add `expert_source` (the dense weight an expert copies, with `${expert_index}` in its name),
 `residual` (the expert's write to the residual stream) and `router`.
 
-A decoder-only model with no definition can still be merged: :func:`architecture_for`, given the
-model's tensor names, infers the layout from them (:func:`infer_architecture`).
+Which architecture a given model has is :func:`merger.plan.lookup.architecture_for`'s: its definition,
+its multimodal layout (:mod:`merger.plan.multimodal`) or a layout inferred from its tensor names
+(:mod:`merger.plan.inference`).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Container
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 
@@ -30,19 +29,6 @@ ARCHITECTURES_DIR = Path(__file__).parent / "architectures"
 
 LAYER_PLACEHOLDER = "${layer_index}"
 EXPERT_PLACEHOLDER = "${expert_index}"
-
-# Inference heuristics for models without a definition (see :func:`infer_architecture`).
-# The layer index is the first all-digit path segment: `model.layers.7.mlp...`, `transformer.h.7.attn...`.
-_LAYER_INDEX = re.compile(r"\.(\d+)\.")
-# Config keys that hold the layer count, most common first.
-NUM_LAYERS_CONFIG_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-# Substrings of names that sit before the layers (token and position embeddings, their norms).
-PRE_WEIGHT_HINTS = ("embed", "wte", "wpe", "tok_embeddings")
-# Modules that are an output head (their `.weight` may be tied to the input embeddings).
-LM_HEAD_MODULES = ("lm_head", "output", "embed_out")
-# Modules that are token embeddings, for `is_embed` when no shapes are known.
-TOKEN_EMBED_MODULES = ("embed_tokens", "wte", "tok_embeddings", "word_embeddings", "embed_in")
-
 
 @dataclass(frozen=True)
 class WeightInfo:
@@ -232,7 +218,8 @@ def load_definitions(directory: Path) -> tuple[Architecture, ...]:
 
 
 @cache
-def _definitions() -> tuple[Architecture, ...]:
+def definitions() -> tuple[Architecture, ...]:
+    """The shipped definitions (`architectures/*.json`), read once."""
     return load_definitions(ARCHITECTURES_DIR)
 
 
@@ -248,309 +235,7 @@ def architecture_by_type(model_type: str) -> Architecture:
     Raises:
         ArchitectureError: no definition has that model_type.
     """
-    for definition in _definitions():
+    for definition in definitions():
         if definition.model_type == model_type:
             return definition
     raise ArchitectureError(f"no architecture definition for model_type `{model_type}`")
-
-
-# ---------------------------------------------------------------- inference for unknown decoders
-
-
-def _module(name: str) -> str:
-    """The module a parameter belongs to: `lm_head` for `lm_head.weight`, `wte` for `transformer.wte.weight`."""
-    parts = name.split(".")
-    return parts[-2] if len(parts) > 1 else ""
-
-
-def _is_head(name: str) -> bool:
-    # Only the head's weight can be tied to the embeddings; a head bias (Phi-2) is a plain tensor.
-    return _module(name) in LM_HEAD_MODULES and name.endswith(".weight")
-
-
-def infer_architecture(config: dict, tensors: Mapping[str, Any] | Iterable[str]) -> Architecture:
-    """Infer a decoder-only model's layout from its tensor names.
-
-    Names with a `.<digits>.` segment are layer tensors: the first such segment splits a name into
-    the layer stack's prefix, the index and a suffix, and the template is
-    `prefix + ${layer_index} + suffix`. The rest are pre-weights when they look like embeddings
-    (:data:`PRE_WEIGHT_HINTS`), else post-weights. A tensor outside the layers is `is_embed` when
-    it is 2-D with `vocab_size` rows (or, without shapes, when its module is a token embedding or
-    an output head). An output head's weight (:data:`LM_HEAD_MODULES`) is optional, with the
-    embeddings as `tied_names`.
-
-    Args:
-        config: the model's parsed `config.json` (`model_type`, `architectures`, the layer count
-            under one of :data:`NUM_LAYERS_CONFIG_KEYS`, `vocab_size`).
-        tensors: the model's tensor names, or a mapping name -> anything with a `.shape` (e.g.
-            :attr:`ModelMetadata.tensors <merger.io.metadata.ModelMetadata.tensors>`) so that
-            embeddings are recognised by shape.
-
-    Returns:
-        The inferred :class:`Architecture` (`inferred` set), templates sorted by name.
-
-    Raises:
-        ArchitectureError: the config states no layer count, there are no layer tensors or more
-            than one layer stack, the layer indices disagree with the config, or the layers do
-            not all have the same tensors.
-    """
-    shapes = {n: tuple(t.shape) for n, t in tensors.items()} if isinstance(tensors, Mapping) else None
-    names = sorted(tensors)
-    key = next((k for k in NUM_LAYERS_CONFIG_KEYS if isinstance(config.get(k), int)), None)
-    if key is None:
-        raise ArchitectureError(
-            f"the config states no layer count (none of {', '.join(f'`{k}`' for k in NUM_LAYERS_CONFIG_KEYS)})"
-        )
-    prefix, suffixes, outside = _layer_stack(names, config[key], key)
-    pre, post = _weights_outside_layers(outside, config.get("vocab_size"), shapes)
-    return Architecture(
-        model_type=str(config.get("model_type") or "unknown"),
-        architectures=tuple(config.get("architectures") or ()),
-        num_layers_config_key=key,
-        pre_weights=tuple(pre),
-        layer_weights=tuple(WeightInfo(prefix + LAYER_PLACEHOLDER + suffix) for suffix in sorted(suffixes)),
-        post_weights=tuple(post),
-        inferred=True,
-    )
-
-
-def _layer_stack(names: list[str], count: int, key: str) -> tuple[str, set[str], list[str]]:
-    """The one layer stack of an inferred model: its name prefix, each layer's name suffixes, and the
-    names outside the layers.
-
-    Raises:
-        ArchitectureError: no layer tensors, more than one stack, indices other than `0..count-1`
-            (the config's `key`), or layers with different tensors.
-    """
-    layers: dict[int, set[str]] = {}
-    prefixes: set[str] = set()
-    outside: list[str] = []
-    for name in names:
-        match = _LAYER_INDEX.search(name)
-        if match is None:
-            outside.append(name)
-            continue
-        prefixes.add(name[: match.start(1)])
-        layers.setdefault(int(match.group(1)), set()).add(name[match.end(1):])
-    if not prefixes:
-        raise ArchitectureError("no tensor name has a layer index (a `.<number>.` segment)")
-    if len(prefixes) > 1:
-        raise ArchitectureError(
-            f"the tensors form more than one layer stack ({', '.join(f'`{p}<n>`' for p in sorted(prefixes))}); "
-            "only single-stack decoder-only models can be inferred"
-        )
-    if sorted(layers) != list(range(count)):
-        found = sorted(layers)
-        raise ArchitectureError(
-            f"the config says `{key}: {count}` but the tensors have layer indices {found[0]}..{found[-1]} "
-            f"({len(found)} distinct)"
-        )
-    suffixes = layers[0]
-    for index, other in sorted(layers.items()):
-        if other != suffixes:
-            differing = sorted(suffixes ^ other)
-            raise ArchitectureError(
-                f"layer {index} does not have the same tensors as layer 0 (differing: "
-                f"{', '.join(f'`{s[1:]}`' for s in differing[:5])}); inference needs every layer to have the same tensors"
-            )
-    (prefix,) = prefixes
-    return prefix, suffixes, outside
-
-
-def _weights_outside_layers(
-    outside: list[str], vocab_size: int | None, shapes: dict[str, tuple[int, ...]] | None
-) -> tuple[list[WeightInfo], list[WeightInfo]]:
-    """The pre- and post-weights of an inferred model (see :func:`infer_architecture`)."""
-
-    def is_embed(name: str) -> bool:
-        if shapes is None:
-            return _module(name) in TOKEN_EMBED_MODULES + LM_HEAD_MODULES and name.endswith(".weight")
-        shape = shapes[name]
-        return len(shape) == 2 and shape[0] == vocab_size
-
-    pre, post, heads = [], [], []
-    for name in outside:
-        if _is_head(name):
-            heads.append(name)
-        elif is_embed(name) or any(hint in name for hint in PRE_WEIGHT_HINTS):
-            pre.append(WeightInfo(name, is_embed=is_embed(name)))
-        else:
-            post.append(WeightInfo(name, is_embed=is_embed(name)))
-    embeddings = tuple(w.name for w in pre if w.is_embed)
-    # Heads go last: they read the final norm's output.
-    post += [WeightInfo(name, is_embed=is_embed(name), optional=True, tied_names=embeddings) for name in heads]
-    return pre, post
-
-
-def architecture_for(
-    config: dict, reference: str, tensor_names: Mapping[str, Any] | Iterable[str] | None = None
-) -> Architecture:
-    """The definition matching a model's `config.json` (`architectures[0]`, then `model_type`).
-
-    When no definition matches and the model's tensors are given, the layout is inferred from
-    them (:func:`infer_architecture`).
-
-    Args:
-        config: the model's parsed `config.json`.
-        reference: the model's name, for the error message.
-        tensor_names: the model's tensor names, or its tensor mapping (name -> anything with a
-            `.shape`, e.g. `ModelMetadata.tensors`; shapes let inference spot embeddings).
-
-    Returns:
-        The matching or inferred :class:`Architecture`.
-
-    Raises:
-        ArchitectureError: no definition matches and the tensors were not given or their layout
-            cannot be inferred; the message lists the supported architectures.
-    """
-    names = config.get("architectures") or []
-    model_type = config.get("model_type")
-    if is_multimodal(config) and tensor_names is not None:
-        return multimodal_architecture(config, reference, tensor_names)
-    candidates = [d for d in _definitions() if names and names[0] in d.architectures]
-    if len(candidates) > 1:
-        candidates = [d for d in candidates if d.model_type == model_type] or candidates
-    if not candidates:
-        candidates = [d for d in _definitions() if d.model_type == model_type]
-    if candidates:
-        return candidates[0]
-    supported = ", ".join(sorted(a for d in _definitions() for a in d.architectures))
-    unsupported = f"model `{reference}` has architecture `{names[0] if names else model_type}`, which merger"
-    if tensor_names is None:
-        raise ArchitectureError(f"{unsupported} does not support yet; supported: {supported}")
-    try:
-        return infer_architecture(config, tensor_names)
-    except ArchitectureError as error:
-        raise ArchitectureError(
-            f"{unsupported} has no definition for, and its layout could not be inferred from its tensors: "
-            f"{error}. Supported: {supported}"
-        ) from error
-
-
-# ---------------------------------------------------------------- multimodal checkpoints (text decoder + vision)
-
-# Where a multimodal checkpoint keeps its text decoder: the prefixes that replace a text definition's
-# `model.` and `lm_head.`. First the format transformers saves and the Hub holds (LLaVA, Gemma-3,
-# Mistral-3: `language_model.model.layers.0...`), then the one some 4.5x versions saved, then the
-# plain one of models that put vision beside an ordinary decoder (Qwen2-VL: `model.layers`, `visual.*`).
-TEXT_DECODER_LAYOUTS = (
-    ("language_model.model.", "language_model.lm_head."),
-    ("model.language_model.", "lm_head."),
-    ("model.", "lm_head."),
-)
-
-
-def is_multimodal(config: dict) -> bool:
-    """Whether a `config.json` describes a text decoder with other modules (`text_config` / `vision_config`)."""
-    return isinstance(config.get("text_config"), dict) or isinstance(config.get("vision_config"), dict)
-
-
-def _moved(name: str, layout: tuple[str, str]) -> str | None:
-    """A text-only name (`model.x`, `lm_head.x`) under a layout's prefixes; None for other names."""
-    for plain, prefix in zip(("model.", "lm_head."), layout):
-        if name.startswith(plain):
-            return prefix + name[len(plain):]
-    return None
-
-
-def _unmoved(name: str, layout: tuple[str, str]) -> str | None:
-    """The inverse of :func:`_moved`: a multimodal name back to its text-only spelling."""
-    for plain, prefix in zip(("model.", "lm_head."), layout):
-        if name.startswith(prefix):
-            return plain + name[len(prefix):]
-    return None
-
-
-def _move_weight(weight: WeightInfo, layout: tuple[str, str]) -> WeightInfo:
-    """A text weight under `layout`, read also under its text-only name and the other layouts' names
-    (so a text-only fine-tune, or a checkpoint saved in the other format, merges with it)."""
-    def spellings(name: str) -> list[str]:
-        return [n for n in (_moved(name, other) for other in TEXT_DECODER_LAYOUTS) if n] + [name]
-
-    own = _moved(weight.name, layout) or weight.name
-    aliases = [n for a in (weight.name, *weight.aliases) for n in spellings(a) if n != own]
-    return replace(
-        weight,
-        name=own,
-        aliases=tuple(dict.fromkeys(aliases)),
-        tied_names=tuple(dict.fromkeys(n for t in weight.tied_names for n in [_moved(t, layout) or t, *spellings(t)])),
-    )
-
-
-def multimodal_architecture(config: dict, reference: str, tensors: Mapping[str, Any] | Iterable[str]) -> Architecture:
-    """The layout of a multimodal checkpoint: its text decoder, then every other tensor as a side module.
-
-    The text decoder is found under one of :data:`TEXT_DECODER_LAYOUTS`; its layout is the definition
-    of `text_config.model_type` (or inferred from the decoder's tensors when there is none), renamed
-    into the checkpoint's prefixes. Layer counts come from `text_config` (the top level when there is
-    none), so `models:` and `slices:` address the text decoder's layers. The remaining tensors (vision
-    tower, projector) become `side_module` post-weights, in name order.
-
-    Args:
-        config: the parsed multimodal `config.json`.
-        reference: the model's name, for messages.
-        tensors: the model's tensor names, or its name -> `.shape` mapping.
-
-    Returns:
-        The :class:`Architecture` (`model_type` and `architectures` the checkpoint's own).
-
-    Raises:
-        ArchitectureError: no text decoder is found, or its layout is unknown and cannot be inferred.
-    """
-    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    names = list(tensors)
-    layout = next((lay for lay in TEXT_DECODER_LAYOUTS if any(n.startswith(lay[0]) for n in names)), None)
-    if layout is None:
-        raise ArchitectureError(
-            f"model `{reference}` is multimodal (`{(config.get('architectures') or ['?'])[0]}`) but no tensor "
-            f"lies under a known text decoder prefix ({', '.join(f'`{lay[0]}`' for lay in TEXT_DECODER_LAYOUTS)})"
-        )
-    text_names = {_unmoved(n, layout): n for n in names if _unmoved(n, layout) is not None}
-    text_tensors = (
-        {plain: tensors[n] for plain, n in text_names.items()} if isinstance(tensors, Mapping) else list(text_names)
-    )
-    text = _text_definition(text_config, reference, text_tensors)
-    nested = "text_config." if text_config is not config else ""
-    moved = {section: tuple(_move_weight(w, layout) for w in getattr(text, section))
-             for section in ("pre_weights", "layer_weights", "post_weights")}
-    described = {n for ws in moved.values() for w in ws for n in (w.name, *w.aliases)}
-    count = text.num_layers(text_config, default=_default_layers(text_config))
-    described |= {w.for_layer(i).name for w in moved["layer_weights"] for i in range(count)}
-    side = tuple(WeightInfo(n, side_module=True) for n in sorted(names) if n not in described
-                 and not (_LAYER_INDEX.search(n) and n.startswith(layout[0])))
-    return Architecture(
-        model_type=str(config.get("model_type") or text.model_type),
-        architectures=tuple(config.get("architectures") or ()),
-        num_layers_config_key=nested + text.num_layers_config_key,
-        pre_weights=moved["pre_weights"],
-        layer_weights=moved["layer_weights"],
-        post_weights=moved["post_weights"] + side,
-        inferred=text.inferred,
-        default_layers=_default_layers(text_config),
-    )
-
-
-def _text_definition(text_config: dict, reference: str, text_tensors: Mapping[str, Any] | list[str]) -> Architecture:
-    """The definition of a multimodal model's text decoder, or its layout inferred from the decoder's tensors."""
-    model_type = text_config.get("model_type")
-    for definition in _definitions():
-        if definition.model_type == model_type:
-            return definition
-    try:
-        return infer_architecture({**text_config, **({} if "num_hidden_layers" in text_config else
-                                   {"num_hidden_layers": _default_layers(text_config)})}, text_tensors)
-    except ArchitectureError as error:
-        raise ArchitectureError(
-            f"model `{reference}` has a `{model_type}` text decoder, which merger has no definition for, and its "
-            f"layout could not be inferred from its tensors: {error}"
-        ) from error
-
-
-def _default_layers(text_config: dict) -> int | None:
-    """The text class's default layer count (what transformers assumes when the config states none)."""
-    if isinstance(text_config.get("num_hidden_layers"), int):
-        return text_config["num_hidden_layers"]
-    from merger.plan.settings import effective_text_config
-
-    value = getattr(effective_text_config(text_config), "num_hidden_layers", None)
-    return value if isinstance(value, int) else None

@@ -11,7 +11,8 @@ import copy
 from merger.config.schema import InputSliceSource, MergeConfig, OutputSlice
 from merger.io.metadata import ModelMetadata
 from merger.methods.registry import get_method
-from merger.plan.architecture import Architecture, architecture_for
+from merger.plan.architecture import Architecture
+from merger.plan.lookup import architecture_for
 from merger.plan.checks import Problems, check_inputs, check_slices, check_widths, unknown_parameter_warnings
 from merger.plan.merge import DEFAULT_SEED, MergePlan, TensorJob, set_config_dtype
 from merger.plan.tensors import TensorPlanner

@@ -13,7 +13,7 @@ from merger.plan.build import build_plan, needs_vocabularies
 from merger.plan.merge import MergePlan
 from merger.plan.moe import build_moe_plan, check_tokenizer_fits
 from merger.plan.tokenizer import Vocabulary, load_vocabulary
-from merger.publish import hub
+from merger.publish import hub_read
 
 
 def plan_config(
@@ -52,7 +52,7 @@ TOKENIZER_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json",
 
 def _tokenizer_if_any(ref: ModelReference, metadata: dict[str, ModelMetadata], token: str | None) -> Vocabulary | None:
     """The model's tokenizer vocabulary (Hub: tokenizer files only), or None when it ships no tokenizer."""
-    path = local_path(ref.base) or hub.download_tokenizer(str(ref.base), token=token)
+    path = local_path(ref.base) or hub_read.download_tokenizer(str(ref.base), token=token)
     if not any((path / name).is_file() for name in TOKENIZER_VOCABULARY_FILES):
         return None
     return load_vocabulary(path, embedding_rows(metadata[ref.key]))

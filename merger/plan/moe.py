@@ -9,7 +9,8 @@ Reference: Jiang et al. 2024, "Mixtral of Experts", arXiv:2401.04088; Goddard 20
 
 from __future__ import annotations
 
-from merger.plan.architecture import Architecture, architecture_by_type, architecture_for
+from merger.plan.architecture import Architecture, architecture_by_type
+from merger.plan.lookup import architecture_for
 from merger.config.schema import ModelReference, MoEConfig
 from merger.errors import (
     ArchitectureError,

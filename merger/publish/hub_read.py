@@ -1,41 +1,35 @@
-"""Everything merger asks of the Hugging Face Hub, and nothing else talks to it.
+"""Reading from the Hugging Face Hub: model metadata (config and safetensors headers by byte ranges,
+no weights), downloads of weights, tokenizers and adapters, and the model search.
 
 All calls go through huggingface_hub, so HF_ENDPOINT, HF_TOKEN and HF_HOME apply as usual. Its
 exceptions never escape: they become :class:`~merger.errors.ModelNotFoundError`,
-:class:`~merger.errors.UnsafeWeightsError` or :class:`~merger.errors.HubError`, whose messages are
-built here and scrubbed of tokens.
+:class:`~merger.errors.UnsafeWeightsError` or :class:`~merger.errors.HubError`
+(:mod:`merger.publish.hub_calls`).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2  # huggingface_hub's HTTP client: its transport errors are what a dead network raises
-from huggingface_hub import HfApi, ModelInfo, get_token, hf_hub_url
+from huggingface_hub import HfApi, ModelInfo, hf_hub_url
 from huggingface_hub.errors import (
     GatedRepoError,
-    HfHubHTTPError,
     HFValidationError,
-    LocalTokenNotFoundError,
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status, validate_repo_id
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from merger.constants import CONFIG_FILE, HUB_ALLOW_PATTERNS, SAFETENSORS_INDEX_FILE, TOKENIZER_FILES
 from merger.errors import (
-    ConfigError,
-    HubError,
     LoraAdapterError,
-    MergerError,
     ModelNotFoundError,
-    PushTargetError,
     TruncatedWeightsError,
     WeightIndexError,
     excerpt,
@@ -51,12 +45,10 @@ from merger.io.modelfiles import (
     parse_weight_map,
     read_bytes,
 )
-from merger.scrub import scrub
 from merger.config.references import split_reference
+from merger.publish.hub_calls import hub_call
 
 logger = logging.getLogger(__name__)
-
-_WRITE_ROLES = ("write", "admin")  # organization roles (whoami's `roleInOrg`) that may create and push repos
 
 SAFETENSORS_SINGLE_FILE = "model.safetensors"
 HEADER_FIRST_READ = 100_000  # bytes of a shard fetched first: most headers fit, as huggingface_hub assumes
@@ -172,150 +164,6 @@ def fetch_metadata(reference: str, token: str | None = None) -> ModelMetadata:
     return ModelMetadata(reference, config, tensors, card_license)
 
 
-@dataclass(frozen=True)
-class PushTarget:
-    """A checked push target.
-
-    Attributes:
-        repo_id: the full id, `namespace/name`.
-        exists: the repo exists already (and the user allowed reusing it).
-        private: the repo's visibility after the push (an existing repo keeps its own).
-    """
-
-    repo_id: str
-    exists: bool
-    private: bool
-
-
-def check_push_target(repo_id: str, token: str, private: bool = False, reuse_repo: bool = False) -> PushTarget:
-    """Check, before any merge, that the token's user may push to `repo_id` as asked.
-
-    The namespace must be the user's own or an organization where whoami gives them the `write` or
-    `admin` role; an existing repo is used only with `reuse_repo`, and its visibility is never
-    changed, so a private request for an existing public repo is refused.
-
-    Args:
-        repo_id (`str`): `"namespace/name"`, or a bare `"name"` for the token's own namespace.
-        token (`str`): a Hugging Face token.
-        private (`bool`, *optional*): the user asks for a private repo.
-        reuse_repo (`bool`, *optional*): the user allows pushing a new commit to an existing repo.
-
-    Returns:
-        [`PushTarget`]: the full repo id, whether it exists, and its visibility after the push.
-
-    Raises:
-        [`~merger.errors.ConfigError`]: `repo_id` is not a valid repo id (field `repo`).
-        [`~merger.errors.PushTargetError`]: no write access there, the repo exists without
-            `reuse_repo`, or it is public and a private repo was asked for.
-        [`~merger.errors.HubError`]: the token was rejected, or the Hub could not be reached.
-    """
-    check_repo_id(repo_id)
-    api = HfApi(token=token)
-    with _hub_call(f"checking the push target `{repo_id}`", token):
-        me = api.whoami()
-        namespace, _, name = repo_id.rpartition("/")
-        full_id = f"{namespace or me['name']}/{name}"
-        _check_write_access(me, full_id)
-        try:
-            info = api.repo_info(full_id)
-        except RepositoryNotFoundError:
-            return PushTarget(full_id, exists=False, private=private)
-    _check_reuse(full_id, bool(info.private), private, reuse_repo)
-    return PushTarget(full_id, exists=True, private=bool(info.private))
-
-
-def push_folder(
-    folder: Path,
-    repo_id: str,
-    token: str,
-    private: bool = False,
-    reuse_repo: bool = False,
-    commit_message: str = "Upload merged model",
-    before_create: Callable[[str], None] | None = None,
-) -> str:
-    """Upload a folder as one commit to a model repo, creating the repo if needed.
-
-    The target is checked again first (:func:`check_push_target`): the Hub may have changed since
-    the job was submitted. If the upload fails (or is interrupted) and this call created the repo,
-    the repo is deleted; the error says exactly what is left on the Hub.
-
-    Args:
-        folder (`Path`): the directory to upload (all of it).
-        repo_id (`str`): `"namespace/name"`, or a bare `"name"` for the token's own namespace.
-        token (`str`): a Hugging Face token with write access to the namespace.
-        private (`bool`, *optional*, defaults to `False`): create the repo as private.
-        reuse_repo (`bool`, *optional*, defaults to `False`): push to the repo if it exists already.
-        commit_message (`str`, *optional*): the commit's title.
-        before_create (`Callable[[str], None]`, *optional*): called with the full repo id just
-            before the repo is created, so a caller can note it for a cleanup after a crash.
-
-    Returns:
-        `str`: the repo's URL, `{endpoint}/{namespace}/{name}`.
-
-    Raises:
-        [`~merger.errors.ConfigError`], [`~merger.errors.PushTargetError`]: as :func:`check_push_target`.
-        [`~merger.errors.HubError`]: the token was rejected or may not write there, or the upload
-            failed; the message ends with what is on the Hub now.
-    """
-    target = check_push_target(repo_id, token, private=private, reuse_repo=reuse_repo)
-    api = HfApi(token=token)
-    if not target.exists:
-        if before_create is not None:
-            before_create(target.repo_id)
-        with _hub_call(f"creating `{target.repo_id}`", token):
-            api.create_repo(target.repo_id, private=private)
-    try:
-        with _hub_call(f"pushing to `{target.repo_id}`", token):
-            api.upload_folder(folder_path=folder, repo_id=target.repo_id, commit_message=commit_message)
-    except BaseException as err:  # a cancelled or killed upload must not leave an empty repo either
-        on_hub = _undo_create(api, target.repo_id, token)[1] if not target.exists else _left_unchanged(target.repo_id)
-        if isinstance(err, HubError):
-            raise HubError(f"{err} {on_hub}") from None
-        raise
-    return f"{api.endpoint}/{target.repo_id}"
-
-
-def delete_unpushed_repo(repo_id: str, token: str) -> tuple[bool, str]:
-    """Delete a repo a job created and never committed to (after a crash); keep it if it holds a commit.
-
-    Args:
-        repo_id (`str`): the full repo id.
-        token (`str`): the token that created it.
-
-    Returns:
-        `tuple[bool, str]`: whether the matter is settled (False: the Hub could not be asked or the
-        repo not deleted; try again later), and one sentence saying what is on the Hub now.
-    """
-    api = HfApi(token=token)
-    try:
-        with _hub_call(f"checking `{repo_id}`", token):
-            try:
-                files = set(api.list_repo_files(repo_id))
-            except RepositoryNotFoundError:
-                return True, f"The repo `{repo_id}` was never created; nothing is on the Hub."
-    except HubError as err:
-        return False, f"The repo `{repo_id}` this job created could not be checked ({err}); delete it on the Hub if it is empty."
-    if files - {".gitattributes"}:
-        return True, f"The repo `{repo_id}` holds the uploaded files; it was kept."
-    return _undo_create(api, repo_id, token)
-
-
-def whoami(token: str) -> str:
-    """The username a token belongs to.
-
-    Args:
-        token (`str`): a Hugging Face token.
-
-    Returns:
-        `str`: the user's name (their namespace on the Hub).
-
-    Raises:
-        [`~merger.errors.HubError`]: the token was rejected, or the Hub could not be reached.
-    """
-    with _hub_call("checking your Hugging Face token", token):
-        return HfApi(token=token).whoami()["name"]
-
-
 def search_models(query: str, token: str | None = None, limit: int = 20) -> list[str]:
     """Model ids whose name contains `query`, for a type-ahead box.
 
@@ -335,9 +183,6 @@ def search_models(query: str, token: str | None = None, limit: int = 20) -> list
     except (httpx2.HTTPError, OSError) as err:
         logger.warning("model search failed (%s); showing no suggestions", type(err).__name__)
         return []
-
-
-# ---------------------------------------------------------------- helpers
 
 
 def _refuse_non_checkpoint(api: HfApi, reference: str, info: ModelInfo) -> None:
@@ -410,79 +255,10 @@ def _remote_header(api: HfApi, info: ModelInfo, filename: str, where: str) -> di
     return check_header(parse_header(data, where), where, None)
 
 
-def check_repo_id(repo_id: str) -> None:
-    """Check a target repo id's spelling (no network).
-
-    Raises:
-        [`~merger.errors.ConfigError`]: the id is not a valid Hub repo id; the message says the rules.
-    """
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError:
-        raise ConfigError(
-            f"`repo`: `{excerpt(repo_id, 100)}` is not a valid Hub repo id; use `name` or `namespace/name` made of "
-            "letters, digits, `-`, `_` and `.` (no `--` or `..`, not starting or ending with `-` or `.`, "
-            "at most 96 characters)."
-        ) from None
-
-
-def _undo_create(api: HfApi, repo_id: str, token: str) -> tuple[bool, str]:
-    # Best effort: the upload's own error is the one the user must see; this sentence follows it.
-    try:
-        with _hub_call(f"deleting `{repo_id}`", token):
-            api.delete_repo(repo_id, missing_ok=True)
-    except HubError as err:
-        logger.warning("could not delete `%s` after a failed upload: %s", repo_id, err)
-        return False, (
-            f"Nothing was pushed, but the repo `{repo_id}` this job created could not be deleted ({err}); "
-            f"delete it at {api.endpoint}/{repo_id}/settings."
-        )
-    return True, f"Nothing was pushed: the repo `{repo_id}` this job created was deleted."
-
-
-def _left_unchanged(repo_id: str) -> str:
-    return f"Nothing was pushed: the repo `{repo_id}` existed before and was left unchanged."
-
-
-def _check_write_access(me: dict, repo_id: str) -> None:
-    """Refuse a namespace the token's user may not write to, from whoami's answer alone."""
-    namespace, user = repo_id.split("/")[0], me.get("name", "")
-    token_role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
-    if token_role == "read":
-        raise PushTargetError(f"`repo`: your token is read-only, so it cannot push to `{repo_id}`; use a token with write access")
-    if namespace == user:
-        return
-    roles = {org.get("name"): org.get("roleInOrg") for org in me.get("orgs") or []}
-    if roles.get(namespace) in _WRITE_ROLES:
-        return
-    why = (
-        f"your role in the organization `{namespace}` is `{roles[namespace]}`"
-        if namespace in roles
-        else f"`{namespace}` is neither your account (`{user}`) nor an organization you belong to"
-    )
-    raise PushTargetError(
-        f"`repo`: you may not create or push to `{repo_id}`: {why}; push to `{user}/...` "
-        "or to an organization where you have the write or admin role"
-    )
-
-
-def _check_reuse(repo_id: str, is_private: bool, private: bool, reuse_repo: bool) -> None:
-    if not reuse_repo:
-        raise PushTargetError(
-            f"`repo`: `{repo_id}` already exists; choose a new name, or allow reusing it "
-            "(`--reuse-repo`, or tick \"reuse existing repo\") to add the merge to it as a new commit"
-        )
-    if private and not is_private:
-        raise PushTargetError(
-            f"`repo`: `{repo_id}` exists and is public, but a private repo was asked for; merger never changes "
-            "a repo's visibility: choose a new name, or make the repo private on the Hub first"
-        )
-
-
 @contextmanager
 def _reading(reference: str, token: str | None) -> Iterator[None]:
     """Turn a missing or hidden repo into ModelNotFoundError, anything else into HubError."""
-    with _hub_call(f"reading model `{reference}`", token):
+    with hub_call(f"reading model `{reference}`", token):
         try:
             yield
         except GatedRepoError:  # a RepositoryNotFoundError too: test it first
@@ -494,40 +270,3 @@ def _reading(reference: str, token: str | None) -> Iterator[None]:
                 f"model `{reference}` was not found on the Hub; check the spelling and the revision after `@`, "
                 "or, if the repo is private or gated, sign in with an account that can see it."
             ) from None
-
-
-@contextmanager
-def _hub_call(action: str, token: str | None) -> Iterator[None]:
-    """Re-raise huggingface_hub and network failures as HubError, with no token in the message."""
-    try:
-        yield
-    except MergerError:
-        raise
-    except (httpx2.HTTPError, OSError) as err:
-        # `from None`: the original exception's text is not ours to vouch for, so it is not chained.
-        raise HubError(_scrub(_failure_message(action, err), token)) from None
-
-
-def _failure_message(action: str, err: Exception) -> str:
-    if isinstance(err, LocalTokenNotFoundError):
-        return f"{action} needs a Hugging Face token: sign in (or set HF_TOKEN)."
-    if isinstance(err, HfHubHTTPError):
-        return _http_failure_message(action, err)
-    cause = f"{type(err).__name__}: {err}"
-    if isinstance(err, (httpx2.TransportError, ConnectionError)):
-        return f"{action} failed: could not reach the Hub ({cause}); check the connection and retry."
-    return f"{action} failed ({cause})."
-
-
-def _http_failure_message(action: str, err: HfHubHTTPError) -> str:
-    status = err.response.status_code
-    if status == 401:
-        return f"{action} failed: your Hugging Face token was rejected; sign in again."
-    detail = f"HTTP {status}" + (f": {err.server_message}" if err.server_message else "")
-    if status == 403:
-        return f"{action} was refused ({detail}); use a token with write access to that namespace."
-    return f"{action} failed on the Hub ({detail}); retry, and check the Hub's status if it persists."
-
-
-def _scrub(text: str, token: str | None) -> str:
-    return scrub(text, (token, get_token()))

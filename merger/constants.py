@@ -73,7 +73,7 @@ WATCHDOG_INTERVAL_S = 2.0
 # `1`: the worker runs apart (`python -m merger.jobs.worker`); the app starts none and only shows its heartbeat.
 EXTERNAL_WORKER = os.environ.get("MERGER_EXTERNAL_WORKER", "") == "1"
 JOB_ID_LENGTH = 32  # uuid4 hex
-# Per-request bounds for the public app (issue 8): validation of metadata gives up after
+# Per-request bounds for the public app: validation of metadata gives up after
 # VALIDATION_TIMEOUT_S seconds (ValidationTimeoutError), at most MAX_LIMITED_CALLS validations run at
 # once (abandoned ones included), and the app runs at most VALIDATE_CONCURRENCY checks and
 # SUBMIT_CONCURRENCY submissions at a time, so that light requests (job status, share) always answer.

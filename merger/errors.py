@@ -109,7 +109,7 @@ class MergeCancelled(MergerError):
     """The job was cancelled by its owner while running; nothing was written or pushed."""
 
 
-# ---------------------------------------------------------------- jobs, ownership, push targets (issue 8)
+# ---------------------------------------------------------------- jobs, ownership, push targets
 
 
 class JobLimitError(MergerError):
@@ -123,7 +123,7 @@ class JobAccessError(MergerError, LookupError):
 class PushTargetError(MergerError, ValueError):
     """The push target cannot be used as asked: no write access, repo exists without reuse, or visibility mismatch."""
 
-# ---------------------------------------------------------------- models from the wild (issue 10: rules 1, 5, 6)
+# ---------------------------------------------------------------- models from the wild
 
 
 class UnmergedTensorsError(ConfigError):
@@ -138,7 +138,7 @@ class RemoteCodeError(MergerError, ValueError):
     """A model's `auto_map` names a code file the model does not ship, so the output could not load."""
 
 
-# ---------------------------------------------------------------- hostile input (issue 8: parsing, parameters, templates)
+# ---------------------------------------------------------------- hostile input
 EXCERPT_LIMIT = 60  # characters of user input an error message may repeat
 
 
@@ -260,14 +260,14 @@ class DiskSpaceError(OutputWriteError):
     """Not enough free space for the output, found before the merge or when a write ran out of space."""
 
 
-# ---------------------------------------------------------------- per-request time limits (issue 8: responsiveness)
+# ---------------------------------------------------------------- per-request time limits
 
 
 class ValidationTimeoutError(MergerError, TimeoutError):
     """Checking a config against the models' metadata took longer than its limit (`MERGER_VALIDATION_TIMEOUT_S`)."""
 
 
-# ---------------------------------------------------------------- LoRA adapters and multi-stage configs (issue 11)
+# ---------------------------------------------------------------- LoRA adapters and multi-stage configs
 
 
 class LoraAdapterError(ModelFileError):
@@ -283,7 +283,7 @@ class StageError(ConfigError):
     """A multi-stage config is inconsistent: a duplicate or missing `name:`, a stage naming a later
     stage, or too many stages."""
 
-# ---------------------------------------------------------------- evaluation, weight report, suggestion (issue 13)
+# ---------------------------------------------------------------- evaluation, weight report, suggestion
 
 
 class EvalTextError(MergerError, ValueError):

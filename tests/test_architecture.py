@@ -267,7 +267,7 @@ def test_a_valid_definition_loads_every_field(tmp_path: Path):
     assert set(WeightEntry.model_fields) == {f.name for f in fields(WeightInfo)}
 
 
-# ---------------------------------------------------------------- multimodal checkpoints (issue 10, rule 5)
+# ---------------------------------------------------------------- multimodal checkpoints
 
 MM_TEXT = dict(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                num_key_value_heads=1, head_dim=8)

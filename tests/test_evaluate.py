@@ -1,4 +1,4 @@
-"""Evaluation (issue 13): bits/token, KL from a merge, greedy answers, budgets, texts, and the CLI."""
+"""Evaluation: bits/token, KL from a merge, greedy answers, budgets, texts, and the CLI."""
 
 from __future__ import annotations
 

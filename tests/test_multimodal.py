@@ -1,4 +1,4 @@
-"""Issue 10, rule 5: multimodal checkpoints merge by their text decoder; the output loads with its class.
+"""Multimodal checkpoints merge by their text decoder; the output loads with its class.
 
 Tiny LLaVA models (Llama text decoder + CLIP vision tower + projector) with seeded random weights are
 built here. References are computed independently: state dicts averaged (or layers stacked) by hand,

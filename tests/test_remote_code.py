@@ -1,4 +1,4 @@
-"""Models that ship their own code (issue 10, rule 6): the `auto_map`'s files reach the output byte for byte."""
+"""Models that ship their own code: the `auto_map`'s files reach the output byte for byte."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Issue 10, rule 1: every input tensor and every architecture setting reaches the output or is named."""
+"""Every input tensor and every architecture setting reaches the output or is named."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Suggest a merge (issue 13): on every fixture family the suggestion, searched on the train text, beats
+"""Suggest a merge: on every fixture family the suggestion, searched on the train text, beats
 both parents and the naive 50/50 average on the eval text, written by the real merger and scored by a
 plain forward pass in the test."""
 

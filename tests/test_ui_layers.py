@@ -1,4 +1,4 @@
-"""The UI reaches the engine, the Hub and the jobs only through merger.service (issue 14's one door)."""
+"""The UI reaches the engine, the Hub and the jobs only through merger.service."""
 
 from __future__ import annotations
 

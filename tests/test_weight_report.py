@@ -1,4 +1,4 @@
-"""The pre-merge weight report (issue 13): numbers against a hand computation, warnings, `validate --report`."""
+"""The pre-merge weight report: numbers against a hand computation, warnings, `validate --report`."""
 
 from __future__ import annotations
 

@@ -61,7 +61,7 @@ def check_inputs(
     config: MergeConfig, refs: list[ModelReference], meta: dict[str, ModelMetadata], arch: Architecture,
     problems: Problems,
 ) -> tuple[str, ...]:
-    """Issue 10, rule 1: every input's tensors and architecture settings reach the output, or are named.
+    """Every input's tensors and architecture settings reach the output, or are named.
 
     Refusals go to `problems`; returns the warnings (settings that disagree, tensors dropped on request).
     """

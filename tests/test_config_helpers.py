@@ -38,3 +38,22 @@ tokenizer_source: union
     moe = f"base_model: {V1}\nexperts: [{{source_model: tests/data/fixtures/mistral-code}}]\n"
     assert local_paths(parse_config_text(moe)) == ["tests/data/fixtures/mistral-code"]
     assert local_paths(parse_config_text(f"base_model: {V1}\nexperts: [{{source_model: {V2}}}]\n")) == []
+
+
+def test_schema_mistakes_are_said_in_plain_words() -> None:
+    """pydantic's own wording ("List should have at least 1 item after validation") never reaches people."""
+    import pytest
+
+    from merger.config.load import load_config
+    from merger.errors import ConfigError
+
+    cases = {
+        "base_model: a/b\nexperts: []\n": "`experts` must list at least 1, got `[]`; add them",
+        "merge_method: passthrough\nslices: [{sources: [{model: a/b, layer_range: x}]}]\n":
+            "`slices[0].sources[0].layer_range` must be a list like `[0, 8]`, got `x`",
+        "merge_method: linear\nmodels: a/b\n": "`models` must be a list (`- item` lines or `[a, b]`), got `a/b`",
+    }
+    for text, message in cases.items():
+        with pytest.raises(ConfigError) as caught:
+            load_config(text)
+        assert str(caught.value) == message

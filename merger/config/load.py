@@ -26,6 +26,22 @@ from merger.errors import (
 )
 
 
+# pydantic's messages for the common mistakes, in the words the rest of the errors use (field, value, fix).
+PLAIN_WORDS = {
+    "too_short": "must list at least {min_length}, got `{got}`; add them",
+    "int_parsing": "must be a whole number, got `{got}`",
+    "int_from_float": "must be a whole number, got `{got}`",
+    "float_parsing": "must be a number, got `{got}`",
+    "bool_parsing": "must be `true` or `false`, got `{got}`",
+    "string_type": "must be text, got `{got}`",
+    "list_type": "must be a list (`- item` lines or `[a, b]`), got `{got}`",
+    "dict_type": "must be a mapping (`key: value` lines), got `{got}`",
+    "model_type": "must be a mapping (`key: value` lines), got `{got}`",
+    "tuple_type": "must be a list like `[0, 8]`, got `{got}`",
+    "literal_error": "must be one of {expected}, got `{got}`",
+}
+
+
 def _location(error: dict) -> str:
     parts = [excerpt(p, 40) for p in error["loc"] if not str(p).startswith("function-")]
     out = ""
@@ -46,6 +62,8 @@ def _schema_problem(error: dict) -> ConfigError:
     elif error["type"] == "too_long":
         kind = ListTooLongError
         msg = f"has more than {error['ctx']['max_length']:,} entries; that is the limit for this field"
+    elif error["type"] in PLAIN_WORDS:
+        msg = PLAIN_WORDS[error["type"]].format(**(error.get("ctx") or {}), got=excerpt(error.get("input")))
     location = _location(error)
     return kind(f"`{location}`: {msg}" if location == "config" else f"`{location}` {msg}")
 

@@ -92,7 +92,10 @@ class Range:
             return None
         if self.kind is int:
             return value if isinstance(value, int) else (int(value) if value.is_integer() else None)
-        return float(value) if isinstance(value, int) else value
+        try:
+            return float(value) if isinstance(value, int) else value
+        except OverflowError:  # an integer of 310 digits or more is no float: out of every range
+            return None
 
 
 def _number(value: float | None) -> str:

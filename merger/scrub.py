@@ -11,7 +11,7 @@ import re
 from typing import Iterable
 
 # User, API and OAuth tokens: `hf_` (or `hf_oauth_`) then a long alphanumeric secret; `hf_hub_download` is not one.
-TOKEN_PATTERN = re.compile(r"\bhf_(?:oauth_)?[A-Za-z0-9]{20,}")
+TOKEN_PATTERN = re.compile(r"hf_(?:oauth_)?[A-Za-z0-9]{20,}")  # no word boundary: `my_hf_...` is a token too
 ACTIVE_TOKENS: set[str] = set()  # tokens in use here (running jobs'), scrubbed from every log line
 
 

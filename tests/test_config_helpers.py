@@ -57,3 +57,12 @@ def test_schema_mistakes_are_said_in_plain_words() -> None:
         with pytest.raises(ConfigError) as caught:
             load_config(text)
         assert str(caught.value) == message
+
+
+def test_a_revision_does_not_make_a_local_folder_a_hub_id(tmp_path: Path, monkeypatch) -> None:
+    """`dir@main` reads the folder `dir`: a Space must see it as the local path it is."""
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    text = ("merge_method: linear\nmodels:\n  - model: models/base@main\n  - model: org/a+models/base@r\n"
+            "tokenizer_source: models/base@x\n")
+    assert local_paths(parse_config_text(text)) == ["models/base@main", "models/base@r", "models/base@x"]

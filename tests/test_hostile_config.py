@@ -175,3 +175,36 @@ def test_every_method_parameter_declares_its_range_and_one_without_is_not_regist
 def test_the_ends_of_a_range_are_allowed(t: str) -> None:
     text = f"merge_method: slerp\nbase_model: a/b\nmodels: [{{model: a/b}}, {{model: c/d}}]\nparameters: {{t: {t}}}\n"
     assert load_config(text).parameters["t"] is not None  # an exclusive bound would raise here
+
+
+@pytest.mark.parametrize("template", [
+    "{{ 'a'*10**10 }}", "{{ (9**9)**(9**9) }}", "{{ -(9**9**9) }}", "{{ 'a'|center(1000000000) }}",
+    "{% if 'a'|indent(1000000000) is string %}x{% endif %}",
+    "{% autoescape 'a'|center(1000000000) %}x{% endautoescape %}",
+])
+def test_a_chat_template_is_compiled_without_running_any_of_it(template: str) -> None:
+    """Jinja folds constant expressions while compiling; the check must not compute them (time or memory)."""
+    from merger.config.chat_template import check_chat_template
+
+    tracemalloc.start()
+    started = time.monotonic()
+    try:
+        check_chat_template(template)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.monotonic() - started < 2 and peak < 20 * 2**20
+
+
+def test_an_integer_too_large_for_a_float_is_out_of_range_not_a_crash() -> None:
+    text = f"merge_method: linear\nmodels:\n  - model: org/a\n    parameters: {{weight: {'9' * 400}}}\n"
+    with pytest.raises(ParameterValueError, match=r"`models\[0\]\.parameters\.weight`"):
+        load_config(text)
+
+
+def test_a_token_glued_to_a_word_is_still_a_token() -> None:
+    from merger.errors import TokenInConfigError
+
+    for glued in ("my_hf_", "Xhf_", "1hf_"):
+        with pytest.raises(TokenInConfigError):
+            load_config(f"merge_method: linear\nmodels: [{{model: org/a}}]\n# {glued}AbCdEfGhIjKlMnOpQrStUvWxYz01234567\n")

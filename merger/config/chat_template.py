@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, pass_context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from merger.errors import ChatTemplateError, excerpt
@@ -30,6 +31,33 @@ def is_literal(setting: str) -> bool:
     return any(marker in setting for marker in JINJA_MARKERS)
 
 
+class _CompileOnlyEnvironment(ImmutableSandboxedEnvironment):
+    """A sandbox that compiles a template without running any of it.
+
+    Jinja evaluates constant expressions while compiling (`{{ 9**9**9 }}`, `{{ 'a'|center(10**9) }}`),
+    unbounded in time and memory. Intercepted operators, and filters and tests that take the context,
+    are never constant to Jinja, so nothing is computed here (the template is never rendered).
+    """
+
+    intercepted_binops = frozenset({"+", "-", "*", "/", "//", "%", "**"})
+    intercepted_unops = frozenset({"+", "-"})
+
+
+def _runtime_only(function: Any) -> Any:
+    @pass_context
+    def runtime_only(context: Any, *args: Any, **kwargs: Any) -> Any:
+        return function(*args, **kwargs)
+
+    return runtime_only
+
+
+def _compile_only_environment() -> ImmutableSandboxedEnvironment:
+    environment = _CompileOnlyEnvironment(optimized=False)  # the optimizer folds constants too
+    environment.filters = {name: _runtime_only(f) for name, f in environment.filters.items()}
+    environment.tests = {name: _runtime_only(f) for name, f in environment.tests.items()}
+    return environment
+
+
 def check_chat_template(setting: str | None) -> None:
     """Refuse a `chat_template` that is not `auto`, a built-in name or compiling Jinja.
 
@@ -45,7 +73,7 @@ def check_chat_template(setting: str | None) -> None:
             f"{', '.join(builtin_templates())}, or paste the template's Jinja text itself (file paths are never read)"
         )
     try:
-        ImmutableSandboxedEnvironment().from_string(setting)
+        _compile_only_environment().from_string(setting)
     except TemplateError as err:
         line = getattr(err, "lineno", None)
         where = f" on line {line}" if line else ""
@@ -53,8 +81,9 @@ def check_chat_template(setting: str | None) -> None:
             f"`chat_template` is not valid Jinja{where}: {excerpt(err.message or type(err).__name__, 120)}; "
             "fix the template"
         ) from None
-    except (RecursionError, SyntaxError, MemoryError):
-        raise ChatTemplateError("`chat_template` nests too deeply to compile; simplify the template") from None
+    except (RecursionError, SyntaxError, MemoryError, ValueError):
+        raise ChatTemplateError("`chat_template` nests too deeply or holds a constant too large to compile; "
+                                "simplify the template") from None
 
 
 def chat_template_text(setting: str) -> str:

@@ -65,8 +65,10 @@ def is_hub_id(reference: str) -> bool:
         `bool`: `True` when no local path of that name exists, it is not written as a path
         (`./`, `../`, `/`, `~`) and it looks like a repo id (`name` or `org/name`, optional `@rev`).
     """
-    if reference.startswith(PATH_PREFIXES) or Path(reference).expanduser().exists():
-        return False
+    model = split_reference(reference)[0]
+    for spelling in (reference, model):  # `dir@main` is the folder `dir` to the resolver: a path too
+        if spelling.startswith(PATH_PREFIXES) or Path(spelling).expanduser().exists():
+            return False
     return looks_like_hub_id(reference)
 
 

@@ -85,8 +85,9 @@ def dataset_texts(spec: str, token: str | None = None) -> list[EvalText]:
     Raises:
         EvalTextError: a malformed spec, a missing repo or split, or no text in it.
     """
+    import httpx2  # huggingface_hub's HTTP client: a dead network raises its transport errors
     from huggingface_hub import HfApi, hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
     repo_id, _, split = spec.rpartition(":")
     if not repo_id or not split or "/" in split:
@@ -95,7 +96,7 @@ def dataset_texts(spec: str, token: str | None = None) -> list[EvalText]:
         files = sorted(f for f in HfApi(token=token).list_repo_files(repo_id, repo_type="dataset")
                        if _in_split(f, split))[:MAX_DATASET_FILES]
         paths = [hf_hub_download(repo_id, f, repo_type="dataset", token=token) for f in files]
-    except (HfHubHTTPError, OSError) as err:
+    except (HfHubHTTPError, HFValidationError, httpx2.HTTPError, OSError) as err:
         raise EvalTextError(f"`--dataset {excerpt(spec)}`: the dataset could not be read "
                             f"({type(err).__name__}); check the id and your access") from None
     if not paths:

@@ -11,7 +11,7 @@ import httpx2  # huggingface_hub's HTTP client: its transport errors are what a 
 from huggingface_hub import get_token
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 
-from merger.errors import HubError, MergerError
+from merger.errors import HubError, MergerError, excerpt
 from merger.scrub import scrub
 
 
@@ -32,7 +32,7 @@ def _failure_message(action: str, err: Exception) -> str:
         return f"{action} needs a Hugging Face token: sign in (or set HF_TOKEN)."
     if isinstance(err, HfHubHTTPError):
         return _http_failure_message(action, err)
-    cause = f"{type(err).__name__}: {err}"
+    cause = f"{type(err).__name__}: {excerpt(err, 160)}"  # a URL in it repeats the user's reference
     if isinstance(err, (httpx2.TransportError, ConnectionError)):
         return f"{action} failed: could not reach the Hub ({cause}); check the connection and retry."
     return f"{action} failed ({cause})."
@@ -42,7 +42,7 @@ def _http_failure_message(action: str, err: HfHubHTTPError) -> str:
     status = err.response.status_code
     if status == 401:
         return f"{action} failed: your Hugging Face token was rejected; sign in again."
-    detail = f"HTTP {status}" + (f": {err.server_message}" if err.server_message else "")
+    detail = f"HTTP {status}" + (f": {excerpt(err.server_message, 160)}" if err.server_message else "")
     if status == 403:
         return f"{action} was refused ({detail}); use a token with write access to that namespace."
     return f"{action} failed on the Hub ({detail}); retry, and check the Hub's status if it persists."

@@ -258,7 +258,7 @@ def _remote_header(api: HfApi, info: ModelInfo, filename: str, where: str) -> di
 @contextmanager
 def _reading(reference: str, token: str | None) -> Iterator[None]:
     """Turn a missing or hidden repo into ModelNotFoundError, anything else into HubError."""
-    with hub_call(f"reading model `{reference}`", token):
+    with hub_call(f"reading model `{excerpt(reference, 100)}`", token):
         try:
             yield
         except GatedRepoError:  # a RepositoryNotFoundError too: test it first

@@ -98,16 +98,22 @@ def run_eval(args: argparse.Namespace, token: str | None) -> EvalResult:
     names = list(dict.fromkeys(([args.merge] if args.merge else []) + args.models))
     texts, budget, device = texts_of(args, token), budget_of(args), pick_device(args.device)
     models = [(name, model_folder(name, token)) for name in names]
+    result = _evaluate_and_print(models, texts, args.merge, args, budget, device)
+    print(f"\n{sum(sum(r.tokens.values()) for r in result.rows):,} tokens scored in {result.seconds:.1f}s")
+    return result
+
+
+def _evaluate_and_print(models, texts, merge, args, budget, device):
+    """Score `models` with a progress bar, then print the table and the greedy answers; returns the result."""
     update, close = progress_bar()
     try:
-        result = evaluate_models(models, texts, merge=args.merge, prompts=tuple(args.prompt or DEFAULT_PROMPTS),
+        result = evaluate_models(models, texts, merge=merge, prompts=tuple(args.prompt or DEFAULT_PROMPTS),
                                  budget=budget, device=device, progress=update)
     finally:
         close()
     print(result.table())
     print()
     print(result.generations())
-    print(f"\n{sum(sum(r.tokens.values()) for r in result.rows):,} tokens scored in {result.seconds:.1f}s")
     return result
 
 
@@ -120,16 +126,7 @@ def merge_evaluator(args: argparse.Namespace, token: str | None, label: str) -> 
 
     def evaluate(merged: Path, parents: dict[str, Path]) -> str:
         models = [(label, merged)] + [(key, folder) for key, folder in parents.items() if key != label]
-        update, close = progress_bar()
-        try:
-            result = evaluate_models(models, texts, merge=label, prompts=tuple(args.prompt or DEFAULT_PROMPTS),
-                                     budget=budget, device=device, progress=update)
-        finally:
-            close()
-        print(result.table())
-        print()
-        print(result.generations())
-        return result.table()
+        return _evaluate_and_print(models, texts, label, args, budget, device).table()
 
     return evaluate
 

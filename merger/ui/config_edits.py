@@ -131,26 +131,25 @@ def set_model_param(data: dict[str, Any], index: int, key: str, value: Any) -> d
     out = copy.deepcopy(data)
     rows = out.get("models")
     if isinstance(rows, list) and 0 <= index < len(rows) and isinstance(rows[index], dict):
-        entry = rows[index]
-        params = entry.get("parameters") if isinstance(entry.get("parameters"), dict) else {}
-        _set_or_drop(params, key, value)
-        if params:
-            entry["parameters"] = params
-        else:
-            entry.pop("parameters", None)
+        _set_parameter(rows[index], key, value)
     return out
 
 
 def set_global(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
     """Set (None: remove) global parameter `key` under `parameters:`."""
     out = copy.deepcopy(data)
-    params = out.get("parameters") if isinstance(out.get("parameters"), dict) else {}
+    _set_parameter(out, key, value)
+    return out
+
+
+def _set_parameter(holder: dict[str, Any], key: str, value: Any) -> None:
+    """Set (None: remove) `key` in `holder`'s `parameters:` mapping, dropping the mapping once empty."""
+    params = holder.get("parameters") if isinstance(holder.get("parameters"), dict) else {}
     _set_or_drop(params, key, value)
     if params:
-        out["parameters"] = params
+        holder["parameters"] = params
     else:
-        out.pop("parameters", None)
-    return out
+        holder.pop("parameters", None)
 
 
 def set_option(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:

@@ -29,7 +29,7 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def bits_per_token(model_dir: Path, text: str, context: int = 256) -> float:
     """Mean −log2 p(token) of `text` under a model folder, scored in windows of `context` tokens with BOS
-    in front of each (the protocol of shared/fixtures/perplexity.py): 2 ** result is the perplexity."""
+    in front of each (the protocol the fixtures' published perplexities use): 2 ** result is the perplexity."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

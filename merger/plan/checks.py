@@ -40,6 +40,8 @@ class Problems:
 
 
 def field_path(config: MergeConfig, slice_index: int, source_index: int) -> str:
+    """Where a source stands in the config, for messages: `slices[i].sources[j]`, `models[j]` or `base_model`
+    (the base added to `models:` when not listed sits past the listed models)."""
     if config.slices is not None:
         return f"slices[{slice_index}].sources[{source_index}]"
     return f"models[{source_index}]" if source_index < len(config.models) else "base_model"

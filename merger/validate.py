@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from merger import constants
 from merger.config.load import load_config
 from merger.plan.entry import plan_config
+from merger.plan.merge import MergePlan
 from merger.timeouts import run_limited
 
 
@@ -65,6 +66,11 @@ def _report(text: str, token: str | None) -> ValidationReport:
     if is_multi_stage(text):
         return _stages_report(text, token)
     plan, _ = plan_config(load_config(text), token)
+    return report_for(plan)
+
+
+def report_for(plan: MergePlan) -> ValidationReport:
+    """The report of a planned (single-stage) config."""
     return ValidationReport(
         method=plan.method_name,
         pretty_name=plan.pretty_name,

@@ -64,7 +64,7 @@ def test_a_mergeable_config_passes_every_line(hub, published, job_store) -> None
 
     metas = fetch_metadata(load_config(ties()).referenced_models(), TOKEN)
     payload = sum(t.numel * DTYPE_SIZES[t.dtype] for m in metas.values() for t in m.tensors.values())
-    assert f"download {service._bytes(payload)}" in found["resources"].detail
+    assert f"download {service.checklist._bytes(payload)}" in found["resources"].detail
 
 
 def test_a_broken_config_names_the_field_and_the_fix(hub, published) -> None:
@@ -111,7 +111,7 @@ def test_resources_fail_when_the_worker_lacks_disk(hub, published, job_store, mo
     import shutil as shell
 
     real = shell.disk_usage
-    monkeypatch.setattr(service.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    monkeypatch.setattr(service.checklist.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     found = lines(service.preflight(ties(), TOKEN, "pf-new", False, False))
     assert not found["resources"].ok and "1.0 KB disk" in found["resources"].detail
     assert "merge fewer or smaller models" in found["resources"].fix
@@ -138,3 +138,43 @@ def test_my_merges_newest_first_own_jobs_only_and_cancel(hub, job_store) -> None
 def no_token_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HF_TOKEN", raising=False)
 
+
+
+def test_one_form_fetches_and_plans_once_across_validate_preflight_and_submit(hub, published, job_store, monkeypatch) -> None:
+    from merger.io import resolve
+    from merger.plan import entry
+
+    calls = {"fetch": 0, "plan": 0}
+    real_fetch, real_plan = resolve.fetch_metadata, entry.plan_from_metadata
+
+    def fetch(*args, **kwargs):
+        calls["fetch"] += 1
+        return real_fetch(*args, **kwargs)
+
+    def plan(*args, **kwargs):
+        calls["plan"] += 1
+        return real_plan(*args, **kwargs)
+
+    monkeypatch.setattr(resolve, "fetch_metadata", fetch)
+    monkeypatch.setattr(entry, "plan_from_metadata", plan)
+    text = ties(dtype="float32")  # a text no other test checked: nothing remembered yet
+    report = service.validate(text, TOKEN)
+    assert report.models == ("alice/pf-mistral-base", "alice/pf-mistral-prose")
+    assert service.preflight(text, TOKEN, "pf-once", False, False).ok
+    assert service.submit(text, "pf-once", TOKEN, False, False)
+    assert calls == {"fetch": 1, "plan": 1}
+    service.validate(text, None)  # another caller (here: signed out) is checked with its own rights
+    assert calls == {"fetch": 2, "plan": 2}
+
+
+def test_a_multi_stage_config_passes_the_checklist(hub, published, job_store) -> None:
+    first = ties()
+    text = "name: first\n" + first + "---\n" + dump_yaml({
+        "merge_method": "linear",
+        "models": [{"model": "first", "parameters": {"weight": 0.5}},
+                   {"model": "alice/pf-mistral-base", "parameters": {"weight": 0.5}}],
+    })
+    found = lines(service.preflight(text, TOKEN, "pf-stages", False, False))
+    assert list(found) == ["config", "models", "compatibility", "target repo"]
+    assert all(line.ok for line in found.values()), found
+    assert "2 stages" in found["compatibility"].detail

@@ -37,15 +37,26 @@ def plan_config(
     known = known or {}
     metadata = fetch_metadata([r for r in refs if r.base.key not in known], token)
     metadata.update({r.key: known[r.base.key] for r in refs if r.base.key in known})
+    return plan_from_metadata(config, metadata, token), metadata
+
+
+def plan_from_metadata(config: AnyConfig, metadata: dict[str, ModelMetadata], token: str | None) -> MergePlan:
+    """The second half of :func:`plan_config`, for a caller that fetched every model's metadata itself
+    (the service reports reaching the models and fitting them together as two checklist lines).
+
+    Raises:
+        ConfigProblems / ConfigError, ArchitectureError: the config does not fit the models.
+        HubError: a tokenizer the config needs could not be read.
+    """
+    refs = config.referenced_models()
     if isinstance(config, MoEConfig):
         plan = build_moe_plan(config, metadata)
         vocabulary = _tokenizer_if_any(next(ref for ref in refs if ref.key == plan.tokenizer_donor), metadata, token)
         if vocabulary is not None:  # a donor without a tokenizer writes none
             check_tokenizer_fits(plan, vocabulary)
-        return plan, metadata
+        return plan
     vocabs = fetch_vocabularies(refs, metadata, token) if needs_vocabularies(config) else None
-    return build_plan(config, metadata, vocabs), metadata
-
+    return build_plan(config, metadata, vocabs)
 
 TOKENIZER_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 

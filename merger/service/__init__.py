@@ -1,0 +1,32 @@
+"""The one door between the front ends (the UI, its API) and the engine and the jobs.
+
+The app calls only this package: validate, pre-flight, submit, status, cancel, the signed-in user's
+jobs, a job's config, share links and Hub search. Everything here takes the caller's Hub token as a
+plain string (None when signed out) and raises :class:`~merger.errors.MergerError` subclasses whose
+messages are fit for people; nothing here imports gradio. The engine (torch) is imported lazily, so
+importing this package stays cheap. One config text is parsed and planned once for the requests of one
+form (:func:`checked`).
+
+Modules: `identity` (who is asking), `configs` (local-path guard, validation, examples, links,
+search), `checklist` (the pre-flight checklist), `jobs` (submit, status, cancel, my merges).
+"""
+
+from merger.service.configs import (
+    Checked,
+    check_local_paths,
+    checked,
+    examples,
+    load_link,
+    search_models,
+    share,
+    validate,
+)
+from merger.service.identity import owner
+from merger.service.jobs import TERMINAL_STATUSES, cancel, job_config, job_status, my_jobs, submit, worker_note
+from merger.service.checklist import CheckLine, Preflight, preflight
+
+__all__ = [
+    "CheckLine", "Checked", "Preflight", "TERMINAL_STATUSES", "cancel", "check_local_paths", "checked",
+    "examples", "job_config", "job_status", "load_link", "my_jobs", "owner", "preflight", "search_models",
+    "share", "submit", "validate", "worker_note",
+]

@@ -1,0 +1,194 @@
+"""The pre-flight checklist: everything that can be known before Merge, from metadata only."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from merger import constants
+from merger.errors import MergerError, VocabSizeError
+from merger.scrub import scrub
+from merger.service.configs import check_local_paths, checked, models_of
+
+# What the time estimate assumes (the worker's measured order of magnitude, see README "speed").
+DOWNLOAD_BYTES_PER_S = 50e6
+MERGE_BYTES_PER_S = 200e6
+
+
+@dataclass(frozen=True)
+class CheckLine:
+    """One line of the pre-flight checklist.
+
+    Attributes:
+        name: what was checked (`models`, `compatibility`, `target repo`, `resources`).
+        ok: whether it passes.
+        detail: what was found (a passing line says what; a failing one what is wrong).
+        fix: for a failing line, what to change in the form.
+    """
+
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """The checklist shown before Merge is enabled; Merge is enabled only when `ok`."""
+
+    lines: tuple[CheckLine, ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        """Every line passes (and there is at least one)."""
+        return bool(self.lines) and all(line.ok for line in self.lines)
+
+
+def preflight(yaml_text: str, token: str | None, repo_id: str, private: bool, reuse_repo: bool) -> Preflight:
+    """The checklist for a config and a push target, from metadata only (no weights are fetched).
+
+    Lines: `config` (parses), `models` (every model reachable with the caller's rights),
+    `compatibility` (architectures, shapes, layer ranges, vocabularies), `target repo` (valid,
+    writable, new or explicitly reused) and `resources` (download, output, peak memory and time
+    next to the worker's free disk and RAM). A line that cannot be checked because an earlier one
+    failed is left out.
+    """
+    from merger.config.load import load_config
+    from merger.stages import is_multi_stage, split_stages
+
+    lines: list[CheckLine] = []
+    try:
+        check_local_paths(yaml_text)
+        split_stages(yaml_text) if is_multi_stage(yaml_text) else load_config(yaml_text)  # parsing alone is cheap: a broken config is named before any Hub call
+    except MergerError as err:
+        lines.append(CheckLine("config", False, _short(err), "fix the field it names in the form or the YAML"))
+        return Preflight((*lines, _target_line(repo_id, token, private, reuse_repo)))
+    lines.append(CheckLine("config", True, "the config parses"))
+    try:
+        models = models_of(yaml_text, token)
+    except MergerError as err:
+        lines.append(CheckLine("models", False, _short(err), _fix_for(err, "models")))
+        return Preflight((*lines, _target_line(repo_id, token, private, reuse_repo)))
+    if models.config is None:  # multi-stage: checked whole; each stage is planned from the one before it
+        report = models.report
+        lines.append(CheckLine("models", True, f"{len(report.models)} model(s) reachable: " + ", ".join(f"`{m}`" for m in report.models)))
+        lines.append(CheckLine("compatibility", True, report.summary().replace("\n", "; ")))
+        return Preflight((*lines, _target_line(repo_id, token, private, reuse_repo)))
+    lines.append(CheckLine("models", True, _models_summary(models.metadata)))
+    try:
+        result = checked(yaml_text, token)
+    except MergerError as err:
+        lines.append(CheckLine("compatibility", False, _short(err), _fix_for(err, "compatibility")))
+        return Preflight((*lines, _target_line(repo_id, token, private, reuse_repo)))
+    lines.append(CheckLine("compatibility", True, _plan_summary(result.plan)))
+    lines.append(_target_line(repo_id, token, private, reuse_repo))
+    lines.append(_resources_line(result.plan, result.metadata))
+    return Preflight(tuple(lines))
+
+
+def _models_summary(metadata: dict[str, Any]) -> str:
+    """`N model(s) reachable: `id` (architecture, parameters, license), ...`."""
+    parts = []
+    for meta in metadata.values():
+        architecture = (meta.config.get("architectures") or ["unknown architecture"])[0]
+        count = sum(t.numel for t in meta.tensors.values())
+        parts.append(f"`{meta.reference}` ({architecture}, {_count(count)} parameters, license {meta.license or 'unknown'})")
+    return f"{len(metadata)} model(s) reachable: " + ", ".join(parts)
+
+
+def _plan_summary(plan: Any) -> str:
+    architecture = (plan.output_config.get("architectures") or ["?"])[0]
+    text = f"{plan.pretty_name}: {architecture}, {plan.num_layers} layers, {_count(plan.parameter_count)} parameters"
+    return "; ".join([text, *(f"note: {w}" for w in plan.warnings)])
+
+
+def _fix_for(err: MergerError, name: str) -> str:
+    if isinstance(err, VocabSizeError) or "vocab" in str(err).lower():
+        return "set Tokenizer to `union` (or `base`) in the form, so the vocabularies are aligned"
+    if name == "models":
+        return "check the model ids in the form; for a private or gated model, sign in with an account that can read it"
+    return "change the models, layer ranges or parameters the message names, in the form"
+
+
+def _target_line(repo_id: str, token: str | None, private: bool, reuse_repo: bool) -> CheckLine:
+    repo_id = (repo_id or "").strip()
+    if not repo_id:
+        return CheckLine("target repo", False, "no repo named", "type a repo name next to Merge, e.g. `my-merge`")
+    if not token:
+        return CheckLine("target repo", False, "signed out", "sign in with Hugging Face to push the result")
+    from merger.publish.hub_push import check_push_target
+
+    try:
+        target = check_push_target(repo_id, token, private=bool(private), reuse_repo=bool(reuse_repo))
+    except MergerError as err:
+        fix = "tick “reuse existing repo” or choose a new name" if "exists" in str(err) else "choose another repo name"
+        return CheckLine("target repo", False, _short(err), fix)
+    state = "exists, a new commit will be pushed (reuse)" if target.exists else "new"
+    visibility = "private" if target.private else "public"
+    return CheckLine("target repo", True, f"`{target.repo_id}`: {state}, {visibility}")
+
+
+def _resources_line(plan: Any, metadata: dict[str, Any]) -> CheckLine:
+    from merger.dtypes import DTYPE_SIZES
+
+    download = sum(
+        t.numel * DTYPE_SIZES.get(t.dtype, 4) for meta in metadata.values() for t in meta.tensors.values()
+    )
+    output = sum(job.nbytes for job in plan.jobs)
+    largest = max((job.nbytes // max(1, DTYPE_SIZES.get(job.dtype, 4)) for job in plan.jobs), default=0)
+    inputs = max((len(job.sources) + (job.base is not None) for job in plan.jobs), default=1)
+    peak = largest * 4 * (inputs + 2)  # float32 copies of one tensor's inputs, the output and a temporary
+    seconds = download / DOWNLOAD_BYTES_PER_S + output / MERGE_BYTES_PER_S
+    disk = shutil.disk_usage(_existing_parent(constants.DATA_DIR)).free
+    ram = _available_ram()
+    detail = (
+        f"download {_bytes(download)}, output {_bytes(output)}, peak memory ~{_bytes(peak)}, "
+        f"about {_duration(seconds)}; the worker has {_bytes(disk)} disk and {_bytes(ram)} RAM free"
+    )
+    if download + output > disk:
+        return CheckLine("resources", False, detail, "merge fewer or smaller models, or a layer range (slices)")
+    if ram and peak > ram:
+        return CheckLine("resources", False, detail, "choose a smaller `dtype` or fewer models")
+    return CheckLine("resources", True, detail)
+
+
+def _existing_parent(path: Path) -> Path:
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _available_ram() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _short(err: Exception, limit: int = 600) -> str:
+    text = scrub(str(err))
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{max(1, round(seconds))} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

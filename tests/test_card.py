@@ -148,3 +148,21 @@ def test_moe_card_warns_about_the_random_router():
 def test_models_and_licenses_must_be_parallel():
     with pytest.raises(ValueError):
         render(licenses=["mit"])
+
+
+def test_names_licenses_and_yaml_from_users_stay_text():
+    hostile = "/models/x`](javascript:alert(1)) <img src=x>"
+    yaml_text = TIES_YAML + "# a comment that closes a fence:\n# ```\n# ````\n"
+    card = render(
+        title="local `merge` *bold*",
+        yaml_text=yaml_text,
+        models=["org/base", hostile],
+        licenses=["apache-2.0", "[click](http://evil) <b>x</b>"],
+    )
+    text = body(card)
+    assert "# local \\`merge\\` \\*bold\\*" in text
+    assert 'from_pretrained("local `merge` *bold*")' in text  # the snippet is Python: a string literal
+    assert "``/models/x`](javascript:alert(1)) <img src=x>``" in text  # a code span its backtick cannot close
+    assert "\\[click\\](http://evil) \\<b\\>x\\</b\\>" in text
+    # the YAML block's fence is longer than any backtick run in the YAML, so the YAML is one block, verbatim
+    assert "`````yaml\n" + yaml_text.rstrip("\n") + "\n`````\n" in text

@@ -6,8 +6,11 @@ Pure: no network calls.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from huggingface_hub import ModelCard, ModelCardData
 
@@ -19,11 +22,18 @@ HUB_WEB_URL = "https://huggingface.co"
 TAGS = ["merge", "mergekit"]
 
 
+# Characters that would start a link, an emphasis, code or HTML in a line of text; names and licenses come
+# from users' configs and other people's cards, so they are shown as text, never as Markdown.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]<>|])")
+
+
 @dataclass(frozen=True)
 class _Source:
-    """A parent model as the card shows it: its reference, its page (None if local), its license."""
+    """A parent model as the card shows it: its reference (Markdown-escaped text and a code span),
+    its page (None if local), its license (escaped)."""
 
     name: str
+    code: str
     url: str | None
     license: str | None = None
 
@@ -86,8 +96,10 @@ def render_model_card(
     card = ModelCard.from_template(
         card_data,
         template_path=TEMPLATE_PATH,
-        title=title,
-        yaml_text=yaml_text.rstrip("\n"),  # the closing fence supplies the last line break
+        heading=markdown_text(title),
+        repo_literal=json.dumps(title),  # a Python string literal in the usage snippet, whatever the name
+        yaml_text=yaml_text.rstrip("\n"),
+        yaml_fence=code_fence(yaml_text),  # the closing fence supplies the last line break
         method_name=method_name,
         method_url=method_url,
         base=_source(base_model, None) if base_model and mention_base else None,
@@ -102,11 +114,31 @@ def render_model_card(
 
 
 def _source(reference: str, license_: str | None) -> _Source:
+    name, code = markdown_text(reference), code_span(reference)
+    license_text = markdown_text(license_) if license_ else None
     if not looks_like_hub_id(reference):
-        return _Source(reference, None, license_)
+        return _Source(name, code, None, license_text)
     repo_id, revision = split_reference(reference)
-    url = f"{HUB_WEB_URL}/{repo_id}" + (f"/tree/{revision}" if revision else "")
-    return _Source(reference, url, license_)
+    url = f"{HUB_WEB_URL}/{repo_id}" + (f"/tree/{quote(revision, safe='')}" if revision else "")
+    return _Source(name, code, url, license_text)
+
+
+def markdown_text(text: str) -> str:
+    """`text` on one line, shown literally in Markdown (link, emphasis, code and HTML characters escaped)."""
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", " ".join(text.split()))
+
+
+def code_span(text: str) -> str:
+    """`text` on one line as an inline code span whose fence no backtick run inside can close."""
+    text = " ".join(text.split())
+    fence = "`" * (1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def code_fence(text: str) -> str:
+    """A fence for a code block holding `text`: longer than any backtick run in it (CommonMark)."""
+    return "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
 
 
 def _agreed_license(licenses: list[str | None]) -> str | None:

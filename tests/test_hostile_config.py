@@ -208,3 +208,17 @@ def test_a_token_glued_to_a_word_is_still_a_token() -> None:
     for glued in ("my_hf_", "Xhf_", "1hf_"):
         with pytest.raises(TokenInConfigError):
             load_config(f"merge_method: linear\nmodels: [{{model: org/a}}]\n# {glued}AbCdEfGhIjKlMnOpQrStUvWxYz01234567\n")
+
+
+def test_an_endless_file_is_read_only_past_the_limit_and_named_as_such(tmp_path: Path) -> None:
+    from merger.config.parse import read_config_file
+    from merger.errors import ConfigTooLargeError
+
+    started = time.perf_counter()
+    with pytest.raises(ConfigTooLargeError, match=r"more than 262,145 bytes, over the 262,144-byte limit"):
+        read_config_file("/dev/zero")  # st_size is 0: the size said is what was read, not "0 bytes"
+    assert time.perf_counter() - started < 1
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * 300_000)
+    with pytest.raises(ConfigTooLargeError, match=r"the config is 300,000 bytes, over"):
+        read_config_file(big)

@@ -244,7 +244,9 @@ def read_config_file(path: str | os.PathLike[str], limits: Limits = LIMITS) -> s
     with open(path, "rb") as handle:
         data = handle.read(limits.max_bytes + 1)
         if len(data) > limits.max_bytes:
-            raise ConfigTooLargeError(_too_large(os.fstat(handle.fileno()).st_size, limits))
+            size = os.fstat(handle.fileno()).st_size  # 0 for a device or a pipe: then "more than" what was read
+            endless = size <= limits.max_bytes
+            raise ConfigTooLargeError(_too_large(len(data) if endless else size, limits, more=endless))
     return _checked_text(data, limits)
 
 
@@ -287,8 +289,8 @@ def refuse_tokens(text: str, secret: str | None = None) -> None:
         raise TokenInConfigError(_TOKEN_MESSAGE.format(where=f" on line {line}"))
 
 
-def _too_large(size: int, limits: Limits) -> str:
-    return (f"the config is {size:,} bytes, over the {limits.max_bytes:,}-byte limit; a merge config is a few "
+def _too_large(size: int, limits: Limits, more: bool = False) -> str:
+    return (f"the config is {'more than ' if more else ''}{size:,} bytes, over the {limits.max_bytes:,}-byte limit; a merge config is a few "
             "hundred bytes: remove what is not part of it")
 
 

@@ -23,6 +23,8 @@ class ValidationReport:
         parameter_count: the output's parameters.
         architecture: the output's Hugging Face class name.
         warnings: problems that do not stop the merge.
+        stages: how many stages a multi-stage config runs (1 otherwise); `models` then counts every
+            stage's models from outside the config (intermediates left out).
     """
 
     method: str
@@ -32,15 +34,16 @@ class ValidationReport:
     parameter_count: int
     architecture: str
     warnings: tuple[str, ...] = ()
+    stages: int = 1
 
     def summary(self) -> str:
         """One line for people, e.g. `slerp of 2 models -> MistralForCausalLM, 32 layers, 7.24B parameters`."""
         n = self.parameter_count
         size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
-        text = (
-            f"{self.pretty_name} of {len(self.models)} model(s) -> {self.architecture}, "
-            f"{self.num_layers} layers, {size} parameters ({n:,})"
-        )
+        made = f"{self.pretty_name} of {len(self.models)} model(s)"
+        if self.stages > 1:
+            made = f"{self.stages} stages over {len(self.models)} model(s), the last: {self.pretty_name}"
+        text = f"{made} -> {self.architecture}, {self.num_layers} layers, {size} parameters ({n:,})"
         return "\n".join([text, *(f"warning: {w}" for w in self.warnings)])
 
 
@@ -97,7 +100,8 @@ def _stages_report(text: str, token: str | None) -> ValidationReport:
                  for i, p in enumerate(plans) if p is None]
     return ValidationReport(
         method=plan.method_name,
-        pretty_name=f"{len(plans)} stages, ending in {plan.pretty_name}" if plans[-1] else f"{len(plans)} stages",
+        pretty_name=plan.pretty_name if plans[-1] else f"checked when it runs (stage {len(plans)})",
+        stages=len(plans),
         models=tuple(m for m, _ in external_models(planned, work)),
         num_layers=plan.num_layers,
         parameter_count=plan.parameter_count,

@@ -57,6 +57,8 @@ def test_validate_plans_each_stage_from_the_earlier_stages_plan(fixture_models_d
     report = validate_config(two_stages(fixture_models_dir))
     assert report.method == "task_arithmetic" and report.num_layers == 4
     assert set(report.models) == {str(fixture_models_dir / n) for n in ("mistral-base", "mistral-prose", "mistral-code")}
+    assert report.stages == 2
+    assert report.summary().startswith("2 stages over 3 model(s), the last: Task Arithmetic -> ")
     # a later stage is checked against the earlier stage's planned shapes: a passthrough of layers 2..6
     # of `mid` (4 layers) is out of range
     bad = two_stages(fixture_models_dir).split("---")[0] + (

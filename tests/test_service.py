@@ -178,3 +178,23 @@ def test_a_multi_stage_config_passes_the_checklist(hub, published, job_store) ->
     assert list(found) == ["config", "models", "compatibility", "target repo"]
     assert all(line.ok for line in found.values()), found
     assert "2 stages" in found["compatibility"].detail
+
+
+def test_on_a_space_the_resolver_reads_only_the_jobs_work_folders(fixture_models_dir, job_store, monkeypatch) -> None:
+    """The service refuses local paths on a Space; the resolver itself does too, for any entry point."""
+    from merger.config.schema import ModelReference
+    from merger.errors import ModelNotFoundError
+    from merger.io.resolve import local_path
+
+    monkeypatch.setattr(constants, "ON_SPACE", True)
+    outside = fixture_models_dir / "llama-base"
+    for spelled_as_a_path in (str(outside), "./llama-base", "~/x", "../../etc"):
+        with pytest.raises(ModelNotFoundError, match="local folders are not read here"):
+            local_path(ModelReference.parse(spelled_as_a_path))
+    monkeypatch.chdir(fixture_models_dir.parent)  # `fixtures/llama-base` is spelled like a Hub id: it is one here
+    assert local_path(ModelReference.parse("fixtures/llama-base")) is None
+    intermediate = job_store / "work" / "job-1" / "stage-0"
+    shutil.copytree(outside, intermediate)
+    assert local_path(ModelReference.parse(str(intermediate))) == intermediate.resolve()
+    monkeypatch.setattr(constants, "ON_SPACE", False)
+    assert local_path(ModelReference.parse("fixtures/llama-base")) == outside.resolve()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from merger import constants
 from merger.publish import hub_read
 from merger.config.schema import ModelReference
 from merger.errors import ModelNotFoundError, excerpt
@@ -13,19 +14,28 @@ from merger.lora.adapter import read_adapter
 from merger.io.metadata import ModelMetadata, read_local_metadata
 from merger.timeouts import check_deadline
 from merger.plan.tokenizer import Vocabulary, load_vocabulary
-from merger.config.references import is_hub_id
+from merger.config.references import PATH_PREFIXES, is_hub_id, looks_like_hub_id
 
 
 def local_path(ref: ModelReference) -> Path | None:
     """The local directory `ref` names, or None for a Hub id.
 
     Relative paths resolve against the working directory; an existing directory wins over a Hub id
-    of the same spelling (as in mergekit).
+    of the same spelling (as in mergekit). On a Space the only local folders are the jobs' own work
+    folders (a multi-stage merge's intermediates): anything else is a Hub id or refused, so no config
+    reads the Space's own disk, whichever entry point it came through.
 
     Raises:
-        ModelNotFoundError: `ref` is written as a path (`./`, `../`, `/`, `~`) but no such directory exists.
+        ModelNotFoundError: `ref` is written as a path (`./`, `../`, `/`, `~`) but no such directory exists
+            (on a Space: outside the jobs' work folders).
     """
     path = Path(os.path.expanduser(ref.model))
+    if constants.ON_SPACE and not _in_work_folders(path):
+        if ref.model.startswith(PATH_PREFIXES) or not looks_like_hub_id(ref.model):
+            raise ModelNotFoundError(
+                f"model `{excerpt(str(ref), 100)}`: local folders are not read here; give a Hub id like `org/name`"
+            )
+        return None  # spelled like a Hub id: the Hub's, whatever the Space's own disk holds
     try:
         if path.is_dir():
             return path.resolve()
@@ -38,6 +48,14 @@ def local_path(ref: ModelReference) -> Path | None:
             "check the path, or give a Hub id like `org/name`"
         )
     return None
+
+
+def _in_work_folders(path: Path) -> bool:
+    """Whether a folder is inside the jobs' work folders (where a multi-stage merge writes its intermediates)."""
+    try:
+        return path.resolve().is_relative_to((Path(constants.DATA_DIR) / "work").resolve())
+    except (OSError, RuntimeError):  # a name too long, a symlink loop: not a work folder
+        return False
 
 
 def fetch_metadata(refs: list[ModelReference], token: str | None) -> dict[str, ModelMetadata]:

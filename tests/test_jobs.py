@@ -23,7 +23,7 @@ from huggingface_hub import HfApi
 
 from merger import constants, engine
 from merger.publish import hub_push
-from merger.jobs import store as jobs, worker, worker_notes
+from merger.jobs import recovery, store as jobs, worker, worker_notes
 from merger.jobs.supervisor import WorkerSupervisor
 from merger.jobs import queue
 from merger.scrub import scrub_log
@@ -261,7 +261,7 @@ def test_recovery_fails_jobs_left_running_and_clears_work(monkeypatch, data_dir)
     staging.mkdir(parents=True)
     (staging / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 64)
 
-    worker.recover_interrupted_jobs()
+    recovery.recover_interrupted_jobs()
 
     failed = jobs.get_job(running)
     assert failed.status is JobStatus.FAILED
@@ -532,7 +532,7 @@ def test_worker_start_sweeps_repos_created_but_never_committed(hub, monkeypatch,
         api.create_repo(repo)
     api.upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id="alice/swept-full")  # it had landed
 
-    worker.recover_interrupted_jobs()
+    recovery.recover_interrupted_jobs()
 
     assert not api.repo_exists("alice/swept-empty") and api.repo_exists("alice/swept-full")
     assert jobs.get_job(empty).error == (

@@ -43,7 +43,7 @@ from merger.jobs import worker_notes
 from merger.errors import MergeCancelled, MergerError
 from merger.scrub import ACTIVE_TOKENS, ScrubbingFormatter, install_log_scrubbing, scrub_log
 from merger.jobs.queue import ensure_queue_key, get_huey, seal, set_runner, unseal
-from merger.jobs.recovery import recover_interrupted_jobs, start_watching_workers
+from merger.jobs.recovery import HEARTBEAT_LOST_REASON, recover_interrupted_jobs, start_watching_workers
 from merger.jobs.store import Job, JobStatus
 
 logger = logging.getLogger(__name__)
@@ -315,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     worker_notes.beat(worker_notes.worker_id())  # alive before it claims a job, so no one fails that job
     # Embedded (SQLite): one consumer per data directory, so every earlier one is dead; with Redis, the
     # workers on other machines may be alive: only those whose heartbeat stopped are.
-    recover_interrupted_jobs(every_worker=not constants.REDIS_URL)
+    if constants.REDIS_URL:
+        recover_interrupted_jobs(HEARTBEAT_LOST_REASON)
+    else:
+        recover_interrupted_jobs(every_worker=True)
     stop_threads = start_watching_workers()
     threading.Thread(target=_heartbeat, args=(stop_threads,), daemon=True, name="merger-heartbeat").start()
     if args.parent_pid:

@@ -55,8 +55,10 @@ def recover_interrupted_jobs(
         How many jobs were marked failed.
     """
 
+    me = worker_notes.worker_id()  # a worker whose own heartbeat thread lags never fails its own jobs
+
     def is_dead(worker: str) -> bool:
-        return every_worker or worker == dead_worker or not worker_notes.is_alive(worker)
+        return every_worker or worker == dead_worker or (worker != me and not worker_notes.is_alive(worker))
 
     outcomes = _sweep_pending_repos(is_dead)
     count = sum(

@@ -35,7 +35,7 @@ from merger.jobs.store import JobStatus
 
 CONFIG = "merge_method: linear\nmodels:\n  - model: a\n  - model: b\n"
 TOKEN = "hf_" + "Rd5" * 12
-STALE_S = 4  # the workers' heartbeat timeout in the process test: a killed worker is noticed within seconds
+STALE_S = 6  # the workers' heartbeat timeout in the process test: a killed worker is noticed within seconds
 
 if shutil.which("redis-server") is None:
     if os.environ.get("CI") == "true":
@@ -221,20 +221,23 @@ def test_two_workers_drain_ten_jobs_once_each_after_a_third_is_killed_mid_upload
     held = threading.Event()
     monkeypatch.setattr(hub.store, "hold_commits", held)  # the first upload stays in flight
 
-    # 1. Worker A takes the only job and is killed while its commit is in flight.
+    # 1. Worker A takes the only job and is killed while its commit is in flight. B and C start once A
+    # has claimed it (a worker's start takes seconds: they start while A merges); C on A's machine.
     a, log_a = workers("a", machine="one")
     killed_repo = "alice/redis-killed"
     killed = queue.submit(config, killed_repo, hub.token, hub.user)
+    _wait_until(lambda: jobs.get_job(killed).status is JobStatus.RUNNING, [log_a])
+    (b, log_b), (c, log_c) = workers("b", machine="two"), workers("c", machine="one")
     _wait_until(lambda: ("model", killed_repo) in hub.store.repos and worker_notes.pending_repos(), [log_a])
     assert jobs.get_job(killed).worker == worker_notes.worker_id(a.pid)
     a.send_signal(signal.SIGKILL)
     a.wait(timeout=30)
+    killed_at = time.monotonic()
 
     assert (tmp_path / "data-one" / "work" / killed).is_dir()  # its merge output, on its machine
 
-    # 2. Two new workers start (C on A's machine); one notices A's heartbeat stopped, fails its job and
-    # deletes its repo; C deletes A's work folder once the job is failed.
-    (b, log_b), (c, log_c) = workers("b", machine="two"), workers("c", machine="one")
+    # 2. B or C notices A's heartbeat stopped, fails its job and deletes its repo; C deletes A's work
+    # folder once the job is failed.
     _wait_until(lambda: jobs.get_job(killed).status.finished, [log_b, log_c], timeout=30)
     job = jobs.get_job(killed)
     assert (job.status, job.error) == (
@@ -244,6 +247,7 @@ def test_two_workers_drain_ten_jobs_once_each_after_a_third_is_killed_mid_upload
         f"`{killed_repo}` this job created was deleted. Submit the job again.",
     )
     assert ("model", killed_repo) not in hub.store.repos and worker_notes.pending_repos() == []
+    print(f"killed worker's job failed {time.monotonic() - killed_at:.1f} s after the kill")
     held.set()  # A's orphaned commit arrives now, to a repo that no longer exists
     monkeypatch.setattr(hub.store, "hold_commits", None)
 
@@ -253,6 +257,8 @@ def test_two_workers_drain_ten_jobs_once_each_after_a_third_is_killed_mid_upload
     started = time.monotonic()
     submitted = {queue.submit(config, f"alice/redis-drain-{i}", hub.token, hub.user): f"alice/redis-drain-{i}"
                  for i in range(10)}
+    twice = next(iter(submitted))
+    queue.enqueue(twice, hub.token)  # huey hands this job out a second time: the claim must refuse it
     _wait_until(lambda: all(jobs.get_job(j).status.finished for j in submitted), [log_b, log_c])
     drained_s = time.monotonic() - started
     logs = _read(log_b) + _read(log_c)
@@ -262,6 +268,7 @@ def test_two_workers_drain_ten_jobs_once_each_after_a_third_is_killed_mid_upload
         assert logs.count(f"Job {job_id}: merging for {repo}.") == 1  # one worker ran it, once
         commits = hub.store.repos[("model", repo)]["commits"]
         assert [c["title"] for c in commits][0] == "initial commit" and len(commits) == 2  # created, pushed once
+    assert logs.count(f"Job {twice} was cancelled or claimed before it started; skipped.") == 1
     assert {jobs.get_job(j).worker for j in submitted} == ids, "both workers took jobs"
     assert ("model", killed_repo) not in hub.store.repos
     assert queue.get_huey().pending_count() == 0

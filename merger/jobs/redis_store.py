@@ -79,7 +79,7 @@ class RedisBackend:
     """
 
     def __init__(self, url: str):
-        self._redis = redis.Redis.from_url(url, socket_connect_timeout=10, health_check_interval=30)
+        self._redis = redis.Redis.from_url(url, socket_connect_timeout=10, socket_timeout=30, health_check_interval=30)
         self._insert = self._redis.register_script(_INSERT)
         self._update = self._redis.register_script(_UPDATE)
 

@@ -273,6 +273,23 @@ def test_recovery_fails_jobs_left_running_and_clears_work(monkeypatch, data_dir)
     assert not (data_dir / "work").exists()
 
 
+def test_recovery_leaves_the_jobs_of_live_workers_alone(data_dir):
+    live, dead, known_dead = (queue.submit(CONFIG, REPO, TOKEN, OWNER) for _ in range(3))
+    worker_notes.beat("host:1")
+    worker_notes.beat("host:3")  # alive by its heartbeat, but its process is known to have exited
+    for job_id, worker_id in ((live, "host:1"), (dead, "host:2"), (known_dead, "host:3")):
+        assert jobs.mark_running(job_id, worker_id)
+        (data_dir / "work" / job_id).mkdir(parents=True)
+
+    assert recovery.recover_interrupted_jobs("it stopped", dead_worker="host:3") == 2
+
+    assert [jobs.get_job(j).status for j in (live, dead, known_dead)] == [JobStatus.RUNNING, JobStatus.FAILED,
+                                                                         JobStatus.FAILED]
+    assert [p.name for p in (data_dir / "work").iterdir()] == [live]  # only the live worker's folder stays
+    assert recovery.recover_interrupted_jobs(every_worker=True) == 1  # a lone embedded consumer starting
+    assert jobs.get_job(live).status is JobStatus.FAILED and not (data_dir / "work").exists()
+
+
 def test_unknown_job():
     assert jobs.get_job("0" * 32) is None
     with pytest.raises(JobAccessError, match="there is no job with this id"):

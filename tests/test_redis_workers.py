@@ -183,6 +183,13 @@ def test_heartbeats_expire_on_the_server_and_dead_workers_jobs_are_failed(monkey
     assert TOKEN.encode() not in b"".join(on_redis.dump(key) or b"" for key in on_redis.keys("merger:*"))
 
 
+def test_with_redis_the_queue_key_must_come_from_the_environment(monkeypatch):
+    monkeypatch.delenv(constants.QUEUE_KEY_ENV)
+    with pytest.raises(KeyError, match="MERGER_QUEUE_KEY must be set for the app and every worker"):
+        queue.ensure_queue_key()
+    assert not constants.DATA_DIR.exists()  # no key file made that other machines could not read
+
+
 # ---------------------------------------------------------------- real worker processes
 
 

@@ -91,17 +91,22 @@ def main() -> None:
     """Serve the app; unless the worker runs apart (`MERGER_EXTERNAL_WORKER=1`), start and supervise one."""
     from merger.jobs.supervisor import WorkerSupervisor
     from merger.jobs.queue import ensure_queue_key
+    from merger.jobs.recovery import start_watching_workers
     from merger.scrub import install_log_scrubbing
 
     install_log_scrubbing()  # before anything logs: the app's own log (httpx's lines included) never holds a token
     logging.basicConfig(level=logging.INFO)
     ensure_queue_key()  # the data dir's key (or the given one), so jobs still queued survive a restart
     supervisor = None if constants.EXTERNAL_WORKER else WorkerSupervisor()
+    # Workers that run apart (on other machines, with REDIS_URL) may all stop: the app fails their jobs too.
+    stop_watching = start_watching_workers() if constants.EXTERNAL_WORKER else None
     try:
         serve(build_demo())
     finally:
         if supervisor is not None:
             supervisor.stop()
+        if stop_watching is not None:
+            stop_watching.set()
 
 
 if __name__ == "__main__":

@@ -55,6 +55,9 @@ JOBS_DB = Path(os.environ.get("MERGER_JOBS_DB", DATA_DIR / "jobs.db"))
 QUEUE_KEY_ENV = "MERGER_QUEUE_KEY"
 QUEUE_KEY_FILE_NAME = "queue.key"
 ON_SPACE = bool(os.environ.get("SPACE_ID"))
+# `redis://host:port/db`: the job queue and the job records live in this Redis, shared by workers on several
+# machines (merger.jobs.redis_store); unset, they are SQLite files in DATA_DIR, for one worker beside the app.
+REDIS_URL = os.environ.get("REDIS_URL", "").strip() or None
 
 
 def _env_int(name: str, default: int) -> int:
@@ -62,12 +65,14 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value.isdigit() and int(value) > 0 else default
 
 
-# Caps on unfinished (queued + running) jobs: per Hub user, and over all users.
+# Caps on unfinished jobs (those with these statuses): per Hub user, and over all users.
+UNFINISHED_STATUSES = ("queued", "running")
 MAX_JOBS_PER_USER = _env_int("MERGER_MAX_JOBS_PER_USER", 2)
 MAX_JOBS_TOTAL = _env_int("MERGER_MAX_JOBS_TOTAL", 20)
-# The worker writes a heartbeat this often; the app calls it dead after WORKER_STALE_S without one.
-WORKER_HEARTBEAT_S = 2.0
+# A worker writes a heartbeat every WORKER_HEARTBEAT_S; after WORKER_STALE_S without one it is dead: the app
+# says so, and any live worker (or the app) fails its running jobs and deletes the Hub repos they left half-made.
 WORKER_STALE_S = _env_int("MERGER_WORKER_STALE_S", 30)
+WORKER_HEARTBEAT_S = min(2.0, WORKER_STALE_S / 4)  # several beats per stale period, however short
 # How often the app's watchdog checks that the worker it started is alive.
 WATCHDOG_INTERVAL_S = 2.0
 # `1`: the worker runs apart (`python -m merger.jobs.worker`); the app starts none and only shows its heartbeat.

@@ -529,7 +529,7 @@ def test_job_status_says_when_no_worker_is_alive(
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     the_id = queue.submit("merge_method: linear\n", "alice/waiting", TOKEN, "alice")
-    worker_notes.beat(4242)
+    worker_notes.beat(worker_notes.worker_id(4242))
     assert client.predict(the_id, api_name="/job_status")["worker"] is None  # a fresh heartbeat
 
     beat = worker_notes.last_heartbeat()

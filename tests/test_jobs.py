@@ -23,7 +23,7 @@ from huggingface_hub import HfApi
 
 from merger import constants, engine
 from merger.publish import hub_push
-from merger.jobs import store as jobs, worker, worker_notes
+from merger.jobs import recovery, store as jobs, worker, worker_notes
 from merger.jobs.supervisor import WorkerSupervisor
 from merger.jobs import queue
 from merger.scrub import scrub_log
@@ -261,7 +261,7 @@ def test_recovery_fails_jobs_left_running_and_clears_work(monkeypatch, data_dir)
     staging.mkdir(parents=True)
     (staging / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 64)
 
-    worker.recover_interrupted_jobs()
+    recovery.recover_interrupted_jobs()
 
     failed = jobs.get_job(running)
     assert failed.status is JobStatus.FAILED
@@ -271,6 +271,23 @@ def test_recovery_fails_jobs_left_running_and_clears_work(monkeypatch, data_dir)
     )
     assert jobs.get_job(queued).status is JobStatus.QUEUED
     assert not (data_dir / "work").exists()
+
+
+def test_recovery_leaves_the_jobs_of_live_workers_alone(data_dir):
+    live, dead, known_dead = (queue.submit(CONFIG, REPO, TOKEN, OWNER) for _ in range(3))
+    worker_notes.beat("host:1")
+    worker_notes.beat("host:3")  # alive by its heartbeat, but its process is known to have exited
+    for job_id, worker_id in ((live, "host:1"), (dead, "host:2"), (known_dead, "host:3")):
+        assert jobs.mark_running(job_id, worker_id)
+        (data_dir / "work" / job_id).mkdir(parents=True)
+
+    assert recovery.recover_interrupted_jobs("it stopped", dead_worker="host:3") == 2
+
+    assert [jobs.get_job(j).status for j in (live, dead, known_dead)] == [JobStatus.RUNNING, JobStatus.FAILED,
+                                                                         JobStatus.FAILED]
+    assert [p.name for p in (data_dir / "work").iterdir()] == [live]  # only the live worker's folder stays
+    assert recovery.recover_interrupted_jobs(every_worker=True) == 1  # a lone embedded consumer starting
+    assert jobs.get_job(live).status is JobStatus.FAILED and not (data_dir / "work").exists()
 
 
 def test_unknown_job():
@@ -532,7 +549,7 @@ def test_worker_start_sweeps_repos_created_but_never_committed(hub, monkeypatch,
         api.create_repo(repo)
     api.upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id="alice/swept-full")  # it had landed
 
-    worker.recover_interrupted_jobs()
+    recovery.recover_interrupted_jobs()
 
     assert not api.repo_exists("alice/swept-empty") and api.repo_exists("alice/swept-full")
     assert jobs.get_job(empty).error == (

@@ -1,9 +1,12 @@
-"""The job queue: huey's SQLite queue, the sealing of Hub tokens on their way through it, and submit.
+"""The job queue: huey's queue, the sealing of Hub tokens on their way through it, and submit.
 
-huey's SQLite queue (`constants.QUEUE_DB`) carries only a job's id and its sealed Hub token; the rest
-of the job is its record (:mod:`merger.jobs.store`). Tokens are sealed with Fernet under the queue key:
-the `MERGER_QUEUE_KEY` environment variable when set, else a key created once in the data directory
-(`queue.key`, mode 0600), so that jobs still queued survive an app restart.
+huey's queue carries only a job's id and its sealed Hub token; the rest of the job is its record
+(:mod:`merger.jobs.store`). The queue is huey's SQLite file (`constants.QUEUE_DB`), or with
+`constants.REDIS_URL` huey's Redis queue (the list `huey.redis.merger`), which workers on several
+machines consume. Tokens are sealed with Fernet under the queue key: the `MERGER_QUEUE_KEY` environment
+variable when set, else (SQLite only) a key created once in the data directory (`queue.key`, mode
+0600), so that jobs still queued survive an app restart. With Redis the key must be in the environment
+of the app and of every worker: they share no data directory.
 
 The task's body is the worker's (:mod:`merger.jobs.worker` registers it with :func:`set_runner` when
 imported): the app's side queues jobs without importing the worker or the engine.
@@ -19,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.fernet import Fernet
-from huey import SqliteHuey
+from huey import Huey, RedisHuey, SqliteHuey
 from huey.api import TaskWrapper
 
 from merger import constants
@@ -52,7 +55,8 @@ def submit(
 
     Raises:
         TokenInConfigError, JobLimitError: as :func:`merger.jobs.store.create_record`.
-        sqlite3.Error: the job record or the queue could not be written (then no job exists to run).
+        sqlite3.Error, redis.RedisError: the job record or the queue could not be written (then no job
+            exists to run).
     """
     job_id = create_record(config_yaml, repo_id, token, owner, private=private, reuse_repo=reuse_repo)
     try:
@@ -72,8 +76,14 @@ def ensure_queue_key() -> None:
 
     `MERGER_QUEUE_KEY` wins when set; otherwise the key is read from `DATA_DIR/queue.key`, which the
     first process to need it creates, readable by its user only (mode 0600).
+
+    Raises:
+        KeyError: `constants.REDIS_URL` is set and `MERGER_QUEUE_KEY` is not (a key in one machine's data
+            directory would seal tokens that the workers on other machines cannot unseal).
     """
     if not os.environ.get(constants.QUEUE_KEY_ENV):
+        if constants.REDIS_URL:
+            raise KeyError(f"{constants.QUEUE_KEY_ENV} must be set for the app and every worker when REDIS_URL is set")
         os.environ[constants.QUEUE_KEY_ENV] = _stored_queue_key(Path(constants.DATA_DIR) / constants.QUEUE_KEY_FILE_NAME)
 
 
@@ -123,30 +133,33 @@ def _fernet() -> Fernet:
 
 @dataclass(frozen=True)
 class _Queue:
-    huey: SqliteHuey
+    huey: Huey
     merge: TaskWrapper  # calling it enqueues a merge task
 
 
-_queues: dict[Path, _Queue] = {}
+_queues: dict[str | Path, _Queue] = {}
 _queues_lock = threading.Lock()
 
 
 def _queue() -> _Queue:
-    # One huey per queue file, built on first use, so `constants.QUEUE_DB` is read at call time.
-    path = Path(constants.QUEUE_DB)
+    # One huey per Redis URL or queue file, built on first use, so the constants are read at call time.
+    where = constants.REDIS_URL or Path(constants.QUEUE_DB)
     with _queues_lock:
-        if path not in _queues:
-            create_private_file(path)
-            huey = SqliteHuey("merger", filename=str(path), results=False)
-            _queues[path] = _Queue(huey, huey.task(name="merge")(_run_merge))
-        return _queues[path]
+        if where not in _queues:
+            if constants.REDIS_URL:
+                huey = RedisHuey("merger", url=constants.REDIS_URL, results=False)
+            else:
+                create_private_file(where)
+                huey = SqliteHuey("merger", filename=str(where), results=False)
+            _queues[where] = _Queue(huey, huey.task(name="merge")(_run_merge))
+        return _queues[where]
 
 
-def get_huey() -> SqliteHuey:
-    """The huey instance on `constants.QUEUE_DB` (tests switch it to immediate mode).
+def get_huey() -> Huey:
+    """The huey instance on `constants.REDIS_URL`, else on `constants.QUEUE_DB` (tests switch it to immediate mode).
 
     Returns:
-        The process's SqliteHuey for that file, with the merge task registered.
+        The process's RedisHuey or SqliteHuey for that queue, with the merge task registered.
     """
     return _queue().huey
 

@@ -1,33 +1,34 @@
 """Merge jobs: their records, and the API the app uses to submit, poll and cancel them.
 
-The app never merges: :func:`merger.jobs.queue.submit` writes a record here and hands the job to the
-worker process (:mod:`merger.jobs.worker`) through huey's queue. The records are a table of the jobs
-database (:mod:`merger.jobs.database`, beside the worker's notes, :mod:`merger.jobs.worker_notes`),
-which both processes read and write; each status change is a compare-and-set on the current status,
-so a cancel racing with the worker's start can never leave a job both cancelled and running.
+The app never merges: :func:`merger.jobs.queue.submit` writes a record here and hands the job to a
+worker process (:mod:`merger.jobs.worker`) through huey's queue. The records are kept by the storage
+backend (:mod:`merger.jobs.storage`: SQLite beside the app, or Redis shared by workers on several
+machines), which every process reads and writes; each status change is a compare-and-set on the current
+status, so a cancel racing with a worker's start can never leave a job both cancelled and running, and
+of two workers handed the same job only one runs it.
 
 Every job has an owner, the Hub user whose token submitted it: only the owner reads its status, log
 and result or cancels it; anyone with its id sees only its config (what the owner shares with a job
 link). Unfinished jobs are capped per owner and in total (`constants.MAX_JOBS_PER_USER`,
-`constants.MAX_JOBS_TOTAL`); the check and the insert are one transaction, so a burst cannot overshoot.
+`constants.MAX_JOBS_TOTAL`); the check and the insert are one atomic step, so a burst cannot overshoot.
 """
 
 from __future__ import annotations
 
 import re
-import sqlite3
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from enum import Enum
+from typing import Any
 
 from merger import constants
 from merger.config.parse import refuse_tokens
 from merger.errors import JobAccessError, JobLimitError
-from merger.jobs.database import connect, execute
+from merger.jobs.storage import backend
 
 _JOB_ID = re.compile(f"[0-9a-f]{{{constants.JOB_ID_LENGTH}}}")
-_UNFINISHED = ("queued", "running")
 
 
 class JobStatus(str, Enum):
@@ -66,6 +67,8 @@ class Job:
         owner: the Hub username that submitted the job.
         reuse_repo: the owner allowed pushing to an existing repo.
         error_type: the class name of the error that failed the job (e.g. `PushTargetError`), else None.
+        worker: the worker that claimed the job (`host:pid`, see :func:`merger.jobs.worker_notes.worker_id`);
+            empty before it runs.
     """
 
     id: str
@@ -84,6 +87,7 @@ class Job:
     owner: str
     reuse_repo: bool
     error_type: str | None = None
+    worker: str = ""
 
 
 # ---------------------------------------------------------------- the app's API
@@ -118,28 +122,19 @@ def create_record(
             included): the record keeps the config, and the card and `mergekit_config.yml` carry it.
         JobLimitError: the owner has `constants.MAX_JOBS_PER_USER` unfinished jobs, or the app
             `constants.MAX_JOBS_TOTAL`.
-        sqlite3.Error: the job record could not be written.
+        sqlite3.Error, redis.RedisError: the job record could not be written.
     """
     refuse_tokens(config_yaml, token)
-    job_id = uuid.uuid4().hex
     now = time.time()
-    conn = connect()
-    try:
-        conn.execute("begin immediate")  # the count and the insert see no other submit in between
-        try:
-            _check_caps(conn, owner)
-            conn.execute(
-                "insert into jobs (id, config_yaml, repo_id, private, status, created_at, updated_at, owner, reuse_repo)"
-                " values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, config_yaml, repo_id, int(private), JobStatus.QUEUED.value, now, now, owner, int(reuse_repo)),
-            )
-        except BaseException:
-            conn.execute("rollback")
-            raise
-        conn.execute("commit")
-    finally:
-        conn.close()
-    return job_id
+    job = Job(
+        id=uuid.uuid4().hex, config_yaml=config_yaml, repo_id=repo_id, private=private, status=JobStatus.QUEUED,
+        progress=0.0, current_tensor="", log_tail="", result_url=None, error=None, cancel_requested=False,
+        created_at=now, updated_at=now, owner=owner, reuse_repo=reuse_repo,
+    )
+    refused = backend().insert(_record_of(job), constants.MAX_JOBS_PER_USER, constants.MAX_JOBS_TOTAL)
+    if refused:
+        raise _limit_error(*refused)
+    return job.id
 
 
 def check_caps(owner: str) -> None:
@@ -150,11 +145,9 @@ def check_caps(owner: str) -> None:
     Raises:
         JobLimitError: as in :func:`create_record`.
     """
-    conn = connect()
-    try:
-        _check_caps(conn, owner)
-    finally:
-        conn.close()
+    mine, total = backend().unfinished_counts(owner)
+    if mine >= constants.MAX_JOBS_PER_USER or total >= constants.MAX_JOBS_TOTAL:
+        raise _limit_error(mine, total)
 
 
 def check_job_id(job_id: str) -> str:
@@ -187,12 +180,8 @@ def get_job(job_id: str) -> Job | None:
     Returns:
         The job's snapshot, or None if no job has that id.
     """
-    conn = connect()
-    try:
-        row = conn.execute("select * from jobs where id = ?", (job_id,)).fetchone()
-    finally:
-        conn.close()
-    return None if row is None else _job_from_row(row)
+    record = backend().get(job_id)
+    return None if record is None else _job_of(record)
 
 
 def shared_config(job_id: str) -> str:
@@ -248,29 +237,27 @@ def cancel(job_id: str, owner: str | None) -> bool:
         JobAccessError: as in :func:`owned_job`.
     """
     job_id = owned_job(job_id, owner).id
-    if _set_status(job_id, JobStatus.QUEUED, JobStatus.CANCELLED):
+    if _change(job_id, (JobStatus.QUEUED,), status=JobStatus.CANCELLED):
         return True
-    return bool(
-        execute(
-            "update jobs set cancel_requested = 1, updated_at = ? where id = ? and status = ?",
-            (time.time(), job_id, JobStatus.RUNNING.value),
-        )
-    )
+    return _change(job_id, (JobStatus.RUNNING,), cancel_requested=True)
 
 
 # ---------------------------------------------------------------- the worker's side
 
 
-def mark_running(job_id: str) -> bool:
-    """Move a queued job to `running` (the worker's claim on it).
+def mark_running(job_id: str, worker: str = "") -> bool:
+    """Move a queued job to `running`: a worker's claim on it, a compare-and-set that one worker wins.
 
     Args:
         job_id: the job's id.
+        worker: the claiming worker's id (:func:`merger.jobs.worker_notes.worker_id`): when its heartbeat
+            stops, any live worker fails the job (:func:`merger.jobs.recovery.recover_interrupted_jobs`).
 
     Returns:
-        True if the job was queued; False if it was cancelled meanwhile (it must then not run).
+        True if the job was queued; False if it was cancelled meanwhile, or already claimed (it must then
+        not run here).
     """
-    return _set_status(job_id, JobStatus.QUEUED, JobStatus.RUNNING)
+    return _change(job_id, (JobStatus.QUEUED,), status=JobStatus.RUNNING, worker=worker)
 
 
 def record_progress(job_id: str, progress: float, current_tensor: str, log_tail: str) -> None:
@@ -282,10 +269,7 @@ def record_progress(job_id: str, progress: float, current_tensor: str, log_tail:
         current_tensor: the tensor merged last.
         log_tail: the job's last log lines.
     """
-    execute(
-        "update jobs set progress = ?, current_tensor = ?, log_tail = ?, updated_at = ? where id = ? and status = ?",
-        (progress, current_tensor, log_tail, time.time(), job_id, JobStatus.RUNNING.value),
-    )
+    _change(job_id, (JobStatus.RUNNING,), progress=progress, current_tensor=current_tensor, log_tail=log_tail)
 
 
 def is_cancel_requested(job_id: str) -> bool:
@@ -297,12 +281,8 @@ def is_cancel_requested(job_id: str) -> bool:
     Returns:
         The job's cancel flag (False for an unknown id).
     """
-    conn = connect()
-    try:
-        row = conn.execute("select cancel_requested from jobs where id = ?", (job_id,)).fetchone()
-    finally:
-        conn.close()
-    return bool(row and row["cancel_requested"])
+    job = get_job(job_id)
+    return job is not None and job.cancel_requested
 
 
 def mark_finished(
@@ -332,32 +312,30 @@ def mark_finished(
     """
     if not status.finished:
         raise ValueError(f"mark_finished needs a final status, got `{status.value}`")
-    return bool(
-        execute(
-            "update jobs set status = ?, result_url = ?, error = ?, error_type = ?, log_tail = coalesce(?, log_tail),"
-            " updated_at = ? where id = ? and status in (?, ?)",
-            (status.value, result_url, error, error_type, log_tail, time.time(), job_id,
-             JobStatus.QUEUED.value, JobStatus.RUNNING.value),
-        )
-    )
+    kept_log = {} if log_tail is None else {"log_tail": log_tail}
+    return _change(job_id, (JobStatus.QUEUED, JobStatus.RUNNING), status=status, result_url=result_url, error=error,
+                   error_type=error_type, **kept_log)
 
 
-def fail_running_jobs(error: str) -> int:
-    """Mark every `running` job failed; for a worker that starts after another one died mid-job.
+def fail_running_jobs(error: str, worker_is_dead: Callable[[str], bool] = lambda worker: True) -> int:
+    """Mark `running` jobs failed: those of workers that died mid-job.
 
     Args:
         error: the message for the jobs' owners.
+        worker_is_dead: called with each running job's worker id; only the jobs it says True for are
+            marked (by default, every running job).
 
     Returns:
         How many jobs were marked.
     """
-    return execute(
-        "update jobs set status = ?, error = ?, updated_at = ? where status = ?",
-        (JobStatus.FAILED.value, error, time.time(), JobStatus.RUNNING.value),
-    )
+    dead = [
+        record["id"] for record in backend().unfinished()
+        if record["status"] == JobStatus.RUNNING.value and worker_is_dead(record.get("worker", ""))
+    ]
+    return sum(mark_finished(job_id, JobStatus.FAILED, error=error) for job_id in dead)
 
 
-# ---------------------------------------------------------------- storage
+# ---------------------------------------------------------------- listings
 
 
 def list_jobs(owner: str, limit: int = 50) -> list[Job]:
@@ -367,51 +345,39 @@ def list_jobs(owner: str, limit: int = 50) -> list[Job]:
         owner: the Hub username.
         limit: the most jobs returned.
     """
-    conn = connect()
-    try:
-        rows = conn.execute(
-            "select * from jobs where owner = ? order by created_at desc limit ?", (owner, int(limit))
-        ).fetchall()
-    finally:
-        conn.close()
-    return [_job_from_row(row) for row in rows]
+    return [_job_of(record) for record in backend().owned(owner, limit)]
 
 
 def queue_position(job_id: str) -> int | None:
     """Where a queued job stands: 1 when it runs next (jobs run in submission order); None if not queued."""
-    conn = connect()
-    try:
-        row = conn.execute("select created_at, status from jobs where id = ?", (job_id,)).fetchone()
-        if row is None or row["status"] != JobStatus.QUEUED.value:
-            return None
-        ahead = conn.execute(
-            "select count(*) from jobs where status = ? and created_at < ?",
-            (JobStatus.QUEUED.value, row["created_at"]),
-        ).fetchone()[0]
-    finally:
-        conn.close()
-    return int(ahead) + 1
+    job = get_job(job_id)
+    if job is None or job.status is not JobStatus.QUEUED:
+        return None
+    queued = [r for r in backend().unfinished() if r["status"] == JobStatus.QUEUED.value]
+    return 1 + sum(record["created_at"] < job.created_at for record in queued)
 
 
-def _job_from_row(row: sqlite3.Row) -> Job:
-    return Job(
-        id=row["id"],
-        config_yaml=row["config_yaml"],
-        repo_id=row["repo_id"],
-        private=bool(row["private"]),
-        status=JobStatus(row["status"]),
-        progress=row["progress"],
-        current_tensor=row["current_tensor"],
-        log_tail=row["log_tail"],
-        result_url=row["result_url"],
-        error=row["error"],
-        cancel_requested=bool(row["cancel_requested"]),
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        owner=row["owner"],
-        reuse_repo=bool(row["reuse_repo"]),
-        error_type=row["error_type"],
-    )
+# ---------------------------------------------------------------- records
+
+
+def _record_of(job: Job) -> dict[str, Any]:
+    """A job as the backends store it: every field, statuses as their string values."""
+    return {name: value.value if isinstance(value, Enum) else value for name, value in asdict(job).items()}
+
+
+def _job_of(record: dict[str, Any]) -> Job:
+    """The inverse of :func:`_record_of` (SQLite gives booleans as 0/1)."""
+    values = {f.name: record[f.name] for f in fields(Job) if f.name in record}
+    for f in fields(Job):
+        if f.type == "bool" and f.name in values:
+            values[f.name] = bool(values[f.name])
+    return Job(**{**values, "status": JobStatus(values["status"])})
+
+
+def _change(job_id: str, current: tuple[JobStatus, ...], **changes: Any) -> bool:
+    """Compare-and-set: apply `changes` (and a new `updated_at`) only if the status still is one of `current`."""
+    changes = {name: value.value if isinstance(value, Enum) else value for name, value in changes.items()}
+    return backend().update(job_id, {**changes, "updated_at": time.time()}, tuple(s.value for s in current))
 
 
 def _existing_job(job_id: str) -> Job:
@@ -421,29 +387,13 @@ def _existing_job(job_id: str) -> Job:
     return job
 
 
-def _check_caps(conn: sqlite3.Connection, owner: str) -> None:
-    marks = ", ".join("?" for _ in _UNFINISHED)
-    total = conn.execute(f"select count(*) from jobs where status in ({marks})", _UNFINISHED).fetchone()[0]
-    mine = conn.execute(
-        f"select count(*) from jobs where status in ({marks}) and owner = ?", (*_UNFINISHED, owner)
-    ).fetchone()[0]
+def _limit_error(mine: int, total: int) -> JobLimitError:
     if mine >= constants.MAX_JOBS_PER_USER:
-        raise JobLimitError(
+        return JobLimitError(
             f"you already have {mine} unfinished job(s), the most one account may have here "
             f"({constants.MAX_JOBS_PER_USER}); wait for one to finish or cancel one, then submit again"
         )
-    if total >= constants.MAX_JOBS_TOTAL:
-        raise JobLimitError(
-            f"this app is full: {total} jobs are queued or running (at most {constants.MAX_JOBS_TOTAL}); "
-            "submit again in a while"
-        )
-
-
-def _set_status(job_id: str, current: JobStatus, new: JobStatus) -> bool:
-    """Compare-and-set: change the status only if it still is `current`."""
-    return bool(
-        execute(
-            "update jobs set status = ?, updated_at = ? where id = ? and status = ?",
-            (new.value, time.time(), job_id, current.value),
-        )
+    return JobLimitError(
+        f"this app is full: {total} jobs are queued or running (at most {constants.MAX_JOBS_TOTAL}); "
+        "submit again in a while"
     )

@@ -13,7 +13,9 @@ import time
 from collections.abc import Callable
 
 from merger import constants
-from merger.jobs.worker import SHUTDOWN_TIMEOUT_S, recover_interrupted_jobs, start_consumer_process
+from merger.jobs.recovery import recover_interrupted_jobs
+from merger.jobs.worker import SHUTDOWN_TIMEOUT_S, start_consumer_process
+from merger.jobs.worker_notes import worker_id
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +25,8 @@ class WorkerSupervisor:
 
     A thread polls the child every `constants.WATCHDOG_INTERVAL_S`. When the child has exited (killed,
     out of memory, crashed), the jobs it left `running` are failed with the reason, their partial
-    output and uncommitted Hub repos deleted (:func:`recover_interrupted_jobs`), and a new child is
+    output and uncommitted Hub repos deleted (:func:`merger.jobs.recovery.recover_interrupted_jobs`;
+    with Redis, the jobs of other machines' live workers are left alone), and a new child is
     started, so queued jobs run again. A child that keeps dying at once is restarted less and less
     often (doubling up to a minute).
 
@@ -65,7 +68,7 @@ class WorkerSupervisor:
                 return
             how = _exit_description(code)
             logger.error("The worker (pid %d) %s; failing its running job and starting a new worker.", self.process.pid, how)
-            recover_interrupted_jobs(f"the worker process {how} while it ran")
+            recover_interrupted_jobs(f"the worker process {how} while it ran", dead_worker=worker_id(self.process.pid))
             self.process = self._start()
             self._started_at = time.monotonic()
             self.restarts += 1

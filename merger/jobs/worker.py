@@ -10,8 +10,11 @@ its own (`MERGER_EXTERNAL_WORKER=1`) and shows the worker's heartbeat instead. S
 the consumer is supervised by :class:`merger.jobs.supervisor.WorkerSupervisor`, which starts a new one
 when it dies.
 
-One consumer per data directory: on start it marks jobs left `running` by a previous one as failed,
-deletes their partial output, and deletes the Hub repos they created but never committed to.
+Embedded (SQLite), one consumer per data directory: on start it marks jobs left `running` by a previous
+one as failed, deletes their partial output, and deletes the Hub repos they created but never committed
+to. With `REDIS_URL`, any number of consumers on any number of machines share the queue and the records
+(each with its own data directory for its work folders); each claims a job with a compare-and-set, beats a
+heartbeat, and fails the jobs of the workers whose heartbeat stopped (:mod:`merger.jobs.recovery`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from merger.jobs import worker_notes
 from merger.errors import MergeCancelled, MergerError
 from merger.scrub import ACTIVE_TOKENS, ScrubbingFormatter, install_log_scrubbing, scrub_log
 from merger.jobs.queue import ensure_queue_key, get_huey, seal, set_runner, unseal
+from merger.jobs.recovery import HEARTBEAT_LOST_REASON, recover_interrupted_jobs, start_watching_workers
 from merger.jobs.store import Job, JobStatus
 
 logger = logging.getLogger(__name__)
@@ -59,8 +63,6 @@ INTERRUPTED_MESSAGE = (
     "The worker stopped (the app restarted or shut down) before this merge finished; nothing was "
     "pushed. Submit the job again."
 )
-WORKER_LOST_REASON = "the worker process stopped unexpectedly (it was killed, ran out of memory, or the app restarted)"
-NOTHING_PUSHED = "Nothing was pushed."
 
 _SHUTDOWN = threading.Event()  # set when the consumer stops: the running merge stops at its next tensor
 
@@ -140,8 +142,8 @@ class _TailHandler(logging.Handler):
 
 def _run_job(job_id: str, sealed_token: bytes) -> None:
     """The huey task: run one job to its final status; every merge or push failure ends up there."""
-    if not jobs.mark_running(job_id):
-        logger.info("Job %s was cancelled before it started; skipped.", job_id)
+    if not jobs.mark_running(job_id, worker_notes.worker_id()):
+        logger.info("Job %s was cancelled or claimed before it started; skipped.", job_id)
         return
     job = jobs.get_job(job_id)
     reporter = _Reporter(job_id)
@@ -243,62 +245,13 @@ def _merge_and_push(job: Job, token: str, sealed_token: bytes, out_dir: Path, re
 # ---------------------------------------------------------------- the consumer
 
 
-def recover_interrupted_jobs(reason: str = WORKER_LOST_REASON) -> None:
-    """Clean up after a consumer that died: its Hub repos, its running jobs, its partial output.
-
-    Repos that jobs created but never committed to are deleted (kept if they hold a commit); jobs left
-    `running` are marked failed with `reason` and what is on the Hub; the work folders (staging
-    shards included) are deleted. Called when a consumer starts, and by the app's watchdog before it
-    starts a new one. The Hub repos whose check failed stay noted for the next sweep.
-
-    Args:
-        reason: why the jobs stopped, for their owners (a clause; the message adds the rest).
-    """
-    for job_id, on_hub in _sweep_pending_repos().items():
-        jobs.mark_finished(job_id, JobStatus.FAILED, error=_lost_job_message(reason, on_hub))
-    count = jobs.fail_running_jobs(_lost_job_message(reason, NOTHING_PUSHED))
-    if count:
-        logger.warning("Marked %d job(s) left running by a previous worker as failed.", count)
-    shutil.rmtree(Path(constants.DATA_DIR) / "work", ignore_errors=True)
-
-
-def _lost_job_message(reason: str, on_hub: str) -> str:
-    return f"This job stopped before it finished: {reason}. Its partial output was deleted. {on_hub} Submit the job again."
-
-
-def _sweep_pending_repos() -> dict[str, str]:
-    """Delete the repos noted as created but not committed; returns job id -> what is on the Hub now."""
-    outcomes = {}
-    for job_id, repo_id, sealed_token in worker_notes.pending_repos():
-        try:
-            token = unseal(sealed_token)
-        except (InvalidToken, KeyError, ValueError):
-            outcomes[job_id] = (
-                f"The repo `{repo_id}` this job created could not be checked (the queue key changed); "
-                "delete it on the Hub if it is empty."
-            )
-            worker_notes.clear_pending_repo(job_id)
-            continue
-        ACTIVE_TOKENS.add(token)
-        try:
-            settled, outcomes[job_id] = hub_push.delete_unpushed_repo(repo_id, token)
-        finally:
-            ACTIVE_TOKENS.discard(token)
-        if settled:
-            worker_notes.clear_pending_repo(job_id)
-        logger.warning("Job %s: %s", job_id, outcomes[job_id])
-    return outcomes
-
-
 def _heartbeat(stop: threading.Event) -> None:
-    # The app reads it to tell "no worker alive since ..." when the worker runs apart.
-    while True:
+    # The app reads it to tell "no worker alive since ..."; other workers, to tell that this one lives.
+    while not stop.wait(constants.WORKER_HEARTBEAT_S):
         try:
-            worker_notes.beat(os.getpid())
+            worker_notes.beat(worker_notes.worker_id())
         except Exception as err:  # noqa: BLE001 - a busy database must not kill the heartbeat
             logger.warning("could not write the heartbeat (%s)", type(err).__name__)
-        if stop.wait(constants.WORKER_HEARTBEAT_S):
-            return
 
 
 class _MergeConsumer(Consumer):
@@ -352,27 +305,35 @@ def main(argv: list[str] | None = None) -> int:
         ensure_queue_key()
         seal("")  # a key that is not a Fernet key fails here, not at the first job
     except (KeyError, ValueError):
+        # With Redis the workers share no data directory, so the key must come from the environment.
+        unset = "" if constants.REDIS_URL else f", or unset it in both to use {constants.QUEUE_KEY_FILE_NAME} in the shared data directory"
         logger.error(
             "%s must hold the app's Fernet key (32 url-safe base64 bytes); set the same key in the app's and "
-            "the worker's environments, or unset it in both to use %s in the shared data directory.",
-            constants.QUEUE_KEY_ENV,
-            constants.QUEUE_KEY_FILE_NAME,
+            "the workers' environments%s.", constants.QUEUE_KEY_ENV, unset,
         )
         return 2
-    recover_interrupted_jobs()
-    stop_heartbeat = threading.Event()
-    threading.Thread(target=_heartbeat, args=(stop_heartbeat,), daemon=True, name="merger-heartbeat").start()
+    worker_notes.beat(worker_notes.worker_id())  # alive before it claims a job, so no one fails that job
+    # Embedded (SQLite): one consumer per data directory, so every earlier one is dead; with Redis, the
+    # workers on other machines may be alive: only those whose heartbeat stopped are.
+    if constants.REDIS_URL:
+        recover_interrupted_jobs(HEARTBEAT_LOST_REASON)
+    else:
+        recover_interrupted_jobs(every_worker=True)
+    stop_threads = start_watching_workers()
+    threading.Thread(target=_heartbeat, args=(stop_threads,), daemon=True, name="merger-heartbeat").start()
     if args.parent_pid:
         threading.Thread(target=_exit_with_parent, args=(args.parent_pid,), daemon=True).start()
     # One worker thread: a merge holds several models' tensors in memory at once.
     consumer = _MergeConsumer(
         get_huey(), workers=1, worker_type="thread", periodic=False, max_delay=1.0, shutdown_timeout=SHUTDOWN_TIMEOUT_S
     )
-    logger.info("Worker ready: queue %s, jobs %s.", constants.QUEUE_DB, constants.JOBS_DB)
+    # The Redis URL may hold a password: it is never logged.
+    where = "in Redis" if constants.REDIS_URL else f"{constants.QUEUE_DB}, jobs {constants.JOBS_DB}"
+    logger.info("Worker %s ready: queue %s.", worker_notes.worker_id(), where)
     try:
         consumer.run()
     finally:
-        stop_heartbeat.set()
+        stop_threads.set()
     return 0
 
 
@@ -396,6 +357,8 @@ def start_consumer_process(log_file: Path | None = None) -> subprocess.Popen:
         MERGER_JOBS_DB=str(constants.JOBS_DB),
         PYTHONPATH=os.pathsep.join(filter(None, [str(_PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
     )
+    if constants.REDIS_URL:
+        env["REDIS_URL"] = constants.REDIS_URL
     command = [sys.executable, "-m", "merger.jobs.worker", "--parent-pid", str(os.getpid())]
     if log_file is None:
         return subprocess.Popen(command, env=env)

@@ -1,58 +1,64 @@
-"""The worker's notes in the jobs database: the worker's heartbeat, and the repos jobs created on the Hub.
+"""The workers' notes in the job storage (:mod:`merger.jobs.storage`): heartbeats, and the repos jobs create.
 
-The app reads the heartbeat to tell whether a worker is alive. A job notes a repo before creating it
-(with the job's token, sealed as in the queue) and forgets it once committed to, so that a worker
-starting after a crash can delete the repos still noted.
+Each worker process beats under its id (:func:`worker_id`); the app reads the latest beat to tell whether
+any worker is alive, and a worker that stopped beating is dead: its running jobs are failed by whoever
+notices (:mod:`merger.jobs.recovery`). A job notes a repo before creating it (with the job's token, sealed
+as in the queue) and forgets it once committed to, so that the repos of a worker that died mid-upload
+can be deleted by another.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 
-from merger.jobs.database import connect, execute
+from merger.jobs.storage import backend
+
+
+def worker_id(pid: int | None = None) -> str:
+    """The id a worker process beats and claims jobs under: `host:pid`.
+
+    Args:
+        pid: the worker's process id on this machine (default: this process's).
+    """
+    return f"{socket.gethostname()}:{os.getpid() if pid is None else pid}"
 
 
 def last_heartbeat() -> float | None:
-    """When a worker last said it was alive (epoch seconds), or None if none ever did on this data dir."""
-    conn = connect()
-    try:
-        row = conn.execute("select beat_at from worker where id = 1").fetchone()
-    finally:
-        conn.close()
-    return None if row is None else row["beat_at"]
+    """When a worker last said it was alive (epoch seconds), or None if none ever did on this storage."""
+    return backend().last_beat()
 
 
-def beat(pid: int) -> None:
-    """Record that the worker `pid` is alive now (its heartbeat thread calls this periodically)."""
-    execute("insert or replace into worker (id, pid, beat_at) values (1, ?, ?)", (pid, time.time()))
+def beat(worker: str) -> None:
+    """Record that the worker `worker` (a :func:`worker_id`) is alive now; its heartbeat thread calls this."""
+    backend().beat(worker, time.time())
+
+
+def is_alive(worker: str) -> bool:
+    """Whether `worker` beat within the last `constants.WORKER_STALE_S` seconds (False for an empty id)."""
+    return bool(worker) and backend().is_alive(worker)
 
 
 def record_pending_repo(job_id: str, repo_id: str, sealed_token: bytes) -> None:
     """Note, before creating it, that the job is about to create `repo_id` on the Hub.
 
-    Kept until :func:`clear_pending_repo`: a worker starting after a crash deletes the repos still noted.
+    Kept until :func:`clear_pending_repo`: when the job's worker dies, whoever fails the job deletes the
+    repo if it holds no commit.
 
     Args:
         job_id: the job's id.
         repo_id: the full repo id (`namespace/name`).
         sealed_token: the job's token sealed with the queue key (never the token in clear).
     """
-    execute(
-        "insert or replace into pending_repos (job_id, repo_id, sealed_token, created_at) values (?, ?, ?, ?)",
-        (job_id, repo_id, sealed_token, time.time()),
-    )
+    backend().note_repo(job_id, repo_id, sealed_token, time.time())
 
 
 def clear_pending_repo(job_id: str) -> None:
     """Forget the job's pending repo: it was committed to, or deleted."""
-    execute("delete from pending_repos where job_id = ?", (job_id,))
+    backend().forget_repo(job_id)
 
 
 def pending_repos() -> list[tuple[str, str, bytes]]:
     """The repos jobs created and never committed to, as (job id, repo id, sealed token), oldest first."""
-    conn = connect()
-    try:
-        rows = conn.execute("select job_id, repo_id, sealed_token from pending_repos order by created_at").fetchall()
-    finally:
-        conn.close()
-    return [(row["job_id"], row["repo_id"], bytes(row["sealed_token"])) for row in rows]
+    return backend().noted_repos()

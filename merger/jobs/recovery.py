@@ -61,6 +61,7 @@ def recover_interrupted_jobs(
         return every_worker or worker == dead_worker or (worker != me and not worker_notes.is_alive(worker))
 
     outcomes = _sweep_pending_repos(is_dead)
+    _delete_work_folders(is_dead)  # before the jobs are marked: a failed job's owner finds nothing half-made
     count = sum(
         jobs.mark_finished(job_id, JobStatus.FAILED, error=_lost_job_message(reason, on_hub))
         for job_id, on_hub in outcomes.items()
@@ -68,7 +69,6 @@ def recover_interrupted_jobs(
     count += jobs.fail_running_jobs(_lost_job_message(reason, NOTHING_PUSHED), is_dead)
     if count:
         logger.warning("Marked %d job(s) of a worker that stopped as failed.", count)
-    _delete_work_folders(is_dead)
     return count
 
 

@@ -201,3 +201,33 @@ def test_the_page_states_the_bounds(served) -> None:
     notes = [b.value for b in demo.blocks.values() if isinstance(b, gr.Markdown) and b.value]
     assert any(f"{constants.INSIGHT_MAX_BYTES / 1e9:.1f} GB of weights" in n
                and f"{constants.SUGGEST_MAX_CANDIDATES} candidates" in n for n in notes)
+
+
+@pytest.fixture(scope="module")
+def hub_models(hub) -> dict[str, str]:
+    """The mistral fixtures on the loopback Hub, as `alice/insight-<kind>`."""
+    return {kind: hub.upload_model(FIXTURES / f"mistral-{kind}", f"alice/insight-{kind}")
+            for kind in ("base", "prose", "code")}
+
+
+def hub_yaml(hub_models: dict[str, str]) -> str:
+    return (f"merge_method: ties\nbase_model: {hub_models['base']}\nmodels:\n"
+            f"  - model: {hub_models['prose']}\n    parameters: {{weight: 1, density: 0.5}}\n"
+            f"  - model: {hub_models['code']}\n    parameters: {{weight: 1, density: 0.5}}\n")
+
+
+def test_the_report_of_hub_models_reads_them_and_refuses_what_would_not_fit_on_disk(
+    served, hub_models: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, _ = served
+    rows = client.predict(hub_yaml(hub_models), api_name="/weight_report")["rows"]
+    expected = hand_layer("mistral", 2)
+    assert next(r for r in rows if r[0] == "layer 2")[3] == pytest.approx(expected["cos"], rel=1e-6)
+
+    import shutil
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real(path)._replace(free=10**6))
+    with pytest.raises(AppError, match=r"GB to download\) do not fit in the 0.00 GB free") as caught:
+        client.predict(hub_yaml(hub_models), api_name="/weight_report")
+    assert caught.value.title == "InsightLimitError"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 from merger import constants
@@ -85,7 +86,29 @@ def _single_merge(yaml_text: str, token: str | None, what: str) -> Any:
         raise InsightLimitError(f"{what} would read {stored / 1e9:.2f} GB of weights, over this app's "
                                 f"{constants.INSIGHT_MAX_BYTES / 1e9:.2f} GB limit; use fewer or smaller models, "
                                 "or run `python -m merger validate --report` / `suggest` on your own machine")
+    _check_download_space(models)
     return models
+
+
+def _check_download_space(models: Any) -> None:
+    """Refuse when the Hub models' weights would not fit on the disk of the Hub cache (as the merge's
+    pre-flight refuses a download over the worker's free disk)."""
+    import shutil
+
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    from merger.config.references import is_hub_id
+    from merger.dtypes import DTYPE_SIZES
+
+    hub = [ref.key for ref in models.config.referenced_models() if is_hub_id(ref.model)]
+    download = sum(t.numel * DTYPE_SIZES.get(t.dtype, 4) for key in hub for t in models.metadata[key].tensors.values())
+    cache = Path(HF_HUB_CACHE)
+    while not cache.exists() and cache != cache.parent:
+        cache = cache.parent
+    free = shutil.disk_usage(cache).free
+    if download > free:
+        raise InsightLimitError(f"the models' weights ({download / 1e9:.2f} GB to download) do not fit in the "
+                                f"{free / 1e9:.2f} GB free on this server's disk; use smaller models")
 
 
 @dataclass(frozen=True)

@@ -231,3 +231,20 @@ def test_the_report_of_hub_models_reads_them_and_refuses_what_would_not_fit_on_d
     with pytest.raises(AppError, match=r"GB to download\) do not fit in the 0.00 GB free") as caught:
         client.predict(hub_yaml(hub_models), api_name="/weight_report")
     assert caught.value.title == "InsightLimitError"
+
+
+def test_a_copy_of_the_base_is_warned_as_adding_nothing(served, tmp_path: Path) -> None:
+    """τ = 0: no cosine to show (empty cells, not an error) and the warning in words."""
+    import shutil
+
+    client, demo = served
+    copy = shutil.copytree(FIXTURES / "mistral-base", tmp_path / "base-copy")
+    text = ties_yaml().replace(str(FIXTURES / "mistral-code"), str(copy))
+    answer = client.predict(text, api_name="/weight_report")
+    total = answer["rows"][-1]
+    assert total[0] == "all" and total[2] == 0.0 and total[3] is None  # M2's relative norm; the cosine (NaN)
+    assert any("is almost its base" in w and "base-copy" in w for w in answer["warnings"])
+    updates = handler(demo, "on_report")({config_state(demo): text})
+    notes = updates[by_id(demo, "report-notes")]
+    assert "⚠️" in notes and "adds almost nothing" in notes
+    assert ">—<" in updates[by_id(demo, "report-table")].to_html()  # the undefined cosine shown as a dash

@@ -14,7 +14,6 @@ from typing import Any, Iterator
 import gradio as gr
 
 from merger import service
-from merger.errors import MergerError
 from merger.ui.common import one_line, token_of
 from merger.ui.yaml_panel import EDIT_QUEUE, ConfigViews
 
@@ -95,7 +94,7 @@ def wire(panel: InsightPanel, views: ConfigViews) -> None:
     def on_report(values: dict, oauth_token: gr.OAuthToken | None = None) -> dict:
         try:
             report = service.weight_report(values[views.config], token_of(oauth_token))
-        except MergerError as err:
+        except Exception as err:  # noqa: BLE001 - merger's message, or one line for a bug (logged)
             return {panel.report_table: None, panel.report_notes: f"**No report:** {one_line(err)}"}
         return {panel.report_table: heatmap(report), panel.report_notes: report_notes(report)}
 
@@ -134,7 +133,7 @@ def suggest_updates(panel: InsightPanel, config: str, token: str | None, candida
             best = min(rows, key=lambda row: row[1])
             yield {panel.suggest_table: [list(row) for row in rows],
                    panel.suggest_status: f"{len(rows)} scored; best so far #{best[0]} ({best[1]:.4f} bits/token)…"}
-    except MergerError as err:
+    except Exception as err:  # noqa: BLE001 - merger's message, or one line for a bug (logged)
         yield {panel.suggest_status: f"**Not suggested:** {one_line(err)}", panel.suggested: ""}
 
 
@@ -164,8 +163,8 @@ def heatmap(report: Any) -> Any:
         return [_cell_colour(str(column.name), value, top) for value in column]
 
     styled = frame.style.apply(colour, subset=headers[1:])
-    return styled.format("{:.4f}", subset=[h for h in headers[1:] if not h.startswith("sign")]).format(
-        "{:.1%}", subset=[h for h in headers if h.startswith("sign")])
+    return styled.format("{:.4f}", subset=[h for h in headers[1:] if not h.startswith("sign")], na_rep="—").format(
+        "{:.1%}", subset=[h for h in headers if h.startswith("sign")], na_rep="—")  # NaN: a τ of zero
 
 
 def _cell_colour(column: str, value: float, top_norm: float) -> str:

@@ -77,8 +77,8 @@ def build() -> InsightPanel:
                                    maximum=bounds.max_candidates, label="candidates at most", elem_id="budget-candidates")
             minutes = gr.Number(value=min(5, bounds.max_minutes), minimum=0.1, maximum=bounds.max_minutes,
                                 label="minutes at most", elem_id="budget-minutes")
-        text = gr.Textbox(lines=3, max_length=200_000, label="evaluation text (empty: the shipped prose, code "
-                          "and chat set)", elem_id="suggest-text")
+        text = gr.Textbox(lines=3, max_lines=6, max_length=200_000, elem_id="suggest-text",
+                          label="evaluation text (empty: the shipped prose, code and chat set)")
         suggest_button = gr.Button("Suggest a merge", elem_id="suggest-button")
         suggest_status = gr.Markdown(elem_id="suggest-status")
         suggest_table = gr.Dataframe(headers=CANDIDATE_HEADERS, interactive=False, label="candidates, as scored",
@@ -170,9 +170,9 @@ def heatmap(report: Any) -> Any:
 def _cell_colour(column: str, value: float, top_norm: float) -> str:
     if value is None or math.isnan(value):
         return ""
-    if column.startswith("cos"):  # diverging: agreeing changes blue, opposed red
+    if column.startswith("cos"):  # diverging: agreeing changes blue, opposed red; √ so that 0.1 shows
         rgb = "33, 102, 172" if value >= 0 else "178, 24, 43"
-        return f"background-color: rgba({rgb}, {min(1.0, abs(value)) * 0.8:.2f})"
+        return f"background-color: rgba({rgb}, {math.sqrt(min(1.0, abs(value))) * 0.8:.2f})"
     if column.startswith("sign"):  # 0% none, 50% as unrelated changes give
         return f"background-color: rgba(118, 42, 131, {min(1.0, value / 0.5) * 0.6:.2f})"
     return f"background-color: rgba(230, 120, 20, {min(1.0, value / top_norm) * 0.7:.2f})"

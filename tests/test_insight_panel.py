@@ -61,6 +61,11 @@ def layout_state(demo: gr.Blocks) -> gr.State:
     return [b for b in demo.blocks.values() if isinstance(b, gr.State)][1]
 
 
+def suggested_state(demo: gr.Blocks) -> gr.State:
+    """The best candidate's YAML, once a search ends (the page's third state, the insight panel's)."""
+    return [b for b in demo.blocks.values() if isinstance(b, gr.State)][2]
+
+
 def hand_layer(family: str, layer: int) -> dict:
     """Relative norms, cosine and sign-conflict share of one decoder layer's task vectors, in float64 from
     the safetensors files (independent of the engine's streaming reader)."""
@@ -82,7 +87,8 @@ def test_the_report_shows_the_hand_computed_numbers(served) -> None:
     expected = hand_layer("mistral", 1)
     via_api = client.predict(ties_yaml(), api_name="/weight_report")
     headers = via_api["headers"]
-    assert headers == ["group", "‖τ M1‖/‖base‖", "‖τ M2‖/‖base‖", "cos M1·M2", "sign conflicts M1·M2"]
+    assert headers == ["group", "‖τ M1‖/‖base‖", "‖τ M2‖/‖base‖", "cos M1·M2",
+                       "sign conflicts M1·M2"]
     row = next(r for r in via_api["rows"] if r[0] == "layer 1")
     assert row[1:3] == pytest.approx(expected["relative"], rel=1e-6)
     assert row[3] == pytest.approx(expected["cos"], rel=1e-6)
@@ -96,7 +102,8 @@ def test_the_report_shows_the_hand_computed_numbers(served) -> None:
     frame = table.data
     shown = frame[frame["group"] == "layer 1"].iloc[0]
     assert shown["cos M1·M2"] == pytest.approx(expected["cos"], rel=1e-6)
-    assert [shown["‖τ M1‖/‖base‖"], shown["‖τ M2‖/‖base‖"]] == pytest.approx(expected["relative"], rel=1e-6)
+    relative = [shown["‖τ M1‖/‖base‖"], shown["‖τ M2‖/‖base‖"]]
+    assert relative == pytest.approx(expected["relative"], rel=1e-6)
     html = table.to_html()
     assert f"{expected['cos']:.4f}" in html and f"{expected['conflicts']:.1%}" in html
     assert "background-color: rgba(33, 102, 172" in html  # positive cosines: blue cells
@@ -113,7 +120,8 @@ def test_the_report_warns_in_words_where_the_method_misbehaves(served) -> None:
     opposed = list(frame[frame["cos M1·M2"] < 0]["group"])
     assert opposed == ["head"]  # the hand-checkable sign: see the cosine row of the heatmap
     notes = updates[by_id(demo, "report-notes")]
-    assert "⚠️ model_stock: the task vectors of" in notes and "opposite directions (negative cosine) in head" in notes
+    assert "⚠️ model_stock: the task vectors of" in notes
+    assert "opposite directions (negative cosine) in head" in notes
 
 
 def test_a_suggestion_streams_candidates_and_its_best_fills_the_config(served) -> None:
@@ -126,12 +134,13 @@ def test_a_suggestion_streams_candidates_and_its_best_fills_the_config(served) -
     assert final["best"] == min(candidates, key=lambda c: c["bits"]) and final["tried"] == 2
 
     # The page: the table grows candidate by candidate, then the best's YAML fills the config state.
-    updates = list(handler(demo, "on_suggest")({config_state(demo): ties_yaml(), by_id(demo, "budget-candidates"): 2,
-                                                 by_id(demo, "budget-minutes"): 2.0, by_id(demo, "suggest-text"): PASTED}))
+    inputs = {config_state(demo): ties_yaml(), by_id(demo, "budget-candidates"): 2,
+              by_id(demo, "budget-minutes"): 2.0, by_id(demo, "suggest-text"): PASTED}
+    updates = list(handler(demo, "on_suggest")(inputs))
     tables = [u[by_id(demo, "suggest-table")] for u in updates if u.get(by_id(demo, "suggest-table"))]
     assert [len(t) for t in tables] == [1, 2]
-    suggested = updates[-1][[b for b in demo.blocks.values() if isinstance(b, gr.State)][2]]
-    filled = handler(demo, "on_suggested")({[b for b in demo.blocks.values() if isinstance(b, gr.State)][2]: suggested,
+    suggested = updates[-1][suggested_state(demo)]
+    filled = handler(demo, "on_suggested")({suggested_state(demo): suggested,
                                             layout_state(demo): layout_state(demo).value})
     text = filled[config_state(demo)]
     best = min(tables[-1], key=lambda row: row[1])
@@ -248,3 +257,10 @@ def test_a_copy_of_the_base_is_warned_as_adding_nothing(served, tmp_path: Path) 
     notes = updates[by_id(demo, "report-notes")]
     assert "⚠️" in notes and "adds almost nothing" in notes
     assert ">—<" in updates[by_id(demo, "report-table")].to_html()  # the undefined cosine shown as a dash
+
+
+def test_a_budget_spent_before_the_first_candidate_says_so(served) -> None:
+    client, _ = served
+    with pytest.raises(AppError, match=r"ran out while loading the models, before the first candidate") as caught:
+        client.predict(ties_yaml(), 2, 0.0001, api_name="/suggest")
+    assert caught.value.title == "SearchError"

@@ -74,7 +74,8 @@ def build() -> InsightPanel:
                     "average and the best are judged on the other half. The best fills the form.")
         with gr.Row():
             candidates = gr.Number(value=min(12, bounds.max_candidates), precision=0, minimum=1,
-                                   maximum=bounds.max_candidates, label="candidates at most", elem_id="budget-candidates")
+                                   maximum=bounds.max_candidates, label="candidates at most",
+                                   elem_id="budget-candidates")
             minutes = gr.Number(value=min(5, bounds.max_minutes), minimum=0.1, maximum=bounds.max_minutes,
                                 label="minutes at most", elem_id="budget-minutes")
         text = gr.Textbox(lines=3, max_lines=6, max_length=200_000, elem_id="suggest-text",
@@ -143,7 +144,8 @@ def report_frame(report: Any) -> tuple[list[str], list[list[Any]]]:
     n = len(report.models)
     pairs = sorted(report.total.cosines)
     headers = ["group", *(f"‖τ M{i + 1}‖/‖base‖" for i in range(n)),
-               *(f"cos M{i + 1}·M{j + 1}" for i, j in pairs), *(f"sign conflicts M{i + 1}·M{j + 1}" for i, j in pairs)]
+               *(f"cos M{i + 1}·M{j + 1}" for i, j in pairs),
+               *(f"sign conflicts M{i + 1}·M{j + 1}" for i, j in pairs)]
     rows = [[g.group, *g.relative, *(g.cosines[p] for p in pairs), *(g.conflicts[p] for p in pairs)]
             for g in (*report.groups, report.total)]
     return headers, rows
@@ -180,7 +182,8 @@ def _cell_colour(column: str, value: float, top_norm: float) -> str:
 
 def report_notes(report: Any) -> str:
     """The legend (M1 = …), how to read the table, what was not compared and the warnings, in words."""
-    lines = [f"Against the base `{report.base}`:"] + [f"- **M{i + 1}** = `{name}`" for i, name in enumerate(report.models)]
+    lines = [f"Against the base `{report.base}`:"]
+    lines += [f"- **M{i + 1}** = `{name}`" for i, name in enumerate(report.models)]
     lines += ["", HOW_TO_READ, ""]
     if report.skipped:
         lines.append(f"Not compared ({len(report.skipped)} tensors: not floating point, or missing or shaped "

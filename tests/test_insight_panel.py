@@ -66,6 +66,13 @@ def suggested_state(demo: gr.Blocks) -> gr.State:
     return [b for b in demo.blocks.values() if isinstance(b, gr.State)][2]
 
 
+def report_page(demo: gr.Blocks, text: str) -> dict:
+    """The page's last update after "Weight report" with `text` as the config (the first says it is reading)."""
+    updates = list(handler(demo, "on_report")({config_state(demo): text}))
+    assert "Reading the models' weights" in updates[0][by_id(demo, "report-notes")]
+    return updates[-1]
+
+
 def hand_layer(family: str, layer: int) -> dict:
     """Relative norms, cosine and sign-conflict share of one decoder layer's task vectors, in float64 from
     the safetensors files (independent of the engine's streaming reader)."""
@@ -97,7 +104,7 @@ def test_the_report_shows_the_hand_computed_numbers(served) -> None:
                                                "other", "head", "all"]
 
     # The page: the same numbers in the heatmap table, coloured by value, and the legend in words.
-    updates = handler(demo, "on_report")({config_state(demo): ties_yaml()})
+    updates = report_page(demo, ties_yaml())
     table = updates[by_id(demo, "report-table")]
     frame = table.data
     shown = frame[frame["group"] == "layer 1"].iloc[0]
@@ -115,7 +122,7 @@ def test_the_report_warns_in_words_where_the_method_misbehaves(served) -> None:
     """The fixtures' heads moved in slightly opposed directions: model_stock's ratio flips sign there."""
     _, demo = served
     text = ties_yaml().replace("merge_method: ties", "merge_method: model_stock")
-    updates = handler(demo, "on_report")({config_state(demo): text})
+    updates = report_page(demo, text)
     frame = updates[by_id(demo, "report-table")].data
     opposed = list(frame[frame["cos M1·M2"] < 0]["group"])
     assert opposed == ["head"]  # the hand-checkable sign: see the cosine row of the heatmap
@@ -253,7 +260,7 @@ def test_a_copy_of_the_base_is_warned_as_adding_nothing(served, tmp_path: Path) 
     total = answer["rows"][-1]
     assert total[0] == "all" and total[2] == 0.0 and total[3] is None  # M2's relative norm; the cosine (NaN)
     assert any("is almost its base" in w and "base-copy" in w for w in answer["warnings"])
-    updates = handler(demo, "on_report")({config_state(demo): text})
+    updates = report_page(demo, text)
     notes = updates[by_id(demo, "report-notes")]
     assert "⚠️" in notes and "adds almost nothing" in notes
     assert ">—<" in updates[by_id(demo, "report-table")].to_html()  # the undefined cosine shown as a dash
@@ -264,3 +271,13 @@ def test_a_budget_spent_before_the_first_candidate_says_so(served) -> None:
     with pytest.raises(AppError, match=r"ran out while loading the models, before the first candidate") as caught:
         client.predict(ties_yaml(), 2, 0.0001, api_name="/suggest")
     assert caught.value.title == "SearchError"
+
+
+def test_a_report_over_the_time_limit_is_refused_with_the_limit(served, monkeypatch: pytest.MonkeyPatch) -> None:
+    client, demo = served
+    monkeypatch.setattr(constants, "INSIGHT_TIMEOUT_S", 0.001)
+    with pytest.raises(AppError, match=r"did not finish within this app's 0.001-second limit") as caught:
+        client.predict(ties_yaml("qwen2"), api_name="/weight_report")
+    assert caught.value.title == "InsightLimitError"
+    notes = report_page(demo, ties_yaml("qwen2"))[by_id(demo, "report-notes")]
+    assert notes.startswith("**No report:** the weight report (downloading and reading the weights) did not finish")

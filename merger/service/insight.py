@@ -14,7 +14,7 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from merger import constants
 from merger.errors import ConfigError, InsightLimitError, SearchError
@@ -23,6 +23,7 @@ from merger.service.configs import models_of
 MAX_PASTED_CHARS = 200_000  # a pasted evaluation text; a search scores a few thousand tokens of it
 MIN_PASTED_CHARS = 400  # halved into a search and a judging split, each must hold some text
 _search_slot = threading.Lock()  # one search at a time: each holds several models in float32
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,16 +55,29 @@ def weight_report(yaml_text: str, token: str | None) -> Any:
 
     Raises:
         ConfigError: the config does not parse, is multi-stage or mergekit-moe, or names a LoRA input.
-        InsightLimitError: the models' stored weights are over `constants.INSIGHT_MAX_BYTES`.
-        ValidationTimeoutError: the report took longer than `constants.INSIGHT_TIMEOUT_S`.
+        InsightLimitError: the models' stored weights are over `constants.INSIGHT_MAX_BYTES` or the Hub
+            cache's free disk, or the report took longer than `constants.INSIGHT_TIMEOUT_S`.
         ModelNotFoundError / HubError / ModelFileError subclasses: a model cannot be read.
     """
     from merger.evaluate.report import report_for_config
-    from merger.timeouts import run_limited
 
     _single_merge(yaml_text, token, "the weight report")
-    return run_limited(lambda: report_for_config(yaml_text, token), constants.INSIGHT_TIMEOUT_S,
-                       "the weight report (downloading and reading the weights)")
+    return _limited(lambda: report_for_config(yaml_text, token), "the weight report (downloading and reading "
+                    "the weights)")
+
+
+def _limited(call: Callable[[], T], what: str) -> T:
+    """`call()` within `constants.INSIGHT_TIMEOUT_S`, or InsightLimitError naming that limit (the work
+    left behind stops at its next tensor or download)."""
+    from merger.errors import ValidationTimeoutError
+    from merger.timeouts import run_limited
+
+    try:
+        return run_limited(call, constants.INSIGHT_TIMEOUT_S, what)
+    except ValidationTimeoutError:
+        raise InsightLimitError(f"{what} did not finish within this app's {constants.INSIGHT_TIMEOUT_S:g}-second "
+                                "limit (the models are large, or the server is busy); try smaller models, or "
+                                "`python -m merger validate CONFIG --report` on your own machine") from None
 
 
 def _single_merge(yaml_text: str, token: str | None, what: str) -> Any:
@@ -161,7 +175,6 @@ def suggest(yaml_text: str, token: str | None, candidates: int, minutes: float,
     from merger.engine import pick_device
     from merger.evaluate.search import SearchBudget
     from merger.io.resolve import materialize
-    from merger.timeouts import run_limited
 
     budget = _budget(candidates, minutes)
     models = _single_merge(yaml_text, token, "suggesting a merge")
@@ -173,8 +186,7 @@ def suggest(yaml_text: str, token: str | None, candidates: int, minutes: float,
                                 "try again in a few minutes")
     try:
         refs = [base, *fine_tunes]
-        folders = run_limited(lambda: materialize(refs, token), constants.INSIGHT_TIMEOUT_S,
-                              "downloading the models to search on")
+        folders = _limited(lambda: materialize(refs, token), "downloading the models to search on")
     except BaseException:
         _search_slot.release()
         raise

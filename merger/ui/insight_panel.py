@@ -92,12 +92,14 @@ def build() -> InsightPanel:
 def wire(panel: InsightPanel, views: ConfigViews) -> None:
     """Report and search events; the search's best fills the form through the config-edit queue."""
 
-    def on_report(values: dict, oauth_token: gr.OAuthToken | None = None) -> dict:
+    def on_report(values: dict, oauth_token: gr.OAuthToken | None = None) -> Iterator[dict]:
+        yield {panel.report_table: None, panel.report_notes: "Reading the models' weights, tensor by tensor…"}
         try:
             report = service.weight_report(values[views.config], token_of(oauth_token))
         except Exception as err:  # noqa: BLE001 - merger's message, or one line for a bug (logged)
-            return {panel.report_table: None, panel.report_notes: f"**No report:** {one_line(err)}"}
-        return {panel.report_table: heatmap(report), panel.report_notes: report_notes(report)}
+            yield {panel.report_notes: f"**No report:** {one_line(err)}"}
+            return
+        yield {panel.report_table: heatmap(report), panel.report_notes: report_notes(report)}
 
     panel.report_button.click(on_report, inputs={views.config}, outputs=[panel.report_table, panel.report_notes],
                               concurrency_limit=2, concurrency_id="weight-report", api_visibility="private")

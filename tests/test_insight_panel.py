@@ -5,6 +5,7 @@ app's bounds are refused with the bound named. Driven through gradio_client and 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -16,6 +17,7 @@ from gradio_client.exceptions import AppError  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from app_harness import served_app  # noqa: E402
+from hostile_catalogue import CATALOGUE  # noqa: E402
 from merger import constants  # noqa: E402
 from merger.config.load import load_config  # noqa: E402
 
@@ -281,3 +283,19 @@ def test_a_report_over_the_time_limit_is_refused_with_the_limit(served, monkeypa
     assert caught.value.title == "InsightLimitError"
     notes = report_page(demo, ties_yaml("qwen2"))[by_id(demo, "report-notes")]
     assert notes.startswith("**No report:** the weight report (downloading and reading the weights) did not finish")
+
+
+CONFIG_ATTACKS = [entry for entry in CATALOGUE if entry.via == "config"]
+
+
+@pytest.mark.parametrize("entry", CONFIG_ATTACKS, ids=[entry.id for entry in CONFIG_ATTACKS])
+def test_every_hostile_config_is_refused_by_name_before_any_weight_is_read(entry) -> None:
+    """The catalogue's configs, straight to the service (a lone surrogate cannot cross HTTP): the report
+    and the search refuse each with the error the validator gives, quickly."""
+    from merger import service
+
+    for ask in (lambda: service.weight_report(entry.text, None), lambda: service.suggest(entry.text, None, 2, 1.0)):
+        started = time.monotonic()
+        with pytest.raises(entry.error):
+            ask()
+        assert time.monotonic() - started < 5.0

@@ -121,7 +121,7 @@ def checked(yaml_text: str, token: str | None) -> Checked:
 
 
 def _memo_key(yaml_text: str, token: str | None) -> tuple[str, str]:
-    return hashlib.sha256(yaml_text.encode()).hexdigest(), hashlib.sha256((token or "").encode()).hexdigest()
+    return hashlib.sha256(yaml_text.encode("utf-8", "surrogatepass")).hexdigest(), hashlib.sha256((token or "").encode()).hexdigest()
 
 
 def _remembered(key: tuple[str, str]) -> Checked | None:

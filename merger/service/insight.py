@@ -205,10 +205,10 @@ def _budget(candidates: Any, minutes: Any) -> tuple[int, float]:
         raise InsightLimitError("the budget needs a number of candidates and of minutes") from None
     if not 1 <= count <= constants.SUGGEST_MAX_CANDIDATES:
         raise InsightLimitError(f"candidates: {count} is outside 1-{constants.SUGGEST_MAX_CANDIDATES} "
-                                "(this app's cap); choose fewer")
+                                "(this app's cap); choose a number in that range")
     if not 0 < span <= constants.SUGGEST_MAX_MINUTES:
         raise InsightLimitError(f"minutes: {span:g} is outside 0-{constants.SUGGEST_MAX_MINUTES} "
-                                "(this app's cap); choose fewer")
+                                "(this app's cap); choose more than 0 and at most the cap")
     return count, 60.0 * span
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 
 from merger import constants, service
-from merger.ui import api, form_panel, job_panel, my_merges, page_events, preflight_panel, yaml_panel
+from merger.ui import api, form_panel, insight_panel, job_panel, my_merges, page_events, preflight_panel, yaml_panel
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "templates" / "examples"
 
@@ -58,11 +58,13 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
                 views = yaml_panel.build()
             with form_column:
                 form_panel.build(views, demo)
+        insight = insight_panel.build()
         pre = preflight_panel.build()
         job = job_panel.build()
         listing, refresh = my_merges.build()
 
         preflight_panel.wire(pre, views)
+        insight_panel.wire(insight, views)
         job_panel.wire(job, listing)
         page_events.wire_merge(views, pre, job, listing)
         page_events.wire_load(demo, views, pre, job, listing)

@@ -86,3 +86,12 @@ VALIDATION_TIMEOUT_S = _env_int("MERGER_VALIDATION_TIMEOUT_S", 60)
 MAX_LIMITED_CALLS = _env_int("MERGER_MAX_LIMITED_CALLS", 16)
 VALIDATE_CONCURRENCY = _env_int("MERGER_VALIDATE_CONCURRENCY", 4)
 SUBMIT_CONCURRENCY = _env_int("MERGER_SUBMIT_CONCURRENCY", 2)
+# The weight report and the merge suggestion read whole models in the app's process (docs/decisions.md,
+# "Weight report and suggestion on the page"): at most INSIGHT_MAX_BYTES of stored weights over a config's
+# models; a report (downloads included) within INSIGHT_TIMEOUT_S; a search within SUGGEST_MAX_MINUTES and
+# SUGGEST_MAX_CANDIDATES, holding at most SUGGEST_MAX_BYTES of float32 weights, one search at a time.
+INSIGHT_MAX_BYTES = _env_int("MERGER_INSIGHT_MAX_BYTES", 4 * 10**9)
+INSIGHT_TIMEOUT_S = _env_int("MERGER_INSIGHT_TIMEOUT_S", 300)
+SUGGEST_MAX_MINUTES = _env_int("MERGER_SUGGEST_MAX_MINUTES", 10)
+SUGGEST_MAX_CANDIDATES = _env_int("MERGER_SUGGEST_MAX_CANDIDATES", 48)
+SUGGEST_MAX_BYTES = _env_int("MERGER_SUGGEST_MAX_BYTES", 8 * 2**30)

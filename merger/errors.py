@@ -296,3 +296,11 @@ class EvalModelError(MergerError, ValueError):
 
 class SearchError(MergerError, ValueError):
     """A merge cannot be suggested for these models: wrong count, different shapes, or over the memory bound."""
+
+
+# ---------------------------------------------------------------- weight report and suggestion on the page
+
+
+class InsightLimitError(MergerError, ValueError):
+    """A weight report or a suggested merge asked of the app is over its bounds (weights read, float32
+    memory, candidates, minutes, pasted text), or another search is running; the message names the bound."""

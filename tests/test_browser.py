@@ -10,6 +10,7 @@ link byte for byte; double-click Merge and get one job. Each step's screenshot g
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -263,3 +264,46 @@ def test_a_users_path_through_the_page(site, browser) -> None:
     wait_for_yaml(other, "filter: self_attn")
     shot(other, "08-example")
     print(f"browser test: {time.monotonic() - started:.1f} s")
+
+
+INSIGHT_CONFIG = """merge_method: ties
+base_model: alice/mistral-base
+models:
+  - model: alice/mistral-prose
+    parameters: {weight: 1.0, density: 0.5}
+  - model: alice/mistral-code
+    parameters: {weight: 1.0, density: 0.5}
+dtype: bfloat16
+"""
+
+
+def test_weight_report_and_suggested_merge_in_the_page(site, browser) -> None:
+    """The report's heatmap renders with coloured cells; a search streams its candidates and fills the YAML."""
+    page = new_page(browser)
+    page.goto(site)
+    page.wait_for_selector("#method")
+    paste_yaml(page, INSIGHT_CONFIG)
+    wait_for_yaml(page, "base_model: alice/mistral-base")
+    page.locator("#insight").get_by_text("Before merging: weight report and suggested merge").click()
+    page.locator("#report-button").click()
+    page.wait_for_function("() => { const e = document.querySelector('#report-table');"
+                           " return e && e.innerText.includes('layer 3') && e.innerText.includes('cos M1·M2'); }")
+    coloured = page.locator("#report-table *").evaluate_all(
+        "cells => cells.filter(c => getComputedStyle(c).backgroundColor.startsWith('rgba(33, 102, 172')).length")
+    assert coloured > 0  # positive cosines in blue
+    assert "M1" in page.locator("#report-notes").inner_text()
+
+    field(page, "budget-candidates").fill("2")
+    field(page, "budget-minutes").fill("2")
+    field(page, "suggest-text").fill((Path(__file__).parent / "data" / "fixtures" / "prose_eval.txt")
+                                     .read_text(encoding="utf-8")[:1600])
+    page.locator("#suggest-button").click()
+    page.wait_for_function("() => { const e = document.querySelector('#suggest-status');"
+                           " return e && e.innerText.includes('Suggested (now in the form)'); }", timeout=180_000)
+    table = page.locator("#suggest-table").inner_text()
+    assert [int(n) for n in re.findall(r"^(\d+)\n\d+\.\d+\n", table, re.M)] == [1, 2], table  # "#", bits/token
+    status = page.locator("#suggest-status").inner_text()
+    method = status.split("candidates in ")[1].split(": ")[1].split()[0]  # "best of 2 candidates in 3.1s: ties ..."
+    wait_for_yaml(page, f"merge_method: {method}", "base_model: \"alice/mistral-base\"")
+    shot(page, "09-insight")
+    page.locator("#insight").screenshot(path=str(OUTPUT / "09-insight-panel.png"))

@@ -26,6 +26,7 @@ import torch
 from merger.io.buffers import BufferPool
 from merger.io.loader import STORAGE_DTYPES, TensorReader
 from merger.io.metadata import read_checkpoint
+from merger.timeouts import check_deadline
 
 CHUNK = 2**22  # float32 entries reduced at once (16 MiB per model)
 NOT_A_FINE_TUNE = 0.5  # ‖τ‖/‖base‖ above this: too far to be a fine-tune of the base (independent inits give ~1.4)
@@ -173,6 +174,7 @@ def weight_report(base: tuple[str, Path], models: list[tuple[str, Path]], method
                     name not in layout or layout[name].meta.shape != stored.meta.shape for layout in layouts[1:]):
                 skipped.append(name)
                 continue
+            check_deadline(f"reading `{name}`")  # an app's time-limited report stops here when its time is up
             group = sums.setdefault(group_of(name), _Sums(len(models)))
             tensors = [reader.read(name).reshape(-1) for reader in readers]
             for start in range(0, tensors[0].numel(), CHUNK):

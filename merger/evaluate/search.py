@@ -276,6 +276,9 @@ def suggest_merge(
 
     for candidate in grid(len(fine_tunes)):
         attempt(candidate)
+    if not tried:
+        raise SearchError(f"the time budget ({budget.seconds:g} s) ran out while loading the models, before the "
+                          "first candidate; give the search more time")
     best = min(tried, key=lambda s: s.bits)
     _refine(best, attempt)
     best = min(tried, key=lambda s: s.bits)

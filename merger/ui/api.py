@@ -14,16 +14,26 @@ All take the Hugging Face token from the signed-in user (OAuth) or, off a Space,
 - `/my_jobs` () -> list[dict]: the signed-in user's jobs, newest first.
 - `/share` (yaml_text: str) -> str: the share link (`...?config=<payload>`).
 - `/load_link` (payload: str) -> str: the YAML a share payload carries.
+- `/weight_report` (yaml_text: str) -> dict: the pre-merge weight report of the config's models: `base`,
+  `models`, `headers` and `rows` (one per layer group, then `all`: relative norms, cosines, sign
+  conflicts; the page's heatmap), `warnings`, `skipped`. Bounded: see :mod:`merger.service.insight`.
+- `/suggest` (yaml_text: str, candidates: int, minutes: float, text: str = "") -> dicts as they come:
+  `{"candidate": {number, bits, method, parameters}}` per scored candidate, then
+  `{"best": {...}, "yaml": str, "summary": str, "tried": int}`. One search at a time on the app.
 
 Errors reach gradio_client as `AppError` whose `title` is the error's class name (e.g. `ConfigError`).
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from typing import Iterator
+
 import gradio as gr
 
 from merger import constants, service
 from merger.ui.common import app_url, require_token, token_of, user_errors
+from merger.ui.insight_panel import report_frame
 
 
 def api_validate(yaml_text: str, oauth_token: gr.OAuthToken | None = None) -> str:
@@ -87,6 +97,26 @@ def api_load_link(payload: str) -> str:
         return service.load_link(payload)
 
 
+def api_weight_report(yaml_text: str, oauth_token: gr.OAuthToken | None = None) -> dict:
+    """The weight report of the config's models (reads their weights, within the app's bounds)."""
+    with user_errors():
+        report = service.weight_report(yaml_text, token_of(oauth_token))
+    headers, rows = report_frame(report)
+    return {"base": report.base, "models": list(report.models), "headers": headers, "rows": rows,
+            "warnings": list(report.warnings), "skipped": list(report.skipped)}
+
+
+def api_suggest(yaml_text: str, candidates: int, minutes: float, text: str = "",
+                oauth_token: gr.OAuthToken | None = None) -> Iterator[dict]:
+    """Search a merge of the config's 2-3 fine-tunes of its base; yields each candidate, then the best's YAML."""
+    with user_errors():
+        for event in service.suggest(yaml_text, token_of(oauth_token), candidates, minutes, text or ""):
+            if isinstance(event, service.SuggestedMerge):
+                yield {"best": asdict(event.best), "yaml": event.yaml, "summary": event.summary, "tried": event.tried}
+            else:
+                yield {"candidate": asdict(event)}
+
+
 def register() -> None:
     """Add the named endpoints to the Blocks being built (call inside `with gr.Blocks()`)."""
     # Validation and submission share bounded pools (the UI's events too), each call time-limited
@@ -100,3 +130,6 @@ def register() -> None:
     gr.api(api_my_jobs, api_name="my_jobs", concurrency_limit=None)
     gr.api(api_share, api_name="share", concurrency_limit=8, concurrency_id="links")
     gr.api(api_load_link, api_name="load_link", concurrency_limit=8, concurrency_id="links")
+    # They share the page's queues: the report reads weights (two at a time), a search holds models (one).
+    gr.api(api_weight_report, api_name="weight_report", concurrency_limit=2, concurrency_id="weight-report")
+    gr.api(api_suggest, api_name="suggest", concurrency_limit=1, concurrency_id="suggest")

@@ -138,7 +138,7 @@ def test_a_slerp_over_a_layer_range_shows_its_sources_and_keeps_what_the_form_la
         (0, 0, "org/a", 0, 4), (0, 1, "org/b", 0, 4)
     ]
     assert view.kept == ("slices[0].residual_weight",)
-    assert view.globals[0].kind == "text"  # filtered t: shown as inline YAML
+    assert view.globals[0].kind == "filtered"  # filtered t: values per filter
     assert replay(copy.deepcopy(data)) == data
     out = ce.set_slice(data, 0, "end", 6, source=1)
     assert out["slices"][0]["sources"][1]["layer_range"] == [0, 6] and data["slices"][0]["sources"][1]["layer_range"] == [0, 4]

@@ -166,10 +166,13 @@ def _kept(data: dict[str, Any], spec: Any, slices_shown: bool) -> list[str]:
 
 # ---------------------------------------------------------------- widget values
 def from_widget(kind: str, value: Any) -> Any:
-    """A widget's value as the config stores it: numbers keep ints as ints, `text` is read as inline YAML.
+    """A widget's value as the config stores it: numbers keep ints as ints, `text` is read as inline YAML,
+    `string` is kept as typed.
 
     Blank values give None (the key is removed, so the default applies).
     """
+    if kind == "string":  # a prompt: kept as typed, blank included
+        return "" if value is None else str(value)
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     if kind == "bool":

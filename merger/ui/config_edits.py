@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable
 
+from merger.config.references import split_reference
 from merger.methods.registry import METHODS
 from merger.ui.config_fields import reference_parts
 from merger.ui.config_view import MOE, TOP_FIELDS, SliceRow, method_of, slice_rows, text_of
@@ -100,12 +101,19 @@ def set_base_lora(data: dict[str, Any], lora: str) -> dict[str, Any]:
 
 
 def with_model(value: Any, model: str) -> Any:
-    """A model reference as written (`m`, `m+lora`, `{model, lora}`) with its model replaced, the form kept."""
+    """A model reference as written (`m`, `m+lora`, `{model, lora}`) with its model replaced, the form kept.
+
+    The text is the model as the box shows it (`org/m@revision`); unchanged text leaves the value as written.
+    """
     model = text_of(model)
+    if reference_parts(value)[0] == model:
+        return copy.deepcopy(value)
     if isinstance(value, dict):
         out = copy.deepcopy(value)
+        out.pop("revision", None)  # shown as `@revision` in the box: the new text carries it, or drops it
         if isinstance(out.get("model"), dict) and "path" in out["model"]:
-            out["model"]["path"] = model
+            path, revision = split_reference(model)
+            out["model"] = {"path": path, **({"revision": revision} if revision else {})}
         else:
             out["model"] = model
         return out
@@ -116,6 +124,8 @@ def with_model(value: Any, model: str) -> Any:
 def with_lora(value: Any, lora: str) -> Any:
     """A model reference with its LoRA adapter replaced (blank: removed), in the form it is written in."""
     lora = text_of(lora)
+    if reference_parts(value)[1] == lora:
+        return copy.deepcopy(value)
     if isinstance(value, dict):
         out = copy.deepcopy(value)
         if not lora:

@@ -8,6 +8,7 @@ stays as typed. A single-document config is edited as before (the whole text wri
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -17,6 +18,7 @@ from merger.errors import ConfigError
 from merger.ui import config_view
 
 Edit = Callable[[dict[str, Any]], dict[str, Any]]
+_SEPARATOR = re.compile(r"^---(?:[ \t].*)?(?:\r\n|\r|\n|$)", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -125,14 +127,22 @@ def _named(text: str, doc: Document, name: str) -> str:
 
 
 def remove_stage(text: str, stage: int) -> str:
-    """The text without stage `stage` and the separator before it (the first stage: the one after it).
+    """The text without stage `stage`: its lines and the `---` line before it (the first stage: after it).
 
-    A text left with one stage stays a valid config; a later stage that used the removed one's name
-    is then named by validation.
+    Comments after a `---` belong to the stage below it and go or stay with it. A text left with one
+    stage stays a valid config; a later stage that used the removed one's name is then named by validation.
     """
     docs = documents(text)
     if not docs or len(docs) < 2 or not 0 <= stage < len(docs):
         return text
     if stage == 0:
-        return text[: docs[0].start] + text[docs[1].start:]
-    return text[: docs[stage - 1].end] + text[docs[stage].end:]
+        separator = _separator(text, docs[0].end, docs[1].start)
+        return text[: docs[0].start] + text[separator.end() if separator else docs[1].start:]
+    separator = _separator(text, docs[stage - 1].end, docs[stage].start)
+    return text[: separator.start() if separator else docs[stage - 1].end] + text[docs[stage].end:]
+
+
+def _separator(text: str, start: int, end: int) -> re.Match | None:
+    """The `---` line (with its line break) between two documents, or None."""
+    found = list(_SEPARATOR.finditer(text, start, end))
+    return found[-1] if found else None

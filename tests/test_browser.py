@@ -263,3 +263,26 @@ def test_a_users_path_through_the_page(site, browser) -> None:
     wait_for_yaml(other, "filter: self_attn")
     shot(other, "08-example")
     print(f"browser test: {time.monotonic() - started:.1f} s")
+
+
+def test_the_gradient_editor_and_the_stage_list_in_the_browser(site, browser) -> None:
+    """The classic attention/MLP preset for SLERP's t, one point edited, then a second stage added and picked."""
+    page = new_page(browser)
+    page.goto(site)
+    page.wait_for_selector("#global-t-preset")
+    page.locator("#global-t-preset input").click()
+    page.locator("#global-t-preset li[role=option]", has_text="classic attention/MLP").click()
+    wait_for_yaml(page, "filter: self_attn", "value: [0, 0.5, 0.3, 0.7, 1]", "filter: mlp")
+    point = field(page, "global-t-part-1-point-2")
+    point.fill("0.6")
+    point.press("Tab")
+    wait_for_yaml(page, "value: [1, 0.5, 0.6, 0.3, 0]")
+    shot(page, "09-gradient-editor")
+    page.locator("#add-stage").click()
+    wait_for_yaml(page, "name: stage-1", "---", "base_model: stage-1")
+    page.wait_for_selector("#stage-1")
+    page.locator("#stage-0").click()
+    page.wait_for_function("() => { const e = document.querySelector('#stage-name textarea, #stage-name input');"
+                           " return e && e.value === 'stage-1'; }")
+    wait_for_yaml(page, "value: [1, 0.5, 0.6, 0.3, 0]")  # the first stage's schedule, as edited
+    shot(page, "10-stages")

@@ -23,7 +23,7 @@ from merger.ui.config_fields import (
 
 EXPERT_GROUPS = ("experts", "shared_experts")  # a group the schema lacks is not shown
 PROMPT_KEYS = ("positive_prompts", "negative_prompts")
-EXPERT_SCALES = ("residual_scale", "noise_scale")  # per expert, optional numbers
+EXPERT_SCALES = {"residual_scale": 1, "noise_scale": 0}  # per expert, optional; unset, they change nothing
 # Output architectures offered by name; the box takes any other name (the schema decides what it accepts).
 MOE_OUTPUTS = ("mixtral",)
 
@@ -48,8 +48,8 @@ def expert_rows(data: dict[str, Any], group: str) -> tuple[ModelRow, ...]:
             continue
         model, lora = reference_parts(entry.get("source_model"))
         prompts = tuple(_prompts(entry.get(key)) for key in PROMPT_KEYS)
-        scales = tuple(Field(key, "number", entry.get(key) if _plain_number(entry.get(key)) else None)
-                       for key in EXPERT_SCALES)
+        scales = tuple(Field(key, "number", entry.get(key) if _plain_number(entry.get(key)) else None, default)
+                       for key, default in EXPERT_SCALES.items())
         rows.append(ModelRow(model, scales, lora, prompts))
     return tuple(rows)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import typing
 from typing import Any
 
-from merger.config.schema import GATE_MODES, MoEConfig
+from merger.config.schema import MoEConfig
 from merger.ui.config_fields import (
     MOE,
     MOE_FIELDS,
@@ -30,8 +30,7 @@ MOE_OUTPUTS = ("mixtral",)
 
 def gate_modes() -> tuple[str, ...]:
     """Every `gate_mode` the schema's `MoEConfig.gate_mode` Literal allows, in its order."""
-    allowed = typing.get_args(MoEConfig.model_fields["gate_mode"].annotation)
-    return tuple(str(mode) for mode in allowed) or GATE_MODES
+    return tuple(str(mode) for mode in typing.get_args(MoEConfig.model_fields["gate_mode"].annotation))
 
 
 def expert_groups() -> tuple[str, ...]:

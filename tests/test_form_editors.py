@@ -226,6 +226,7 @@ FIRST, SECOND = MULTI.split("---\n")
 
 def test_a_multi_stage_config_is_a_list_of_stages_each_a_config_view() -> None:
     assert cst.stage_count(MULTI) == 2 and cst.stage_count(SLERP) == 0
+    assert cst.stage_count("name: only\n" + SLERP) == 1  # one named document is a stage, as the engine reads it
     assert cst.labels(MULTI) == ["1. mid: linear", "2. final: slerp"]
     first, second = cv.view_of(cst.stage_data(MULTI, 0)), cv.view_of(cst.stage_data(MULTI, 1))
     assert (first.method, [r.model for r in first.rows], first.kept) == ("linear", ["org/a", "org/b"], ())

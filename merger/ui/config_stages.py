@@ -54,9 +54,10 @@ def documents(text: str) -> list[Document] | None:
 
 
 def stage_count(text: str) -> int:
-    """How many stages the form lists: the documents of a multi-document text, else 0 (a plain config)."""
+    """How many stages the form lists: the documents of a multi-stage text (several, or one with a `name:`,
+    as the engine reads it), else 0 (a plain config)."""
     docs = documents(text)
-    return len(docs) if docs and len(docs) > 1 else 0
+    return len(docs) if docs and (len(docs) > 1 or docs[0].name) else 0
 
 
 def stage_data(text: str, stage: int) -> dict[str, Any] | None:

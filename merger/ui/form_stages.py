@@ -28,8 +28,10 @@ def stage_bar(views: ConfigViews, text: str, layout: dict, live: bool) -> None:
                               info="later stages use it as a model; the last stage needs none",
                               elem_id="stage-name", interactive=live, scale=3)
             wire(views, name, "string", lambda d, v: ce.set_option(d, "name", v.strip()))
-            remove = gr.Button(f"✕ Remove stage {shown + 1}", size="sm", elem_id="remove-stage", interactive=live,
-                               scale=1)
-            click_text(views, remove, lambda t, lay: (cst.remove_stage(t, shown), {**lay, "stage": max(shown - 1, 0)}))
+            if count > 1:
+                remove = gr.Button(f"✕ Remove stage {shown + 1}", size="sm", elem_id="remove-stage",
+                                   interactive=live, scale=1)
+                click_text(views, remove,
+                           lambda t, lay: (cst.remove_stage(t, shown), {**lay, "stage": max(shown - 1, 0)}))
     add = gr.Button("+ Add a stage (merge this result further)", size="sm", elem_id="add-stage", interactive=live)
     click_text(views, add, lambda t, lay: (cst.add_stage(t), {**lay, "stage": max(count, 1)}))

@@ -712,3 +712,23 @@ def test_a_multi_stage_config_in_a_session_edits_the_picked_stage_only(served: t
     stage_one = edited[: -len(second)]
     assert stage_one.startswith("# stage one\nname: mid\n")  # the comment above the edited stage stays too
     assert updates[config].startswith(stage_one + "---\nname: stage-2\nmerge_method: slerp   # the final\n")
+
+
+def test_moe_prompts_in_a_session(served: tuple[gr.Blocks, str]) -> None:
+    """An expert's prompt added and typed through its widgets; every gate mode of the schema is offered."""
+    from merger.ui import config_view
+
+    demo = served[0]
+    config, layout = state_of(demo, "config"), state_of(demo, "layout")
+    text = "base_model: org/a\ngate_mode: random\nexperts:\n  - source_model: org/b\n  - source_model: org/c\n"
+    shown = {"stages": 0, "stage": 0, "revision": 0, "readonly": False}
+    session = render_form(demo, text, shown)
+    modes = [value for _, value in widget(session, "option-gate_mode").choices]
+    assert {"random", "uniform_random", "hidden", "cheap_embed"} <= set(modes)
+    updates = fire(session, "model-1-positive_prompts-add", "click", {config: text, layout: shown})
+    text, shown = updates[config], updates[layout]
+    session = render_form(demo, text, shown)
+    box = widget(session, "model-1-positive_prompts-0")
+    text = fire(session, "model-1-positive_prompts-0", "input", {config: text, layout: shown, box: "def main():"})[config]
+    assert config_view.parse(text)["experts"] == [{"source_model": "org/b"},
+                                                  {"source_model": "org/c", "positive_prompts": ["def main():"]}]

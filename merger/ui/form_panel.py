@@ -15,7 +15,7 @@ from merger.ui import config_stages as cst
 from merger.ui import config_view as cv
 from merger.ui.form_moe import experts
 from merger.ui.form_settings import setting_editor
-from merger.ui.form_stages import stage_bar
+from merger.ui.form_stages import add_stage_button, stage_bar
 from merger.ui.form_wiring import click, model_picker, wire
 from merger.ui.pickers import PICKER_HINT
 from merger.ui.yaml_panel import ConfigViews
@@ -46,6 +46,8 @@ def build(views: ConfigViews, demo: gr.Blocks) -> None:
             gr.Markdown("The YAML is not a config mapping yet: fix it in the editor and the form follows.")
             return
         _form(views, cv.view_of(data), live)
+        if not layout.get("stages"):
+            add_stage_button(views, layout, live)
 
 
 def _form(views: ConfigViews, view: cv.View, live: bool) -> None:

@@ -93,7 +93,7 @@ def _rows(views: ConfigViews, view: cv.View, live: bool) -> None:
                 wire(views, widget, f.kind, lambda d, v, i=i, key=f.key: ce.set_model_param(d, i, key, v))
             remove = gr.Button("✕", size="sm", scale=0, min_width=40, elem_id=f"remove-model-{i}", interactive=live)
             click(views, remove, lambda d, i=i: ce.remove_model(d, i), structural=True)
-        shaped = [f for f in row.params if f.gradient]
+        shaped = [f for f in row.params if _editable_setting(f)]
         if shaped:
             varied = any(f.kind in ("gradient", "filtered") for f in shaped)
             with gr.Accordion(f"Model {i + 1}: gradients and filters ({', '.join(f.key for f in shaped)})",
@@ -134,14 +134,14 @@ def _slice_source(views: ConfigViews, row: cv.SliceRow, live: bool) -> None:
 
 
 def _globals(views: ConfigViews, view: cv.View, live: bool) -> None:
-    plain = [f for f in view.globals if not f.gradient]
+    plain = [f for f in view.globals if not _editable_setting(f)]
     if plain:
         with gr.Row():
             for f in plain:
                 widget = _widget(f, f"global-{f.key}", f.key, live)
                 wire(views, widget, f.kind, lambda d, v, key=f.key: ce.set_global(d, key, v))
     for f in view.globals:
-        if not f.gradient:
+        if not _editable_setting(f):
             continue
 
         def number(f: cv.Field = f) -> None:
@@ -150,6 +150,11 @@ def _globals(views: ConfigViews, view: cv.View, live: bool) -> None:
 
         with gr.Group(elem_id=f"global-{f.key}-editor"):
             setting_editor(views, f, None, f"global-{f.key}", live, number)
+
+
+def _editable_setting(f: cv.Field) -> bool:
+    """Whether the gradient and filter editor shows `f` (a value of another shape stays a YAML text box)."""
+    return f.gradient and f.kind != "text"
 
 
 def _widget(f: cv.Field, elem_id: str, label: str, live: bool, scale: int | None = None) -> gr.components.Component:

@@ -224,10 +224,19 @@ def set_global(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
 
 def edit_setting(data: dict[str, Any], index: int | None, key: str, change: Callable[[Any], Any],
                  unset: Any = None) -> dict[str, Any]:
-    """Apply `change` (a transform of :mod:`merger.ui.config_settings`) to parameter `key` of row `index`
-    (None: the global `parameters:`), starting from `unset` when the config leaves it out.
+    """Apply `change` (a transform of :mod:`merger.ui.config_settings`) to one parameter's value.
 
     Only that parameter changes: a gradient's point, a filter, a preset replace its value and nothing else.
+
+    Args:
+        data: the config mapping (not modified).
+        index: the row of `models:` whose `parameters:` hold it, or None for the global `parameters:`.
+        key: the parameter (`t`, `weight`, ...).
+        change: value -> new value (None removes the parameter, so its default applies).
+        unset: the value `change` starts from when the config leaves the parameter out.
+
+    Returns:
+        A new mapping (unchanged when row `index` does not exist).
     """
     out = copy.deepcopy(data)
     holder = out if index is None else _row(out, index)

@@ -77,7 +77,16 @@ def clamp(stage: Any, count: int) -> int:
 def apply(text: str, stage: Any, edit: Edit) -> str:
     """The text after `edit` of stage `stage` (a plain config: of the whole mapping).
 
-    Only that stage's lines are written again; the rest of a multi-stage text is kept byte for byte.
+    Only that stage's lines are written again; the rest of a multi-stage text is kept byte for byte
+    (docs/decisions.md, "The form's editors").
+
+    Args:
+        text: the config text (one or several documents).
+        stage: the index of the stage the form shows (clamped; ignored for a plain config).
+        edit: a pure edit of one mapping (:mod:`merger.ui.config_edits`), returning a new mapping.
+
+    Returns:
+        The new config text; an unreadable text is treated as an empty mapping.
     """
     docs = documents(text)
     if not docs or len(docs) < 2:

@@ -259,3 +259,47 @@ def test_stages_are_added_and_removed_around_untouched_text() -> None:
     assert cst.remove_stage("a: 1\n--- # two\nb: 2\n---\nc: 3\n", 1) == "a: 1\n---\nc: 3\n"
     plain = cst.add_stage(SLERP)
     assert plain.startswith("name: stage-1\n" + SLERP + "---\n") and len(split_stages(plain)) == 2
+
+
+# ---------------------------------------------------------------- the typed text around an edit
+TYPED = """# my merge, from a card
+merge_method: ties   # sign election
+base_model: org/a
+models:
+  - model: org/b
+    parameters: {weight: 1, density: 0.5}   # keep half
+
+  # the coder
+  - model: org/c
+    parameters: {weight: 0.5, density: 0.5}
+parameters:
+  normalize: true
+tokenizer:
+  source: union   # wider vocab
+dtype: bfloat16
+# end
+"""
+
+
+def test_an_edit_rewrites_only_the_changed_top_level_key_of_the_typed_text() -> None:
+    data = cv.parse(TYPED)
+    out = cst.apply(TYPED, 0, lambda d: ce.set_option(d, "dtype", "float16"))
+    assert changed_lines(TYPED, out) == (["dtype: bfloat16\n"], ["dtype: float16\n"])
+    out = cst.apply(TYPED, 0, lambda d: ce.set_option(d, "seed", 3))
+    assert changed_lines(TYPED, out) == ([], ["seed: 3\n"]) and out.endswith("seed: 3\n# end\n")
+    out = cst.apply(TYPED, 0, lambda d: ce.edit_setting(d, 1, "density", lambda s: cs.reshaped(s, cs.GRADIENT, 1.0)))
+    models = TYPED[TYPED.index("models:"):TYPED.index("parameters:\n  normalize")]
+    assert out.replace(out[out.index("models:"):out.index("parameters:\n  normalize")], models) == TYPED
+    assert cv.parse(out)["models"][1]["parameters"]["density"] == [0.5, 0.5]
+    assert cv.parse(out) == {**data, "models": cv.parse(out)["models"]}
+    out = cst.apply(TYPED, 0, lambda d: ce.set_method(d, "dare_ties"))  # `normalize` is dare_ties's too
+    assert changed_lines(TYPED, out) == (["merge_method: ties   # sign election\n"], ["merge_method: dare_ties\n"])
+
+
+@pytest.mark.parametrize("text", [
+    "{merge_method: linear, models: [{model: org/a, parameters: {weight: 1}}], dtype: float16}\n",  # flow mapping
+    "merge_method: linear\nshared: &w {weight: 1}\nmodels:\n  - {model: org/a, parameters: *w}\ndtype: float16\n",
+])
+def test_a_text_that_cannot_be_kept_key_by_key_is_written_whole_and_still_right(text: str) -> None:
+    out = cst.apply(text, 0, lambda d: ce.set_option(d, "dtype", "bfloat16"))
+    assert out == dump_yaml({**cv.parse(text), "dtype": "bfloat16"})

@@ -16,6 +16,7 @@ from merger.config.dump import dump_yaml
 from merger.config.parse import parse_config_documents
 from merger.errors import ConfigError
 from merger.ui import config_view
+from merger.ui.config_text import rewritten
 
 Edit = Callable[[dict[str, Any]], dict[str, Any]]
 _SEPARATOR = re.compile(r"^---(?:[ \t].*)?(?:\r\n|\r|\n|$)", re.MULTILINE)
@@ -77,8 +78,8 @@ def clamp(stage: Any, count: int) -> int:
 def apply(text: str, stage: Any, edit: Edit) -> str:
     """The text after `edit` of stage `stage` (a plain config: of the whole mapping).
 
-    Only that stage's lines are written again; the rest of a multi-stage text is kept byte for byte
-    (docs/decisions.md, "The form's editors").
+    Only the changed top-level keys of that stage are written again (:func:`merger.ui.config_text.rewritten`);
+    the other keys, comments and every other stage stay byte for byte (docs/decisions.md, "The form's editors").
 
     Args:
         text: the config text (one or several documents).
@@ -90,10 +91,12 @@ def apply(text: str, stage: Any, edit: Edit) -> str:
     """
     docs = documents(text)
     if not docs or len(docs) < 2:
-        return dump_yaml(edit(config_view.parse(text) or {}))
+        data = config_view.parse(text)
+        return dump_yaml(edit({})) if data is None else rewritten(text, data, edit(data))
     doc = docs[clamp(stage, len(docs))]
-    value = doc.value if isinstance(doc.value, dict) else {}
-    return text[: doc.start] + dump_yaml(edit(value)) + text[doc.end:]
+    if not isinstance(doc.value, dict):
+        return text[: doc.start] + dump_yaml(edit({})) + text[doc.end:]
+    return text[: doc.start] + rewritten(text[doc.start: doc.end], doc.value, edit(doc.value)) + text[doc.end:]
 
 
 def labels(text: str) -> list[str]:

@@ -67,10 +67,11 @@ def widget(session, elem_id: str):
     return next(b for b in session.blocks.values() if getattr(b, "elem_id", None) == elem_id)
 
 
-def fire(session, elem_id: str, event: str, values: dict) -> dict:
-    """Run the handler of `event` (`input`, `click`) on widget `elem_id` with `values` (component -> value);
-    returns its updates (component -> value), as the page would apply them."""
+def fire(session, elem_id: str, event: str, values: dict, *request) -> dict:
+    """Run the handler of `event` (`input`, `click`, `blur`) on widget `elem_id` with `values` (component ->
+    value) and, for handlers that take one, a `gr.Request`; returns its updates (component -> value), as
+    the page would apply them."""
     target = widget(session, elem_id)
     handlers = [f for f in session.fns.values() if (target._id, event) in [tuple(t) for t in f.targets]]
     assert len(handlers) == 1, f"{elem_id}.{event}: {len(handlers)} handlers"
-    return handlers[0].fn(values)
+    return handlers[0].fn(values, *request)

@@ -732,3 +732,24 @@ def test_moe_prompts_in_a_session(served: tuple[gr.Blocks, str]) -> None:
     text = fire(session, "model-1-positive_prompts-0", "input", {config: text, layout: shown, box: "def main():"})[config]
     assert config_view.parse(text)["experts"] == [{"source_model": "org/b"},
                                                   {"source_model": "org/c", "positive_prompts": ["def main():"]}]
+
+
+def test_a_lora_typed_next_to_a_model_in_a_session(served: tuple[gr.Blocks, str]) -> None:
+    """The LoRA box under a model: typed and committed, the reference becomes `model+lora`; cleared, plain."""
+    demo = served[0]
+    config, layout = state_of(demo, "config"), state_of(demo, "layout")
+    text = "merge_method: linear  # two models\nmodels:\n  - model: org/a\n    parameters: {weight: 1}\n" \
+        "  - model: {model: org/b, lora: org/old}\n    parameters: {weight: 1}\n"
+    shown = {"stages": 0, "stage": 0, "revision": 0, "readonly": False}
+    session = render_form(demo, text, shown)
+    assert widget(session, "model-1-lora").value == "org/old" and widget(session, "model-0-lora").value == ""
+    request = gr.Request(session_hash="lora-test")
+    box = widget(session, "model-0-lora")
+    text = fire(session, "model-0-lora", "blur", {config: text, layout: shown, box: " org/adapter "}, request)[config]
+    assert text.startswith("merge_method: linear  # two models\n")  # the untouched key stays as typed
+    assert "model: org/a+org/adapter" in text
+    box = widget(session, "model-1-lora")
+    text = fire(session, "model-1-lora", "blur", {config: text, layout: shown, box: ""}, request)[config]
+    from merger.ui import config_view
+
+    assert [m["model"] for m in config_view.parse(text)["models"]] == ["org/a+org/adapter", {"model": "org/b"}]

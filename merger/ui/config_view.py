@@ -49,7 +49,8 @@ def method_choices() -> list[tuple[str, str]]:
 
 def parse(text: str) -> dict[str, Any] | None:
     """The mapping a YAML text holds, or None when it is not one or the one parser refuses it (its limits,
-    several documents, a token): the form then shows nothing and validation names the problem."""
+    a token, several documents: :mod:`merger.ui.config_stages` reads those): the form then shows nothing
+    and validation names the problem."""
     try:
         data = parse_config_text(text or "")
     except ConfigError:

@@ -675,6 +675,11 @@ def test_the_gradient_editor_in_a_session_edits_only_t_and_the_result_validates(
     assert value_of(updates[by_id(demo, "config-yaml")]) == text.strip()  # the YAML view shows the edit
     assert shown["structure"][4] == [["filtered", [["gradient", 5], ["gradient", 5], "number"]]]
 
+    # the same preset again (the browser repeats a dropdown's event): nothing changes, nothing re-renders
+    again = fire(session, "global-t-preset", "input",
+                 {config: text, layout: shown, preset: "classic attention/MLP schedule (SLERP)"})
+    assert again[config] == text and isinstance(again[layout], type(gr.skip()))
+
     session = render_form(demo, text, shown)  # the layout changed: the page renders the points
     point = widget(session, "global-t-part-0-point-2")
     assert point.value == 0.3 and point.label == "at 0.5"

@@ -22,9 +22,11 @@ _PRIVATE = {"api_visibility": "private", **EDIT_QUEUE}
 
 def edited(views: ConfigViews, values: dict, edit: Callable[[dict], dict], structural: bool) -> dict:
     """The updates after `edit` of the mapping the form shows (the whole config, or the shown stage)."""
-    layout = values[views.layout]
-    text = cst.apply(values[views.config], (layout or {}).get("stage", 0), edit)
-    return views.show(text, layout, reload=structural)
+    layout, before = values[views.layout], values[views.config]
+    text = cst.apply(before, (layout or {}).get("stage", 0), edit)
+    # An edit that changes nothing (a widget repeating its event, a preset chosen twice) re-renders nothing:
+    # a second render would replace the widgets the user is already typing in.
+    return views.show(text, layout, reload=structural and text != before)
 
 
 def wire(views: ConfigViews, widget: Any, kind: str, edit: Edit, structural: bool = False) -> None:

@@ -41,3 +41,37 @@ def served_app(data: Path) -> Iterator[tuple[Client, object]]:
         constants.DATA_DIR, constants.QUEUE_DB, constants.JOBS_DB = saved
         for name, value in saved_env.items():
             os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
+
+
+def render_form(demo, text: str, layout: dict):
+    """The form one browser session sees for `text` and `layout`: gradio's per-session copy of the page's
+    blocks with the form rendered into it (what the page's `gr.render` does on a config change).
+
+    Returns the session's blocks config; :func:`fire` runs the events of the widgets in it.
+    """
+    from copy import copy
+
+    from gradio.context import LocalContext
+
+    session = copy(demo.default_config)
+    token = LocalContext.blocks_config.set(session)
+    try:
+        session.renderables[0].apply(text, layout)
+    finally:
+        LocalContext.blocks_config.reset(token)
+    return session
+
+
+def widget(session, elem_id: str):
+    """The rendered widget with `elem_id`."""
+    return next(b for b in session.blocks.values() if getattr(b, "elem_id", None) == elem_id)
+
+
+def fire(session, elem_id: str, event: str, values: dict, *request) -> dict:
+    """Run the handler of `event` (`input`, `click`, `blur`) on widget `elem_id` with `values` (component ->
+    value) and, for handlers that take one, a `gr.Request`; returns its updates (component -> value), as
+    the page would apply them."""
+    target = widget(session, elem_id)
+    handlers = [f for f in session.fns.values() if (target._id, event) in [tuple(t) for t in f.targets]]
+    assert len(handlers) == 1, f"{elem_id}.{event}: {len(handlers)} handlers"
+    return handlers[0].fn(values, *request)

@@ -25,6 +25,7 @@ from merger import constants  # noqa: E402
 from merger.links import decode_config, encode_config  # noqa: E402
 from merger.ui.common import token_of  # noqa: E402
 from merger.ui.job_panel import job_markdown  # noqa: E402
+from app_harness import fire, render_form, widget  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "hf_test_alice"
@@ -653,3 +654,110 @@ def test_a_full_queue_is_refused_at_once(monkeypatch: pytest.MonkeyPatch) -> Non
     finally:
         release.set()
         demo.close()
+
+
+# ---------------------------------------------------------------- the form's editors in a session
+def test_the_gradient_editor_in_a_session_edits_only_t_and_the_result_validates(
+    served: tuple[gr.Blocks, str], client: Client, fixture_models_dir: Path
+) -> None:
+    """The classic preset, one point, one filter removed, each through its widget's own event in a rendered
+    session; then `/validate` (gradio_client) plans the edited YAML with the fixture models."""
+    from merger.ui import config_settings, config_view
+
+    demo = served[0]
+    config, layout = state_of(demo, "config"), state_of(demo, "layout")
+    text = slerp_yaml(fixture_models_dir)
+    before = config_view.parse(text)
+    shown = {"stages": 0, "stage": 0, "revision": 0, "readonly": False}
+    session = render_form(demo, text, shown)
+    preset = widget(session, "global-t-preset")
+    updates = fire(session, "global-t-preset", "input",
+                   {config: text, layout: shown, preset: "classic attention/MLP schedule (SLERP)"})
+    text, shown = updates[config], updates[layout]
+    assert config_view.parse(text) == {**before, "parameters": {"t": config_settings.CLASSIC}}
+    assert value_of(updates[by_id(demo, "config-yaml")]) == text.strip()  # the YAML view shows the edit
+    assert shown["structure"][4] == [["filtered", [["gradient", 5], ["gradient", 5], "number"]]]
+
+    # the same preset again (the browser repeats a dropdown's event): nothing changes, nothing re-renders
+    again = fire(session, "global-t-preset", "input",
+                 {config: text, layout: shown, preset: "classic attention/MLP schedule (SLERP)"})
+    assert again[config] == text and isinstance(again[layout], type(gr.skip()))
+
+    session = render_form(demo, text, shown)  # the layout changed: the page renders the points
+    point = widget(session, "global-t-part-0-point-2")
+    assert point.value == 0.3 and point.label == "at 0.5"
+    text = fire(session, "global-t-part-0-point-2", "input", {config: text, layout: shown, point: 0.4})[config]
+    updates = fire(session, "global-t-part-1-remove", "click", {config: text, layout: shown})
+    text = updates[config]
+    assert config_view.parse(text)["parameters"]["t"] == [{"filter": "self_attn", "value": [0, 0.5, 0.4, 0.7, 1]},
+                                                          {"value": 0.5}]
+    assert {k: v for k, v in config_view.parse(text).items() if k != "parameters"} == {
+        k: v for k, v in before.items() if k != "parameters"}
+    assert "SLERP" in client.predict(text, api_name="/validate").upper()
+
+
+def test_a_multi_stage_config_in_a_session_edits_the_picked_stage_only(served: tuple[gr.Blocks, str]) -> None:
+    demo = served[0]
+    config, layout = state_of(demo, "config"), state_of(demo, "layout")
+    first = "# stage one\nname: mid\nmerge_method: linear\nmodels:\n  - {model: org/a, parameters: {weight: 0.5}}\n" \
+        "  - {model: org/b, parameters: {weight: 0.5}}\n"
+    second = "---\nmerge_method: slerp   # the final\nbase_model: mid\nmodels: [{model: mid}, {model: org/c}]\n" \
+        "parameters: {t: 0.3}\n"
+    text = first + second
+    shown = {"stages": 2, "stage": 1, "revision": 0, "readonly": False}
+    session = render_form(demo, text, shown)
+    assert widget(session, "method").value == "slerp" and widget(session, "stage-name").value == ""
+    shown = fire(session, "stage-0", "click", {config: text, layout: shown})[layout]
+    assert shown["stage"] == 0 and shown["stages"] == 2
+    session = render_form(demo, text, shown)
+    assert widget(session, "method").value == "linear" and widget(session, "stage-name").value == "mid"
+    weight = widget(session, "param-1-weight")
+    edited = fire(session, "param-1-weight", "input", {config: text, layout: shown, weight: 0.25})[config]
+    assert edited.endswith(second)  # the other stage, its comment and the separator: byte for byte
+    assert "weight: 0.25" in edited and edited.count("weight: 0.5") == 1
+    updates = fire(session, "add-stage", "click", {config: edited, layout: shown})
+    assert updates[layout]["stages"] == 3 and updates[layout]["stage"] == 2
+    stage_one = edited[: -len(second)]
+    assert stage_one.startswith("# stage one\nname: mid\n")  # the comment above the edited stage stays too
+    assert updates[config].startswith(stage_one + "---\nname: stage-2\nmerge_method: slerp   # the final\n")
+
+
+def test_moe_prompts_in_a_session(served: tuple[gr.Blocks, str]) -> None:
+    """An expert's prompt added and typed through its widgets; every gate mode of the schema is offered."""
+    from merger.ui import config_view
+
+    demo = served[0]
+    config, layout = state_of(demo, "config"), state_of(demo, "layout")
+    text = "base_model: org/a\ngate_mode: random\nexperts:\n  - source_model: org/b\n  - source_model: org/c\n"
+    shown = {"stages": 0, "stage": 0, "revision": 0, "readonly": False}
+    session = render_form(demo, text, shown)
+    modes = [value for _, value in widget(session, "option-gate_mode").choices]
+    assert {"random", "uniform_random", "hidden", "cheap_embed"} <= set(modes)
+    updates = fire(session, "model-1-positive_prompts-add", "click", {config: text, layout: shown})
+    text, shown = updates[config], updates[layout]
+    session = render_form(demo, text, shown)
+    box = widget(session, "model-1-positive_prompts-0")
+    text = fire(session, "model-1-positive_prompts-0", "input", {config: text, layout: shown, box: "def main():"})[config]
+    assert config_view.parse(text)["experts"] == [{"source_model": "org/b"},
+                                                  {"source_model": "org/c", "positive_prompts": ["def main():"]}]
+
+
+def test_a_lora_typed_next_to_a_model_in_a_session(served: tuple[gr.Blocks, str]) -> None:
+    """The LoRA box under a model: typed and committed, the reference becomes `model+lora`; cleared, plain."""
+    demo = served[0]
+    config, layout = state_of(demo, "config"), state_of(demo, "layout")
+    text = "merge_method: linear  # two models\nmodels:\n  - model: org/a\n    parameters: {weight: 1}\n" \
+        "  - model: {model: org/b, lora: org/old}\n    parameters: {weight: 1}\n"
+    shown = {"stages": 0, "stage": 0, "revision": 0, "readonly": False}
+    session = render_form(demo, text, shown)
+    assert widget(session, "model-1-lora").value == "org/old" and widget(session, "model-0-lora").value == ""
+    request = gr.Request(session_hash="lora-test")
+    box = widget(session, "model-0-lora")
+    text = fire(session, "model-0-lora", "blur", {config: text, layout: shown, box: " org/adapter "}, request)[config]
+    assert text.startswith("merge_method: linear  # two models\n")  # the untouched key stays as typed
+    assert "model: org/a+org/adapter" in text
+    box = widget(session, "model-1-lora")
+    text = fire(session, "model-1-lora", "blur", {config: text, layout: shown, box: ""}, request)[config]
+    from merger.ui import config_view
+
+    assert [m["model"] for m in config_view.parse(text)["models"]] == ["org/a+org/adapter", {"model": "org/b"}]

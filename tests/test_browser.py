@@ -307,3 +307,25 @@ def test_weight_report_and_suggested_merge_in_the_page(site, browser) -> None:
     wait_for_yaml(page, f"merge_method: {method}", "base_model: \"alice/mistral-base\"")
     shot(page, "09-insight")
     page.locator("#insight").screenshot(path=str(OUTPUT / "09-insight-panel.png"))
+
+def test_the_gradient_editor_and_the_stage_list_in_the_browser(site, browser) -> None:
+    """The classic attention/MLP preset for SLERP's t, one point edited, then a second stage added and picked."""
+    page = new_page(browser)
+    page.goto(site)
+    page.wait_for_selector("#global-t-preset")
+    page.locator("#global-t-preset input").click()
+    page.locator("#global-t-preset li[role=option]", has_text="classic attention/MLP").click()
+    wait_for_yaml(page, "filter: self_attn", "value: [0, 0.5, 0.3, 0.7, 1]", "filter: mlp")
+    point = field(page, "global-t-part-1-point-2")
+    point.fill("0.6")
+    point.press("Tab")
+    wait_for_yaml(page, "value: [1, 0.5, 0.6, 0.3, 0]")
+    shot(page, "09-gradient-editor")
+    page.locator("#add-stage").click()
+    wait_for_yaml(page, "name: stage-1", "---", "base_model: stage-1")
+    page.wait_for_selector("#stage-1")
+    page.locator("#stage-0").click()
+    page.wait_for_function("() => { const e = document.querySelector('#stage-name textarea, #stage-name input');"
+                           " return e && e.value === 'stage-1'; }")
+    wait_for_yaml(page, "value: [1, 0.5, 0.6, 0.3, 0]")  # the first stage's schedule, as edited
+    shot(page, "10-stages")

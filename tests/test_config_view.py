@@ -14,6 +14,8 @@ from merger.config.dump import dump_yaml
 from merger.config.examples import load_examples
 from merger.methods.registry import METHODS
 from merger.ui import config_edits as ce
+from merger.ui import config_edits_moe as cem
+from merger.ui import config_settings as cs
 from merger.ui import config_view as cv
 
 EXAMPLES = load_examples(Path(__file__).parents[1] / "templates" / "examples")
@@ -31,19 +33,67 @@ def replay(data: dict) -> dict:
     view = cv.view_of(data)
     out = data
     if view.base != "none" or view.base_model:
-        out = ce.set_base(out, view.base_model)
-    for i, row in enumerate(view.rows):
-        out = ce.set_model(out, i, row.model)
-        for f in row.params:
-            out = ce.set_model_param(out, i, f.key, through_widgets(f.kind, f.value))
+        out = ce.set_base_lora(ce.set_base(out, view.base_model), view.base_lora)
+    for group, rows in (("experts" if view.method == cv.MOE else None, view.rows), ("shared_experts", view.shared or ())):
+        for i, row in enumerate(rows):
+            out = ce.set_lora(ce.set_model(out, i, row.model, group), i, row.lora, group)
+            for f in row.params:
+                out = ce.set_model_param(out, i, f.key, through_widgets(f.kind, f.value), group)
+                out = replay_points(out, i, f)
+            for which, prompts in zip(cem.PROMPT_KEYS, row.prompts):
+                for k, prompt in enumerate(prompts):
+                    out = cem.set_prompt(out, i, which, k, cv.from_widget("string", prompt), group or "experts")
     for f in view.globals:
-        out = ce.set_global(out, f.key, through_widgets(f.kind, f.value))
+        out = replay_points(ce.set_global(out, f.key, through_widgets(f.kind, f.value)), None, f)
     for f in view.options:
         out = ce.set_option(out, f.key, through_widgets(f.kind, f.value))
     for sl in view.slices or ():
-        for key, value in (("model", sl.model), ("start", sl.start), ("end", sl.end), ("scale", sl.scale)):
+        for key, value in (("model", sl.model), ("lora", sl.lora), ("start", sl.start), ("end", sl.end),
+                           ("scale", sl.scale)):
             out = ce.set_slice(out, sl.slice, key, value, sl.source)
     return out
+
+
+def replay_points(data: dict, index: int | None, f: cv.Field) -> dict:
+    """Each point and filter of a gradient or filtered field written again from its box."""
+    if f.kind == cs.GRADIENT:
+        for k, point in enumerate(f.value):
+            data = ce.edit_setting(data, index, f.key, lambda s, k=k, point=point: cs.set_point(s, None, k, point))
+    if f.kind == cs.FILTERED:
+        for p, entry in enumerate(f.value):
+            data = ce.edit_setting(data, index, f.key, lambda s, p=p, e=entry: cs.set_filter(s, p, e.get("filter")))
+            values = entry["value"] if isinstance(entry["value"], list) else [entry["value"]]
+            for k, point in enumerate(values):
+                change = (lambda s, p=p, k=k, x=point: cs.set_point(s, p, k, x)) if isinstance(entry["value"], list) \
+                    else (lambda s, p=p, x=point: cs.set_part_number(s, p, x))
+                data = ce.edit_setting(data, index, f.key, change)
+    return data
+
+
+EDITOR_CONFIGS = {
+    "classic t, LoRA on the base and a model": (
+        "merge_method: slerp\nbase_model: org/a+org/l\nmodels:\n  - model: org/a+org/l\n"
+        "  - model: {model: {path: org/b, revision: v2}, lora: org/l2}\nparameters:\n"
+        "  t: [{filter: self_attn, value: [0, 0.5, 0.3, 0.7, 1]}, {filter: mlp, value: [1, 0.5, 0.7, 0.3, 0]}, {value: 0.5}]\n"
+    ),
+    "per-model gradients": (
+        "merge_method: della\nbase_model: org/a\nmodels:\n  - model: org/b\n"
+        "    parameters: {weight: [0.2, 1], density: [{filter: mlp, value: 0.4}, {value: [0.6, 0.8]}], epsilon: 0.1}\n"
+    ),
+    "MoE with prompts and shared experts": (
+        "base_model: org/a\ngate_mode: cheap_embed\narchitecture: mixtral\nexperts:\n"
+        "  - source_model: org/b+org/l\n    positive_prompts: ['', code]\n    residual_scale: 0.5\n"
+        "shared_experts:\n  - source_model: org/c\n    negative_prompts: [poems]\n"
+    ),
+    "LoRA on a slice source": "merge_method: passthrough\nslices:\n  - sources: [{model: org/a+org/l, layer_range: [0, 2]}]\n",
+}
+
+
+@pytest.mark.parametrize("name", EDITOR_CONFIGS)
+def test_configs_with_gradients_filters_prompts_and_loras_round_trip_through_the_form(name: str) -> None:
+    data = cv.parse(EDITOR_CONFIGS[name])
+    assert replay(copy.deepcopy(data)) == data
+    assert cv.view_of(data).kept == ()
 
 
 def method_config(name: str) -> dict:
@@ -123,7 +173,7 @@ def test_an_edit_changes_only_its_field() -> None:
     assert out == expected and data["models"][1]["parameters"]["density"] == 0.5  # the input is not modified
     assert cv.view_of(data).kept == ("tokenizer",)
     gradient = cv.view_of(data).rows[0].params[1]
-    assert gradient.kind == "text" and cv.to_widget("text", gradient.value) == "[0.2, 0.8]"
+    assert gradient.kind == "gradient" and gradient.value == [0.2, 0.8]  # density may be a gradient
 
 
 def test_a_slerp_over_a_layer_range_shows_its_sources_and_keeps_what_the_form_lacks() -> None:
@@ -138,7 +188,7 @@ def test_a_slerp_over_a_layer_range_shows_its_sources_and_keeps_what_the_form_la
         (0, 0, "org/a", 0, 4), (0, 1, "org/b", 0, 4)
     ]
     assert view.kept == ("slices[0].residual_weight",)
-    assert view.globals[0].kind == "text"  # filtered t: shown as inline YAML
+    assert view.globals[0].kind == "filtered"  # filtered t: values per filter
     assert replay(copy.deepcopy(data)) == data
     out = ce.set_slice(data, 0, "end", 6, source=1)
     assert out["slices"][0]["sources"][1]["layer_range"] == [0, 6] and data["slices"][0]["sources"][1]["layer_range"] == [0, 4]

@@ -81,6 +81,12 @@ class ParameterSpec:
     default: Any
     range: Range
 
+    @property
+    def gradient(self) -> bool:
+        """Whether the config may give this parameter as a gradient or filtered values (a float: a gradient
+        interpolates between its points, which an integer or a flag cannot be)."""
+        return self.range.kind is float
+
 
 @dataclass(frozen=True)
 class MergeMethod:

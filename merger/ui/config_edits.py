@@ -7,10 +7,14 @@ old method's own parameters (and gives the new method's required ones a starter 
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Callable
 
+from merger.config.references import split_reference
 from merger.methods.registry import METHODS
+from merger.ui.config_fields import reference_parts
 from merger.ui.config_view import MOE, TOP_FIELDS, SliceRow, method_of, slice_rows, text_of
+
+KEEP_ACROSS_SCHEMAS = ("name", *TOP_FIELDS)  # kept when switching between a merge and an MoE (`name`: a stage's)
 
 # A value to start a required parameter at when a method is chosen (by parameter name, not by method).
 STARTERS = {"weight": 1.0, "t": 0.5, "density": 0.5}
@@ -70,30 +74,93 @@ def _to_moe(data: dict[str, Any]) -> dict[str, Any]:
         "experts_per_token": min(2, max(1, len(models))),
         "experts": [{"source_model": m} for m in models],
     }
-    out.update({k: data[k] for k in TOP_FIELDS if k in data})
-    return out
+    out.update({k: data[k] for k in KEEP_ACROSS_SCHEMAS if k in data})
+    return _front(out, "name") if "name" in out else out
 
 
 def _from_moe(data: dict[str, Any]) -> dict[str, Any]:
     experts = [e for e in data.get("experts") or [] if isinstance(e, dict)]
     out: dict[str, Any] = {"base_model": data.get("base_model", "")}
     out["models"] = [{"model": e.get("source_model", "")} for e in experts]
-    out.update({k: data[k] for k in TOP_FIELDS if k in data})
+    out.update({k: data[k] for k in KEEP_ACROSS_SCHEMAS if k in data})
     return out
 
 
 def set_base(data: dict[str, Any], reference: str) -> dict[str, Any]:
-    """Set (or, when blank, remove) `base_model`."""
+    """Set (or, when blank and without a LoRA, remove) `base_model`'s model, keeping its LoRA."""
     out = copy.deepcopy(data)
-    _set_or_drop(out, "base_model", text_of(reference))
+    _set_or_drop(out, "base_model", with_model(out.get("base_model"), reference))
     return out
 
 
-def add_model(data: dict[str, Any]) -> dict[str, Any]:
-    """Append a blank model row (MoE: an expert), with the method's required per-model parameters."""
+def set_base_lora(data: dict[str, Any], lora: str) -> dict[str, Any]:
+    """Set (blank: remove) the LoRA adapter applied to `base_model`."""
+    out = copy.deepcopy(data)
+    _set_or_drop(out, "base_model", with_lora(out.get("base_model"), lora))
+    return out
+
+
+def with_model(value: Any, model: str) -> Any:
+    """A model reference as written (`m`, `m+lora`, `{model, lora}`) with its model replaced, the form kept.
+
+    The text is the model as the box shows it (`org/m@revision`); unchanged text leaves the value as written.
+    """
+    model = text_of(model)
+    if reference_parts(value)[0] == model:
+        return copy.deepcopy(value)
+    if isinstance(value, dict):
+        out = copy.deepcopy(value)
+        out.pop("revision", None)  # shown as `@revision` in the box: the new text carries it, or drops it
+        if isinstance(out.get("model"), dict) and "path" in out["model"]:
+            path, revision = split_reference(model)
+            out["model"] = {"path": path, **({"revision": revision} if revision else {})}
+        else:
+            out["model"] = model
+        return out
+    lora = reference_parts(value)[1]
+    return f"{model}+{lora}" if lora else model
+
+
+def with_lora(value: Any, lora: str) -> Any:
+    """A model reference with its LoRA adapter replaced (blank: removed), in the form it is written in."""
+    lora = text_of(lora)
+    if reference_parts(value)[1] == lora:
+        return copy.deepcopy(value)
+    if isinstance(value, dict):
+        out = copy.deepcopy(value)
+        if not lora:
+            out.pop("lora", None)
+        elif isinstance(out.get("lora"), dict) and "path" in out["lora"]:
+            out["lora"]["path"] = lora
+        else:
+            out["lora"] = lora
+        return out
+    model = reference_parts(value)[0]
+    return f"{model}+{lora}" if lora else model
+
+
+def _group(data: dict[str, Any], group: str | None) -> tuple[str, str]:
+    """(list key, model key) of a row: `models`/`model`, or an MoE's `experts` (or `shared_experts`)/`source_model`."""
+    if method_of(data) == MOE:
+        return group or "experts", "source_model"
+    return "models", "model"
+
+
+def _row(data: dict[str, Any], index: int, group: str | None = None) -> dict[str, Any] | None:
+    rows = data.get(_group(data, group)[0])
+    if isinstance(rows, list) and 0 <= index < len(rows) and isinstance(rows[index], dict):
+        return rows[index]
+    return None
+
+
+def add_model(data: dict[str, Any], group: str | None = None) -> dict[str, Any]:
+    """Append a blank model row (MoE: an expert of `group`), with the method's required per-model parameters."""
     out = copy.deepcopy(data)
     if method_of(out) == MOE:
-        out.setdefault("experts", []).append({"source_model": ""})
+        key = _group(out, group)[0]
+        if not isinstance(out.get(key), list):
+            out[key] = []
+        out[key].append({"source_model": ""})
         return out
     entry: dict[str, Any] = {"model": ""}
     spec = METHODS.get(method_of(out))
@@ -106,32 +173,45 @@ def add_model(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def remove_model(data: dict[str, Any], index: int) -> dict[str, Any]:
-    """Remove model row `index` (MoE: expert `index`)."""
+def remove_model(data: dict[str, Any], index: int, group: str | None = None) -> dict[str, Any]:
+    """Remove model row `index` (MoE: expert `index` of `group`; the group's key goes once it is empty,
+    except `experts`, which a config must have)."""
     out = copy.deepcopy(data)
-    key = "experts" if method_of(out) == MOE else "models"
+    key = _group(out, group)[0]
     rows = out.get(key)
     if isinstance(rows, list) and 0 <= index < len(rows):
         del rows[index]
+        if not rows and key == "shared_experts":
+            del out[key]
     return out
 
 
-def set_model(data: dict[str, Any], index: int, reference: str) -> dict[str, Any]:
-    """Set the model of row `index` (MoE: the expert's `source_model`)."""
+def set_model(data: dict[str, Any], index: int, reference: str, group: str | None = None) -> dict[str, Any]:
+    """Set the model of row `index` (MoE: the expert's `source_model`), keeping its LoRA."""
     out = copy.deepcopy(data)
-    key, name = ("experts", "source_model") if method_of(out) == MOE else ("models", "model")
-    rows = out.get(key)
-    if isinstance(rows, list) and 0 <= index < len(rows) and isinstance(rows[index], dict):
-        rows[index][name] = text_of(reference)
+    row, key = _row(out, index, group), _group(out, group)[1]
+    if row is not None:
+        row[key] = with_model(row.get(key), reference)
     return out
 
 
-def set_model_param(data: dict[str, Any], index: int, key: str, value: Any) -> dict[str, Any]:
-    """Set (None: remove) per-model parameter `key` of row `index`."""
+def set_lora(data: dict[str, Any], index: int, lora: str, group: str | None = None) -> dict[str, Any]:
+    """Set (blank: remove) the LoRA adapter of row `index`'s model."""
     out = copy.deepcopy(data)
-    rows = out.get("models")
-    if isinstance(rows, list) and 0 <= index < len(rows) and isinstance(rows[index], dict):
-        _set_parameter(rows[index], key, value)
+    row, key = _row(out, index, group), _group(out, group)[1]
+    if row is not None:
+        row[key] = with_lora(row.get(key), lora)
+    return out
+
+
+def set_model_param(data: dict[str, Any], index: int, key: str, value: Any, group: str | None = None) -> dict[str, Any]:
+    """Set (None: remove) per-model parameter `key` of row `index` (an MoE expert's keys sit in the entry itself)."""
+    out = copy.deepcopy(data)
+    row = _row(out, index, group)
+    if row is not None and method_of(out) == MOE:
+        _set_or_drop(row, key, value)
+    elif row is not None:
+        _set_parameter(row, key, value)
     return out
 
 
@@ -140,6 +220,37 @@ def set_global(data: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
     out = copy.deepcopy(data)
     _set_parameter(out, key, value)
     return out
+
+
+def edit_setting(data: dict[str, Any], index: int | None, key: str, change: Callable[[Any], Any],
+                 unset: Any = None) -> dict[str, Any]:
+    """Apply `change` (a transform of :mod:`merger.ui.config_settings`) to one parameter's value.
+
+    Only that parameter changes: a gradient's point, a filter, a preset replace its value and nothing else.
+
+    Args:
+        data: the config mapping (not modified).
+        index: the row of `models:` whose `parameters:` hold it, or None for the global `parameters:`.
+        key: the parameter (`t`, `weight`, ...).
+        change: value -> new value (None removes the parameter, so its default applies).
+        unset: the value `change` starts from when the config leaves the parameter out.
+
+    Returns:
+        A new mapping (unchanged when row `index` does not exist).
+    """
+    out = copy.deepcopy(data)
+    holder = out if index is None else _row(out, index)
+    if holder is None:
+        return out
+    params = holder.get("parameters") if isinstance(holder.get("parameters"), dict) else {}
+    current = params.get(key)
+    _set_parameter(holder, key, change(unset if current is None else current))
+    return out
+
+
+def starter(key: str, default: Any) -> Any:
+    """The value an unset parameter's editor starts from: its default, else the starter for its name."""
+    return default if default is not None else STARTERS.get(key, 0.5)
 
 
 def _set_parameter(holder: dict[str, Any], key: str, value: Any) -> None:
@@ -184,7 +295,7 @@ def remove_slice(data: dict[str, Any], index: int) -> dict[str, Any]:
 
 
 def set_slice(data: dict[str, Any], index: int, key: str, value: Any, source: int = 0) -> dict[str, Any]:
-    """Set `model`, `start`, `end` or `scale` (None: remove) of `slices[index].sources[source]`."""
+    """Set `model`, `lora`, `start`, `end` or `scale` (None: remove) of `slices[index].sources[source]`."""
     out = copy.deepcopy(data)
     slices = out.get("slices")
     try:
@@ -192,7 +303,9 @@ def set_slice(data: dict[str, Any], index: int, key: str, value: Any, source: in
     except (TypeError, LookupError):
         return out
     if key == "model":
-        entry["model"] = text_of(value)
+        entry["model"] = with_model(entry.get("model"), value)
+    elif key == "lora":
+        entry["model"] = with_lora(entry.get("model"), value)
     elif key in ("start", "end"):
         bounds = list(entry.get("layer_range") or [0, 0])
         bounds[0 if key == "start" else 1] = int(value or 0)
@@ -215,5 +328,6 @@ def _set_or_drop(mapping: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _front(data: dict[str, Any], key: str) -> dict[str, Any]:
-    """The mapping with `key` first (configs read from the method down)."""
-    return {key: data[key], **{k: v for k, v in data.items() if k != key}}
+    """The mapping with `key` first (configs read from the method down; a stage's `name` above all)."""
+    out = {key: data[key], **{k: v for k, v in data.items() if k != key}}
+    return {"name": out.pop("name"), **out} if "name" in out and key != "name" else out

@@ -7,33 +7,28 @@ field of the config through :mod:`merger.ui.config_view`, leaving everything els
 
 from __future__ import annotations
 
-from typing import Any, Callable
 
 import gradio as gr
 
-from merger.config.dump import dump_yaml
 from merger.ui import config_edits as ce
+from merger.ui import config_stages as cst
 from merger.ui import config_view as cv
-from merger.ui.pickers import PICKER_HINT, Picker, note_pick, picker, superseded_by_pick
-from merger.ui.yaml_panel import EDIT_QUEUE, ConfigViews
-
-# The classic SLERP schedule posted on model cards: attention from one end, MLPs from the other.
-CLASSIC_T: list[dict[str, Any]] = [
-    {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
-    {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
-    {"value": 0.5},
-]
-
-Edit = Callable[[dict, Any], dict]
+from merger.ui.form_moe import experts
+from merger.ui.form_settings import setting_editor
+from merger.ui.form_stages import add_stage_button, stage_bar
+from merger.ui.form_wiring import click, model_picker, wire
+from merger.ui.pickers import PICKER_HINT
+from merger.ui.yaml_panel import ConfigViews
 
 LABELS = {
     "dtype": "dtype (inputs are read in this type; blank: as stored)",
     "out_dtype": "out_dtype (the written model; blank: dtype)",
     "tokenizer_source": "tokenizer_source (base, union or a model; blank: the base model's)",
-    "chat_template": "chat_template (blank: the base model's)",
+    "chat_template": "chat_template (a built-in name or a Jinja template; blank: the base model's)",
     "seed": "seed (random parts: DARE masks, random gates)",
-    "gate_mode": "gate_mode (router initialisation)",
+    "gate_mode": "gate_mode (router: hidden / cheap_embed from the prompts, or random)",
     "experts_per_token": "experts_per_token",
+    "architecture": "architecture (the MoE output; blank: from the experts' family)",
 }
 
 
@@ -43,25 +38,35 @@ def build(views: ConfigViews, demo: gr.Blocks) -> None:
 
     @gr.render(inputs=[views.config, views.layout], triggers=[demo.load, views.layout.change])
     def form(text: str, layout: dict) -> None:
-        data = cv.parse(text)
+        layout = layout or {}
+        live = not layout.get("readonly")
+        stage_bar(views, text, layout, live)
+        data = cst.stage_data(text, layout.get("stage", 0))
         if data is None:
             gr.Markdown("The YAML is not a config mapping yet: fix it in the editor and the form follows.")
             return
-        view = cv.view_of(data)
-        live = not (layout or {}).get("readonly")
-        _method_picker(views, view, live)
-        if view.base != "none" or view.base_model:
-            label = "Base model (attention, norms, embeddings)" if view.method == cv.MOE else "Base model"
-            _wire_picker(views, picker(label, view.base_model, "base-model", live), ce.set_base)
-        if view.slices is not None or (view.method == "passthrough" and not view.rows):
-            _slices(views, view.slices or (), live)
-        else:
-            _rows(views, view, live)
-        _globals(views, view, live)
-        with gr.Accordion("Options: dtype, tokenizer, chat template, seed", open=view.method == cv.MOE):
-            for f in view.options:
-                widget = _widget(f, f"option-{f.key}", LABELS.get(f.key, f.key), live)
-                _wire(views, widget, f.kind, lambda d, v, key=f.key: ce.set_option(d, key, v))
+        _form(views, cv.view_of(data), live)
+        if not layout.get("stages"):
+            add_stage_button(views, layout, live)
+
+
+def _form(views: ConfigViews, view: cv.View, live: bool) -> None:
+    _method_picker(views, view, live)
+    if view.base != "none" or view.base_model:
+        label = "Base model (attention, norms, embeddings)" if view.method == cv.MOE else "Base model"
+        model_picker(views, label, (view.base_model, view.base_lora), "base-model", live, ce.set_base,
+                     ce.set_base_lora)
+    if view.slices is not None or (view.method == "passthrough" and not view.rows):
+        _slices(views, view.slices or (), live)
+    elif view.method == cv.MOE:
+        experts(views, view, live)
+    else:
+        _rows(views, view, live)
+    _globals(views, view, live)
+    with gr.Accordion("Options: dtype, tokenizer, chat template, seed", open=view.method == cv.MOE):
+        for f in view.options:
+            widget = _widget(f, f"option-{f.key}", LABELS.get(f.key, f.key), live)
+            wire(views, widget, f.kind, lambda d, v, key=f.key: ce.set_option(d, key, v))
 
 
 def _method_picker(views: ConfigViews, view: cv.View, live: bool) -> None:
@@ -71,22 +76,32 @@ def _method_picker(views: ConfigViews, view: cv.View, live: bool) -> None:
     method = gr.Dropdown(
         choices, value=view.method or None, label="Merge method", elem_id="method", interactive=live
     )
-    _wire(views, method, "choice", ce.set_method, structural=True)
+    wire(views, method, "choice", ce.set_method, structural=True)
 
 
 def _rows(views: ConfigViews, view: cv.View, live: bool) -> None:
-    noun = "Expert" if view.method == cv.MOE else "Model"
     for i, row in enumerate(view.rows):
         with gr.Row(equal_height=True):
-            box = picker(f"{noun} {i + 1}", row.model, f"model-{i}", live)
-            _wire_picker(views, box, lambda d, v, i=i: ce.set_model(d, i, v))
+            model_picker(views, f"Model {i + 1}", (row.model, row.lora), f"model-{i}", live,
+                         lambda d, v, i=i: ce.set_model(d, i, v), lambda d, v, i=i: ce.set_lora(d, i, v))
             for f in row.params:
+                if f.kind in ("gradient", "filtered"):  # edited in the fold below the row
+                    gr.Textbox(value=cv.to_widget("text", f.value), label=f"{f.key} (below)", interactive=False,
+                               elem_id=f"param-{i}-{f.key}", scale=1, min_width=90)
+                    continue
                 widget = _widget(f, f"param-{i}-{f.key}", f.key, live, scale=1)
-                _wire(views, widget, f.kind, lambda d, v, i=i, key=f.key: ce.set_model_param(d, i, key, v))
+                wire(views, widget, f.kind, lambda d, v, i=i, key=f.key: ce.set_model_param(d, i, key, v))
             remove = gr.Button("✕", size="sm", scale=0, min_width=40, elem_id=f"remove-model-{i}", interactive=live)
-            _click(views, remove, lambda d, i=i: ce.remove_model(d, i))
-    add = gr.Button(f"+ Add {noun.lower()}", size="sm", elem_id="add-model", interactive=live)
-    _click(views, add, ce.add_model)
+            click(views, remove, lambda d, i=i: ce.remove_model(d, i), structural=True)
+        shaped = [f for f in row.params if _editable_setting(f)]
+        if shaped:
+            varied = any(f.kind in ("gradient", "filtered") for f in shaped)
+            with gr.Accordion(f"Model {i + 1}: gradients and filters ({', '.join(f.key for f in shaped)})",
+                              open=varied, elem_id=f"model-{i}-shapes"):
+                for f in shaped:
+                    setting_editor(views, f, i, f"param-{i}-{f.key}-editor", live)
+    add = gr.Button("+ Add model", size="sm", elem_id="add-model", interactive=live)
+    click(views, add, ce.add_model, structural=True)
 
 
 def _slices(views: ConfigViews, rows: tuple[cv.SliceRow, ...], live: bool) -> None:
@@ -97,39 +112,49 @@ def _slices(views: ConfigViews, rows: tuple[cv.SliceRow, ...], live: bool) -> No
             for row in [r for r in rows if r.slice == i]:
                 _slice_source(views, row, live)
             remove = gr.Button(f"✕ Remove slice {i + 1}", size="sm", elem_id=f"remove-slice-{i}", interactive=live)
-            _click(views, remove, lambda d, i=i: ce.remove_slice(d, i))
+            click(views, remove, lambda d, i=i: ce.remove_slice(d, i), structural=True)
     add = gr.Button("+ Add slice", size="sm", elem_id="add-slice", interactive=live)
-    _click(views, add, ce.add_slice)
+    click(views, add, ce.add_slice, structural=True)
 
 
 def _slice_source(views: ConfigViews, row: cv.SliceRow, live: bool) -> None:
     i, j = row.slice, row.source
     where = f"slice-{i}-{j}"
     with gr.Row(equal_height=True):
-        box = picker("model", row.model, f"{where}-model", live)
-        _wire_picker(views, box, lambda d, v: ce.set_slice(d, i, "model", v, j))
+        model_picker(views, "model", (row.model, row.lora), f"{where}-model", live,
+                     lambda d, v: ce.set_slice(d, i, "model", v, j), lambda d, v: ce.set_slice(d, i, "lora", v, j))
         for key, value in (("start", row.start), ("end", row.end)):
             number = gr.Number(value=value, precision=0, minimum=0, label=key, elem_id=f"{where}-{key}",
                                interactive=live, scale=1, min_width=80)
-            _wire(views, number, "number", lambda d, v, key=key: ce.set_slice(d, i, key, v, j))
+            wire(views, number, "number", lambda d, v, key=key: ce.set_slice(d, i, key, v, j))
         # unset, the source is used as is: the box shows 1 and writes nothing until edited
         scale = gr.Number(value=1 if row.scale is None else row.scale, label="scale", info="default 1",
                           elem_id=f"{where}-scale", interactive=live, scale=1, min_width=80)
-        _wire(views, scale, "number", lambda d, v: ce.set_slice(d, i, "scale", v, j))
+        wire(views, scale, "number", lambda d, v: ce.set_slice(d, i, "scale", v, j))
 
 
 def _globals(views: ConfigViews, view: cv.View, live: bool) -> None:
-    if not view.globals:
-        return
-    with gr.Row():
-        for f in view.globals:
-            widget = _widget(f, f"global-{f.key}", f.key, live)
-            _wire(views, widget, f.kind, lambda d, v, key=f.key: ce.set_global(d, key, v))
-    if any(f.key == "t" for f in view.globals):
-        gr.Markdown("`t` may be a number, a gradient across the layers (`[0, 0.5, 1]`) or filtered values.")
-        classic = gr.Button("Use the classic attention/MLP schedule for t", size="sm", elem_id="classic-t",
-                            interactive=live)
-        _click(views, classic, lambda d: ce.set_global(d, "t", CLASSIC_T), structural=True)
+    plain = [f for f in view.globals if not _editable_setting(f)]
+    if plain:
+        with gr.Row():
+            for f in plain:
+                widget = _widget(f, f"global-{f.key}", f.key, live)
+                wire(views, widget, f.kind, lambda d, v, key=f.key: ce.set_global(d, key, v))
+    for f in view.globals:
+        if not _editable_setting(f):
+            continue
+
+        def number(f: cv.Field = f) -> None:
+            widget = _widget(f, f"global-{f.key}", f.key, live, scale=1)
+            wire(views, widget, f.kind, lambda d, v: ce.set_global(d, f.key, v))
+
+        with gr.Group(elem_id=f"global-{f.key}-editor"):
+            setting_editor(views, f, None, f"global-{f.key}", live, number)
+
+
+def _editable_setting(f: cv.Field) -> bool:
+    """Whether the gradient and filter editor shows `f` (a value of another shape stays a YAML text box)."""
+    return f.gradient and f.kind != "text"
 
 
 def _widget(f: cv.Field, elem_id: str, label: str, live: bool, scale: int | None = None) -> gr.components.Component:
@@ -150,63 +175,3 @@ def _widget(f: cv.Field, elem_id: str, label: str, live: bool, scale: int | None
             choices.append((value, value))
         return gr.Dropdown(choices, value=value, allow_custom_value=allow_custom, scale=scale, **common)
     return gr.Textbox(value="" if shown is None else str(shown), scale=scale, **common)
-
-
-def _wire(views: ConfigViews, widget: Any, kind: str, edit: Edit, structural: bool = False) -> None:
-    """On a user's change of `widget`, apply `edit(config, value)` to the config."""
-
-    def on_input(values: dict) -> dict:
-        data = cv.parse(values[views.config]) or {}
-        value = values[widget]
-        if kind == "choice":
-            value = value or None
-        else:
-            value = cv.from_widget(kind, value)
-        return views.show(dump_yaml(edit(data, value)), values[views.layout], reload=structural)
-
-    widget.input(
-        on_input,
-        inputs={views.config, views.layout, widget},
-        outputs=views.outputs,
-        trigger_mode="always_last",
-        show_progress="hidden",
-        api_visibility="private",
-        **EDIT_QUEUE,
-    )
-
-
-def _wire_picker(views: ConfigViews, made: Picker, edit: Edit) -> None:
-    """A typed model counts when the box loses focus or Enter is pressed; a clicked match counts at once."""
-    name = made.box.elem_id or ""
-
-    def on_commit(values: dict, request: gr.Request) -> dict:
-        typed = (values[made.box] or "").strip()
-        if superseded_by_pick(request, name, typed):
-            return {output: gr.skip() for output in views.outputs}
-        data = cv.parse(values[views.config]) or {}
-        return views.show(dump_yaml(edit(data, typed)), values[views.layout], reload=False)
-
-    gr.on([made.box.blur, made.box.submit], on_commit, inputs={views.config, views.layout, made.box},
-          outputs=views.outputs, show_progress="hidden", api_visibility="private", **EDIT_QUEUE)
-
-    def on_pick(values: dict, request: gr.Request) -> dict:
-        chosen = values[made.suggestions] or ""
-        note_pick(request, name, chosen)
-        data = cv.parse(values[views.config]) or {}
-        updates = views.show(dump_yaml(edit(data, chosen)), values[views.layout], reload=False)
-        updates[made.box] = chosen
-        updates[made.suggestions] = gr.Radio(choices=[], value=None, visible=False)
-        return updates
-
-    made.suggestions.input(on_pick, inputs={views.config, views.layout, made.suggestions},
-                           outputs=[*views.outputs, made.box, made.suggestions], show_progress="hidden",
-                           api_visibility="private", **EDIT_QUEUE)
-
-
-def _click(views: ConfigViews, button: gr.Button, edit: Callable[[dict], dict], structural: bool = False) -> None:
-    def on_click(values: dict) -> dict:
-        data = cv.parse(values[views.config]) or {}
-        return views.show(dump_yaml(edit(data)), values[views.layout], reload=structural)
-
-    button.click(on_click, inputs={views.config, views.layout}, outputs=views.outputs, api_visibility="private",
-                 **EDIT_QUEUE)

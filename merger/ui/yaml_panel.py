@@ -13,7 +13,7 @@ from typing import Any
 import gradio as gr
 
 from merger.config.dump import dump_yaml
-from merger.ui import config_view
+from merger.ui import config_stages, config_view
 
 START_CONFIG = dump_yaml(
     {
@@ -38,7 +38,9 @@ class ConfigViews:
 
     Attributes:
         config: the config YAML text, exactly as pasted, loaded or last written by the form.
-        layout: `{"structure": ..., "revision": n, "readonly": bool}`; a change re-renders the form.
+        layout: `{"structure": ..., "stages": n, "stage": i, "revision": n, "readonly": bool}` (`stages`: the
+            documents of a multi-stage config, 0 for a plain one; `stage`: the one the form shows);
+            a change re-renders the form.
         yaml_code: the YAML editor.
         kept: the "kept from your YAML" note.
         copy_button: "Edit a copy" (shown while a job's config is shown read-only).
@@ -69,14 +71,18 @@ class ConfigViews:
             echo: write the text into the editor (False when it came from the editor: the cursor stays).
         """
         layout = dict(layout or {})
-        data = config_view.parse(text)
+        count = config_stages.stage_count(text)
+        stage = config_stages.clamp(layout.get("stage", 0), count)
+        data = config_stages.stage_data(text, stage)
         view = config_view.view_of(data) if data is not None else None
         new = {
             "structure": view.structure() if view else None,
+            "stages": count,
+            "stage": stage,
             "revision": int(layout.get("revision", 0)) + (1 if reload else 0),
             "readonly": bool(layout.get("readonly")) if readonly is None else readonly,
         }
-        updates: dict[Any, Any] = {self.config: text, self.kept: kept_note(view)}
+        updates: dict[Any, Any] = {self.config: text, self.kept: kept_note(view, stage if count else None)}
         updates[self.layout] = new if new != layout else gr.skip()
         if not echo:
             updates[self.yaml_code] = gr.skip()
@@ -90,20 +96,23 @@ class ConfigViews:
         return updates
 
 
-def kept_note(view: config_view.View | None) -> str:
-    """The note under the form: what the config holds that the form does not show."""
+def kept_note(view: config_view.View | None, stage: int | None = None) -> str:
+    """The note under the form: what the config (stage `stage` of a multi-stage one) holds that the form
+    does not show."""
+    where = "" if stage is None else f" (stage {stage + 1})"
     if view is None:
-        return "The form cannot read this YAML (it is not a config mapping); edit it here."
+        return f"The form cannot read this YAML{where} (it is not a config mapping); edit it here."
     if not view.kept:
         return ""
-    return "**Kept from your YAML** (not in the form, merged as written): " + ", ".join(f"`{k}`" for k in view.kept)
+    shown = ", ".join(f"`{k}`" for k in view.kept)
+    return f"**Kept from your YAML**{where} (not in the form, merged as written): {shown}"
 
 
 def build(initial: str = START_CONFIG) -> ConfigViews:
     """The YAML editor, the kept note and the state (call inside a column of the page)."""
     view = config_view.view_of(config_view.parse(initial) or {})
     config = gr.State(initial)
-    layout = gr.State({"structure": view.structure(), "revision": 0, "readonly": False})
+    layout = gr.State({"structure": view.structure(), "stages": 0, "stage": 0, "revision": 0, "readonly": False})
     yaml_code = gr.Code(
         value=initial,
         language="yaml",

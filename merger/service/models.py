@@ -119,7 +119,9 @@ def model_details(reference: str, token: str | None) -> ModelDetails:
         details = run_limited(lambda: _read(reference, token), DETAILS_TIMEOUT_S,
                               f"reading the metadata of `{excerpt(reference, 80)}`")
     except MergerError as err:
-        return ModelDetails(reference, problem=_one_line(err))  # not remembered: the next look may succeed
+        return ModelDetails(reference, problem=_one_line(err))
+    if details.problem is not None:
+        return details  # not remembered: access granted or a file fixed shows at the next look
     with _lock:
         _remembered[key] = (details, time.monotonic() + _TTL_S)
         _remembered.move_to_end(key)

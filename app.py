@@ -44,9 +44,9 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
         if examples:
             table = gr.Dataset(
                 label="Examples (click one to fill the form)",
-                components=["textbox"],
-                headers=["example"],
-                samples=[[e.title] for e in examples],
+                components=["textbox", "textbox"],
+                headers=["example", "what it does"],
+                samples=[[e.title, e.description] for e in examples],
                 type="index",
                 layout="table",
                 samples_per_page=20,

@@ -255,7 +255,7 @@ def test_a_users_path_through_the_page(site, browser) -> None:
     shot(other, "07-double-click")
 
     # an example fills the form in one click: a SLERP over a layer range shows both sources of its slice
-    other.locator("#examples").get_by_text("Offline twin of seed-slerp").click()
+    other.locator("#examples").get_by_text("Offline SLERP of the tiny test models").click()
     other.wait_for_function(
         "() => { const e = document.querySelector('#slice-0-1-model textarea, #slice-0-1-model input');"
         " return e && e.value.endsWith('mistral-code'); }"

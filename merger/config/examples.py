@@ -1,4 +1,5 @@
-"""The one-click example configs: `templates/examples/*.yaml`, each titled by its first comment line."""
+"""The one-click example configs: `templates/examples/*.yaml`, each titled by its first comment line and
+described by the comment lines right after it (plain words for the page, never the file's name)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,14 @@ class Example:
     Attributes:
         name: the file's stem (stable id).
         title: the button label: the file's first `# comment` line, else the prettified stem.
+        description: the comment lines right after the title, joined into one sentence ("" without).
         yaml_text: the config.
     """
 
     name: str
     title: str
     yaml_text: str
+    description: str = ""
 
 
 def load_examples(directory: str | os.PathLike[str]) -> list[Example]:
@@ -37,19 +40,22 @@ def load_examples(directory: str | os.PathLike[str]) -> list[Example]:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
             continue
-        examples.append(Example(name=path.stem, title=_example_title(path.stem, text), yaml_text=text))
+        comments = _leading_comments(text)
+        title = comments[0] if comments else re.sub(r"[-_]+", " ", path.stem).strip().capitalize() or path.stem
+        examples.append(Example(name=path.stem, title=title, yaml_text=text, description=" ".join(comments[1:])))
     return examples
 
 
-def _example_title(stem: str, text: str) -> str:
+def _leading_comments(text: str) -> list[str]:
+    """The text of the `# comment` lines before the config's first key (blank lines and bare `#` skipped)."""
+    found = []
     for line in text.splitlines():
         stripped = line.strip()
         if not stripped:
             continue
-        if stripped.startswith("#"):
-            title = stripped.lstrip("#").strip()
-            if title:
-                return title
-            continue
-        break
-    return re.sub(r"[-_]+", " ", stem).strip().capitalize() or stem
+        if not stripped.startswith("#"):
+            break
+        comment = stripped.lstrip("#").strip()
+        if comment:
+            found.append(comment)
+    return found

@@ -14,6 +14,7 @@ import gradio as gr
 
 from merger import constants, service
 from merger.ui import api, form_panel, job_panel, my_merges, page_events, preflight_panel, yaml_panel
+from merger.ui.common import local_token_note
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "templates" / "examples"
 
@@ -39,7 +40,7 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
             if login:
                 gr.LoginButton(scale=0, min_width=260)
             else:
-                gr.Markdown("Running locally: merges are pushed with the token in `HF_TOKEN`.")
+                gr.Markdown(local_token_note, elem_id="token-note")
         table = None
         if examples:
             table = gr.Dataset(

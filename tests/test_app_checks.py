@@ -185,3 +185,21 @@ def test_cancel_from_the_job_view_and_my_merges_lists_the_job_with_its_config(ap
     assert "cancelled" in row and "<summary>ties</summary>" in row and "alice/ck-cancelled" in row
     assert f"?job={job_id}" in row and "density: 0.5" in row
     assert time.strftime("%Y-%m-%d", time.gmtime()) in row
+
+
+# ---------------------------------------------------------------- the header off a Space
+def test_the_local_header_says_which_token_merges_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    import app as the_app
+
+    demo = the_app.build_demo(login=False)
+    note = by_id(demo, "token-note")
+    load_fn = note.load_event_to_attach[0]  # run at every page load: the line follows the environment
+    monkeypatch.setenv("HF_TOKEN", "hf_test_alice")
+    assert load_fn() == "Running locally: merges are pushed with the token in `HF_TOKEN`."
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: "hf_saved_login")
+    assert "your saved Hugging Face login" in load_fn()
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    signed_out = load_fn()
+    assert signed_out.startswith("Running locally with no Hugging Face token") and "HF_TOKEN" in signed_out
+    assert "merges are pushed with" not in signed_out

@@ -7,6 +7,7 @@ and the jobs only through `merger.service`; the named API endpoints are listed i
 
 import logging
 import os
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,9 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
         if examples:
             table = gr.Dataset(
                 label="Examples (click one to fill the form)",
-                components=["textbox", "textbox"],
-                headers=["example", "what it does"],
-                samples=[[e.title, e.description] for e in examples],
+                components=["html"],  # a textbox cell cuts its text at 60 characters
+                headers=["example"],
+                samples=[[f"<b>{escape(e.title)}</b><br>{escape(e.description)}"] for e in examples],
                 type="index",
                 layout="table",
                 samples_per_page=20,

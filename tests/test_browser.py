@@ -192,6 +192,12 @@ def test_a_users_path_through_the_page(site, browser) -> None:
         number.press("Tab")
     wait_for_yaml(page, "base_model: alice/mistral-base", "model: alice/mistral-prose", "density: 0.4",
                   "density: 0.7")
+    for picked in ("base-model", "model-0", "model-1"):  # each picked model's details line, from its metadata
+        page.wait_for_function(
+            "(id) => { const e = document.querySelector(`#${id}-details`);"
+            " return e && e.innerText.includes('MistralForCausalLM') && e.innerText.includes('license apache-2.0'); }",
+            arg=picked,
+        )
     shot(page, "02-form")
 
     # pre-flight: every line passes once the target repo is named

@@ -8,6 +8,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from merger.config.parse import parse_config_documents
+from merger.config.references import local_paths
+from merger.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Example:
@@ -27,7 +31,8 @@ class Example:
 
 
 def load_examples(directory: str | os.PathLike[str]) -> list[Example]:
-    """The example configs in `directory` (`*.yaml` / `*.yml`), sorted by file name.
+    """The example configs in `directory` (`*.yaml` / `*.yml`): those on Hub models first, then those that
+    name local folders (the offline twins), each group sorted by file name.
 
     A missing directory gives no examples; an unreadable file is skipped.
     """
@@ -43,7 +48,15 @@ def load_examples(directory: str | os.PathLike[str]) -> list[Example]:
         comments = _leading_comments(text)
         title = comments[0] if comments else re.sub(r"[-_]+", " ", path.stem).strip().capitalize() or path.stem
         examples.append(Example(name=path.stem, title=title, yaml_text=text, description=" ".join(comments[1:])))
-    return examples
+    return sorted(examples, key=lambda e: bool(_local_references(e.yaml_text)))  # stable: names stay in order
+
+
+def _local_references(text: str) -> list[str]:
+    """The local folders a config names (none when it does not parse: validation names why)."""
+    try:
+        return local_paths([value for value, _ in parse_config_documents(text)])
+    except ConfigError:
+        return []
 
 
 def _leading_comments(text: str) -> list[str]:

@@ -21,7 +21,7 @@ def test_load_examples(tmp_path: Path) -> None:
     examples = load_examples(tmp_path)
     assert [(e.name, e.title) for e in examples] == [  # Hub examples first, those on local folders last
         ("a_slerp", "A slerp"), ("b-linear", "Two models averaged"), ("0-offline", "On a folder")]
-    assert [e.description for e in examples] == ["", "Half and half, weight by weight."]
+    assert [e.description for e in examples] == ["", "Half and half, weight by weight.", ""]
     assert examples[1].yaml_text.startswith("# Two models averaged")
     assert load_examples(tmp_path / "missing") == []
 

@@ -41,7 +41,8 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
             if login:
                 gr.LoginButton(scale=0, min_width=260)
             else:
-                gr.Markdown(local_token_note, elem_id="token-note")
+                note = gr.Markdown(local_token_note(), elem_id="token-note")
+                demo.load(local_token_note, outputs=note, api_visibility="private")  # the environment may change
         table = None
         if examples:
             table = gr.Dataset(

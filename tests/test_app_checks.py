@@ -192,8 +192,9 @@ def test_the_local_header_says_which_token_merges_use(monkeypatch: pytest.Monkey
     import app as the_app
 
     demo = the_app.build_demo(login=False)
-    note = by_id(demo, "token-note")
-    load_fn = note.load_event_to_attach[0]  # run at every page load: the line follows the environment
+    [load] = [f for f in demo.fns.values() if by_id(demo, "token-note") in f.outputs]
+    assert load.targets[0][1] == "load" and load.api_visibility == "private"
+    load_fn = load.fn  # run at every page load: the line follows the environment
     monkeypatch.setenv("HF_TOKEN", "hf_test_alice")
     assert load_fn() == "Running locally: merges are pushed with the token in `HF_TOKEN`."
     monkeypatch.delenv("HF_TOKEN")

@@ -175,8 +175,9 @@ def test_the_picker_wires_its_details_line(licensed: str, monkeypatch: pytest.Mo
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with gr.Blocks() as demo:
         made = pickers.picker("Model 1", licensed, "model-0")
-    load_fn, _, inputs = made.details.load_event_to_attach
-    assert load_fn(licensed).startswith("✓ MistralForCausalLM")  # the line shown once the picker is on the page
+    [shown] = [f for f in demo.fns.values() if f.name == "initial_details" and made.details in f.outputs]
+    assert ("load" in [event for _, event in shown.targets]) and shown.api_visibility == "private"
+    assert shown.fn(licensed).startswith("✓ MistralForCausalLM")  # the line shown once the picker is on the page
     on_pick = next(f.fn for f in demo.fns.values() if f.name == "on_pick" and made.details in f.outputs)
     request = gr.Request()
     request.session_hash = "picker-test"

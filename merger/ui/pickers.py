@@ -56,8 +56,10 @@ def picker(label: str, value: str, elem_id: str, interactive: bool = True) -> Pi
         suggestions = gr.Radio([], value=None, label="Hub matches (click one)", visible=False,
                                elem_id=f"{elem_id}-matches", interactive=interactive)
         shown = gr.State(value)
-        details = gr.Markdown(initial_details, inputs=[shown], elem_id=f"{elem_id}-details",
-                              elem_classes=["model-details"])
+        details = gr.Markdown(elem_id=f"{elem_id}-details", elem_classes=["model-details"])
+    # no triggers: runs once the picker is on the page (and were `shown` to change); not an API endpoint
+    gr.on(None, initial_details, inputs=[shown], outputs=details, show_progress="hidden", concurrency_limit=4,
+          concurrency_id="details", api_visibility="private")
     made = Picker(box, suggestions, details)
     if interactive:
         wire_search(made, elem_id)

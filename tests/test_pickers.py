@@ -147,6 +147,8 @@ def test_failures_are_one_line(hub, monkeypatch: pytest.MonkeyPatch, fixture_mod
     assert missing.startswith("⚠ model `alice/no-such-model` was not found on the Hub")
     assert pickers.details_markdown("", TOKEN) == ""
     assert "\n" not in pickers.details_markdown("not a/valid id here", TOKEN)
+    huge = service.model_details("org/" + "x" * 5_000_000, TOKEN)
+    assert huge.problem.endswith("is too long to be a model id or a folder") and len(huge.problem) < 200
     monkeypatch.setattr(constants, "ON_SPACE", True)
     local = service.model_details(str(fixture_models_dir / "mistral-prose"), None)
     assert local.problem == "a local folder: use a Hub model id like `org/name` here"

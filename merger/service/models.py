@@ -27,6 +27,7 @@ from merger.errors import (
 )
 from merger.scrub import scrub
 
+MAX_REFERENCE_CHARS = 500  # longer text in a model box is no model (and never becomes a memo key)
 DETAILS_TIMEOUT_S = 20.0  # a picker's line waits at most this long (a slow Hub gives a one-line reason)
 
 # What a merge cannot read (GGUF, GPTQ/AWQ/EXL2/bitsandbytes/FP8, pickle-only, PEFT adapters): refused with the reason.
@@ -108,6 +109,9 @@ def model_details(reference: str, token: str | None) -> ModelDetails:
         own faults or the Hub's: every failure is one line in the result.
     """
     reference = (reference or "").strip()
+    if len(reference) > MAX_REFERENCE_CHARS:
+        return ModelDetails(excerpt(reference, 80), problem=f"`{excerpt(reference, 80)}` is too long to be a model "
+                                                            "id or a folder")
     key = (reference, hashlib.sha256((token or "").encode()).hexdigest())
     with _lock:
         hit = _remembered.get(key)

@@ -179,10 +179,10 @@ def test_the_picker_wires_its_details_line(licensed: str, monkeypatch: pytest.Mo
         made = pickers.picker("Model 1", licensed, "model-0")
     [shown] = [f for f in demo.fns.values() if f.name == "initial_details" and made.details in f.outputs]
     assert ("load" in [event for _, event in shown.targets]) and shown.api_visibility == "private"
-    assert shown.fn(licensed).startswith("✓ MistralForCausalLM")  # the line shown once the picker is on the page
-    on_pick = next(f.fn for f in demo.fns.values() if f.name == "on_pick" and made.details in f.outputs)
     request = gr.Request()
     request.session_hash = "picker-test"
+    assert shown.fn(licensed, request).startswith("✓ MistralForCausalLM")  # shown once the picker is on the page
+    on_pick = next(f.fn for f in demo.fns.values() if f.name == "on_pick" and made.details in f.outputs)
     assert on_pick({made.suggestions: licensed}, request).startswith("✓ ")
     on_commit = next(f.fn for f in demo.fns.values() if f.name == "on_commit" and made.details in f.outputs)
     assert on_commit({made.box: "alice/nope"}, request).startswith("⚠ model `alice/nope` was not found")

@@ -57,6 +57,11 @@ def picker(label: str, value: str, elem_id: str, interactive: bool = True) -> Pi
                                elem_id=f"{elem_id}-matches", interactive=interactive)
         shown = gr.State(value)
         details = gr.Markdown(elem_id=f"{elem_id}-details", elem_classes=["model-details"])
+
+    def initial_details(reference: str, request: gr.Request, oauth_token: gr.OAuthToken | None = None):
+        # in the same sequence as a pick's: a slow first answer never replaces a later pick's line
+        return _latest_details(request, f"{elem_id}#details", reference, oauth_token)
+
     # no triggers: runs once the picker is on the page (and were `shown` to change); not an API endpoint
     gr.on(None, initial_details, inputs=[shown], outputs=details, show_progress="hidden", concurrency_limit=4,
           concurrency_id="details", api_visibility="private")
@@ -79,11 +84,6 @@ def details_markdown(reference: str, token: str | None) -> str:
         return f"⚠ `{excerpt(reference, 80)}`: {one_line(err)}"
     mark = "✓" if found.ok else ("✗" if found.refused else "⚠")
     return f"{mark} {found.summary()}"
-
-
-def initial_details(reference: str, oauth_token: gr.OAuthToken | None = None) -> str:
-    """The load event of a rendered picker's details line (see :func:`picker`)."""
-    return details_markdown(reference, token_of(oauth_token))
 
 
 def wire_details(made: Picker, name: str) -> None:

@@ -7,6 +7,7 @@ and the jobs only through `merger.service`; the named API endpoints are listed i
 
 import logging
 import os
+from html import escape
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import gradio as gr
 
 from merger import constants, service
 from merger.ui import api, form_panel, insight_panel, job_panel, my_merges, page_events, preflight_panel, yaml_panel
+from merger.ui.common import local_token_note
 
 EXAMPLES_DIR = Path(__file__).resolve().parent / "templates" / "examples"
 
@@ -39,14 +41,15 @@ def build_demo(login: bool | None = None, examples_dir: str | os.PathLike[str] =
             if login:
                 gr.LoginButton(scale=0, min_width=260)
             else:
-                gr.Markdown("Running locally: merges are pushed with the token in `HF_TOKEN`.")
+                note = gr.Markdown(local_token_note(), elem_id="token-note")
+                demo.load(local_token_note, outputs=note, api_visibility="private")  # the environment may change
         table = None
         if examples:
             table = gr.Dataset(
                 label="Examples (click one to fill the form)",
-                components=["textbox"],
+                components=["html"],  # a textbox cell cuts its text at 60 characters
                 headers=["example"],
-                samples=[[e.title] for e in examples],
+                samples=[[f"<b>{escape(e.title)}</b><br>{escape(e.description)}"] for e in examples],
                 type="index",
                 layout="table",
                 samples_per_page=20,

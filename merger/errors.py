@@ -127,7 +127,18 @@ class PushTargetError(MergerError, ValueError):
 
 
 class UnmergedTensorsError(ConfigError):
-    """An input has tensors the output's layout does not describe, so the output would silently lack them."""
+    """An input has tensors the output's layout does not describe, so the output would silently lack them.
+
+    Args:
+        message: the sentence (it names the first few tensors).
+        model: the input that has them, as the config names it.
+        tensors: every such tensor's name, for a front end that lists them all (the pre-flight).
+    """
+
+    def __init__(self, message: str, model: str = "", tensors: Iterable[str] = ()):
+        super().__init__(message)
+        self.model = model
+        self.tensors = tuple(tensors)
 
 
 class ArchitectureSettingError(ConfigError):

@@ -14,7 +14,9 @@ and their members' roles (whoami lists them; write/admin may create, push and de
 
 Not implemented: Xet, multipart LFS, pagination, sort/filter/expand semantics, branches/tags/PRs
 (a revision is `main` or a commit sha), org accounts of their own, paths-info, persistence across restarts. `cardData`
-understands only top-level `key: value` and `key:` + `- item` lines of the front matter.
+understands only top-level `key: value` and `key:` + `- item` lines of the front matter. A repo is gated
+when its record has `gated` ("auto" / "manual"): its info is public, its files only for the owner and the
+users in its `gated_users`.
 
 usage: python minihub.py --port 0 --data DIR --token hf_good=alice [--token hf_other=bob]
 Prints "LISTENING http://127.0.0.1:PORT" once ready. Binds 127.0.0.1 only.
@@ -197,7 +199,7 @@ class Handler(BaseHTTPRequestHandler):
         return {
             "_id": repo["id"], "id": repo["repo_id"], "modelId": repo["repo_id"], "author": repo["owner"],
             "sha": commit["oid"], "lastModified": commit["date"], "createdAt": repo["created"],
-            "private": repo["private"], "disabled": False, "gated": False, "downloads": 0, "likes": 0,
+            "private": repo["private"], "disabled": False, "gated": repo.get("gated", False), "downloads": 0, "likes": 0,
             "tags": repo.get("tags", []), "library_name": None, "siblings": siblings,
             **({"cardData": self.store.card_data(commit)} if card else {}),
         }
@@ -471,6 +473,8 @@ class Handler(BaseHTTPRequestHandler):
         commit = self.store.head(repo, rev)
         if commit is None:
             return self.error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        if repo.get("gated") and user != repo["owner"] and user not in repo.get("gated_users", ()):
+            return self.error(403, "GatedRepo", "Access to this model is restricted: accept its conditions first")
         f = commit["files"].get(fpath)
         if f is None:
             return self.error(404, "EntryNotFound", "Entry not found", headers={"X-Repo-Commit": commit["oid"]})

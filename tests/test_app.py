@@ -123,8 +123,8 @@ def test_build_demo_wires_the_named_endpoints() -> None:
     demo = app.build_demo()
     assert isinstance(demo, gr.Blocks)
     public = {f.api_name for f in demo.fns.values() if f.api_visibility == "public"}
-    assert public == {"validate", "submit", "job_status", "job_config", "cancel", "my_jobs", "share", "load_link",
-                      "weight_report", "suggest"}
+    assert public == {"validate", "preflight", "submit", "job_status", "job_config", "cancel", "my_jobs", "share",
+                      "load_link", "weight_report", "suggest"}
     # locally the token comes from HF_TOKEN: no LoginButton, whose local mock needs a Hub login
     assert not any(isinstance(b, gr.LoginButton) for b in demo.blocks.values())
 
@@ -141,6 +141,7 @@ def test_api_lists_the_endpoints(client: Client) -> None:
     info = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     assert [p["parameter_name"] for p in info["/validate"]["parameters"]] == ["yaml_text"]
     assert [p["parameter_name"] for p in info["/submit"]["parameters"]] == ["yaml_text", "repo_id", "private", "reuse_repo"]
+    assert [p["parameter_name"] for p in info["/preflight"]["parameters"]] == ["yaml_text", "repo_id", "private", "reuse_repo"]
     assert [p["parameter_name"] for p in info["/job_status"]["parameters"]] == ["job_id"]
     assert [p["parameter_name"] for p in info["/job_config"]["parameters"]] == ["job_id"]
     assert [p["parameter_name"] for p in info["/cancel"]["parameters"]] == ["job_id"]

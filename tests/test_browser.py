@@ -193,6 +193,12 @@ def test_a_users_path_through_the_page(site, browser) -> None:
         number.press("Tab")
     wait_for_yaml(page, "base_model: alice/mistral-base", "model: alice/mistral-prose", "density: 0.4",
                   "density: 0.7")
+    for picked in ("base-model", "model-0", "model-1"):  # each picked model's details line, from its metadata
+        page.wait_for_function(
+            "(id) => { const e = document.querySelector(`#${id}-details`);"
+            " return e && e.innerText.includes('MistralForCausalLM') && e.innerText.includes('license apache-2.0'); }",
+            arg=picked,
+        )
     shot(page, "02-form")
 
     # pre-flight: every line passes once the target repo is named
@@ -256,7 +262,7 @@ def test_a_users_path_through_the_page(site, browser) -> None:
     shot(other, "07-double-click")
 
     # an example fills the form in one click: a SLERP over a layer range shows both sources of its slice
-    other.locator("#examples").get_by_text("Offline twin of seed-slerp").click()
+    other.locator("#examples").get_by_text("Offline SLERP of the tiny test models").click()
     other.wait_for_function(
         "() => { const e = document.querySelector('#slice-0-1-model textarea, #slice-0-1-model input');"
         " return e && e.value.endsWith('mistral-code'); }"

@@ -13,11 +13,15 @@ V2 = "mistralai/Mistral-7B-Instruct-v0.2"
 
 
 def test_load_examples(tmp_path: Path) -> None:
-    (tmp_path / "b-linear.yaml").write_text("# Two models averaged\nmerge_method: linear\nmodels: [{model: a/b}]\n")
+    (tmp_path / "b-linear.yaml").write_text("# Two models averaged\n#\n# Half and half,\n#   weight by weight.\n"
+                                            "merge_method: linear\n# not part of it\nmodels: [{model: a/b}]\n")
     (tmp_path / "a_slerp.yml").write_text("merge_method: slerp\n")
+    (tmp_path / "0-offline.yaml").write_text("# On a folder\nmerge_method: linear\nmodels: [{model: ./here}]\n")
     (tmp_path / "notes.txt").write_text("ignored")
     examples = load_examples(tmp_path)
-    assert [(e.name, e.title) for e in examples] == [("a_slerp", "A slerp"), ("b-linear", "Two models averaged")]
+    assert [(e.name, e.title) for e in examples] == [  # Hub examples first, those on local folders last
+        ("a_slerp", "A slerp"), ("b-linear", "Two models averaged"), ("0-offline", "On a folder")]
+    assert [e.description for e in examples] == ["", "Half and half, weight by weight.", ""]
     assert examples[1].yaml_text.startswith("# Two models averaged")
     assert load_examples(tmp_path / "missing") == []
 

@@ -102,7 +102,7 @@ def test_the_target_repo_lines(hub, published, job_store, no_token_env) -> None:
     elsewhere = lines(service.preflight(ties(), TOKEN, "bob/pf-x", False, False))["target repo"]
     assert not elsewhere.ok and elsewhere.fix == "choose another repo name"
     unnamed = lines(service.preflight(ties(), TOKEN, " ", False, False))["target repo"]
-    assert not unnamed.ok and "type a repo name" in unnamed.fix
+    assert not unnamed.ok and "type a name in “New model repo”" in unnamed.fix
     signed_out = lines(service.preflight(ties(), None, "pf-x", False, False))["target repo"]
     assert not signed_out.ok and "sign in" in signed_out.fix
 
@@ -114,7 +114,7 @@ def test_resources_fail_when_the_worker_lacks_disk(hub, published, job_store, mo
     monkeypatch.setattr(service.checklist.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     found = lines(service.preflight(ties(), TOKEN, "pf-new", False, False))
     assert not found["resources"].ok and "1.0 KB disk" in found["resources"].detail
-    assert "merge fewer or smaller models" in found["resources"].fix
+    assert "remove models in the form" in found["resources"].fix
 
 
 def test_my_merges_newest_first_own_jobs_only_and_cancel(hub, job_store) -> None:

@@ -19,6 +19,8 @@ ROOT = Path(__file__).parents[1]
 SEED = ROOT / "tests" / "data" / "seed"
 EXAMPLES = ROOT / "templates" / "examples"
 REPOS = ("mistralai/Mistral-7B-Instruct-v0.1", "mistralai/Mistral-7B-Instruct-v0.2")
+# The other examples' models are fine-tunes of Mistral-7B-v0.1: stand-ins with its shapes (Instruct v0.1's config).
+V01_FAMILY = ("mistralai/Mistral-7B-v0.1", "HuggingFaceH4/zephyr-7b-beta", "Intel/neural-chat-7b-v3-3")
 
 
 def mistral_shapes(config: dict) -> dict[str, list[int]]:
@@ -62,6 +64,11 @@ def seed_repos(hub, tmp_path_factory) -> None:
         folder = tmp_path_factory.mktemp(repo.split("/")[1])
         write_header_only_checkpoint(json.loads((SEED / f"{repo.split('/')[1]}.config.json").read_text()), folder)
         hub.upload_model(folder, repo, token="hf_test_mistralai")
+    for repo in V01_FAMILY:  # published by mistralai's token, a member of these orgs on the loopback Hub only
+        hub.store.orgs.setdefault(repo.split("/")[0], {})["mistralai"] = "write"
+        folder = tmp_path_factory.mktemp(repo.split("/")[1])
+        write_header_only_checkpoint(json.loads((SEED / "Mistral-7B-Instruct-v0.1.config.json").read_text()), folder)
+        hub.upload_model(folder, repo, token="hf_test_mistralai")
 
 
 @pytest.mark.parametrize(
@@ -70,6 +77,8 @@ def seed_repos(hub, tmp_path_factory) -> None:
         ("seed-slerp.yaml", 32, 7_241_732_096, "MistralForCausalLM"),
         ("seed-frankenmerge.yaml", 40, 8_986_628_096, "MistralForCausalLM"),
         ("seed-moe.yaml", 32, 12_879_138_816, "MixtralForCausalLM"),
+        ("seed-linear.yaml", 32, 7_241_732_096, "MistralForCausalLM"),
+        ("seed-ties.yaml", 32, 7_241_732_096, "MistralForCausalLM"),
     ],
 )
 def test_seed_configs_validate_from_metadata(seed_repos, example, layers, parameters, architecture) -> None:
@@ -97,3 +106,22 @@ def test_missing_repo_is_named(seed_repos) -> None:
     text = (EXAMPLES / "seed-slerp.yaml").read_text().replace("Mistral-7B-Instruct-v0.2", "Mistral-7B-Instruct-v9")
     with pytest.raises(FileNotFoundError, match="Mistral-7B-Instruct-v9"):
         validate_config(text)
+
+
+def test_every_seed_example_has_an_offline_twin_that_validates() -> None:
+    """Each real-model example has a fixture twin of the same method, and every twin validates from local files."""
+    from merger.config.examples import load_examples
+    from merger.config.parse import parse_config_text
+
+    examples = {e.name: e for e in load_examples(EXAMPLES)}
+    seeds = [name for name in examples if name.startswith("seed-")]
+    assert len(seeds) >= 5
+    for name in seeds:
+        twin = examples[name.replace("seed-", "fixture-", 1)]
+        method = parse_config_text(examples[name].yaml_text).get("merge_method", "moe")
+        assert parse_config_text(twin.yaml_text).get("merge_method", "moe") == method, name
+    for example in examples.values():
+        assert example.title and example.description and ".yaml" not in example.title + example.description
+        if example.name.startswith("fixture-"):
+            report = validate_config(example.yaml_text)
+            assert report.architecture in ("MistralForCausalLM", "MixtralForCausalLM"), example.name

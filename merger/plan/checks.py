@@ -96,7 +96,7 @@ def _account_for_tensors(
         else:
             problems.add(UnmergedTensorsError(
                 f"{what}. Merge models of the base's architecture, or set `drop_unknown_tensors: true` to merge "
-                "without them"
+                "without them", model=str(ref), tensors=unknown,
             ))
     return tuple(warnings)
 

@@ -128,7 +128,8 @@ def _check_base_tensors_reach_the_output(
         shown = ", ".join(f"`{n}`" for n in unknown[:6]) + (f" and {len(unknown) - 6} more" if len(unknown) > 6 else "")
         raise UnmergedTensorsError(
             f"`base_model` `{config.base_model}` has {len(unknown)} tensor(s) a Mixtral output cannot hold, so it "
-            f"would not contain them: {shown}. Pick a base whose layers a Mixtral has (no attention biases)"
+            f"would not contain them: {shown}. Pick a base whose layers a Mixtral has (no attention biases)",
+            model=str(config.base_model), tensors=unknown,
         )
 
 

@@ -13,10 +13,12 @@ import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx2  # huggingface_hub's HTTP client: its transport errors are what a dead network raises
-from huggingface_hub import HfApi, ModelInfo, hf_hub_url
+import yaml
+from huggingface_hub import HfApi, ModelCard, ModelInfo, hf_hub_url
 from huggingface_hub.errors import (
     GatedRepoError,
     HFValidationError,
@@ -160,8 +162,62 @@ def fetch_metadata(reference: str, token: str | None = None) -> ModelMetadata:
         _refuse_non_checkpoint(api, reference, info)
         config = _remote_config(api, reference, repo_id, info.sha)
         tensors = _remote_tensors(api, reference, info)
-    card_license = info.card_data.license if info.card_data else None
+        card_license = _card_license(api, info)
     return ModelMetadata(reference, config, tensors, card_license)
+
+
+@dataclass(frozen=True)
+class RepoAccess:
+    """What a Hub repo's info says about reading it (no file is downloaded, except a README's first bytes).
+
+    Attributes:
+        gated: `"auto"` or `"manual"` when users must accept the repo's terms first; None when not gated.
+        private: the repo is private (visible only to its owner and their organisations).
+        license: the card's `license` (None when the card states none).
+    """
+
+    gated: str | None
+    private: bool
+    license: str | None
+
+
+def repo_access(reference: str, token: str | None = None) -> RepoAccess:
+    """A Hub model's gated state, visibility and license, from its repo info (a gated repo answers this
+    even to a user who has not accepted its terms).
+
+    Args:
+        reference (`str`): `"org/name"` or `"org/name@revision"`.
+        token (`str`, *optional*): a Hugging Face token; defaults to HF_TOKEN or the saved login.
+
+    Raises:
+        [`~merger.errors.ModelNotFoundError`], [`~merger.errors.HubError`]: as :func:`fetch_metadata`.
+    """
+    repo_id, revision = split_reference(reference)
+    api = HfApi(token=token)
+    with _reading(reference, token):
+        info = api.model_info(repo_id, revision=revision)
+        return RepoAccess(info.gated or None, bool(info.private), _card_license(api, info))
+
+
+README_FILE = "README.md"
+README_FIRST_READ = 64_000  # bytes of a README read for its front matter (cards put it first)
+
+
+def _card_license(api: HfApi, info: ModelInfo) -> str | None:
+    """The model card's `license`: the Hub's parsed card data, or, when the answer carries none, the
+    front matter at the top of the repo's README (its first bytes only)."""
+    if info.card_data is not None:
+        found = info.card_data.license
+    elif README_FILE in {sibling.rfilename for sibling in info.siblings or []}:
+        head = _byte_range(api, info, README_FILE, 0, README_FIRST_READ - 1)
+        try:
+            found = ModelCard(head.decode("utf-8", errors="replace"), ignore_metadata_errors=True).data.license
+        except (ValueError, yaml.YAMLError):  # front matter that is not a YAML mapping: no license, as without a card
+            logger.warning("model `%s`: the README's front matter is unreadable; its license is unknown", info.id)
+            found = None
+    else:
+        found = None
+    return found if isinstance(found, str) and found else None
 
 
 def search_models(query: str, token: str | None = None, limit: int = 20) -> list[str]:
@@ -237,22 +293,23 @@ def _remote_tensors(api: HfApi, reference: str, info: ModelInfo) -> dict[str, Te
 
 def _remote_header(api: HfApi, info: ModelInfo, filename: str, where: str) -> dict[str, TensorEntry]:
     """One Hub file's safetensors header, read by byte ranges (as huggingface_hub's own parser does) and checked."""
-    url = hf_hub_url(info.id, filename, revision=info.sha, endpoint=api.endpoint)
-    headers = build_hf_headers(token=api.token)
-
-    def byte_range(first: int, last: int) -> bytes:
-        response = get_session().get(url, headers={**headers, "range": f"bytes={first}-{last}"}, timeout=HUB_TIMEOUT)
-        if response.status_code == 416:  # Range Not Satisfiable: the file ends before `first` (a 0-byte file)
-            return b""
-        hf_raise_for_status(response)
-        return response.content
-
-    head = byte_range(0, HEADER_FIRST_READ - 1)
+    head = _byte_range(api, info, filename, 0, HEADER_FIRST_READ - 1)
     length = header_length(head, None, where)
-    data = head[8 : 8 + length] if len(head) >= 8 + length else byte_range(8, 8 + length - 1)
+    data = head[8 : 8 + length] if len(head) >= 8 + length else _byte_range(api, info, filename, 8, 8 + length - 1)
     if len(data) < length:
         raise TruncatedWeightsError(f"{where} ends inside its safetensors header; the file on the Hub is incomplete")
     return check_header(parse_header(data, where), where, None)
+
+
+def _byte_range(api: HfApi, info: ModelInfo, filename: str, first: int, last: int) -> bytes:
+    """Bytes `first`..`last` (inclusive) of one file of the repo at `info.sha`; fewer where the file ends."""
+    url = hf_hub_url(info.id, filename, revision=info.sha, endpoint=api.endpoint)
+    headers = {**build_hf_headers(token=api.token), "range": f"bytes={first}-{last}"}
+    response = get_session().get(url, headers=headers, timeout=HUB_TIMEOUT)
+    if response.status_code == 416:  # Range Not Satisfiable: the file ends before `first` (a 0-byte file)
+        return b""
+    hf_raise_for_status(response)
+    return response.content
 
 
 @contextmanager

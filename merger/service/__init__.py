@@ -8,8 +8,8 @@ importing this package stays cheap. One config text is parsed and planned once f
 form (:func:`checked`).
 
 Modules: `identity` (who is asking), `configs` (local-path guard, validation, examples, links,
-search), `checklist` (the pre-flight checklist), `jobs` (submit, status, cancel, my merges), `insight`
-(the weight report and a suggested merge, bounded).
+search), `models` (one picked model's details), `checklist` (the pre-flight checklist), `jobs` (submit,
+status, cancel, my merges), `insight` (the weight report and a suggested merge, bounded).
 """
 
 from merger.service.configs import (
@@ -26,10 +26,11 @@ from merger.service.identity import owner
 from merger.service.jobs import TERMINAL_STATUSES, cancel, job_config, job_status, my_jobs, submit, worker_note
 from merger.service.checklist import CheckLine, Preflight, preflight
 from merger.service.insight import CandidateScore, Limits, SuggestedMerge, limits, suggest, weight_report
+from merger.service.models import ModelDetails, model_details
 
 __all__ = [
-    "CheckLine", "Checked", "Preflight", "TERMINAL_STATUSES", "cancel", "check_local_paths", "checked",
-    "examples", "job_config", "job_status", "load_link", "my_jobs", "owner", "preflight", "search_models",
+    "CheckLine", "Checked", "ModelDetails", "Preflight", "TERMINAL_STATUSES", "cancel", "check_local_paths", "checked",
+    "examples", "job_config", "job_status", "load_link", "model_details", "my_jobs", "owner", "preflight", "search_models",
     "share", "submit", "validate", "worker_note",
     "CandidateScore", "Limits", "SuggestedMerge", "limits", "suggest", "weight_report",
 ]

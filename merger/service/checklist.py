@@ -9,7 +9,25 @@ from pathlib import Path
 from typing import Any
 
 from merger import constants
-from merger.errors import MergerError, VocabSizeError
+from merger.errors import (
+    AdapterModelError,
+    ArchitectureSettingError,
+    BaseModelError,
+    ConfigProblems,
+    GgufOnlyError,
+    HubError,
+    LayerRangeError,
+    MergerError,
+    ModelCountError,
+    ModelNotFoundError,
+    QuantizedWeightsError,
+    ShapeMismatchError,
+    UnmergedTensorsError,
+    UnsafeWeightsError,
+    ValidationTimeoutError,
+    VocabSizeError,
+    excerpt,
+)
 from merger.scrub import scrub
 from merger.service.configs import check_local_paths, checked, models_of
 
@@ -53,8 +71,9 @@ def preflight(yaml_text: str, token: str | None, repo_id: str, private: bool, re
     Lines: `config` (parses), `models` (every model reachable with the caller's rights),
     `compatibility` (architectures, shapes, layer ranges, vocabularies), `target repo` (valid,
     writable, new or explicitly reused) and `resources` (download, output, peak memory and time
-    next to the worker's free disk and RAM). A line that cannot be checked because an earlier one
-    failed is left out.
+    next to the worker's free disk and RAM). Each problem is a failing line of its own with the fix in
+    the form's words; tensors a merge would drop are named one by one (the first ten, then a count). A
+    line that cannot be checked because an earlier one failed is left out.
     """
     from merger.config.load import load_config
     from merger.stages import is_multi_stage, split_stages
@@ -64,13 +83,14 @@ def preflight(yaml_text: str, token: str | None, repo_id: str, private: bool, re
         check_local_paths(yaml_text)
         split_stages(yaml_text) if is_multi_stage(yaml_text) else load_config(yaml_text)  # parsing alone is cheap: a broken config is named before any Hub call
     except MergerError as err:
-        lines.append(CheckLine("config", False, _short(err), "fix the field it names in the form or the YAML"))
+        lines.extend(CheckLine("config", False, _short(p), "fix the field it names in the form or the YAML")
+                     for p in _each_problem(err))
         return Preflight((*lines, _target_line(repo_id, token, private, reuse_repo)))
     lines.append(CheckLine("config", True, "the config parses"))
     try:
         models = models_of(yaml_text, token)
     except MergerError as err:
-        lines.append(CheckLine("models", False, _short(err), _fix_for(err, "models")))
+        lines.append(CheckLine("models", False, _short(err), _models_fix(err)))
         return Preflight((*lines, _target_line(repo_id, token, private, reuse_repo)))
     if models.config is None:  # multi-stage: checked whole; each stage is planned from the one before it
         report = models.report
@@ -81,7 +101,7 @@ def preflight(yaml_text: str, token: str | None, repo_id: str, private: bool, re
     try:
         result = checked(yaml_text, token)
     except MergerError as err:
-        lines.append(CheckLine("compatibility", False, _short(err), _fix_for(err, "compatibility")))
+        lines.extend(_compatibility_lines(err))
         return Preflight((*lines, _target_line(repo_id, token, private, reuse_repo)))
     lines.append(CheckLine("compatibility", True, _plan_summary(result.plan)))
     lines.append(_target_line(repo_id, token, private, reuse_repo))
@@ -105,18 +125,67 @@ def _plan_summary(plan: Any) -> str:
     return "; ".join([text, *(f"note: {w}" for w in plan.warnings)])
 
 
-def _fix_for(err: MergerError, name: str) -> str:
-    if isinstance(err, VocabSizeError) or "vocab" in str(err).lower():
-        return "set Tokenizer to `union` (or `base`) in the form, so the vocabularies are aligned"
-    if name == "models":
-        return "check the model ids in the form; for a private or gated model, sign in with an account that can read it"
-    return "change the models, layer ranges or parameters the message names, in the form"
+SHOWN_TENSORS = 10  # tensors a line names before "and N more"
+
+# The fix in the form's own words for each kind of problem, most specific class first.
+FORM_FIXES: tuple[tuple[type[MergerError], str], ...] = (
+    (VocabSizeError, "open the form's Options and set tokenizer_source to `union` (every model's tokens) or "
+                     "`base` (the base model's), so the vocabularies are aligned"),
+    (UnmergedTensorsError, "pick models of the base model's family in the form (or, to merge without those "
+                           "tensors, add `drop_unknown_tensors: true` to the YAML)"),
+    (ArchitectureSettingError, "pick models of one family in the form, or make the base model one of the "
+                               "same family as the others"),
+    (ShapeMismatchError, "pick models of one architecture and size in the form"),
+    (LayerRangeError, "set each slice's start and end in the form within the models' layers (the end is "
+                      "exclusive), or pick models with equal layer counts"),
+    (BaseModelError, "pick a Base model in the form (one of the models merged)"),
+    (ModelCountError, "add models (+ Add model) or remove them (✕) in the form, or pick another method"),
+    (GgufOnlyError, "pick the original safetensors model in the form (its card's `base_model` usually names it)"),
+    (QuantizedWeightsError, "pick the full-precision model it was quantised from in the form"),
+    (UnsafeWeightsError, "pick a revision or model with `*.safetensors` weights in the form"),
+    (AdapterModelError, "write the adapter after its base in the model box, as `BASE+ADAPTER`, or pick a full model"),
+    (ValidationTimeoutError, "try again in a moment; fewer or smaller models check faster"),
+    (HubError, "nothing to change in the form: the Hub did not answer; try again in a moment"),
+)
+
+
+def _form_fix(err: MergerError, default: str) -> str:
+    for kind, fix in FORM_FIXES:
+        if isinstance(err, kind):
+            return fix
+    return default
+
+
+def _models_fix(err: MergerError) -> str:
+    if isinstance(err, ModelNotFoundError) and "is gated" in str(err):
+        return "accept the model's terms on its Hub page and sign in with that account, or pick another model"
+    return _form_fix(err, "check the model ids in the form (the suggestions list what exists); for a private "
+                          "model, sign in with an account that can read it")
+
+
+def _compatibility_lines(err: MergerError) -> list[CheckLine]:
+    """One failing `compatibility` line per problem, each with its fix; dropped tensors named one by one."""
+    default = "change the models, layer ranges or parameters the message names, in the form"
+    return [CheckLine("compatibility", False, _problem_text(p), _form_fix(p, default)) for p in _each_problem(err)]
+
+
+def _each_problem(err: MergerError) -> list[MergerError]:
+    return list(err.problems) if isinstance(err, ConfigProblems) else [err]
+
+
+def _problem_text(err: MergerError) -> str:
+    if isinstance(err, UnmergedTensorsError) and err.tensors:
+        names = ", ".join(f"`{excerpt(n, 120)}`" for n in err.tensors[:SHOWN_TENSORS])
+        more = f" and {len(err.tensors) - SHOWN_TENSORS} more" if len(err.tensors) > SHOWN_TENSORS else ""
+        return (f"`{excerpt(err.model, 120)}` has {len(err.tensors)} tensor(s) the output cannot hold, so the merge "
+                f"would drop them: {names}{more}")
+    return _short(err)
 
 
 def _target_line(repo_id: str, token: str | None, private: bool, reuse_repo: bool) -> CheckLine:
     repo_id = (repo_id or "").strip()
     if not repo_id:
-        return CheckLine("target repo", False, "no repo named", "type a repo name next to Merge, e.g. `my-merge`")
+        return CheckLine("target repo", False, "no repo named", "type a name in “New model repo”, e.g. `my-merge`")
     if not token:
         return CheckLine("target repo", False, "signed out", "sign in with Hugging Face to push the result")
     from merger.publish.hub_push import check_push_target
@@ -149,9 +218,10 @@ def _resources_line(plan: Any, metadata: dict[str, Any]) -> CheckLine:
         f"about {_duration(seconds)}; the worker has {_bytes(disk)} disk and {_bytes(ram)} RAM free"
     )
     if download + output > disk:
-        return CheckLine("resources", False, detail, "merge fewer or smaller models, or a layer range (slices)")
+        return CheckLine("resources", False, detail, "remove models in the form (✕), pick smaller ones, or merge "
+                                                     "a layer range (slices)")
     if ram and peak > ram:
-        return CheckLine("resources", False, detail, "choose a smaller `dtype` or fewer models")
+        return CheckLine("resources", False, detail, "remove models in the form (✕) or pick smaller ones")
     return CheckLine("resources", True, detail)
 
 

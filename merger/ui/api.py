@@ -7,6 +7,9 @@ All take the Hugging Face token from the signed-in user (OAuth) or, off a Space,
   The push target is checked first (your namespace or an org where you have the write role; an
   existing repo only with `reuse_repo`, and never made private or public here); caps on unfinished
   jobs apply per user and in total.
+- `/preflight` (yaml_text: str, repo_id: str, private: bool, reuse_repo: bool = False) -> dict: the
+  pre-flight checklist, `{"ok": bool, "lines": [{"name", "ok", "detail", "fix"}, ...]}` (what the page
+  shows before Merge is enabled; metadata only).
 - `/job_status` (job_id: str) -> dict: see :func:`merger.service.job_status` (error_type: the failing
   error's class name, e.g. `PushTargetError`). The job's owner only.
 - `/job_config` (job_id: str) -> str: the job's config YAML, for anyone with the id (what a job link shares).
@@ -26,6 +29,7 @@ Errors reach gradio_client as `AppError` whose `title` is the error's class name
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict
 from typing import Iterator
 
@@ -59,6 +63,20 @@ def api_submit(
         raise gr.Error("name the repo to create, e.g. `my-merge` or `your-name/my-merge`", print_exception=False)
     with user_errors():
         return service.submit(yaml_text, repo_id, token, bool(private), bool(reuse_repo))
+
+
+def api_preflight(
+    yaml_text: str,
+    repo_id: str,
+    private: bool,
+    reuse_repo: bool = False,
+    oauth_token: gr.OAuthToken | None = None,
+) -> dict:
+    """The pre-flight checklist for a config and a push target: every line, passing or failing, with its fix."""
+    with user_errors():
+        result = service.preflight(yaml_text or "", token_of(oauth_token), repo_id or "", bool(private),
+                                   bool(reuse_repo))
+    return {"ok": result.ok, "lines": [dataclasses.asdict(line) for line in result.lines]}
 
 
 def api_job_status(job_id: str, oauth_token: gr.OAuthToken | None = None) -> dict:
@@ -122,6 +140,8 @@ def register() -> None:
     # Validation and submission share bounded pools (the UI's events too), each call time-limited
     # (constants.VALIDATION_TIMEOUT_S); status, config, share and link reads never wait behind them.
     gr.api(api_validate, api_name="validate", concurrency_limit=constants.VALIDATE_CONCURRENCY,
+           concurrency_id="validate")
+    gr.api(api_preflight, api_name="preflight", concurrency_limit=constants.VALIDATE_CONCURRENCY,
            concurrency_id="validate")
     gr.api(api_submit, api_name="submit", concurrency_limit=constants.SUBMIT_CONCURRENCY, concurrency_id="submit")
     gr.api(api_job_status, api_name="job_status", concurrency_limit=None)

@@ -38,6 +38,19 @@ def token_of(oauth_token: gr.OAuthToken | None) -> str | None:
         return None
 
 
+def local_token_note() -> str:
+    """The page header's line off a Space (no sign-in button there): which token merges use, or that none is set.
+
+    Read at each page load, so setting `HF_TOKEN` and restarting, or logging in, shows at the next load.
+    """
+    if os.environ.get("HF_TOKEN"):
+        return "Running locally: merges are pushed with the token in `HF_TOKEN`."
+    if token_of(None):
+        return "Running locally: merges are pushed with your saved Hugging Face login (`hf auth login`)."
+    return ("Running locally with no Hugging Face token: checks of public models work, but to merge and push, "
+            "set `HF_TOKEN` to a token with write access (or run `hf auth login`) and restart the app.")
+
+
 def require_token(oauth_token: gr.OAuthToken | None) -> str:
     """The caller's token, or a gr.Error asking to sign in."""
     token = token_of(oauth_token)

@@ -23,6 +23,8 @@ STARTERS = {"weight": 1.0, "t": 0.5, "density": 0.5}
 def set_method(data: dict[str, Any], method: str) -> dict[str, Any]:
     """Switch the method, keeping the models; required parameters the new method lacks get a starter value."""
     out = copy.deepcopy(data)
+    if method == method_of(out):
+        return out  # the current method chosen again: nothing changes (an MoE keeps its experts)
     if method == MOE:
         return _to_moe(out)
     if method_of(out) == MOE:

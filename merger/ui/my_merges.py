@@ -1,4 +1,4 @@
-""""My merges": the signed-in user's jobs, newest first, each with its status, time, result and job link."""
+""""My merges": the signed-in user's jobs, newest first, each with its config, status, time, result and job link."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def refresh_listing(request: gr.Request, oauth_token: gr.OAuthToken | None = Non
 
 
 def render(jobs: list[dict], base_url: str) -> str:
-    """An HTML table: when, repo, status (with progress), result link, job link."""
+    """An HTML table: when, repo, status (with progress), the config (folded), result link, job link."""
     if not jobs:
         return "<p>No merges yet (signed in, your jobs appear here, newest first).</p>"
     rows = []
@@ -41,7 +41,15 @@ def render(jobs: list[dict], base_url: str) -> str:
         link = f'<a href="{escape(base_url)}?job={escape(job["id"])}">open</a>'
         rows.append(
             f'<tr data-job="{escape(job["id"])}"><td>{when}</td><td>{result}</td><td>{escape(status)}</td>'
-            f"<td>{link}</td></tr>"
+            f"<td>{_config_cell(job.get('config_yaml') or '')}</td><td>{link}</td></tr>"
         )
-    head = "<tr><th>submitted (UTC)</th><th>repo</th><th>status</th><th>job</th></tr>"
+    head = "<tr><th>submitted (UTC)</th><th>repo</th><th>status</th><th>config</th><th>job</th></tr>"
     return f'<table class="my-merges">{head}{"".join(rows)}</table>'
+
+
+def _config_cell(yaml_text: str) -> str:
+    """The job's config folded under its method's name (`moe` for a mixture of experts)."""
+    from merger.ui.config_view import method_of, parse
+
+    method = method_of(parse(yaml_text) or {}) or "config"
+    return f"<details><summary>{escape(method[:40])}</summary><pre>{escape(yaml_text)}</pre></details>"

@@ -1,7 +1,10 @@
-"""Model pickers: a Hub search as you type that shows only the newest query's answer.
+"""Model pickers: a Hub search as you type that shows only the newest query's answer, and under each
+selected model one line of its metadata (architecture, parameters, license, gated state) or why a merge
+cannot use it (GGUF, quantised or pickle-only weights, an adapter).
 
 Each keystroke takes a sequence number per (browser session, picker); an answer that comes back after
-a newer keystroke's is dropped, so a slow search never replaces the list of a faster, later one.
+a newer keystroke's is dropped, so a slow search never replaces the list of a faster, later one. The
+details line follows the same rule.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from dataclasses import dataclass
 import gradio as gr
 
 from merger import constants, service
-from merger.ui.common import token_of
+from merger.errors import excerpt
+from merger.ui.common import one_line, token_of
 
 logger = logging.getLogger(__name__)
 
@@ -32,23 +36,80 @@ _lock = threading.Lock()
 
 @dataclass
 class Picker:
-    """A model box and the Hub's suggestions for what is typed in it (a click on one picks it)."""
+    """A model box, the Hub's suggestions for what is typed in it (a click on one picks it), and the
+    selected model's details line."""
 
     box: gr.Textbox
     suggestions: gr.Radio
+    details: gr.Markdown
 
 
 def picker(label: str, value: str, elem_id: str, interactive: bool = True) -> Picker:
-    """A model picker: free text (a Hub id) with Hub suggestions as you type; the form wires the picks."""
+    """A model picker: free text (a Hub id) with Hub suggestions as you type; the form wires the picks.
+
+    The details line of `value` is filled once the picker is on the page (a load event: the render is
+    not held up by the Hub), then again whenever a model is picked or typed.
+    """
     with gr.Column(scale=4, min_width=200):
         box = gr.Textbox(value=value, label=label, elem_id=elem_id, interactive=interactive,
                          placeholder="org/model")
         suggestions = gr.Radio([], value=None, label="Hub matches (click one)", visible=False,
                                elem_id=f"{elem_id}-matches", interactive=interactive)
-    made = Picker(box, suggestions)
+        shown = gr.State(value)
+        details = gr.Markdown(elem_id=f"{elem_id}-details", elem_classes=["model-details"])
+
+    def initial_details(reference: str, request: gr.Request, oauth_token: gr.OAuthToken | None = None):
+        # in the same sequence as a pick's: a slow first answer never replaces a later pick's line
+        return _latest_details(request, f"{elem_id}#details", reference, oauth_token)
+
+    # no triggers: runs once the picker is on the page (and were `shown` to change); not an API endpoint
+    gr.on(None, initial_details, inputs=[shown], outputs=details, show_progress="hidden", concurrency_limit=4,
+          concurrency_id="details", api_visibility="private")
+    made = Picker(box, suggestions, details)
     if interactive:
         wire_search(made, elem_id)
+        wire_details(made, elem_id)
     return made
+
+
+def details_markdown(reference: str, token: str | None) -> str:
+    """The details line of one model as Markdown: ✓ and its metadata, ✗ and why a merge cannot use it,
+    or ⚠ and why it could not be read. Empty for an empty box. Never raises."""
+    reference = (reference or "").strip()
+    if not reference:
+        return ""
+    try:
+        found = service.model_details(reference, token)
+    except Exception as err:  # noqa: BLE001 - a details line must never break the form
+        return f"⚠ `{excerpt(reference, 80)}`: {one_line(err)}"
+    mark = "✓" if found.ok else ("✗" if found.refused else "⚠")
+    return f"{mark} {found.summary()}"
+
+
+def wire_details(made: Picker, name: str) -> None:
+    """Refresh the details line when a match is clicked, or typed text is committed (blur, Enter)."""
+    key = f"{name}#details"
+
+    def on_pick(values: dict, request: gr.Request, oauth_token: gr.OAuthToken | None = None):
+        return _latest_details(request, key, values[made.suggestions], oauth_token)
+
+    def on_commit(values: dict, request: gr.Request, oauth_token: gr.OAuthToken | None = None):
+        typed = (values[made.box] or "").strip()
+        if superseded_by_pick(request, name, typed):
+            return gr.skip()  # the half-typed text lost to the match clicked (its own event shows that one)
+        return _latest_details(request, key, typed, oauth_token)
+
+    common = {"outputs": made.details, "show_progress": "hidden", "concurrency_limit": 4,
+              "concurrency_id": "details", "api_visibility": "private"}
+    made.suggestions.input(on_pick, inputs={made.suggestions}, **common)
+    gr.on([made.box.blur, made.box.submit], on_commit, inputs={made.box}, **common)
+
+
+def _latest_details(request: gr.Request | None, key: str, reference: str | None,
+                    oauth_token: gr.OAuthToken | None) -> str:
+    seq = _begin(request, key)
+    text = details_markdown(reference or "", token_of(oauth_token))
+    return text if _is_latest(request, key, seq) else gr.skip()
 
 
 def wire_search(made: Picker, name: str) -> None:

@@ -81,3 +81,11 @@ VALIDATION_TIMEOUT_S = _env_int("MERGER_VALIDATION_TIMEOUT_S", 60)
 MAX_LIMITED_CALLS = _env_int("MERGER_MAX_LIMITED_CALLS", 16)
 VALIDATE_CONCURRENCY = _env_int("MERGER_VALIDATE_CONCURRENCY", 4)
 SUBMIT_CONCURRENCY = _env_int("MERGER_SUBMIT_CONCURRENCY", 2)
+# A job's evaluation after its merge, before its push (merger/service/run_job.py): tokens scored per
+# text and model, and the wall time of the whole evaluation; pasted evaluation text is bounded in bytes.
+JOB_EVAL_TOKENS_PER_TEXT = _env_int("MERGER_JOB_EVAL_TOKENS", 2048)
+JOB_EVAL_SECONDS = _env_int("MERGER_JOB_EVAL_SECONDS", 300)
+MAX_PASTED_EVAL_BYTES = 64 * 1024
+# A merge staged for review is deleted (its job marked discarded) when its owner has not published or
+# discarded it this long after it was staged.
+REVIEW_TTL_S = _env_int("MERGER_REVIEW_TTL_S", 24 * 3600)

@@ -296,3 +296,9 @@ class EvalModelError(MergerError, ValueError):
 
 class SearchError(MergerError, ValueError):
     """A merge cannot be suggested for these models: wrong count, different shapes, or over the memory bound."""
+
+# ---------------------------------------------------------------- review before the push
+
+
+class StagedOutputError(MergerError):
+    """A reviewed job's staged merge is gone from the worker's data folder (expired or deleted), so it cannot be published."""

@@ -36,7 +36,9 @@ create table if not exists jobs (
     updated_at real not null,
     owner text not null default '',
     reuse_repo integer not null default 0,
-    error_type text
+    error_type text,
+    options text,
+    evaluation text
 );
 create index if not exists jobs_status on jobs (status, owner);
 create table if not exists pending_repos (
@@ -56,6 +58,8 @@ _ADDED_COLUMNS = {
     "owner": "alter table jobs add column owner text not null default ''",
     "reuse_repo": "alter table jobs add column reuse_repo integer not null default 0",
     "error_type": "alter table jobs add column error_type text",
+    "options": "alter table jobs add column options text",
+    "evaluation": "alter table jobs add column evaluation text",
 }
 
 

@@ -27,22 +27,26 @@ from merger.errors import JobAccessError, JobLimitError
 from merger.jobs.database import connect, execute
 
 _JOB_ID = re.compile(f"[0-9a-f]{{{constants.JOB_ID_LENGTH}}}")
-_UNFINISHED = ("queued", "running")
+_UNFINISHED = ("queued", "running", "awaiting_review")  # a staged output holds the worker's disk: it counts
 
 
 class JobStatus(str, Enum):
-    """Where a job is in its life: queued -> running -> succeeded | failed | cancelled."""
+    """Where a job is in its life: queued -> running -> succeeded | failed | cancelled; a job whose owner
+    asked to review the merge: running -> awaiting_review -> (publish) queued -> running -> succeeded,
+    or -> discarded (by its owner, or expired); see :mod:`merger.jobs.review`."""
 
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    AWAITING_REVIEW = "awaiting_review"
+    DISCARDED = "discarded"
 
     @property
     def finished(self) -> bool:
-        """True for the three final states."""
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+        """True for the four final states."""
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.DISCARDED)
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,8 @@ class Job:
         owner: the Hub username that submitted the job.
         reuse_repo: the owner allowed pushing to an existing repo.
         error_type: the class name of the error that failed the job (e.g. `PushTargetError`), else None.
+        options: the job's options as JSON (:class:`merger.service.options.JobOptions`), None for older jobs.
+        evaluation: the merge's evaluation as JSON (see :mod:`merger.jobs.review`), None until evaluated.
     """
 
     id: str
@@ -84,6 +90,8 @@ class Job:
     owner: str
     reuse_repo: bool
     error_type: str | None = None
+    options: str | None = None
+    evaluation: str | None = None
 
 
 # ---------------------------------------------------------------- the app's API
@@ -96,6 +104,7 @@ def create_record(
     owner: str,
     private: bool = False,
     reuse_repo: bool = False,
+    options: str | None = None,
 ) -> str:
     """Write the `queued` record of a merge whose result is pushed to `repo_id`, if the caps allow.
 
@@ -109,6 +118,7 @@ def create_record(
         owner: the Hub username the token belongs to (from whoami); only they may read or cancel the job.
         private: create the repo as private.
         reuse_repo: the owner allows pushing a new commit to an existing repo.
+        options: the job's options as JSON (checked by the service; the token is refused in it here too).
 
     Returns:
         The new job's id (uuid4 hex, `constants.JOB_ID_LENGTH` characters).
@@ -121,6 +131,7 @@ def create_record(
         sqlite3.Error: the job record could not be written.
     """
     refuse_tokens(config_yaml, token)
+    refuse_tokens(options or "", token)
     job_id = uuid.uuid4().hex
     now = time.time()
     conn = connect()
@@ -129,9 +140,10 @@ def create_record(
         try:
             _check_caps(conn, owner)
             conn.execute(
-                "insert into jobs (id, config_yaml, repo_id, private, status, created_at, updated_at, owner, reuse_repo)"
-                " values (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (job_id, config_yaml, repo_id, int(private), JobStatus.QUEUED.value, now, now, owner, int(reuse_repo)),
+                "insert into jobs (id, config_yaml, repo_id, private, status, created_at, updated_at, owner, reuse_repo,"
+                " options) values (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (job_id, config_yaml, repo_id, int(private), JobStatus.QUEUED.value, now, now, owner, int(reuse_repo),
+                 options),
             )
         except BaseException:
             conn.execute("rollback")
@@ -411,6 +423,8 @@ def _job_from_row(row: sqlite3.Row) -> Job:
         owner=row["owner"],
         reuse_repo=bool(row["reuse_repo"]),
         error_type=row["error_type"],
+        options=row["options"],
+        evaluation=row["evaluation"],
     )
 
 

@@ -8,7 +8,9 @@ importing this package stays cheap. One config text is parsed and planned once f
 form (:func:`checked`).
 
 Modules: `identity` (who is asking), `configs` (local-path guard, validation, examples, links,
-search), `checklist` (the pre-flight checklist), `jobs` (submit, status, cancel, my merges).
+search), `checklist` (the pre-flight checklist), `jobs` (submit, status, cancel, publish, discard, my
+merges), `options` (a job's evaluate / review options). The worker's door is `run_job` (merge,
+evaluate, push), imported by the worker only (it imports the engine, and so torch).
 """
 
 from merger.service.configs import (
@@ -22,11 +24,22 @@ from merger.service.configs import (
     validate,
 )
 from merger.service.identity import owner
-from merger.service.jobs import TERMINAL_STATUSES, cancel, job_config, job_status, my_jobs, submit, worker_note
+from merger.service.jobs import (
+    TERMINAL_STATUSES,
+    cancel,
+    discard,
+    job_config,
+    job_status,
+    my_jobs,
+    publish,
+    submit,
+    worker_note,
+)
+from merger.service.options import JobOptions, job_options
 from merger.service.checklist import CheckLine, Preflight, preflight
 
 __all__ = [
-    "CheckLine", "Checked", "Preflight", "TERMINAL_STATUSES", "cancel", "check_local_paths", "checked",
-    "examples", "job_config", "job_status", "load_link", "my_jobs", "owner", "preflight", "search_models",
-    "share", "submit", "validate", "worker_note",
+    "CheckLine", "Checked", "JobOptions", "Preflight", "TERMINAL_STATUSES", "cancel", "check_local_paths", "checked",
+    "discard", "examples", "job_config", "job_options", "job_status", "load_link", "my_jobs", "owner", "preflight",
+    "publish", "search_models", "share", "submit", "validate", "worker_note",
 ]

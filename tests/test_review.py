@@ -11,6 +11,7 @@ import json
 import math
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,15 @@ FIXTURES = Path(__file__).parent / "data" / "fixtures"
 PARENTS = [str(FIXTURES / "mistral-base"), str(FIXTURES / "mistral-code")]
 CONFIG = "merge_method: linear\nmodels:\n" + "".join(f"  - model: {p}\n    parameters: {{weight: 0.5}}\n" for p in PARENTS)
 TEXT = (FIXTURES / "prose_eval.txt").read_text()[:1500]  # a few hundred tokens: scored whole within the budget
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """Tiny models score fastest on one thread; on a busy machine torch's thread pool spins for the others."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

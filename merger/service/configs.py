@@ -100,11 +100,11 @@ def checked(yaml_text: str, token: str | None) -> Checked:
     Raises:
         MergerError: the first problem (or all of them, as ConfigProblems); ValidationTimeoutError.
     """
+    check_local_paths(yaml_text)  # before the memo: a result remembered off a Space must not pass on one
     key = _memo_key(yaml_text, token)
     hit = _remembered(key)
     if hit is not None and hit.report is not None:
         return hit
-    check_local_paths(yaml_text)
     from merger.plan.entry import plan_from_metadata  # the planner loads torch: only when asked
     from merger.stages import is_multi_stage
     from merger.timeouts import run_limited

@@ -277,3 +277,33 @@ def test_the_job_view_shows_the_evaluation_and_publishes_through_the_api(hub, tm
         assert published["status"] == "succeeded" and published["result_url"].endswith("/alice/viewed")
         card = (Path(snapshot_download("alice/viewed", token=hub.token)) / "README.md").read_text()
         assert evaluation["table"] in card
+
+
+def test_the_view_shows_publish_and_discard_only_while_the_job_awaits_review() -> None:
+    import gradio as gr
+
+    evaluation = {
+        "texts": ["prose", "code"], "prompts": ["The "], "merge": "m", "seconds": 1.5,
+        "rows": [
+            {"name": "m", "bits_per_token": {"prose": 7.0, "code": 6.5}, "tokens": {"prose": 10, "code": 12},
+             "kl_bits": {}, "generations": ["cat"], "seconds": 1.0, "complete": True},
+            {"name": "p", "bits_per_token": {"prose": 7.5}, "tokens": {"prose": 10}, "kl_bits": {"prose": 0.25},
+             "generations": [], "seconds": 0.5, "complete": False},
+        ],
+    }
+    with gr.Blocks():
+        view = evaluation_view.build()
+    waiting = view.shown({"status": "awaiting_review", "evaluation": evaluation})
+    assert waiting[view.review].visible is True and waiting[view.publish_button].interactive is True
+    assert waiting[view.box].visible is True
+    table = waiting[view.table]
+    assert list(table["model"]) == ["m", "p (time budget ran out)"]
+    assert list(table["mean bits/tok"]) == [6.75, 7.5]  # the mean of the texts scored
+    assert list(table["KL(prose)"]) == ["merge", 0.25] and table["KL(code)"].iloc[1] == "-"
+    assert list(waiting[view.bars][evaluation_view.BAR_Y]) == [7.0, 6.5, 7.5]  # one bar per model and text scored
+    assert waiting[view.generations].to_dict("records") == [{"prompt": "The ", "m": "cat", "p": ""}]
+    assert "32 tokens scored in 1.5s" in waiting[view.summary]
+
+    done = view.shown({"status": "succeeded", "evaluation": None})
+    assert done[view.review].visible is False and done[view.box].visible is False
+    assert done[view.publish_button].interactive is False

@@ -80,7 +80,7 @@ def build() -> EvaluationView:
 
 def evaluation_table(evaluation: dict[str, Any]) -> pd.DataFrame:
     """One row per model: bits/token per text type and their mean, then KL(merge ‖ model) per text type
-    (`merge` in the merge's own row, empty where not measured). Values in bits/token, rounded to 4 places."""
+    (`merge` in the merge's own row, `-` where not measured, as in the card). Bits/token, rounded to 4 places."""
     texts, merge = evaluation["texts"], evaluation.get("merge")
     rows = []
     for row in evaluation["rows"]:
@@ -88,7 +88,7 @@ def evaluation_table(evaluation: dict[str, Any]) -> pd.DataFrame:
         scored = [b for b in bits if b is not None]
         cells = {"model": row["name"] + ("" if row.get("complete", True) else " (time budget ran out)")}
         cells.update({f"{t} bits/tok": _round(b) for t, b in zip(texts, bits)})
-        cells["mean bits/tok"] = _round(sum(scored) / len(scored)) if scored else None
+        cells["mean bits/tok"] = _round(sum(scored) / len(scored) if scored else None)
         if merge is not None:
             cells.update({f"KL({t})": "merge" if row["name"] == merge else _round(row["kl_bits"].get(t))
                           for t in texts})
@@ -132,5 +132,5 @@ def review_markdown(info: dict[str, Any]) -> str:
             f"or discard it; undecided, it is deleted at {until}.")
 
 
-def _round(value: float | None) -> float | None:
-    return None if value is None or math.isnan(value) else round(value, 4)
+def _round(value: float | None) -> float | str:
+    return "-" if value is None or math.isnan(value) else round(value, 4)

@@ -88,16 +88,21 @@ def _build_options() -> JobOptionsForm:
     dataset = gr.Textbox(label="Hub dataset split", placeholder="org/name:test", visible=False, elem_id="eval-dataset")
     pasted = gr.Textbox(label=f"Evaluation text (at most {constants.MAX_PASTED_EVAL_BYTES // 1024} KiB)", lines=4,
                         max_length=constants.MAX_PASTED_EVAL_BYTES, visible=False, elem_id="eval-text")
-    text_source.change(lambda source: (gr.Textbox(visible=source == TEXT_SOURCES[1]),
-                                       gr.Textbox(visible=source == TEXT_SOURCES[2])),
-                       inputs=text_source, outputs=[dataset, pasted], queue=False, api_visibility="private")
-    evaluate.change(lambda on: gr.Radio(interactive=on), inputs=evaluate, outputs=text_source, queue=False,
-                    api_visibility="private")
     return JobOptionsForm(evaluate, review, text_source, dataset, pasted)
 
 
+def _wire_options(options: JobOptionsForm) -> None:
+    """The dataset or paste box shows when chosen; the text choice is greyed out while evaluation is off."""
+    options.text_source.change(
+        lambda source: (gr.Textbox(visible=source == TEXT_SOURCES[1]), gr.Textbox(visible=source == TEXT_SOURCES[2])),
+        inputs=options.text_source, outputs=[options.dataset, options.pasted], queue=False, api_visibility="private")
+    options.evaluate.change(lambda on: gr.Radio(interactive=on), inputs=options.evaluate, outputs=options.text_source,
+                            queue=False, api_visibility="private")
+
+
 def wire(panel: Preflight, views: ConfigViews) -> None:
-    """Re-check whenever the config or the target changes."""
+    """Re-check whenever the config or the target changes; the options' boxes follow the choices."""
+    _wire_options(panel.options)
 
     def on_check(values: dict, oauth_token: gr.OAuthToken | None = None) -> dict:
         text = values[views.config] or ""

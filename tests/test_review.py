@@ -301,7 +301,8 @@ def test_the_view_shows_publish_and_discard_only_while_the_job_awaits_review() -
     assert list(table["mean bits/tok"]) == [6.75, 7.5]  # the mean of the texts scored
     assert list(table["KL(prose)"]) == ["merge", 0.25] and table["KL(code)"].iloc[1] == "-"
     assert list(waiting[view.bars][evaluation_view.BAR_Y]) == [7.0, 6.5, 7.5]  # one bar per model and text scored
-    assert waiting[view.generations].to_dict("records") == [{"prompt": "The ", "m": "cat", "p": ""}]
+    generations = waiting[view.generations]
+    assert (generations.value["headers"], generations.value["data"]) == (["prompt", "m", "p"], [["The ", "cat", ""]])
     assert "32 tokens scored in 1.5s" in waiting[view.summary]
 
     done = view.shown({"status": "succeeded", "evaluation": None})

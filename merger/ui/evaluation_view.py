@@ -58,7 +58,7 @@ class EvaluationView:
             self.summary: summary_markdown(evaluation),
             self.table: evaluation_table(evaluation),
             self.bars: bits_bars(evaluation),
-            self.generations: generations_table(evaluation),
+            self.generations: _side_by_side(generations_table(evaluation)),
         }
 
 
@@ -114,6 +114,11 @@ def generations_table(evaluation: dict[str, Any]) -> pd.DataFrame:
                       for row in evaluation["rows"]})
         rows.append(cells)
     return pd.DataFrame(rows)
+
+
+def _side_by_side(frame: pd.DataFrame) -> gr.Dataframe:
+    # equal columns, so that every model's answer shows without scrolling sideways
+    return gr.Dataframe(value=frame, column_widths=[f"{100 / len(frame.columns):.0f}%"] * len(frame.columns))
 
 
 def summary_markdown(evaluation: dict[str, Any]) -> str:

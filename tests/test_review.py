@@ -308,3 +308,17 @@ def test_the_view_shows_publish_and_discard_only_while_the_job_awaits_review() -
     done = view.shown({"status": "succeeded", "evaluation": None})
     assert done[view.review].visible is False and done[view.box].visible is False
     assert done[view.publish_button].interactive is False
+
+
+def test_publishing_a_merge_whose_staged_folder_is_gone_fails_the_job(hub, awaiting, data_dir) -> None:
+    import shutil
+
+    job_id, repo = awaiting
+    shutil.rmtree(data_dir / "staged" / job_id)  # e.g. the data folder was cleaned by hand
+
+    service.publish(job_id, hub.token)
+
+    job = jobs.get_job(job_id)
+    assert (job.status, job.error_type) == (JobStatus.FAILED, "StagedOutputError")
+    assert "the staged merge is gone" in job.error
+    assert ("model", f"alice/{repo}") not in hub.store.repos

@@ -168,7 +168,7 @@ def _run_publish(job_id: str, sealed_token: bytes) -> None:
     staged = review.staged_dir(job_id)
     with _job_log(job_id) as reporter:
         outcome = _outcome(jobs.get_job(job_id), sealed_token, staged, reporter, _publish)
-    if outcome.status is JobStatus.FAILED:  # the staged merge is still there: publish again, or discard
+    if outcome.status is JobStatus.FAILED and staged.is_dir():  # the merge is still there: publish again, or discard
         review.mark_awaiting_review(job_id, log_tail=reporter.log_tail, error=f"Publishing failed: {outcome.error}")
         return
     _record(job_id, outcome, reporter)

@@ -31,9 +31,7 @@ _UNFINISHED = ("queued", "running", "awaiting_review")  # a staged output holds 
 
 
 class JobStatus(str, Enum):
-    """Where a job is in its life: queued -> running -> succeeded | failed | cancelled; a job whose owner
-    asked to review the merge: running -> awaiting_review -> (publish) queued -> running -> succeeded,
-    or -> discarded (by its owner, or expired); see :mod:`merger.jobs.review`."""
+    """queued -> running -> succeeded | failed | cancelled | awaiting_review (:mod:`merger.jobs.review`)."""
 
     QUEUED = "queued"
     RUNNING = "running"

@@ -322,3 +322,29 @@ def test_publishing_a_merge_whose_staged_folder_is_gone_fails_the_job(hub, await
     assert (job.status, job.error_type) == (JobStatus.FAILED, "StagedOutputError")
     assert "the staged merge is gone" in job.error
     assert ("model", f"alice/{repo}") not in hub.store.repos
+
+
+def test_a_cancel_during_the_evaluation_stops_the_job_before_the_push(hub, monkeypatch) -> None:
+    from merger.evaluate import score
+
+    evaluate_models = score.evaluate_models
+    scored = []
+
+    def cancelled_first(models, texts, **kwargs):  # the owner cancels as the evaluation begins
+        jobs.cancel(jobs.list_jobs(hub.user, limit=1)[0].id, hub.user)
+        progress = kwargs.pop("progress")
+
+        def slow_progress(fraction, what):
+            time.sleep(worker._WRITE_INTERVAL_S)  # past the cancel flag's read interval
+            scored.append(what)
+            progress(fraction, what)
+
+        return evaluate_models(models, texts, progress=slow_progress, **kwargs)
+
+    monkeypatch.setattr(score, "evaluate_models", cancelled_first)
+    job_id = submit(hub, "cancelled-in-eval", job_options(eval_text=TEXT))
+
+    job = jobs.get_job(job_id)
+    assert (job.status, job.evaluation) == (JobStatus.CANCELLED, None)
+    assert scored == ["alice/cancelled-in-eval"]  # stopped before the first model was scored
+    assert ("model", "alice/cancelled-in-eval") not in hub.store.repos

@@ -119,7 +119,8 @@ def _wire_review(view: JobView, listing: gr.HTML) -> None:
                 action(values[view.job_id], token)
                 info = service.job_status(values[view.job_id], token)
             except Exception as err:  # noqa: BLE001 - shown in the view, never a traceback
-                return {view.state: f"**Error:** {one_line(err)}"}
+                return {view.state: f"**Error:** {one_line(err)}", view.evaluation.publish_button: gr.Button(
+                    interactive=True), view.evaluation.discard_button: gr.Button(interactive=True)}
             return job_updates(view, info, listing, lambda: refresh_listing(request, oauth_token))
 
         return on_click

@@ -247,9 +247,10 @@ def test_options_round_trip_through_the_record_and_old_records_are_not_evaluated
 
 
 def test_the_job_view_shows_the_evaluation_and_publishes_through_the_api(hub, tmp_path) -> None:
+    import gradio as gr
     from app_harness import served_app
 
-    with served_app(tmp_path / "app") as (client, _):
+    with served_app(tmp_path / "app") as (client, demo):
         queue.get_huey().immediate = True  # the app's queue file: its jobs run inside /submit and /publish
         job_id = client.predict(CONFIG, "viewed", False, False, True, True, "", TEXT, api_name="/submit")
         status = client.predict(job_id, api_name="/job_status")
@@ -277,6 +278,19 @@ def test_the_job_view_shows_the_evaluation_and_publishes_through_the_api(hub, tm
         assert published["status"] == "succeeded" and published["result_url"].endswith("/alice/viewed")
         card = (Path(snapshot_download("alice/viewed", token=hub.token)) / "README.md").read_text()
         assert evaluation["table"] in card
+
+        # the page's Discard button, on another job awaiting review
+        other = client.predict(CONFIG, "discarded-in-page", False, False, False, True, api_name="/submit")
+        publish_click, discard_click = [f.fn for f in demo.fns.values() if f.name == "on_click"]
+        job_box = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "job-id")
+        updates = discard_click({job_box: other}, gr.Request())
+        shown = {getattr(block, "elem_id", None): update for block, update in updates.items()}
+        assert "**Status:** discarded" in shown["job-state"]
+        assert shown["job-review"].visible is False
+        assert jobs.get_job(other).status is JobStatus.DISCARDED
+        refused = publish_click({job_box: other}, gr.Request())  # too late: said in the view, buttons usable
+        shown = {getattr(block, "elem_id", None): update for block, update in refused.items()}
+        assert "not awaiting review (it is discarded)" in shown["job-state"] and shown["publish"].interactive
 
 
 def test_the_view_shows_publish_and_discard_only_while_the_job_awaits_review() -> None:

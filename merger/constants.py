@@ -66,7 +66,7 @@ def _env_int(name: str, default: int) -> int:
 
 
 # Caps on unfinished jobs (those with these statuses): per Hub user, and over all users.
-UNFINISHED_STATUSES = ("queued", "running")
+UNFINISHED_STATUSES = ("queued", "running", "awaiting_review")  # a staged merge holds the worker's disk
 MAX_JOBS_PER_USER = _env_int("MERGER_MAX_JOBS_PER_USER", 2)
 MAX_JOBS_TOTAL = _env_int("MERGER_MAX_JOBS_TOTAL", 20)
 # A worker writes a heartbeat every WORKER_HEARTBEAT_S; after WORKER_STALE_S without one it is dead: the app
@@ -95,3 +95,11 @@ INSIGHT_TIMEOUT_S = _env_int("MERGER_INSIGHT_TIMEOUT_S", 300)
 SUGGEST_MAX_MINUTES = _env_int("MERGER_SUGGEST_MAX_MINUTES", 10)
 SUGGEST_MAX_CANDIDATES = _env_int("MERGER_SUGGEST_MAX_CANDIDATES", 48)
 SUGGEST_MAX_BYTES = _env_int("MERGER_SUGGEST_MAX_BYTES", 8 * 2**30)
+# A job's evaluation after its merge, before its push (merger/service/run_job.py): tokens scored per
+# text and model, and the wall time of the whole evaluation; pasted evaluation text is bounded in bytes.
+JOB_EVAL_TOKENS_PER_TEXT = _env_int("MERGER_JOB_EVAL_TOKENS", 2048)
+JOB_EVAL_SECONDS = _env_int("MERGER_JOB_EVAL_SECONDS", 300)
+MAX_PASTED_EVAL_BYTES = 64 * 1024
+# A merge staged for review is deleted (its job marked discarded) when its owner has not published or
+# discarded it this long after it was staged.
+REVIEW_TTL_S = _env_int("MERGER_REVIEW_TTL_S", 24 * 3600)

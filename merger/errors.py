@@ -315,3 +315,10 @@ class SearchError(MergerError, ValueError):
 class InsightLimitError(MergerError, ValueError):
     """A weight report or a suggested merge asked of the app is over its bounds (weights read, float32
     memory, candidates, minutes, pasted text), or another search is running; the message names the bound."""
+
+
+# ---------------------------------------------------------------- review before the push
+
+
+class StagedOutputError(MergerError):
+    """A reviewed job's staged merge is gone from the worker's data folder (expired or deleted), so it cannot be published."""

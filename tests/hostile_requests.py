@@ -14,7 +14,7 @@ An entry's `field` says what `value` is, and so where it goes:
 
 Channels (see :data:`CHANNELS_FOR`): `cli_validate` / `cli_run` (`python -m merger validate|run`),
 `app_validate`, `app_submit` (a job: `/submit`, then, if it was queued, `/job_status` until it ends), `app_share`,
-`app_load_link`, `app_job_status`, `app_job_config`, `app_cancel`.
+`app_load_link`, `app_job_status`, `app_job_config`, `app_cancel`, `app_publish`, `app_discard`.
 
 The other catalogues are mapped in here, so one test sends everything: tests/hostile_catalogue.py's configs
 (:data:`CONFIGS`) and tests/test_model_files.py's broken model folders (:data:`MODEL_FILES`, served by the
@@ -40,7 +40,7 @@ from test_model_files import BROKEN_MODELS, llama_tensors, write_model
 # The channels a value of each field can go through.
 CHANNELS_FOR = {
     "config": ("cli_validate", "cli_run", "app_validate", "app_submit"),
-    "job_id": ("app_job_status", "app_job_config", "app_cancel"),
+    "job_id": ("app_job_status", "app_job_config", "app_cancel", "app_publish", "app_discard"),
     "payload": ("app_load_link",),
     "repo": ("cli_run", "app_submit"),
     "out": ("cli_run",),

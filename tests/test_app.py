@@ -123,8 +123,8 @@ def test_build_demo_wires_the_named_endpoints() -> None:
     demo = app.build_demo()
     assert isinstance(demo, gr.Blocks)
     public = {f.api_name for f in demo.fns.values() if f.api_visibility == "public"}
-    assert public == {"validate", "preflight", "submit", "job_status", "job_config", "cancel", "my_jobs", "share",
-                      "load_link", "weight_report", "suggest"}
+    assert public == {"validate", "preflight", "submit", "job_status", "job_config", "cancel", "publish", "discard",
+                      "my_jobs", "share", "load_link", "weight_report", "suggest"}
     # locally the token comes from HF_TOKEN: no LoginButton, whose local mock needs a Hub login
     assert not any(isinstance(b, gr.LoginButton) for b in demo.blocks.values())
 
@@ -140,11 +140,14 @@ def test_sign_in_button(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_api_lists_the_endpoints(client: Client) -> None:
     info = client.view_api(return_format="dict", print_info=False)["named_endpoints"]
     assert [p["parameter_name"] for p in info["/validate"]["parameters"]] == ["yaml_text"]
-    assert [p["parameter_name"] for p in info["/submit"]["parameters"]] == ["yaml_text", "repo_id", "private", "reuse_repo"]
+    assert [p["parameter_name"] for p in info["/submit"]["parameters"]] == [
+        "yaml_text", "repo_id", "private", "reuse_repo", "evaluate", "review", "eval_dataset", "eval_text"]
     assert [p["parameter_name"] for p in info["/preflight"]["parameters"]] == ["yaml_text", "repo_id", "private", "reuse_repo"]
     assert [p["parameter_name"] for p in info["/job_status"]["parameters"]] == ["job_id"]
     assert [p["parameter_name"] for p in info["/job_config"]["parameters"]] == ["job_id"]
     assert [p["parameter_name"] for p in info["/cancel"]["parameters"]] == ["job_id"]
+    assert [p["parameter_name"] for p in info["/publish"]["parameters"]] == ["job_id"]
+    assert [p["parameter_name"] for p in info["/discard"]["parameters"]] == ["job_id"]
     assert [p["parameter_name"] for p in info["/share"]["parameters"]] == ["yaml_text"]
     assert [p["parameter_name"] for p in info["/weight_report"]["parameters"]] == ["yaml_text"]
     assert [p["parameter_name"] for p in info["/suggest"]["parameters"]] == ["yaml_text", "candidates", "minutes", "text"]
@@ -276,8 +279,10 @@ def test_submit_status_cancel(
     assert status["id"] == job_id and status["status"] == "queued" and status["progress"] == 0.0
     assert set(status) == {
         "id", "status", "progress", "current_tensor", "log_tail", "result_url", "error", "error_type", "worker",
-        "created_at", "updated_at", "elapsed_s", "remaining_s", "queue_position",
+        "created_at", "updated_at", "elapsed_s", "remaining_s", "queue_position", "options", "evaluation",
+        "review_expires_at",
     }
+    assert status["options"] == {"evaluate": True, "review": False, "eval_dataset": "", "eval_text": ""}
     assert status["queue_position"] == 1 and status["remaining_s"] is None  # nothing ahead; no progress yet
     # No worker runs in this test: the status says so (the heartbeat has never been written).
     assert status["worker"] == "No worker alive since it started: queued jobs wait until a worker is running again."
@@ -588,6 +593,11 @@ def test_a_second_merge_click_while_one_is_submitting_queues_nothing(
         by_id(demo, "repo-id"): "twice",
         by_id(demo, "private"): False,
         by_id(demo, "reuse-repo"): False,
+        by_id(demo, "evaluate"): True,
+        by_id(demo, "review"): False,
+        by_id(demo, "eval-source"): by_id(demo, "eval-source").value,
+        by_id(demo, "eval-dataset"): "",
+        by_id(demo, "eval-text"): "",
     }
     req = gr.Request()
     req.session_hash = "double-clicker"

@@ -3,7 +3,7 @@ on 127.0.0.1 with the loopback Hub and a real worker process.
 
 One user's path through the page: search and pick two fixture models (one click on a single match),
 choose TIES and set densities, see the YAML, pass the pre-flight, merge, watch the progress reach
-100%, find the job in My merges; paste a config the form cannot fully show, share it and reopen the
+100% and the evaluation appear, find the job in My merges; paste a config the form cannot fully show, share it and reopen the
 link byte for byte; double-click Merge and get one job. Each step's screenshot goes to tests/output/.
 """
 
@@ -49,7 +49,16 @@ def site(hub, fixture_models_dir: Path, tmp_path_factory):
     saved = (constants.DATA_DIR, constants.QUEUE_DB, constants.JOBS_DB, os.environ.get("HF_TOKEN"))
     constants.DATA_DIR, constants.QUEUE_DB, constants.JOBS_DB = data, data / "queue.db", data / "jobs.db"
     os.environ["HF_TOKEN"] = hub.token
-    worker = start_consumer_process(log_file=data / "worker.log")
+    # The job's evaluation (on by default) scores a few hundred tokens per text, on one thread: the tiny
+    # models are fastest so, and the shared machine's other cores stay with the browser.
+    worker_env = {"MERGER_JOB_EVAL_TOKENS": "256", "OMP_NUM_THREADS": "1"}
+    saved_env = {name: os.environ.get(name) for name in worker_env}
+    os.environ.update(worker_env)
+    try:
+        worker = start_consumer_process(log_file=data / "worker.log")
+    finally:
+        for name, value in saved_env.items():
+            os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
     demo = app.build_demo()
     demo.queue()
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
@@ -217,9 +226,17 @@ def test_a_users_path_through_the_page(site, browser) -> None:
         timeout=180_000,
     )
     page.wait_for_function("() => document.querySelector('#job-result') && "
-                           "document.querySelector('#job-result').innerText.includes('browser-ties')")
+                           "document.querySelector('#job-result').innerText.includes('browser-ties')",
+                           timeout=180_000)
     job_id = field(page, "job-id").input_value()
     assert jobs.get_job(job_id).status.value == "succeeded"
+    # the evaluation (on by default): the table has the merge and its three parents, the answers one row per prompt
+    page.wait_for_selector("#job-evaluation-table", state="visible")
+    table = page.locator("#job-evaluation-table").inner_text()
+    for name in ("alice/browser-ties", "alice/mistral-base", "alice/mistral-prose", "alice/mistral-code"):
+        assert name in table, table
+    assert "merge" in table and page.locator("#job-generations").is_visible()
+    assert not page.locator("#publish").is_visible()  # no review asked: pushed at once
     page.wait_for_selector("#merge:not([disabled])")  # enabled again once the job id was back
     shot(page, "04-job")
 

@@ -65,8 +65,9 @@ def served(hub, published, tmp_path_factory):
 
 
 def run_job(client: Client, text: str, repo: str, timeout: float = 180) -> dict:
-    """Submit through the app and poll the job view's endpoint until the job ends."""
-    job_id = client.predict(text, repo, False, api_name="/submit")
+    """Submit through the app (not evaluated: tests/test_review.py covers that) and poll the job view's
+    endpoint until the job ends."""
+    job_id = client.predict(text, repo, False, False, False, api_name="/submit")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         status = client.predict(job_id, api_name="/job_status")

@@ -173,6 +173,8 @@ CHANNELS = {
     "app_job_status": lambda e, ctx: _app(ctx, e.value, api_name="/job_status"),
     "app_job_config": lambda e, ctx: _app(ctx, e.value, api_name="/job_config"),
     "app_cancel": lambda e, ctx: _app(ctx, e.value, api_name="/cancel"),
+    "app_publish": lambda e, ctx: _app(ctx, e.value, api_name="/publish"),
+    "app_discard": lambda e, ctx: _app(ctx, e.value, api_name="/discard"),
 }
 
 

@@ -79,7 +79,9 @@ def fake_engine(monkeypatch: pytest.MonkeyPatch, body: Callable[..., None]) -> l
     """Replace run_merge with one that writes a config.json and then runs `body(out_dir, **kwargs)`."""
     calls: list[dict] = []
 
-    def run_merge(config_text, out_dir, *, device="auto", token=None, title=None, progress=None, should_cancel=None):
+    def run_merge(config_text, out_dir, *, device="auto", token=None, title=None, progress=None, should_cancel=None,
+                  evaluate=None):
+        assert evaluate is None  # these jobs have no options: not evaluated
         calls.append({"config": config_text, "out_dir": out_dir, "token": token, "title": title})
         out_dir.mkdir(parents=True)
         (out_dir / "config.json").write_text("{}")

@@ -125,6 +125,20 @@ FORBIDDEN = {
                                  "merger.plan", "merger.methods"),
     "merger.jobs.queue": ("merger.jobs.worker", "merger.engine", "merger.execute", "merger.plan", "merger.methods"),
     "merger.scrub": ("merger",),
+    # The worker reaches the engine, the evaluation and the Hub through merger.service.run_job only (the
+    # app goes through merger.service too: one door for both front ends).
+    "merger.jobs.worker": ("merger.engine", "merger.publish", "merger.evaluate", "merger.execute", "merger.plan",
+                           "merger.io", "merger.methods", "merger.ui"),
+    "merger.jobs.recovery": ("merger.engine", "merger.publish", "merger.evaluate", "merger.execute", "merger.plan",
+                             "merger.io", "merger.methods", "merger.ui"),
+    # ... and that door knows nothing of the queue or the records: the worker hands it hooks. So the
+    # worker/recovery -> service.run_job edges are the only ones from jobs to service, while service.jobs imports
+    # the app's side of the queue (store, queue, review): two directions between the packages, no cycle
+    # between modules.
+    "merger.service.run_job": ("merger.jobs", "merger.ui"),
+    "merger.service.options": ("merger.jobs", "merger.engine", "merger.evaluate", "merger.ui"),
+    "merger.jobs.review": ("merger.jobs.queue", "merger.jobs.worker", "merger.service", "merger.engine",
+                           "merger.execute", "merger.plan", "merger.methods"),
 }
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from merger.errors import EvalModelError, SearchError, excerpt
-from merger.evaluate.score import DEFAULT_PROMPTS, EvalBudget, EvalResult, evaluate_models
+from merger.evaluate.score import DEFAULT_PROMPTS, EvalBudget, EvalResult, evaluate_models, merge_and_parents
 from merger.evaluate.text import EvalText, dataset_texts, default_texts, read_text_file, split_in_halves
 
 
@@ -125,8 +125,7 @@ def merge_evaluator(args: argparse.Namespace, token: str | None, label: str) -> 
     texts, budget, device = texts_of(args, token), budget_of(args), pick_device(args.device)
 
     def evaluate(merged: Path, parents: dict[str, Path]) -> str:
-        models = [(label, merged)] + [(key, folder) for key, folder in parents.items() if key != label]
-        return _evaluate_and_print(models, texts, label, args, budget, device).table()
+        return _evaluate_and_print(merge_and_parents(label, merged, parents), texts, label, args, budget, device).table()
 
     return evaluate
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import gc
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -120,6 +120,41 @@ class EvalResult:
             lines.append(f"Prompt {i + 1}: `{prompt!r}`")
             lines += [f"- {row.name}: `{row.generations[i]!r}`" for row in self.rows if i < len(row.generations)]
         return "\n".join(lines)
+
+
+    def as_record(self) -> dict:
+        """The result as JSON-able data (a job record keeps it): texts, prompts, merge, rows (each a
+        :class:`ModelScore`'s fields), seconds, and `table`, the markdown the card shows."""
+        return {**asdict(self), "table": self.table()}
+
+
+def merge_evaluator(
+    label: str,
+    texts: list[EvalText],
+    *,
+    budget: EvalBudget,
+    device: torch.device,
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS,
+    progress: Callable[[float, str], None] | None = None,
+    on_result: Callable[[EvalResult], None] | None = None,
+) -> Callable[[Path, dict[str, Path]], str]:
+    """The `evaluate` hook of :func:`merger.engine.run_merge` (`run --eval`, the worker's jobs): it scores the
+    staged merge, named `label`, and each parent on `texts`, hands the result to `on_result`, and returns
+    the markdown table the card shows (:meth:`EvalResult.table`)."""
+
+    def evaluate(merged: Path, parents: dict[str, Path]) -> str:
+        result = evaluate_models(merge_and_parents(label, merged, parents), texts, merge=label, prompts=prompts, budget=budget, device=device,
+                                 progress=progress)
+        if on_result is not None:
+            on_result(result)
+        return result.table()
+
+    return evaluate
+
+
+def merge_and_parents(label: str, merged: Path, parents: dict[str, Path]) -> list[tuple[str, Path]]:
+    """The `models` of :func:`evaluate_models` for a merge named `label` and its parents (key -> folder)."""
+    return [(label, merged)] + [(key, folder) for key, folder in parents.items() if key != label]
 
 
 def _cell(value: float | None) -> str:

@@ -39,7 +39,9 @@ create table if not exists jobs (
     owner text not null default '',
     reuse_repo integer not null default 0,
     error_type text,
-    worker text not null default ''
+    worker text not null default '',
+    options text,
+    evaluation text
 );
 create index if not exists jobs_status on jobs (status, owner);
 create table if not exists pending_repos (
@@ -59,6 +61,8 @@ _ADDED_COLUMNS = {
     "reuse_repo": "alter table jobs add column reuse_repo integer not null default 0",
     "error_type": "alter table jobs add column error_type text",
     "worker": "alter table jobs add column worker text not null default ''",
+    "options": "alter table jobs add column options text",
+    "evaluation": "alter table jobs add column evaluation text",
 }
 _FORGET_WORKERS_AFTER_S = 24 * 3600  # heartbeats of workers gone this long are dropped
 

@@ -31,7 +31,8 @@ from merger.jobs.store import JobStatus, create_record, mark_finished
 
 logger = logging.getLogger(__name__)
 
-_runner: Callable[[str, bytes], None] | None = None
+# The task bodies the worker registers (set_runner): `merge` runs a job, `publish` pushes a reviewed one.
+_runners: dict[str, Callable[[str, bytes], None]] = {}
 
 
 def submit(
@@ -41,6 +42,7 @@ def submit(
     owner: str,
     private: bool = False,
     reuse_repo: bool = False,
+    options: str | None = None,
 ) -> str:
     """Queue a merge whose result is pushed to `repo_id`, if the owner's and the app's caps allow.
 
@@ -58,7 +60,7 @@ def submit(
         sqlite3.Error, redis.RedisError: the job record or the queue could not be written (then no job
             exists to run).
     """
-    job_id = create_record(config_yaml, repo_id, token, owner, private=private, reuse_repo=reuse_repo)
+    job_id = create_record(config_yaml, repo_id, token, owner, private=private, reuse_repo=reuse_repo, options=options)
     try:
         enqueue(job_id, token)
     except BaseException:
@@ -135,6 +137,7 @@ def _fernet() -> Fernet:
 class _Queue:
     huey: Huey
     merge: TaskWrapper  # calling it enqueues a merge task
+    publish: TaskWrapper  # calling it enqueues the push of a reviewed job's staged output
 
 
 _queues: dict[str | Path, _Queue] = {}
@@ -151,7 +154,7 @@ def _queue() -> _Queue:
             else:
                 create_private_file(where)
                 huey = SqliteHuey("merger", filename=str(where), results=False)
-            _queues[where] = _Queue(huey, huey.task(name="merge")(_run_merge))
+            _queues[where] = _Queue(huey, huey.task(name="merge")(_run_merge), huey.task(name="publish")(_run_publish))
         return _queues[where]
 
 
@@ -175,13 +178,31 @@ def enqueue(job_id: str, token: str) -> None:
     _queue().merge(job_id, seal(token))
 
 
-def set_runner(run: Callable[[str, bytes], None]) -> None:
-    """Make `run(job_id, sealed_token)` the merge task's body in this process (the worker's job runner)."""
-    global _runner
-    _runner = run
+def enqueue_publish(job_id: str, token: str) -> None:
+    """Queue the push of a reviewed job's staged output (:func:`merger.jobs.review.request_publish` first).
+
+    Args:
+        job_id: the job's id (now `queued` again).
+        token: the owner's Hub token, sealed before it reaches the queue.
+    """
+    ensure_queue_key()
+    _queue().publish(job_id, seal(token))
+
+
+def set_runner(run: Callable[[str, bytes], None], task: str = "merge") -> None:
+    """Make `run(job_id, sealed_token)` the body of `task` (`merge` or `publish`) in this process (the worker)."""
+    _runners[task] = run
+
+
+def _run(task: str, job_id: str, sealed_token: bytes) -> None:
+    if task not in _runners:
+        raise RuntimeError("this process has no job runner: import merger.jobs.worker to consume the queue")
+    _runners[task](job_id, sealed_token)
 
 
 def _run_merge(job_id: str, sealed_token: bytes) -> None:
-    if _runner is None:
-        raise RuntimeError("this process has no job runner: import merger.jobs.worker to consume the queue")
-    _runner(job_id, sealed_token)
+    _run("merge", job_id, sealed_token)
+
+
+def _run_publish(job_id: str, sealed_token: bytes) -> None:
+    _run("publish", job_id, sealed_token)

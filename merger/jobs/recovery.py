@@ -24,7 +24,6 @@ from merger.jobs import store as jobs
 from merger.jobs import worker_notes
 from merger.jobs.queue import unseal
 from merger.jobs.store import JobStatus
-from merger.publish import hub_push
 from merger.scrub import ACTIVE_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -108,9 +107,11 @@ def _sweep_pending_repos(is_dead: Callable[[str], bool]) -> dict[str, str]:
             )
             worker_notes.clear_pending_repo(job_id)
             continue
+        from merger.service.run_job import delete_unpushed_repo  # the jobs reach the Hub through the service
+
         ACTIVE_TOKENS.add(token)
         try:
-            settled, outcomes[job_id] = hub_push.delete_unpushed_repo(repo_id, token)
+            settled, outcomes[job_id] = delete_unpushed_repo(repo_id, token)
         finally:
             ACTIVE_TOKENS.discard(token)
         if settled:

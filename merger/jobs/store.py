@@ -32,18 +32,20 @@ _JOB_ID = re.compile(f"[0-9a-f]{{{constants.JOB_ID_LENGTH}}}")
 
 
 class JobStatus(str, Enum):
-    """Where a job is in its life: queued -> running -> succeeded | failed | cancelled."""
+    """queued -> running -> succeeded | failed | cancelled | awaiting_review (:mod:`merger.jobs.review`)."""
 
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+    AWAITING_REVIEW = "awaiting_review"
+    DISCARDED = "discarded"
 
     @property
     def finished(self) -> bool:
-        """True for the three final states."""
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+        """True for the four final states."""
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.DISCARDED)
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,8 @@ class Job:
         error_type: the class name of the error that failed the job (e.g. `PushTargetError`), else None.
         worker: the worker that claimed the job (`host:pid`, see :func:`merger.jobs.worker_notes.worker_id`);
             empty before it runs.
+        options: the job's options as JSON (:class:`merger.service.options.JobOptions`), None for older jobs.
+        evaluation: the merge's evaluation as JSON (see :mod:`merger.jobs.review`), None until evaluated.
     """
 
     id: str
@@ -88,6 +92,8 @@ class Job:
     reuse_repo: bool
     error_type: str | None = None
     worker: str = ""
+    options: str | None = None
+    evaluation: str | None = None
 
 
 # ---------------------------------------------------------------- the app's API
@@ -100,6 +106,7 @@ def create_record(
     owner: str,
     private: bool = False,
     reuse_repo: bool = False,
+    options: str | None = None,
 ) -> str:
     """Write the `queued` record of a merge whose result is pushed to `repo_id`, if the caps allow.
 
@@ -113,6 +120,7 @@ def create_record(
         owner: the Hub username the token belongs to (from whoami); only they may read or cancel the job.
         private: create the repo as private.
         reuse_repo: the owner allows pushing a new commit to an existing repo.
+        options: the job's options as JSON (checked by the service; the token is refused in it here too).
 
     Returns:
         The new job's id (uuid4 hex, `constants.JOB_ID_LENGTH` characters).
@@ -125,11 +133,12 @@ def create_record(
         sqlite3.Error, redis.RedisError: the job record could not be written.
     """
     refuse_tokens(config_yaml, token)
+    refuse_tokens(options or "", token)
     now = time.time()
     job = Job(
         id=uuid.uuid4().hex, config_yaml=config_yaml, repo_id=repo_id, private=private, status=JobStatus.QUEUED,
         progress=0.0, current_tensor="", log_tail="", result_url=None, error=None, cancel_requested=False,
-        created_at=now, updated_at=now, owner=owner, reuse_repo=reuse_repo,
+        created_at=now, updated_at=now, owner=owner, reuse_repo=reuse_repo, options=options,
     )
     refused = backend().insert(_record_of(job), constants.MAX_JOBS_PER_USER, constants.MAX_JOBS_TOTAL)
     if refused:
@@ -237,9 +246,9 @@ def cancel(job_id: str, owner: str | None) -> bool:
         JobAccessError: as in :func:`owned_job`.
     """
     job_id = owned_job(job_id, owner).id
-    if _change(job_id, (JobStatus.QUEUED,), status=JobStatus.CANCELLED):
+    if compare_and_set(job_id, (JobStatus.QUEUED,), status=JobStatus.CANCELLED):
         return True
-    return _change(job_id, (JobStatus.RUNNING,), cancel_requested=True)
+    return compare_and_set(job_id, (JobStatus.RUNNING,), cancel_requested=True)
 
 
 # ---------------------------------------------------------------- the worker's side
@@ -257,7 +266,7 @@ def mark_running(job_id: str, worker: str = "") -> bool:
         True if the job was queued; False if it was cancelled meanwhile, or already claimed (it must then
         not run here).
     """
-    return _change(job_id, (JobStatus.QUEUED,), status=JobStatus.RUNNING, worker=worker)
+    return compare_and_set(job_id, (JobStatus.QUEUED,), status=JobStatus.RUNNING, worker=worker)
 
 
 def record_progress(job_id: str, progress: float, current_tensor: str, log_tail: str) -> None:
@@ -269,7 +278,7 @@ def record_progress(job_id: str, progress: float, current_tensor: str, log_tail:
         current_tensor: the tensor merged last.
         log_tail: the job's last log lines.
     """
-    _change(job_id, (JobStatus.RUNNING,), progress=progress, current_tensor=current_tensor, log_tail=log_tail)
+    compare_and_set(job_id, (JobStatus.RUNNING,), progress=progress, current_tensor=current_tensor, log_tail=log_tail)
 
 
 def is_cancel_requested(job_id: str) -> bool:
@@ -313,7 +322,7 @@ def mark_finished(
     if not status.finished:
         raise ValueError(f"mark_finished needs a final status, got `{status.value}`")
     kept_log = {} if log_tail is None else {"log_tail": log_tail}
-    return _change(job_id, (JobStatus.QUEUED, JobStatus.RUNNING), status=status, result_url=result_url, error=error,
+    return compare_and_set(job_id, (JobStatus.QUEUED, JobStatus.RUNNING), status=status, result_url=result_url, error=error,
                    error_type=error_type, **kept_log)
 
 
@@ -336,6 +345,11 @@ def fail_running_jobs(error: str, worker_is_dead: Callable[[str], bool] = lambda
 
 
 # ---------------------------------------------------------------- listings
+
+
+def unfinished_jobs() -> list[Job]:
+    """Every job not finished yet (queued, running, awaiting review), oldest first."""
+    return [_job_of(record) for record in backend().unfinished()]
 
 
 def list_jobs(owner: str, limit: int = 50) -> list[Job]:
@@ -374,8 +388,13 @@ def _job_of(record: dict[str, Any]) -> Job:
     return Job(**{**values, "status": JobStatus(values["status"])})
 
 
-def _change(job_id: str, current: tuple[JobStatus, ...], **changes: Any) -> bool:
-    """Compare-and-set: apply `changes` (and a new `updated_at`) only if the status still is one of `current`."""
+def compare_and_set(job_id: str, current: tuple[JobStatus, ...], **changes: Any) -> bool:
+    """Apply `changes` (fields of :class:`Job`, and a new `updated_at`) only if the job's status still is one of
+    `current`: the one way a job record changes, atomic in either backend (so racing changes have one winner).
+
+    Returns:
+        Whether the job was in one of `current` (and so changed).
+    """
     changes = {name: value.value if isinstance(value, Enum) else value for name, value in changes.items()}
     return backend().update(job_id, {**changes, "updated_at": time.time()}, tuple(s.value for s in current))
 

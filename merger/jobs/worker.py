@@ -1,7 +1,9 @@
 """The worker side of the job queue: the merge task's body and the consumer process.
 
 The queue and the sealing of tokens are :mod:`merger.jobs.queue`'s; importing this module makes
-:func:`_run_job` the queue's task body (:func:`merger.jobs.queue.set_runner`). The worker unseals the
+:func:`_run_job` the queue's merge task body and :func:`_run_publish` its publish task body
+(:func:`merger.jobs.queue.set_runner`). A job's merge, evaluation and push go through
+:mod:`merger.service.run_job`; this module keeps the records, the log tail and the sweeps. The worker unseals the
 token when the job starts, keeps it in that job's frame only, and scrubs it from every log line.
 
 `python -m merger.jobs.worker` runs the consumer alone; it must see the app's data directory (and the
@@ -15,6 +17,8 @@ one as failed, deletes their partial output, and deletes the Hub repos they crea
 to. With `REDIS_URL`, any number of consumers on any number of machines share the queue and the records
 (each with its own data directory for its work folders); each claims a job with a compare-and-set, beats a
 heartbeat, and fails the jobs of the workers whose heartbeat stopped (:mod:`merger.jobs.recovery`).
+Every consumer also deletes staged merges whose review expired
+(:func:`merger.jobs.review.expire_reviews`), at start and every REVIEW_SWEEP_S.
 """
 
 from __future__ import annotations
@@ -30,14 +34,16 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.fernet import InvalidToken
 from huey.consumer import Consumer
 
-from merger import constants, engine
-from merger.publish import hub_push
+from merger import constants
+from merger.jobs import review
 from merger.jobs import store as jobs
 from merger.jobs import worker_notes
 from merger.errors import MergeCancelled, MergerError
@@ -45,6 +51,7 @@ from merger.scrub import ACTIVE_TOKENS, ScrubbingFormatter, install_log_scrubbin
 from merger.jobs.queue import ensure_queue_key, get_huey, seal, set_runner, unseal
 from merger.jobs.recovery import HEARTBEAT_LOST_REASON, recover_interrupted_jobs, start_watching_workers
 from merger.jobs.store import Job, JobStatus
+from merger.service import run_job  # the worker's one door to the engine, the evaluation and the Hub
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +59,7 @@ _WRITE_INTERVAL_S = 0.5  # at most this often a running job writes its progress 
 _LOG_TAIL_LINES = 50
 SHUTDOWN_TIMEOUT_S = 30.0  # how long a stopping consumer waits for the running merge to clean up
 _PROJECT_ROOT = Path(__file__).resolve().parents[2]
+REVIEW_SWEEP_S = 60.0  # how often the heartbeat thread deletes staged merges whose review expired
 
 
 TOKEN_LOST_MESSAGE = (
@@ -141,32 +149,67 @@ class _TailHandler(logging.Handler):
 
 
 def _run_job(job_id: str, sealed_token: bytes) -> None:
-    """The huey task: run one job to its final status; every merge or push failure ends up there."""
+    """The huey merge task: run one job to its final status (or `awaiting_review`); every failure ends up there."""
     if not jobs.mark_running(job_id, worker_notes.worker_id()):
         logger.info("Job %s was cancelled or claimed before it started; skipped.", job_id)
         return
-    job = jobs.get_job(job_id)
-    reporter = _Reporter(job_id)
     work_dir = Path(constants.DATA_DIR) / "work" / job_id
+    with _job_log(job_id) as reporter:
+        try:
+            outcome = _outcome(jobs.get_job(job_id), sealed_token, work_dir, reporter, _merge_and_push)
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+    _record(job_id, outcome, reporter)
+
+
+def _run_publish(job_id: str, sealed_token: bytes) -> None:
+    """The huey publish task: push a reviewed job's staged merge; a failed push leaves it awaiting review."""
+    if not jobs.mark_running(job_id):
+        logger.info("Job %s is no longer queued for publishing; skipped.", job_id)
+        return
+    staged = review.staged_dir(job_id)
+    with _job_log(job_id) as reporter:
+        outcome = _outcome(jobs.get_job(job_id), sealed_token, staged, reporter, _publish)
+    if outcome.status is JobStatus.FAILED and staged.is_dir():  # the merge is still there: publish again, or discard
+        review.mark_awaiting_review(job_id, log_tail=reporter.log_tail, error=f"Publishing failed: {outcome.error}")
+        return
+    _record(job_id, outcome, reporter)
+    shutil.rmtree(staged, ignore_errors=True)
+
+
+set_runner(_run_job)
+set_runner(_run_publish, task="publish")
+
+
+@contextmanager
+def _job_log(job_id: str) -> Iterator[_Reporter]:
+    """A running job's reporter, with the `merger.*` log lines copied into its log tail meanwhile."""
+    reporter = _Reporter(job_id)
     handler = _TailHandler(reporter)
     logging.getLogger("merger").addHandler(handler)
     try:
-        outcome = _outcome(job, sealed_token, work_dir, reporter)
+        yield reporter
     finally:
         logging.getLogger("merger").removeHandler(handler)
-        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _record(job_id: str, outcome: _Outcome, reporter: _Reporter) -> None:
     reporter.write(force=True)
+    if outcome.status is JobStatus.AWAITING_REVIEW:
+        review.mark_awaiting_review(job_id, log_tail=reporter.log_tail)
+        return
     jobs.mark_finished(
         job_id, outcome.status, log_tail=reporter.log_tail, result_url=outcome.result_url, error=outcome.error,
         error_type=outcome.error_type,
     )
 
 
-set_runner(_run_job)
+_Body = Callable[[Job, str, bytes, Path, _Reporter], _Outcome]
 
 
-def _outcome(job: Job, sealed_token: bytes, work_dir: Path, reporter: _Reporter) -> _Outcome:
-    """Unseal the token, merge, push; every exception becomes a status and a message for the user."""
+def _outcome(job: Job, sealed_token: bytes, work_dir: Path, reporter: _Reporter, body: _Body) -> _Outcome:
+    """Unseal the token and run `body` (merge and push, or publish); every exception becomes a status and a
+    message for the user."""
     try:
         token = unseal(sealed_token)
     except InvalidToken:
@@ -175,8 +218,7 @@ def _outcome(job: Job, sealed_token: bytes, work_dir: Path, reporter: _Reporter)
     if token:
         ACTIVE_TOKENS.add(token)
     try:
-        url = _merge_and_push(job, token, sealed_token, work_dir / "model", reporter)
-        return _Outcome(JobStatus.SUCCEEDED, result_url=url)
+        return body(job, token, sealed_token, work_dir, reporter)
     except MergeCancelled:
         if _SHUTDOWN.is_set() and not jobs.is_cancel_requested(job.id):
             logger.warning("Job %s interrupted: the worker is stopping.", job.id)
@@ -206,52 +248,59 @@ def _job_message(err: MergerError, work_dir: Path) -> str:
     return f"{text} Nothing was pushed to the Hub." if getattr(err, "before_push", False) else text
 
 
-def _merge_and_push(job: Job, token: str, sealed_token: bytes, out_dir: Path, reporter: _Reporter) -> str:
-    # Checked again before the merge: the Hub may have changed while the job was queued.
-    target = hub_push.check_push_target(job.repo_id, token, private=job.private, reuse_repo=job.reuse_repo)
-    logger.info("Job %s: merging for %s.", job.id, target.repo_id)
+def _merge_and_push(job: Job, token: str, sealed_token: bytes, work_dir: Path, reporter: _Reporter) -> _Outcome:
+    hooks = run_job.JobHooks(
+        progress=reporter.progress,
+        should_cancel=reporter.should_cancel,
+        cancelled=lambda: _SHUTDOWN.is_set() or jobs.is_cancel_requested(job.id),
+        before_create=_noting_repo(job.id, sealed_token),
+        on_evaluation=lambda evaluation: review.record_evaluation(job.id, evaluation),
+    )
     try:
-        engine.run_merge(
-            job.config_yaml,
-            out_dir,
-            token=token,
-            title=target.repo_id,  # the card's heading and usage snippet name the repo people load
-            progress=reporter.progress,
-            should_cancel=reporter.should_cancel,
-        )
-    except MergerError as err:
-        err.before_push = True  # read by _job_message: the Hub was not touched
-        raise
-    # The upload cannot be stopped half-way, so this is the last point where a cancel takes effect.
-    if _SHUTDOWN.is_set() or jobs.is_cancel_requested(job.id):
-        raise MergeCancelled("the merge was cancelled before its upload; nothing was pushed")
-    logger.info("Job %s: uploading to %s.", job.id, target.repo_id)
-    try:
-        url = hub_push.push_folder(
-            out_dir,
-            target.repo_id,
-            token,
-            private=job.private,
-            reuse_repo=job.reuse_repo,
-            # Noted before the repo exists: a worker killed mid-upload leaves the note for the next one's sweep.
-            before_create=lambda repo_id: worker_notes.record_pending_repo(job.id, repo_id, sealed_token),
-        )
+        url = run_job.run_job(job, token, work_dir / "model", review.staged_dir(job.id), hooks)
     finally:
-        worker_notes.clear_pending_repo(job.id)  # committed, or already deleted by push_folder
-    logger.info("Job %s: pushed %s", job.id, url)
-    return url
+        worker_notes.clear_pending_repo(job.id)  # committed, or already deleted by the push
+    if url is None:
+        return _Outcome(JobStatus.AWAITING_REVIEW)
+    return _Outcome(JobStatus.SUCCEEDED, result_url=url)
+
+
+def _publish(job: Job, token: str, sealed_token: bytes, staged: Path, reporter: _Reporter) -> _Outcome:
+    try:
+        url = run_job.publish_staged(job, token, staged, _noting_repo(job.id, sealed_token))
+    finally:
+        worker_notes.clear_pending_repo(job.id)
+    return _Outcome(JobStatus.SUCCEEDED, result_url=url)
+
+
+def _noting_repo(job_id: str, sealed_token: bytes) -> Callable[[str], None]:
+    # Noted before the repo exists: a worker killed mid-upload leaves the note for the next one's sweep.
+    return lambda repo_id: worker_notes.record_pending_repo(job_id, repo_id, sealed_token)
 
 
 # ---------------------------------------------------------------- the consumer
 
 
+def sweep_reviews() -> None:
+    """Discard the reviews that expired and delete the staged merges no job awaits any more."""
+    for job_id in review.expire_reviews():
+        logger.info("Job %s: its review expired; the staged merge was deleted.", job_id)
+    for name in review.delete_orphan_staged():  # e.g. a publish interrupted by a dead worker: its job failed
+        logger.warning("Deleted the staged merge of job %s, which no longer awaits review.", name)
+
+
 def _heartbeat(stop: threading.Event) -> None:
-    # The app reads it to tell "no worker alive since ..."; other workers, to tell that this one lives.
+    # The app reads it to tell "no worker alive since ..."; other workers, to tell that this one lives. The
+    # expiry of reviews rides along: the consumer runs no periodic tasks, and this thread already wakes up.
+    last_sweep = time.monotonic()
     while not stop.wait(constants.WORKER_HEARTBEAT_S):
         try:
             worker_notes.beat(worker_notes.worker_id())
+            if time.monotonic() - last_sweep >= REVIEW_SWEEP_S:
+                last_sweep = time.monotonic()
+                sweep_reviews()
         except Exception as err:  # noqa: BLE001 - a busy database must not kill the heartbeat
-            logger.warning("could not write the heartbeat (%s)", type(err).__name__)
+            logger.warning("could not write the heartbeat or sweep reviews (%s)", type(err).__name__)
 
 
 class _MergeConsumer(Consumer):
@@ -319,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         recover_interrupted_jobs(HEARTBEAT_LOST_REASON)
     else:
         recover_interrupted_jobs(every_worker=True)
+    sweep_reviews()
     stop_threads = start_watching_workers()
     threading.Thread(target=_heartbeat, args=(stop_threads,), daemon=True, name="merger-heartbeat").start()
     if args.parent_pid:

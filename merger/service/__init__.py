@@ -9,7 +9,9 @@ form (:func:`checked`).
 
 Modules: `identity` (who is asking), `configs` (local-path guard, validation, examples, links,
 search), `models` (one picked model's details), `checklist` (the pre-flight checklist), `jobs` (submit,
-status, cancel, my merges), `insight` (the weight report and a suggested merge, bounded).
+status, cancel, publish, discard, my merges), `options` (a job's evaluate / review options), `insight`
+(the weight report and a suggested merge, bounded). The worker's door is `run_job` (merge, evaluate,
+push), imported by the worker only (it imports the engine, and so torch).
 """
 
 from merger.service.configs import (
@@ -23,14 +25,25 @@ from merger.service.configs import (
     validate,
 )
 from merger.service.identity import owner
-from merger.service.jobs import TERMINAL_STATUSES, cancel, job_config, job_status, my_jobs, submit, worker_note
+from merger.service.jobs import (
+    TERMINAL_STATUSES,
+    cancel,
+    discard,
+    job_config,
+    job_status,
+    my_jobs,
+    publish,
+    submit,
+    worker_note,
+)
+from merger.service.options import JobOptions, job_options
 from merger.service.checklist import CheckLine, Preflight, preflight
 from merger.service.insight import CandidateScore, Limits, SuggestedMerge, limits, suggest, weight_report
 from merger.service.models import ModelDetails, model_details
 
 __all__ = [
-    "CheckLine", "Checked", "ModelDetails", "Preflight", "TERMINAL_STATUSES", "cancel", "check_local_paths", "checked",
-    "examples", "job_config", "job_status", "load_link", "model_details", "my_jobs", "owner", "preflight", "search_models",
-    "share", "submit", "validate", "worker_note",
-    "CandidateScore", "Limits", "SuggestedMerge", "limits", "suggest", "weight_report",
+    "CandidateScore", "CheckLine", "Checked", "JobOptions", "Limits", "ModelDetails", "Preflight", "SuggestedMerge",
+    "TERMINAL_STATUSES", "cancel", "check_local_paths", "checked", "discard", "examples", "job_config", "job_options",
+    "job_status", "limits", "load_link", "model_details", "my_jobs", "owner", "preflight", "publish", "search_models",
+    "share", "submit", "suggest", "validate", "weight_report", "worker_note",
 ]

@@ -1,7 +1,9 @@
-"""Jobs for the UI: submit, status, cancel, a job's shared config, the signed-in user's jobs."""
+"""Jobs for the UI: submit, status, cancel, publish or discard a reviewed merge, a job's shared config,
+the signed-in user's jobs."""
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -9,12 +11,18 @@ from merger import constants
 from merger.scrub import scrub
 from merger.service.configs import validate
 from merger.service.identity import owner
+from merger.service.options import JobOptions
 
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+TERMINAL_STATUSES = ("succeeded", "failed", "cancelled", "discarded")
 
 
-def submit(yaml_text: str, repo_id: str, token: str, private: bool, reuse_repo: bool) -> str:
+def submit(yaml_text: str, repo_id: str, token: str, private: bool, reuse_repo: bool,
+           options: JobOptions | None = None) -> str:
     """Check caps, the push target and the config, then queue the merge. Returns the job id.
+
+    Args:
+        options: evaluate / review / evaluation text (:func:`merger.service.options.job_options`); None:
+            the defaults (evaluated on the shipped set, pushed without review).
 
     Raises:
         JobLimitError, PushTargetError, ConfigError, HubError, ...: the first refusal, before anything is queued.
@@ -28,13 +36,45 @@ def submit(yaml_text: str, repo_id: str, token: str, private: bool, reuse_repo: 
     # The target is checked before the config: a repo the user may not write to fails now, not after the merge.
     target = check_push_target(repo_id, token, private=bool(private), reuse_repo=bool(reuse_repo))
     validate(yaml_text, token)
-    return str(queue.submit(yaml_text, target.repo_id, token, user, bool(private), bool(reuse_repo)))
+    options = JobOptions() if options is None else options
+    return str(queue.submit(yaml_text, target.repo_id, token, user, bool(private), bool(reuse_repo),
+                            options=options.to_json()))
+
+
+def publish(job_id: str, token: str | None) -> None:
+    """Push the caller's reviewed merge: the job is queued again and the worker pushes its staged output.
+
+    Raises:
+        JobAccessError: a malformed id, no such job, another user's job, or a job not awaiting review.
+    """
+    from merger.jobs import queue, review
+
+    job_id = review.request_publish(job_id, owner(token))
+    try:
+        queue.enqueue_publish(job_id, token or "")
+    except BaseException:
+        review.undo_publish(job_id, "The publish could not be queued; publish again.")
+        raise
+
+
+def discard(job_id: str, token: str | None) -> None:
+    """Discard the caller's reviewed merge: nothing is pushed and its staged output is deleted.
+
+    Raises:
+        JobAccessError: a malformed id, no such job, another user's job, or a job not awaiting review.
+    """
+    from merger.jobs import review
+
+    review.discard(job_id, owner(token))
 
 
 def job_status(job_id: str, token: str | None) -> dict[str, Any]:
     """The caller's own job: id, status, progress (0-1), current_tensor, log_tail, result_url, error,
     error_type (the failing error's class name), worker (a note when no worker is alive), created_at / updated_at (epoch s), elapsed_s,
-    remaining_s (estimated, None until there is progress) and queue_position (1 = next; None unless queued).
+    remaining_s (estimated, None until there is progress), queue_position (1 = next; None unless queued),
+    options (evaluate, review, eval_dataset, eval_text), evaluation (None until evaluated: texts, prompts,
+    merge, rows with name, bits_per_token, tokens, kl_bits, generations, seconds, complete; seconds; table)
+    and review_expires_at (epoch s; set while the job awaits review).
 
     Raises:
         JobAccessError: a malformed id, no such job, or another user's job.
@@ -107,4 +147,7 @@ def _job_dict(job: Any) -> dict[str, Any]:
         "elapsed_s": round(elapsed, 1),
         "remaining_s": round(elapsed * (1 - progress) / progress, 1) if running else None,
         "queue_position": jobs.queue_position(job.id) if status == "queued" else None,
+        "options": JobOptions.from_record(job.options).model_dump(),
+        "evaluation": json.loads(job.evaluation) if job.evaluation else None,
+        "review_expires_at": job.updated_at + constants.REVIEW_TTL_S if status == "awaiting_review" else None,
     }

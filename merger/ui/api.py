@@ -3,10 +3,13 @@
 All take the Hugging Face token from the signed-in user (OAuth) or, off a Space, from `HF_TOKEN`:
 
 - `/validate` (yaml_text: str) -> str: the report's one-line summary; invalid -> error with the message.
-- `/submit` (yaml_text: str, repo_id: str, private: bool, reuse_repo: bool = False) -> str: the job id.
+- `/submit` (yaml_text: str, repo_id: str, private: bool, reuse_repo: bool = False, evaluate: bool = True,
+  review: bool = False, eval_dataset: str = "", eval_text: str = "") -> str: the job id.
   The push target is checked first (your namespace or an org where you have the write role; an
   existing repo only with `reuse_repo`, and never made private or public here); caps on unfinished
-  jobs apply per user and in total.
+  jobs apply per user and in total. `evaluate`: score the merge and its parents before the push (on
+  the shipped texts, the Hub dataset split `eval_dataset` = `ID:SPLIT`, or the pasted `eval_text`);
+  `review`: stop at `awaiting_review` until `/publish` or `/discard`.
 - `/preflight` (yaml_text: str, repo_id: str, private: bool, reuse_repo: bool = False) -> dict: the
   pre-flight checklist, `{"ok": bool, "lines": [{"name", "ok", "detail", "fix"}, ...]}` (what the page
   shows before Merge is enabled; metadata only).
@@ -14,6 +17,8 @@ All take the Hugging Face token from the signed-in user (OAuth) or, off a Space,
   error's class name, e.g. `PushTargetError`). The job's owner only.
 - `/job_config` (job_id: str) -> str: the job's config YAML, for anyone with the id (what a job link shares).
 - `/cancel` (job_id: str) -> bool: whether the job was cancelled. The job's owner only.
+- `/publish` (job_id: str) -> dict: push a job awaiting review (it is queued again); its new status. Owner only.
+- `/discard` (job_id: str) -> dict: delete a job's merge awaiting review, push nothing; its new status. Owner only.
 - `/my_jobs` () -> list[dict]: the signed-in user's jobs, newest first.
 - `/share` (yaml_text: str) -> str: the share link (`...?config=<payload>`).
 - `/load_link` (payload: str) -> str: the YAML a share payload carries.
@@ -51,18 +56,25 @@ def api_submit(
     repo_id: str,
     private: bool,
     reuse_repo: bool = False,
+    evaluate: bool = True,
+    review: bool = False,
+    eval_dataset: str = "",
+    eval_text: str = "",
     oauth_token: gr.OAuthToken | None = None,
 ) -> str:
     """Check the push target and the config, then queue a merge that pushes to `repo_id`. Returns the job id.
 
-    A bare name goes under your account; an existing repo is used only with `reuse_repo`.
+    A bare name goes under your account; an existing repo is used only with `reuse_repo`. With
+    `evaluate` the merge is scored against its parents before the push (on the shipped texts, the Hub
+    dataset split `eval_dataset`, or the pasted `eval_text`); with `review` it waits for /publish.
     """
     token = require_token(oauth_token)
     repo_id = (repo_id or "").strip()
     if not repo_id:
         raise gr.Error("name the repo to create, e.g. `my-merge` or `your-name/my-merge`", print_exception=False)
     with user_errors():
-        return service.submit(yaml_text, repo_id, token, bool(private), bool(reuse_repo))
+        options = service.job_options(bool(evaluate), bool(review), eval_dataset or "", eval_text or "", token)
+        return service.submit(yaml_text, repo_id, token, bool(private), bool(reuse_repo), options)
 
 
 def api_preflight(
@@ -95,6 +107,22 @@ def api_cancel(job_id: str, oauth_token: gr.OAuthToken | None = None) -> bool:
     """Cancel your queued or running job. Returns whether it was cancelled (False: it had finished)."""
     with user_errors():
         return service.cancel(job_id, token_of(oauth_token))
+
+
+def api_publish(job_id: str, oauth_token: gr.OAuthToken | None = None) -> dict:
+    """Push your merge that awaits review (the job is queued again). Returns the job's status."""
+    with user_errors():
+        token = token_of(oauth_token)
+        service.publish(job_id, token)
+        return service.job_status(job_id, token)
+
+
+def api_discard(job_id: str, oauth_token: gr.OAuthToken | None = None) -> dict:
+    """Delete your merge that awaits review; nothing is pushed. Returns the job's status."""
+    with user_errors():
+        token = token_of(oauth_token)
+        service.discard(job_id, token)
+        return service.job_status(job_id, token)
 
 
 def api_my_jobs(oauth_token: gr.OAuthToken | None = None) -> list[dict]:
@@ -147,6 +175,8 @@ def register() -> None:
     gr.api(api_job_status, api_name="job_status", concurrency_limit=None)
     gr.api(api_job_config, api_name="job_config", concurrency_limit=None)
     gr.api(api_cancel, api_name="cancel")
+    gr.api(api_publish, api_name="publish")
+    gr.api(api_discard, api_name="discard")
     gr.api(api_my_jobs, api_name="my_jobs", concurrency_limit=None)
     gr.api(api_share, api_name="share", concurrency_limit=8, concurrency_id="links")
     gr.api(api_load_link, api_name="load_link", concurrency_limit=8, concurrency_id="links")

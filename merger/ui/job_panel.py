@@ -1,18 +1,24 @@
 """The job view: queue position, progress with the current tensor, elapsed and remaining time, live log,
-result link and cancel; polled once a second while the job runs."""
+result link and cancel; the merge's evaluation, and Publish / Discard while it awaits review
+(:mod:`merger.ui.evaluation_view`); polled once a second while the job runs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from html import escape
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 
 from merger import service
 from merger.errors import MergerError
+from merger.ui import evaluation_view
 from merger.ui.common import one_line, token_of
+from merger.ui.evaluation_view import EvaluationView
 from merger.ui.my_merges import refresh_listing
+
+# The job's states in which nothing changes until its owner acts: the view stops polling.
+_SETTLED = (*service.TERMINAL_STATUSES, "awaiting_review")
 
 
 @dataclass
@@ -28,12 +34,13 @@ class JobView:
     result: gr.Markdown
     cancel_button: gr.Button
     timer: gr.Timer
+    evaluation: EvaluationView
 
     @property
     def outputs(self) -> list:
         """Everything :meth:`opened` and the poll update."""
         return [self.box, self.job_id, self.job_link, self.progress, self.state, self.log, self.result,
-                self.cancel_button, self.timer]
+                self.cancel_button, self.timer, *self.evaluation.outputs]
 
     def opened(self, job_id: str, base_url: str) -> dict:
         """Updates that show job `job_id` (queued until the first poll says otherwise)."""
@@ -48,6 +55,7 @@ class JobView:
             self.result: "",
             self.cancel_button: gr.Button(interactive=True, visible=True),
             self.timer: gr.Timer(active=True),
+            **self.evaluation.hidden(),
         }
 
 
@@ -62,8 +70,9 @@ def build() -> JobView:
         log = gr.Code(label="Log", language=None, interactive=False, lines=8, max_lines=20, elem_id="job-log")
         result = gr.Markdown(elem_id="job-result")
         cancel_button = gr.Button("Cancel job", variant="stop", size="sm", elem_id="cancel")
+        evaluation = evaluation_view.build()
     timer = gr.Timer(1.0, active=False)
-    return JobView(box, job_id, job_link, progress, state, log, result, cancel_button, timer)
+    return JobView(box, job_id, job_link, progress, state, log, result, cancel_button, timer, evaluation)
 
 
 def wire(view: JobView, listing: gr.HTML) -> None:
@@ -79,16 +88,7 @@ def wire(view: JobView, listing: gr.HTML) -> None:
             return {view.state: f"**Error:** {one_line(err)}", view.timer: gr.Timer(active=False)}
         except Exception:  # noqa: BLE001 - keep polling quietly through a transient failure
             return gr.skip()
-        done = info["status"] in service.TERMINAL_STATUSES
-        return {
-            listing: refresh_listing(request, oauth_token) if done else gr.skip(),
-            view.progress: progress_html(info),
-            view.state: job_markdown(info),
-            view.log: info["log_tail"],
-            view.result: result_markdown(info),
-            view.cancel_button: gr.Button(interactive=not done, visible=not done),
-            view.timer: gr.Timer(active=not done),
-        }
+        return job_updates(view, info, listing, lambda: refresh_listing(request, oauth_token))
 
     view.timer.tick(on_tick, inputs={view.job_id}, outputs=[*view.outputs, listing], show_progress="hidden",
                     concurrency_limit=None, api_visibility="private")
@@ -106,13 +106,54 @@ def wire(view: JobView, listing: gr.HTML) -> None:
         }
 
     view.cancel_button.click(on_cancel, inputs={view.job_id}, outputs=view.outputs, api_visibility="private")
+    _wire_review(view, listing)
+
+
+def _wire_review(view: JobView, listing: gr.HTML) -> None:
+    """Publish and Discard of a merge that awaits review; the view then shows the job's new state."""
+
+    def decide(action):
+        def on_click(values: dict, request: gr.Request, oauth_token: gr.OAuthToken | None = None) -> dict:
+            token = token_of(oauth_token)
+            try:
+                action(values[view.job_id], token)
+                info = service.job_status(values[view.job_id], token)
+            except Exception as err:  # noqa: BLE001 - shown in the view, never a traceback
+                return {view.state: f"**Error:** {one_line(err)}", view.evaluation.publish_button: gr.Button(
+                    interactive=True), view.evaluation.discard_button: gr.Button(interactive=True)}
+            return job_updates(view, info, listing, lambda: refresh_listing(request, oauth_token))
+
+        return on_click
+
+    for button, action in ((view.evaluation.publish_button, service.publish),
+                           (view.evaluation.discard_button, service.discard)):
+        button.click(lambda: (gr.Button(interactive=False), gr.Button(interactive=False)),
+                     outputs=[view.evaluation.publish_button, view.evaluation.discard_button], queue=False,
+                     api_visibility="private").then(
+            decide(action), inputs={view.job_id}, outputs=[*view.outputs, listing], api_visibility="private")
+
+
+def job_updates(view: JobView, info: dict[str, Any], listing: gr.HTML, refresh: Callable[[], str]) -> dict:
+    """The job view for status `info`; "My merges" (`listing`) is refreshed with `refresh()` when the job settles."""
+    settled = info["status"] in _SETTLED
+    return {
+        listing: refresh() if settled else gr.skip(),
+        view.progress: progress_html(info),
+        view.state: job_markdown(info),
+        view.log: info["log_tail"],
+        view.result: result_markdown(info),
+        view.cancel_button: gr.Button(interactive=not settled, visible=not settled),
+        view.timer: gr.Timer(active=not settled),
+        **view.evaluation.shown(info),
+    }
 
 
 def progress_html(info: dict[str, Any]) -> str:
     """A progress bar with the percentage (colour by status)."""
     percent = max(0.0, min(1.0, float(info.get("progress") or 0.0))) * 100
     status = info.get("status", "queued")
-    color = {"failed": "#d33", "cancelled": "#888", "succeeded": "#2a2"}.get(status, "#f90")
+    color = {"failed": "#d33", "cancelled": "#888", "discarded": "#888", "succeeded": "#2a2",
+             "awaiting_review": "#36c"}.get(status, "#f90")
     return (
         '<div style="border:1px solid #ccc;border-radius:6px;height:22px;overflow:hidden">'
         f'<div style="width:{percent:.1f}%;height:100%;background:{color}"></div></div>'
@@ -133,6 +174,8 @@ def job_markdown(info: dict[str, Any]) -> str:
         lines.append(f"**Elapsed:** {_clock(info['elapsed_s'])}{extra}")
     if info.get("error"):
         lines.append(f"**Error:** {info['error']}")
+    if info.get("status") == "awaiting_review":
+        lines.append(evaluation_view.review_markdown(info))
     if info.get("worker"):
         lines.append(f"**Worker:** {info['worker']}")
     return "  \n".join(lines)

@@ -30,7 +30,8 @@ def wire_merge(views: ConfigViews, pre: Preflight, job: JobView, listing: gr.HTM
             return {pre.share_link: gr.skip()}
         try:
             new_id = api_submit(
-                values[views.config], values[pre.repo_id], values[pre.private], values[pre.reuse_repo], oauth_token
+                values[views.config], values[pre.repo_id], values[pre.private], values[pre.reuse_repo],
+                *pre.options.submit_args(values), oauth_token=oauth_token,
             )
         finally:
             _guard.leave(session)
@@ -50,7 +51,7 @@ def wire_merge(views: ConfigViews, pre: Preflight, job: JobView, listing: gr.HTM
         api_visibility="private",
     ).then(
         on_merge,
-        inputs={views.config, pre.repo_id, pre.private, pre.reuse_repo},
+        inputs={views.config, pre.repo_id, pre.private, pre.reuse_repo, *pre.options.inputs},
         outputs=[*job.outputs, pre.share_link, listing],
         concurrency_limit=constants.SUBMIT_CONCURRENCY,
         concurrency_id="submit",

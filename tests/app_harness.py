@@ -73,5 +73,8 @@ def fire(session, elem_id: str, event: str, values: dict, *request) -> dict:
     the page would apply them."""
     target = widget(session, elem_id)
     handlers = [f for f in session.fns.values() if (target._id, event) in [tuple(t) for t in f.targets]]
-    assert len(handlers) == 1, f"{elem_id}.{event}: {len(handlers)} handlers"
-    return handlers[0].fn(values, *request)
+    # A model box's commit also refreshes its details line (merger.ui.pickers): the config's edit is the
+    # handler that reads a value given here besides the widget itself.
+    editing = [f for f in handlers if len(handlers) == 1 or set(f.inputs) & (set(values) - {target})]
+    assert len(editing) == 1, f"{elem_id}.{event}: {len(editing)} handlers"
+    return editing[0].fn(values, *request)

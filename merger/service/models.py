@@ -13,7 +13,6 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from merger import constants
 from merger.errors import (
     AdapterModelError,
     ConfigError,
@@ -146,8 +145,6 @@ def _read(reference: str, token: str | None) -> ModelDetails:
         path = local_path(ref)
     except (ConfigError, ModelNotFoundError) as err:
         return ModelDetails(reference, problem=_one_line(err))
-    if path is not None and constants.ON_SPACE:
-        return ModelDetails(reference, problem="a local folder: use a Hub model id like `org/name` here")
     access = hub_read.RepoAccess(None, False, None) if path else hub_read.repo_access(str(ref), token)
     try:
         meta = read_local_metadata(path, str(ref)) if path else hub_read.fetch_metadata(str(ref), token=token)

@@ -40,11 +40,13 @@ def _group(views: ConfigViews, group: str, rows: tuple[cv.ModelRow, ...], live: 
                              lambda d, v, i=i: ce.set_model(d, i, v, group),
                              lambda d, v, i=i: ce.set_lora(d, i, v, group))
                 for f in row.params:
-                    # unset, the box shows the default and writes nothing until edited
+                    # unset, the box shows the default and writes nothing until edited to another value
                     box = gr.Number(value=f.default if f.value is None else f.value, label=f.key,
                                     info=f"default {f.default}", elem_id=f"{where}-{f.key}", interactive=live,
                                     min_width=90, scale=1)
-                    wire(views, box, "number", lambda d, v, i=i, key=f.key: ce.set_model_param(d, i, key, v, group))
+                    wire(views, box, "number",
+                         lambda d, v, i=i, f=f: d if f.value is None and v == f.default
+                         else ce.set_model_param(d, i, f.key, v, group))
                 remove = gr.Button("✕", size="sm", scale=0, min_width=40, elem_id=f"remove-{where}", interactive=live)
                 click(views, remove, lambda d, i=i: ce.remove_model(d, i, group), structural=True)
             for which, prompts in zip(cem.PROMPT_KEYS, row.prompts):

@@ -42,8 +42,10 @@ def setting_editor(views: ConfigViews, f: cv.Field, index: int | None, where: st
     with gr.Row(equal_height=True):
         shapes = gr.Radio(SHAPE_CHOICES, value=shape, label=f"{f.key} as", elem_id=f"{where}-shape",
                           interactive=live, scale=2)
+        # The shape shown chosen again changes nothing: an unset number stays unset (its default applies).
         wire(views, shapes, "choice",
-             lambda d, v: change(d, lambda s: cs.reshaped(s, v or cs.NUMBER, unset)), structural=True)
+             lambda d, v: d if (v or cs.NUMBER) == shape else change(d, lambda s: cs.reshaped(s, v or cs.NUMBER, unset)),
+             structural=True)
         presets = gr.Dropdown([("(choose a preset)", ""), *((k, k) for k in cs.PRESETS)], value="",
                               label="preset", elem_id=f"{where}-preset", interactive=live, scale=2)
         wire(views, presets, "choice",

@@ -58,6 +58,9 @@ ON_SPACE = bool(os.environ.get("SPACE_ID"))
 # `redis://host:port/db`: the job queue and the job records live in this Redis, shared by workers on several
 # machines (merger.jobs.redis_store); unset, they are SQLite files in DATA_DIR, for one worker beside the app.
 REDIS_URL = os.environ.get("REDIS_URL", "").strip() or None
+# With REDIS_URL, whether DATA_DIR/staged is one folder every worker machine mounts: a merge staged for
+# review can then be published by any worker; without it, review is refused at submit.
+SHARED_STAGING = os.environ.get("MERGER_SHARED_STAGING", "").strip() == "1"
 
 
 def _env_int(name: str, default: int) -> int:

@@ -208,7 +208,8 @@ def test_worker_start_deletes_staged_merges_no_job_awaits(hub, awaiting, data_di
     stray.mkdir()
     (stray / "config.json").write_text("{}")
 
-    worker.recover_interrupted_jobs()
+    worker.recover_interrupted_jobs(every_worker=True)  # what a worker does when it starts (worker.main)
+    worker.sweep_reviews()
 
     assert not stray.exists()
     assert (data_dir / "staged" / job_id / "config.json").is_file()
@@ -362,3 +363,14 @@ def test_a_cancel_during_the_evaluation_stops_the_job_before_the_push(hub, monke
     assert (job.status, job.evaluation) == (JobStatus.CANCELLED, None)
     assert scored == ["alice/cancelled-in-eval"]  # stopped before the first model was scored
     assert ("model", "alice/cancelled-in-eval") not in hub.store.repos
+
+
+def test_review_with_workers_on_several_machines_needs_a_shared_staging_folder(monkeypatch) -> None:
+    from merger.errors import ConfigError
+
+    monkeypatch.setattr(constants, "REDIS_URL", "redis://127.0.0.1:1/0")
+    with pytest.raises(ConfigError, match="MERGER_SHARED_STAGING"):
+        job_options(review=True)
+    assert job_options(review=False).review is False  # pushing at once needs no staging
+    monkeypatch.setattr(constants, "SHARED_STAGING", True)
+    assert job_options(review=True).review is True

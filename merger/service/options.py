@@ -11,7 +11,7 @@ import re
 from pydantic import BaseModel, ConfigDict
 
 from merger import constants
-from merger.errors import EvalTextError, excerpt
+from merger.errors import ConfigError, EvalTextError, excerpt
 from merger.scrub import TOKEN_PATTERN
 
 # `namespace/name:split`, the shape `merger.evaluate.text.dataset_texts` reads; the Hub checks the rest.
@@ -66,7 +66,13 @@ def job_options(evaluate: bool = True, review: bool = False, eval_dataset: str =
     Raises:
         EvalTextError: both texts given, a malformed dataset split, pasted text over the bound or
             holding a token.
+        ConfigError: `review` with several worker machines (`REDIS_URL`) whose staged merges are not on
+            storage they share (`MERGER_SHARED_STAGING`): a publish could be taken by a machine without it.
     """
+    if review and constants.REDIS_URL and not constants.SHARED_STAGING:
+        raise ConfigError("`review` is not available on this app: its workers run on several machines without a "
+                          "shared staging folder (set MERGER_SHARED_STAGING=1 once DATA_DIR/staged is shared); "
+                          "untick review to push when the merge is done")
     eval_dataset, eval_text = (eval_dataset or "").strip(), eval_text or ""
     if eval_dataset and eval_text.strip():
         raise EvalTextError("`eval_dataset` and `eval_text` are both set; choose one evaluation text (or neither "

@@ -11,6 +11,8 @@ Skipped only when redis-server is missing outside CI (`.ci/run` installs Debian'
 
 from __future__ import annotations
 
+import json
+
 import os
 import shutil
 import signal
@@ -30,6 +32,7 @@ from merger import constants
 from merger.errors import JobLimitError
 from merger.jobs import queue, worker_notes
 from merger.jobs import store as jobs
+from merger.jobs import review
 from merger.jobs.recovery import recover_interrupted_jobs
 from merger.jobs.store import JobStatus
 
@@ -143,7 +146,8 @@ def test_every_field_round_trips_and_listings_match_sqlite_semantics(on_redis):
         "id": first, "config_yaml": CONFIG, "repo_id": "alice/a", "private": True, "status": JobStatus.CANCELLED,
         "progress": 0.25, "current_tensor": "model.layers.0.mlp.up_proj.weight", "log_tail": "line 1\nline 2",
         "result_url": None, "error": None, "cancel_requested": True, "created_at": 0, "updated_at": 0,
-        "owner": "alice", "reuse_repo": False, "error_type": None, "worker": "host:1",
+        "owner": "alice", "reuse_repo": False, "error_type": None, "worker": "host:1", "options": None,
+        "evaluation": None,
     }
     assert [j.id for j in jobs.list_jobs("alice")] == [second, first]  # newest first
     assert [j.id for j in jobs.list_jobs("alice", limit=1)] == [second]
@@ -154,6 +158,14 @@ def test_every_field_round_trips_and_listings_match_sqlite_semantics(on_redis):
     assert [jobs.get_job(j).status for j in (second, third)] == [JobStatus.FAILED, JobStatus.RUNNING]
     assert jobs.get_job(second).error == "gone"
     assert on_redis.zrange("merger:unfinished", 0, -1) == [third.encode()]
+
+    # a review's changes go through the same compare-and-set: the evaluation kept, awaiting review unfinished
+    review.record_evaluation(third, {"table": "| model | bits/token |", "models": {"merge": 7.25}})
+    assert review.mark_awaiting_review(third, log_tail="merged")
+    staged = jobs.get_job(third)
+    assert json.loads(staged.evaluation)["models"] == {"merge": 7.25} and staged.status is JobStatus.AWAITING_REVIEW
+    assert on_redis.zrange("merger:unfinished", 0, -1) == [third.encode()]  # it still holds the worker's disk
+    assert review.request_publish(third, "bob") == third and jobs.get_job(third).status is JobStatus.QUEUED
 
 
 def test_heartbeats_expire_on_the_server_and_dead_workers_jobs_are_failed(monkeypatch, on_redis, tmp_path):

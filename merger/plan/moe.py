@@ -74,8 +74,8 @@ def select_output(config: MoEConfig, family: str) -> Architecture:
         if family not in arch.moe_from:
             reasons.append(f"a {name} is built from {' or '.join(arch.moe_from)} models")
         elif shared != SHARED_EXPERTS[model_type]:
-            reasons.append(f"a {name} takes {SHARED_EXPERTS[model_type] or 'no'} `shared_experts` entry"
-                           f"{'' if SHARED_EXPERTS[model_type] == 1 else 's'} (as in mergekit-moe), got {shared}")
+            takes = "1 `shared_experts` entry" if SHARED_EXPERTS[model_type] else "no `shared_experts` entries"
+            reasons.append(f"a {name} takes {takes} (as in mergekit-moe), got {shared}")
         else:
             return arch
     raise ArchitectureError(

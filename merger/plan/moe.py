@@ -7,7 +7,8 @@ down_proj`), with a router per layer. A Qwen2-MoE also has a shared expert (`sha
 MLP, run for every token) and its sigmoid gate. The output is chosen by :func:`select_output`
 (`architecture:`, else the experts' family). Gates are random (`gate_mode: random` / `uniform_random`):
 routing means nothing until fine-tuned. Every tensor of the inputs and every setting either reaches
-the output or is refused by name (see docs/decisions.md, "MoE outputs").
+the output or is refused by name (docs/decisions.md, "MoE outputs: Qwen2-MoE, Qwen3-MoE, and no
+DeepSeek").
 Reference: Jiang et al. 2024, "Mixtral of Experts", arXiv:2401.04088; Goddard 2024, mergekit-moe.
 """
 

@@ -92,6 +92,25 @@ def test_qwen2_moe_from_llama_experts_gets_zero_qkv_biases_and_computes_like_lla
     torch.testing.assert_close(logits(load(out)), logits(load(dense)), rtol=1e-4, atol=1e-4)
 
 
+def test_a_qwen2_base_sliding_window_reaches_the_qwen2_moe(fx: Path, tmp_path: Path) -> None:
+    """Qwen2 windows layers from `max_window_layers` on, Qwen2-MoE's own rule the odd ones below it: the
+    output states the base's `layer_types`, so a window of 4 over the 10-token prompt computes the same."""
+    windowed = tmp_path / "windowed"
+    windowed.mkdir()
+    config = json.loads((fx / "qwen2-base" / "config.json").read_text())
+    config = {k: v for k, v in config.items() if k != "layer_types"}
+    (windowed / "config.json").write_text(json.dumps({**config, "use_sliding_window": True, "sliding_window": 4,
+                                                      "max_window_layers": 2}))
+    (windowed / "model.safetensors").symlink_to(fx / "qwen2-base" / "model.safetensors")
+    out = tmp_path / "out"
+    run_merge(moe_yaml(windowed, [windowed, windowed], windowed, 0.0), out, device="cpu")
+    written = json.loads((out / "config.json").read_text())
+    assert written["layer_types"] == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    dense = logits(load(windowed))
+    torch.testing.assert_close(logits(load(out)), dense, rtol=1e-4, atol=1e-4)
+    assert (dense - logits(load(fx / "qwen2-base"))).abs().max() > 1e-2  # the window matters here
+
+
 @pytest.fixture(scope="module")
 def qwen3_dense(tmp_path_factory) -> Path:
     """A tiny random Qwen3 (QK norms, explicit head_dim), saved by transformers in float32."""
@@ -221,3 +240,39 @@ def test_schema_names_unknown_outputs_and_extra_shared_experts(extra: str, words
     with pytest.raises(MergerError) as caught:
         load_config("base_model: a/b\ngate_mode: random\nexperts:\n  - source_model: a/b\n  - source_model: a/c\n" + extra)
     assert all(w in str(caught.value) for w in words), str(caught.value)
+
+
+# ---------------------------------------------------------------- output settings, from config.json alone
+
+MISTRAL = dict(model_type="mistral", hidden_size=256, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4,
+               intermediate_size=512, vocab_size=1000, sliding_window=4096)
+
+
+def test_settings_left_to_class_defaults_are_stated_or_read_as_computed() -> None:
+    """Mistral-7B's config.json states no head_dim (both classes compute hidden / heads); one without
+    rope_theta or rms_norm_eps means Mistral's defaults, which Mixtral's differ from: the output states them."""
+    from merger.plan.settings import output_refusals, state_class_defaults
+
+    mixtral = {**MISTRAL, "model_type": "mixtral", "num_local_experts": 2}
+    assert len(output_refusals(MISTRAL, mixtral)) == 2  # rope_theta 1e4 vs 1e6, rms_norm_eps 1e-6 vs 1e-5
+    stated = state_class_defaults(MISTRAL, mixtral)
+    assert stated["rms_norm_eps"] == 1e-6 and stated["rope_theta"] == 10000.0 and "head_dim" not in stated
+    assert output_refusals(MISTRAL, stated) == ()
+    refusals = output_refusals(MISTRAL, {**stated, "head_dim": 32})
+    assert len(refusals) == 1 and "`head_dim: 64`" in refusals[0] and "reads it as 32" in refusals[0]
+    full = {**MISTRAL, "rope_theta": 1e6, "rms_norm_eps": 1e-5}
+    assert state_class_defaults(full, {**full, "model_type": "mixtral"}) == {**full, "model_type": "mixtral"}
+
+
+def test_a_qwen2_window_carries_over_and_a_mistral_window_does_not() -> None:
+    from merger.plan.settings import output_refusals, state_class_defaults
+
+    qwen2 = dict(MISTRAL, model_type="qwen2", use_sliding_window=True, max_window_layers=2, sliding_window=64)
+    moe = {**qwen2, "model_type": "qwen2_moe", "num_experts": 2}
+    refusals = output_refusals(qwen2, moe)  # Qwen2 windows layers 2, 3; Qwen2-MoE's own rule would window layer 0
+    assert len(refusals) == 1 and "window of 64 over 2 of its 4 layers" in refusals[0]
+    types = ["full_attention"] * 2 + ["sliding_attention"] * 2
+    assert output_refusals(qwen2, {**moe, "layer_types": types}) == ()  # what the planner states
+    mistral_moe = state_class_defaults(MISTRAL, {**MISTRAL, "model_type": "qwen2_moe", "num_experts": 2})
+    refusals = output_refusals(MISTRAL, mistral_moe)
+    assert len(refusals) == 1 and "window of 4096 over 4 of its 4 layers" in refusals[0]

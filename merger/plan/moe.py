@@ -30,7 +30,7 @@ from merger.errors import (
 from merger.io.metadata import ModelMetadata
 from merger.plan.checks import IGNORED_SUFFIXES
 from merger.plan.merge import DEFAULT_SEED, MergePlan, TensorJob, TensorSource, output_dtype, set_config_dtype
-from merger.plan.settings import compare_settings, output_refusals
+from merger.plan.settings import compare_settings, effective_text_config, output_refusals, state_class_defaults
 from merger.plan.tokenizer import Vocabulary
 
 MOE_PRETTY_NAME = "Mixture of Experts (mergekit-moe)"
@@ -148,12 +148,16 @@ def _output_config(config: MoEConfig, base_config: dict, out_arch: Architecture,
         output_config.setdefault("head_dim", base_config["hidden_size"] // base_config["num_attention_heads"])
         if out_arch.model_type == "qwen2_moe":
             output_config.update(shared_expert_intermediate_size=intermediate, qkv_bias=True)
+            # Qwen2 windows layers from `max_window_layers` on, Qwen2-MoE odd layers below it: state the base's
+            types = getattr(effective_text_config(base_config), "layer_types", None)
+            if isinstance(types, list):
+                output_config.setdefault("layer_types", list(types))
     output_config.update(
         tie_word_embeddings="lm_head.weight" not in names,
         vocab_size=names["model.embed_tokens.weight"].shape[0],  # rows written
     )
     set_config_dtype(output_config, config.out_dtype or config.dtype)
-    return output_config
+    return state_class_defaults(base_config, output_config)
 
 
 def _check_settings(config: MoEConfig, metadata: dict[str, ModelMetadata]) -> tuple[str, ...]:

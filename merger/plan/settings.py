@@ -156,6 +156,43 @@ def attention_pattern(config: Any) -> tuple[tuple[str, ...], Any]:
     return tuple(types), (window if sliding else None)
 
 
+def _differences(base: Any, output: Any) -> list[tuple[str, Any, Any]]:
+    """(name, base value, output value) of each setting the base states that the output reads otherwise."""
+    found = []
+    for name in SETTINGS:
+        base_value, out_value = _resolved(base, name), _resolved(output, name)
+        if name in _WINDOW_KEYS or base_value is _MISSING or repr(_off(base_value)) == repr(_off(out_value)):
+            continue
+        found.append((name, base_value, out_value))
+    return found
+
+
+def state_class_defaults(base_config: dict, output_config: dict) -> dict:
+    """Settings the base's config.json leaves to its class's default, where the output's class has another.
+
+    A Mistral config.json without `rope_theta` means 10000; a Mixtral one means 1e6: the output must
+    state the base's value. Only settings absent from the base's file are filled in (a stated one is
+    copied already).
+
+    Args:
+        base_config: the base's parsed `config.json`.
+        output_config: the output's `config.json` so far.
+
+    Returns:
+        `output_config` with those settings stated (plus `rope_theta` beside a filled-in
+        `rope_parameters`, for readers that know only the old key); the same dict when none is missing.
+    """
+    base, output = effective_text_config(base_config), effective_text_config(output_config)
+    filled = dict(output_config)
+    for name, value, _ in _differences(base, output):
+        if name in base_config or not isinstance(value, (int, float, str, dict, list)):
+            continue
+        filled[name] = value
+        if name == "rope_parameters" and isinstance(value.get("rope_theta"), (int, float)):
+            filled.setdefault("rope_theta", value["rope_theta"])
+    return filled
+
+
 def output_refusals(base_config: dict, output_config: dict) -> tuple[str, ...]:
     """What an output of another class (an MoE built around a dense base) would compute differently.
 
@@ -179,14 +216,21 @@ def output_refusals(base_config: dict, output_config: dict) -> tuple[str, ...]:
             f"slide {out_window} over {out_types.count('sliding_attention')}; its config cannot state the "
             "base's sliding window. Pick an output that can (`architecture: mixtral` for a Mistral base)"
         )
-    for name in SETTINGS:
-        base_value, out_value = _value(base, name), _value(output, name)
-        if name in _WINDOW_KEYS or base_value is _MISSING or repr(_off(base_value)) == repr(_off(out_value)):
-            continue
+    for name, base_value, out_value in _differences(base, output):
         held = "has no such setting" if out_value is _MISSING else f"reads it as {_short(out_value)}"
         refusals.append(f"the base sets `{name}: {_short(base_value)}` and the `{_family(output, output_config)}` "
                         f"output {held}, so it would compute differently; pick another `architecture:`")
     return tuple(refusals)
+
+
+def _resolved(config: Any, name: str) -> Any:
+    """A setting's value, with `head_dim` left unset (None or absent) read as the classes compute it."""
+    value = _value(config, name)
+    if name == "head_dim" and value in (None, _MISSING):
+        hidden, heads = _get(config, "hidden_size"), _get(config, "num_attention_heads")
+        if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+            return hidden // heads
+    return value
 
 
 def _off(value: Any) -> Any:

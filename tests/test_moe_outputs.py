@@ -276,3 +276,15 @@ def test_a_qwen2_window_carries_over_and_a_mistral_window_does_not() -> None:
     mistral_moe = state_class_defaults(MISTRAL, {**MISTRAL, "model_type": "qwen2_moe", "num_experts": 2})
     refusals = output_refusals(MISTRAL, mistral_moe)
     assert len(refusals) == 1 and "window of 4096 over 4 of its 4 layers" in refusals[0]
+
+
+def test_moe_models_merge_like_dense_ones(fx: Path, tmp_path: Path) -> None:
+    """A Qwen2-MoE's experts are ordinary tensors to a merge method: a linear merge of it with itself is itself."""
+    q = fx / "qwen2-base"
+    run_merge(moe_yaml(q, [q, fx / "qwen2-code"], fx / "qwen2-prose", 0.5), tmp_path / "moe", device="cpu")
+    moe = tmp_path / "moe"
+    run_merge(f"merge_method: linear\nmodels:\n  - model: {moe}\n    parameters: {{weight: 1}}\n"
+              f"  - model: {moe}\n    parameters: {{weight: 1}}\n", tmp_path / "merged", device="cpu")
+    merged, original = tensors(tmp_path / "merged"), tensors(moe)
+    assert merged.keys() == original.keys() and "model.layers.3.mlp.experts.1.up_proj.weight" in merged
+    assert all(torch.equal(merged[n], original[n]) for n in original)

@@ -158,6 +158,27 @@ class Architecture:
         """The weights of layer `index` (templates filled in; expert templates left to the caller)."""
         return tuple(w.for_layer(index) if w.expert_source is None else w for w in self.layer_weights)
 
+    def checkpoint_layer_templates(self, config: dict) -> tuple[WeightInfo, ...]:
+        """One layer's templates as a checkpoint of this family stores them: an MoE definition's expert
+        templates expanded over the config's expert count (so MoE models merge like dense ones).
+
+        Args:
+            config: the checkpoint's parsed `config.json` (`num_local_experts` or `num_experts`).
+
+        Returns:
+            The templates, `${layer_index}` still in their names; an expert template becomes one plain
+            template per expert (no `expert_source`: in a checkpoint it is an ordinary tensor).
+        """
+        experts = config.get("num_local_experts") or config.get("num_experts") or 0
+        out: list[WeightInfo] = []
+        for weight in self.layer_weights:
+            if EXPERT_PLACEHOLDER not in weight.name:
+                out.append(weight)
+                continue
+            out += [replace(weight, name=weight.name.replace(EXPERT_PLACEHOLDER, str(e)), expert_source=None,
+                            residual=False) for e in range(experts if isinstance(experts, int) else 0)]
+        return tuple(out)
+
 
 # ---------------------------------------------------------------- definition files
 

@@ -145,7 +145,9 @@ def _output_config(config: MoEConfig, base_config: dict, out_arch: Architecture,
         output_config.update(num_experts=len(config.experts), num_experts_per_tok=config.experts_per_token,
                              decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
                              moe_intermediate_size=intermediate)
-        output_config.setdefault("head_dim", base_config["hidden_size"] // base_config["num_attention_heads"])
+        hidden, heads = base_config.get("hidden_size"), base_config.get("num_attention_heads")
+        if not output_config.get("head_dim") and isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+            output_config["head_dim"] = hidden // heads  # stated: transformers 5 reads it, 4 computes the same
         if out_arch.model_type == "qwen2_moe":
             output_config.update(shared_expert_intermediate_size=intermediate, qkv_bias=True)
             # Qwen2 windows layers from `max_window_layers` on, Qwen2-MoE odd layers below it: state the base's

@@ -41,6 +41,9 @@ FAMILIES = [
     ("llama", DECODER, ()),
     ("mistral", DECODER, ()),
     ("mixtral", dict(DECODER, num_local_experts=2), ()),
+    ("qwen2_moe", dict(DECODER, num_experts=2, num_experts_per_tok=2, moe_intermediate_size=64,
+                       shared_expert_intermediate_size=64), ()),
+    ("qwen3_moe", dict(DECODER, num_experts=2, num_experts_per_tok=2, moe_intermediate_size=64), ()),
     ("qwen2", DECODER, ()),
     ("qwen3", DECODER, ()),
     ("gemma", DECODER, ()),
@@ -83,7 +86,7 @@ def checkpoint(tmp_path_factory):
 
 def expected_names(arch: Architecture, config: dict, tied: bool, present_optional: tuple[str, ...]) -> set[str]:
     """The tensor names a checkpoint of `arch` must hold: required ones, the head unless tied, and the
-    listed optional templates; expert templates expanded over `num_local_experts`."""
+    listed optional templates; expert templates expanded over `num_local_experts` (Mixtral) or `num_experts`."""
 
     def wanted(weight: WeightInfo) -> bool:
         if not weight.optional:
@@ -94,7 +97,8 @@ def expected_names(arch: Architecture, config: dict, tied: bool, present_optiona
     for layer in range(arch.num_layers(config)):
         for template in filter(wanted, arch.layer_weights):
             if "${expert_index}" in template.name:
-                names |= {template.for_layer(layer, e).name for e in range(config["num_local_experts"])}
+                experts = config.get("num_local_experts") or config["num_experts"]
+                names |= {template.for_layer(layer, e).name for e in range(experts)}
             else:
                 names.add(template.for_layer(layer).name)
     return names

@@ -328,12 +328,35 @@ class MoEExpert(BaseModel):
     _check_scales = field_validator("noise_scale", "residual_scale", mode="before")(FACTOR.validator())
 
 
+# mergekit-moe's output names; `architecture:` picks those it is a prefix of (case-insensitive), as
+# mergekit-moe does (`qwen` is Qwen MoE or Qwen3 MoE, settled by the inputs); the transformers
+# `model_type`s are accepted too. DeepSeek is named so its refusal can say why (plan/moe.py).
+MOE_OUTPUT_NAMES = {"mixtral": "mixtral", "qwen moe": "qwen2_moe", "qwen3 moe": "qwen3_moe", "deepseek moe": "deepseek",
+                    "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe", "deepseek_v2": "deepseek", "deepseek_v3": "deepseek"}
+MAX_SHARED_EXPERTS = 1  # mergekit-moe: "Currently only up to one shared expert is supported"
+
+
+def moe_architecture_choices(architecture: str | None) -> tuple[str, ...]:
+    """The output `model_type`s an `architecture:` value allows, mergekit-moe's prefix match.
+
+    Args:
+        architecture: the config's `architecture` (None or `auto`: every output).
+
+    Returns:
+        Sorted output types among `mixtral`, `qwen2_moe`, `qwen3_moe`, `deepseek`; empty when none matches.
+    """
+    wanted = (architecture or "auto").strip().lower()
+    if wanted == "auto":
+        return tuple(sorted(set(MOE_OUTPUT_NAMES.values())))
+    return tuple(sorted({kind for name, kind in MOE_OUTPUT_NAMES.items() if wanted and name.startswith(wanted)}))
+
+
 GATE_MODES = ("random", "uniform_random", "hidden", "hidden_avg", "hidden_last", "cheap_embed")
 SUPPORTED_GATE_MODES = ("random", "uniform_random")
 
 
 class MoEConfig(BaseModel):
-    """A mergekit-moe config: dense experts assembled into a Mixtral model around `base_model`."""
+    """A mergekit-moe config: dense experts assembled into a Mixtral, Qwen2-MoE or Qwen3-MoE around `base_model`."""
 
     model_config = ConfigDict(extra="forbid")
     base_model: ModelReference
@@ -343,7 +366,7 @@ class MoEConfig(BaseModel):
     dtype: str | None = None
     out_dtype: str | None = None
     architecture: str | None = None
-    shared_experts: list[MoEExpert] | None = None
+    shared_experts: list[MoEExpert] | None = Field(None, max_length=MAX_MODELS)
     tokenizer_source: str | None = None
     seed: int | None = None
 
@@ -366,10 +389,12 @@ class MoEConfig(BaseModel):
                 f"`experts_per_token` must be between 1 and the number of experts ({len(self.experts)}), "
                 f"got {self.experts_per_token}"
             )
-        if self.shared_experts:
-            raise ValueError("`shared_experts` need a Qwen-MoE or DeepSeek output, which is not supported yet; remove them")
-        if self.architecture and self.architecture.lower() not in ("mixtral", "auto"):
-            raise ValueError(f"`architecture: {excerpt(self.architecture)}` is not supported yet; use `mixtral`")
+        if len(self.shared_experts or []) > MAX_SHARED_EXPERTS:
+            raise ValueError(f"`shared_experts` lists {len(self.shared_experts)} experts; an output has at most "
+                             f"{MAX_SHARED_EXPERTS} shared expert (as in mergekit-moe), so keep one")
+        if not moe_architecture_choices(self.architecture):
+            raise ValueError(f"`architecture: {excerpt(self.architecture)}` names no MoE output; use `auto` (from the "
+                             "experts' family), `mixtral`, `qwen` (Qwen2-MoE or Qwen3-MoE) or `qwen3`")
         return self
 
     @property
@@ -378,8 +403,8 @@ class MoEConfig(BaseModel):
         return "moe"
 
     def referenced_models(self) -> list[ModelReference]:
-        """The base, then each expert's model, each once by canonical key, in config order."""
-        refs = [self.base_model] + [e.source_model for e in self.experts]
+        """The base, then each expert's model, then the shared experts', each once by canonical key, in config order."""
+        refs = [self.base_model] + [e.source_model for e in self.experts + (self.shared_experts or [])]
         return list({ref.key: ref for ref in reversed(refs)}.values())[::-1]
 
 

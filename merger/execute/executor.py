@@ -116,7 +116,7 @@ def _math_threads(plan: MergePlan, cores: int) -> int:
     """Threads for the math: a streaming plan (copies and elementwise methods with no prepare pass,
     such as linear and task arithmetic) is bound by reading and writing, so it leaves a core to the
     reader and writer threads (measured: linear 4.5 → 4.1 s on two cores); heavier math takes all."""
-    methods = {get_method(job.method) for job in plan.jobs if job.method != "gate"}
+    methods = {get_method(job.method) for job in plan.jobs if job.method not in ("gate", "zeros")}
     streaming = all(method.elementwise and method.prepare is None for method in methods)
     return max(1, cores - 1) if streaming else cores
 
@@ -273,7 +273,10 @@ def _compute(job: TensorJob, raw: list[torch.Tensor], plan: MergePlan, device: t
     """One output tensor, cast to its output dtype in a pooled CPU buffer."""
     if job.method == "gate":
         out = pool.take(job.shape, STORAGE_DTYPES[job.dtype])
-        return out.copy_(gate_weights(job.global_params["gate_mode"], job.shape, plan.seed, job.global_params["layer"]))
+        return out.copy_(gate_weights(job.global_params["gate_mode"], job.shape, plan.seed, job.global_params["layer"],
+                                      shared=job.global_params.get("shared", False)))
+    if job.method == "zeros":  # a tensor the output needs and no input has (a Qwen2-MoE's q/k/v biases)
+        return pool.take(job.shape, STORAGE_DTYPES[job.dtype]).zero_()
     method = get_method(job.method)
     argument = {spec.name: spec.argument for spec in method.parameters}  # config key -> Python name (`lambda_`)
     kwargs = {argument[name]: list(values) for name, values in job.per_model.items()}

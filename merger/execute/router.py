@@ -11,7 +11,11 @@ import math
 import torch
 
 
-def gate_weights(gate_mode: str, shape: tuple[int, int], seed: int, layer: int) -> torch.Tensor:
+# A shared expert's gate draws from generators offset past every layer's router stream (layers < 4096).
+SHARED_STREAM = 50_000
+
+
+def gate_weights(gate_mode: str, shape: tuple[int, int], seed: int, layer: int, shared: bool = False) -> torch.Tensor:
     """A random router matrix for one layer.
 
     Args:
@@ -21,11 +25,14 @@ def gate_weights(gate_mode: str, shape: tuple[int, int], seed: int, layer: int) 
         seed: the run's seed; each layer draws from its own generator seeded by (seed, layer), so the
             result does not depend on the order tensors are computed in.
         layer: the layer index.
+        shared: the gate of a shared expert (Qwen2-MoE's `shared_expert_gate`, shape `(1, hidden_size)`):
+            its own stream, so adding one leaves the routers' draws as they were. mergekit-moe draws it
+            like a router row too (random: its sigmoid gate starts near 0 or 1 per token).
 
     Returns:
         float32 tensor `(experts, hidden_size)`.
     """
-    generator = torch.Generator().manual_seed(seed * 100_003 + layer)
+    generator = torch.Generator().manual_seed(seed * 100_003 + layer + (SHARED_STREAM if shared else 0))
     if gate_mode == "random":
         return torch.randn(shape, generator=generator)
     bound = 1 / math.sqrt(shape[1])

@@ -6,7 +6,8 @@ may be `is_embed` (rows follow the vocabulary), `optional`, have `aliases` (othe
 tensor is stored under, e.g. GPT-2's un-prefixed Hub checkpoints) and `tied_names` (where to take it
 from when a model lacks it, e.g. `lm_head.weight` from the embeddings of a tied model). MoE outputs
 add `expert_source` (the dense weight an expert copies, with `${expert_index}` in its name),
-`residual` (the expert's write to the residual stream) and `router`.
+`residual` (the expert's write to the residual stream), `router`, `shared` (the shared expert's
+weights and gate) and `zeros_when_missing`.
 
 Which architecture a given model has is :func:`merger.plan.lookup.architecture_for`'s: its definition,
 its multimodal layout (:mod:`merger.plan.multimodal`) or a layout inferred from its tensor names
@@ -43,6 +44,10 @@ class WeightInfo:
         expert_source: for MoE outputs, the dense tensor an expert copies.
         residual: for MoE outputs, whether this is the expert's residual write (gets `residual_scale`).
         router: for MoE outputs, the router (gate) matrix, shape `(experts, hidden_size)`.
+        shared: for MoE outputs, part of the shared expert (its `expert_source` is read from
+            `shared_experts[0]`; with `router`, the shared expert's gate, shape `(1, hidden_size)`).
+        zeros_when_missing: for MoE outputs, written as zeros when the base lacks it (a Qwen2-MoE's
+            q/k/v biases from a Llama base: a zero bias computes what no bias does).
         side_module: a tensor beside the text decoder (a multimodal model's vision tower or
             projector): merged by the merge's method when every input has it with one shape, else
             copied from the config donor.
@@ -56,6 +61,8 @@ class WeightInfo:
     expert_source: str | None = None
     residual: bool = False
     router: bool = False
+    shared: bool = False
+    zeros_when_missing: bool = False
     side_module: bool = False
 
     def stored_name(self, tensors: Container[str], tied: bool = True) -> str | None:
@@ -150,6 +157,27 @@ class Architecture:
     def layer(self, index: int) -> tuple[WeightInfo, ...]:
         """The weights of layer `index` (templates filled in; expert templates left to the caller)."""
         return tuple(w.for_layer(index) if w.expert_source is None else w for w in self.layer_weights)
+
+    def checkpoint_layer_templates(self, config: dict) -> tuple[WeightInfo, ...]:
+        """One layer's templates as a checkpoint of this family stores them: an MoE definition's expert
+        templates expanded over the config's expert count (so MoE models merge like dense ones).
+
+        Args:
+            config: the checkpoint's parsed `config.json` (`num_local_experts` or `num_experts`).
+
+        Returns:
+            The templates, `${layer_index}` still in their names; an expert template becomes one plain
+            template per expert (no `expert_source`: in a checkpoint it is an ordinary tensor).
+        """
+        experts = config.get("num_local_experts") or config.get("num_experts") or 0
+        out: list[WeightInfo] = []
+        for weight in self.layer_weights:
+            if EXPERT_PLACEHOLDER not in weight.name:
+                out.append(weight)
+                continue
+            out += [replace(weight, name=weight.name.replace(EXPERT_PLACEHOLDER, str(e)), expert_source=None,
+                            residual=False) for e in range(experts if isinstance(experts, int) else 0)]
+        return tuple(out)
 
 
 # ---------------------------------------------------------------- definition files

@@ -84,13 +84,14 @@ def build_plan(
     for weight in arch.pre_weights:
         jobs += planner.plan(slices[0], 0, weight, weight, 0.0)
     layer_origins: list[tuple[str, int]] = []
+    layer_templates = arch.checkpoint_layer_templates(metadata[donor].config)
     for slice_index, output_slice in enumerate(slices):
         start = output_slice.sources[0].layer_range[0]
         length = output_slice.sources[0].layer_range[1] - start
         for offset in range(length):
             t = offset / (length - 1) if length > 1 else 1.0
             out_layer = len(layer_origins)
-            for template in arch.layer_weights:
+            for template in layer_templates:
                 jobs += planner.plan(output_slice, slice_index, template.for_layer(out_layer), template, t, offset)
             layer_origins.append((output_slice.sources[0].model.key, start + offset))
     for weight in arch.post_weights:  # t = 0, as mergekit 0.1.5 (docs/decisions.md)

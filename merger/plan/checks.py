@@ -54,8 +54,9 @@ def undescribed_tensors(meta: ModelMetadata, arch: Architecture) -> list[str]:
     """A model's tensors that `arch` (the output's layout) does not describe, in every one of its layers;
     tensors of layers a slice leaves out are described, so a frankenmerge's unused layers are not reported."""
     described = {n for w in (*arch.pre_weights, *arch.post_weights) for n in (w.name, *w.aliases)}
+    templates = arch.checkpoint_layer_templates(meta.config)
     for layer in range(arch.num_layers(meta.config, default=0)):
-        described |= {n for w in arch.layer(layer) for n in (w.name, *w.aliases)}
+        described |= {n for t in templates for w in (t.for_layer(layer),) for n in (w.name, *w.aliases)}
     return sorted(n for n in meta.tensors if n not in described and not n.endswith(IGNORED_SUFFIXES))
 
 

@@ -24,6 +24,8 @@ class WeightEntry(BaseModel):
     expert_source: str | None = None
     residual: bool = False
     router: bool = False
+    shared: bool = False
+    zeros_when_missing: bool = False
     side_module: bool = False
 
 

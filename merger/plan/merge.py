@@ -33,7 +33,8 @@ class TensorJob:
 
     Attributes:
         name: the output tensor's name.
-        method: a registered method name, or `"gate"` for an MoE router.
+        method: a registered method name, `"gate"` for an MoE router, or `"zeros"` (a tensor no input
+            has and the output needs as zeros).
         sources: the inputs the method gets as `tensors`, in config order (for a method that
             treats the base specially, the base is not among them).
         base: the base model's input, for methods that take one.

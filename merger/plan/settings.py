@@ -132,6 +132,107 @@ def compare_settings(configs: dict[str, dict], donor: str) -> SettingsCheck:
     return SettingsCheck(tuple(warnings), tuple(refusals))
 
 
+# Sliding-window keys mean different things per class (Qwen2's `use_sliding_window` + `max_window_layers`,
+# Mistral's bare `sliding_window`); the attention pattern they produce is compared instead.
+_WINDOW_KEYS = ("sliding_window", "use_sliding_window", "max_window_layers", "sliding_window_pattern")
+
+
+def attention_pattern(config: Any) -> tuple[tuple[str, ...], Any]:
+    """Which layers attend through a sliding window, and its width, as a config's class computes it.
+
+    Args:
+        config: an effective config (:func:`effective_text_config`).
+
+    Returns:
+        (`layer_types`, window): the per-layer types (classes without them, like Mistral, Mixtral and
+        Qwen3-MoE, window every layer when `sliding_window` is set) and the width, None when no layer
+        slides.
+    """
+    window, types = _get(config, "sliding_window"), _get(config, "layer_types")
+    if not isinstance(types, (list, tuple)):
+        on = window not in (_MISSING, None, 0)
+        types = ["sliding_attention" if on else "full_attention"] * int(_get(config, "num_hidden_layers") or 0)
+    sliding = "sliding_attention" in types
+    return tuple(types), (window if sliding else None)
+
+
+def _differences(base: Any, output: Any) -> list[tuple[str, Any, Any]]:
+    """(name, base value, output value) of each setting the base states that the output reads otherwise."""
+    found = []
+    for name in SETTINGS:
+        base_value, out_value = _resolved(base, name), _resolved(output, name)
+        if name in _WINDOW_KEYS or base_value is _MISSING or repr(_off(base_value)) == repr(_off(out_value)):
+            continue
+        found.append((name, base_value, out_value))
+    return found
+
+
+def state_class_defaults(base_config: dict, output_config: dict) -> dict:
+    """Settings the base's config.json leaves to its class's default, where the output's class has another.
+
+    A Mistral config.json without `rope_theta` means 10000; a Mixtral one means 1e6: the output must
+    state the base's value. Only settings absent from the base's file are filled in (a stated one is
+    copied already).
+
+    Args:
+        base_config: the base's parsed `config.json`.
+        output_config: the output's `config.json` so far.
+
+    Returns:
+        `output_config` with those settings stated (plus `rope_theta` beside a filled-in
+        `rope_parameters`, for readers that know only the old key); the same dict when none is missing.
+    """
+    base, output = effective_text_config(base_config), effective_text_config(output_config)
+    filled = dict(output_config)
+    for name, value, _ in _differences(base, output):
+        if name in base_config or not isinstance(value, (int, float, str, dict, list)):
+            continue
+        filled[name] = value
+        if name == "rope_parameters" and isinstance(value.get("rope_theta"), (int, float)):
+            filled.setdefault("rope_theta", value["rope_theta"])
+    return filled
+
+
+def output_refusals(base_config: dict, output_config: dict) -> tuple[str, ...]:
+    """What an output of another class (an MoE built around a dense base) would compute differently.
+
+    Both configs are read as transformers reads them; every setting the base states (not None/False)
+    must read the same in the output, and the layers must slide over the same window.
+
+    Args:
+        base_config: the dense base's parsed `config.json`.
+        output_config: the output's `config.json` (built from the base's).
+
+    Returns:
+        One refusal per setting the output would lose or change, naming it and both values.
+    """
+    base, output = effective_text_config(base_config), effective_text_config(output_config)
+    refusals = []
+    if attention_pattern(base) != attention_pattern(output):
+        (base_types, base_window), (out_types, out_window) = attention_pattern(base), attention_pattern(output)
+        refusals.append(
+            f"the base slides a window of {base_window} over {base_types.count('sliding_attention')} of its "
+            f"{len(base_types)} layers (`sliding_window`), the `{_family(output, output_config)}` output would "
+            f"slide {out_window} over {out_types.count('sliding_attention')}; its config cannot state the "
+            "base's sliding window. Pick an output that can (`architecture: mixtral` for a Mistral base)"
+        )
+    for name, base_value, out_value in _differences(base, output):
+        held = "has no such setting" if out_value is _MISSING else f"reads it as {_short(out_value)}"
+        refusals.append(f"the base sets `{name}: {_short(base_value)}` and the `{_family(output, output_config)}` "
+                        f"output {held}, so it would compute differently; pick another `architecture:`")
+    return tuple(refusals)
+
+
+def _resolved(config: Any, name: str) -> Any:
+    """A setting's value, with `head_dim` left unset (None or absent) read as the classes compute it."""
+    value = _value(config, name)
+    if name == "head_dim" and value in (None, _MISSING):
+        hidden, heads = _get(config, "hidden_size"), _get(config, "num_attention_heads")
+        if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+            return hidden // heads
+    return value
+
+
 def _off(value: Any) -> Any:
     """None for a setting that is absent, None or False (all mean "off"); else the value."""
     return None if value is _MISSING or value is None or value is False else value

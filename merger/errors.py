@@ -315,3 +315,10 @@ class SearchError(MergerError, ValueError):
 class InsightLimitError(MergerError, ValueError):
     """A weight report or a suggested merge asked of the app is over its bounds (weights read, float32
     memory, candidates, minutes, pasted text), or another search is running; the message names the bound."""
+
+
+# ---------------------------------------------------------------- prompt-routed MoE gates
+
+
+class GatePromptError(ConfigError):
+    """An expert's prompt cannot be run through the base for its router row: no tokens, or over the token caps."""

@@ -3,7 +3,8 @@
 Attention, norms, embeddings and the output head come from `base_model`; expert `j` of layer `i` is
 expert `j`'s dense MLP (gate -> w1, down -> w2, up -> w3), in the Hub's per-expert layout
 (`model.layers.{i}.block_sparse_moe.experts.{j}.w1.weight`, router `...block_sparse_moe.gate.weight`).
-Gates are random (`gate_mode: random` / `uniform_random`): routing means nothing until fine-tuned.
+Gates are random (`gate_mode: random` / `uniform_random`: routing means nothing until fine-tuned) or
+computed from each expert's prompts run through the base (`hidden*`, `cheap_embed`: execute/prompt_gates.py).
 Reference: Jiang et al. 2024, "Mixtral of Experts", arXiv:2401.04088; Goddard 2024, mergekit-moe.
 """
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from merger.plan.architecture import Architecture, architecture_by_type
 from merger.plan.lookup import architecture_for
-from merger.config.schema import ModelReference, MoEConfig
+from merger.config.schema import PROMPT_GATE_MODES, ModelReference, MoEConfig
 from merger.errors import (
     ArchitectureError,
     ArchitectureSettingError,
@@ -156,7 +157,7 @@ def _check_experts(config: MoEConfig, metadata: dict[str, ModelMetadata], dense:
 
 
 def _moe_jobs(config: MoEConfig, metadata: dict[str, ModelMetadata], layers: int) -> list[TensorJob]:
-    """The output's jobs in order: the base's tensors copied, random gates, experts' MLPs as experts.
+    """The output's jobs in order: the base's tensors copied, gates (random or from prompts), experts' MLPs.
 
     Raises:
         ConfigProblems / ShapeMismatchError: an expert's MLP differs in shape from the base's.
@@ -170,6 +171,10 @@ def _moe_jobs(config: MoEConfig, metadata: dict[str, ModelMetadata], layers: int
     def copy(name: str) -> TensorJob:
         return _copy_job(config, base_meta, base_key, name)
 
+    gate_params = {"gate_mode": config.gate_mode}
+    if config.gate_mode in PROMPT_GATE_MODES:  # the executor runs them through the base (plan.base_model)
+        gate_params["prompts"] = tuple((tuple(e.positive_prompts or ()), tuple(e.negative_prompts or ()))
+                                       for e in config.experts)
     jobs: list[TensorJob] = []
     for weight in out_arch.pre_weights:
         jobs.append(copy(weight.name))
@@ -179,7 +184,7 @@ def _moe_jobs(config: MoEConfig, metadata: dict[str, ModelMetadata], layers: int
             if template.router:
                 name = template.for_layer(layer).name
                 dtype = output_dtype(config.out_dtype, config.dtype, jobs[0].dtype)
-                jobs.append(TensorJob(name, "gate", (), None, {}, {"gate_mode": config.gate_mode, "layer": layer},
+                jobs.append(TensorJob(name, "gate", (), None, {}, {**gate_params, "layer": layer},
                                       (experts, hidden), dtype))
             elif template.expert_source:
                 for j, expert in enumerate(config.experts):

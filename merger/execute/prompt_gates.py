@@ -12,7 +12,8 @@ it makes of its negative prompts, scaled to unit length (mergekit-moe's `get_gat
 The forward pass streams: the embedding rows the prompts use, then one decoder layer at a time is read
 (only its tensors), converted to float32 on the chosen device, run over every prompt and freed, so one
 layer and the prompts' hidden states are in memory at once (bounded by the token caps below). Each
-prompt runs alone, unpadded, `[BOS] + tokens` (see docs/decisions.md, "Prompt-routed MoE gates").
+prompt is `[BOS] + tokens`, right-padded in batches under a causal mask, so it is computed as if alone
+(see docs/decisions.md, "Prompt-routed MoE gates").
 transformers is imported here only when a prompt gate is asked for: its decoder layer class for the
 base's family runs each layer, so the math is the one the model runs at inference.
 """
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 MAX_PROMPT_TOKENS = 512  # per prompt, BOS included
 MAX_TOTAL_PROMPT_TOKENS = 16_384  # all prompts of all experts: their hidden states are kept between layers
+BATCH_TOKENS = 8192  # padded tokens run through a layer at once
 HIDDEN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # decoders whose forward is embed -> layers, unscaled
 EMBEDDING = "model.embed_tokens.weight"
 
@@ -187,17 +189,40 @@ def _hidden_rows(config, reader: TensorReader, states: list[torch.Tensor], weigh
         )
     skeleton, rotary = _skeleton(config, device)
     combine = weights.to(device)
+    batches = _batched(states)
     layers = []
     for index, meta_layer in enumerate(skeleton.layers):
         if should_cancel is not None and should_cancel():
             raise MergeCancelled("the merge was cancelled; nothing was written or pushed")
-        reduced = torch.stack([s[-1] if not average else s.mean(dim=0) for s in states]).double()
-        layers.append(_unit_rows(combine @ reduced))
+        reduced = torch.cat([
+            torch.stack([batch[i, :n].mean(dim=0) if average else batch[i, n - 1] for i, n in enumerate(lengths)])
+            for batch, lengths in batches
+        ])
+        layers.append(_unit_rows(combine @ reduced.double()))
         if index + 1 < len(skeleton.layers):
             layer = _load_layer(meta_layer, reader, index, device)
-            states = [_run_layer(layer, s, rotary) for s in states]
+            batches = [(_run_layer(layer, batch, rotary), lengths) for batch, lengths in batches]
             layer.to("meta")  # frees the layer's weights before the next one is read
     return torch.stack(layers)
+
+
+def _batched(states: list[torch.Tensor]) -> list[tuple[torch.Tensor, list[int]]]:
+    """Consecutive prompts right-padded into batches `(prompts, tokens, hidden)` of at most
+    :data:`BATCH_TOKENS` padded tokens, with each prompt's length. Under the causal mask a prompt's tokens
+    see only earlier ones, so the padding after them changes none of their states."""
+    groups: list[list[torch.Tensor]] = [[]]
+    for state in states:
+        longest = max([len(s) for s in groups[-1]] + [len(state)])
+        if groups[-1] and longest * (len(groups[-1]) + 1) > BATCH_TOKENS:
+            groups.append([])
+        groups[-1].append(state)
+    batches = []
+    for group in groups:
+        batch = group[0].new_zeros(len(group), max(len(s) for s in group), group[0].shape[1])
+        for i, state in enumerate(group):
+            batch[i, : len(state)] = state
+        batches.append((batch, [len(s) for s in group]))
+    return batches
 
 
 def _skeleton(config, device: torch.device):
@@ -231,15 +256,14 @@ def _load_layer(meta_layer: torch.nn.Module, reader: TensorReader, index: int, d
     return meta_layer.eval()
 
 
-def _run_layer(layer: torch.nn.Module, state: torch.Tensor, rotary: torch.nn.Module) -> torch.Tensor:
-    """One prompt `(tokens, hidden)` through one decoder layer, under a plain causal mask."""
-    tokens = state.shape[0]
-    hidden = state.unsqueeze(0)
-    positions = torch.arange(tokens, device=state.device).unsqueeze(0)
-    mask = torch.full((tokens, tokens), torch.finfo(torch.float32).min, device=state.device).triu(1)
-    out = layer(hidden, attention_mask=mask[None, None], position_ids=positions,
-                position_embeddings=rotary(hidden, positions))
-    return (out[0] if isinstance(out, tuple) else out)[0]
+def _run_layer(layer: torch.nn.Module, batch: torch.Tensor, rotary: torch.nn.Module) -> torch.Tensor:
+    """A batch `(prompts, tokens, hidden)` through one decoder layer, under a plain causal mask."""
+    tokens = batch.shape[1]
+    positions = torch.arange(tokens, device=batch.device).unsqueeze(0)
+    mask = torch.full((tokens, tokens), torch.finfo(torch.float32).min, device=batch.device).triu(1)
+    out = layer(batch, attention_mask=mask[None, None], position_ids=positions,
+                position_embeddings=rotary(batch, positions))
+    return out[0] if isinstance(out, tuple) else out
 
 
 def _unit_rows(rows: torch.Tensor) -> torch.Tensor:

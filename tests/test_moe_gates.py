@@ -241,3 +241,15 @@ def test_hidden_gate_moe_builds_are_byte_identical(routed_moe: tuple[str, Path],
     assert shards and shards == sorted(p.name for p in (tmp_path / "again").glob("*.safetensors"))
     for name in shards:
         assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+
+
+def test_the_hidden_gate_example_builds_with_the_prompts_routers(fx: Path, tmp_path: Path) -> None:
+    root = Path(__file__).parents[1]
+    text = (root / "templates/examples/fixture-moe-hidden.yaml").read_text().replace("tests/data/fixtures", str(fx))
+    config = load_config(text)
+    run_merge(text, tmp_path / "out", device="cpu")
+    prompts = tuple((tuple(e.positive_prompts), tuple(e.negative_prompts)) for e in config.experts)
+    computed = gates_of(fx / "llama-base", "hidden", prompts)
+    gate = tensors(tmp_path / "out")["model.layers.5.block_sparse_moe.gate.weight"]
+    assert torch.equal(gate, computed[5].to(torch.bfloat16))
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_experts_per_tok"] == 1

@@ -253,3 +253,5 @@ def test_the_hidden_gate_example_builds_with_the_prompts_routers(fx: Path, tmp_p
     gate = tensors(tmp_path / "out")["model.layers.5.block_sparse_moe.gate.weight"]
     assert torch.equal(gate, computed[5].to(torch.bfloat16))
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_experts_per_tok"] == 1
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "computed\nfrom each expert's prompts" in card and "randomly initialised" not in card

@@ -18,7 +18,7 @@ import torch
 
 from merger.config.load import load_config
 from merger.engine import run_merge
-from merger.errors import ConfigError, GatePromptError, MergeCancelled
+from merger.errors import ArchitectureError, ConfigError, GatePromptError, MergeCancelled
 from merger.execute.prompt_gates import prompt_gate_weights
 from merger.io.buffers import BufferPool
 from merger.io.loader import TensorReader
@@ -178,6 +178,19 @@ def test_a_prompt_longer_than_the_base_sliding_window_is_refused(fx: Path, tmp_p
     save_file(tensors(fx / "mistral-base"), str(base / "model.safetensors"))
     with pytest.raises(GatePromptError, match=r"`experts\[0\]\.positive_prompts\[0\]` .* at most 4"):
         gates_of(base, "hidden", ((PROSE, ()), (CODE, ())))
+
+
+def test_hidden_gates_on_a_family_whose_forward_is_not_embed_then_layers_are_refused(fx: Path, tmp_path: Path) -> None:
+    """Gemma scales its embeddings inside the model's forward: running its layers alone would be wrong."""
+    base = tmp_path / "gemma-like"
+    base.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "model.safetensors"):
+        (base / name).symlink_to(fx / "llama-base" / name)
+    config = json.loads((fx / "llama-base" / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "model_type": "gemma", "architectures": ["GemmaForCausalLM"]}))
+    with pytest.raises(ArchitectureError, match=r"`gate_mode: hidden_avg` runs the base's decoder layers.*`gemma`"):
+        gates_of(base, "hidden_avg", ((PROSE, ()), (CODE, ())))
+    assert gates_of(base, "cheap_embed", ((PROSE, ()), (CODE, ()))).shape == (6, 2, 128)  # embeddings only
 
 
 def test_prompt_gates_stop_between_layers_when_cancelled(fx: Path) -> None:

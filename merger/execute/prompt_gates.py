@@ -70,6 +70,12 @@ def prompt_gate_weights(
         ModelFileError: the base's config or tokenizer does not load with transformers.
     """
     config, tokenizer = _load_config_and_tokenizer(model_dir)
+    if mode != "cheap_embed" and config.model_type not in HIDDEN_FAMILIES:
+        raise ArchitectureError(
+            f"`gate_mode: {mode}` runs the base's decoder layers, which is implemented for "
+            f"{', '.join(HIDDEN_FAMILIES)} bases; `base_model` is a `{config.model_type}` model. "
+            "Use `gate_mode: cheap_embed` or `random`"
+        )
     sequences, weights = _tokenized(tokenizer, prompts, _window(config))
     embed = _embedding_rows(reader, sequences, device)
     layers = int(config.num_hidden_layers)
@@ -182,11 +188,6 @@ def _hidden_rows(config, reader: TensorReader, states: list[torch.Tensor], weigh
     """mergekit's `hidden` gates: for each layer, the state entering it (last token, or the mean over tokens
     when `average`), combined per expert by `weights` and scaled to unit length. `(layers, experts, hidden)`.
     The last layer is never run: no router reads its output."""
-    if config.model_type not in HIDDEN_FAMILIES:
-        raise ArchitectureError(
-            f"`gate_mode: hidden` runs the base's decoder layers, which is implemented for {', '.join(HIDDEN_FAMILIES)} "
-            f"bases; `base_model` is a `{config.model_type}` model. Use `gate_mode: cheap_embed` or `random`"
-        )
     skeleton, rotary = _skeleton(config, device)
     combine = weights.to(device)
     batches = _batched(states)

@@ -280,5 +280,6 @@ def _warn_degenerate(gates: torch.Tensor, threshold: float = 5.0) -> None:
     conditions = torch.linalg.cond(gates.double())
     bad = [i for i, c in enumerate(conditions.tolist()) if not c <= threshold]
     if bad:
-        logger.warning("router rows of layer(s) %s are nearly dependent (condition number > %s): the experts' "
-                       "prompts are too alike there, so some experts will rarely be picked", bad, threshold)
+        logger.warning("router rows of layer(s) %s are nearly linearly dependent (condition number over %s, "
+                       "mergekit-moe's check): the experts' prompts are alike there, so some experts may rarely be "
+                       "picked (expected for two experts that take each other's prompts as negatives)", bad, threshold)

@@ -134,6 +134,14 @@ def test_cheap_embed_gates_are_the_prompt_embedding_means_on_every_layer(fx: Pat
     assert not torch.allclose(prose, expected_cheap_rows(fx / "llama-base", PROSE, ()), atol=1e-3)  # negatives count
 
 
+def test_mirrored_prompts_are_logged_as_dependent_router_rows(fx: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Each expert's negatives being the other's positives makes the rows opposite (mergekit-moe's check warns)."""
+    with caplog.at_level("WARNING", logger="merger.execute.prompt_gates"):
+        rows = gates_of(fx / "llama-base", "cheap_embed", ((PROSE, CODE), (CODE, PROSE)))
+    torch.testing.assert_close(rows[:, 0], -rows[:, 1])
+    assert "layer(s) [0, 1, 2, 3, 4, 5] are nearly linearly dependent" in caplog.text
+
+
 def test_residual_scale_scales_the_experts_down_projection(fx: Path, tmp_path: Path) -> None:
     text = moe_yaml(fx, "llama", "cheap_embed", PROSE, CODE).replace(
         f"source_model: {fx / 'llama-code'}\n", f"source_model: {fx / 'llama-code'}\n    residual_scale: 0.5\n")

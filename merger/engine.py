@@ -304,6 +304,7 @@ def _write_card(plan: MergePlan, dirs: dict[str, Path], staging: Path, config_te
         models=[str(m) for m in plan.models],
         licenses=[metadata[m.key].license for m in plan.models],
         moe=plan.method_name == "moe",
+        prompt_routed=any("prompts" in job.global_params for job in plan.jobs if job.method == "gate"),
         mention_base=plan.method_name != "slerp",
         remote_code=needs_remote_code(plan.output_config, tokenizer_dir),
         multimodal=is_multimodal(plan.output_config),

@@ -322,3 +322,10 @@ class InsightLimitError(MergerError, ValueError):
 
 class StagedOutputError(MergerError):
     """A reviewed job's staged merge is gone from the worker's data folder (expired or deleted), so it cannot be published."""
+
+
+# ---------------------------------------------------------------- prompt-routed MoE gates
+
+
+class GatePromptError(ConfigError):
+    """An expert's prompt cannot be run through the base for its router row: no tokens, or over the token caps."""

@@ -215,6 +215,10 @@ CATALOGUE: list[Hostile] = [
     Hostile("experts-per-token-true", "parameter", MOE + "experts_per_token: true\n", ParameterValueError),
     Hostile("residual-scale-nan", "parameter", MOE.replace("source_model: org/b", "source_model: org/b\n    residual_scale: .nan"),
             ParameterValueError),
+    Hostile("hidden-gate-without-prompts", "parameter", MOE.replace("gate_mode: random", "gate_mode: hidden"), ConfigError),
+    Hostile("cheap-embed-same-prompts-for-all", "parameter", MOE.replace("gate_mode: random", "gate_mode: cheap_embed")
+            .replace("source_model: org/a", "source_model: org/a\n    positive_prompts: [hi]")
+            .replace("source_model: org/b", "source_model: org/b\n    positive_prompts: [hi]"), ConfigError),
     Hostile("noise-scale-inf", "parameter", MOE.replace("source_model: org/b", "source_model: org/b\n    noise_scale: .inf"),
             ParameterValueError),
     # ---- echoed input stays short and inert

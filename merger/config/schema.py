@@ -352,7 +352,7 @@ def moe_architecture_choices(architecture: str | None) -> tuple[str, ...]:
 
 
 GATE_MODES = ("random", "uniform_random", "hidden", "hidden_avg", "hidden_last", "cheap_embed")
-SUPPORTED_GATE_MODES = ("random", "uniform_random")
+PROMPT_GATE_MODES = ("hidden", "hidden_avg", "hidden_last", "cheap_embed")  # routers computed from prompts
 
 
 class MoEConfig(BaseModel):
@@ -379,11 +379,8 @@ class MoEConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "MoEConfig":
-        if self.gate_mode not in SUPPORTED_GATE_MODES:
-            raise ValueError(
-                f"`gate_mode: {self.gate_mode}` is not supported yet; use `random` or `uniform_random` "
-                "(prompt-based gates need a forward pass and come later)"
-            )
+        if self.gate_mode in PROMPT_GATE_MODES:
+            self._check_prompts()
         if self.experts_per_token < 1 or self.experts_per_token > len(self.experts):
             raise ValueError(
                 f"`experts_per_token` must be between 1 and the number of experts ({len(self.experts)}), "
@@ -396,6 +393,28 @@ class MoEConfig(BaseModel):
             raise ValueError(f"`architecture: {excerpt(self.architecture)}` names no MoE output; use `auto` (from the "
                              "experts' family), `mixtral`, `qwen` (Qwen2-MoE or Qwen3-MoE) or `qwen3`")
         return self
+
+    def _check_prompts(self) -> None:
+        """mergekit-moe's rules for prompt gates: every expert has positive prompts, and the experts'
+        prompts are not all the same (their router rows would be identical)."""
+        named = [(f"experts[{i}]", e) for i, e in enumerate(self.experts)]
+        named += [(f"shared_experts[{i}]", e) for i, e in enumerate(self.shared_experts or [])]
+        for field_name, expert in named:
+            if not expert.positive_prompts:
+                raise ValueError(
+                    f"`{field_name}.positive_prompts` is missing: `gate_mode: {self.gate_mode}` computes each "
+                    "expert's router row (and a shared expert's gate) from its prompts; give each one or more "
+                    "prompts showing what should go to it, or use `gate_mode: random`"
+                )
+        first = self.experts[0]
+        if len(self.experts) > 1 and all(
+            (e.positive_prompts, e.negative_prompts or []) == (first.positive_prompts, first.negative_prompts or [])
+            for e in self.experts[1:]
+        ):
+            raise ValueError(
+                "`experts[*].positive_prompts`: every expert has the same prompts, so every router row would be "
+                f"the same under `gate_mode: {self.gate_mode}`; give each expert prompts of what it is for"
+            )
 
     @property
     def merge_method(self) -> str:

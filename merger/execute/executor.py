@@ -36,7 +36,7 @@ from merger.io.loader import STORAGE_DTYPES, TensorReader
 from merger.lora.apply import open_reader
 from merger.methods.sparsify import helper_threads
 from merger.methods.registry import SLICE, MergeMethod, get_method
-from merger.execute.router import gate_weights
+from merger.execute.router import prompt_routers, router_weights
 from merger.plan.merge import MergePlan, TensorJob, TensorSource
 from merger.plan.tokenizer import align_embeddings
 from merger.io.writer import ShardedWriter, is_finite
@@ -132,6 +132,7 @@ def _execute(
     adapters: dict[str, Path],
 ) -> None:
     pool = BufferPool(max_retained=0)
+    prompt_gates = prompt_routers(plan, dirs, adapters, pool, device, should_cancel)  # before the streaming starts
     readers = _open_readers(plan, dirs, pool, adapters)
     largest = max((sum(readers[s.model].nbytes(s.name) for s in _sources(j)) for j in plan.jobs), default=0)
     pool.max_retained = max(MIN_BUDGET, largest)  # idle buffers kept: a few layers' working sets
@@ -177,7 +178,7 @@ def _execute(
         reader.start()
         writer_thread.start()
         try:
-            _merge_in_order(plan, device, pool, budget, read_queue, write_queue, errors, should_cancel)
+            _merge_in_order(plan, device, pool, budget, read_queue, write_queue, errors, should_cancel, prompt_gates)
         finally:
             stop.set()
             write_queue.put(_DONE)
@@ -214,9 +215,11 @@ def _merge_in_order(
     write_queue: queue.Queue,
     errors: list[BaseException],
     should_cancel: Callable[[], bool] | None,
+    prompt_gates: torch.Tensor | None,
 ) -> None:
     """The math thread's loop: each job's read tensors from `read_queue`, merged (or passed through
-    when a plain copy), onto `write_queue` in plan order; raises the reader's or the writer's error."""
+    when a plain copy), onto `write_queue` in plan order; raises the reader's or the writer's error.
+    `prompt_gates`: the routers computed from prompts (:func:`merger.execute.router.prompt_routers`)."""
     for _ in plan.jobs:
         if should_cancel is not None and should_cancel():
             raise MergeCancelled("the merge was cancelled; nothing was written or pushed")
@@ -227,7 +230,7 @@ def _merge_in_order(
         if _is_plain_copy(job, raw, plan):
             write_queue.put((job, raw[0], nbytes))  # the writer releases the read buffer
             continue
-        result = _compute(job, raw, plan, device, pool)  # gives the read buffers back once converted
+        result = _compute(job, raw, plan, device, pool, prompt_gates)  # gives the read buffers back once converted
         budget.release(nbytes)
         write_queue.put((job, result, 0))
         if errors:
@@ -269,12 +272,12 @@ def _is_plain_copy(job: TensorJob, raw: list[torch.Tensor], plan: MergePlan) -> 
     )
 
 
-def _compute(job: TensorJob, raw: list[torch.Tensor], plan: MergePlan, device: torch.device, pool: BufferPool) -> torch.Tensor:
+def _compute(job: TensorJob, raw: list[torch.Tensor], plan: MergePlan, device: torch.device, pool: BufferPool,
+             prompt_gates: torch.Tensor | None) -> torch.Tensor:
     """One output tensor, cast to its output dtype in a pooled CPU buffer."""
     if job.method == "gate":
         out = pool.take(job.shape, STORAGE_DTYPES[job.dtype])
-        return out.copy_(gate_weights(job.global_params["gate_mode"], job.shape, plan.seed, job.global_params["layer"],
-                                      shared=job.global_params.get("shared", False)))
+        return out.copy_(router_weights(job, plan.seed, prompt_gates))
     if job.method == "zeros":  # a tensor the output needs and no input has (a Qwen2-MoE's q/k/v biases)
         return pool.take(job.shape, STORAGE_DTYPES[job.dtype]).zero_()
     method = get_method(job.method)

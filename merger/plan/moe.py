@@ -5,8 +5,9 @@ expert `j`'s dense MLP, in the Hub's per-expert layout of the output family (Mix
 `block_sparse_moe.experts.{j}.w1/w2/w3`, Qwen2-MoE and Qwen3-MoE: `mlp.experts.{j}.gate_proj/up_proj/
 down_proj`), with a router per layer. A Qwen2-MoE also has a shared expert (`shared_experts[0]`'s
 MLP, run for every token) and its sigmoid gate. The output is chosen by :func:`select_output`
-(`architecture:`, else the experts' family). Gates are random (`gate_mode: random` / `uniform_random`):
-routing means nothing until fine-tuned. Every tensor of the inputs and every setting either reaches
+(`architecture:`, else the experts' family). Gates are random (`gate_mode: random` / `uniform_random`:
+routing means nothing until fine-tuned) or computed from each expert's prompts run through the base
+(`hidden*`, `cheap_embed`: execute/prompt_gates.py; a shared expert's gate from its own prompts). Every tensor of the inputs and every setting either reaches
 the output or is refused by name (docs/decisions.md, "MoE outputs: Qwen2-MoE, Qwen3-MoE, and no
 DeepSeek").
 Reference: Jiang et al. 2024, "Mixtral of Experts", arXiv:2401.04088; Goddard 2024, mergekit-moe.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from merger.plan.architecture import Architecture, WeightInfo, architecture_by_type
 from merger.plan.lookup import architecture_for
-from merger.config.schema import ModelReference, MoEConfig, MoEExpert, moe_architecture_choices
+from merger.config.schema import PROMPT_GATE_MODES, ModelReference, MoEConfig, MoEExpert, moe_architecture_choices
 from merger.errors import (
     ArchitectureError,
     ArchitectureSettingError,
@@ -249,7 +250,7 @@ def _check_experts(
 
 
 def _moe_jobs(config: MoEConfig, metadata: dict[str, ModelMetadata], out_arch: Architecture, layers: int) -> list[TensorJob]:
-    """The output's jobs in order: the base's tensors copied, gates, experts' MLPs as experts.
+    """The output's jobs in order: the base's tensors copied, gates (random or from prompts), experts' MLPs as experts.
 
     Raises:
         ConfigProblems / ShapeMismatchError: an expert's MLP differs in shape from the base's.
@@ -290,6 +291,10 @@ def gate_job(config: MoEConfig, name: str, layer: int, rows: int, hidden: int, d
         A `gate` :class:`TensorJob` of shape `(rows, hidden)`.
     """
     params = {"gate_mode": config.gate_mode, "layer": layer} | ({"shared": True} if shared else {})
+    if config.gate_mode in PROMPT_GATE_MODES:  # the executor runs them through the base (plan.base_model)
+        # one row per routed expert, then the shared expert's (its gate's row comes from its own prompts)
+        params["prompts"] = tuple((tuple(e.positive_prompts or ()), tuple(e.negative_prompts or ()))
+                                  for e in [*config.experts, *(config.shared_experts or [])])
     return TensorJob(name, "gate", (), None, {}, params, (rows, hidden), dtype)
 
 

@@ -48,6 +48,7 @@ def render_model_card(
     models: list[str],
     licenses: list[str | None],
     moe: bool = False,
+    prompt_routed: bool = False,
     mention_base: bool = True,
     remote_code: bool = False,
     multimodal: bool = False,
@@ -65,7 +66,8 @@ def render_model_card(
             Repeats are dropped, keeping the first. References shaped like Hub ids (`org/name`, optional
             `@rev`) go into the front matter's `base_model`; local paths are only listed in the body.
         licenses (`list[str | None]`): each model's license, parallel to `models` (`None` = unknown).
-        moe (`bool`, *optional*): the merge is a Mixture of Experts with a freshly initialised router.
+        moe (`bool`, *optional*): the merge is a Mixture of Experts.
+        prompt_routed (`bool`, *optional*): its routers were computed from the experts' prompts (else random).
         mention_base (`bool`, *optional*, defaults to `True`): say "using <base> as a base" (off for
             methods where the base plays no special role).
         remote_code (`bool`, *optional*): the model ships its own code (an `auto_map`), so loading it
@@ -106,6 +108,7 @@ def render_model_card(
         merged=list(parents.values()),
         license_parents=[] if agreed else list(parents.values()),
         moe=moe,
+        prompt_routed=prompt_routed,
         remote_code=remote_code,
         multimodal=multimodal,
         evaluation=evaluation.rstrip("\n") if evaluation else None,

@@ -276,3 +276,25 @@ def test_the_hidden_gate_example_builds_with_the_prompts_routers(fx: Path, tmp_p
     assert json.loads((tmp_path / "out" / "config.json").read_text())["num_experts_per_tok"] == 1
     card = (tmp_path / "out" / "README.md").read_text()
     assert "computed\nfrom each expert's prompts" in card and "randomly initialised" not in card
+
+
+def test_a_qwen2_moe_shared_expert_gate_comes_from_its_own_prompts(fx: Path, tmp_path: Path) -> None:
+    """Under prompt gates a shared expert's gate is its prompts' row (mergekit-moe), computed with the routers."""
+    shared = "shared_experts:\n  - source_model: {}\n    positive_prompts: [{}]\n".format(
+        fx / "qwen2-base", _quoted(PROSE[1]))
+    out = tmp_path / "out"
+    run_merge(moe_yaml(fx, "qwen2", "hidden", PROSE[:1], CODE[:1], extra=shared), out, device="cpu")
+    written = tensors(out)
+    expected = {name: expected_hidden_rows(fx / "qwen2-base", prompts, (), False)
+                for name, prompts in (("prose", PROSE[:1]), ("code", CODE[:1]), ("shared", PROSE[1:]))}
+    for layer in (0, 3):
+        router = written[f"model.layers.{layer}.mlp.gate.weight"].float()
+        gate = written[f"model.layers.{layer}.mlp.shared_expert_gate.weight"].float()
+        torch.testing.assert_close(router, torch.stack([expected["prose"][layer], expected["code"][layer]]),
+                                   rtol=0, atol=1e-2)  # bfloat16 as written
+        torch.testing.assert_close(gate, expected["shared"][layer][None], rtol=0, atol=1e-2)
+        assert (gate[0] - expected["prose"][layer]).abs().max() > 0.05  # not a router row reused
+    without = moe_yaml(fx, "qwen2", "hidden", PROSE[:1], CODE[:1],
+                       extra=f"shared_experts:\n  - source_model: {fx / 'qwen2-base'}\n")
+    with pytest.raises(ConfigError, match=r"`shared_experts\[0\]\.positive_prompts` is missing"):
+        run_merge(without, tmp_path / "refused", device="cpu")

@@ -281,12 +281,12 @@ def test_the_hidden_gate_example_builds_with_the_prompts_routers(fx: Path, tmp_p
 def test_a_qwen2_moe_shared_expert_gate_comes_from_its_own_prompts(fx: Path, tmp_path: Path) -> None:
     """Under prompt gates a shared expert's gate is its prompts' row (mergekit-moe), computed with the routers."""
     shared = "shared_experts:\n  - source_model: {}\n    positive_prompts: [{}]\n".format(
-        fx / "qwen2-base", _quoted(PROSE[1]))
+        fx / "qwen2-base", _quoted(CODE[1]))
     out = tmp_path / "out"
     run_merge(moe_yaml(fx, "qwen2", "hidden", PROSE[:1], CODE[:1], extra=shared), out, device="cpu")
     written = tensors(out)
     expected = {name: expected_hidden_rows(fx / "qwen2-base", prompts, (), False)
-                for name, prompts in (("prose", PROSE[:1]), ("code", CODE[:1]), ("shared", PROSE[1:]))}
+                for name, prompts in (("prose", PROSE[:1]), ("code", CODE[:1]), ("shared", CODE[1:]))}
     for layer in (0, 3):
         router = written[f"model.layers.{layer}.mlp.gate.weight"].float()
         gate = written[f"model.layers.{layer}.mlp.shared_expert_gate.weight"].float()

@@ -34,7 +34,7 @@ from cryptography.fernet import InvalidToken
 from huey.consumer import Consumer
 
 from merger import constants, engine
-from merger.publish import hub_push
+from merger.publish import hub_push, stream_push
 from merger.jobs import store as jobs
 from merger.jobs import worker_notes
 from merger.errors import MergeCancelled, MergerError
@@ -205,37 +205,36 @@ def _job_message(err: MergerError, work_dir: Path) -> str:
 
 
 def _merge_and_push(job: Job, token: str, sealed_token: bytes, out_dir: Path, reporter: _Reporter) -> str:
-    # Checked again before the merge: the Hub may have changed while the job was queued.
-    target = hub_push.check_push_target(job.repo_id, token, private=job.private, reuse_repo=job.reuse_repo)
-    logger.info("Job %s: merging for %s.", job.id, target.repo_id)
+    # The target is checked again before the merge: the Hub may have changed while the job was queued. Each
+    # shard is uploaded while the next is merged, then deleted; the commit at the end makes them visible.
+    # The repo is noted before it is created: a worker killed mid-merge leaves the note for the next one's sweep.
+    push = stream_push.StreamPush(
+        job.repo_id, token, private=job.private, reuse_repo=job.reuse_repo,
+        before_create=lambda repo_id: worker_notes.record_pending_repo(job.id, repo_id, sealed_token),
+    )
+    logger.info("Job %s: merging for %s (uploading shards as they are written).", job.id, push.target.repo_id)
     try:
-        engine.run_merge(
-            job.config_yaml,
-            out_dir,
-            token=token,
-            title=target.repo_id,  # the card's heading and usage snippet name the repo people load
-            progress=reporter.progress,
-            should_cancel=reporter.should_cancel,
-        )
-    except MergerError as err:
-        err.before_push = True  # read by _job_message: the Hub was not touched
-        raise
-    # The upload cannot be stopped half-way, so this is the last point where a cancel takes effect.
-    if _SHUTDOWN.is_set() or jobs.is_cancel_requested(job.id):
-        raise MergeCancelled("the merge was cancelled before its upload; nothing was pushed")
-    logger.info("Job %s: uploading to %s.", job.id, target.repo_id)
-    try:
-        url = hub_push.push_folder(
-            out_dir,
-            target.repo_id,
-            token,
-            private=job.private,
-            reuse_repo=job.reuse_repo,
-            # Noted before the repo exists: a worker killed mid-upload leaves the note for the next one's sweep.
-            before_create=lambda repo_id: worker_notes.record_pending_repo(job.id, repo_id, sealed_token),
-        )
+        with push:
+            try:
+                engine.run_merge(
+                    job.config_yaml,
+                    out_dir,
+                    token=token,
+                    title=push.target.repo_id,  # the card's heading and usage snippet name the repo people load
+                    progress=reporter.progress,
+                    should_cancel=reporter.should_cancel,
+                    on_shard=push,
+                )
+            except MergerError as err:
+                err.before_push = not getattr(err, "from_push", False)  # read by _job_message: nothing is visible
+                raise
+            # The commit cannot be stopped half-way, so this is the last point where a cancel takes effect.
+            if _SHUTDOWN.is_set() or jobs.is_cancel_requested(job.id):
+                raise MergeCancelled("the merge was cancelled before its commit; nothing was pushed")
+            logger.info("Job %s: committing to %s.", job.id, push.target.repo_id)
+            url = push.commit(out_dir)
     finally:
-        worker_notes.clear_pending_repo(job.id)  # committed, or already deleted by push_folder
+        worker_notes.clear_pending_repo(job.id)  # committed, or already deleted when the push was left
     logger.info("Job %s: pushed %s", job.id, url)
     return url
 

@@ -35,7 +35,7 @@ from merger.errors import (
     excerpt,
 )
 from merger.io.formats import refuse_non_checkpoint_files
-from merger.io.metadata import ModelMetadata, TensorMeta, read_model_config
+from merger.io.metadata import HubCheckpoint, ModelMetadata, StoredTensor, TensorMeta, read_model_config
 from merger.io.modelfiles import (
     TensorEntry,
     check_header,
@@ -55,7 +55,7 @@ HEADER_FIRST_READ = 100_000  # bytes of a shard fetched first: most headers fit,
 HUB_TIMEOUT = 10  # seconds to wait for the Hub to send data
 
 
-def download_model(reference: str, token: str | None = None) -> Path:
+def download_model(reference: str, token: str | None = None, weights: bool = True) -> Path:
     """Download a Hub model's safetensors weights, configs and tokenizer files into the HF cache.
 
     The repo's file list is checked first, so that a pickle-only model is refused before any byte
@@ -64,6 +64,8 @@ def download_model(reference: str, token: str | None = None) -> Path:
     Args:
         reference (`str`): `"org/name"` or `"org/name@revision"`.
         token (`str`, *optional*): a Hugging Face token; defaults to HF_TOKEN or the saved login.
+        weights (`bool`, *optional*): also the `*.safetensors` weights; without them, every other file
+            (the weights are then read by byte ranges: :mod:`merger.publish.hub_ranges`).
 
     Returns:
         `Path`: the local snapshot directory.
@@ -79,7 +81,8 @@ def download_model(reference: str, token: str | None = None) -> Path:
     with _reading(reference, token):
         info = api.model_info(repo_id, revision=revision)
         _refuse_non_checkpoint(api, reference, info)
-        return Path(api.snapshot_download(repo_id, revision=info.sha, allow_patterns=HUB_ALLOW_PATTERNS))
+        patterns = HUB_ALLOW_PATTERNS if weights else [p for p in HUB_ALLOW_PATTERNS if p != "*.safetensors"]
+        return Path(api.snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns))
 
 
 def download_tokenizer(reference: str, token: str | None = None) -> Path:
@@ -159,9 +162,10 @@ def fetch_metadata(reference: str, token: str | None = None) -> ModelMetadata:
         info = api.model_info(repo_id, revision=revision)
         _refuse_non_checkpoint(api, reference, info)
         config = _remote_config(api, reference, repo_id, info.sha)
-        tensors = _remote_tensors(api, reference, info)
+        files = _remote_tensors(api, reference, info)
     card_license = info.card_data.license if info.card_data else None
-    return ModelMetadata(reference, config, tensors, card_license)
+    tensors = {name: stored.meta for layout in files.values() for name, stored in layout.items()}
+    return ModelMetadata(reference, config, tensors, card_license, HubCheckpoint(info.id, info.sha, files))
 
 
 def search_models(query: str, token: str | None = None, limit: int = 20) -> list[str]:
@@ -205,9 +209,10 @@ def _remote_config(api: HfApi, reference: str, repo_id: str, revision: str) -> d
     return read_model_config(read_bytes(Path(path)), reference)
 
 
-def _remote_tensors(api: HfApi, reference: str, info: ModelInfo) -> dict[str, TensorMeta]:
-    """Every tensor's shape and dtype from the repo's safetensors headers, each checked as a local one's is
-    (:mod:`merger.io.modelfiles`), except against the file's size: a header-only check cannot see the data."""
+def _remote_tensors(api: HfApi, reference: str, info: ModelInfo) -> dict[str, dict[str, StoredTensor]]:
+    """Every tensor's shape, dtype and byte range (file name -> tensor name -> stored tensor) from the repo's
+    safetensors headers, each checked as a local one's is (:mod:`merger.io.modelfiles`), except against the
+    file's size: a header-only check cannot see the data."""
     names = {sibling.rfilename for sibling in info.siblings or []}
     where = f"model `{reference}`"
     index_where = f"{where}: `{SAFETENSORS_INDEX_FILE}`"
@@ -229,14 +234,19 @@ def _remote_tensors(api: HfApi, reference: str, info: ModelInfo) -> dict[str, Te
     with ThreadPoolExecutor(max_workers=8) as threads:
         headers = dict(zip(files, threads.map(lambda name: _remote_header(api, info, name, f"{where}: `{name}`"), files)))
     if weight_map is not None:
-        check_index_matches(weight_map, {name: set(entries) for name, entries in headers.items()}, index_where)
+        check_index_matches(weight_map, {name: set(entries) for name, (_, entries) in headers.items()}, index_where)
     return {
-        name: TensorMeta(shape, dtype) for entries in headers.values() for name, (shape, dtype, _, _) in entries.items()
+        file: {
+            name: StoredTensor(TensorMeta(shape, dtype), start + begin, end - begin)
+            for name, (shape, dtype, begin, end) in entries.items()
+        }
+        for file, (start, entries) in headers.items()
     }
 
 
-def _remote_header(api: HfApi, info: ModelInfo, filename: str, where: str) -> dict[str, TensorEntry]:
-    """One Hub file's safetensors header, read by byte ranges (as huggingface_hub's own parser does) and checked."""
+def _remote_header(api: HfApi, info: ModelInfo, filename: str, where: str) -> tuple[int, dict[str, TensorEntry]]:
+    """One Hub file's safetensors header, read by byte ranges (as huggingface_hub's own parser does) and checked;
+    returns the offset of its data section and its entries (offsets relative to that section)."""
     url = hf_hub_url(info.id, filename, revision=info.sha, endpoint=api.endpoint)
     headers = build_hf_headers(token=api.token)
 
@@ -252,7 +262,7 @@ def _remote_header(api: HfApi, info: ModelInfo, filename: str, where: str) -> di
     data = head[8 : 8 + length] if len(head) >= 8 + length else byte_range(8, 8 + length - 1)
     if len(data) < length:
         raise TruncatedWeightsError(f"{where} ends inside its safetensors header; the file on the Hub is incomplete")
-    return check_header(parse_header(data, where), where, None)
+    return 8 + length, check_header(parse_header(data, where), where, None)
 
 
 @contextmanager

@@ -212,7 +212,7 @@ def _merge_and_push(job: Job, token: str, sealed_token: bytes, out_dir: Path, re
         job.repo_id, token, private=job.private, reuse_repo=job.reuse_repo,
         before_create=lambda repo_id: worker_notes.record_pending_repo(job.id, repo_id, sealed_token),
     )
-    logger.info("Job %s: merging for %s (uploading shards as they are written).", job.id, push.target.repo_id)
+    logger.info("Job %s: merging for %s.", job.id, push.target.repo_id)
     try:
         with push:
             try:
@@ -231,7 +231,7 @@ def _merge_and_push(job: Job, token: str, sealed_token: bytes, out_dir: Path, re
             # The commit cannot be stopped half-way, so this is the last point where a cancel takes effect.
             if _SHUTDOWN.is_set() or jobs.is_cancel_requested(job.id):
                 raise MergeCancelled("the merge was cancelled before its commit; nothing was pushed")
-            logger.info("Job %s: committing to %s.", job.id, push.target.repo_id)
+            logger.info("Job %s: uploading to %s.", job.id, push.target.repo_id)
             url = push.commit(out_dir)
     finally:
         worker_notes.clear_pending_repo(job.id)  # committed, or already deleted when the push was left

@@ -127,7 +127,7 @@ class StreamPush:
         done = {op.path_in_repo for op in self._uploaded}
         rest = [CommitOperationAdd(p.name, str(p)) for p in sorted(folder.iterdir()) if p.is_file() and p.name not in done]
         self._create_repo()
-        with self._pushing("committing to"):
+        with self._pushing("pushing to"):
             self._api.create_commit(self.target.repo_id, operations=[*self._uploaded, *rest], commit_message=commit_message)
         return f"{self._api.endpoint}/{self.target.repo_id}"
 

@@ -125,7 +125,8 @@ def run_merge(
             again; the models must not have changed since).
         on_shard: called with each weight shard's path as soon as it is complete, while the next is
             merged (e.g. :class:`merger.publish.stream_push.StreamPush` uploads and deletes it); the
-            folder then needs room for a few shards only. Shards it deletes are absent from `out_dir`.
+            folder then needs room for a few shards only. Shards it takes are absent from `out_dir`.
+            With `evaluate`, the shards are handed on after the evaluation (it reads them all).
 
     Returns:
         A :class:`MergeResult`.
@@ -212,11 +213,15 @@ def _write_through_staging(
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        execute_plan(plan, weights, staging, pick_device(device), shard_size, progress, should_cancel, adapters, on_shard)
+        # An evaluation reads the whole output, so its shards are handed on only once it is scored.
+        streamed = on_shard if evaluate is None else None
+        execute_plan(plan, weights, staging, pick_device(device), shard_size, progress, should_cancel, adapters, streamed)
         _write_files(plan, dirs, staging, config_text, metadata, title)
         if evaluate is not None:  # the staged folder is a complete model: score it, then card the table
             parents = {key: folder for key, folder in dirs.items() if key not in adapters}  # a LoRA input's folder is its base
             _write_card(plan, dirs, staging, config_text, metadata, title, evaluate(staging, parents))
+            for shard in sorted(staging.glob("model-*-of-*.safetensors")) if on_shard is not None else []:
+                on_shard(shard)
         _replace_dir(staging, out_dir)
     except OSError as err:
         if isinstance(err, MergerError):

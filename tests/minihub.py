@@ -12,7 +12,8 @@ hold them in flight with `store.hold_commits` (a threading.Event); slow it down 
 seconds before each request whose path matches the regex `store.delay_paths` (None: all). `store.orgs` gives organizations
 and their members' roles (whoami lists them; write/admin may create, push and delete there).
 
-Range requests can be metered, throttled and broken: `store.served` counts the bytes sent per
+Range requests can be metered, throttled and broken (from another process: GET /_minihub/stats gives
+the bytes served and received, POST /_minihub/throttle {"down_bps": .., "up_bps": ..} sets the limits): `store.served` counts the bytes sent per
 `repo_id/path` and `store.ranges` logs each (repo_id, path, start, length) sent; `store.down_bps` and
 `store.up_bps` cap the bandwidth (bytes/s, shared by all connections, None: unlimited); `store.faults`
 holds faults that each fire once on the next matching range request of a file: `Fault("drop", n)`
@@ -310,6 +311,12 @@ class Handler(BaseHTTPRequestHandler):
             user, bad = self.user()
             if bad and not path.startswith("/_lfs/"):
                 return self.bad_credentials()
+            if path == "/_minihub/stats" and m == "GET":  # for a benchmark in another process
+                return self.send(200, {"served": sum(self.store.served.values()), "received": self.store.received})
+            if path == "/_minihub/throttle" and m == "POST":
+                limits = json.loads(self.body() or b"{}")
+                self.store.down_bps, self.store.up_bps = limits.get("down_bps"), limits.get("up_bps")
+                return self.send(200, {})
             if path == "/api/whoami-v2" and m == "GET":
                 return self.whoami(user)
             if path == "/api/repos/create" and m == "POST":

@@ -231,3 +231,19 @@ def test_a_failed_commit_leaves_no_repo_and_says_so(hub, fixture_models_dir, tmp
     finally:
         hub.store.fail_commits = None
     assert not _repo_exists(hub, "alice/stream-refused")
+
+
+def test_with_an_evaluation_the_shards_are_handed_on_after_it(fixture_models_dir, reference, tmp_path):
+    events: list[tuple[str, object]] = []
+
+    def evaluate(staged: Path, parents: dict[str, Path]) -> str:
+        events.append(("evaluated", sorted(p.name for p in staged.glob("*.safetensors"))))
+        return "| metric | value |\n|---|---|\n| bits/token | 1.0 |\n"
+
+    def on_shard(path: Path) -> None:
+        events.append(("shard", path.read_bytes() == (reference / path.name).read_bytes()))
+
+    run_merge(linear_yaml(local_names(fixture_models_dir)), tmp_path / "out", device="cpu",
+              shard_size=SHARD, evaluate=evaluate, on_shard=on_shard)
+    shards = sorted(p.name for p in reference.glob("*.safetensors"))
+    assert events == [("evaluated", shards)] + [("shard", True)] * len(shards)

@@ -115,7 +115,7 @@ class HubWeights:
                     groups.append(last)
                 last.tensors[name] = stored
                 last.nbytes += stored.nbytes
-            last.reads += 1  # a tensor read twice in a row is fetched once
+            last.reads += 1  # a tensor read twice within one group is fetched once
             self._pending.setdefault(name, deque()).append(last)
         self._thread = threading.Thread(target=self._fetch_all, args=(groups,), name="merger-hub-fetch", daemon=True)
         self._thread.start()
@@ -228,9 +228,10 @@ class HubWeights:
         with get_session().stream("GET", self._urls[file], headers=headers, timeout=timeout) as response:
             if response.status_code in _RETRIED_STATUS:
                 raise _WrongRange(f"HTTP {response.status_code}")
-            if response.status_code != 206:
-                response.read()
+            if response.status_code >= 400:
+                response.read()  # an error's body is short; hf_raise_for_status reads the Hub's message in it
                 hf_raise_for_status(response)
+            if response.status_code != 206:  # e.g. the whole file: not read
                 raise _WrongRange(f"HTTP {response.status_code} instead of a range")
             length = self._check_content_range(file, response.headers.get("content-range", ""), start, end)
             received = 0

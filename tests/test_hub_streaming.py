@@ -247,3 +247,15 @@ def test_with_an_evaluation_the_shards_are_handed_on_after_it(fixture_models_dir
               shard_size=SHARD, evaluate=evaluate, on_shard=on_shard)
     shards = sorted(p.name for p in reference.glob("*.safetensors"))
     assert events == [("evaluated", shards)] + [("shard", True)] * len(shards)
+
+
+def test_a_sharded_hub_model_is_read_across_its_files(hub, reference, tmp_path):
+    # The reference output is itself a sharded model (eight files and an index): merge it from the Hub.
+    repo = hub.upload_model(reference, "alice/stream-sharded")
+    text = "merge_method: linear\nmodels:\n  - model: {m}\n    parameters: {{weight: 1.0}}\ndtype: bfloat16\n"
+    run_merge(text.format(m=repo), tmp_path / "hub", device="cpu", shard_size=SHARD, token=hub.token)
+    assert output_bytes(tmp_path / "hub") == output_bytes(reference)  # weight 1.0 in bfloat16: the same bytes
+    for name in (p.name for p in reference.glob("*.safetensors")):
+        size = (reference / name).stat().st_size
+        start, _ = header(reference / name)
+        assert hub.store.served[f"{repo}/{name}"] == min(HEADER_FIRST_READ, size) + size - start

@@ -244,10 +244,17 @@ def _target_line(repo_id: str, token: str | None, private: bool, reuse_repo: boo
 def _resources_line(plan: Any, metadata: dict[str, Any]) -> CheckLine:
     from merger.dtypes import DTYPE_SIZES
 
+    from merger.constants import DEFAULT_SHARD_SIZE
+    from merger.publish.stream_push import MAX_PENDING_SHARDS
+
+    # The worker reads only the tensors the plan uses (by byte ranges) and uploads each shard as it is
+    # written, so its disk holds the shard being written and those waiting to upload, never the inputs.
+    read = {(s.model, s.name) for job in plan.jobs for s in [*job.sources, *([job.base] if job.base else [])]}
     download = sum(
-        t.numel * DTYPE_SIZES.get(t.dtype, 4) for meta in metadata.values() for t in meta.tensors.values()
+        metadata[key].tensors[name].numel * DTYPE_SIZES.get(metadata[key].tensors[name].dtype, 4) for key, name in read
     )
     output = sum(job.nbytes for job in plan.jobs)
+    on_disk = min(output, (MAX_PENDING_SHARDS + 1) * DEFAULT_SHARD_SIZE)
     largest = max((job.nbytes // max(1, DTYPE_SIZES.get(job.dtype, 4)) for job in plan.jobs), default=0)
     inputs = max((len(job.sources) + (job.base is not None) for job in plan.jobs), default=1)
     peak = largest * 4 * (inputs + 2)  # float32 copies of one tensor's inputs, the output and a temporary
@@ -255,10 +262,10 @@ def _resources_line(plan: Any, metadata: dict[str, Any]) -> CheckLine:
     disk = shutil.disk_usage(_existing_parent(constants.DATA_DIR)).free
     ram = _available_ram()
     detail = (
-        f"download {_bytes(download)}, output {_bytes(output)}, peak memory ~{_bytes(peak)}, "
-        f"about {_duration(seconds)}; the worker has {_bytes(disk)} disk and {_bytes(ram)} RAM free"
+        f"download {_bytes(download)}, output {_bytes(output)} ({_bytes(on_disk)} on disk at once), peak memory "
+        f"~{_bytes(peak)}, about {_duration(seconds)}; the worker has {_bytes(disk)} disk and {_bytes(ram)} RAM free"
     )
-    if download + output > disk:
+    if on_disk > disk:
         return CheckLine("resources", False, detail, "merge fewer or smaller models, or a layer range (slices)")
     if ram and peak > ram:
         return CheckLine("resources", False, detail, "choose a smaller `dtype` or fewer models")

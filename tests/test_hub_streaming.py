@@ -259,3 +259,17 @@ def test_a_sharded_hub_model_is_read_across_its_files(hub, reference, tmp_path):
         size = (reference / name).stat().st_size
         start, _ = header(reference / name)
         assert hub.store.served[f"{repo}/{name}"] == min(HEADER_FIRST_READ, size) + size - start
+
+
+def test_the_preflight_counts_only_the_bytes_a_frankenmerge_reads(fixture_models_dir):
+    from merger import service
+    from merger.config.load import load_config
+    from merger.plan.entry import plan_config
+
+    prose = fixture_models_dir / "llama-prose"
+    text = f"merge_method: passthrough\nslices:\n  - sources: [{{model: {prose}, layer_range: [0, 2]}}]\ndtype: bfloat16\n"
+    line = service._resources_line(*plan_config(load_config(text), None))
+    _, entries = header(prose / WEIGHTS)
+    unused = ("model.layers.2.", "model.layers.3.", "model.layers.4.", "model.layers.5.")
+    needed = sum(e["data_offsets"][1] - e["data_offsets"][0] for n, e in entries.items() if not n.startswith(unused))
+    assert f"download {service._bytes(needed)}, output {service._bytes(needed)} ({service._bytes(needed)} on disk" in line.detail

@@ -211,7 +211,7 @@ def record(text: str, args: argparse.Namespace) -> None:
         f"{SECTION}\n\n```\npython bench/hub_stream.py --set {args.set} --methods {args.methods} "
         f"--down-mbps {args.down_mbps} --up-mbps {args.up_mbps} --shard-mb {args.shard_mb}\n```\n\n"
         f"- date: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}; {os.cpu_count()} logical cores; "
-        f"load average at start {os.getloadavg()[0]:.1f}; Python {platform.python_version()}\n"
+        f"load average (1 min) at the end {os.getloadavg()[0]:.1f}; Python {platform.python_version()}\n"
         "- in/out: bytes the loopback Hub sent/received in the stream run (headers, weights, the output and "
         "its commit); floor: whichever of in/down and out/up is longer\n\n" + text
     )

@@ -70,11 +70,13 @@ class HubCheckpoint:
         repo_id: `org/name`.
         revision: the commit sha every file is read at (the metadata's commit, so weights match it).
         files: file name in the repo -> tensor name -> :class:`StoredTensor`.
+        sizes: file name -> its size in bytes, as the Hub answered the header's read (where it said).
     """
 
     repo_id: str
     revision: str
     files: dict[str, dict[str, StoredTensor]]
+    sizes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import torch
 from huggingface_hub import HfApi, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
-from merger.errors import HubError, ModelFileError, excerpt
+from merger.errors import HubError, ModelFileError, TruncatedWeightsError, excerpt
 from merger.io.metadata import HubCheckpoint, StoredTensor, read_safetensors_layout
 from merger.io.sources import read_file_range
 from merger.publish.hub_calls import hub_call
@@ -76,6 +76,7 @@ class HubWeights:
         reference: the model as the config names it, for messages.
 
     Raises:
+        TruncatedWeightsError: a file is shorter than its header says (before anything is read).
         HubError: from :meth:`read_into`, when a range cannot be read after :data:`RETRIES` retries,
             or the Hub refuses it (with the status and what to do).
     """
@@ -87,6 +88,7 @@ class HubWeights:
         self.tensors: dict[str, StoredTensor] = {}
         self._file_of: dict[str, str] = {}
         for file, layout in checkpoint.files.items():
+            _refuse_cut_short(reference, file, layout, checkpoint.sizes.get(file))
             for name, stored in layout.items():
                 self.tensors[name] = stored
                 self._file_of[name] = file
@@ -270,3 +272,13 @@ class HubWeights:
         except (ModelFileError, OSError):  # a damaged cache entry: the Hub has the file
             return None
         return Path(path) if same else None
+
+
+def _refuse_cut_short(reference: str, file: str, layout: dict[str, StoredTensor], size: int | None) -> None:
+    """A file the Hub says is shorter than its header's last tensor is refused before any merge."""
+    end = max((stored.offset + stored.nbytes for stored in layout.values()), default=0)
+    if size is not None and end > size:
+        raise TruncatedWeightsError(
+            f"model `{excerpt(reference, 100)}`: `{excerpt(file, 80)}` on the Hub is {size:,} bytes but its header "
+            f"places data up to byte {end:,}; the file is incomplete: use a revision whose upload finished"
+        )

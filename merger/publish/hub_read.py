@@ -162,10 +162,10 @@ def fetch_metadata(reference: str, token: str | None = None) -> ModelMetadata:
         info = api.model_info(repo_id, revision=revision)
         _refuse_non_checkpoint(api, reference, info)
         config = _remote_config(api, reference, repo_id, info.sha)
-        files = _remote_tensors(api, reference, info)
+        files, sizes = _remote_tensors(api, reference, info)
     card_license = info.card_data.license if info.card_data else None
     tensors = {name: stored.meta for layout in files.values() for name, stored in layout.items()}
-    return ModelMetadata(reference, config, tensors, card_license, HubCheckpoint(info.id, info.sha, files))
+    return ModelMetadata(reference, config, tensors, card_license, HubCheckpoint(info.id, info.sha, files, sizes))
 
 
 def search_models(query: str, token: str | None = None, limit: int = 20) -> list[str]:
@@ -209,10 +209,13 @@ def _remote_config(api: HfApi, reference: str, repo_id: str, revision: str) -> d
     return read_model_config(read_bytes(Path(path)), reference)
 
 
-def _remote_tensors(api: HfApi, reference: str, info: ModelInfo) -> dict[str, dict[str, StoredTensor]]:
+def _remote_tensors(
+    api: HfApi, reference: str, info: ModelInfo
+) -> tuple[dict[str, dict[str, StoredTensor]], dict[str, int]]:
     """Every tensor's shape, dtype and byte range (file name -> tensor name -> stored tensor) from the repo's
     safetensors headers, each checked as a local one's is (:mod:`merger.io.modelfiles`), except against the
-    file's size: a header-only check cannot see the data."""
+    file's size, and the files' sizes the Hub gave (checked when the weights are read: validation reads
+    headers only)."""
     names = {sibling.rfilename for sibling in info.siblings or []}
     where = f"model `{reference}`"
     index_where = f"{where}: `{SAFETENSORS_INDEX_FILE}`"
@@ -234,27 +237,32 @@ def _remote_tensors(api: HfApi, reference: str, info: ModelInfo) -> dict[str, di
     with ThreadPoolExecutor(max_workers=8) as threads:
         headers = dict(zip(files, threads.map(lambda name: _remote_header(api, info, name, f"{where}: `{name}`"), files)))
     if weight_map is not None:
-        check_index_matches(weight_map, {name: set(entries) for name, (_, entries) in headers.items()}, index_where)
-    return {
+        check_index_matches(weight_map, {name: set(entries) for name, (_, entries, _) in headers.items()}, index_where)
+    files = {
         file: {
             name: StoredTensor(TensorMeta(shape, dtype), start + begin, end - begin)
             for name, (shape, dtype, begin, end) in entries.items()
         }
-        for file, (start, entries) in headers.items()
+        for file, (start, entries, _) in headers.items()
     }
+    return files, {file: size for file, (_, _, size) in headers.items() if size is not None}
 
 
-def _remote_header(api: HfApi, info: ModelInfo, filename: str, where: str) -> tuple[int, dict[str, TensorEntry]]:
+def _remote_header(api: HfApi, info: ModelInfo, filename: str, where: str) -> tuple[int, dict[str, TensorEntry], int | None]:
     """One Hub file's safetensors header, read by byte ranges (as huggingface_hub's own parser does) and checked;
-    returns the offset of its data section and its entries (offsets relative to that section)."""
+    returns the offset of its data section, its entries (offsets relative to that section) and the file's size
+    (from the first answer's Content-Range; None if the Hub did not say)."""
     url = hf_hub_url(info.id, filename, revision=info.sha, endpoint=api.endpoint)
     headers = build_hf_headers(token=api.token)
+    sizes: list[int] = []
 
     def byte_range(first: int, last: int) -> bytes:
         response = get_session().get(url, headers={**headers, "range": f"bytes={first}-{last}"}, timeout=HUB_TIMEOUT)
         if response.status_code == 416:  # Range Not Satisfiable: the file ends before `first` (a 0-byte file)
             return b""
         hf_raise_for_status(response)
+        total = response.headers.get("content-range", "").rpartition("/")[2]
+        sizes.append(int(total) if total.isdigit() else len(response.content) if response.status_code == 200 else -1)
         return response.content
 
     head = byte_range(0, HEADER_FIRST_READ - 1)
@@ -262,7 +270,8 @@ def _remote_header(api: HfApi, info: ModelInfo, filename: str, where: str) -> tu
     data = head[8 : 8 + length] if len(head) >= 8 + length else byte_range(8, 8 + length - 1)
     if len(data) < length:
         raise TruncatedWeightsError(f"{where} ends inside its safetensors header; the file on the Hub is incomplete")
-    return 8 + length, check_header(parse_header(data, where), where, None)
+    size = sizes[0] if sizes and sizes[0] >= 0 else None
+    return 8 + length, check_header(parse_header(data, where), where, None), size
 
 
 @contextmanager

@@ -253,12 +253,13 @@ def recover_interrupted_jobs(reason: str = WORKER_LOST_REASON) -> None:
     Args:
         reason: why the jobs stopped, for their owners (a clause; the message adds the rest).
     """
+    # The partial output goes first, so that a job's message ("its partial output was deleted") is true when read.
+    shutil.rmtree(Path(constants.DATA_DIR) / "work", ignore_errors=True)
     for job_id, on_hub in _sweep_pending_repos().items():
         jobs.mark_finished(job_id, JobStatus.FAILED, error=_lost_job_message(reason, on_hub))
     count = jobs.fail_running_jobs(_lost_job_message(reason, NOTHING_PUSHED))
     if count:
         logger.warning("Marked %d job(s) left running by a previous worker as failed.", count)
-    shutil.rmtree(Path(constants.DATA_DIR) / "work", ignore_errors=True)
 
 
 def _lost_job_message(reason: str, on_hub: str) -> str:

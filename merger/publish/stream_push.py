@@ -78,6 +78,9 @@ class StreamPush:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:  # shards still queued are not uploaded; the one uploading cannot be stopped
+            for future in self._futures:
+                future.cancel()
         self._wait(raise_errors=False)
         self._uploads.shutdown()
         if self._spool is not None:

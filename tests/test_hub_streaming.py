@@ -273,3 +273,26 @@ def test_the_preflight_counts_only_the_bytes_a_frankenmerge_reads(fixture_models
     unused = ("model.layers.2.", "model.layers.3.", "model.layers.4.", "model.layers.5.")
     needed = sum(e["data_offsets"][1] - e["data_offsets"][0] for n, e in entries.items() if not n.startswith(unused))
     assert f"download {service._bytes(needed)}, output {service._bytes(needed)} ({service._bytes(needed)} on disk" in line.detail
+
+
+def test_small_groups_and_layers_read_twice_give_the_local_bytes(hub, repos, fixture_models_dir, tmp_path, monkeypatch):
+    # Groups of ~200 kB, at most two ahead: the fetcher waits for the reads; layers 2-3 are read twice.
+    monkeypatch.setattr(hub_ranges, "GROUP_BYTES", 200_000)
+    monkeypatch.setattr(hub_ranges, "AHEAD_BYTES", 400_000)
+    text = """
+merge_method: passthrough
+slices:
+  - sources: [{{model: {a}, layer_range: [0, 4]}}]
+  - sources: [{{model: {a}, layer_range: [2, 6]}}]
+dtype: bfloat16
+"""
+    repo = repos["llama-code"]
+    before = served(hub, repo)
+    run_merge(text.format(a=repo), tmp_path / "hub", device="cpu", token=hub.token)
+    run_merge(text.format(a=fixture_models_dir / "llama-code"), tmp_path / "local", device="cpu")
+    assert output_bytes(tmp_path / "hub") == output_bytes(tmp_path / "local")
+    start, entries = header(fixture_models_dir / "llama-code" / WEIGHTS)
+    twice = sum(e["data_offsets"][1] - e["data_offsets"][0] for n, e in entries.items()
+                if n.startswith(("model.layers.2.", "model.layers.3.")))
+    size = (fixture_models_dir / "llama-code" / WEIGHTS).stat().st_size
+    assert served(hub, repo) - before == HEADER_FIRST_READ + (size - start) + twice  # every tensor once, 2-3 again

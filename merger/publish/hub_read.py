@@ -165,7 +165,15 @@ def fetch_metadata(reference: str, token: str | None = None) -> ModelMetadata:
         files, sizes = _remote_tensors(api, reference, info)
     card_license = info.card_data.license if info.card_data else None
     tensors = {name: stored.meta for layout in files.values() for name, stored in layout.items()}
-    return ModelMetadata(reference, config, tensors, card_license, HubCheckpoint(info.id, info.sha, files, sizes))
+    names = [sibling.rfilename for sibling in info.siblings or []]
+    # Without an index, a local folder's every `*.safetensors` is weights (merger.io.metadata.read_checkpoint),
+    # and a tensor in two of them is refused; ranges would read `model.safetensors` alone and never see the
+    # other files, so such a repo gets no checkpoint: it is downloaded and checked whole.
+    stray = SAFETENSORS_INDEX_FILE not in names and any(
+        n.endswith(".safetensors") and "/" not in n and n != SAFETENSORS_SINGLE_FILE for n in names
+    )
+    hub = None if stray else HubCheckpoint(info.id, info.sha, files, sizes)
+    return ModelMetadata(reference, config, tensors, card_license, hub)
 
 
 def search_models(query: str, token: str | None = None, limit: int = 20) -> list[str]:

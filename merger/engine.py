@@ -34,7 +34,8 @@ from merger.execute.executor import Progress, execute_plan
 from merger.io.metadata import ModelMetadata
 from merger.plan.merge import MergePlan
 from merger.plan.remote_code import needs_remote_code, remote_code_files
-from merger.io.resolve import materialize, materialize_adapters
+from merger.io.resolve import materialize, materialize_adapters, stream_sources
+from merger.io.sources import WeightSource
 from merger.stages import is_multi_stage, run_stages
 from merger.io.tokenizer_files import write_tokenizer
 from merger.plan.entry import plan_config
@@ -95,11 +96,15 @@ def run_merge(
     evaluate: Callable[[Path, dict[str, Path]], str] | None = None,
     config: AnyConfig | None = None,
     planned: tuple[MergePlan, dict[str, ModelMetadata]] | None = None,
+    on_shard: Callable[[Path], None] | None = None,
 ) -> MergeResult:
     """Merge the models of a YAML config into `out_dir` (a complete Hugging Face model folder).
 
-    The config is checked against the models' metadata before any weight is downloaded. The output
-    is written to a temporary sibling folder and moved to `out_dir` only when complete.
+    The config is checked against the models' metadata before any weight is downloaded. Hub models'
+    weights are then read by byte ranges, only the tensors the plan needs, prefetched ahead of the
+    math (:mod:`merger.publish.hub_ranges`); with `evaluate`, they are downloaded whole instead, since
+    the evaluation runs the parents. The output is written to a temporary sibling folder and moved to
+    `out_dir` only when complete.
 
     Args:
         config_text: the YAML config (mergekit or mergekit-moe schema).
@@ -118,6 +123,10 @@ def run_merge(
         config: `load_config(config_text)`, when the caller has parsed it already (not parsed again).
         planned: `plan_config(config, token)`, when the caller has planned it already (not planned
             again; the models must not have changed since).
+        on_shard: called with each weight shard's path as soon as it is complete, while the next is
+            merged (e.g. :class:`merger.publish.stream_push.StreamPush` uploads and deletes it); the
+            folder then needs room for a few shards only. Shards it takes are absent from `out_dir`.
+            With `evaluate`, the shards are handed on after the evaluation (it reads them all).
 
     Returns:
         A :class:`MergeResult`.
@@ -142,15 +151,21 @@ def run_merge(
     _check_out_dir(out_dir)
     _refuse_input_folders(out_dir, config)
     plan, metadata = _planned(config, token, planned, seed)
-    needed = sum(job.nbytes for job in plan.jobs) + OUTPUT_EXTRA_BYTES
+    needed = sum(job.nbytes for job in plan.jobs)
+    needed = (min(needed, 3 * shard_size) if on_shard is not None else needed) + OUTPUT_EXTRA_BYTES
     remove_stale_staging(out_dir.parent)
     check_free_space(out_dir, needed)
-    dirs = materialize(list(plan.models), token)
+    if evaluate is None:
+        dirs, weights = stream_sources(list(plan.models), metadata, token)
+    else:
+        dirs = materialize(list(plan.models), token)
+        weights = dict(dirs)
     adapters = materialize_adapters(list(plan.models), token)
 
     _write_through_staging(
         plan, dirs, adapters, out_dir, needed, config_text=config_text, metadata=metadata, title=title or out_dir.name,
         device=device, shard_size=shard_size, progress=progress, should_cancel=should_cancel, evaluate=evaluate,
+        weights=weights, on_shard=on_shard,
     )
     return MergeResult(out_dir, plan.method_name, plan.num_layers, plan.parameter_count, time.monotonic() - started)
 
@@ -183,8 +198,12 @@ def _write_through_staging(
     progress: Progress | None,
     should_cancel: Callable[[], bool] | None,
     evaluate: Callable[[Path, dict[str, Path]], str] | None,
+    weights: dict[str, Path | WeightSource],
+    on_shard: Callable[[Path], None] | None,
 ) -> None:
     """Merge and write the whole output into a temporary sibling of `out_dir`, then move it into place.
+
+    `dirs` are the models' folders (configs, tokenizers), `weights` where their tensors are read from.
 
     Nothing is left behind on failure: the staging folder is deleted whatever happens, and an OS
     error becomes a MergerError naming the path (`needed`, in bytes, for a full disk).
@@ -194,11 +213,15 @@ def _write_through_staging(
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        execute_plan(plan, dirs, staging, pick_device(device), shard_size, progress, should_cancel, adapters)
+        # An evaluation reads the whole output, so its shards are handed on only once it is scored.
+        streamed = on_shard if evaluate is None else None
+        execute_plan(plan, weights, staging, pick_device(device), shard_size, progress, should_cancel, adapters, streamed)
         _write_files(plan, dirs, staging, config_text, metadata, title)
         if evaluate is not None:  # the staged folder is a complete model: score it, then card the table
             parents = {key: folder for key, folder in dirs.items() if key not in adapters}  # a LoRA input's folder is its base
             _write_card(plan, dirs, staging, config_text, metadata, title, evaluate(staging, parents))
+            for shard in sorted(staging.glob("model-*-of-*.safetensors")) if on_shard is not None else []:
+                on_shard(shard)
         _replace_dir(staging, out_dir)
     except OSError as err:
         if isinstance(err, MergerError):

@@ -1,7 +1,7 @@
 """minihub: a minimal, stdlib-only, loopback Hugging Face Hub stand-in for tests.
 
 Implements just enough of the Hub HTTP API for huggingface_hub 2.x:
-whoami, list_models (search by substring), model_info/repo_info (with `cardData` read from the
+whoami, list_models (search by substring), list_repo_commits (one page), model_info/repo_info (with `cardData` read from the
 README front matter), list_repo_tree, create_repo, delete_repo, preupload + LFS batch/basic PUT +
 ndjson commit (upload_folder/create_commit/upload_file with HF_HUB_DISABLE_XET=1), and HEAD/GET
 /resolve with byte ranges (hf_hub_download, snapshot_download, get_safetensors_metadata).
@@ -11,6 +11,14 @@ on purpose: set `store.fail_commits` to an HTTP status, or to "drop" to close th
 hold them in flight with `store.hold_commits` (a threading.Event); slow it down with `store.delay_s`
 seconds before each request whose path matches the regex `store.delay_paths` (None: all). `store.orgs` gives organizations
 and their members' roles (whoami lists them; write/admin may create, push and delete there).
+
+Range requests can be metered, throttled and broken (from another process: GET /_minihub/stats gives
+the bytes served and received, POST /_minihub/throttle {"down_bps": .., "up_bps": ..} sets the limits): `store.served` counts the bytes sent per
+`repo_id/path` and `store.ranges` logs each (repo_id, path, start, length) sent; `store.down_bps` and
+`store.up_bps` cap the bandwidth (bytes/s, shared by all connections, None: unlimited); `store.faults`
+holds faults that each fire once on the next matching range request of a file: `Fault("drop", n)`
+closes the connection after n bytes of the body, `Fault("short", n)` answers a range n bytes
+shorter (with a matching Content-Range), as a server may.
 
 Not implemented: Xet, multipart LFS, pagination, sort/filter/expand semantics, branches/tags/PRs
 (a revision is `main` or a commit sha), org accounts of their own, paths-info, persistence across restarts. `cardData`
@@ -72,6 +80,37 @@ def front_matter(text: str):
     return None  # no closing `---`: not front matter
 
 
+class Throttle:
+    """A shared link of `rate` bytes/s: each chunk waits for its turn (all connections together)."""
+
+    def __init__(self, rate):
+        self.rate = rate
+        self.next_free = time.monotonic()
+        self.lock = threading.Lock()
+
+    def pass_bytes(self, n):
+        with self.lock:
+            start = max(self.next_free, time.monotonic())
+            self.next_free = start + n / self.rate
+            done = self.next_free
+        delay = done - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+
+
+class Fault:
+    """A fault that fires once, on the next range request of a file whose `repo_id/path` matches `path`.
+
+    kind "drop": the connection is closed after `n` bytes of the body; "short": the range is answered
+    `n` bytes shorter than asked (a valid, smaller Content-Range).
+    """
+
+    def __init__(self, kind, n, path=r"\.safetensors$", min_start=0):
+        assert kind in ("drop", "short")
+        self.kind, self.n, self.path, self.min_start = kind, n, path, min_start  # min_start: spare header reads
+        self.fired = False
+
+
 class Store:
     """In-memory repo metadata; file bytes under DATA/blobs (regular) and DATA/lfs (LFS)."""
 
@@ -87,6 +126,35 @@ class Store:
         self.orgs = {}  # org name -> {username: role ("admin", "write", "contributor", "read")}
         self.delay_s = 0.0  # seconds every matching request waits before it is answered (a slow Hub)
         self.delay_paths = None  # a regex searched in the request path; None: every request waits
+        self.served = {}  # "repo_id/path" -> bytes of file content sent
+        self.ranges = []  # (repo_id, path, start, length) of every file body sent
+        self.received = 0  # bytes of request bodies read (uploads)
+        self.faults = []  # Fault objects, each fired once
+        self._down = self._up = None
+
+    @property
+    def down_bps(self):
+        return self._down.rate if self._down else None
+
+    @down_bps.setter
+    def down_bps(self, rate):
+        self._down = Throttle(rate) if rate else None
+
+    @property
+    def up_bps(self):
+        return self._up.rate if self._up else None
+
+    @up_bps.setter
+    def up_bps(self, rate):
+        self._up = Throttle(rate) if rate else None
+
+    def take_fault(self, key, start):
+        with self.lock:
+            for fault in self.faults:
+                if not fault.fired and re.search(fault.path, key) and start >= fault.min_start:
+                    fault.fired = True
+                    return fault
+        return None
 
     def may_write(self, user, namespace):
         """Whether `user` may create or push repos under `namespace` (their own, or an org role of write/admin)."""
@@ -141,10 +209,24 @@ class Handler(BaseHTTPRequestHandler):
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass
                     return bytes(out)
-                out += self.rfile.read(size)
+                out += self._read_exactly(size)
                 self.rfile.readline()
         n = int(self.headers.get("Content-Length") or 0)
-        return self.rfile.read(n) if n else b""
+        return self._read_exactly(n) if n else b""
+
+    def _read_exactly(self, n):
+        """n bytes of the request body, through the upload throttle."""
+        out = bytearray()
+        while len(out) < n:
+            chunk = self.rfile.read(min(1 << 16, n - len(out)))
+            if not chunk:
+                break
+            if self.store._up is not None:
+                self.store._up.pass_bytes(len(chunk))
+            out += chunk
+        with self.store.lock:
+            self.store.received += len(out)
+        return bytes(out)
 
     def send(self, status, payload=None, headers=None, raw=None, head_only=False):
         data = raw if raw is not None else (b"" if payload is None else json.dumps(payload).encode())
@@ -231,6 +313,12 @@ class Handler(BaseHTTPRequestHandler):
             user, bad = self.user()
             if bad and not path.startswith("/_lfs/"):
                 return self.bad_credentials()
+            if path == "/_minihub/stats" and m == "GET":  # for a benchmark in another process
+                return self.send(200, {"served": sum(self.store.served.values()), "received": self.store.received})
+            if path == "/_minihub/throttle" and m == "POST":
+                limits = json.loads(self.body() or b"{}")
+                self.store.down_bps, self.store.up_bps = limits.get("down_bps"), limits.get("up_bps")
+                return self.send(200, {})
             if path == "/api/whoami-v2" and m == "GET":
                 return self.whoami(user)
             if path == "/api/repos/create" and m == "POST":
@@ -245,6 +333,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self.preupload(TYPES[mm[1]], mm[2], user)
             if mm := re.fullmatch(r"/api/(models|datasets|spaces)/([^/]+/[^/]+)/commit/([^/]+)", path):
                 return self.commit(TYPES[mm[1]], mm[2], mm[3], user)
+            if (mm := re.fullmatch(r"/api/(models|datasets|spaces)/([^/]+/[^/]+)/commits/([^/]+)", path)) and m == "GET":
+                return self.commits(TYPES[mm[1]], mm[2], mm[3], user)
             if mm := re.fullmatch(r"/api/(models|datasets|spaces)/([^/]+/[^/]+)/tree/([^/]+)(/.*)?", path):
                 return self.tree(TYPES[mm[1]], mm[2], mm[3], (mm[4] or "").strip("/"), q, user)
             if mm := re.fullmatch(r"/api/(models|datasets|spaces)/([^/]+/[^/]+)(?:/revision/([^/]+))?", path):
@@ -335,6 +425,17 @@ class Handler(BaseHTTPRequestHandler):
         if commit is None:
             return self.error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
         self.send(200, self.repo_json(repo, commit, blobs="blobs" in q, card=True))
+
+    def commits(self, rtype, repo_id, rev, user):
+        repo = self.find(rtype, repo_id, user)
+        if repo is None:
+            return
+        head = self.store.head(repo, rev)
+        if head is None:
+            return self.error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        history = repo["commits"][: repo["commits"].index(head) + 1]
+        self.send(200, [{"id": c["oid"], "title": c["title"], "message": "", "date": c["date"],
+                         "authors": [{"user": repo["owner"]}]} for c in reversed(history)])
 
     def tree(self, rtype, repo_id, rev, prefix, q, user):
         repo = self.find(rtype, repo_id, user)
@@ -497,6 +598,10 @@ class Handler(BaseHTTPRequestHandler):
             start, end = int(mm[1]), min(int(mm[2]) if mm[2] else size - 1, size - 1)
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        fault = self.store.take_fault(f"{repo_id}/{fpath}", start) if status == 206 else None
+        if fault is not None and fault.kind == "short" and end - start + 1 > fault.n:
+            end -= fault.n
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         length = max(0, end - start + 1)
         self.send_response(status)
         for k, v in headers.items():
@@ -505,15 +610,29 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD":
             return
+        drop_after = fault.n if fault is not None and fault.kind == "drop" else length
+        sent = 0
         with open(disk, "rb") as fh:
             fh.seek(start)
-            left = length
-            while left:
-                chunk = fh.read(min(1 << 20, left))
+            while sent < min(length, drop_after):
+                chunk = fh.read(min(1 << 16, min(length, drop_after) - sent))
                 if not chunk:
                     break
+                if self.store._down is not None:
+                    self.store._down.pass_bytes(len(chunk))
                 self.wfile.write(chunk)
-                left -= len(chunk)
+                sent += len(chunk)
+        self._count(repo_id, fpath, start, sent)
+        if sent < length:  # a fault: the connection drops with the body unfinished
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)
+
+    def _count(self, repo_id, fpath, start, n):
+        with self.store.lock:
+            key = f"{repo_id}/{fpath}"
+            self.store.served[key] = self.store.served.get(key, 0) + n
+            self.store.ranges.append((repo_id, fpath, start, n))  # one entry per answer
 
 
 def serve(port=0, data_dir=None, tokens=None, log_requests=False):

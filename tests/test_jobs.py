@@ -22,7 +22,7 @@ from cryptography.fernet import Fernet
 from huggingface_hub import HfApi
 
 from merger import constants, engine
-from merger.publish import hub_push
+from merger.publish import hub_push, stream_push
 from merger.jobs import recovery, store as jobs, worker, worker_notes
 from merger.jobs.supervisor import WorkerSupervisor
 from merger.jobs import queue
@@ -57,21 +57,30 @@ def immediate(data_dir: Path) -> None:
 
 @pytest.fixture
 def pushes(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
-    """Replace the Hub push; each call is recorded with the files it would have uploaded."""
+    """Replace the Hub push; each commit is recorded with the files it would have uploaded."""
     calls: list[dict] = []
 
-    def fake_push(folder: Path, repo_id: str, token: str, private: bool = False, reuse_repo: bool = False,
-                  before_create=None) -> str:
-        calls.append(
-            {"files": sorted(p.name for p in folder.iterdir()), "repo_id": repo_id, "token": token, "private": private}
-        )
-        return f"https://hub.test/{repo_id}"
+    class FakePush:
+        def __init__(self, repo_id: str, token: str, *, private: bool = False, reuse_repo: bool = False,
+                     before_create=None):
+            self.target = hub_push.PushTarget(repo_id, exists=False, private=private)
+            self.token = token
 
-    def fake_check(repo_id: str, token: str, private: bool = False, reuse_repo: bool = False) -> hub_push.PushTarget:
-        return hub_push.PushTarget(repo_id, exists=False, private=private)
+        def __enter__(self):
+            return self
 
-    monkeypatch.setattr(hub_push, "push_folder", fake_push)
-    monkeypatch.setattr(hub_push, "check_push_target", fake_check)
+        def __exit__(self, *exc) -> None:
+            pass
+
+        def __call__(self, shard: Path) -> None:
+            pass
+
+        def commit(self, folder: Path) -> str:
+            calls.append({"files": sorted(p.name for p in folder.iterdir()), "repo_id": self.target.repo_id,
+                          "token": self.token, "private": self.target.private})
+            return f"https://hub.test/{self.target.repo_id}"
+
+    monkeypatch.setattr(stream_push, "StreamPush", FakePush)
     return calls
 
 
@@ -80,7 +89,7 @@ def fake_engine(monkeypatch: pytest.MonkeyPatch, body: Callable[..., None]) -> l
     calls: list[dict] = []
 
     def run_merge(config_text, out_dir, *, device="auto", token=None, title=None, progress=None, should_cancel=None,
-                  evaluate=None):
+                  evaluate=None, on_shard=None):
         assert evaluate is None  # these jobs have no options: not evaluated
         calls.append({"config": config_text, "out_dir": out_dir, "token": token, "title": title})
         out_dir.mkdir(parents=True)

@@ -33,6 +33,7 @@ import torch
 from merger.io.buffers import BufferPool, freed_memory_kept
 from merger.errors import MergeCancelled, NonFiniteOutputError, NonFiniteWeightsError
 from merger.io.loader import STORAGE_DTYPES, TensorReader
+from merger.io.sources import WeightSource
 from merger.lora.apply import open_reader
 from merger.methods.sparsify import helper_threads
 from merger.methods.registry import SLICE, MergeMethod, get_method
@@ -74,25 +75,29 @@ class _Budget:
 
 def execute_plan(
     plan: MergePlan,
-    dirs: dict[str, Path],
+    dirs: dict[str, Path | WeightSource],
     out_dir: Path,
     device: torch.device,
     shard_size: int,
     progress: Progress | None = None,
     should_cancel: Callable[[], bool] | None = None,
     adapters: dict[str, Path] | None = None,
+    on_shard: Callable[[Path], None] | None = None,
 ) -> None:
     """Write every tensor of `plan` into safetensors shards in `out_dir`.
 
     Args:
         plan: the merge plan.
-        dirs: model key -> local model directory.
+        dirs: model key -> local model directory, or a :class:`~merger.io.sources.WeightSource` (a Hub
+            model read by byte ranges); each is told the order its tensors will be read in.
         out_dir: the (staging) output directory.
         device: where the float32 math runs.
         shard_size: bytes of tensor data per shard.
         progress: called after each tensor is written with (fraction done, tensor name).
         should_cancel: polled before each tensor; True raises :class:`MergeCancelled`.
         adapters: model key -> local LoRA adapter folder, for `model+lora` inputs (applied as read).
+        on_shard: called on the writer thread with each shard's path once the shard is complete
+            (see :class:`~merger.io.writer.ShardedWriter`); it may upload and delete the file.
 
     Raises:
         MergeCancelled: `should_cancel()` returned True.
@@ -107,7 +112,7 @@ def execute_plan(
     torch.set_num_threads(_math_threads(plan, threads))
     try:
         with freed_memory_kept(), helper_threads():
-            _execute(plan, dirs, out_dir, device, shard_size, progress, should_cancel, adapters or {})
+            _execute(plan, dirs, out_dir, device, shard_size, progress, should_cancel, adapters or {}, on_shard)
     finally:
         torch.set_num_threads(threads)
 
@@ -123,13 +128,14 @@ def _math_threads(plan: MergePlan, cores: int) -> int:
 
 def _execute(
     plan: MergePlan,
-    dirs: dict[str, Path],
+    dirs: dict[str, Path | WeightSource],
     out_dir: Path,
     device: torch.device,
     shard_size: int,
     progress: Progress | None,
     should_cancel: Callable[[], bool] | None,
     adapters: dict[str, Path],
+    on_shard: Callable[[Path], None] | None,
 ) -> None:
     pool = BufferPool(max_retained=0)
     prompt_gates = prompt_routers(plan, dirs, adapters, pool, device, should_cancel)  # before the streaming starts
@@ -153,7 +159,7 @@ def _execute(
         except BaseException as err:  # handed to the calling thread, which raises it
             read_queue.put(err)
 
-    with ShardedWriter(out_dir, [(j.name, j.shape, j.dtype) for j in plan.jobs], shard_size) as writer:
+    with ShardedWriter(out_dir, [(j.name, j.shape, j.dtype) for j in plan.jobs], shard_size, on_shard) as writer:
 
         def write_all() -> None:
             done = 0
@@ -192,13 +198,19 @@ def _execute(
 
 
 def _open_readers(
-    plan: MergePlan, dirs: dict[str, Path], pool: BufferPool, adapters: dict[str, Path]
+    plan: MergePlan, dirs: dict[str, Path | WeightSource], pool: BufferPool, adapters: dict[str, Path]
 ) -> dict[str, TensorReader]:
-    """A reader for every model the plan reads (model key -> reader); on failure none is left open."""
+    """A reader for every model the plan reads (model key -> reader), told its reads in the order the
+    reader thread makes them (a remote source fetches ahead); on failure none is left open."""
     readers: dict[str, TensorReader] = {}
+    order: dict[str, list[str]] = {}
+    for job in plan.jobs:
+        for source in _sources(job):
+            order.setdefault(source.model, []).append(source.name)
     try:
-        for key in sorted({s.model for j in plan.jobs for s in _sources(j)}):
+        for key in sorted(order):
             readers[key] = open_reader(dirs[key], pool, adapters.get(key), key)
+            readers[key].expect(order[key])
     except BaseException:  # a broken file or adapter: the files opened so far are closed
         for r in readers.values():
             r.close()

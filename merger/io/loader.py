@@ -1,4 +1,4 @@
-"""Per-tensor reads from a model directory's safetensors shards, by positioned reads into pooled buffers.
+"""Per-tensor reads from a model's safetensors shards into pooled buffers (local files or Hub ranges).
 
 No memory map: a mapped file's touched pages count towards the process's resident memory until
 unmapped, so reading a 1.7 GB checkpoint through mmap grows RSS by 1.7 GB. `os.preadv` into a reused
@@ -13,75 +13,51 @@ from pathlib import Path
 import torch
 
 from merger.io.buffers import BufferPool
-from merger.errors import TruncatedWeightsError
-from merger.io.metadata import StoredTensor, read_checkpoint
-from merger.io.modelfiles import unreadable
+from merger.io.sources import LocalWeights, WeightSource
 from merger.dtypes import DTYPE_SIZES, torch_dtype
 
 STORAGE_DTYPES = {code: torch_dtype(code) for code in DTYPE_SIZES}  # safetensors code -> torch dtype
 
 
 class TensorReader:
-    """Reads single tensors by name from a model directory without loading the rest.
+    """Reads single tensors by name from a model without loading the rest.
 
     Args:
-        model_dir: a directory with `*.safetensors` (and optionally `model.safetensors.index.json`).
+        model: a local model directory (read by :class:`~merger.io.sources.LocalWeights`), or any
+            :class:`~merger.io.sources.WeightSource` (e.g. a Hub repo read by byte ranges).
         pool: where read buffers come from.
-
-    Every file's header is checked against its size first (:func:`merger.io.metadata.read_checkpoint`),
-    so a download cut short is refused before any tensor is merged.
 
     Raises:
         ModelNotFoundError: the directory has no safetensors weights.
         ModelFileError subclasses: a truncated, unreadable or inconsistent file or index.
     """
 
-    def __init__(self, model_dir: Path, pool: BufferPool):
+    def __init__(self, model: Path | WeightSource, pool: BufferPool):
         self.pool = pool
-        self._where: dict[str, tuple[int, StoredTensor]] = {}
-        self._fds: list[int] = []
-        self._paths: dict[int, Path] = {}
-        for path, layout in read_checkpoint(model_dir).items():
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError as err:
-                self.close()
-                raise unreadable(path, err) from None
-            self._fds.append(fd)
-            self._paths[fd] = path
-            for name, stored in layout.items():
-                self._where[name] = (fd, stored)
+        self.source: WeightSource = LocalWeights(model) if isinstance(model, (str, os.PathLike)) else model
 
     def nbytes(self, name: str) -> int:
         """Bytes of tensor `name` as stored."""
-        return self._where[name][1].nbytes
+        return self.source.tensors[name].nbytes
+
+    def expect(self, names: list[str]) -> None:
+        """The tensors that will be read, in order: a remote source fetches them ahead."""
+        self.source.expect(names)
 
     def read(self, name: str) -> torch.Tensor:
         """Tensor `name` as stored (dtype and shape), in a CPU buffer from the pool.
 
         Raises:
             KeyError: no such tensor in this model.
-            TruncatedWeightsError: the file ended early (it shrank after its header was checked).
+            TruncatedWeightsError: a local file ended early (it shrank after its header was checked).
             UnreadableModelFileError: the OS failed the read (an I/O error).
+            HubError: a Hub range could not be read after retries.
         """
-        fd, stored = self._where[name]
+        stored = self.source.tensors[name]
         tensor = self.pool.take(stored.meta.shape, STORAGE_DTYPES[stored.meta.dtype])
-        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-        done = 0
-        while done < stored.nbytes:
-            try:
-                n = os.preadv(fd, [view[done:]], stored.offset + done)
-            except OSError as err:
-                raise unreadable(self._paths[fd], err) from None
-            if n == 0:
-                raise TruncatedWeightsError(
-                    f"`{self._paths[fd]}` ends {stored.nbytes - done} bytes early, in tensor `{name}`; download the model again"
-                )
-            done += n
+        self.source.read_into(name, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
         return tensor
 
     def close(self) -> None:
-        """Close the shard files."""
-        for fd in self._fds:
-            os.close(fd)
-        self._fds.clear()
+        """Close the source's files, connections and threads."""
+        self.source.close()

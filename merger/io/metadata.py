@@ -48,23 +48,6 @@ class TensorMeta:
 
 
 @dataclass(frozen=True)
-class ModelMetadata:
-    """A model's config and tensor directory, enough to plan and validate a merge.
-
-    Attributes:
-        reference: the model as the config names it (Hub id or local path).
-        config: the parsed `config.json`.
-        tensors: tensor name -> :class:`TensorMeta`, over all safetensors shards.
-        license: the license from the model card's front matter, if any.
-    """
-
-    reference: str
-    config: dict
-    tensors: dict[str, TensorMeta] = field(repr=False)
-    license: str | None = None
-
-
-@dataclass(frozen=True)
 class StoredTensor:
     """Where one tensor's bytes lie in a safetensors file.
 
@@ -77,6 +60,43 @@ class StoredTensor:
     meta: TensorMeta
     offset: int
     nbytes: int
+
+
+@dataclass(frozen=True)
+class HubCheckpoint:
+    """A Hub model's safetensors files at one commit, as their headers (read by byte ranges) say.
+
+    Attributes:
+        repo_id: `org/name`.
+        revision: the commit sha every file is read at (the metadata's commit, so weights match it).
+        files: file name in the repo -> tensor name -> :class:`StoredTensor`.
+        sizes: file name -> its size in bytes, as the Hub answered the header's read (where it said).
+    """
+
+    repo_id: str
+    revision: str
+    files: dict[str, dict[str, StoredTensor]]
+    sizes: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    """A model's config and tensor directory, enough to plan and validate a merge.
+
+    Attributes:
+        reference: the model as the config names it (Hub id or local path).
+        config: the parsed `config.json`.
+        tensors: tensor name -> :class:`TensorMeta`, over all safetensors shards.
+        license: the license from the model card's front matter, if any.
+        hub: where a Hub model's tensors lie, at the commit its metadata was read from (None for a
+            local folder): what the weights are later read from, by byte ranges.
+    """
+
+    reference: str
+    config: dict
+    tensors: dict[str, TensorMeta] = field(repr=False)
+    license: str | None = None
+    hub: HubCheckpoint | None = field(default=None, repr=False)
 
 
 def read_safetensors_layout(path: Path, where: str | None = None) -> dict[str, StoredTensor]:

@@ -12,6 +12,8 @@ from merger.errors import ModelNotFoundError, excerpt
 from merger.io.formats import check_layer_count, refuse_unmergeable_weights
 from merger.lora.adapter import read_adapter
 from merger.io.metadata import ModelMetadata, read_local_metadata
+from merger.io.sources import WeightSource
+from merger.publish.hub_ranges import HubWeights
 from merger.timeouts import check_deadline
 from merger.plan.tokenizer import Vocabulary, load_vocabulary
 from merger.config.references import PATH_PREFIXES, is_hub_id, looks_like_hub_id
@@ -90,6 +92,36 @@ def fetch_metadata(refs: list[ModelReference], token: str | None) -> dict[str, M
 def materialize(refs: list[ModelReference], token: str | None) -> dict[str, Path]:
     """Local directories for every model, downloading Hub repos (safetensors, configs, tokenizer files only)."""
     return {ref.key: local_path(ref.base) or hub_read.download_model(str(ref.base), token=token) for ref in refs}
+
+
+def stream_sources(
+    refs: list[ModelReference], metadata: dict[str, ModelMetadata], token: str | None
+) -> tuple[dict[str, Path], dict[str, Path | WeightSource]]:
+    """Every model's folder and weights, with no Hub weights downloaded: they are read by byte ranges.
+
+    A Hub model's folder holds its other files (configs, tokenizer, code) at the commit its metadata
+    was read from, and its weights are a :class:`~merger.publish.hub_ranges.HubWeights` at that commit
+    (which reads files already in the local HF cache from there). A local model is its folder twice.
+    A Hub model whose metadata has no checkpoint (planned elsewhere) is downloaded whole.
+
+    Returns:
+        (model key -> folder, model key -> folder or weight source).
+
+    Raises:
+        ModelNotFoundError, HubError: as :func:`merger.publish.hub_read.download_model`.
+    """
+    dirs: dict[str, Path] = {}
+    weights: dict[str, Path | WeightSource] = {}
+    for ref in refs:
+        path = local_path(ref.base)
+        hub = metadata[ref.key].hub if path is None else None
+        if hub is None:
+            dirs[ref.key] = path or hub_read.download_model(str(ref.base), token=token)
+            weights[ref.key] = dirs[ref.key]
+            continue
+        dirs[ref.key] = hub_read.download_model(f"{hub.repo_id}@{hub.revision}", token=token, weights=False)
+        weights[ref.key] = HubWeights(hub, token, str(ref.base))
+    return dirs, weights
 
 
 def adapter_path(ref: ModelReference, token: str | None) -> Path:

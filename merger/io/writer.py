@@ -14,7 +14,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import BinaryIO, Callable, Sequence
 
 import torch
 
@@ -121,6 +121,9 @@ class ShardedWriter:
         out_dir: the (temporary) output directory.
         tensors: (name, shape, safetensors dtype code) of every output tensor, in write order.
         max_shard_size: bytes of tensor data per shard.
+        on_shard: called with each shard's path once it is complete and closed (before the next one is
+            opened; the last one before the index is written), e.g. to upload it while the next is
+            merged. It may delete the file; what it raises stops the run.
 
     Raises:
         ValueError: a tensor arrives out of order or with another shape than planned.
@@ -128,8 +131,15 @@ class ShardedWriter:
         OutputWriteError / DiskSpaceError: the OS refused a write (the path, and the space the output needs).
     """
 
-    def __init__(self, out_dir: Path, tensors: Sequence[tuple[str, tuple[int, ...], str]], max_shard_size: int):
+    def __init__(
+        self,
+        out_dir: Path,
+        tensors: Sequence[tuple[str, tuple[int, ...], str]],
+        max_shard_size: int,
+        on_shard: Callable[[Path], None] | None = None,
+    ):
         self.out_dir = out_dir
+        self.on_shard = on_shard
         self.shards = layout_shards(tensors, max_shard_size)
         self._order = [slot for shard in self.shards for slot in shard]
         self._next = 0
@@ -141,14 +151,31 @@ class ShardedWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None and self._next == len(self._order):
+            self._finish_shard()
+            self._write_index()
+            return
         if self._file is not None:
             try:
-                self._file.close()  # flushes the last buffered bytes: a full disk can show only here
-            except OSError as err:
-                if exc_type is None:
-                    raise output_error(err, self.out_dir, self.total_bytes) from None
+                self._file.close()
+            except OSError:  # the run's own error is the one to report
+                pass
         if exc_type is None:
-            self._write_index()
+            raise ValueError(f"writer closed after {self._next} of {len(self._order)} planned tensors")
+
+    def _finish_shard(self) -> None:
+        """Close the open shard (flushing: a full disk can show only here) and hand it to `on_shard`."""
+        if self._file is None:
+            return
+        path = Path(self._file.name)
+        try:
+            self._file.close()
+        except OSError as err:
+            raise output_error(err, path, self.total_bytes) from None
+        finally:
+            self._file = None
+        if self.on_shard is not None:
+            self.on_shard(path)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Cast `tensor` to its planned dtype and append its bytes to its shard."""
@@ -161,10 +188,10 @@ class ShardedWriter:
                 f"merged tensor `{name}` holds NaN or inf as {slot.dtype}; the merge was stopped and nothing was kept."
             )
         path = self.out_dir / shard_file_name(slot.shard, len(self.shards))
+        if slot.shard != self._file_shard:
+            self._finish_shard()  # outside the try: what `on_shard` raises is its own error
         try:
             if slot.shard != self._file_shard:
-                if self._file is not None:
-                    self._file.close()
                 self._file = open(path, "wb")
                 self._file.write(_header(self.shards[slot.shard]))
                 self._file_shard = slot.shard
@@ -174,8 +201,6 @@ class ShardedWriter:
         self._next += 1
 
     def _write_index(self) -> None:
-        if self._next != len(self._order):
-            raise ValueError(f"writer closed after {self._next} of {len(self._order)} planned tensors")
         weight_map = {slot.name: shard_file_name(slot.shard, len(self.shards)) for slot in self._order}
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
         path = self.out_dir / SAFETENSORS_INDEX_FILE

@@ -8,6 +8,7 @@ import torch
 
 from merger.io.buffers import BufferPool
 from merger.io.loader import TensorReader
+from merger.io.sources import WeightSource
 from merger.lora.adapter import LoraAdapter, read_adapter
 
 
@@ -27,7 +28,7 @@ class AdaptedTensorReader(TensorReader):
         As :class:`~merger.io.loader.TensorReader`.
     """
 
-    def __init__(self, model_dir: Path, pool: BufferPool, adapter: LoraAdapter):
+    def __init__(self, model_dir: Path | WeightSource, pool: BufferPool, adapter: LoraAdapter):
         super().__init__(model_dir, pool)
         self.adapter = adapter
 
@@ -39,11 +40,11 @@ class AdaptedTensorReader(TensorReader):
         return tensor
 
 
-def open_reader(model_dir: Path, pool: BufferPool, adapter_dir: Path | None, reference: str) -> TensorReader:
+def open_reader(model_dir: Path | WeightSource, pool: BufferPool, adapter_dir: Path | None, reference: str) -> TensorReader:
     """The reader of one input: plain, or with its LoRA applied.
 
     Args:
-        model_dir: the model's folder.
+        model_dir: the model's folder, or its weights' source (a Hub model read by byte ranges).
         pool: where read buffers come from.
         adapter_dir: the LoRA adapter's folder, or None.
         reference: the input as the config names it (`model+lora`), for messages.

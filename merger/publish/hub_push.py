@@ -120,7 +120,7 @@ def push_folder(
         with hub_call(f"pushing to `{target.repo_id}`", token):
             api.upload_folder(folder_path=folder, repo_id=target.repo_id, commit_message=commit_message)
     except BaseException as err:  # a cancelled or killed upload must not leave an empty repo either
-        on_hub = _undo_create(api, target.repo_id, token)[1] if not target.exists else _left_unchanged(target.repo_id)
+        on_hub = delete_created_repo(api, target.repo_id, token)[1] if not target.exists else left_unchanged(target.repo_id)
         if isinstance(err, HubError):
             raise HubError(f"{err} {on_hub}") from None
         raise
@@ -149,7 +149,7 @@ def delete_unpushed_repo(repo_id: str, token: str) -> tuple[bool, str]:
         return False, f"The repo `{repo_id}` this job created could not be checked ({err}); delete it on the Hub if it is empty."
     if files - {".gitattributes"}:
         return True, f"The repo `{repo_id}` holds the uploaded files; it was kept."
-    return _undo_create(api, repo_id, token)
+    return delete_created_repo(api, repo_id, token)
 
 
 def whoami(token: str) -> str:
@@ -184,7 +184,8 @@ def check_repo_id(repo_id: str) -> None:
         ) from None
 
 
-def _undo_create(api: HfApi, repo_id: str, token: str) -> tuple[bool, str]:
+def delete_created_repo(api: HfApi, repo_id: str, token: str) -> tuple[bool, str]:
+    """Delete a repo this job created, after a failure; returns (deleted, what is on the Hub now, one sentence)."""
     # Best effort: the upload's own error is the one the user must see; this sentence follows it.
     try:
         with hub_call(f"deleting `{repo_id}`", token):
@@ -198,7 +199,8 @@ def _undo_create(api: HfApi, repo_id: str, token: str) -> tuple[bool, str]:
     return True, f"Nothing was pushed: the repo `{repo_id}` this job created was deleted."
 
 
-def _left_unchanged(repo_id: str) -> str:
+def left_unchanged(repo_id: str) -> str:
+    """The sentence for a failed push to a repo that existed before."""
     return f"Nothing was pushed: the repo `{repo_id}` existed before and was left unchanged."
 
 

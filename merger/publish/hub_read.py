@@ -37,7 +37,7 @@ from merger.errors import (
     excerpt,
 )
 from merger.io.formats import refuse_non_checkpoint_files
-from merger.io.metadata import ModelMetadata, TensorMeta, read_model_config
+from merger.io.metadata import HubCheckpoint, ModelMetadata, StoredTensor, TensorMeta, read_model_config
 from merger.io.modelfiles import (
     TensorEntry,
     check_header,
@@ -57,7 +57,7 @@ HEADER_FIRST_READ = 100_000  # bytes of a shard fetched first: most headers fit,
 HUB_TIMEOUT = 10  # seconds to wait for the Hub to send data
 
 
-def download_model(reference: str, token: str | None = None) -> Path:
+def download_model(reference: str, token: str | None = None, weights: bool = True) -> Path:
     """Download a Hub model's safetensors weights, configs and tokenizer files into the HF cache.
 
     The repo's file list is checked first, so that a pickle-only model is refused before any byte
@@ -66,6 +66,8 @@ def download_model(reference: str, token: str | None = None) -> Path:
     Args:
         reference (`str`): `"org/name"` or `"org/name@revision"`.
         token (`str`, *optional*): a Hugging Face token; defaults to HF_TOKEN or the saved login.
+        weights (`bool`, *optional*): also the `*.safetensors` weights; without them, every other file
+            (the weights are then read by byte ranges: :mod:`merger.publish.hub_ranges`).
 
     Returns:
         `Path`: the local snapshot directory.
@@ -81,7 +83,8 @@ def download_model(reference: str, token: str | None = None) -> Path:
     with _reading(reference, token):
         info = api.model_info(repo_id, revision=revision)
         _refuse_non_checkpoint(api, reference, info)
-        return Path(api.snapshot_download(repo_id, revision=info.sha, allow_patterns=HUB_ALLOW_PATTERNS))
+        patterns = HUB_ALLOW_PATTERNS if weights else [p for p in HUB_ALLOW_PATTERNS if p != "*.safetensors"]
+        return Path(api.snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns))
 
 
 def download_tokenizer(reference: str, token: str | None = None) -> Path:
@@ -161,9 +164,18 @@ def fetch_metadata(reference: str, token: str | None = None) -> ModelMetadata:
         info = api.model_info(repo_id, revision=revision)
         _refuse_non_checkpoint(api, reference, info)
         config = _remote_config(api, reference, repo_id, info.sha)
-        tensors = _remote_tensors(api, reference, info)
+        files, sizes = _remote_tensors(api, reference, info)
         card_license = _card_license(api, info)
-    return ModelMetadata(reference, config, tensors, card_license)
+    tensors = {name: stored.meta for layout in files.values() for name, stored in layout.items()}
+    names = [sibling.rfilename for sibling in info.siblings or []]
+    # Without an index, a local folder's every `*.safetensors` is weights (merger.io.metadata.read_checkpoint),
+    # and a tensor in two of them is refused; ranges would read `model.safetensors` alone and never see the
+    # other files, so such a repo gets no checkpoint: it is downloaded and checked whole.
+    stray = SAFETENSORS_INDEX_FILE not in names and any(
+        n.endswith(".safetensors") and "/" not in n and n != SAFETENSORS_SINGLE_FILE for n in names
+    )
+    hub = None if stray else HubCheckpoint(info.id, info.sha, files, sizes)
+    return ModelMetadata(reference, config, tensors, card_license, hub)
 
 
 @dataclass(frozen=True)
@@ -261,9 +273,13 @@ def _remote_config(api: HfApi, reference: str, repo_id: str, revision: str) -> d
     return read_model_config(read_bytes(Path(path)), reference)
 
 
-def _remote_tensors(api: HfApi, reference: str, info: ModelInfo) -> dict[str, TensorMeta]:
-    """Every tensor's shape and dtype from the repo's safetensors headers, each checked as a local one's is
-    (:mod:`merger.io.modelfiles`), except against the file's size: a header-only check cannot see the data."""
+def _remote_tensors(
+    api: HfApi, reference: str, info: ModelInfo
+) -> tuple[dict[str, dict[str, StoredTensor]], dict[str, int]]:
+    """Every tensor's shape, dtype and byte range (file name -> tensor name -> stored tensor) from the repo's
+    safetensors headers, each checked as a local one's is (:mod:`merger.io.modelfiles`), except against the
+    file's size, and the files' sizes the Hub gave (checked when the weights are read: validation reads
+    headers only)."""
     names = {sibling.rfilename for sibling in info.siblings or []}
     where = f"model `{reference}`"
     index_where = f"{where}: `{SAFETENSORS_INDEX_FILE}`"
@@ -285,30 +301,44 @@ def _remote_tensors(api: HfApi, reference: str, info: ModelInfo) -> dict[str, Te
     with ThreadPoolExecutor(max_workers=8) as threads:
         headers = dict(zip(files, threads.map(lambda name: _remote_header(api, info, name, f"{where}: `{name}`"), files)))
     if weight_map is not None:
-        check_index_matches(weight_map, {name: set(entries) for name, entries in headers.items()}, index_where)
-    return {
-        name: TensorMeta(shape, dtype) for entries in headers.values() for name, (shape, dtype, _, _) in entries.items()
+        check_index_matches(weight_map, {name: set(entries) for name, (_, entries, _) in headers.items()}, index_where)
+    files = {
+        file: {
+            name: StoredTensor(TensorMeta(shape, dtype), start + begin, end - begin)
+            for name, (shape, dtype, begin, end) in entries.items()
+        }
+        for file, (start, entries, _) in headers.items()
     }
+    return files, {file: size for file, (_, _, size) in headers.items() if size is not None}
 
 
-def _remote_header(api: HfApi, info: ModelInfo, filename: str, where: str) -> dict[str, TensorEntry]:
-    """One Hub file's safetensors header, read by byte ranges (as huggingface_hub's own parser does) and checked."""
-    head = _byte_range(api, info, filename, 0, HEADER_FIRST_READ - 1)
+def _remote_header(api: HfApi, info: ModelInfo, filename: str, where: str) -> tuple[int, dict[str, TensorEntry], int | None]:
+    """One Hub file's safetensors header, read by byte ranges (as huggingface_hub's own parser does) and checked;
+    returns the offset of its data section, its entries (offsets relative to that section) and the file's size
+    (from the first answer's Content-Range; None if the Hub did not say)."""
+    sizes: list[int] = []
+    head = _byte_range(api, info, filename, 0, HEADER_FIRST_READ - 1, sizes)
     length = header_length(head, None, where)
     data = head[8 : 8 + length] if len(head) >= 8 + length else _byte_range(api, info, filename, 8, 8 + length - 1)
     if len(data) < length:
         raise TruncatedWeightsError(f"{where} ends inside its safetensors header; the file on the Hub is incomplete")
-    return check_header(parse_header(data, where), where, None)
+    size = sizes[0] if sizes and sizes[0] >= 0 else None
+    return 8 + length, check_header(parse_header(data, where), where, None), size
 
 
-def _byte_range(api: HfApi, info: ModelInfo, filename: str, first: int, last: int) -> bytes:
-    """Bytes `first`..`last` (inclusive) of one file of the repo at `info.sha`; fewer where the file ends."""
+def _byte_range(api: HfApi, info: ModelInfo, filename: str, first: int, last: int,
+                sizes: list[int] | None = None) -> bytes:
+    """Bytes `first`..`last` (inclusive) of one file of the repo at `info.sha`; fewer where the file ends.
+    With `sizes`, the file's whole size is appended to it (from Content-Range; -1 when the Hub did not say)."""
     url = hf_hub_url(info.id, filename, revision=info.sha, endpoint=api.endpoint)
     headers = {**build_hf_headers(token=api.token), "range": f"bytes={first}-{last}"}
     response = get_session().get(url, headers=headers, timeout=HUB_TIMEOUT)
     if response.status_code == 416:  # Range Not Satisfiable: the file ends before `first` (a 0-byte file)
         return b""
     hf_raise_for_status(response)
+    if sizes is not None:
+        total = response.headers.get("content-range", "").rpartition("/")[2]
+        sizes.append(int(total) if total.isdigit() else len(response.content) if response.status_code == 200 else -1)
     return response.content
 
 

@@ -65,8 +65,12 @@ class Preflight:
         return bool(self.lines) and all(line.ok for line in self.lines)
 
 
-def preflight(yaml_text: str, token: str | None, repo_id: str, private: bool, reuse_repo: bool) -> Preflight:
+def preflight(yaml_text: str, token: str | None, repo_id: str, private: bool, reuse_repo: bool,
+              evaluate: bool = True) -> Preflight:
     """The checklist for a config and a push target, from metadata only (no weights are fetched).
+
+    `evaluate`: the job will be evaluated before its push (its inputs are then downloaded whole; without,
+    the merge streams from and to the Hub: see the `resources` line).
 
     Lines: `config` (parses), `models` (every model reachable with the caller's rights),
     `compatibility` (architectures, shapes, layer ranges, vocabularies), `target repo` (valid,
@@ -105,7 +109,7 @@ def preflight(yaml_text: str, token: str | None, repo_id: str, private: bool, re
         return Preflight((*lines, _target_line(repo_id, token, private, reuse_repo)))
     lines.append(CheckLine("compatibility", True, _plan_summary(result.plan)))
     lines.append(_target_line(repo_id, token, private, reuse_repo))
-    lines.append(_resources_line(result.plan, result.metadata))
+    lines.append(_resources_line(result.plan, result.metadata, evaluate))
     return Preflight(tuple(lines))
 
 
@@ -200,13 +204,27 @@ def _target_line(repo_id: str, token: str | None, private: bool, reuse_repo: boo
     return CheckLine("target repo", True, f"`{target.repo_id}`: {state}, {visibility}")
 
 
-def _resources_line(plan: Any, metadata: dict[str, Any]) -> CheckLine:
-    from merger.dtypes import DTYPE_SIZES
+def _resources_line(plan: Any, metadata: dict[str, Any], evaluate: bool = True) -> CheckLine:
+    """Download, disk, memory and time next to the worker's free disk and RAM.
 
-    download = sum(
-        t.numel * DTYPE_SIZES.get(t.dtype, 4) for meta in metadata.values() for t in meta.tensors.values()
-    )
+    Without an evaluation the worker reads only the tensors the plan uses (by byte ranges) and uploads each
+    shard as it is written, so its disk holds the shard being written and those waiting to upload; an
+    evaluation runs the parents and the merge, so the inputs are downloaded whole and the output is kept.
+    """
+    from merger.dtypes import DTYPE_SIZES
+    from merger.publish.stream_push import MAX_PENDING_SHARDS
+
+    def size(meta: Any, name: str) -> int:
+        return meta.tensors[name].numel * DTYPE_SIZES.get(meta.tensors[name].dtype, 4)
+
     output = sum(job.nbytes for job in plan.jobs)
+    if evaluate:
+        download = sum(size(meta, name) for meta in metadata.values() for name in meta.tensors)
+        on_disk = download + output
+    else:
+        read = {(s.model, s.name) for job in plan.jobs for s in [*job.sources, *([job.base] if job.base else [])]}
+        download = sum(size(metadata[key], name) for key, name in read)
+        on_disk = min(output, (MAX_PENDING_SHARDS + 1) * constants.DEFAULT_SHARD_SIZE)
     largest = max((job.nbytes // max(1, DTYPE_SIZES.get(job.dtype, 4)) for job in plan.jobs), default=0)
     inputs = max((len(job.sources) + (job.base is not None) for job in plan.jobs), default=1)
     peak = largest * 4 * (inputs + 2)  # float32 copies of one tensor's inputs, the output and a temporary
@@ -214,12 +232,12 @@ def _resources_line(plan: Any, metadata: dict[str, Any]) -> CheckLine:
     disk = shutil.disk_usage(_existing_parent(constants.DATA_DIR)).free
     ram = _available_ram()
     detail = (
-        f"download {_bytes(download)}, output {_bytes(output)}, peak memory ~{_bytes(peak)}, "
-        f"about {_duration(seconds)}; the worker has {_bytes(disk)} disk and {_bytes(ram)} RAM free"
+        f"download {_bytes(download)}, output {_bytes(output)} ({_bytes(on_disk)} on disk at once), peak memory "
+        f"~{_bytes(peak)}, about {_duration(seconds)}; the worker has {_bytes(disk)} disk and {_bytes(ram)} RAM free"
     )
-    if download + output > disk:
-        return CheckLine("resources", False, detail, "remove models in the form (✕), pick smaller ones, or merge "
-                                                     "a layer range (slices)")
+    if on_disk > disk:
+        fix = "remove models in the form (✕), pick smaller ones, or merge a layer range (slices)"
+        return CheckLine("resources", False, detail, fix + ("; or untick “evaluate” (the merge then streams)" if evaluate else ""))
     if ram and peak > ram:
         return CheckLine("resources", False, detail, "remove models in the form (✕) or pick smaller ones")
     return CheckLine("resources", True, detail)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from merger import constants, engine
 from merger.errors import EvalModelError, EvalTextError, MergeCancelled, MergerError, StagedOutputError
-from merger.publish import hub_push
+from merger.publish import hub_push, stream_push
 from merger.publish.hub_push import delete_unpushed_repo  # the worker's sweep of repos never committed to
 from merger.service.options import JobOptions
 
@@ -75,6 +75,30 @@ def run_job(job: Job, token: str, out_dir: Path, staged: Path, hooks: JobHooks) 
             `before_push = True` (the Hub was not touched). MergeCancelled: cancelled before the push.
     """
     options = JobOptions.from_record(job.options)
+    if options.review:
+        _merge(job, options, token, out_dir, hooks)
+        _stop_if_cancelled(hooks, "its staging")
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staged, ignore_errors=True)
+        out_dir.rename(staged)  # same data folder, so a rename: the staged output is whole or absent
+        logger.info("Job %s: the merge awaits review; nothing was pushed.", job.id)
+        return None
+    # Pushed at once: each shard is uploaded while the next is merged, then deleted; the commit at the end
+    # makes them visible. Leaving the block with an error deletes the repo if this push created it.
+    stream = stream_push.StreamPush(job.repo_id, token, private=job.private, reuse_repo=job.reuse_repo,
+                                    before_create=hooks.before_create)
+    with stream:
+        _merge(job, options, token, out_dir, hooks, on_shard=stream)
+        _stop_if_cancelled(hooks, "its commit")
+        logger.info("Job %s: committing to %s.", job.id, stream.target.repo_id)
+        url = stream.commit(out_dir)
+    logger.info("Job %s: pushed %s", job.id, url)
+    return url
+
+
+def _merge(job: Job, options: JobOptions, token: str, out_dir: Path, hooks: JobHooks,
+           on_shard: Callable[[Path], None] | None = None) -> None:
+    """The merge (and its evaluation, before any shard is handed on); failures say whether the Hub was touched."""
     try:
         evaluate = _evaluator(job, options, token, hooks)
         target = hub_push.check_push_target(job.repo_id, token, private=job.private, reuse_repo=job.reuse_repo)
@@ -82,7 +106,7 @@ def run_job(job: Job, token: str, out_dir: Path, staged: Path, hooks: JobHooks) 
         engine.run_merge(
             job.config_yaml, out_dir, token=token,
             title=target.repo_id,  # the card's heading and usage snippet name the repo people load
-            progress=hooks.progress, should_cancel=hooks.should_cancel, evaluate=evaluate,
+            progress=hooks.progress, should_cancel=hooks.should_cancel, evaluate=evaluate, on_shard=on_shard,
         )
     except (EvalModelError, EvalTextError) as err:
         failed = type(err)(f"the merge's evaluation failed: {err}; submit the job again with evaluation off to push "
@@ -90,18 +114,14 @@ def run_job(job: Job, token: str, out_dir: Path, staged: Path, hooks: JobHooks) 
         failed.before_push = True  # the worker's message says the Hub was not touched
         raise failed from None
     except MergerError as err:
-        err.before_push = True
+        err.before_push = not getattr(err, "from_push", False)  # an upload's failure says what is on the Hub
         raise
-    # The upload cannot be stopped half-way, so this is the last point where a cancel takes effect.
+
+
+def _stop_if_cancelled(hooks: JobHooks, step: str) -> None:
+    """The last point where a cancel takes effect: a commit cannot be stopped half-way."""
     if hooks.cancelled():
-        raise MergeCancelled("the merge was cancelled before its upload; nothing was pushed")
-    if options.review:
-        staged.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staged, ignore_errors=True)
-        out_dir.rename(staged)  # same data folder, so a rename: the staged output is whole or absent
-        logger.info("Job %s: the merge awaits review; nothing was pushed.", job.id)
-        return None
-    return push(out_dir, job, token, hooks.before_create)
+        raise MergeCancelled(f"the merge was cancelled before {step}; nothing was pushed")
 
 
 def publish_staged(job: Job, token: str, staged: Path, before_create: Callable[[str], None]) -> str:

@@ -1,0 +1,284 @@
+"""A Hub model's tensors read by HTTP range requests, only the bytes a plan needs, fetched ahead of the math.
+
+:class:`HubWeights` is a :class:`~merger.io.sources.WeightSource`: the executor tells it the order it
+will read tensors in (:meth:`HubWeights.expect`), and a thread of its own fetches them in that order,
+in groups of up to :data:`GROUP_BYTES` (each group one range request per run of tensors adjacent in
+the file), holding at most :data:`AHEAD_BYTES` (or one oversized group) not yet read. A frankenmerge
+or an MoE thus downloads only the layers it uses, and memory stays bounded whatever the model's size.
+
+Every request pins the commit the metadata was read from. A dropped connection, a 5xx or 429 answer,
+and a range whose size is wrong (short, long, or starting elsewhere) are retried with backoff,
+resuming at the first byte not yet received, up to :data:`RETRIES` times per range. What is verified:
+each answer's `Content-Range` (start, end, and the file's total size against the size seen before)
+and byte count. The Hub's sha256 covers a whole LFS file only, so a range's content cannot be
+checked against it; the pinned commit makes the bytes immutable. A file already in the local HF
+cache (complete, same header) is read from there instead (docs/decisions.md, "Streaming from the Hub").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx2  # huggingface_hub's HTTP client: its transport errors are what a dropped connection raises
+import torch
+from huggingface_hub import HfApi, hf_hub_url, try_to_load_from_cache
+from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+from merger.errors import HubError, ModelFileError, TruncatedWeightsError, excerpt
+from merger.io.metadata import HubCheckpoint, StoredTensor, read_safetensors_layout
+from merger.io.sources import read_file_range
+from merger.publish.hub_calls import hub_call
+
+logger = logging.getLogger(__name__)
+
+GROUP_BYTES = 64 * 2**20  # tensors fetched together (one request per run of adjacent ones), bytes
+AHEAD_BYTES = 2 * GROUP_BYTES  # fetched but not yet read, per model (one group larger than this is allowed alone)
+RETRIES = 5  # further tries of one range after a failed or wrong answer
+BACKOFF_S = 0.25  # first wait before a retry, doubled after each
+READ_TIMEOUT_S = 30  # seconds without data before a connection counts as dropped
+CHUNK = 1 << 20  # bytes per read from the response stream
+_RETRIED_STATUS = (429, 500, 502, 503, 504)
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+class _WrongRange(Exception):
+    """An answer that is not the range asked for (retried)."""
+
+
+@dataclass
+class _Group:
+    """Tensors fetched together: their bytes in one buffer, freed once each has been read as often as planned."""
+
+    file: str
+    tensors: dict[str, StoredTensor]
+    reads: int  # reads planned from this group (a tensor read twice counts twice)
+    nbytes: int = 0
+    where: dict[str, int] = field(default_factory=dict)  # tensor -> offset in `buffer`
+    buffer: torch.Tensor | None = None
+    error: BaseException | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+
+
+class HubWeights:
+    """A Hub model's safetensors tensors, read by byte ranges (see the module's notes).
+
+    Args:
+        checkpoint: the repo, commit and file layouts from its metadata (:func:`merger.publish.hub_read.fetch_metadata`).
+        token: a Hub token for private or gated repos (never logged).
+        reference: the model as the config names it, for messages.
+
+    Raises:
+        TruncatedWeightsError: a file is shorter than its header says (before anything is read).
+        HubError: from :meth:`read_into`, when a range cannot be read after :data:`RETRIES` retries,
+            or the Hub refuses it (with the status and what to do).
+    """
+
+    def __init__(self, checkpoint: HubCheckpoint, token: str | None, reference: str):
+        self.checkpoint = checkpoint
+        self.token = token
+        self.reference = reference
+        self.tensors: dict[str, StoredTensor] = {}
+        self._file_of: dict[str, str] = {}
+        for file, layout in checkpoint.files.items():
+            _refuse_cut_short(reference, file, layout, checkpoint.sizes.get(file))
+            for name, stored in layout.items():
+                self.tensors[name] = stored
+                self._file_of[name] = file
+        endpoint = HfApi(token=token).endpoint
+        self._urls = {f: hf_hub_url(checkpoint.repo_id, f, revision=checkpoint.revision, endpoint=endpoint) for f in checkpoint.files}
+        self._headers = build_hf_headers(token=token)
+        self._sizes: dict[str, int] = {}  # file -> total size, from the first answer's Content-Range
+        self._local = {f: path for f in checkpoint.files if (path := self._cached(f)) is not None}
+        self._pending: dict[str, deque[_Group]] = {}  # tensor -> the groups that will serve its next reads
+        self._lock = threading.Condition()
+        self._held = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def expect(self, names: Sequence[str]) -> None:
+        """Start fetching `names` (the executor's read order, repeats included) in groups, ahead of the reads."""
+        groups: list[_Group] = []
+        for name in names:
+            file, stored = self._file_of[name], self.tensors[name]
+            if file in self._local:
+                continue
+            last = groups[-1] if groups else None
+            if last is None or name not in last.tensors:
+                if last is None or last.file != file or (last.nbytes and last.nbytes + stored.nbytes > GROUP_BYTES):
+                    last = _Group(file, {}, 0)
+                    groups.append(last)
+                last.tensors[name] = stored
+                last.nbytes += stored.nbytes
+            last.reads += 1  # a tensor read twice within one group is fetched once
+            self._pending.setdefault(name, deque()).append(last)
+        self._thread = threading.Thread(target=self._fetch_all, args=(groups,), name="merger-hub-fetch", daemon=True)
+        self._thread.start()
+
+    def read_into(self, name: str, view: memoryview) -> None:
+        """Tensor `name`'s bytes into `view`: from its fetched group, the local cache, or a range of its own."""
+        file, stored = self._file_of[name], self.tensors[name]
+        if file in self._local:
+            fd = os.open(self._local[file], os.O_RDONLY)
+            try:
+                read_file_range(fd, self._local[file], stored.offset, view, name)
+            finally:
+                os.close(fd)
+            return
+        with self._lock:
+            queue = self._pending.get(name)
+            group = queue.popleft() if queue else None
+        if group is None:  # not planned (a re-read to explain an error): a range of its own
+            self._fetch(file, stored.offset, view)
+            return
+        while not group.ready.wait(0.1):
+            if self._stop.is_set():
+                raise HubError(f"model `{excerpt(self.reference, 100)}`: reading stopped before `{name}` arrived")
+        if group.error is not None:
+            raise group.error
+        start = group.where[name]
+        view[:] = memoryview(group.buffer.numpy())[start : start + stored.nbytes]
+        with self._lock:
+            group.reads -= 1
+            if group.reads == 0:
+                group.buffer = None
+                self._held -= group.nbytes
+                self._lock.notify_all()
+
+    def close(self) -> None:
+        """Stop fetching (the range in flight finishes or fails) and free the fetched buffers."""
+        self._stop.set()
+        with self._lock:
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        self._pending.clear()
+
+    # ---------------------------------------------------------------- fetching
+
+    def _fetch_all(self, groups: list[_Group]) -> None:
+        for i, group in enumerate(groups):
+            with self._lock:
+                while self._held and self._held + group.nbytes > AHEAD_BYTES and not self._stop.is_set():
+                    self._lock.wait(0.1)
+                if self._stop.is_set():
+                    return
+                self._held += group.nbytes
+            try:
+                self._fetch_group(group)
+            except BaseException as err:  # every read still waiting gets the error
+                for later in groups[i:]:
+                    later.error = err
+                    later.ready.set()
+                return
+            group.ready.set()
+
+    def _fetch_group(self, group: _Group) -> None:
+        """The group's tensors in file order in one buffer: one request per run of tensors adjacent in the file."""
+        group.buffer = torch.empty(group.nbytes, dtype=torch.uint8)
+        buffer = memoryview(group.buffer.numpy())
+        runs: list[tuple[int, int, int]] = []  # (offset in the file, offset in the buffer, bytes)
+        position = 0
+        for name in sorted(group.tensors, key=lambda n: group.tensors[n].offset):
+            stored = group.tensors[name]
+            group.where[name] = position
+            if runs and runs[-1][0] + runs[-1][2] == stored.offset:
+                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + stored.nbytes)
+            else:
+                runs.append((stored.offset, position, stored.nbytes))
+            position += stored.nbytes
+        for offset, start, nbytes in runs:
+            self._fetch(group.file, offset, buffer[start : start + nbytes])
+
+    def _fetch(self, file: str, offset: int, view: memoryview) -> None:
+        """Fill `view` from byte `offset` of `file` on the Hub, retrying and resuming (see the module's notes)."""
+        done, tries = 0, 0
+        action = f"reading model `{excerpt(self.reference, 100)}` (`{excerpt(file, 80)}`) from the Hub"
+        with hub_call(action, self.token):
+            while done < len(view):
+                if self._stop.is_set():
+                    raise HubError(f"{action} was stopped")
+                try:
+                    done += self._request(file, offset + done, view[done:])
+                    continue  # all of it, or a short range or a drop after some bytes: the rest is asked for next
+                except (httpx2.TransportError, _WrongRange) as err:
+                    reason = f"{type(err).__name__}: {excerpt(err, 120)}"
+                tries += 1
+                if tries > RETRIES:
+                    raise HubError(f"{action} failed after {RETRIES} retries ({reason}); check the connection and retry")
+                logger.warning("%s: retrying bytes %d-%d (%s)", action, offset + done, offset + len(view) - 1, reason)
+                time.sleep(BACKOFF_S * 2 ** (tries - 1))
+
+    def _request(self, file: str, start: int, view: memoryview) -> int:
+        """One range request for `view`'s bytes from `start`; returns the bytes received (all, or a short range's).
+
+        Raises:
+            _WrongRange: the answer is not that range (whole file, another start, wrong total size, too long);
+                nothing of it is kept. httpx2.TransportError: the connection failed or dropped (bytes received
+                before it count). HfHubHTTPError: a refusal that a retry cannot fix (401, 403, 404, ...).
+        """
+        end = start + len(view) - 1
+        headers = {**self._headers, "range": f"bytes={start}-{end}"}
+        timeout = httpx2.Timeout(READ_TIMEOUT_S, connect=10)
+        with get_session().stream("GET", self._urls[file], headers=headers, timeout=timeout) as response:
+            if response.status_code in _RETRIED_STATUS:
+                raise _WrongRange(f"HTTP {response.status_code}")
+            if response.status_code >= 400:
+                response.read()  # an error's body is short; hf_raise_for_status reads the Hub's message in it
+                hf_raise_for_status(response)
+            if response.status_code != 206:  # e.g. the whole file: not read
+                raise _WrongRange(f"HTTP {response.status_code} instead of a range")
+            length = self._check_content_range(file, response.headers.get("content-range", ""), start, end)
+            received = 0
+            try:
+                for chunk in response.iter_bytes(CHUNK):
+                    if received + len(chunk) > length:
+                        raise _WrongRange(f"more bytes than the {length} announced")
+                    view[received : received + len(chunk)] = chunk
+                    received += len(chunk)
+            except httpx2.TransportError:
+                if received:  # resume after what arrived, without counting a try
+                    return received
+                raise
+            if received != length:  # the connection closed early, though httpx did not say so
+                raise _WrongRange(f"{received} of {length} bytes")
+            return received
+
+    def _check_content_range(self, file: str, value: str, start: int, end: int) -> int:
+        """The answer's byte count, once its Content-Range is checked against the request and the file's size."""
+        match = _CONTENT_RANGE.fullmatch(value.strip())
+        if match is None or int(match[1]) != start or not start <= int(match[2]) <= end:
+            raise _WrongRange(f"Content-Range `{excerpt(value, 60)}` for bytes {start}-{end}")
+        if match[3] != "*":
+            total = self._sizes.setdefault(file, int(match[3]))
+            if total != int(match[3]):
+                raise _WrongRange(f"the file's size changed from {total} to {match[3]} bytes")
+        return int(match[2]) - start + 1
+
+    def _cached(self, file: str) -> Path | None:
+        """The file's copy in the local HF cache at the pinned commit, if its header matches the Hub's."""
+        path = try_to_load_from_cache(self.checkpoint.repo_id, file, revision=self.checkpoint.revision)
+        if not isinstance(path, str):
+            return None
+        try:
+            same = read_safetensors_layout(Path(path)) == self.checkpoint.files[file]  # checked against its size too
+        except (ModelFileError, OSError):  # a damaged cache entry: the Hub has the file
+            return None
+        return Path(path) if same else None
+
+
+def _refuse_cut_short(reference: str, file: str, layout: dict[str, StoredTensor], size: int | None) -> None:
+    """A file the Hub says is shorter than its header's last tensor is refused before any merge."""
+    end = max((stored.offset + stored.nbytes for stored in layout.values()), default=0)
+    if size is not None and end > size:
+        raise TruncatedWeightsError(
+            f"model `{excerpt(reference, 100)}`: `{excerpt(file, 80)}` on the Hub is {size:,} bytes but its header "
+            f"places data up to byte {end:,}; the file is incomplete: use a revision whose upload finished"
+        )

@@ -151,17 +151,11 @@ def run_merge(
     _check_out_dir(out_dir)
     _refuse_input_folders(out_dir, config)
     plan, metadata = _planned(config, token, planned, seed)
-    needed = sum(job.nbytes for job in plan.jobs)
+    needed = sum(job.nbytes for job in plan.jobs)  # shards handed on as they finish: a few at a time on disk
     needed = (min(needed, 3 * shard_size) if on_shard is not None else needed) + OUTPUT_EXTRA_BYTES
     remove_stale_staging(out_dir.parent)
     check_free_space(out_dir, needed)
-    if evaluate is None:
-        dirs, weights = stream_sources(list(plan.models), metadata, token)
-    else:
-        dirs = materialize(list(plan.models), token)
-        weights = dict(dirs)
-    adapters = materialize_adapters(list(plan.models), token)
-
+    dirs, weights, adapters = _inputs(plan, metadata, token, whole=evaluate is not None)
     _write_through_staging(
         plan, dirs, adapters, out_dir, needed, config_text=config_text, metadata=metadata, title=title or out_dir.name,
         device=device, shard_size=shard_size, progress=progress, should_cancel=should_cancel, evaluate=evaluate,
@@ -169,6 +163,16 @@ def run_merge(
     )
     return MergeResult(out_dir, plan.method_name, plan.num_layers, plan.parameter_count, time.monotonic() - started)
 
+
+
+def _inputs(plan: MergePlan, metadata: dict[str, ModelMetadata], token: str | None, whole: bool) -> tuple[dict, dict, dict]:
+    """Where each input is read from: its folder (local, or downloaded whole when `whole`: an evaluation
+    runs the parents), its weights (a Hub model's by byte ranges otherwise), and its LoRA adapter's folder."""
+    if whole:
+        dirs = materialize(list(plan.models), token)
+        return dirs, dict(dirs), materialize_adapters(list(plan.models), token)
+    dirs, weights = stream_sources(list(plan.models), metadata, token)
+    return dirs, weights, materialize_adapters(list(plan.models), token)
 
 
 def _planned(

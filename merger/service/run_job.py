@@ -76,7 +76,7 @@ def run_job(job: Job, token: str, out_dir: Path, staged: Path, hooks: JobHooks) 
     """
     options = JobOptions.from_record(job.options)
     if options.review:
-        _merge(job, options, token, out_dir, hooks)
+        _merge(job, options, token, out_dir, hooks, title=None)
         _stop_if_cancelled(hooks, "its staging")
         staged.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staged, ignore_errors=True)
@@ -88,7 +88,7 @@ def run_job(job: Job, token: str, out_dir: Path, staged: Path, hooks: JobHooks) 
     stream = stream_push.StreamPush(job.repo_id, token, private=job.private, reuse_repo=job.reuse_repo,
                                     before_create=hooks.before_create)
     with stream:
-        _merge(job, options, token, out_dir, hooks, on_shard=stream)
+        _merge(job, options, token, out_dir, hooks, title=stream.target.repo_id, on_shard=stream)
         _stop_if_cancelled(hooks, "its commit")
         logger.info("Job %s: committing to %s.", job.id, stream.target.repo_id)
         url = stream.commit(out_dir)
@@ -96,16 +96,19 @@ def run_job(job: Job, token: str, out_dir: Path, staged: Path, hooks: JobHooks) 
     return url
 
 
-def _merge(job: Job, options: JobOptions, token: str, out_dir: Path, hooks: JobHooks,
+def _merge(job: Job, options: JobOptions, token: str, out_dir: Path, hooks: JobHooks, title: str | None,
            on_shard: Callable[[Path], None] | None = None) -> None:
-    """The merge (and its evaluation, before any shard is handed on); failures say whether the Hub was touched."""
+    """The merge (and its evaluation, before any shard is handed on); failures say whether the Hub was touched.
+    `title`: the checked target repo's id, or None to check the target here (the Hub may have changed while
+    the job was queued)."""
     try:
         evaluate = _evaluator(job, options, token, hooks)
-        target = hub_push.check_push_target(job.repo_id, token, private=job.private, reuse_repo=job.reuse_repo)
-        logger.info("Job %s: merging for %s.", job.id, target.repo_id)
+        if title is None:
+            title = hub_push.check_push_target(job.repo_id, token, private=job.private, reuse_repo=job.reuse_repo).repo_id
+        logger.info("Job %s: merging for %s.", job.id, title)
         engine.run_merge(
             job.config_yaml, out_dir, token=token,
-            title=target.repo_id,  # the card's heading and usage snippet name the repo people load
+            title=title,  # the card's heading and usage snippet name the repo people load
             progress=hooks.progress, should_cancel=hooks.should_cancel, evaluate=evaluate, on_shard=on_shard,
         )
     except (EvalModelError, EvalTextError) as err:

@@ -90,7 +90,7 @@ def run_job(job: Job, token: str, out_dir: Path, staged: Path, hooks: JobHooks) 
     with stream:
         _merge(job, options, token, out_dir, hooks, title=stream.target.repo_id, on_shard=stream)
         _stop_if_cancelled(hooks, "its commit")
-        logger.info("Job %s: committing to %s.", job.id, stream.target.repo_id)
+        logger.info("Job %s: uploading to %s.", job.id, stream.target.repo_id)
         url = stream.commit(out_dir)
     logger.info("Job %s: pushed %s", job.id, url)
     return url

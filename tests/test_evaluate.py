@@ -118,6 +118,38 @@ def test_dataset_split_from_the_hub(hub, tmp_path: Path) -> None:
         dataset_texts("alice/notes:validation", hub.token)
 
 
+def test_a_split_file_over_the_bound_is_refused_before_it_is_downloaded(hub, tmp_path: Path, monkeypatch) -> None:
+    from huggingface_hub import HfApi
+
+    from merger.evaluate import text as text_module
+
+    api = HfApi(endpoint=hub.url, token=hub.token)
+    api.create_repo("alice/big-notes", repo_type="dataset")
+    (tmp_path / "test-a.txt").write_text("small first file\n")
+    (tmp_path / "test-b.txt").write_text("x" * 5000)
+    api.upload_folder(folder_path=tmp_path, repo_id="alice/big-notes", repo_type="dataset")
+    import huggingface_hub
+
+    downloads, original = [], huggingface_hub.hf_hub_download
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: downloads.append(a[1]) or original(*a, **k))
+    monkeypatch.setattr(text_module, "MAX_DATASET_FILE_BYTES", 4096)
+    with pytest.raises(EvalTextError, match=r"`test-b.txt` is 5,000 bytes, over the 4,096 bytes"):
+        dataset_texts("alice/big-notes:test", hub.token)
+    assert downloads == []  # refused from the listing: nothing fetched
+    monkeypatch.setattr(text_module, "MAX_DATASET_FILE_BYTES", 8192)
+    monkeypatch.setattr(text_module, "MAX_TEXT_BYTES", 10)  # the first file's size already reaches it
+    (text,) = dataset_texts("alice/big-notes:test", hub.token)
+    assert downloads == ["test-a.txt"] and text.text.startswith("small")
+
+
+def test_a_dataset_spec_never_reads_a_local_folder_or_a_model_repo(hub, monkeypatch) -> None:
+    monkeypatch.chdir(FIXTURES.parent)  # `fixtures/mistral-base` is a folder here, with a `config.json`
+    model = hub.upload_model(FIXTURES / "mistral-base", "alice/eval-not-a-dataset")
+    for spec in ("fixtures/mistral-base:config", f"{model}:config"):
+        with pytest.raises(EvalTextError, match="could not be read"):
+            dataset_texts(spec, hub.token)
+
+
 def test_cli_eval_prints_the_table(capsys, tmp_path: Path) -> None:
     text = tmp_path / "snippet.txt"
     text.write_text(_slice("code", 2000))

@@ -207,3 +207,19 @@ def test_cli_mistakes_are_one_line_errors(capsys, argv: list[str], words: list[s
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     for word in words:
         assert word in err
+
+
+@pytest.mark.parametrize("config", ['{"model_type": "no-such-family"}', '{"model_type": "llama"}'])
+def test_a_model_that_does_not_load_is_named_by_its_name_never_by_the_servers_folder(tmp_path: Path,
+                                                                                     config: str) -> None:
+    # A job's parents live in the worker's Hub cache: the error names the model as its config does.
+    folder = tmp_path / "models--org--parent" / "snapshots" / "0123abcd"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(config)
+    from merger.errors import EvalModelError
+    from merger.evaluate.score import evaluate_models
+
+    with pytest.raises(EvalModelError) as refused:
+        evaluate_models([("org/parent", folder)], [EvalText("prose", "a few words")])
+    assert "`org/parent` does not load with transformers" in str(refused.value)
+    assert str(tmp_path) not in str(refused.value) and "snapshots" not in str(refused.value)

@@ -18,7 +18,7 @@ import torch
 
 from merger.config.load import load_config
 from merger.engine import run_merge
-from merger.errors import ArchitectureError, ConfigError, GatePromptError, MergeCancelled
+from merger.errors import ArchitectureError, ConfigError, GatePromptError, MergeCancelled, ModelFileError
 from merger.execute.prompt_gates import prompt_gate_weights
 from merger.io.buffers import BufferPool
 from merger.io.loader import TensorReader
@@ -298,3 +298,19 @@ def test_a_qwen2_moe_shared_expert_gate_comes_from_its_own_prompts(fx: Path, tmp
                        extra=f"shared_experts:\n  - source_model: {fx / 'qwen2-base'}\n")
     with pytest.raises(ConfigError, match=r"`shared_experts\[0\]\.positive_prompts` is missing"):
         run_merge(without, tmp_path / "refused", device="cpu")
+
+
+def test_a_base_whose_tokenizer_does_not_load_is_named_without_the_servers_folder(fx: Path, tmp_path: Path) -> None:
+    # On a worker the base's folder is the Hub cache: the error names `base_model`, never the folder.
+    import shutil
+
+    base = tmp_path / "models--org--base" / "snapshots" / "0123abcd"
+    shutil.copytree(fx / "llama-base", base)
+    for name in base.iterdir():
+        if name.name.startswith(("tokenizer", "special_tokens")):
+            name.unlink()
+    (base / "tokenizer.json").write_text("{ not json")
+    with pytest.raises(ModelFileError) as refused:
+        gates_of(base, "hidden", ((PROSE, ()), (CODE, ())))
+    assert "`base_model`: its config or tokenizer does not load" in str(refused.value)
+    assert str(tmp_path) not in str(refused.value) and "snapshots" not in str(refused.value)

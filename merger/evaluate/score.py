@@ -161,8 +161,12 @@ def _cell(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
-def load_causal_lm(path: Path, device: torch.device):
+def load_causal_lm(path: Path, device: torch.device, name: str | None = None):
     """A model folder as a float32 causal LM in eval mode, and its tokenizer.
+
+    Args:
+        name: how errors name the model (its Hub id or the path its user gave); None: the folder. A job's
+            or the app's folders are the server's cache, which its errors must not show.
 
     Raises:
         EvalModelError: not a folder with config.json, or transformers cannot load it.
@@ -172,14 +176,16 @@ def load_causal_lm(path: Path, device: torch.device):
 
     transformers_logging.disable_progress_bar()  # one bar, ours: per-tensor loading bars would break it
     path = Path(path)
+    name = name or str(path)
     if not (path / "config.json").is_file():
-        raise EvalModelError(f"`{excerpt(str(path))}` is not a model folder (no config.json); give a local model folder")
+        raise EvalModelError(f"`{excerpt(name)}` is not a model folder (no config.json); give a local model folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as err:
-        raise EvalModelError(f"`{excerpt(str(path))}` does not load with transformers "
-                             f"({type(err).__name__}: {excerpt(str(err))})") from None
+        why = str(err).replace(str(path), name)  # transformers names the folder it read
+        raise EvalModelError(f"`{excerpt(name)}` does not load with transformers "
+                             f"({type(err).__name__}: {excerpt(why)})") from None
     return model.to(device).eval(), tokenizer
 
 
@@ -308,7 +314,7 @@ def evaluate_models(
 
 def _score_model(row: ModelScore, path: Path, texts: list[EvalText], prompts: tuple[str, ...], budget: EvalBudget,
                  device: torch.device, deadline: float, cache: _MergeCache | None, is_merge: bool) -> None:
-    model, tokenizer = load_causal_lm(path, device)
+    model, tokenizer = load_causal_lm(path, device, row.name)
     bos = bos_id(tokenizer)
     for text in texts:
         ids = token_ids(tokenizer, text.text, budget.tokens_per_text)

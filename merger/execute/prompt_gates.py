@@ -100,9 +100,10 @@ def _load_config_and_tokenizer(model_dir: Path):
         config = AutoConfig.from_pretrained(model_dir)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, KeyError) as err:
+        why = str(err).replace(str(model_dir), "base_model")  # the folder is the server's cache: never shown
         raise ModelFileError(
-            f"`base_model` ({excerpt(str(model_dir))}): its config or tokenizer does not load with transformers "
-            f"({type(err).__name__}: {excerpt(str(err))}), and prompt gates run the base's tokenizer and layers; "
+            f"`base_model`: its config or tokenizer does not load with transformers "
+            f"({type(err).__name__}: {excerpt(why)}), and prompt gates run the base's tokenizer and layers; "
             "use `gate_mode: random` or a base whose files load"
         ) from None
     config._attn_implementation = "eager"

@@ -66,4 +66,4 @@ def _tokenizer_if_any(ref: ModelReference, metadata: dict[str, ModelMetadata], t
     path = local_path(ref.base) or hub_read.download_tokenizer(str(ref.base), token=token)
     if not any((path / name).is_file() for name in TOKENIZER_VOCABULARY_FILES):
         return None
-    return load_vocabulary(path, embedding_rows(metadata[ref.key]))
+    return load_vocabulary(path, embedding_rows(metadata[ref.key]), str(ref.base))

@@ -260,6 +260,24 @@ EVAL_OPTIONS = [
     HostileRequest("eval-text-token", "evaluation option", "eval_text", f"notes\n{FAKE_TOKEN}\n", "EvalTextError"),
     HostileRequest("eval-text-and-dataset", "evaluation option", "eval_both", "some text", "EvalTextError"),
 ]
+def _routed_moe(prose: list[str], code: list[str]) -> str:
+    """A prompt-routed MoE of the Llama fixtures with these prompts."""
+    def expert(kind: str, prompts: list[str]) -> str:
+        return f"  - source_model: tests/data/fixtures/llama-{kind}\n    positive_prompts: {json.dumps(prompts)}\n"
+
+    return ("base_model: tests/data/fixtures/llama-base\ngate_mode: hidden\nexperts_per_token: 1\nexperts:\n"
+            + expert("prose", prose) + expert("code", code))
+
+
+# Prompts run through the base at merge time: refused from the base's tokenizer at validation, before any
+# weight is downloaded (the job never starts).
+PROMPTS = [
+    HostileRequest("moe-prompt-over-token-cap", "parameter", "config",
+                   _routed_moe(["the quick brown fox " * 200], ["def main():"]), "GatePromptError"),
+    HostileRequest("moe-prompts-over-total-cap", "parameter", "config",
+                   _routed_moe([f"{i} " + "prose sentences " * 16 for i in range(256)],
+                               [f"{i} " + "code lines " * 16 for i in range(256)]), "GatePromptError"),
+]
 # /suggest's text and budget, on a config it would search: refused before any model is read.
 SUGGEST_INPUTS = [
     HostileRequest("suggest-text-huge", "suggest input", "suggest_text", "z" * 1_000_000, "InsightLimitError"),
@@ -320,5 +338,5 @@ def _model_entry(model: str) -> HostileRequest:
 
 MODEL_FILES = [_model_entry(model) for model in MODEL_BUILDERS]
 
-CATALOGUE = [*JOB_IDS, *LINKS, *REPOS, *SPACE_PATHS, *OUTPUTS, *MODEL_IDS, *EVAL_OPTIONS, *SUGGEST_INPUTS, *CONFIGS,
+CATALOGUE = [*JOB_IDS, *LINKS, *REPOS, *SPACE_PATHS, *OUTPUTS, *MODEL_IDS, *EVAL_OPTIONS, *SUGGEST_INPUTS, *PROMPTS, *CONFIGS,
              *MODEL_FILES]

@@ -223,3 +223,26 @@ def test_a_model_that_does_not_load_is_named_by_its_name_never_by_the_servers_fo
         evaluate_models([("org/parent", folder)], [EvalText("prose", "a few words")])
     assert "`org/parent` does not load with transformers" in str(refused.value)
     assert str(tmp_path) not in str(refused.value) and "snapshots" not in str(refused.value)
+
+
+def test_a_model_over_the_free_memory_is_refused_before_it_is_loaded(monkeypatch) -> None:
+    # In float32 a 7B parent needs 28 GiB: an out-of-memory kill would take the worker (or the Space) down.
+    from merger.errors import EvalModelError
+    from merger.evaluate import score
+    from merger.io.metadata import read_safetensors_header
+
+    folder = FIXTURES / "mistral-base"
+    need = sum(t.numel for t in read_safetensors_header(folder / "model.safetensors").values()) * 4
+    monkeypatch.setattr(score, "free_memory", lambda device: need - 1)
+    with pytest.raises(EvalModelError, match=r"`org/base` needs .* GiB in float32 to be evaluated, over the"):
+        score.load_causal_lm(folder, torch.device("cpu"), "org/base")
+    monkeypatch.setattr(score, "free_memory", lambda device: need)
+    model, _ = score.load_causal_lm(folder, torch.device("cpu"), "org/base")
+    assert sum(p.numel() * 4 for p in model.parameters()) <= need  # the estimate bounds what is loaded
+
+
+def test_free_memory_is_known_on_the_cpu() -> None:
+    from merger.evaluate.score import free_memory
+
+    free = free_memory(torch.device("cpu"))
+    assert free is not None and 0 < free < 2**50

@@ -329,3 +329,10 @@ class StagedOutputError(MergerError):
 
 class GatePromptError(ConfigError):
     """An expert's prompt cannot be run through the base for its router row: no tokens, or over the token caps."""
+
+
+# ---------------------------------------------------------------- audit: the Space's weight-reading endpoints
+
+
+class SignInRequiredError(MergerError, PermissionError):
+    """A request that makes a Space read weights (weight report, suggested merge) came from a signed-out visitor."""

@@ -11,10 +11,16 @@ An entry's `field` says what `value` is, and so where it goes:
 - `out`: the CLI's output folder (the config is a valid one). `{tmp}` stands for the test's scratch
   folder, where `file` (a file) and `foreign/notes.txt` (a folder with someone else's file) exist;
   `{fixtures}` for the fixture models.
+- `eval_dataset` / `eval_text`: `/submit`'s evaluation options (the config and the repo are valid ones);
+  `eval_both`: `value` as the pasted text with a dataset split set too;
+- `suggest_text`: `/suggest`'s evaluation text (a valid config of a base and two fine-tunes, a valid budget);
+- `budget`: `/suggest`'s budget, `"CANDIDATES MINUTES"` (each sent as the JSON number or string it parses to).
 
 Channels (see :data:`CHANNELS_FOR`): `cli_validate` / `cli_run` (`python -m merger validate|run`),
 `app_validate`, `app_submit` (a job: `/submit`, then, if it was queued, `/job_status` until it ends), `app_share`,
-`app_load_link`, `app_job_status`, `app_job_config`, `app_cancel`, `app_publish`, `app_discard`.
+`app_load_link`, `app_job_status`, `app_job_config`, `app_cancel`, `app_publish`, `app_discard`, `app_preflight`
+(the checklist answers with lines, not an error: a failing line stands for the entry's error), `app_weight_report`
+and `app_suggest`.
 
 The other catalogues are mapped in here, so one test sends everything: tests/hostile_catalogue.py's configs
 (:data:`CONFIGS`) and tests/test_model_files.py's broken model folders (:data:`MODEL_FILES`, served by the
@@ -42,9 +48,16 @@ CHANNELS_FOR = {
     "config": ("cli_validate", "cli_run", "app_validate", "app_submit"),
     "job_id": ("app_job_status", "app_job_config", "app_cancel", "app_publish", "app_discard"),
     "payload": ("app_load_link",),
-    "repo": ("cli_run", "app_submit"),
+    "repo": ("cli_run", "app_submit", "app_preflight"),
     "out": ("cli_run",),
+    "eval_dataset": ("app_submit",),
+    "eval_text": ("app_submit",),
+    "eval_both": ("app_submit",),
+    "suggest_text": ("app_suggest",),
+    "budget": ("app_suggest",),
 }
+# Endpoints that read a config's models (metadata, or weights within the app's bounds) before any merge.
+READERS = ("app_preflight", "app_weight_report", "app_suggest")
 APP_ONLY = ("app_validate", "app_submit")  # a Space's rules (local paths) exist in the app only
 
 
@@ -174,7 +187,7 @@ REPOS = [
 
 SPACE_PATHS = [
     HostileRequest(f"space-{name}", "local path on a Space", "config", with_model(path), "ConfigError",
-                   channels=APP_ONLY, space=True)
+                   channels=APP_ONLY + READERS, space=True)
     for name, path in [
         ("etc", "/etc"),
         ("parent", "../.."),
@@ -202,7 +215,8 @@ OUTPUTS = [
 ]
 
 MODEL_IDS = [
-    HostileRequest(f"model-{name}", "model id", "config", with_model(reference), "ModelNotFoundError")
+    HostileRequest(f"model-{name}", "model id", "config", with_model(reference), "ModelNotFoundError",
+                   channels=CHANNELS_FOR["config"] + READERS)
     for name, reference in [
         ("too-long-for-a-file-name", "a/" + "b" * 498),  # over the file system's 255, under the parser's limit
         ("dotdot", "org/../x"),
@@ -219,6 +233,67 @@ MODEL_IDS.append(
     HostileRequest("model-absurdly-long", "model id", "config", with_model("a/" + "b" * 3990), "StringTooLongError",
                    requires="StringTooLongError")
 )
+
+FAKE_TOKEN = "hf_" + "AbCdEfGhIjKlMnOpQrStUvWxYz0123"  # shaped like a token, not one
+# A job's evaluation options: refused at /submit, before anything is queued; none names a local path or
+# a URL the worker would read.
+EVAL_OPTIONS = [
+    HostileRequest(f"eval-dataset-{name}", "evaluation option", "eval_dataset", spec, "EvalTextError")
+    for name, spec in [
+        ("absolute-path", "/etc/passwd:x"),
+        ("parent-path", "../../etc:passwd"),
+        ("home-path", "~/.cache/huggingface:token"),
+        ("file-url", "file:///etc/passwd:train"),
+        ("https-url", "https://huggingface.co/datasets/org/name:test"),
+        ("windows-path", "C:\\Windows:system"),
+        ("no-split", "org/name"),
+        ("split-path", "org/name:../../x"),
+        ("markdown", "org/name:test\n**x**"),
+        ("too-long", "org/" + "a" * 100_000 + ":test"),
+        ("token", f"{FAKE_TOKEN}/notes:test"),
+    ]
+] + [
+    HostileRequest("eval-text-over-bound", "evaluation option", "eval_text", "x" * (64 * 1024 + 1), "EvalTextError"),
+    HostileRequest("eval-text-multibyte-over-bound", "evaluation option", "eval_text", "é" * (32 * 1024 + 1),
+                   "EvalTextError"),
+    HostileRequest("eval-text-huge", "evaluation option", "eval_text", "y" * 4_000_000, "EvalTextError"),
+    HostileRequest("eval-text-token", "evaluation option", "eval_text", f"notes\n{FAKE_TOKEN}\n", "EvalTextError"),
+    HostileRequest("eval-text-and-dataset", "evaluation option", "eval_both", "some text", "EvalTextError"),
+]
+def _routed_moe(prose: list[str], code: list[str]) -> str:
+    """A prompt-routed MoE of the Llama fixtures with these prompts."""
+    def expert(kind: str, prompts: list[str]) -> str:
+        return f"  - source_model: tests/data/fixtures/llama-{kind}\n    positive_prompts: {json.dumps(prompts)}\n"
+
+    return ("base_model: tests/data/fixtures/llama-base\ngate_mode: hidden\nexperts_per_token: 1\nexperts:\n"
+            + expert("prose", prose) + expert("code", code))
+
+
+# Prompts run through the base at merge time: refused from the base's tokenizer at validation, before any
+# weight is downloaded (the job never starts).
+PROMPTS = [
+    HostileRequest("moe-prompt-over-token-cap", "parameter", "config",
+                   _routed_moe(["the quick brown fox " * 200], ["def main():"]), "GatePromptError"),
+    HostileRequest("moe-prompts-over-total-cap", "parameter", "config",
+                   _routed_moe([f"{i} " + "prose sentences " * 16 for i in range(256)],
+                               [f"{i} " + "code lines " * 16 for i in range(256)]), "GatePromptError"),
+]
+# /suggest's text and budget, on a config it would search: refused before any model is read.
+SUGGEST_INPUTS = [
+    HostileRequest("suggest-text-huge", "suggest input", "suggest_text", "z" * 1_000_000, "InsightLimitError"),
+    HostileRequest("suggest-text-too-short", "suggest input", "suggest_text", "too short to halve", "InsightLimitError"),
+] + [
+    HostileRequest(f"suggest-budget-{name}", "suggest input", "budget", budget, "InsightLimitError")
+    for name, budget in [
+        ("candidates-huge", "1000000000 1"),
+        ("candidates-zero", "0 1"),
+        ("candidates-negative", "-5 1"),
+        ("minutes-huge", "2 100000"),
+        ("minutes-zero", "2 0"),
+        ("minutes-negative", "2 -1"),
+        ("not-numbers", "many forever"),
+    ]
+]
 
 # ---------------------------------------------------------------- the other catalogues, through the same channels
 # Hostile configs (tests/hostile_catalogue.py): a config goes through the CLI (validate and run), /validate
@@ -263,4 +338,5 @@ def _model_entry(model: str) -> HostileRequest:
 
 MODEL_FILES = [_model_entry(model) for model in MODEL_BUILDERS]
 
-CATALOGUE = [*JOB_IDS, *LINKS, *REPOS, *SPACE_PATHS, *OUTPUTS, *MODEL_IDS, *CONFIGS, *MODEL_FILES]
+CATALOGUE = [*JOB_IDS, *LINKS, *REPOS, *SPACE_PATHS, *OUTPUTS, *MODEL_IDS, *EVAL_OPTIONS, *SUGGEST_INPUTS, *PROMPTS, *CONFIGS,
+             *MODEL_FILES]

@@ -419,7 +419,7 @@ def test_only_the_owner_reads_or_cancels_others_get_the_config(
     job_id = client.predict(text, "owned-merge", False, api_name="/submit")
 
     monkeypatch.setenv("HF_TOKEN", "hf_test_bob")
-    for endpoint in ("/job_status", "/cancel"):
+    for endpoint in ("/job_status", "/cancel", "/publish", "/discard"):  # the owner check comes before any other
         with pytest.raises(AppError) as caught:
             client.predict(job_id, api_name=endpoint)
         assert str(caught.value) == (
@@ -429,8 +429,9 @@ def test_only_the_owner_reads_or_cancels_others_get_the_config(
     assert client.predict(job_id, api_name="/job_config") == text
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
-    with pytest.raises(AppError, match="sign in as its owner"):
-        client.predict(job_id, api_name="/job_status")
+    for endpoint in ("/job_status", "/publish", "/discard"):
+        with pytest.raises(AppError, match="sign in as its owner"):
+            client.predict(job_id, api_name=endpoint)
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     status = client.predict(job_id, api_name="/job_status")

@@ -118,6 +118,38 @@ def test_dataset_split_from_the_hub(hub, tmp_path: Path) -> None:
         dataset_texts("alice/notes:validation", hub.token)
 
 
+def test_a_split_file_over_the_bound_is_refused_before_it_is_downloaded(hub, tmp_path: Path, monkeypatch) -> None:
+    from huggingface_hub import HfApi
+
+    from merger.evaluate import text as text_module
+
+    api = HfApi(endpoint=hub.url, token=hub.token)
+    api.create_repo("alice/big-notes", repo_type="dataset")
+    (tmp_path / "test-a.txt").write_text("small first file\n")
+    (tmp_path / "test-b.txt").write_text("x" * 5000)
+    api.upload_folder(folder_path=tmp_path, repo_id="alice/big-notes", repo_type="dataset")
+    import huggingface_hub
+
+    downloads, original = [], huggingface_hub.hf_hub_download
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: downloads.append(a[1]) or original(*a, **k))
+    monkeypatch.setattr(text_module, "MAX_DATASET_FILE_BYTES", 4096)
+    with pytest.raises(EvalTextError, match=r"`test-b.txt` is 5,000 bytes, over the 4,096 bytes"):
+        dataset_texts("alice/big-notes:test", hub.token)
+    assert downloads == []  # refused from the listing: nothing fetched
+    monkeypatch.setattr(text_module, "MAX_DATASET_FILE_BYTES", 8192)
+    monkeypatch.setattr(text_module, "MAX_TEXT_BYTES", 10)  # the first file's size already reaches it
+    (text,) = dataset_texts("alice/big-notes:test", hub.token)
+    assert downloads == ["test-a.txt"] and text.text.startswith("small")
+
+
+def test_a_dataset_spec_never_reads_a_local_folder_or_a_model_repo(hub, monkeypatch) -> None:
+    monkeypatch.chdir(FIXTURES.parent)  # `fixtures/mistral-base` is a folder here, with a `config.json`
+    model = hub.upload_model(FIXTURES / "mistral-base", "alice/eval-not-a-dataset")
+    for spec in ("fixtures/mistral-base:config", f"{model}:config"):
+        with pytest.raises(EvalTextError, match="could not be read"):
+            dataset_texts(spec, hub.token)
+
+
 def test_cli_eval_prints_the_table(capsys, tmp_path: Path) -> None:
     text = tmp_path / "snippet.txt"
     text.write_text(_slice("code", 2000))
@@ -175,3 +207,42 @@ def test_cli_mistakes_are_one_line_errors(capsys, argv: list[str], words: list[s
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     for word in words:
         assert word in err
+
+
+@pytest.mark.parametrize("config", ['{"model_type": "no-such-family"}', '{"model_type": "llama"}'])
+def test_a_model_that_does_not_load_is_named_by_its_name_never_by_the_servers_folder(tmp_path: Path,
+                                                                                     config: str) -> None:
+    # A job's parents live in the worker's Hub cache: the error names the model as its config does.
+    folder = tmp_path / "models--org--parent" / "snapshots" / "0123abcd"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(config)
+    from merger.errors import EvalModelError
+    from merger.evaluate.score import evaluate_models
+
+    with pytest.raises(EvalModelError) as refused:
+        evaluate_models([("org/parent", folder)], [EvalText("prose", "a few words")])
+    assert "`org/parent` does not load with transformers" in str(refused.value)
+    assert str(tmp_path) not in str(refused.value) and "snapshots" not in str(refused.value)
+
+
+def test_a_model_over_the_free_memory_is_refused_before_it_is_loaded(monkeypatch) -> None:
+    # In float32 a 7B parent needs 28 GiB: an out-of-memory kill would take the worker (or the Space) down.
+    from merger.errors import EvalModelError
+    from merger.evaluate import score
+    from merger.io.metadata import read_safetensors_header
+
+    folder = FIXTURES / "mistral-base"
+    need = sum(t.numel for t in read_safetensors_header(folder / "model.safetensors").values()) * 4
+    monkeypatch.setattr(score, "free_memory", lambda device: need - 1)
+    with pytest.raises(EvalModelError, match=r"`org/base` needs .* GiB in float32 to be evaluated, over the"):
+        score.load_causal_lm(folder, torch.device("cpu"), "org/base")
+    monkeypatch.setattr(score, "free_memory", lambda device: need)
+    model, _ = score.load_causal_lm(folder, torch.device("cpu"), "org/base")
+    assert sum(p.numel() * 4 for p in model.parameters()) <= need  # the estimate bounds what is loaded
+
+
+def test_free_memory_is_known_on_the_cpu() -> None:
+    from merger.evaluate.score import free_memory
+
+    free = free_memory(torch.device("cpu"))
+    assert free is not None and 0 < free < 2**50

@@ -39,6 +39,12 @@ VALID_CONFIG = (
     "  - model: tests/data/fixtures/mistral-prose\n  - model: tests/data/fixtures/mistral-code\n"
     "parameters:\n  t: 0.5\n"
 )
+SUGGEST_CONFIG = (  # what /suggest would search: a base and two fine-tunes of it
+    "merge_method: ties\nbase_model: tests/data/fixtures/mistral-base\nmodels:\n"
+    "  - model: tests/data/fixtures/mistral-prose\n    parameters: {weight: 1, density: 0.5}\n"
+    "  - model: tests/data/fixtures/mistral-code\n    parameters: {weight: 1, density: 0.5}\n"
+)
+SUGGEST_BUDGET = (2, 0.5)  # candidates, minutes
 SUBMIT_REPO = "hostile-target"  # a new repo alice may create: only the entry's own fault refuses the job
 MAX_SECONDS = {"cli": 20.0, "app": 10.0, "job": 90.0}  # the CLI's first call imports torch; a job starts a worker
 MAX_MESSAGE = 1000  # characters of an error message
@@ -121,6 +127,10 @@ def _submit(entry: HostileRequest, ctx: Context) -> Answer:
         _WORKER["process"] = start_consumer_process(log_file=ctx.data / "worker.log")  # one for the module
     if entry.field == "repo":
         answer = _app(ctx, VALID_CONFIG, entry.value, entry.private, entry.reuse, api_name="/submit")
+    elif entry.field in ("eval_dataset", "eval_text", "eval_both"):
+        dataset = {"eval_dataset": entry.value, "eval_both": "org/name:test"}.get(entry.field, "")
+        text = "" if entry.field == "eval_dataset" else entry.value
+        answer = _app(ctx, VALID_CONFIG, SUBMIT_REPO, False, False, True, False, dataset, text, api_name="/submit")
     else:
         answer = _app(ctx, entry.value, SUBMIT_REPO, False, False, api_name="/submit")
     if answer.error is not None or not entry.while_queued:
@@ -163,6 +173,39 @@ def _revoke_write_role(ctx: Context) -> None:
 WHILE_QUEUED = {"revoke-write-role": _revoke_write_role}
 
 
+def _preflight(entry: HostileRequest, ctx: Context) -> Answer:
+    """`/preflight`: the checklist has lines, not error classes, so a failing line stands for the entry's error
+    (its detail and fix are the message the other rules check)."""
+    config, repo = (VALID_CONFIG, entry.value) if entry.field == "repo" else (entry.value, SUBMIT_REPO)
+    start = time.monotonic()
+    try:
+        result = ctx.client.predict(config, repo, entry.private, entry.reuse, api_name="/preflight")
+    except AppError as err:
+        return Answer(err.title, err.message, time.monotonic() - start, "app")
+    failing = [f"{line['name']}: {line['detail']} {line.get('fix') or ''}" for line in result["lines"] if not line["ok"]]
+    assert result["ok"] == (not failing)
+    return Answer(entry.error if failing else None, "\n".join(failing), time.monotonic() - start, "app")
+
+
+def _suggest(entry: HostileRequest, ctx: Context) -> Answer:
+    """`/suggest` with the entry's config, text or budget (the others valid)."""
+    config, (candidates, minutes), text = SUGGEST_CONFIG, SUGGEST_BUDGET, ""
+    if entry.field == "config":
+        config = entry.value
+    elif entry.field == "suggest_text":
+        text = entry.value
+    elif entry.field == "budget":
+        candidates, minutes = (_number(part) for part in entry.value.split())
+    return _app(ctx, config, candidates, minutes, text, api_name="/suggest")
+
+
+def _number(text: str) -> object:
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:
+        return text
+
+
 CHANNELS = {
     "cli_validate": lambda e, ctx: _cli(["validate", str(_write_config(e.value, ctx))]),
     "cli_run": lambda e, ctx: _cli(_run_args(e, ctx)),
@@ -175,6 +218,9 @@ CHANNELS = {
     "app_cancel": lambda e, ctx: _app(ctx, e.value, api_name="/cancel"),
     "app_publish": lambda e, ctx: _app(ctx, e.value, api_name="/publish"),
     "app_discard": lambda e, ctx: _app(ctx, e.value, api_name="/discard"),
+    "app_preflight": _preflight,
+    "app_weight_report": lambda e, ctx: _app(ctx, e.value, api_name="/weight_report"),
+    "app_suggest": _suggest,
 }
 
 
@@ -306,6 +352,7 @@ KINDS = {
     "files": ({"model file"}, 40),
     "repos": ({"push target", "token"}, 12),
     "ids": ({"job id", "model id"}, 18),
+    "options": ({"evaluation option", "suggest input"}, 20),
 }
 
 

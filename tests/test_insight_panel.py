@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from app_harness import served_app  # noqa: E402
+from app_harness import TOKEN, served_app  # noqa: E402
 from hostile_catalogue import CATALOGUE  # noqa: E402
 from merger import constants  # noqa: E402
 from merger.config.load import load_config  # noqa: E402
@@ -208,10 +208,27 @@ def test_a_config_without_a_base_and_fine_tunes_is_refused_by_name(served, text:
 
 
 def test_a_space_refuses_local_paths(served, monkeypatch: pytest.MonkeyPatch) -> None:
+    from merger.ui import api
+
     client, _ = served
     monkeypatch.setattr(constants, "ON_SPACE", True)
+    monkeypatch.setattr(api, "token_of", lambda oauth_token=None: TOKEN)  # a signed-in visitor
     with pytest.raises(AppError, match="local paths are not available here"):
         client.predict(ties_yaml(), api_name="/weight_report")
+
+
+@pytest.mark.parametrize("endpoint", ["/weight_report", "/suggest"])
+def test_a_space_refuses_signed_out_visitors_before_any_hub_call(served, monkeypatch: pytest.MonkeyPatch,
+                                                                 endpoint: str) -> None:
+    # Signed out, a visitor would make the Space download up to INSIGHT_MAX_BYTES per request, unnamed;
+    # the models do not exist, so a Hub call would answer ModelNotFoundError instead.
+    client, _ = served
+    monkeypatch.setattr(constants, "ON_SPACE", True)
+    args = (2, 1.0) if endpoint == "/suggest" else ()
+    with pytest.raises(AppError) as refused:
+        client.predict("merge_method: ties\nbase_model: alice/a\nmodels:\n  - model: alice/b\n  - model: alice/c\n",
+                       *args, api_name=endpoint)
+    assert refused.value.title == "SignInRequiredError" and "sign in with Hugging Face" in refused.value.message
 
 
 def test_the_page_states_the_bounds(served) -> None:

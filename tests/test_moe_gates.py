@@ -18,7 +18,7 @@ import torch
 
 from merger.config.load import load_config
 from merger.engine import run_merge
-from merger.errors import ArchitectureError, ConfigError, GatePromptError, MergeCancelled
+from merger.errors import ArchitectureError, ConfigError, GatePromptError, MergeCancelled, ModelFileError
 from merger.execute.prompt_gates import prompt_gate_weights
 from merger.io.buffers import BufferPool
 from merger.io.loader import TensorReader
@@ -298,3 +298,42 @@ def test_a_qwen2_moe_shared_expert_gate_comes_from_its_own_prompts(fx: Path, tmp
                        extra=f"shared_experts:\n  - source_model: {fx / 'qwen2-base'}\n")
     with pytest.raises(ConfigError, match=r"`shared_experts\[0\]\.positive_prompts` is missing"):
         run_merge(without, tmp_path / "refused", device="cpu")
+
+
+def test_a_base_whose_tokenizer_does_not_load_is_named_without_the_servers_folder(fx: Path, tmp_path: Path) -> None:
+    # On a worker the base's folder is the Hub cache: the error names `base_model`, never the folder.
+    import shutil
+
+    base = tmp_path / "models--org--base" / "snapshots" / "0123abcd"
+    shutil.copytree(fx / "llama-base", base)
+    for name in base.iterdir():
+        if name.name.startswith(("tokenizer", "special_tokens")):
+            name.unlink()
+    (base / "tokenizer.json").write_text("{ not json")
+    with pytest.raises(ModelFileError) as refused:
+        gates_of(base, "hidden", ((PROSE, ()), (CODE, ())))
+    assert "`base_model`: its config or tokenizer does not load" in str(refused.value)
+    assert str(tmp_path) not in str(refused.value) and "snapshots" not in str(refused.value)
+
+
+def test_a_prompt_over_the_cap_is_refused_at_validation_before_any_weight_is_downloaded(fx: Path, hub) -> None:
+    # The worker would download every expert before the forward pass found it: validation reads the
+    # base's tokenizer files only (as it reads tokenizers), and refuses there.
+    import os
+
+    from merger.validate import validate_config
+
+    refs = {kind: hub.upload_model(fx / f"llama-{kind}", f"alice/gate-cap-{kind}") for kind in ("base", "prose", "code")}
+    long_prompt = "the quick brown fox " * 200
+    text = moe_yaml(fx, "llama", "hidden", PROSE, (long_prompt,))
+    for kind, ref in refs.items():
+        text = text.replace(str(fx / f"llama-{kind}"), ref)
+    with pytest.raises(GatePromptError, match=r"`experts\[1\]\.positive_prompts\[0\]` .* tokens; a prompt may have at most 512"):
+        validate_config(text, token=hub.token)
+    cache = Path(os.environ["HF_HOME"]) / "hub"
+    downloaded = [p.name for p in cache.rglob("*") if "gate-cap" in str(p) and p.is_file()]
+    assert "tokenizer.json" in downloaded and not any(name.endswith(".safetensors") for name in downloaded)
+    many = tuple(f"prompt number {i} " + "about prose and its long sentences " * 8 for i in range(256))
+    with pytest.raises(GatePromptError, match=r"at most 16384 are run"):  # 2 x 256 prompts: the total cap
+        validate_config(moe_yaml(fx, "llama", "hidden", many, tuple(p.replace("prose", "code") for p in many)))
+    validate_config(moe_yaml(fx, "llama", "hidden", PROSE, CODE))  # prompts within the caps pass

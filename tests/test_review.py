@@ -231,6 +231,8 @@ def test_a_merge_awaiting_review_counts_against_the_cap(hub, awaiting, monkeypat
     ({"eval_text": "x" * (constants.MAX_PASTED_EVAL_BYTES + 1)}, "over the 65,536-byte limit"),
     ({"eval_text": "a text with hf_" + "a" * 30 + " inside"}, "looks like a Hugging Face token"),
     ({"eval_text": "the submitter's secret", "token": "secret"}, "looks like a Hugging Face token"),
+    ({"eval_dataset": "hf_" + "a" * 30 + "/notes:test"}, "looks like a Hugging Face token"),  # a valid split's shape
+    ({"eval_dataset": "alice/secret:test", "token": "secret"}, "looks like a Hugging Face token"),
 ])
 def test_bad_evaluation_options_are_refused_naming_the_field(kwargs: dict, message: str) -> None:
     with pytest.raises(EvalTextError, match=message):

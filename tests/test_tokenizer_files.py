@@ -127,7 +127,7 @@ def test_a_donor_with_vocabulary_files_only_gets_a_tokenizer_json(fixture_models
     (donor / "merges.txt").write_text("#version: 0.2\n" + "".join(" ".join(m) + "\n" for m in bpe["merges"]))
     (donor / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", "unk_token": "<unk>",
                                                              "bos_token": "<s>", "eos_token": "</s>"}))
-    vocabulary = load_vocabulary(donor, rows=4096)
+    vocabulary = load_vocabulary(donor, rows=4096, reference="donor")
     tokens = {"<|tool|>": {"source": {"kind": "zero"}}}
     plan = plan_vocabulary("base", {"donor": vocabulary}, ["donor"], None, tokens=tokens)
     write_tokenizer(plan, donor, out)
@@ -245,3 +245,17 @@ def test_moe_tokenizer_with_ids_past_the_embedding_is_refused(fixture_models_dir
     with safe_open(str(next(out.glob("*.safetensors"))), framework="pt") as f:
         rows = f.get_slice("model.embed_tokens.weight").get_shape()[0]
     assert rows == json.loads((out / "config.json").read_text())["vocab_size"] == 4096
+
+
+@pytest.mark.parametrize("broken", ["tokenizer.json", "tokenizer_config.json"])
+def test_broken_tokenizer_files_are_named_by_the_model_never_by_the_servers_folder(
+        fixture_models_dir: Path, tmp_path: Path, broken: str) -> None:
+    from merger.plan.tokenizer import load_vocabulary
+
+    folder = tmp_path / "models--org--donor" / "snapshots" / "0123abcd"
+    shutil.copytree(fixture_models_dir / "mistral-base", folder)
+    (folder / broken).write_text("{ not json")
+    with pytest.raises(ConfigError) as refused:
+        load_vocabulary(folder, rows=4096, reference="org/donor")
+    assert str(refused.value).startswith("model `org/donor` has no tokenizer merger can read")
+    assert "snapshots" not in str(refused.value)

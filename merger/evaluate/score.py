@@ -161,8 +161,12 @@ def _cell(value: float | None) -> str:
     return "-" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
-def load_causal_lm(path: Path, device: torch.device):
+def load_causal_lm(path: Path, device: torch.device, name: str | None = None):
     """A model folder as a float32 causal LM in eval mode, and its tokenizer.
+
+    Args:
+        name: how errors name the model (its Hub id or the path its user gave); None: the folder. A job's
+            or the app's folders are the server's cache, which its errors must not show.
 
     Raises:
         EvalModelError: not a folder with config.json, or transformers cannot load it.
@@ -172,15 +176,54 @@ def load_causal_lm(path: Path, device: torch.device):
 
     transformers_logging.disable_progress_bar()  # one bar, ours: per-tensor loading bars would break it
     path = Path(path)
+    name = name or str(path)
     if not (path / "config.json").is_file():
-        raise EvalModelError(f"`{excerpt(str(path))}` is not a model folder (no config.json); give a local model folder")
+        raise EvalModelError(f"`{excerpt(name)}` is not a model folder (no config.json); give a local model folder")
+    _check_memory(path, name, device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError, KeyError) as err:
-        raise EvalModelError(f"`{excerpt(str(path))}` does not load with transformers "
-                             f"({type(err).__name__}: {excerpt(str(err))})") from None
+        why = str(err).replace(str(path), name)  # transformers names the folder it read
+        raise EvalModelError(f"`{excerpt(name)}` does not load with transformers "
+                             f"({type(err).__name__}: {excerpt(why)})") from None
     return model.to(device).eval(), tokenizer
+
+
+def _check_memory(path: Path, name: str, device: torch.device) -> None:
+    """Refuse, before loading, a model whose float32 weights exceed the memory free on `device` (on a
+    worker, an out-of-memory kill would take the worker, or the whole Space, down with the job).
+
+    Raises:
+        EvalModelError: the safetensors headers' parameters × 4 bytes are over the free memory.
+    """
+    from merger.io.metadata import read_safetensors_header
+
+    parameters = sum(t.numel for file in sorted(path.glob("*.safetensors"))
+                     for t in read_safetensors_header(file).values())
+    free = free_memory(device)
+    if free is not None and parameters * 4 > free:
+        raise EvalModelError(f"`{excerpt(name)}` needs {parameters * 4 / 2**30:.1f} GiB in float32 to be evaluated, "
+                             f"over the {free / 2**30:.1f} GiB free on this machine's {device.type}; evaluate "
+                             "smaller models, or turn the evaluation off (`evaluate`)")
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for a new model on `device`: the GPU's free memory, else the smaller of the system's
+    available memory and what the process's cgroup (a container's limit) still allows; None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    import psutil
+
+    free = int(psutil.virtual_memory().available)
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return free
+    return min(free, int(limit) - used) if limit.isdigit() else free
 
 
 def token_ids(tokenizer, text: str, limit: int) -> list[int]:
@@ -308,7 +351,7 @@ def evaluate_models(
 
 def _score_model(row: ModelScore, path: Path, texts: list[EvalText], prompts: tuple[str, ...], budget: EvalBudget,
                  device: torch.device, deadline: float, cache: _MergeCache | None, is_merge: bool) -> None:
-    model, tokenizer = load_causal_lm(path, device)
+    model, tokenizer = load_causal_lm(path, device, row.name)
     bos = bos_id(tokenizer)
     for text in texts:
         ids = token_ids(tokenizer, text.text, budget.tokens_per_text)

@@ -160,9 +160,9 @@ class _Models:
     """The base and fine-tunes as float32 state dicts on `device`, one model object to score merges in,
     and the search and judging texts tokenised once."""
 
-    def __init__(self, folders: list[Path], device: torch.device, budget: SearchBudget, seed: int):
+    def __init__(self, folders: list[Path], names: list[str], device: torch.device, budget: SearchBudget, seed: int):
         self.device, self.seed, self.budget = device, seed, budget
-        self.model, tokenizer = load_causal_lm(folders[0], device)
+        self.model, tokenizer = load_causal_lm(folders[0], device, names[0])
         parameters = sum(p.numel() for p in self.model.parameters())
         needed = (len(folders) + 1) * parameters * 4
         if needed > budget.max_bytes:
@@ -170,10 +170,10 @@ class _Models:
                               f"{budget.max_bytes / 2**30:.1f} GiB bound; search on smaller models")
         self.bos, self.tokenizer = bos_id(tokenizer), tokenizer
         self.states = [_state_dict(folder, device) for folder in folders]
-        for folder, state in zip(folders[1:], self.states[1:]):
+        for model, state in zip(names[1:], self.states[1:]):
             for name, tensor in self.states[0].items():
                 if name not in state or state[name].shape != tensor.shape:
-                    raise SearchError(f"`{folder.name}` does not match the base at tensor `{name}`; "
+                    raise SearchError(f"`{model}` does not match the base at tensor `{name}`; "
                                       "suggest needs fine-tunes of one base (same architecture and shapes)")
 
     def tokens(self, texts: list[EvalText], limit: int) -> list[list[int]]:
@@ -261,7 +261,7 @@ def suggest_merge(
     if judge_texts and {t.text for t in judge_texts} & {t.text for t in search_texts}:
         raise SearchError("the judging text is also a search text; judge on text the search did not see")
     started = time.monotonic()
-    models = _Models([folders[base]] + [folders[f] for f in fine_tunes], device, budget, seed)
+    models = _Models([folders[base]] + [folders[f] for f in fine_tunes], [base, *fine_tunes], device, budget, seed)
     search_ids = models.tokens(search_texts, budget.tokens_per_text)
     tried: list[Scored] = []
 

@@ -17,6 +17,9 @@ DEFAULT_TEXTS = ("prose", "code", "chat")
 MAX_TEXT_BYTES = 8 * 2**20  # per text; a few thousand tokens are scored, so more is never needed
 DATASET_SUFFIXES = (".txt", ".jsonl", ".json")
 MAX_DATASET_FILES = 8  # files of one split read at most (in name order)
+# A split file is downloaded whole before its first MAX_TEXT_BYTES are read: a larger one is refused
+# from its listed size, so a named split never fills the worker's disk.
+MAX_DATASET_FILE_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -80,10 +83,12 @@ def dataset_texts(spec: str, token: str | None = None) -> list[EvalText]:
     The split's files are the repo's `.txt`, `.jsonl` and `.json` files whose name starts with the split
     (`test.txt`, `data/test-00000.jsonl`) or that lie in a folder named after it (`test/a.txt`);
     JSON lines contribute their `text` field. Read through huggingface_hub, at most
-    :data:`MAX_DATASET_FILES` files and :data:`MAX_TEXT_BYTES` bytes.
+    :data:`MAX_DATASET_FILES` files and :data:`MAX_TEXT_BYTES` bytes; files are downloaded in name order
+    until their listed sizes reach :data:`MAX_TEXT_BYTES`.
 
     Raises:
-        EvalTextError: a malformed spec, a missing repo or split, or no text in it.
+        EvalTextError: a malformed spec, a missing repo or split, a split file over
+            :data:`MAX_DATASET_FILE_BYTES`, or no text in it.
     """
     import httpx2  # huggingface_hub's HTTP client: a dead network raises its transport errors
     from huggingface_hub import HfApi, hf_hub_download
@@ -93,8 +98,9 @@ def dataset_texts(spec: str, token: str | None = None) -> list[EvalText]:
     if not repo_id or not split or "/" in split:
         raise EvalTextError(f"`--dataset {excerpt(spec)}`: write the dataset as `ID:SPLIT`, e.g. `org/name:test`")
     try:
-        files = sorted(f for f in HfApi(token=token).list_repo_files(repo_id, repo_type="dataset")
-                       if _in_split(f, split))[:MAX_DATASET_FILES]
+        listed = HfApi(token=token).list_repo_tree(repo_id, repo_type="dataset", recursive=True)
+        files = _split_files(sorted((f.path, f.size) for f in listed if getattr(f, "size", None) is not None
+                                    and _in_split(f.path, split)), spec)
         paths = [hf_hub_download(repo_id, f, repo_type="dataset", token=token) for f in files]
     except (HfHubHTTPError, HFValidationError, httpx2.HTTPError, OSError) as err:
         raise EvalTextError(f"`--dataset {excerpt(spec)}`: the dataset could not be read "
@@ -111,6 +117,23 @@ def dataset_texts(spec: str, token: str | None = None) -> list[EvalText]:
             break
     return [_checked(split, "\n".join(chunks).encode("utf-8")[:MAX_TEXT_BYTES], f"`--dataset {excerpt(spec)}`",
                      cut=True)]
+
+
+def _split_files(listed: list[tuple[str, int]], spec: str) -> list[str]:
+    """The split's files to download, from their (path, stored bytes) in name order: at most
+    :data:`MAX_DATASET_FILES`, until their sizes reach :data:`MAX_TEXT_BYTES`; one over
+    :data:`MAX_DATASET_FILE_BYTES` is refused before any download."""
+    files, size = [], 0
+    for path, stored in listed[:MAX_DATASET_FILES]:
+        if stored > MAX_DATASET_FILE_BYTES:
+            raise EvalTextError(f"`--dataset {excerpt(spec)}`: the split's file `{excerpt(path)}` is "
+                                f"{stored:,} bytes, over the {MAX_DATASET_FILE_BYTES:,} bytes a file "
+                                "may have here (a few thousand tokens are scored); name a smaller split, or paste text")
+        files.append(path)
+        size += stored
+        if size >= MAX_TEXT_BYTES:
+            break
+    return files
 
 
 def _in_split(path: str, split: str) -> bool:

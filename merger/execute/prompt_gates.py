@@ -11,7 +11,8 @@ it makes of its negative prompts, scaled to unit length (mergekit-moe's `get_gat
 
 The forward pass streams: the embedding rows the prompts use, then one decoder layer at a time is read
 (only its tensors), converted to float32 on the chosen device, run over every prompt and freed, so one
-layer and the prompts' hidden states are in memory at once (bounded by the token caps below). Each
+layer and the prompts' hidden states are in memory at once (bounded by the token caps of
+:mod:`merger.plan.prompt_tokens`, checked before the job is queued). Each
 prompt is `[BOS] + tokens`, right-padded in batches under a causal mask, so it is computed as if alone
 (see docs/decisions.md, "Prompt-routed MoE gates").
 transformers is imported here only when a prompt gate is asked for: its decoder layer class for the
@@ -26,19 +27,15 @@ from typing import Callable
 
 import torch
 
-from merger.errors import ArchitectureError, GatePromptError, MergeCancelled, ModelFileError, excerpt
+from merger.errors import ArchitectureError, GatePromptError, MergeCancelled, ModelFileError
 from merger.io.loader import TensorReader
+from merger.plan.prompt_tokens import ExpertPrompts, load_config_and_tokenizer, prompt_cap, tokenize_prompts
 
 logger = logging.getLogger(__name__)
 
-MAX_PROMPT_TOKENS = 512  # per prompt, BOS included
-MAX_TOTAL_PROMPT_TOKENS = 16_384  # all prompts of all experts: their hidden states are kept between layers
 BATCH_TOKENS = 8192  # padded tokens run through a layer at once
 HIDDEN_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")  # decoders whose forward is embed -> layers, unscaled
 EMBEDDING = "model.embed_tokens.weight"
-
-# Per expert: (positive prompts, negative prompts), as the config lists them.
-ExpertPrompts = tuple[tuple[str, ...], tuple[str, ...]]
 
 
 def prompt_gate_weights(
@@ -64,19 +61,19 @@ def prompt_gate_weights(
         an expert's positive and negative prompts give the same vector).
 
     Raises:
-        GatePromptError: a prompt with no tokens, or past :data:`MAX_PROMPT_TOKENS` /
-            :data:`MAX_TOTAL_PROMPT_TOKENS` (or the base's sliding window).
+        GatePromptError: a prompt with no tokens, or past the caps of :mod:`merger.plan.prompt_tokens`
+            (or the base's sliding window).
         ArchitectureError: `hidden*` on a base whose family :data:`HIDDEN_FAMILIES` lacks.
         ModelFileError: the base's config or tokenizer does not load with transformers.
     """
-    config, tokenizer = _load_config_and_tokenizer(model_dir)
+    config, tokenizer = load_config_and_tokenizer(model_dir)
     if mode != "cheap_embed" and config.model_type not in HIDDEN_FAMILIES:
         raise ArchitectureError(
             f"`gate_mode: {mode}` runs the base's decoder layers, which is implemented for "
             f"{', '.join(HIDDEN_FAMILIES)} bases; `base_model` is a `{config.model_type}` model. "
             "Use `gate_mode: cheap_embed` or `random`"
         )
-    sequences, weights = _tokenized(tokenizer, prompts, _window(config))
+    sequences, weights = _tokenized(tokenizer, prompts, prompt_cap(config))
     embed = _embedding_rows(reader, sequences, device)
     layers = int(config.num_hidden_layers)
     with torch.no_grad():
@@ -90,59 +87,15 @@ def prompt_gate_weights(
     return gates
 
 
-def _load_config_and_tokenizer(model_dir: Path):
-    """The base's transformers config (eager attention: the mask is ours) and tokenizer."""
-    from transformers import AutoConfig, AutoTokenizer
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()
-    try:
-        config = AutoConfig.from_pretrained(model_dir)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelFileError(
-            f"`base_model` ({excerpt(str(model_dir))}): its config or tokenizer does not load with transformers "
-            f"({type(err).__name__}: {excerpt(str(err))}), and prompt gates run the base's tokenizer and layers; "
-            "use `gate_mode: random` or a base whose files load"
-        ) from None
-    config._attn_implementation = "eager"
-    return config, tokenizer
-
-
-def _window(config) -> int:
-    """The most tokens a prompt may have: the cap, or the base's sliding window if smaller (one plain causal
-    mask is then exact)."""
-    window = getattr(config, "sliding_window", None)
-    return min(MAX_PROMPT_TOKENS, window) if isinstance(window, int) and window > 0 else MAX_PROMPT_TOKENS
-
-
 def _tokenized(tokenizer, prompts: tuple[ExpertPrompts, ...], cap: int) -> tuple[list[list[int]], torch.Tensor]:
-    """Every prompt as `[BOS] + ids` (no BOS when the tokenizer has none, as mergekit), and the float64
+    """Every prompt's token ids (:func:`merger.plan.prompt_tokens.tokenize_prompts`) and the float64
     `(experts, prompts)` matrix that turns per-prompt vectors into each expert's mean of its positive
     prompts minus mean of its negative prompts.
 
     Raises:
         GatePromptError: a prompt with no tokens or over `cap`; all prompts over the total cap.
     """
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    sequences: list[list[int]] = []
-    columns: list[tuple[int, float]] = []  # (expert, signed weight) per sequence
-    for index, (positive, negative) in enumerate(prompts):
-        for field, texts, sign in (("positive_prompts", positive, 1.0), ("negative_prompts", negative, -1.0)):
-            for j, text in enumerate(texts):
-                ids = bos + tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-                where = f"`experts[{index}].{field}[{j}]` ({excerpt(text)})"
-                if not ids:
-                    raise GatePromptError(f"{where} has no tokens and the tokenizer no BOS token; write a prompt")
-                if len(ids) > cap:
-                    raise GatePromptError(f"{where} is {len(ids)} tokens; a prompt may have at most {cap} "
-                                          "(with BOS); shorten it or split it into several prompts")
-                sequences.append(ids)
-                columns.append((index, sign / len(texts)))
-    total = sum(len(ids) for ids in sequences)
-    if total > MAX_TOTAL_PROMPT_TOKENS:
-        raise GatePromptError(f"the experts' prompts are {total} tokens in all; at most {MAX_TOTAL_PROMPT_TOKENS} "
-                              "are run (their hidden states are kept between layers); use fewer or shorter prompts")
+    sequences, columns = tokenize_prompts(tokenizer, prompts, cap)
     weights = torch.zeros(len(prompts), len(sequences), dtype=torch.float64)
     for column, (expert, weight) in enumerate(columns):
         weights[expert, column] = weight

@@ -160,5 +160,5 @@ def fetch_vocabularies(
     for ref in refs:
         check_deadline("reading the next tokenizer")
         path = local_path(ref.base) or hub_read.download_tokenizer(str(ref.base), token=token)
-        result[ref.key] = load_vocabulary(path, embedding_rows(metadata[ref.key]))
+        result[ref.key] = load_vocabulary(path, embedding_rows(metadata[ref.key]), str(ref.base))
     return result

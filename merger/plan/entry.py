@@ -6,12 +6,13 @@ weights (metadata are config.json and safetensors headers; tokenizers only where
 
 from __future__ import annotations
 
-from merger.config.schema import AnyConfig, ModelReference, MoEConfig
+from merger.config.schema import PROMPT_GATE_MODES, AnyConfig, ModelReference, MoEConfig
 from merger.io.metadata import ModelMetadata
 from merger.io.resolve import embedding_rows, fetch_metadata, fetch_vocabularies, local_path
 from merger.plan.build import build_plan, needs_vocabularies
 from merger.plan.merge import MergePlan
 from merger.plan.moe import build_moe_plan, check_tokenizer_fits
+from merger.plan.prompt_tokens import check_prompt_tokens
 from merger.plan.tokenizer import Vocabulary, load_vocabulary
 from merger.publish import hub_read
 
@@ -54,9 +55,22 @@ def plan_from_metadata(config: AnyConfig, metadata: dict[str, ModelMetadata], to
         vocabulary = _tokenizer_if_any(next(ref for ref in refs if ref.key == plan.tokenizer_donor), metadata, token)
         if vocabulary is not None:  # a donor without a tokenizer writes none
             check_tokenizer_fits(plan, vocabulary)
+        _check_prompts(plan, token)
         return plan
     vocabs = fetch_vocabularies(refs, metadata, token) if needs_vocabularies(config) else None
     return build_plan(config, metadata, vocabs)
+
+def _check_prompts(plan: MergePlan, token: str | None) -> None:
+    """A prompt-routed MoE's prompts through the base's tokenizer (its tokenizer files only): a prompt over
+    the caps is refused now, not on the worker after every model is downloaded."""
+    gate = next((job for job in plan.jobs if job.method == "gate"
+                 and job.global_params["gate_mode"] in PROMPT_GATE_MODES), None)
+    if gate is None:
+        return
+    base = plan.base_model.base
+    check_prompt_tokens(local_path(base) or hub_read.download_tokenizer(str(base), token=token),
+                        gate.global_params["prompts"])
+
 
 TOKENIZER_VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
@@ -66,4 +80,4 @@ def _tokenizer_if_any(ref: ModelReference, metadata: dict[str, ModelMetadata], t
     path = local_path(ref.base) or hub_read.download_tokenizer(str(ref.base), token=token)
     if not any((path / name).is_file() for name in TOKENIZER_VOCABULARY_FILES):
         return None
-    return load_vocabulary(path, embedding_rows(metadata[ref.key]))
+    return load_vocabulary(path, embedding_rows(metadata[ref.key]), str(ref.base))

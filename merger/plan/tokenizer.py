@@ -49,16 +49,26 @@ class Vocabulary:
         return max(self.ids.values(), default=-1) + 1
 
 
-def load_vocabulary(model_dir: Path, rows: int) -> Vocabulary:
+def load_vocabulary(model_dir: Path, rows: int, reference: str) -> Vocabulary:
     """Read a model directory's tokenizer (`tokenizer.json` via `tokenizers`, else transformers).
 
     Args:
         model_dir: a directory with tokenizer files.
         rows: the model's embedding rows.
+        reference: the model as its config names it (errors say this, never the folder: a Hub model's
+            folder is the server's cache).
 
     Raises:
-        ConfigError: the directory has no loadable tokenizer.
+        ConfigError: the directory has no loadable tokenizer, or its tokenizer files are broken.
     """
+    try:
+        return _read_vocabulary(model_dir, rows)
+    except Exception as err:  # json, tokenizers and transformers raise many types for broken files
+        raise ConfigError(f"model `{excerpt(reference)}` has no tokenizer merger can read ({type(err).__name__}); "
+                          "set `tokenizer_source` to a model that has one") from None
+
+
+def _read_vocabulary(model_dir: Path, rows: int) -> Vocabulary:
     config_path = model_dir / "tokenizer_config.json"
     tokenizer_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
     template = tokenizer_config.get("chat_template")
@@ -71,13 +81,9 @@ def load_vocabulary(model_dir: Path, rows: int) -> Vocabulary:
         ids = tokenizer.get_vocab(with_added_tokens=True)
         added = tuple((i, t.content, t.special) for i, t in sorted(tokenizer.get_added_tokens_decoder().items()))
     else:
-        try:
-            from transformers import AutoTokenizer
+        from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        except Exception as err:  # transformers raises many types for a missing or broken tokenizer
-            raise ConfigError(f"model `{model_dir}` has no tokenizer merger can read ({type(err).__name__}); "
-                              "set `tokenizer_source` to a model that has one") from None
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
         ids = tokenizer.get_vocab()
         added = tuple((i, t.content, t.special) for i, t in sorted(tokenizer.added_tokens_decoder.items()))
     return Vocabulary(ids, added, rows, template if isinstance(template, str) else None)

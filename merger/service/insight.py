@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from merger import constants
-from merger.errors import ConfigError, InsightLimitError, SearchError
+from merger.errors import ConfigError, InsightLimitError, SearchError, SignInRequiredError
 from merger.service.configs import models_of
 
 MAX_PASTED_CHARS = 200_000  # a pasted evaluation text; a search scores a few thousand tokens of it
@@ -54,6 +54,7 @@ def weight_report(yaml_text: str, token: str | None) -> Any:
         A :class:`merger.evaluate.report.WeightReport` (groups in checkpoint order, warnings).
 
     Raises:
+        SignInRequiredError: on a Space, a caller without a token (signed out).
         ConfigError: the config does not parse, is multi-stage or mergekit-moe, or names a LoRA input.
         InsightLimitError: the models' stored weights are over `constants.INSIGHT_MAX_BYTES` or the Hub
             cache's free disk, or the report took longer than `constants.INSIGHT_TIMEOUT_S`.
@@ -81,11 +82,14 @@ def _limited(call: Callable[[], T], what: str) -> T:
 
 
 def _single_merge(yaml_text: str, token: str | None, what: str) -> Any:
-    """The config's :class:`Checked` models, after the checks every request here shares: one merge,
-    no LoRA inputs, stored weights within `constants.INSIGHT_MAX_BYTES`."""
+    """The config's :class:`Checked` models, after the checks every request here shares: a signed-in
+    caller on a Space, one merge, no LoRA inputs, stored weights within `constants.INSIGHT_MAX_BYTES`."""
     from merger.config.schema import MoEConfig
     from merger.dtypes import DTYPE_SIZES
 
+    if constants.ON_SPACE and not token:  # downloads and CPU on a public Space go to people it can name
+        raise SignInRequiredError(f"{what} downloads and reads the models' weights on this Space, so it needs "
+                                  "you signed in: sign in with Hugging Face first")
     models = models_of(yaml_text, token)
     if models.config is None or isinstance(models.config, MoEConfig):
         raise ConfigError(f"{what} compares the models of one merge; a multi-stage or mergekit-moe config "
@@ -168,6 +172,7 @@ def suggest(yaml_text: str, token: str | None, candidates: int, minutes: float,
             the shipped set (prose, code, chat), halved the same way.
 
     Raises:
+        SignInRequiredError: on a Space, a caller without a token (signed out).
         ConfigError / SearchError: the config does not name a base and 2-3 fine-tunes of it.
         InsightLimitError: over a bound above, or another search is running.
         EvalTextError, EvalModelError, ModelNotFoundError, HubError: a text or model cannot be used.

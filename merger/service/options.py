@@ -64,8 +64,8 @@ def job_options(evaluate: bool = True, review: bool = False, eval_dataset: str =
         The :class:`JobOptions`, blanks stripped from the dataset.
 
     Raises:
-        EvalTextError: both texts given, a malformed dataset split, pasted text over the bound or
-            holding a token.
+        EvalTextError: both texts given, a malformed dataset split, pasted text over the bound, or
+            either holding a token.
         ConfigError: `review` with several worker machines (`REDIS_URL`) whose staged merges are not on
             storage they share (`MERGER_SHARED_STAGING`): a publish could be taken by a machine without it.
     """
@@ -77,6 +77,9 @@ def job_options(evaluate: bool = True, review: bool = False, eval_dataset: str =
     if eval_dataset and eval_text.strip():
         raise EvalTextError("`eval_dataset` and `eval_text` are both set; choose one evaluation text (or neither "
                             "for the shipped set)")
+    if TOKEN_PATTERN.search(eval_dataset) or (token and token in eval_dataset):  # the record keeps it, and logs
+        raise EvalTextError("`eval_dataset` contains what looks like a Hugging Face token (`hf_...`); name the "
+                            "dataset as `ID:SPLIT`: your sign-in already gives the worker your access")
     if eval_dataset and not _DATASET_SPEC.fullmatch(eval_dataset):
         raise EvalTextError(f"`eval_dataset`: `{excerpt(eval_dataset)}` is not a dataset split; write it as "
                             "`ID:SPLIT`, e.g. `org/name:test`")

@@ -198,3 +198,15 @@ def test_on_a_space_the_resolver_reads_only_the_jobs_work_folders(fixture_models
     assert local_path(ModelReference.parse(str(intermediate))) == intermediate.resolve()
     monkeypatch.setattr(constants, "ON_SPACE", False)
     assert local_path(ModelReference.parse("fixtures/llama-base")) == outside.resolve()
+
+
+def test_an_evaluated_merge_needs_ram_for_its_largest_model_in_float32(hub, published, job_store) -> None:
+    from types import SimpleNamespace
+
+    result = service.checked(ties(), TOKEN)
+    big = SimpleNamespace(tensors={"w": SimpleNamespace(numel=10**8, dtype="BF16")})  # a parent of 0.1B parameters
+    metadata = {**result.metadata, "org/big": big}
+    evaluated = service.checklist._resources_line(result.plan, metadata, evaluate=True)
+    assert "peak memory ~400.0 MB" in evaluated.detail  # 10^8 parameters in float32, one model at a time
+    streamed = service.checklist._resources_line(result.plan, metadata, evaluate=False)
+    assert "peak memory ~400.0 MB" not in streamed.detail

@@ -228,6 +228,9 @@ def _resources_line(plan: Any, metadata: dict[str, Any], evaluate: bool = True) 
     largest = max((job.nbytes // max(1, DTYPE_SIZES.get(job.dtype, 4)) for job in plan.jobs), default=0)
     inputs = max((len(job.sources) + (job.base is not None) for job in plan.jobs), default=1)
     peak = largest * 4 * (inputs + 2)  # float32 copies of one tensor's inputs, the output and a temporary
+    if evaluate:  # the evaluation loads one model at a time in float32: the largest of the parents and the merge
+        counts = [plan.parameter_count, *(sum(t.numel for t in meta.tensors.values()) for meta in metadata.values())]
+        peak = max(peak, 4 * max(counts))
     seconds = download / DOWNLOAD_BYTES_PER_S + output / MERGE_BYTES_PER_S
     disk = shutil.disk_usage(_existing_parent(constants.DATA_DIR)).free
     ram = _available_ram()
@@ -239,7 +242,8 @@ def _resources_line(plan: Any, metadata: dict[str, Any], evaluate: bool = True) 
         fix = "remove models in the form (✕), pick smaller ones, or merge a layer range (slices)"
         return CheckLine("resources", False, detail, fix + ("; or untick “evaluate” (the merge then streams)" if evaluate else ""))
     if ram and peak > ram:
-        return CheckLine("resources", False, detail, "remove models in the form (✕) or pick smaller ones")
+        fix = "remove models in the form (✕) or pick smaller ones"
+        return CheckLine("resources", False, detail, fix + ("; or untick “evaluate”" if evaluate else ""))
     return CheckLine("resources", True, detail)
 
 

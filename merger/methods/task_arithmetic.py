@@ -30,6 +30,7 @@ from merger.methods.sparsify import (
     magnitude_trims,
     random_drops,
     set_l1_factors,
+    single_threaded_math,
     slices_of,
 )
 from merger.methods.registry import Factor, Fraction, PerModel, merge_method
@@ -316,9 +317,10 @@ def _in_blocks(merge: Callable[[list[Tensor], Tensor], Tensor], tensors: list[Te
         return merge(tensors, base)
     flat = [t.view(-1) for t in tensors]
     flat_base = base.view(-1)
-    for start in range(0, flat_base.numel(), BLOCK):
-        block = merge([t[start:start + BLOCK] for t in flat], flat_base[start:start + BLOCK])
-        assert block.data_ptr() == flat[0][start:].data_ptr()  # summed in place into the first tensor
+    with single_threaded_math():  # a block is too small to share: the other core reads and writes
+        for start in range(0, flat_base.numel(), BLOCK):
+            block = merge([t[start:start + BLOCK] for t in flat], flat_base[start:start + BLOCK])
+            assert block.data_ptr() == flat[0][start:].data_ptr()  # summed in place into the first tensor
     return tensors[0]
 
 

@@ -4,7 +4,13 @@ The public names are imported on first use, so that `import merger.jobs.store` (
 load torch.
 """
 
+import os
 from importlib import import_module
+
+# Idle OpenMP threads sleep instead of spinning. libgomp reads this once, when torch loads, so it is
+# set here, before any of our modules imports torch (a caller's own setting wins). On a busy machine
+# a spinning thread holds a core the merge's other threads need (docs/decisions.md, "Thread policy").
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _EXPORTS = {
     "MergeConfig": "config",

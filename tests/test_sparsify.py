@@ -261,3 +261,28 @@ def test_sign_election_and_agreement() -> None:
 def test_l1_norm_is_exact_where_a_float32_sum_drifts() -> None:
     tenth = torch.full((20_000_000,), 0.1)  # float32(0.1), summed 2·10⁷ times
     assert l1_norm(-tenth) == pytest.approx(20_000_000 * float(tenth[0]), rel=1e-12)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
+def test_blocked_task_arithmetic_equals_one_whole_call(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TIES/DARE run their elementwise steps in BLOCK-entry blocks; the bytes must equal one call over
+    the whole tensor (ties at the magnitude threshold make the TIES cut depend on flat order)."""
+    from merger.methods import task_arithmetic
+    from merger.methods.registry import get_method
+
+    merge = get_method(method)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(3 * task_arithmetic.BLOCK + 1234, generator=g).bfloat16().float()
+    # bf16 inputs make many task-vector magnitudes equal, so the TIES threshold has ties across blocks
+    models = [(base + torch.randn(base.shape, generator=g) * 0.05).bfloat16().float() for _ in range(2)]
+    kwargs = {"weight": [0.7, 0.4]} | ({} if method == "task_arithmetic" else {"density": [0.5, 0.3]})
+
+    def run() -> torch.Tensor:
+        extra = {"generator": torch.Generator().manual_seed(5)} if merge.uses_generator else {}
+        return merge.function([m.clone() for m in models], base=base.clone(), **kwargs, **extra)
+
+    blocked = run()
+    monkeypatch.setattr(task_arithmetic, "BLOCK", base.numel())  # one block: the whole tensor at once
+    whole = run()
+    assert torch.equal(blocked.view(torch.int32), whole.view(torch.int32))
+    assert not torch.equal(blocked, base)  # the merge did something

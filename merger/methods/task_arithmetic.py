@@ -30,6 +30,7 @@ from merger.methods.sparsify import (
     magnitude_trims,
     random_drops,
     set_l1_factors,
+    single_threaded_math,
     slices_of,
 )
 from merger.methods.registry import Factor, Fraction, PerModel, merge_method
@@ -39,6 +40,10 @@ Sparsifier = Callable[..., "Tensor | None"]
 # defaults of the sparsifiers' per-model parameters (mergekit's)
 PER_MODEL_DEFAULTS = {"density": 1.0, "gamma": 0.01, "epsilon": 0.15}
 DIVISOR_EPS = 1e-8  # without consensus, a weight sum below this divides by 1 instead
+# Entries per run of the elementwise steps when the masks come slice by slice (or there are none):
+# the dozen passes of a TIES block then stay in the core's cache (measured on a 1 Mi slice, one
+# thread: 11.1 → 8.0 ns per entry for TIES, 7.1 → 5.8 for DARE-TIES; 16 Ki blocks lose to call overhead).
+BLOCK = 1 << 16
 
 
 def generalized_task_arithmetic(
@@ -294,10 +299,29 @@ def _merge_variant(
                                         **random), rescale=rescale)
             for i in range(len(tensors))
         ]
-    return generalized_task_arithmetic(
-        tensors, base, weight=weight, sparsifiers=sparsifiers,
-        consensus=variant.consensus, normalize=normalize, lambda_=lambda_,
-    )
+    merge = partial(generalized_task_arithmetic, weight=weight, sparsifiers=sparsifiers,
+                    consensus=variant.consensus, normalize=normalize, lambda_=lambda_)
+    if variant.sparsifier is not None:  # its masks need the whole tensor
+        return merge(tensors, base)
+    return _in_blocks(merge, tensors, base)
+
+
+def _in_blocks(merge: Callable[[list[Tensor], Tensor], Tensor], tensors: list[Tensor], base: Tensor) -> Tensor:
+    """`merge` run on consecutive `BLOCK`-entry blocks of contiguous tensors, in flat order.
+
+    Every step of :func:`generalized_task_arithmetic` is elementwise (prepared masks are applied in
+    flat order, in pieces of any size), so the bytes equal one whole call's. It sums into the first
+    tensor in place, so that tensor, filled block by block, is the result.
+    """
+    if base.numel() <= BLOCK or not all(t.is_contiguous() for t in (*tensors, base)):
+        return merge(tensors, base)
+    flat = [t.view(-1) for t in tensors]
+    flat_base = base.view(-1)
+    with single_threaded_math():  # a block is too small to share: the other core reads and writes
+        for start in range(0, flat_base.numel(), BLOCK):
+            block = merge([t[start:start + BLOCK] for t in flat], flat_base[start:start + BLOCK])
+            assert block.data_ptr() == flat[0][start:].data_ptr()  # summed in place into the first tensor
+    return tensors[0]
 
 
 def _sparsify_(mask_of: Callable[[Tensor], Tensor | None], delta: Tensor, *, rescale: bool) -> Tensor:

@@ -5,6 +5,7 @@ attempt to read weights would fail)."""
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import struct
 import subprocess
@@ -20,6 +21,8 @@ SEED = ROOT / "tests" / "data" / "seed"
 EXAMPLES = ROOT / "templates" / "examples"
 REPOS = ("mistralai/Mistral-7B-Instruct-v0.1", "mistralai/Mistral-7B-Instruct-v0.2")
 # The other examples' models are fine-tunes of Mistral-7B-v0.1: stand-ins with its shapes (Instruct v0.1's config).
+FIXTURE_TOKENIZER = ROOT / "tests" / "data" / "fixtures" / "mistral-base"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 V01_FAMILY = ("mistralai/Mistral-7B-v0.1", "HuggingFaceH4/zephyr-7b-beta", "Intel/neural-chat-7b-v3-3")
 
 
@@ -63,6 +66,8 @@ def seed_repos(hub, tmp_path_factory) -> None:
     for repo in REPOS:
         folder = tmp_path_factory.mktemp(repo.split("/")[1])
         write_header_only_checkpoint(json.loads((SEED / f"{repo.split('/')[1]}.config.json").read_text()), folder)
+        for name in TOKENIZER_FILES:  # a stand-in tokenizer (the fixtures'): prompt gates count tokens at validation
+            shutil.copy(FIXTURE_TOKENIZER / name, folder / name)
         hub.upload_model(folder, repo, token="hf_test_mistralai")
     for repo in V01_FAMILY:  # published by mistralai's token, a member of these orgs on the loopback Hub only
         hub.store.orgs.setdefault(repo.split("/")[0], {})["mistralai"] = "write"

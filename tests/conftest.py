@@ -89,3 +89,15 @@ def hub() -> Iterator[LoopbackHub]:
     yield LoopbackHub(url=url, token="hf_test_alice", user="alice", store=server.store)
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Torch on one thread for the test: the fixture models are tiny, so one thread is fastest, and on a
+    busy machine torch's other threads wait on cores the neighbours hold."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,13 +19,7 @@ FIXTURES = Path(__file__).parent / "data" / "fixtures"
 ROOT = Path(__file__).parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The fixture models are tiny: one thread is fastest, and the test machine's cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _slice(name: str, chars: int) -> str:

@@ -39,12 +39,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
         yield client, demo
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def handler(demo: gr.Blocks, name: str):

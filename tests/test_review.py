@@ -11,7 +11,6 @@ import json
 import math
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,13 +32,7 @@ CONFIG = "merge_method: linear\nmodels:\n" + "".join(f"  - model: {p}\n    param
 TEXT = (FIXTURES / "prose_eval.txt").read_text()[:1500]  # a few hundred tokens: scored whole within the budget
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models score fastest on one thread; on a busy machine torch's thread pool spins for the others."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)

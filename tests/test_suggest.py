@@ -21,12 +21,7 @@ FIXTURES = Path(__file__).parent / "data" / "fixtures"
 JUDGE_CHARS = 24_000  # of each eval split (~6k tokens): the judging text, never seen by the search
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _search_texts() -> list[EvalText]:

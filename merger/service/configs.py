@@ -3,11 +3,7 @@ share links and Hub search."""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import threading
-import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +13,7 @@ from merger.config.parse import parse_config_documents
 from merger.config.references import local_paths
 from merger.errors import ConfigError
 from merger.links import decode_config, share_url
+from merger.service.memo import Memo, digest
 
 
 def check_local_paths(yaml_text: str) -> None:
@@ -59,10 +56,8 @@ class Checked:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-_CHECKED_TTL_S = 120.0  # the Hub may change: a check is reused for a form's few requests, not for long
-_CHECKED_SIZE = 32
-_checked: OrderedDict[tuple[str, str], tuple[Checked, float]] = OrderedDict()
-_checked_lock = threading.Lock()
+# the Hub may change: a check is reused for a form's few requests, not for long
+_checked: Memo[Checked] = Memo(ttl_s=120.0, size=32)
 
 
 def models_of(yaml_text: str, token: str | None) -> Checked:
@@ -73,8 +68,8 @@ def models_of(yaml_text: str, token: str | None) -> Checked:
         MergerError: the config does not parse, or a model cannot be reached or read.
     """
     check_local_paths(yaml_text)  # before the memo: a remembered check never skips the guard
-    key = _memo_key(yaml_text, token)
-    hit = _remembered(key)
+    key = digest(yaml_text, token or "")
+    hit = _checked.get(key)
     if hit is not None:
         return hit
     from merger.stages import is_multi_stage
@@ -90,7 +85,7 @@ def models_of(yaml_text: str, token: str | None) -> Checked:
         lambda: fetch_metadata(config.referenced_models(), token), constants.VALIDATION_TIMEOUT_S,
         "fetching the models' metadata",
     )
-    return _remember(key, Checked(None, config, None, metadata))
+    return _checked.put(key, Checked(None, config, None, metadata))
 
 
 def checked(yaml_text: str, token: str | None) -> Checked:
@@ -101,8 +96,8 @@ def checked(yaml_text: str, token: str | None) -> Checked:
         MergerError: the first problem (or all of them, as ConfigProblems); ValidationTimeoutError.
     """
     check_local_paths(yaml_text)  # before the memo: a remembered check never skips the guard
-    key = _memo_key(yaml_text, token)
-    hit = _remembered(key)
+    key = digest(yaml_text, token or "")
+    hit = _checked.get(key)
     if hit is not None and hit.report is not None:
         return hit
     from merger.plan.entry import plan_from_metadata  # the planner loads torch: only when asked
@@ -111,32 +106,13 @@ def checked(yaml_text: str, token: str | None) -> Checked:
     from merger.validate import report_for, validate_config
 
     if is_multi_stage(yaml_text):
-        return _remember(key, Checked(validate_config(yaml_text, token)))
+        return _checked.put(key, Checked(validate_config(yaml_text, token)))
     models = hit or models_of(yaml_text, token)
     plan = run_limited(
         lambda: plan_from_metadata(models.config, models.metadata, token), constants.VALIDATION_TIMEOUT_S,
         "checking the models against each other",
     )
-    return _remember(key, Checked(report_for(plan), models.config, plan, models.metadata))
-
-
-def _memo_key(yaml_text: str, token: str | None) -> tuple[str, str]:
-    return hashlib.sha256(yaml_text.encode("utf-8", "surrogatepass")).hexdigest(), hashlib.sha256((token or "").encode()).hexdigest()
-
-
-def _remembered(key: tuple[str, str]) -> Checked | None:
-    with _checked_lock:
-        hit = _checked.get(key)
-    return hit[0] if hit and hit[1] > time.monotonic() else None
-
-
-def _remember(key: tuple[str, str], result: Checked) -> Checked:
-    with _checked_lock:
-        _checked[key] = (result, time.monotonic() + _CHECKED_TTL_S)
-        _checked.move_to_end(key)
-        while len(_checked) > _CHECKED_SIZE:
-            _checked.popitem(last=False)
-    return result
+    return _checked.put(key, Checked(report_for(plan), models.config, plan, models.metadata))
 
 
 def validate(yaml_text: str, token: str | None) -> Any:

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-import threading
-import time
+from merger.service.memo import Memo, digest
 
-_OWNER_TTL_S = 300.0
-_OWNER_CACHE_SIZE = 1024
-_owners: dict[str, tuple[str, float]] = {}  # sha256 of a token -> (its Hub username, when it expires)
-_owners_lock = threading.Lock()
+_owners: Memo[str] = Memo(ttl_s=300.0, size=1024)  # sha256 of a token -> its Hub username
 
 
 def owner(token: str | None) -> str | None:
@@ -20,17 +15,10 @@ def owner(token: str | None) -> str | None:
     """
     if not token:
         return None
-    key = hashlib.sha256(token.encode()).hexdigest()  # the cache never holds the token itself
-    now = time.monotonic()
-    with _owners_lock:
-        cached = _owners.get(key)
-    if cached and cached[1] > now:
-        return cached[0]
+    key = digest(token)  # the memo never holds the token itself
+    cached = _owners.get(key)
+    if cached is not None:
+        return cached
     from merger.publish.hub_push import whoami
 
-    name = whoami(token)
-    with _owners_lock:
-        if len(_owners) >= _OWNER_CACHE_SIZE:
-            _owners.clear()
-        _owners[key] = (name, now + _OWNER_TTL_S)
-    return name
+    return _owners.put(key, whoami(token))

@@ -7,12 +7,9 @@ asks the Hub nothing.
 
 from __future__ import annotations
 
-import hashlib
-import threading
-import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
+from merger.service.memo import Memo, digest
 from merger.errors import (
     AdapterModelError,
     ConfigError,
@@ -81,10 +78,8 @@ class ModelDetails:
         return " · ".join(p for p in parts if p)
 
 
-_TTL_S = 300.0  # a model's details are reused for five minutes (a re-rendered form asks the Hub nothing)
-_SIZE = 256
-_remembered: OrderedDict[tuple[str, str], tuple[ModelDetails, float]] = OrderedDict()
-_lock = threading.Lock()
+# a model's details are reused for five minutes (a re-rendered form asks the Hub nothing)
+_remembered: Memo[ModelDetails] = Memo(ttl_s=300.0, size=256)
 
 
 def count_text(n: int) -> str:
@@ -111,11 +106,10 @@ def model_details(reference: str, token: str | None) -> ModelDetails:
     if len(reference) > MAX_REFERENCE_CHARS:
         return ModelDetails(excerpt(reference, 80), problem=f"`{excerpt(reference, 80)}` is too long to be a model "
                                                             "id or a folder")
-    key = (reference, hashlib.sha256((token or "").encode()).hexdigest())
-    with _lock:
-        hit = _remembered.get(key)
-    if hit is not None and hit[1] > time.monotonic():
-        return hit[0]
+    key = digest(reference, token or "")
+    hit = _remembered.get(key)
+    if hit is not None:
+        return hit
     from merger.timeouts import run_limited
 
     try:
@@ -125,12 +119,7 @@ def model_details(reference: str, token: str | None) -> ModelDetails:
         return ModelDetails(reference, problem=_one_line(err))
     if details.problem is not None:
         return details  # not remembered: access granted or a file fixed shows at the next look
-    with _lock:
-        _remembered[key] = (details, time.monotonic() + _TTL_S)
-        _remembered.move_to_end(key)
-        while len(_remembered) > _SIZE:
-            _remembered.popitem(last=False)
-    return details
+    return _remembered.put(key, details)
 
 
 def _read(reference: str, token: str | None) -> ModelDetails:

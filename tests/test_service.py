@@ -144,8 +144,14 @@ def test_one_form_fetches_and_plans_once_across_validate_preflight_and_submit(hu
     from merger.io import resolve
     from merger.plan import entry
 
-    calls = {"fetch": 0, "plan": 0}
-    real_fetch, real_plan = resolve.fetch_metadata, entry.plan_from_metadata
+    from merger.config import load
+
+    calls = {"parse": 0, "fetch": 0, "plan": 0}
+    real_parse, real_fetch, real_plan = load.load_config, resolve.fetch_metadata, entry.plan_from_metadata
+
+    def parse(*args, **kwargs):
+        calls["parse"] += 1
+        return real_parse(*args, **kwargs)
 
     def fetch(*args, **kwargs):
         calls["fetch"] += 1
@@ -155,6 +161,7 @@ def test_one_form_fetches_and_plans_once_across_validate_preflight_and_submit(hu
         calls["plan"] += 1
         return real_plan(*args, **kwargs)
 
+    monkeypatch.setattr(load, "load_config", parse)
     monkeypatch.setattr(resolve, "fetch_metadata", fetch)
     monkeypatch.setattr(entry, "plan_from_metadata", plan)
     text = ties(dtype="float32")  # a text no other test checked: nothing remembered yet
@@ -162,9 +169,9 @@ def test_one_form_fetches_and_plans_once_across_validate_preflight_and_submit(hu
     assert report.models == ("alice/pf-mistral-base", "alice/pf-mistral-prose")
     assert service.preflight(text, TOKEN, "pf-once", False, False).ok
     assert service.submit(text, "pf-once", TOKEN, False, False)
-    assert calls == {"fetch": 1, "plan": 1}
+    assert calls == {"parse": 1, "fetch": 1, "plan": 1}
     service.validate(text, None)  # another caller (here: signed out) is checked with its own rights
-    assert calls == {"fetch": 2, "plan": 2}
+    assert calls == {"parse": 2, "fetch": 2, "plan": 2}
 
 
 def test_a_multi_stage_config_passes_the_checklist(hub, published, job_store) -> None:

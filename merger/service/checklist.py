@@ -29,7 +29,7 @@ from merger.errors import (
     excerpt,
 )
 from merger.scrub import scrub
-from merger.service.configs import check_local_paths, checked, models_of
+from merger.service.configs import checked, models_of, parsed
 
 # What the time estimate assumes (the worker's measured order of magnitude, see README "speed").
 DOWNLOAD_BYTES_PER_S = 50e6
@@ -79,20 +79,16 @@ def preflight(yaml_text: str, token: str | None, repo_id: str, private: bool, re
     the form's words; tensors a merge would drop are named one by one (the first ten, then a count). A
     line that cannot be checked because an earlier one failed is left out.
     """
-    from merger.config.load import load_config
-    from merger.stages import is_multi_stage, split_stages
-
     lines: list[CheckLine] = []
     try:
-        check_local_paths(yaml_text)
-        split_stages(yaml_text) if is_multi_stage(yaml_text) else load_config(yaml_text)  # parsing alone is cheap: a broken config is named before any Hub call
+        config = parsed(yaml_text, token)  # parsing alone is cheap: a broken config is named before any Hub call
     except MergerError as err:
         lines.extend(CheckLine("config", False, _short(p), "fix the field it names in the form or the YAML")
                      for p in _each_problem(err))
         return Preflight((*lines, _target_line(repo_id, token, private, reuse_repo)))
     lines.append(CheckLine("config", True, "the config parses"))
     try:
-        models = models_of(yaml_text, token)
+        models = models_of(yaml_text, token, config)
     except MergerError as err:
         lines.append(CheckLine("models", False, _short(err), _models_fix(err)))
         return Preflight((*lines, _target_line(repo_id, token, private, reuse_repo)))

@@ -60,9 +60,32 @@ class Checked:
 _checked: Memo[Checked] = Memo(ttl_s=120.0, size=32)
 
 
-def models_of(yaml_text: str, token: str | None) -> Checked:
+def parsed(yaml_text: str, token: str | None) -> Any:
+    """The config parsed: the remembered check's when there is one, else parsed now (no Hub call). A
+    multi-stage config's stages are split and parsed, and None is returned (it is checked whole).
+
+    Raises:
+        ConfigError: the config does not parse (ConfigProblems: all its problems), or a local path on a Space.
+    """
+    check_local_paths(yaml_text)  # before the memo: a remembered check never skips the guard
+    hit = _checked.get(digest(yaml_text, token or ""))
+    if hit is not None:
+        return hit.config
+    from merger.config.load import load_config
+    from merger.stages import is_multi_stage, split_stages
+
+    if is_multi_stage(yaml_text):
+        split_stages(yaml_text)
+        return None
+    return load_config(yaml_text)
+
+
+def models_of(yaml_text: str, token: str | None, config: Any = None) -> Checked:
     """The parsed config and every model's metadata (the plan may not be there yet): the pre-flight's
     `models` line. Multi-stage configs are checked whole (:func:`checked`).
+
+    Args:
+        config: :func:`parsed`'s result for `yaml_text`, when the caller has it (not parsed again).
 
     Raises:
         MergerError: the config does not parse, or a model cannot be reached or read.
@@ -80,7 +103,7 @@ def models_of(yaml_text: str, token: str | None) -> Checked:
     from merger.io.resolve import fetch_metadata
     from merger.timeouts import run_limited
 
-    config = load_config(yaml_text)
+    config = load_config(yaml_text) if config is None else config
     metadata = run_limited(
         lambda: fetch_metadata(config.referenced_models(), token), constants.VALIDATION_TIMEOUT_S,
         "fetching the models' metadata",

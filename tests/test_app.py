@@ -214,6 +214,7 @@ def test_the_preflight_shows_the_problem_and_keeps_merge_disabled(served: tuple[
         by_id(demo, "private"): False,
         by_id(demo, "reuse-repo"): False,
         by_id(demo, "evaluate"): True,
+        by_id(demo, "review"): False,
     }
     updates = on_check(values, None)
     shown = updates[by_id(demo, "preflight")]

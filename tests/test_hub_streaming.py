@@ -261,8 +261,8 @@ def test_a_sharded_hub_model_is_read_across_its_files(hub, reference, tmp_path):
         assert hub.store.served[f"{repo}/{name}"] == min(HEADER_FIRST_READ, size) + size - start
 
 
-def test_the_preflight_counts_only_the_bytes_a_frankenmerge_reads(fixture_models_dir):
-    from merger import service
+def test_the_preflight_counts_only_the_bytes_a_frankenmerge_reads(fixture_models_dir, monkeypatch):
+    from merger import constants, service
     from merger.config.load import load_config
     from merger.plan.entry import plan_config
 
@@ -274,6 +274,11 @@ def test_the_preflight_counts_only_the_bytes_a_frankenmerge_reads(fixture_models
     needed = sum(e["data_offsets"][1] - e["data_offsets"][0] for n, e in entries.items() if not n.startswith(unused))
     shown = service.checklist._bytes(needed)
     assert f"download {shown}, output {shown} ({shown} on disk" in line.detail
+    monkeypatch.setattr(constants, "DEFAULT_SHARD_SIZE", 1000)  # shards this small: only those in flight on disk
+    streamed = service.checklist._resources_line(*plan_config(load_config(text), None), evaluate=False)
+    assert f"({service.checklist._bytes(3 * 1000)} on disk" in streamed.detail  # the one written + 2 uploading
+    reviewed = service.checklist._resources_line(*plan_config(load_config(text), None), evaluate=False, review=True)
+    assert f"({shown} on disk" in reviewed.detail  # a merge waiting for review is kept whole
     evaluated = service.checklist._resources_line(*plan_config(load_config(text), None))  # the parents run whole
     everything = sum(e["data_offsets"][1] - e["data_offsets"][0] for e in entries.values())
     assert f"download {service.checklist._bytes(everything)}, output {shown}" in evaluated.detail

@@ -66,11 +66,12 @@ class Preflight:
 
 
 def preflight(yaml_text: str, token: str | None, repo_id: str, private: bool, reuse_repo: bool,
-              evaluate: bool = True) -> Preflight:
+              evaluate: bool = True, review: bool = False) -> Preflight:
     """The checklist for a config and a push target, from metadata only (no weights are fetched).
 
     `evaluate`: the job will be evaluated before its push (its inputs are then downloaded whole; without,
-    the merge streams from and to the Hub: see the `resources` line).
+    the merge streams from and to the Hub: see the `resources` line). `review`: the merge waits on the
+    worker's disk for its owner's publish (its output is kept whole).
 
     Lines: `config` (parses), `models` (every model reachable with the caller's rights),
     `compatibility` (architectures, shapes, layer ranges, vocabularies), `target repo` (valid,
@@ -105,7 +106,7 @@ def preflight(yaml_text: str, token: str | None, repo_id: str, private: bool, re
         return Preflight((*lines, _target_line(repo_id, token, private, reuse_repo)))
     lines.append(CheckLine("compatibility", True, _plan_summary(result.plan)))
     lines.append(_target_line(repo_id, token, private, reuse_repo))
-    lines.append(_resources_line(result.plan, result.metadata, evaluate))
+    lines.append(_resources_line(result.plan, result.metadata, evaluate, review))
     return Preflight(tuple(lines))
 
 
@@ -200,12 +201,13 @@ def _target_line(repo_id: str, token: str | None, private: bool, reuse_repo: boo
     return CheckLine("target repo", True, f"`{target.repo_id}`: {state}, {visibility}")
 
 
-def _resources_line(plan: Any, metadata: dict[str, Any], evaluate: bool = True) -> CheckLine:
+def _resources_line(plan: Any, metadata: dict[str, Any], evaluate: bool = True, review: bool = False) -> CheckLine:
     """Download, disk, memory and time next to the worker's free disk and RAM.
 
-    Without an evaluation the worker reads only the tensors the plan uses (by byte ranges) and uploads each
-    shard as it is written, so its disk holds the shard being written and those waiting to upload; an
-    evaluation runs the parents and the merge, so the inputs are downloaded whole and the output is kept.
+    Without an evaluation the worker reads only the tensors the plan uses (by byte ranges) and, unless the
+    merge waits for review (kept whole), uploads each shard as it is written, so its disk holds the shard
+    being written and those waiting to upload; an evaluation runs the parents and the merge, so the
+    inputs are downloaded whole and the output is kept.
     """
     from merger.dtypes import DTYPE_SIZES
     from merger.publish.stream_push import MAX_PENDING_SHARDS
@@ -220,7 +222,7 @@ def _resources_line(plan: Any, metadata: dict[str, Any], evaluate: bool = True) 
     else:
         read = {(s.model, s.name) for job in plan.jobs for s in [*job.sources, *([job.base] if job.base else [])]}
         download = sum(size(metadata[key], name) for key, name in read)
-        on_disk = min(output, (MAX_PENDING_SHARDS + 1) * constants.DEFAULT_SHARD_SIZE)
+        on_disk = output if review else min(output, (MAX_PENDING_SHARDS + 1) * constants.DEFAULT_SHARD_SIZE)
     largest = max((job.nbytes // max(1, DTYPE_SIZES.get(job.dtype, 4)) for job in plan.jobs), default=0)
     inputs = max((len(job.sources) + (job.base is not None) for job in plan.jobs), default=1)
     peak = largest * 4 * (inputs + 2)  # float32 copies of one tensor's inputs, the output and a temporary

@@ -110,15 +110,16 @@ def wire(panel: Preflight, views: ConfigViews) -> None:
             return {panel.checklist: render_checklist(None), panel.merge_button: gr.Button(interactive=False)}
         result = service.preflight(
             text, token_of(oauth_token), values[panel.repo_id], values[panel.private], values[panel.reuse_repo],
-            evaluate=bool(values[panel.options.evaluate]),
+            evaluate=bool(values[panel.options.evaluate]), review=bool(values[panel.options.review]),
         )
         return {panel.checklist: render_checklist(result), panel.merge_button: gr.Button(interactive=result.ok)}
 
     gr.on(
         [views.config.change, panel.repo_id.change, panel.private.change, panel.reuse_repo.change,
-         panel.options.evaluate.change],
+         panel.options.evaluate.change, panel.options.review.change],
         on_check,
-        inputs={views.config, panel.repo_id, panel.private, panel.reuse_repo, panel.options.evaluate},
+        inputs={views.config, panel.repo_id, panel.private, panel.reuse_repo, panel.options.evaluate,
+                panel.options.review},
         outputs=[panel.checklist, panel.merge_button],
         trigger_mode="always_last",
         show_progress="minimal",

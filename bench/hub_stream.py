@@ -110,8 +110,9 @@ def child(mode: str, method: str, set_name: str, layers: int, shard_mb: int) -> 
         push_folder(out, repo, TOKEN)
     wall = time.monotonic() - started
     stop.set()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print("RESULT " + json.dumps({"wall_s": wall, "rss": rss, "disk": peak[0]}), flush=True)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    result = {"wall_s": wall, "rss": usage.ru_maxrss * 1024, "disk": peak[0], "user_s": usage.ru_utime, "sys_s": usage.ru_stime}
+    print("RESULT " + json.dumps(result), flush=True)
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -160,10 +161,18 @@ def upload_inputs(url: str, set_name: str) -> None:
     subprocess.run([sys.executable, "-c", code], env=child_env(url, WORK / "hf-upload"), check=True)
 
 
-def run_one(url: str, mode: str, method: str, args: argparse.Namespace, layers: int) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (/proc/PID/stat, fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run_one(url: str, hub_pid: int, mode: str, method: str, args: argparse.Namespace, layers: int) -> dict:
     hf_home = WORK / "hf-home"
     shutil.rmtree(hf_home, ignore_errors=True)
-    before = hub_request(url, "/_minihub/stats")
+    os.sync()  # no run pays for the previous one's writeback
+    before, hub_cpu = hub_request(url, "/_minihub/stats"), cpu_seconds(hub_pid)
     command = [sys.executable, __file__, "--child", mode, method, "--set", args.set, "--shard-mb", str(args.shard_mb)]
     done = subprocess.run(command, env=child_env(url, hf_home), capture_output=True, text=True)
     after = hub_request(url, "/_minihub/stats")
@@ -171,7 +180,8 @@ def run_one(url: str, mode: str, method: str, args: argparse.Namespace, layers: 
     if done.returncode != 0 or line is None:
         raise SystemExit(f"{method} {mode} failed:\n{done.stderr[-3000:]}")
     result = json.loads(line[7:])
-    result.update(down=after["served"] - before["served"], up=after["received"] - before["received"])
+    result.update(down=after["served"] - before["served"], up=after["received"] - before["received"],
+                  hub_cpu_s=cpu_seconds(hub_pid) - hub_cpu)
     shutil.rmtree(hf_home, ignore_errors=True)
     return result
 
@@ -227,6 +237,7 @@ def main() -> None:
     parser.add_argument("--down-mbps", type=int, default=200)
     parser.add_argument("--up-mbps", type=int, default=100)
     parser.add_argument("--shard-mb", type=int, default=100)
+    parser.add_argument("--modes", default="stream,download", help="stream, download or both (the table needs both)")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(BENCH))
@@ -246,14 +257,16 @@ def main() -> None:
         rows = []
         for method in args.methods.split(","):
             row = {"method": method}
-            for mode in ("stream", "download"):
-                row[mode] = run_one(url, mode, method, args, layers)
+            for mode in args.modes.split(","):
+                row[mode] = run_one(url, hub.pid, mode, method, args, layers)
                 forget_outputs(inputs)
                 print(method, mode, json.dumps(row[mode]), flush=True)
             rows.append(row)
     finally:
         hub.terminate()
         hub.wait()
+    if args.modes != "stream,download":
+        return
     text = table(rows, args)
     print(text)
     record(text, args)

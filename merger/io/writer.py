@@ -14,12 +14,13 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from merger.constants import SAFETENSORS_INDEX_FILE
 from merger.errors import DiskSpaceError, NonFiniteOutputError, OutputWriteError
+from merger.io.direct_file import DirectFile, StagingBuffer
 from merger.io.loader import STORAGE_DTYPES
 from merger.dtypes import DTYPE_SIZES
 
@@ -143,7 +144,8 @@ class ShardedWriter:
         self.shards = layout_shards(tensors, max_shard_size)
         self._order = [slot for shard in self.shards for slot in shard]
         self._next = 0
-        self._file: BinaryIO | None = None
+        self._staging: StagingBuffer | None = None  # made at the first write, released on exit
+        self._file: DirectFile | None = None
         self._file_shard = -1
         self.total_bytes = sum(slot.end - slot.begin for slot in self._order)
 
@@ -151,6 +153,14 @@ class ShardedWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self._exit(exc_type)
+        finally:
+            if self._staging is not None:
+                self._staging.close()
+                self._staging = None
+
+    def _exit(self, exc_type) -> None:
         if exc_type is None and self._next == len(self._order):
             self._finish_shard()
             self._write_index()
@@ -192,7 +202,8 @@ class ShardedWriter:
             self._finish_shard()  # outside the try: what `on_shard` raises is its own error
         try:
             if slot.shard != self._file_shard:
-                self._file = open(path, "wb")
+                self._staging = self._staging or StagingBuffer()
+                self._file = DirectFile(path, self._staging)
                 self._file.write(_header(self.shards[slot.shard]))
                 self._file_shard = slot.shard
             self._file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))

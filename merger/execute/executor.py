@@ -25,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
@@ -229,24 +231,59 @@ def _merge_in_order(
     should_cancel: Callable[[], bool] | None,
     prompt_gates: torch.Tensor | None,
 ) -> None:
-    """The math thread's loop: each job's read tensors from `read_queue`, merged (or passed through
-    when a plain copy), onto `write_queue` in plan order; raises the reader's or the writer's error.
-    `prompt_gates`: the routers computed from prompts (:func:`merger.execute.router.prompt_routers`)."""
-    for _ in plan.jobs:
-        if should_cancel is not None and should_cancel():
-            raise MergeCancelled("the merge was cancelled; nothing was written or pushed")
-        item = read_queue.get()
-        if isinstance(item, BaseException):
-            raise item
-        job, raw, nbytes = item
-        if _is_plain_copy(job, raw, plan):
-            write_queue.put((job, raw[0], nbytes))  # the writer releases the read buffer
-            continue
+    """The math loop: each job's read tensors from `read_queue`, merged (or passed through when a plain
+    copy) by `_jobs_at_once` compute threads, onto `write_queue` in plan order; raises the reader's,
+    the writer's or a job's error. `prompt_gates`: the routers computed from prompts
+    (:func:`merger.execute.router.prompt_routers`)."""
+    at_once = _jobs_at_once(device)
+    in_flight: deque[tuple[TensorJob, Future, int]] = deque()  # in plan order
+
+    def compute(job: TensorJob, raw: list[torch.Tensor], nbytes: int) -> torch.Tensor:
         result = _compute(job, raw, plan, device, pool, prompt_gates)  # gives the read buffers back once converted
         budget.release(nbytes)
-        write_queue.put((job, result, 0))
-        if errors:
-            raise errors[0]
+        return result
+
+    def hand_over_done(keep: int) -> None:  # the oldest jobs to the writer, in order, until `keep` are left
+        while len(in_flight) > keep or (in_flight and in_flight[0][1].done()):
+            job, future, release = in_flight.popleft()
+            write_queue.put((job, future.result(), release))
+
+    threads = max(1, torch.get_num_threads() // at_once)
+    with ThreadPoolExecutor(at_once, thread_name_prefix="merger-math-job", initializer=torch.set_num_threads,
+                            initargs=(threads,)) as computing:
+        try:
+            for _ in plan.jobs:
+                if should_cancel is not None and should_cancel():
+                    raise MergeCancelled("the merge was cancelled; nothing was written or pushed")
+                item = read_queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                job, raw, nbytes = item
+                if _is_plain_copy(job, raw, plan):  # the writer releases the read buffer
+                    in_flight.append((job, _done(raw[0]), nbytes))
+                else:
+                    in_flight.append((job, computing.submit(compute, job, raw, nbytes), 0))
+                hand_over_done(keep=at_once)
+                if errors:
+                    raise errors[0]
+            hand_over_done(keep=0)
+        finally:
+            for _, future, _ in in_flight:
+                future.cancel()
+
+
+def _jobs_at_once(device: torch.device) -> int:
+    """Jobs computed at the same time: on CPU one per core, up to two, each on its own thread with its
+    share of torch's threads. A single job's math leaves cores idle between its steps, its slices'
+    conversions and its single-threaded parts (TIES's blocks, the prepare passes' merging); a second
+    job beside it fills them. Each job's bytes do not depend on that (its steps are the same)."""
+    return min(2, torch.get_num_threads()) if device.type == "cpu" else 1
+
+
+def _done(value: torch.Tensor) -> Future:
+    future: Future = Future()
+    future.set_result(value)
+    return future
 
 
 def _explain_non_finite(

@@ -1,19 +1,22 @@
 """The floor a merge cannot beat: start the interpreter, import torch and safetensors, read every input
 byte once, write the output's bytes once.
 
-    python bench/floor.py --out FILE --out-bytes N INPUT [INPUT ...]
+    python bench/floor.py [--direct] --out FILE --out-bytes N INPUT [INPUT ...]
 
 An INPUT is a safetensors file, read whole, or `FILE::REGEX`, which reads only the tensors whose
 names match REGEX (plus the header): for merges that use part of a file (an MoE takes only the MLPs of
 its second expert). Reads go through a reused 16 MiB buffer (page cache -> user space, as a merge's
 loads do); the write sends N bytes from that buffer to FILE, without fsync (the merge tools do not
-sync either).
+sync either). With `--direct` the write goes around the page cache (O_DIRECT, from a page-aligned
+buffer, the last block padded and the file truncated), as our engine writes: the stricter floor.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
+import os
 import re
 import struct
 
@@ -55,17 +58,35 @@ def write(path: str, size: int, buffer: bytearray) -> None:
             size -= f.write(view[: min(CHUNK, size)])
 
 
+def write_direct(path: str, size: int) -> None:
+    """Write `size` bytes to `path` with O_DIRECT: whole 4 KiB blocks from an aligned buffer, then truncate."""
+    buffer = mmap.mmap(-1, CHUNK)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    try:
+        left = size
+        while left > 0:
+            n = min(CHUNK, -(-left // 4096) * 4096)
+            left -= os.write(fd, memoryview(buffer)[:n])
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--out-bytes", type=int, required=True)
+    parser.add_argument("--direct", action="store_true", help="write around the page cache (O_DIRECT)")
     parser.add_argument("inputs", nargs="+", metavar="INPUT")
     args = parser.parse_args()
     buffer = bytearray(CHUNK)
     for spec in args.inputs:
         path, _, pattern = spec.partition("::")
         read(path, byte_ranges(path, pattern or None), buffer)
-    write(args.out, args.out_bytes, buffer)
+    if args.direct:
+        write_direct(args.out, args.out_bytes)
+    else:
+        write(args.out, args.out_bytes, buffer)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,20 @@ def test_configs_saved_by_other_transformers_versions_are_not_a_difference():
     assert len(changed.warnings) == 1 and "'factor': 8.0" in changed.warnings[0] and changed.refusals == ()
 
 
+def test_configs_equal_but_for_provenance_agree_and_any_other_key_is_compared_as_transformers_reads_it():
+    """The shortcut for equal configs skips only what cannot differ: a difference in a key that is not a
+    setting itself (hidden_size, from which Llama derives head_dim) still reaches the full comparison."""
+    config = dict(DIMS, model_type="llama")
+    saved_elsewhere = dict(config, _name_or_path="someone/else", transformers_version="4.40.0", torch_dtype="float16",
+                           use_cache=False)
+    assert compare_settings({"a": config, "b": saved_elsewhere}, "a") == compare_settings({"a": config}, "a")
+    assert compare_settings({"a": config, "b": saved_elsewhere}, "a").warnings == ()
+    wider = compare_settings({"a": config, "b": dict(config, hidden_size=32)}, "a")
+    assert len(wider.warnings) == 1 and "`head_dim` differs" in wider.warnings[0] and "`a` 8, `b` 16" in wider.warnings[0]
+    qwen = compare_settings({"a": config, "b": dict(config, model_type="qwen2")}, "a")
+    assert qwen.refusals and "`b` is a `qwen2` model" in qwen.refusals[0]
+
+
 def test_drop_unknown_tensors_merges_without_them_and_names_them(tmp_path: Path):
     from safetensors.torch import save_file
 

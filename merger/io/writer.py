@@ -122,9 +122,9 @@ class ShardedWriter:
         out_dir: the (temporary) output directory.
         tensors: (name, shape, safetensors dtype code) of every output tensor, in write order.
         max_shard_size: bytes of tensor data per shard.
-        on_shard: called with each shard's path once it is complete and closed (before the next one is
-            opened; the last one before the index is written), e.g. to upload it while the next is
-            merged. It may delete the file; what it raises stops the run.
+        on_shard: called with each shard's path as soon as its last tensor is written and it is closed
+            (so before the next one is opened, and the last one before the index is written), e.g. to
+            upload it while the next is merged. It may delete the file; what it raises stops the run.
 
     Raises:
         ValueError: a tensor arrives out of order or with another shape than planned.
@@ -198,8 +198,6 @@ class ShardedWriter:
                 f"merged tensor `{name}` holds NaN or inf as {slot.dtype}; the merge was stopped and nothing was kept."
             )
         path = self.out_dir / shard_file_name(slot.shard, len(self.shards))
-        if slot.shard != self._file_shard:
-            self._finish_shard()  # outside the try: what `on_shard` raises is its own error
         try:
             if slot.shard != self._file_shard:
                 self._staging = self._staging or StagingBuffer()
@@ -210,6 +208,11 @@ class ShardedWriter:
         except OSError as err:
             raise output_error(err, path, self.total_bytes) from None
         self._next += 1
+        if self._next == len(self._order) or self._order[self._next].shard != slot.shard:
+            # the shard is complete: closed and handed on now, not when the next tensor arrives (a
+            # streamed push starts its upload one tensor's download and merge sooner); outside the
+            # try, what `on_shard` raises is its own error
+            self._finish_shard()
 
     def _write_index(self) -> None:
         weight_map = {slot.name: shard_file_name(slot.shard, len(self.shards)) for slot in self._order}

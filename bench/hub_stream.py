@@ -11,7 +11,10 @@ method, two modes run in fresh processes, each with an empty HF cache:
   folder pushed as one commit (upload_folder).
 
 The network floor is max(bytes served / down rate, bytes received / up rate) of the stream run: the
-bytes the plan needs in, and the output out. Peak disk is sampled every 20 ms over the run's HF cache
+bytes the plan needs in, and the output out. The Hub keeps its files in /dev/shm when it has room (a
+remote Hub's storage costs the worker nothing; this VM's buffered disk writes would cost its cores
+8-16 s per GB), and the CPU seconds of the worker and of the Hub process are reported per stream run.
+`--modes stream` runs the stream mode alone (no table is written then). Peak disk is sampled every 20 ms over the run's HF cache
 and work folder; peak RSS is the process's own (ru_maxrss). Output shards are `--shard-mb` MB (the
 Hub's 5 GB shards scaled to the models). The passthrough here is a two-model frankenmerge (the first
 half of ft1's layers, the second half of ft2's), so that it uses only part of each input.
@@ -210,8 +213,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         f"{args.shard_mb} MB shards; wall time from start to commit (one run each).",
         "",
         "| method | in GB | out GB | floor s | stream s | stream/floor | download-all s | download/stream | "
-        "stream disk GB | download disk GB | stream RSS GB | download RSS GB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "stream disk GB | download disk GB | stream RSS GB | download RSS GB | stream CPU s (worker / Hub) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         s, d = r["stream"], r["download"]
@@ -219,7 +222,8 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
         lines.append(
             f"| {r['method']} | {s['down'] / 1e9:.2f} | {s['up'] / 1e9:.2f} | {floor:.1f} | {s['wall_s']:.1f} | "
             f"{s['wall_s'] / floor:.2f} | {d['wall_s']:.1f} | {d['wall_s'] / s['wall_s']:.2f} | {s['disk'] / 1e9:.2f} | "
-            f"{d['disk'] / 1e9:.2f} | {s['rss'] / 2**30:.2f} | {d['rss'] / 2**30:.2f} |"
+            f"{d['disk'] / 1e9:.2f} | {s['rss'] / 2**30:.2f} | {d['rss'] / 2**30:.2f} | "
+            f"{s['user_s'] + s['sys_s']:.1f} / {s['hub_cpu_s']:.1f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -236,17 +236,18 @@ def _merge_in_order(
     the writer's or a job's error. `prompt_gates`: the routers computed from prompts
     (:func:`merger.execute.router.prompt_routers`)."""
     at_once = _jobs_at_once(device)
-    in_flight: deque[tuple[TensorJob, Future, int]] = deque()  # in plan order
+    in_flight: deque[tuple[TensorJob, Future]] = deque()  # computed jobs, in plan order
 
     def compute(job: TensorJob, raw: list[torch.Tensor], nbytes: int) -> torch.Tensor:
-        result = _compute(job, raw, plan, device, pool, prompt_gates)  # gives the read buffers back once converted
-        budget.release(nbytes)
-        return result
+        try:
+            return _compute(job, raw, plan, device, pool, prompt_gates)  # gives the read buffers back once converted
+        finally:  # a job that fails frees its budget too: the reader must not wait for it
+            budget.release(nbytes)
 
     def hand_over_done(keep: int) -> None:  # the oldest jobs to the writer, in order, until `keep` are left
         while len(in_flight) > keep or (in_flight and in_flight[0][1].done()):
-            job, future, release = in_flight.popleft()
-            write_queue.put((job, future.result(), release))
+            job, future = in_flight.popleft()
+            write_queue.put((job, future.result(), 0))
 
     threads = max(1, torch.get_num_threads() // at_once)
     with ThreadPoolExecutor(at_once, thread_name_prefix="merger-math-job", initializer=torch.set_num_threads,
@@ -259,16 +260,19 @@ def _merge_in_order(
                 if isinstance(item, BaseException):
                     raise item
                 job, raw, nbytes = item
-                if _is_plain_copy(job, raw, plan):  # the writer releases the read buffer
-                    in_flight.append((job, _done(raw[0]), nbytes))
+                if _is_plain_copy(job, raw, plan):
+                    # handed over at once, after the jobs before it: only the writer releases a copy's
+                    # budget, so a copy left waiting here could starve the reader of the next job
+                    hand_over_done(keep=0)
+                    write_queue.put((job, raw[0], nbytes))
                 else:
-                    in_flight.append((job, computing.submit(compute, job, raw, nbytes), 0))
-                hand_over_done(keep=at_once)
+                    in_flight.append((job, computing.submit(compute, job, raw, nbytes)))
+                    hand_over_done(keep=at_once)
                 if errors:
                     raise errors[0]
             hand_over_done(keep=0)
         finally:
-            for _, future, _ in in_flight:
+            for _, future in in_flight:
                 future.cancel()
 
 
@@ -278,12 +282,6 @@ def _jobs_at_once(device: torch.device) -> int:
     conversions and its single-threaded parts (TIES's blocks, the prepare passes' merging); a second
     job beside it fills them. Each job's bytes do not depend on that (its steps are the same)."""
     return min(2, torch.get_num_threads()) if device.type == "cpu" else 1
-
-
-def _done(value: torch.Tensor) -> Future:
-    future: Future = Future()
-    future.set_result(value)
-    return future
 
 
 def _explain_non_finite(

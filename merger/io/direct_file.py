@@ -16,7 +16,6 @@ OS without it) the same bytes go through the page cache instead: the result is i
 from __future__ import annotations
 
 import errno
-import fcntl
 import mmap
 import os
 from pathlib import Path
@@ -56,12 +55,12 @@ class DirectFile:
         self._size = 0
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
         try:
-            self._fd = os.open(path, flags | O_DIRECT, 0o644)
+            self._fd = os.open(path, flags | O_DIRECT, 0o666)  # less the umask, as open() does
             self._direct = bool(O_DIRECT)
         except OSError as err:
             if err.errno != errno.EINVAL or not O_DIRECT:
                 raise
-            self._fd = os.open(path, flags, 0o644)
+            self._fd = os.open(path, flags, 0o666)
             self._direct = False
 
     def write(self, data) -> int:
@@ -105,5 +104,7 @@ class DirectFile:
         self._fill = 0
 
     def _buffered_from_here(self) -> None:
+        import fcntl  # POSIX, as O_DIRECT is: importing it at the top would break the module elsewhere
+
         fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~O_DIRECT)
         self._direct = False

@@ -132,8 +132,7 @@ def hub_folder() -> Path:
     return WORK / "hub"
 
 
-def start_hub(down_bps: int, up_bps: int) -> tuple[subprocess.Popen, str]:
-    hub_dir = hub_folder()
+def start_hub(hub_dir: Path) -> tuple[subprocess.Popen, str]:
     shutil.rmtree(hub_dir, ignore_errors=True)
     process = subprocess.Popen(
         [sys.executable, str(ROOT / "tests" / "minihub.py"), "--port", "0", "--data", str(hub_dir), "--token",
@@ -199,10 +198,10 @@ def run_one(url: str, hub_pid: int, mode: str, method: str, args: argparse.Names
     return result
 
 
-def forget_outputs(inputs: set[str]) -> None:
+def forget_outputs(hub_dir: Path, inputs: set[str]) -> None:
     """Delete the loopback Hub's LFS objects other than the inputs', so that the next run uploads its
     output again (the Hub skips objects it has, and both modes' outputs are the same bytes)."""
-    for path in (hub_folder() / "lfs").iterdir():
+    for path in (hub_dir / "lfs").iterdir():
         if path.name not in inputs:
             path.unlink()
 
@@ -263,23 +262,24 @@ def main() -> None:
         return
     subprocess.run([sys.executable, str(BENCH / "make_models.py"), "--set", args.set], check=True)
     (WORK / "runs").mkdir(parents=True, exist_ok=True)
-    hub, url = start_hub(args.down_mbps * 10**6, args.up_mbps * 10**6)
+    hub_dir = hub_folder()  # chosen once: its free space changes as the Hub fills it
+    hub, url = start_hub(hub_dir)
     try:
         upload_inputs(url, args.set)
-        inputs = {p.name for p in (hub_folder() / "lfs").iterdir()}
+        inputs = {p.name for p in (hub_dir / "lfs").iterdir()}
         hub_request(url, "/_minihub/throttle", {"down_bps": args.down_mbps * 10**6, "up_bps": args.up_mbps * 10**6})
         rows = []
         for method in args.methods.split(","):
             row = {"method": method}
             for mode in args.modes.split(","):
                 row[mode] = run_one(url, hub.pid, mode, method, args, layers)
-                forget_outputs(inputs)
+                forget_outputs(hub_dir, inputs)
                 print(method, mode, json.dumps(row[mode]), flush=True)
             rows.append(row)
     finally:
         hub.terminate()
         hub.wait()
-        shutil.rmtree(hub_folder(), ignore_errors=True)
+        shutil.rmtree(hub_dir, ignore_errors=True)
     if args.modes != "stream,download":
         return
     text = table(rows, args)

@@ -92,6 +92,26 @@ def hub() -> Iterator[LoopbackHub]:
 
 
 @pytest.fixture
+def job_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh data folder for the app's jobs (queue and job databases in it), a fresh queue key and a
+    fresh worker shutdown flag; returns the folder."""
+    import threading
+
+    from cryptography.fernet import Fernet
+
+    from merger import constants
+    from merger.jobs import worker
+
+    data = tmp_path / "data"
+    monkeypatch.setattr(constants, "DATA_DIR", data)
+    monkeypatch.setattr(constants, "QUEUE_DB", data / "queue.db")
+    monkeypatch.setattr(constants, "JOBS_DB", data / "jobs.db")
+    monkeypatch.setenv(constants.QUEUE_KEY_ENV, Fernet.generate_key().decode())
+    monkeypatch.setattr(worker, "_SHUTDOWN", threading.Event())
+    return data
+
+
+@pytest.fixture
 def one_torch_thread():
     """Torch on one thread for the test: the fixture models are tiny, so one thread is fastest, and on a
     busy machine torch's other threads wait on cores the neighbours hold."""

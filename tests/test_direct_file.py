@@ -98,6 +98,12 @@ def test_a_file_system_refusing_direct_io_at_write_gets_the_same_bytes(tmp_path:
     assert (tmp_path / "out.bin").read_bytes() == b"".join(pieces)
 
 
+@pytest.mark.parametrize("size", [0, ALIGN + 1, ALIGN // 2])
+def test_a_staging_size_that_is_not_whole_blocks_is_refused(size: int) -> None:
+    with pytest.raises(ValueError, match=f"staging size {size} is not a positive multiple of {ALIGN}"):
+        StagingBuffer(size)
+
+
 def test_other_open_errors_are_raised(tmp_path: Path) -> None:
     staging = StagingBuffer(STAGE)
     with pytest.raises(FileNotFoundError):

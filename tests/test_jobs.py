@@ -37,16 +37,10 @@ CONFIG = "merge_method: linear\nmodels:\n  - model: a\n  - model: b\n"
 
 
 @pytest.fixture(autouse=True)
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Fresh queue and job databases, and a fresh queue key, for every test."""
-    data = tmp_path / "data"
-    monkeypatch.setattr(constants, "DATA_DIR", data)
-    monkeypatch.setattr(constants, "QUEUE_DB", data / "queue.db")
-    monkeypatch.setattr(constants, "JOBS_DB", data / "jobs.db")
-    monkeypatch.setenv(constants.QUEUE_KEY_ENV, Fernet.generate_key().decode())
-    monkeypatch.setattr(worker, "_SHUTDOWN", threading.Event())
+def data_dir(job_store: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh job store for every test (conftest's `job_store`), ten jobs per user."""
     monkeypatch.setattr(constants, "MAX_JOBS_PER_USER", 10)
-    return data
+    return job_store
 
 
 @pytest.fixture

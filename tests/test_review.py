@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from cryptography.fernet import Fernet
 from huggingface_hub import snapshot_download
 
 from helpers import bits_per_token
@@ -36,17 +34,12 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)
-def data_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Fresh databases and key; tasks run synchronously inside submit and publish, as the consumer would."""
-    data = tmp_path / "data"
-    monkeypatch.setattr(constants, "DATA_DIR", data)
-    monkeypatch.setattr(constants, "QUEUE_DB", data / "queue.db")
-    monkeypatch.setattr(constants, "JOBS_DB", data / "jobs.db")
-    monkeypatch.setenv(constants.QUEUE_KEY_ENV, Fernet.generate_key().decode())
-    monkeypatch.setattr(worker, "_SHUTDOWN", threading.Event())
+def data_dir(job_store: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh job store (conftest's `job_store`); tasks run synchronously inside submit and publish, as
+    the consumer would."""
     monkeypatch.setattr(constants, "JOB_EVAL_TOKENS_PER_TEXT", 4096)
     queue.get_huey().immediate = True
-    return data
+    return job_store
 
 
 def submit(hub, repo: str, options: JobOptions) -> str:

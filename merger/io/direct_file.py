@@ -26,13 +26,23 @@ O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
 class StagingBuffer:
-    """A page-aligned anonymous mapping reused by every file of one writer (mmap memory is page-aligned)."""
+    """A page-aligned anonymous mapping reused by every file of one writer (mmap memory is page-aligned).
+
+    Args:
+        size: bytes, a multiple of :data:`ALIGN` (a full buffer is written as whole blocks).
+
+    Raises:
+        ValueError: `size` is not a positive multiple of :data:`ALIGN`.
+    """
 
     def __init__(self, size: int = STAGE_BYTES):
+        if size <= 0 or size % ALIGN:
+            raise ValueError(f"staging size {size} is not a positive multiple of {ALIGN} bytes")
         self.memory = mmap.mmap(-1, size)
         self.view = memoryview(self.memory)
 
     def close(self) -> None:
+        """Unmap the buffer (no file may be writing through it any more)."""
         self.view.release()
         self.memory.close()
 

@@ -39,7 +39,7 @@ from merger.io.sources import WeightSource
 from merger.stages import is_multi_stage, run_stages
 from merger.io.tokenizer_files import write_tokenizer
 from merger.plan.entry import plan_config
-from merger.io.writer import format_bytes, output_error
+from merger.io.writer import OnShard, format_bytes, output_error
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def run_merge(
     evaluate: Callable[[Path, dict[str, Path]], str] | None = None,
     config: AnyConfig | None = None,
     planned: tuple[MergePlan, dict[str, ModelMetadata]] | None = None,
-    on_shard: Callable[[Path], None] | None = None,
+    on_shard: OnShard | None = None,
 ) -> MergeResult:
     """Merge the models of a YAML config into `out_dir` (a complete Hugging Face model folder).
 
@@ -123,10 +123,11 @@ def run_merge(
         config: `load_config(config_text)`, when the caller has parsed it already (not parsed again).
         planned: `plan_config(config, token)`, when the caller has planned it already (not planned
             again; the models must not have changed since).
-        on_shard: called with each weight shard's path as soon as it is complete, while the next is
-            merged (e.g. :class:`merger.publish.stream_push.StreamPush` uploads and deletes it); the
-            folder then needs room for a few shards only. Shards it takes are absent from `out_dir`.
-            With `evaluate`, the shards are handed on after the evaluation (it reads them all).
+        on_shard: called with each weight shard's path and its sha256 (None when not computed) as
+            soon as it is complete, while the next is merged (e.g.
+            :class:`merger.publish.stream_push.StreamPush` uploads and deletes it); the folder then needs
+            room for a few shards only. Shards it takes are absent from `out_dir`. With `evaluate`,
+            the shards are handed on after the evaluation (it reads them all), without their sha256.
 
     Returns:
         A :class:`MergeResult`.
@@ -203,7 +204,7 @@ def _write_through_staging(
     should_cancel: Callable[[], bool] | None,
     evaluate: Callable[[Path, dict[str, Path]], str] | None,
     weights: dict[str, Path | WeightSource],
-    on_shard: Callable[[Path], None] | None,
+    on_shard: OnShard | None,
 ) -> None:
     """Merge and write the whole output into a temporary sibling of `out_dir`, then move it into place.
 
@@ -225,7 +226,7 @@ def _write_through_staging(
             parents = {key: folder for key, folder in dirs.items() if key not in adapters}  # a LoRA input's folder is its base
             _write_card(plan, dirs, staging, config_text, metadata, title, evaluate(staging, parents))
             for shard in sorted(staging.glob("model-*-of-*.safetensors")) if on_shard is not None else []:
-                on_shard(shard)
+                on_shard(shard, None)
         _replace_dir(staging, out_dir)
     except OSError as err:
         if isinstance(err, MergerError):

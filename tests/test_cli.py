@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from merger.__main__ import main, parse_size
+from merger.cli import main, parse_size
 
 ROOT = Path(__file__).parents[1]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import bits_per_token
-from merger.__main__ import main
+from merger.cli import main
 from merger.errors import EvalTextError
 from merger.evaluate.score import EvalBudget, evaluate_models
 from merger.evaluate.text import EvalText, dataset_texts, default_texts, read_text_file

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from merger.__main__ import main
+from merger.cli import main
 from merger.errors import ConfigError
 from merger.lora.extract import extract_lora
 from helpers import weights

@@ -6,7 +6,7 @@ How the error's class reaches each channel (see docs/decisions.md, "Error labels
 - the app: `gradio_client`'s `AppError.title` is the class name (`merger.ui.common.user_errors`), the message the sentence;
 - the CLI: stderr is one line, `error: ClassName: message`, and the exit status 2.
 
-The CLI channels call `merger.__main__.main` in this process (a fresh `python -m merger` costs seconds
+The CLI channels call `merger.cli.main` in this process (a fresh `python -m merger` costs seconds
 per entry on a shared machine); `test_the_cli_process_prints_one_line` runs a few entries as real
 processes to show the same answer reaches a terminal.
 """
@@ -75,7 +75,7 @@ class Context:
 
 # ---------------------------------------------------------------- channels
 def _cli(args: list[str]) -> Answer:
-    from merger.__main__ import main
+    from merger.cli import main
 
     err, out = io.StringIO(), io.StringIO()
     start = time.monotonic()

@@ -466,7 +466,7 @@ def cli_config(tmp_path, fixture_models_dir) -> Path:
     ],
 )
 def test_cli_refuses_a_bad_push_target_before_merging(hub, cli_config, tmp_path, capsys, monkeypatch, target, flags, words):
-    from merger.__main__ import main
+    from merger.cli import main
 
     HfApi(token=hub.token).create_repo("alice/cli-existing", exist_ok=True)
     monkeypatch.setenv("HF_TOKEN", hub.token)
@@ -479,7 +479,7 @@ def test_cli_refuses_a_bad_push_target_before_merging(hub, cli_config, tmp_path,
 
 
 def test_cli_reuse_repo_pushes_a_new_commit(hub, cli_config, tmp_path, capsys, monkeypatch):
-    from merger.__main__ import main
+    from merger.cli import main
 
     HfApi(token=hub.token).create_repo("alice/cli-reused", exist_ok=True)
     monkeypatch.setenv("HF_TOKEN", hub.token)

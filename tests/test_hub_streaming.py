@@ -3,6 +3,7 @@ shards uploaded as they are written (bounded disk, one commit, no repo left by a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import struct
 import threading
@@ -184,9 +185,10 @@ def test_shards_are_uploaded_as_they_are_written_then_one_commit(hub, reference,
     try:
         work = tmp_path / "work"
         with _DiskWatch(work) as watch, StreamPush("stream-out", hub.token) as push:
-            def on_shard(path: Path) -> None:
+            def on_shard(path: Path, sha256: bytes | None) -> None:
+                assert sha256 == hashlib.sha256(path.read_bytes()).digest()  # hashed as written
                 watch.count()
-                push(path)
+                push(path, sha256)
 
             run_merge(local, work / "out", device="cpu", shard_size=SHARD, on_shard=on_shard)
             url = push.commit(work / "out")
@@ -240,13 +242,13 @@ def test_with_an_evaluation_the_shards_are_handed_on_after_it(fixture_models_dir
         events.append(("evaluated", sorted(p.name for p in staged.glob("*.safetensors"))))
         return "| metric | value |\n|---|---|\n| bits/token | 1.0 |\n"
 
-    def on_shard(path: Path) -> None:
-        events.append(("shard", path.read_bytes() == (reference / path.name).read_bytes()))
+    def on_shard(path: Path, sha256: bytes | None) -> None:
+        events.append(("shard", path.read_bytes() == (reference / path.name).read_bytes(), sha256))
 
     run_merge(linear_yaml(local_names(fixture_models_dir)), tmp_path / "out", device="cpu",
               shard_size=SHARD, evaluate=evaluate, on_shard=on_shard)
     shards = sorted(p.name for p in reference.glob("*.safetensors"))
-    assert events == [("evaluated", shards)] + [("shard", True)] * len(shards)
+    assert events == [("evaluated", shards)] + [("shard", True, None)] * len(shards)  # not hashed after the evaluation
 
 
 def test_a_sharded_hub_model_is_read_across_its_files(hub, reference, tmp_path):

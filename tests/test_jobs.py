@@ -66,7 +66,7 @@ def pushes(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
         def __exit__(self, *exc) -> None:
             pass
 
-        def __call__(self, shard: Path) -> None:
+        def __call__(self, shard: Path, sha256: bytes | None = None) -> None:
             pass
 
         def commit(self, folder: Path) -> str:

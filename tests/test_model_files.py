@@ -360,7 +360,7 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *words: str) -> N
     ("peft-adapter-folder", ["LORA adapter", "org/base", "merge_and_unload"]),
 ])
 def test_cli_validate_says_one_line(case_id: str, words: list[str], tmp_path: Path, capsys) -> None:
-    from merger.__main__ import main
+    from merger.cli import main
 
     next(case for case in BROKEN_MODELS if case.id == case_id).build(tmp_path / "broken")
     config = tmp_path / "merge.yml"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from merger.__main__ import main
+from merger.cli import main
 from merger.engine import run_merge
 from merger.errors import MultiDocumentError, StageError
 from merger.config.parse import MAX_STAGES

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from helpers import bits_per_token
-from merger.__main__ import main
+from merger.cli import main
 from merger.config.load import load_config
 from merger.engine import run_merge
 from merger.errors import SearchError

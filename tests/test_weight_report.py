@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from merger.__main__ import main
+from merger.cli import main
 from merger.evaluate.report import weight_report
 
 FIXTURES = Path(__file__).parent / "data" / "fixtures"

@@ -1,6 +1,6 @@
 """The command line of `merger.evaluate`: `eval`, `suggest`, `run --eval` and `validate --report`.
 
-`merger/__main__.py` adds these subcommands and flags with :func:`add_commands` and calls the handlers.
+`merger/cli.py` adds these subcommands and flags with :func:`add_commands` and calls the handlers.
 """
 
 from __future__ import annotations

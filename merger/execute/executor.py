@@ -42,7 +42,7 @@ from merger.methods.registry import SLICE, MergeMethod, get_method
 from merger.execute.router import prompt_routers, router_weights
 from merger.plan.merge import MergePlan, TensorJob, TensorSource
 from merger.plan.tokenizer import align_embeddings
-from merger.io.writer import ShardedWriter, is_finite
+from merger.io.writer import OnShard, ShardedWriter, is_finite
 
 Progress = Callable[[float, str], None]
 MIN_BUDGET = 64 * 2**20  # read-ahead and idle-buffer floor, bytes; both also scale with the largest job
@@ -84,7 +84,7 @@ def execute_plan(
     progress: Progress | None = None,
     should_cancel: Callable[[], bool] | None = None,
     adapters: dict[str, Path] | None = None,
-    on_shard: Callable[[Path], None] | None = None,
+    on_shard: OnShard | None = None,
 ) -> None:
     """Write every tensor of `plan` into safetensors shards in `out_dir`.
 
@@ -98,7 +98,7 @@ def execute_plan(
         progress: called after each tensor is written with (fraction done, tensor name).
         should_cancel: polled before each tensor; True raises :class:`MergeCancelled`.
         adapters: model key -> local LoRA adapter folder, for `model+lora` inputs (applied as read).
-        on_shard: called on the writer thread with each shard's path once the shard is complete
+        on_shard: called on the writer thread with each shard's path and sha256 once the shard is complete
             (see :class:`~merger.io.writer.ShardedWriter`); it may upload and delete the file.
 
     Raises:
@@ -137,7 +137,7 @@ def _execute(
     progress: Progress | None,
     should_cancel: Callable[[], bool] | None,
     adapters: dict[str, Path],
-    on_shard: Callable[[Path], None] | None,
+    on_shard: OnShard | None,
 ) -> None:
     pool = BufferPool(max_retained=0)
     prompt_gates = prompt_routers(plan, dirs, adapters, pool, device, should_cancel)  # before the streaming starts

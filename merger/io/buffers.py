@@ -70,7 +70,7 @@ class BufferPool:
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised CPU tensor of `shape` and `dtype`, reusing an idle buffer of the same size."""
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         storage = None
         with self._lock:
             for i in range(len(self._idle) - 1, -1, -1):

@@ -9,12 +9,15 @@ length, JSON header padded with spaces to 8 bytes, then the raw little-endian da
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
+
+OnShard = Callable[[Path, "bytes | None"], None]  # (finished shard, its sha256 or None when not computed)
 
 import torch
 
@@ -122,9 +125,11 @@ class ShardedWriter:
         out_dir: the (temporary) output directory.
         tensors: (name, shape, safetensors dtype code) of every output tensor, in write order.
         max_shard_size: bytes of tensor data per shard.
-        on_shard: called with each shard's path as soon as its last tensor is written and it is closed
-            (so before the next one is opened, and the last one before the index is written), e.g. to
-            upload it while the next is merged. It may delete the file; what it raises stops the run.
+        on_shard: called with each shard's path and the sha256 of its bytes (hashed as they are
+            written: an upload need not read the file back to name it) as soon as its last tensor is
+            written and it is closed (so before the next one is opened, and the last one before the
+            index is written), e.g. to upload it while the next is merged. It may delete the file;
+            what it raises stops the run.
 
     Raises:
         ValueError: a tensor arrives out of order or with another shape than planned.
@@ -137,7 +142,7 @@ class ShardedWriter:
         out_dir: Path,
         tensors: Sequence[tuple[str, tuple[int, ...], str]],
         max_shard_size: int,
-        on_shard: Callable[[Path], None] | None = None,
+        on_shard: OnShard | None = None,
     ):
         self.out_dir = out_dir
         self.on_shard = on_shard
@@ -147,6 +152,7 @@ class ShardedWriter:
         self._staging: StagingBuffer | None = None  # made at the first write, released on exit
         self._file: DirectFile | None = None
         self._file_shard = -1
+        self._digest = None  # the open shard's hashlib.sha256 so far, when shards are handed on
         self.total_bytes = sum(slot.end - slot.begin for slot in self._order)
 
     def __enter__(self) -> "ShardedWriter":
@@ -185,7 +191,7 @@ class ShardedWriter:
         finally:
             self._file = None
         if self.on_shard is not None:
-            self.on_shard(path)
+            self.on_shard(path, self._digest.digest())
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Cast `tensor` to its planned dtype and append its bytes to its shard."""
@@ -202,9 +208,10 @@ class ShardedWriter:
             if slot.shard != self._file_shard:
                 self._staging = self._staging or StagingBuffer()
                 self._file = DirectFile(path, self._staging)
-                self._file.write(_header(self.shards[slot.shard]))
+                self._digest = hashlib.sha256() if self.on_shard is not None else None
+                self._append(_header(self.shards[slot.shard]))
                 self._file_shard = slot.shard
-            self._file.write(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+            self._append(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
         except OSError as err:
             raise output_error(err, path, self.total_bytes) from None
         self._next += 1
@@ -213,6 +220,11 @@ class ShardedWriter:
             # streamed push starts its upload one tensor's download and merge sooner); outside the
             # try, what `on_shard` raises is its own error
             self._finish_shard()
+
+    def _append(self, data: bytes | memoryview) -> None:
+        self._file.write(data)
+        if self._digest is not None:
+            self._digest.update(data)  # hashlib releases the GIL for large buffers
 
     def _write_index(self) -> None:
         weight_map = {slot.name: shard_file_name(slot.shard, len(self.shards)) for slot in self._order}

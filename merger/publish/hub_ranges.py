@@ -44,7 +44,7 @@ AHEAD_BYTES = 2 * GROUP_BYTES  # fetched but not yet read, per model (one group 
 RETRIES = 5  # further tries of one range after a failed or wrong answer
 BACKOFF_S = 0.25  # first wait before a retry, doubled after each
 READ_TIMEOUT_S = 30  # seconds without data before a connection counts as dropped
-CHUNK = 1 << 20  # bytes per read from the response stream
+SPARE_BUFFERS = 1  # freed group buffers (of GROUP_BYTES) kept for the next group, per model
 _RETRIED_STATUS = (429, 500, 502, 503, 504)
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -100,6 +100,7 @@ class HubWeights:
         self._pending: dict[str, deque[_Group]] = {}  # tensor -> the groups that will serve its next reads
         self._lock = threading.Condition()
         self._held = 0
+        self._spares: list[torch.Tensor] = []  # freed group buffers (uint8, GROUP_BYTES each)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -148,6 +149,8 @@ class HubWeights:
         with self._lock:
             group.reads -= 1
             if group.reads == 0:
+                if len(self._spares) < SPARE_BUFFERS and group.buffer.untyped_storage().nbytes() == GROUP_BYTES:
+                    self._spares.append(torch.empty(0, dtype=torch.uint8).set_(group.buffer.untyped_storage()))
                 group.buffer = None
                 self._held -= group.nbytes
                 self._lock.notify_all()
@@ -160,6 +163,7 @@ class HubWeights:
         if self._thread is not None:
             self._thread.join()
         self._pending.clear()
+        self._spares.clear()
 
     # ---------------------------------------------------------------- fetching
 
@@ -182,7 +186,7 @@ class HubWeights:
 
     def _fetch_group(self, group: _Group) -> None:
         """The group's tensors in file order in one buffer: one request per run of tensors adjacent in the file."""
-        group.buffer = torch.empty(group.nbytes, dtype=torch.uint8)
+        group.buffer = self._buffer(group.nbytes)
         buffer = memoryview(group.buffer.numpy())
         runs: list[tuple[int, int, int]] = []  # (offset in the file, offset in the buffer, bytes)
         position = 0
@@ -196,6 +200,16 @@ class HubWeights:
             position += stored.nbytes
         for offset, start, nbytes in runs:
             self._fetch(group.file, offset, buffer[start : start + nbytes])
+
+    def _buffer(self, nbytes: int) -> torch.Tensor:
+        """A uint8 buffer of `nbytes`: the freed group's kept for reuse when it is large enough, else a new
+        one, of GROUP_BYTES unless the group is larger (so that it can serve any later group). Fresh
+        memory costs a page fault per 4 KiB, which took more of the worker's CPU than the download
+        itself (1 GB of new buffers per GB read); an oversized group's buffer is not kept."""
+        with self._lock:
+            if self._spares and nbytes <= GROUP_BYTES:
+                return self._spares.pop()[:nbytes]
+        return torch.empty(max(nbytes, GROUP_BYTES), dtype=torch.uint8)[:nbytes]
 
     def _fetch(self, file: str, offset: int, view: memoryview) -> None:
         """Fill `view` from byte `offset` of `file` on the Hub, retrying and resuming (see the module's notes)."""
@@ -238,7 +252,7 @@ class HubWeights:
             length = self._check_content_range(file, response.headers.get("content-range", ""), start, end)
             received = 0
             try:
-                for chunk in response.iter_bytes(CHUNK):
+                for chunk in response.iter_bytes():  # as received: a chunk size would copy every byte twice more
                     if received + len(chunk) > length:
                         raise _WrongRange(f"more bytes than the {length} announced")
                     view[received : received + len(chunk)] = chunk

@@ -102,10 +102,13 @@ class StreamPush:
         if isinstance(exc, HubError) and getattr(exc, "from_push", False):
             raise HubError(f"{exc} {on_hub}") from None
 
-    def __call__(self, shard: Path) -> None:
+    def __call__(self, shard: Path, sha256: bytes | None = None) -> None:
         """Take a finished shard for upload: it moves to a folder of the push's own beside the merge's
         (the merge may move its folder before the upload ends), and is deleted once uploaded.
         Waits while `max_pending` shards are still on disk.
+
+        `sha256`, the shard's as the writer hashed it, spares the upload a read of the whole file
+        before it can start (its name on the Hub); None: it is read and hashed then.
 
         Raises:
             HubError: an earlier shard's upload failed (the merge stops).
@@ -116,7 +119,7 @@ class StreamPush:
             self._spool = Path(tempfile.mkdtemp(prefix=".upload-", dir=shard.parent.parent))
         taken = self._spool / shard.name
         os.replace(shard, taken)
-        self._futures.append(self._uploads.submit(self._upload, taken))
+        self._futures.append(self._uploads.submit(self._upload, taken, sha256))
 
     def commit(self, folder: Path, commit_message: str = "Upload merged model") -> str:
         """Wait for the uploads, then make one commit of them and of every file left in `folder`.
@@ -140,10 +143,12 @@ class StreamPush:
             self._api.create_commit(self.target.repo_id, operations=[*self._uploaded, *rest], commit_message=commit_message)
         return f"{self._api.endpoint}/{self.target.repo_id}"
 
-    def _upload(self, shard: Path) -> None:
+    def _upload(self, shard: Path, sha256: bytes | None) -> None:
         try:
             self._create_repo()
             operation = CommitOperationAdd(path_in_repo=shard.name, path_or_fileobj=str(shard))
+            if sha256 is not None:  # huggingface_hub hashes the file lazily, unless told (its public setter)
+                operation.upload_info.sha256 = sha256
             with self._pushing("uploading a shard to"):
                 self._api.preupload_lfs_files(self.target.repo_id, additions=[operation])
             self._uploaded.append(operation)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from merger import constants, engine
 from merger.errors import EvalModelError, EvalTextError, MergeCancelled, MergerError, StagedOutputError
+from merger.io.writer import OnShard
 from merger.publish import hub_push, stream_push
 from merger.publish.hub_push import delete_unpushed_repo  # the worker's sweep of repos never committed to
 from merger.service.options import JobOptions
@@ -97,7 +98,7 @@ def run_job(job: Job, token: str, out_dir: Path, staged: Path, hooks: JobHooks) 
 
 
 def _merge(job: Job, options: JobOptions, token: str, out_dir: Path, hooks: JobHooks, title: str | None,
-           on_shard: Callable[[Path], None] | None = None) -> None:
+           on_shard: OnShard | None = None) -> None:
     """The merge (and its evaluation, before any shard is handed on); failures say whether the Hub was touched.
     `title`: the checked target repo's id, or None to check the target here (the Hub may have changed while
     the job was queued)."""

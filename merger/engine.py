@@ -123,11 +123,10 @@ def run_merge(
         config: `load_config(config_text)`, when the caller has parsed it already (not parsed again).
         planned: `plan_config(config, token)`, when the caller has planned it already (not planned
             again; the models must not have changed since).
-        on_shard: called with each weight shard's path and its sha256 (None when not computed) as
-            soon as it is complete, while the next is merged (e.g.
-            :class:`merger.publish.stream_push.StreamPush` uploads and deletes it); the folder then needs
-            room for a few shards only. Shards it takes are absent from `out_dir`. With `evaluate`,
-            the shards are handed on after the evaluation (it reads them all), without their sha256.
+        on_shard: called with each weight shard's path and sha256 (None if not computed) once it is
+            complete, while the next is merged (`StreamPush` uploads and deletes it: the folder needs room
+            for a few shards only, and those taken are absent from `out_dir`). With `evaluate`, they are
+            handed on after the evaluation (it reads them all), without their sha256.
 
     Returns:
         A :class:`MergeResult`.

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-OnShard = Callable[[Path, "bytes | None"], None]  # (finished shard, its sha256 or None when not computed)
-
 import torch
 
 from merger.constants import SAFETENSORS_INDEX_FILE
@@ -26,6 +24,9 @@ from merger.errors import DiskSpaceError, NonFiniteOutputError, OutputWriteError
 from merger.io.direct_file import DirectFile, StagingBuffer
 from merger.io.loader import STORAGE_DTYPES
 from merger.dtypes import DTYPE_SIZES
+
+OnShard = Callable[[Path, "bytes | None"], None]  # (finished shard, its sha256 or None when not computed)
+
 
 def is_finite(tensor: torch.Tensor) -> bool:
     """Whether every entry of a CPU tensor is finite (integer and empty tensors always are).

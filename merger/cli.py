@@ -12,7 +12,7 @@ from pathlib import Path
 from huggingface_hub import get_token
 from tqdm import tqdm
 
-from merger.engine import run_merge
+from merger.engine import run_merge  # at the top, not in `_run`: `python -m merger` freezes what this imports
 from merger.errors import MergerError, excerpt
 from merger.evaluate.cli import add_commands, add_eval_flags, merge_evaluator, run_eval, run_report, run_suggest
 from merger.config.parse import read_config_file

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,3 +120,21 @@ def test_a_config_file_that_cannot_be_read_is_one_line(capsys, tmp_path: Path, c
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and err.startswith("error: MergerError: config file `") and words in err, err
         assert not (tmp_path / "out").exists()
+
+
+def test_python_m_merger_runs_the_work_with_the_collector_on_and_the_imports_frozen() -> None:
+    # The entry point turns the collector off while importing (merger/__main__.py); a launcher that
+    # forgot to turn it back on would leak every reference cycle of the merge.
+    probe = (
+        "import gc, runpy, sys\n"
+        "import merger.cli\n"
+        "merger.cli.main = lambda: print(gc.isenabled(), gc.get_freeze_count()) or 0\n"
+        "runpy.run_module('merger', run_name='__main__')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    enabled, frozen = done.stdout.split()
+    assert enabled == "True"
+    assert int(frozen) > 100_000  # torch's and the CLI's objects, out of the collector's reach
+    assert gc.isenabled() and gc.get_freeze_count() == 0  # importing merger.cli here froze nothing

@@ -44,7 +44,6 @@ AHEAD_BYTES = 2 * GROUP_BYTES  # fetched but not yet read, per model (one group 
 RETRIES = 5  # further tries of one range after a failed or wrong answer
 BACKOFF_S = 0.25  # first wait before a retry, doubled after each
 READ_TIMEOUT_S = 30  # seconds without data before a connection counts as dropped
-SPARE_BUFFERS = 1  # freed group buffers (of GROUP_BYTES) kept for the next group, per model
 _RETRIED_STATUS = (429, 500, 502, 503, 504)
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 
@@ -100,7 +99,7 @@ class HubWeights:
         self._pending: dict[str, deque[_Group]] = {}  # tensor -> the groups that will serve its next reads
         self._lock = threading.Condition()
         self._held = 0
-        self._spares: list[torch.Tensor] = []  # freed group buffers (uint8, GROUP_BYTES each)
+        self._spare: torch.Tensor | None = None  # a freed group's uint8 buffer of GROUP_BYTES, for the next group
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -149,8 +148,8 @@ class HubWeights:
         with self._lock:
             group.reads -= 1
             if group.reads == 0:
-                if len(self._spares) < SPARE_BUFFERS and group.buffer.untyped_storage().nbytes() == GROUP_BYTES:
-                    self._spares.append(torch.empty(0, dtype=torch.uint8).set_(group.buffer.untyped_storage()))
+                if group.buffer.untyped_storage().nbytes() == GROUP_BYTES:
+                    self._spare = torch.empty(0, dtype=torch.uint8).set_(group.buffer.untyped_storage())
                 group.buffer = None
                 self._held -= group.nbytes
                 self._lock.notify_all()
@@ -163,7 +162,7 @@ class HubWeights:
         if self._thread is not None:
             self._thread.join()
         self._pending.clear()
-        self._spares.clear()
+        self._spare = None
 
     # ---------------------------------------------------------------- fetching
 
@@ -202,13 +201,14 @@ class HubWeights:
             self._fetch(group.file, offset, buffer[start : start + nbytes])
 
     def _buffer(self, nbytes: int) -> torch.Tensor:
-        """A uint8 buffer of `nbytes`: the freed group's kept for reuse when it is large enough, else a new
-        one, of GROUP_BYTES unless the group is larger (so that it can serve any later group). Fresh
-        memory costs a page fault per 4 KiB, which took more of the worker's CPU than the download
-        itself (1 GB of new buffers per GB read); an oversized group's buffer is not kept."""
+        """A uint8 buffer of `nbytes`: the last freed group's when it fits, else a new one, of GROUP_BYTES
+        unless the group is larger (so that it can serve any later group). Fresh memory costs a page
+        fault per 4 KiB, which took more of the worker's CPU than the download itself (1 GB of new
+        buffers per GB read); an oversized group's buffer is not kept."""
         with self._lock:
-            if self._spares and nbytes <= GROUP_BYTES:
-                return self._spares.pop()[:nbytes]
+            if self._spare is not None and nbytes <= GROUP_BYTES:
+                spare, self._spare = self._spare, None
+                return spare[:nbytes]
         return torch.empty(max(nbytes, GROUP_BYTES), dtype=torch.uint8)[:nbytes]
 
     def _fetch(self, file: str, offset: int, view: memoryview) -> None:

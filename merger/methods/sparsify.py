@@ -37,8 +37,9 @@ from functools import partial
 import torch
 from torch import Tensor
 
+from merger.methods.native import HIGH_DIGITS, LANES, NativeKernels, SparsifyStep, native_kernels
 from merger.methods.registry import SLICE
-from merger.methods.topk import TopK, top_k_mask
+from merger.methods.topk import RADIX, TopK, top_k_mask
 
 RESCALE_EPS = 1e-7  # below this L1 norm (before or after masking) no rescale is applied
 
@@ -125,6 +126,15 @@ class MagnitudeTrim:
         delta.mul_(self.selection.keep(delta.abs()))
         return delta if self.factor is None else delta.mul_(self.factor)
 
+    def native_step(self, numel: int) -> SparsifyStep:
+        """The next slice's trim for the native kernels; hand it back to :meth:`native_done` after the call."""
+        threshold, ties = self.selection.cut()
+        return SparsifyStep(1, threshold=threshold, ties=ties, factor=self.factor)
+
+    def native_done(self, step: SparsifyStep) -> None:
+        """Advance past the slice `step` (from :meth:`native_step`) was applied to."""
+        self.selection.took_ties(step.ties_kept)
+
     def rewind(self) -> None:
         """Apply from the first slice again."""
         self.selection.rewind()
@@ -153,6 +163,14 @@ class RandomDrop:
         self._offset += n
         return delta if self.factor is None else delta.mul_(self.factor)
 
+    def native_step(self, numel: int) -> SparsifyStep:
+        """The next `numel` entries' drop for the native kernels; hand it back to :meth:`native_done`."""
+        return SparsifyStep(2, mask=self.mask[self._offset:self._offset + numel], factor=self.factor)
+
+    def native_done(self, step: SparsifyStep) -> None:
+        """Advance past the slice `step` (from :meth:`native_step`) was applied to."""
+        self._offset += step.mask.numel()
+
     def rewind(self) -> None:
         """Apply from the first slice again."""
         self._offset = 0
@@ -177,6 +195,9 @@ def magnitude_trims(slices: Slices, densities: Sequence[float]) -> list[Magnitud
     active = [(i, selection) for i, selection in enumerate(selections) if selection is not None]
     if not active:
         return [None] * len(selections)
+    native = native_kernels()
+    if native is not None and _count_natively(native, slices, active):
+        return [None if selection is None else MagnitudeTrim(selection) for selection in selections]
     scratch: list[Tensor] = []  # |δᵢ| of one slice per model, reused
     # counting is single-threaded: the models are counted on threads of their own, each running its
     # elementwise ops single-threaded too (idle OpenMP workers would spin on the cores they need)
@@ -191,6 +212,31 @@ def magnitude_trims(slices: Slices, densities: Sequence[float]) -> list[Magnitud
                     for (i, selection), buffer in zip(active, scratch)
                 ])
     return [None if selection is None else MagnitudeTrim(selection) for selection in selections]
+
+
+def _count_natively(native: NativeKernels, slices: Slices, active: list[tuple[int, TopK]]) -> bool:
+    """Both counting passes of :func:`magnitude_trims` in the native kernels, the models on threads of
+    their own; False (nothing counted) when they do not take the slices."""
+    first = next(iter(slices()), None)  # an empty tensor has no slices
+    if first is None or not native.accepts(*first[0], first[1]):
+        return False
+    histograms = [torch.zeros(RADIX, dtype=torch.int64) for _ in active]
+    lanes = [torch.empty(LANES * HIGH_DIGITS, dtype=torch.int32) for _ in active]
+    for tensors, base in slices():
+        run_concurrently([partial(native.count_high, tensors[i], base, histogram, scratch)
+                          for (i, _), histogram, scratch in zip(active, histograms, lanes)])
+    for (_, selection), histogram in zip(active, histograms):
+        selection.add_counts(histogram, histogram.sum().item())
+    windows = [(i, selection, selection.window_start()) for i, selection in active]
+    windows = [(i, selection, start) for i, selection, start in windows if start is not None]
+    histograms = [torch.zeros(RADIX, dtype=torch.int64) for _ in windows]
+    if windows:
+        for tensors, base in slices():
+            run_concurrently([partial(native.count_window, tensors[i], base, start, histogram)
+                              for (i, _, start), histogram in zip(windows, histograms)])
+    for (_, selection, _), histogram in zip(windows, histograms):
+        selection.add_counts(histogram)
+    return True
 
 
 def random_drops(numel: int, densities: Sequence[float], generator: torch.Generator) -> list[RandomDrop | None]:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from merger.methods.native import NativeKernels, SparsifyStep, native_kernels
 from merger.methods.sparsify import (
     agrees_with,
     apply_mask_,
@@ -102,8 +103,7 @@ def generalized_task_arithmetic(
             divisor.add_(torch.eq(divisor, 0, out=torch.empty_like(divisor)))  # + 1 where D = 0, + 0 elsewhere
         task_vectors = iter(task_vectors)
     else:
-        total = sum(weight)
-        divisor = total if abs(total) >= DIVISOR_EPS else 1.0  # D = Σᵢ wᵢ
+        divisor = weight_sum_divisor(weight)
     merged = next(task_vectors)  # (*shape): M, summed into the first task vector
     for task_vector in task_vectors:
         merged.add_(task_vector)
@@ -112,6 +112,12 @@ def generalized_task_arithmetic(
     if lambda_ != 1:  # × 1 changes no bit: skip the pass
         merged.mul_(lambda_)
     return merged.add_(base)
+
+
+def weight_sum_divisor(weight: Sequence[float]) -> float:
+    """`D = Σᵢ wᵢ` without consensus, or 1 when `|D| < 1e-8` (no division by about zero)."""
+    total = sum(weight)
+    return total if abs(total) >= DIVISOR_EPS else 1.0
 
 
 @dataclass(frozen=True)
@@ -286,24 +292,39 @@ def _merge_variant(
     **per_model: list[float],
 ) -> Tensor:
     """Run `variant` on arguments bound to its signature; `per_model` holds the sparsifier's lists."""
-    sparsifiers = None
-    if variant.prepare is not None:
-        if prepared is None:  # a call on whole tensors: prepare from them
-            prepared = _prepare_variant(variant, lambda: slices_of(tensors, base), tuple(base.shape),
-                                        density=per_model["density"], rescale=rescale, generator=generator)
-        sparsifiers = [(lambda delta: delta) if step is None else step.apply_ for step in prepared]
-    elif variant.sparsifier is not None:
+    merge = partial(generalized_task_arithmetic, weight=weight, consensus=variant.consensus, normalize=normalize,
+                    lambda_=lambda_)
+    if variant.sparsifier is not None:  # its masks need the whole tensor
         random = {} if generator is None else {"generator": generator}
         sparsifiers = [
             partial(_sparsify_, partial(variant.sparsifier, **{name: values[i] for name, values in per_model.items()},
                                         **random), rescale=rescale)
             for i in range(len(tensors))
         ]
-    merge = partial(generalized_task_arithmetic, weight=weight, sparsifiers=sparsifiers,
-                    consensus=variant.consensus, normalize=normalize, lambda_=lambda_)
-    if variant.sparsifier is not None:  # its masks need the whole tensor
-        return merge(tensors, base)
+        return merge(tensors, base, sparsifiers=sparsifiers)
+    if variant.prepare is not None and prepared is None:  # a call on whole tensors: prepare from them
+        prepared = _prepare_variant(variant, lambda: slices_of(tensors, base), tuple(base.shape),
+                                    density=per_model["density"], rescale=rescale, generator=generator)
+    native = native_kernels()
+    if native is not None and native.accepts(*tensors, base) and len(tensors) <= native.max_models:
+        return _merge_natively(native, tensors, base, weight, prepared, consensus=variant.consensus,
+                               normalize=normalize, lambda_=lambda_)
+    if prepared is not None:
+        merge = partial(merge, sparsifiers=[(lambda delta: delta) if step is None else step.apply_ for step in prepared])
     return _in_blocks(merge, tensors, base)
+
+
+def _merge_natively(native: NativeKernels, tensors: list[Tensor], base: Tensor, weight: list[float],
+                    prepared: list[Any] | None, *, consensus: bool, normalize: bool, lambda_: float) -> Tensor:
+    """:func:`generalized_task_arithmetic` with the prepared masks, in the native kernels (same bytes)."""
+    numel = base.numel()
+    steps = [SparsifyStep() if p is None else p.native_step(numel) for p in (prepared or [None] * len(tensors))]
+    flat = native.gta([t.view(-1) for t in tensors], base.view(-1), steps, weight, consensus=consensus,
+                      normalize=normalize, divisor=weight_sum_divisor(weight), lambda_=lambda_)
+    for step, p in zip(steps, prepared or []):
+        if p is not None:
+            p.native_done(step)
+    return flat.view(tensors[0].shape)
 
 
 def _in_blocks(merge: Callable[[list[Tensor], Tensor], Tensor], tensors: list[Tensor], base: Tensor) -> Tensor:

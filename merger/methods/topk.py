@@ -8,6 +8,7 @@ slice, so a whole tensor's selection never needs a float32 copy of it.
 
 from __future__ import annotations
 
+import math
 import struct
 import sys
 
@@ -65,10 +66,6 @@ class TopK:
         self._threshold: int | None = None  # the k-th largest key
         self._ties_left = 0  # keys equal to the threshold still to keep
 
-    def _count(self, digits: Tensor) -> None:
-        counts = torch.bincount(digits, minlength=RADIX)
-        self._counts = counts if self._counts is None else self._counts.add_(counts)
-
     def _settle_digit(self) -> int:
         """The largest digit whose keys, with every larger digit's, number at least `_needed`."""
         at_least = self._counts.flip(0).cumsum(0).flip(0)  # (RADIX,): keys with this digit or larger
@@ -84,14 +81,33 @@ class TopK:
     def count_high(self, scores: Tensor) -> None:
         """Pass 1: count the high digits of a chunk of float32 scores."""
         key = self._key(scores)
-        self.numel += key.numel()
         if self._nonnegative and sys.byteorder == "little":  # the high halves as int16 (< 2¹⁵): no shift
-            self._count(key.view(torch.int16)[1::2])
+            self.add_counts(torch.bincount(key.view(torch.int16)[1::2], minlength=RADIX), key.numel())
         else:
-            self._count((key >> 16).add_(self._offset))
+            self.add_counts(torch.bincount((key >> 16).add_(self._offset), minlength=RADIX), key.numel())
 
     def count_low(self, scores: Tensor) -> None:
         """Pass 2: count the low digits of the chunk's keys that share the k-th largest's high digit."""
+        start = self.window_start()
+        if start is not None:
+            # low digit + 1 for keys in the high digit's range; 0 below it, RADIX + 1 above (dropped)
+            low = self._key(scores).clamp(start - 1, start + RADIX).sub_(start - 1)
+            self.add_counts(torch.bincount(low, minlength=RADIX + 2)[1:RADIX + 1])
+
+    def add_counts(self, counts: Tensor, numel: int = 0) -> None:
+        """Add a histogram counted elsewhere (the native kernels) to the pass under way.
+
+        Args:
+            counts: int64 `(RADIX,)`: pass 1, the high digits (offset as :meth:`count_high` does) of
+                `numel` scores; pass 2, the low digits of the keys in :meth:`window_start`'s window.
+            numel: the scores counted (pass 1; 0 in pass 2).
+        """
+        self.numel += numel
+        self._counts = counts.clone() if self._counts is None else self._counts.add_(counts)
+
+    def window_start(self) -> int | None:
+        """The first key of pass 2's window, `[start, start + 2¹⁶)`: the keys that share the k-th largest's
+        high digit; None when there is no threshold to find (k = 0 or N). Ends pass 1 at its first call."""
         if self._high is None:
             if self.density is not None:
                 self.k = int(self.density * self.numel)
@@ -101,12 +117,7 @@ class TopK:
                 self._high = self._settle_digit()
             else:
                 self._high = -1  # nothing or everything: no threshold to find
-        if 0 < self.k < self.numel:
-            # low digit + 1 for keys in the high digit's range; 0 below it, RADIX + 1 above (dropped)
-            start = (self._high - self._offset) << 16
-            low = self._key(scores).clamp(start - 1, start + RADIX).sub_(start - 1)
-            counts = torch.bincount(low, minlength=RADIX + 2)[1:RADIX + 1]
-            self._counts = counts if self._counts is None else self._counts.add_(counts)
+        return (self._high - self._offset) << 16 if 0 < self.k < self.numel else None
 
     def keep(self, scores: Tensor) -> Tensor:
         """Pass 3: the chunk's kept scores as float32 1.0 (kept) / 0.0, `(*shape)` of `scores`.
@@ -114,15 +125,7 @@ class TopK:
         Float, not bool: comparisons writing bool, and products with bool masks, are several times
         slower here than the same work in float32.
         """
-        if self._threshold is None:
-            if self._high is None:
-                self.count_low(scores[:0])  # settles k for a selection without pass 2 (k = 0 or N)
-            if 0 < self.k < self.numel:
-                low = self._settle_digit()
-                self._threshold = ((self._high - self._offset) << 16) | low
-                self._ties_left = self._needed
-            else:
-                self._threshold = 0
+        self._settle_threshold()
         if not 0 < self.k < self.numel:
             return torch.full(scores.shape, float(self.k > 0), device=scores.device)
         if self._nonnegative:  # compare the floats themselves: their order is their keys'
@@ -142,6 +145,32 @@ class TopK:
             kept[start:start + SLICE].add_(ties)
             self._ties_left -= count
         return kept.view(scores.shape)
+
+    def _settle_threshold(self) -> None:
+        """End pass 2 (at the first call): the k-th largest key, and the ties at it still to keep."""
+        if self._threshold is None:
+            self.window_start()  # settles k for a selection without pass 2 (k = 0 or N)
+            if 0 < self.k < self.numel:
+                low = self._settle_digit()
+                self._threshold = ((self._high - self._offset) << 16) | low
+                self._ties_left = self._needed
+            else:
+                self._threshold = 0
+
+    def cut(self) -> tuple[float, int]:
+        """Pass 3 for a caller that applies it itself (the native kernels), magnitudes only: the next
+        chunk keeps its scores above the returned threshold and the first `ties` equal to it; report the
+        ties it kept with :meth:`took_ties`. Keeping everything is `(-inf, 0)`, nothing `(inf, 0)`."""
+        if not self._nonnegative:
+            raise ValueError("TopK.cut is for magnitudes (nonnegative=True)")
+        self._settle_threshold()
+        if not 0 < self.k < self.numel:
+            return (-math.inf if self.k > 0 else math.inf), 0
+        return struct.unpack("<f", struct.pack("<i", self._threshold))[0], self._ties_left
+
+    def took_ties(self, count: int) -> None:
+        """`count` of the ties :meth:`cut` offered were kept."""
+        self._ties_left -= count
 
     def rewind(self) -> None:
         """Start pass 3 over again (from the first chunk)."""

@@ -1,0 +1,198 @@
+"""The task-arithmetic family's CPU kernels in C (`kernels.c`), built with the machine's compiler at first use.
+
+torch runs TIES as a dozen elementwise passes and a `bincount` per selection pass; `kernels.c` fuses
+them into one pass per step, computing the same float32 operations in the same order, so the bytes
+are the same (docs/decisions.md, "Native kernels for the CPU math"; `tests/test_native_kernels.py`
+compares them bit for bit). torch's code stays the reference, the path on CUDA, and the path wherever
+no kernel can be built: no C compiler, a failed build, or `MERGER_NATIVE=0`.
+
+The library is built once per source, flags, compiler and CPU into `MERGER_DATA_DIR/native/` (it is
+compiled for the CPU it runs on), written to a temporary name and renamed, so concurrent first uses
+by several processes never load a half-written file. Nothing from a config reaches the compiler.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from merger.constants import DATA_DIR
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("kernels.c")
+# -ffp-contract=off: no fused multiply-add, whose single rounding would change bytes against torch
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared")
+BUILD_SECONDS = 120
+HIGH_DIGITS = 1 << 15  # a magnitude's high 16 bits are below 2^15 (its sign bit is 0)
+LANES = 4  # interleaved histograms of merger_count_high (kernels.c)
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+
+
+class NativeKernels:
+    """Typed calls into the built library. Every tensor argument is a contiguous CPU tensor.
+
+    Args:
+        library: the loaded `kernels.c`.
+    """
+
+    def __init__(self, library: ctypes.CDLL):
+        self._library = library
+        library.merger_count_high.argtypes = [_P, _P, _I64, _P, _P]
+        library.merger_count_high.restype = None
+        library.merger_count_window.argtypes = [_P, _P, _I64, ctypes.c_uint32, _P]
+        library.merger_count_window.restype = None
+        library.merger_gta.argtypes = [ctypes.c_int, _P, _P, _I64, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int,
+                                       ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_float, _P]
+        library.merger_gta.restype = ctypes.c_int
+        library.merger_max_models.restype = ctypes.c_int
+        self.max_models = library.merger_max_models()
+
+    @staticmethod
+    def accepts(*tensors: Tensor) -> bool:
+        """Whether the kernels take these tensors: contiguous float32 on the CPU."""
+        return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+
+    def count_high(self, x: Tensor, base: Tensor, histogram: Tensor, lanes: Tensor) -> None:
+        """Add the high 16 bits of every `|x − base|` float32 key to `histogram`.
+
+        Args:
+            x, base: float32 `(n,)`.
+            histogram: int64 `(≥ 2^15,)`, added to.
+            lanes: int32 `(4·2^15,)` scratch (its contents are overwritten).
+        """
+        self._library.merger_count_high(x.data_ptr(), base.data_ptr(), x.numel(), histogram.data_ptr(),
+                                        lanes.data_ptr())
+
+    def count_window(self, x: Tensor, base: Tensor, start: int, histogram: Tensor) -> None:
+        """Add to `histogram[key − start]` each `|x − base|` key in `[start, start + 2^16)`.
+
+        Args:
+            x, base: float32 `(n,)`.
+            start: the window's first key (a multiple of 2^16).
+            histogram: int64 `(2^16,)`, added to.
+        """
+        self._library.merger_count_window(x.data_ptr(), base.data_ptr(), x.numel(), start, histogram.data_ptr())
+
+    def gta(self, tensors: list[Tensor], base: Tensor, steps: list[SparsifyStep], weight: list[float], *,
+            consensus: bool, normalize: bool, divisor: float, lambda_: float) -> Tensor:
+        """`generalized_task_arithmetic` (merger/methods/task_arithmetic.py) on one slice, summed into
+        `tensors[0]`, which is returned.
+
+        Args:
+            tensors: n float32 `(m,)`, the non-base models (≤ `max_models`).
+            base: float32 `(m,)`.
+            steps: per model, what sparsifies its task vector (see :class:`SparsifyStep`).
+            weight: n weights.
+            consensus: TIES sign election; normalize: divide by the (agreeing) weight sum;
+            divisor: the weight sum used without consensus; lambda_: the final scale (1 skips it).
+        """
+        n = len(tensors)
+        pointers = (_P * n)(*(t.data_ptr() for t in tensors))
+        masks = (_P * n)(*(None if s.mask is None else s.mask.data_ptr() for s in steps))
+        ties = torch.tensor([s.ties for s in steps], dtype=torch.int64)
+        status = self._library.merger_gta(
+            n, pointers, base.data_ptr(), base.numel(),
+            _ints(s.kind for s in steps), _floats(s.threshold for s in steps), ties.data_ptr(), masks,
+            _ints(s.factor is not None for s in steps), _floats(s.factor or 1.0 for s in steps), _floats(weight),
+            int(consensus), int(normalize), divisor, int(lambda_ != 1), lambda_, tensors[0].data_ptr(),
+        )
+        if status != 0:
+            raise ValueError(f"native task arithmetic takes 1 to {self.max_models} models, got {n}")
+        for step, left in zip(steps, ties.tolist()):
+            step.ties_kept = step.ties - left
+        return tensors[0]
+
+
+class SparsifyStep:
+    """One model's sparsifier for one slice, as :meth:`NativeKernels.gta` takes it.
+
+    Attributes:
+        kind: 0 keep everything, 1 magnitude (`threshold`, `ties`), 2 drop mask (`mask`).
+        threshold: entries with `|δ|` above it are kept (kind 1).
+        ties: how many entries equal to the threshold are still kept, first in flat order (kind 1).
+        mask: bool `(m,)` of the kept entries (kind 2).
+        factor: the L1 rescale factor, or None.
+        ties_kept: set by the call: the ties this slice kept.
+    """
+
+    def __init__(self, kind: int = 0, threshold: float = 0.0, ties: int = 0, mask: Tensor | None = None,
+                 factor: float | None = None):
+        self.kind, self.threshold, self.ties, self.mask, self.factor = kind, threshold, ties, mask, factor
+        self.ties_kept = 0
+
+
+def _ints(values) -> ctypes.Array:
+    values = list(values)
+    return (ctypes.c_int * len(values))(*map(int, values))
+
+
+def _floats(values) -> ctypes.Array:
+    values = list(values)
+    return (ctypes.c_float * len(values))(*values)
+
+
+@functools.cache
+def native_kernels() -> NativeKernels | None:
+    """The kernels, built (once per machine) and loaded (once per process); None where they cannot be
+    (`MERGER_NATIVE=0`, no compiler, a failed build or load: the reason is logged), and the callers run
+    torch's ops, which give the same bytes."""
+    if os.environ.get("MERGER_NATIVE", "").strip() == "0":
+        return None
+    try:
+        return NativeKernels(ctypes.CDLL(str(build())))
+    except (OSError, subprocess.SubprocessError, AttributeError) as err:
+        log.info("native kernels unavailable (%s); the task-arithmetic family runs on torch's ops", err)
+        return None
+
+
+def build(folder: Path | None = None) -> Path:
+    """The built library for this machine, compiled into `folder` (default `MERGER_DATA_DIR/native`) unless there.
+
+    Raises:
+        FileNotFoundError: no C compiler (`CC`, else `cc`).
+        subprocess.CalledProcessError / TimeoutExpired: the build failed or took over BUILD_SECONDS.
+        OSError: the folder cannot be written.
+    """
+    compiler = shutil.which(os.environ.get("CC", "").strip() or "cc")
+    if compiler is None:
+        raise FileNotFoundError("no C compiler (set CC, or install one such as gcc)")
+    folder = folder or DATA_DIR / "native"
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler.encode(),
+                                    _cpu_fingerprint()])).hexdigest()[:16]
+    target = folder / f"kernels-{key}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".build-", suffix=".so")
+    os.close(handle)
+    try:
+        subprocess.run([compiler, *FLAGS, "-o", temporary, str(SOURCE)], check=True, capture_output=True,
+                       timeout=BUILD_SECONDS)
+        os.replace(temporary, target)
+    finally:
+        Path(temporary).unlink(missing_ok=True)
+    return target
+
+
+def _cpu_fingerprint() -> bytes:
+    """What `-march=native` compiles for: the CPU's model and feature flags (Linux), else the platform's names."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    wanted = [line for line in lines if line.split(":")[0].strip() in ("model name", "flags", "Features")][:2]
+    return "\n".join(wanted or [platform.machine(), platform.processor()]).encode()

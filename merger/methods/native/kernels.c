@@ -1,0 +1,163 @@
+/* The CPU kernels of the task-arithmetic family (merger/methods/native/__init__.py builds and loads them).
+ *
+ * Each computes, entry by entry, exactly the float32 operations of the torch code it replaces
+ * (merger/methods/task_arithmetic.py, sparsify.py, topk.py), in the same order, so the bytes are the
+ * same: IEEE-754 float32 arithmetic, no fused multiply-add (-ffp-contract=off), no reassociation
+ * (no -ffast-math). Conditions become 1.0f / +0.0f factors without branches (ONE_IF), as torch's
+ * masks do, so signed zeros come out as torch's do; the loops run on blocks of BLOCK entries that stay
+ * in the core's first-level cache.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { BLOCK = 256, MAX_MODELS = 32, HIGH_DIGITS = 1 << 15, LOW_DIGITS = 1 << 16, LANES = 4 };
+
+static inline float as_float(uint32_t bits) {
+    float value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+static inline uint32_t as_bits(float value) {
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    return bits;
+}
+
+/* 1.0f where `condition`, else +0.0f: a bit mask, which compilers vectorise where a branch they do not */
+#define ONE_IF(condition) as_float((uint32_t)(-(int32_t)(condition)) & 0x3f800000u)
+
+/* TopK pass 1 on the magnitudes |x - b|: histogram[key >> 16] += 1 per entry, key = the float's bits.
+ * A magnitude's sign bit is 0, so its high digit is below 2^15. `lanes` (LANES * 2^15 counters) holds
+ * interleaved histograms: consecutive entries with the same digit do not wait on each other's store. */
+void merger_count_high(const float *x, const float *b, int64_t n, int64_t *histogram, uint32_t *lanes) {
+    uint16_t digits[BLOCK];
+    memset(lanes, 0, sizeof(uint32_t) * LANES * HIGH_DIGITS);
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int64_t m = n - start < BLOCK ? n - start : BLOCK;
+        for (int64_t j = 0; j < m; j++)
+            digits[j] = (uint16_t)(as_bits(fabsf(x[start + j] - b[start + j])) >> 16);
+        int64_t j = 0;
+        for (; j + LANES <= m; j += LANES)
+            for (int lane = 0; lane < LANES; lane++)
+                lanes[lane * HIGH_DIGITS + digits[j + lane]]++;
+        for (; j < m; j++)
+            lanes[digits[j]]++;
+    }
+    for (int digit = 0; digit < HIGH_DIGITS; digit++)
+        for (int lane = 0; lane < LANES; lane++)
+            histogram[digit] += lanes[lane * HIGH_DIGITS + digit];
+}
+
+/* TopK pass 2: histogram[key - start] += 1 for the keys of |x - b| in [start, start + 2^16). Few keys
+ * fall in the window, so each run of RUN entries is first checked for any, without a branch. */
+void merger_count_window(const float *x, const float *b, int64_t n, uint32_t start, int64_t *histogram) {
+    enum { RUN = 32 };
+    uint32_t offsets[RUN];
+    for (int64_t begin = 0; begin < n; begin += RUN) {
+        int64_t m = n - begin < RUN ? n - begin : RUN;
+        uint32_t inside = 0;  /* bit j: entry j is in the window */
+        for (int64_t j = 0; j < m; j++) {
+            offsets[j] = as_bits(fabsf(x[begin + j] - b[begin + j])) - start;
+            inside |= (uint32_t)(offsets[j] < LOW_DIGITS) << j;
+        }
+        for (; inside; inside &= inside - 1)
+            histogram[offsets[__builtin_ctz(inside)]]++;
+    }
+}
+
+/* Model i's weighted, sparsified task vector on one block: t = ((δ·keep)·factor)·w, δ = x − b. */
+static void task_vector(const float *restrict x, const float *restrict b, int64_t m, int kind, float threshold,
+                        int64_t *ties_left, const uint8_t *restrict mask, int has_factor, float factor, float weight,
+                        float *restrict t) {
+    if (kind == 1) {  /* magnitude: keep |δ| > threshold, and the first ties_left entries equal to it */
+        int ties = 0;
+        for (int64_t j = 0; j < m; j++) {
+            float delta = x[j] - b[j];
+            t[j] = delta * ONE_IF(fabsf(delta) > threshold);
+            ties += fabsf(delta) == threshold;
+        }
+        for (int64_t j = 0; ties && *ties_left > 0 && j < m; j++) {
+            float delta = x[j] - b[j];
+            if (fabsf(delta) == threshold) {
+                t[j] = delta * 1.0f;
+                --*ties_left;
+            }
+        }
+    } else if (kind == 2) {  /* a drop mask */
+        for (int64_t j = 0; j < m; j++)
+            t[j] = (x[j] - b[j]) * (float)mask[j];
+    } else {
+        for (int64_t j = 0; j < m; j++)
+            t[j] = x[j] - b[j];
+    }
+    if (has_factor)
+        for (int64_t j = 0; j < m; j++)
+            t[j] *= factor;
+    for (int64_t j = 0; j < m; j++)
+        t[j] *= weight;
+}
+
+/* generalized_task_arithmetic on n entries (see task_arithmetic.py for the steps). Per model i:
+ * kind[i] 0 (no sparsifier), 1 (magnitude: threshold[i], ties_left[i], updated) or 2 (masks[i]);
+ * factor[i] applied where has_factor[i]. `divisor` is used without consensus; `lambda` where scale.
+ * `out` may be xs[0]: a block's inputs are all read before its results are written. Returns 0, or
+ * -1 for other than 1..MAX_MODELS models (merger_max_models()). */
+int merger_max_models(void) { return MAX_MODELS; }
+
+int merger_gta(int models, const float *const *xs, const float *base, int64_t n, const int *kind,
+               const float *threshold, int64_t *ties_left, const uint8_t *const *masks, const int *has_factor,
+               const float *factor, const float *weight, int consensus, int normalize, float divisor, int scale,
+               float lambda, float *out) {
+    float t[MAX_MODELS][BLOCK];  /* 32 KiB of stack */
+    if (models < 1 || models > MAX_MODELS)
+        return -1;
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int64_t m = n - start < BLOCK ? n - start : BLOCK;
+        const float *restrict b = base + start;
+        float merged[BLOCK], divisors[BLOCK];
+        for (int i = 0; i < models; i++)
+            task_vector(xs[i] + start, b, m, kind[i], threshold[i], &ties_left[i],
+                        masks[i] ? masks[i] + start : NULL, has_factor[i], factor[i], weight[i], t[i]);
+        if (consensus) {  /* s = sign(Σ t) (+1 at 0); keep t where t·s > 0; divisor = Σ w over kept */
+            float sign[BLOCK];
+            for (int64_t j = 0; j < m; j++)
+                sign[j] = t[0][j];
+            for (int i = 1; i < models; i++)
+                for (int64_t j = 0; j < m; j++)
+                    sign[j] += t[i][j];
+            for (int64_t j = 0; j < m; j++) {
+                sign[j] = 1.0f - 2.0f * ONE_IF(sign[j] < 0.0f);
+                divisors[j] = 0.0f;
+            }
+            for (int i = 0; i < models; i++)
+                for (int64_t j = 0; j < m; j++) {
+                    float agree = ONE_IF(t[i][j] * sign[j] > 0.0f);
+                    t[i][j] *= agree;
+                    divisors[j] += agree * weight[i];
+                }
+            for (int64_t j = 0; j < m; j++)
+                divisors[j] += ONE_IF(divisors[j] == 0.0f);
+        }
+        for (int64_t j = 0; j < m; j++)
+            merged[j] = t[0][j];
+        for (int i = 1; i < models; i++)
+            for (int64_t j = 0; j < m; j++)
+                merged[j] += t[i][j];
+        if (normalize) {
+            if (consensus)
+                for (int64_t j = 0; j < m; j++)
+                    merged[j] /= divisors[j];
+            else
+                for (int64_t j = 0; j < m; j++)
+                    merged[j] /= divisor;
+        }
+        if (scale)
+            for (int64_t j = 0; j < m; j++)
+                merged[j] *= lambda;
+        for (int64_t j = 0; j < m; j++)
+            out[start + j] = merged[j] + b[j];
+    }
+    return 0;
+}

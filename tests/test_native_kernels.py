@@ -1,0 +1,141 @@
+"""The native CPU kernels of the task-arithmetic family give torch's bytes, bit for bit.
+
+Every merge below runs twice on the same inputs, as the executor runs it (prepare over the slices,
+then the merge slice by slice): once through `merger/methods/native/kernels.c`, once through torch's
+ops (the kernels switched off), and the float32 results must be identical. Inputs are bfloat16 values,
+so many task-vector magnitudes are equal and the TIES cut falls among ties spread over several slices;
+some entries have `x = base` (zero task vectors) and some bases are −0.0, where signed zeros show.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from merger.methods import native, sparsify, task_arithmetic
+from merger.methods.native import build, native_kernels
+from merger.methods.registry import SLICE, get_method
+from merger.methods.sparsify import magnitude_trims, slices_of
+
+NUMEL = 2 * SLICE + 12_345  # three slices, the last one short
+
+
+@pytest.fixture(scope="module")
+def kernels() -> native.NativeKernels:
+    built = native_kernels()
+    if built is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the native kernels did not build on CI (is a C compiler installed?)")
+        pytest.skip("no C compiler here: the native kernels cannot be built")
+    return built
+
+
+def inputs(models: int, seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(NUMEL, generator=g) * 0.02).bfloat16().float()
+    base[::997] = -0.0
+    tensors = []
+    for _ in range(models):
+        x = (base + torch.randn(NUMEL, generator=g) * 0.002).bfloat16().float()
+        x[::1009] = base[::1009]  # zero task vectors
+        tensors.append(x)
+    return tensors, base
+
+
+def merged_as_the_executor_does(method: str, tensors: list[torch.Tensor], base: torch.Tensor, **kwargs) -> torch.Tensor:
+    merge = get_method(method)
+    if merge.uses_generator:
+        kwargs["generator"] = torch.Generator().manual_seed(7)
+    if merge.prepare is not None:
+        kwargs["prepared"] = merge.prepare(lambda: slices_of([t.clone() for t in tensors], base), tuple(base.shape),
+                                           **kwargs)
+    out = torch.empty_like(base)
+    for start in range(0, NUMEL, SLICE):
+        stop = min(start + SLICE, NUMEL)
+        piece = merge.function([t[start:stop].clone() for t in tensors], base=base[start:stop].clone(), **kwargs)
+        out[start:stop] = piece
+    return out
+
+
+def with_torch_ops(monkeypatch: pytest.MonkeyPatch, run):
+    with monkeypatch.context() as patch:
+        patch.setattr(task_arithmetic, "native_kernels", lambda: None)
+        patch.setattr(sparsify, "native_kernels", lambda: None)
+        return run()
+
+
+CASES = [
+    ("ties", 2, {"weight": [0.5, 0.5], "density": [0.5, 0.3]}),
+    ("ties", 3, {"weight": [0.7, -0.4, 1.1], "density": [0.2, 0.5, 0.9], "lambda_": 0.6}),
+    ("ties", 2, {"weight": [0.5, 0.5], "density": [1.0, 0.0], "normalize": False}),
+    ("ties", 2, {"weight": [1.0, 1.0], "density": [0.5, 0.5], "rescale": True}),
+    ("dare_ties", 2, {"weight": [0.5, 0.5], "density": [0.5, 0.7]}),
+    ("dare_linear", 3, {"weight": [0.3, 0.3, 0.4], "density": [0.4, 0.4, 1.0], "rescale": False}),
+    ("task_arithmetic", 2, {"weight": [0.6, 0.9], "lambda_": 2.0}),
+    ("task_arithmetic", 2, {"weight": [0.6, 0.9], "normalize": True}),
+    ("task_arithmetic", 2, {"weight": [0.5, -0.5], "normalize": True}),  # weights sum to 0: divide by 1
+]
+
+
+@pytest.mark.parametrize(("method", "models", "params"), CASES)
+def test_native_merge_equals_torch_ops_bit_for_bit(kernels, monkeypatch, method, models, params) -> None:
+    tensors, base = inputs(models)
+    ours = merged_as_the_executor_does(method, tensors, base, **params)
+    reference = with_torch_ops(monkeypatch, lambda: merged_as_the_executor_does(method, tensors, base, **params))
+    assert torch.equal(ours.view(torch.int32), reference.view(torch.int32))
+    assert not torch.equal(ours, base)  # the merge did something
+
+
+def test_native_counts_select_the_same_threshold_and_ties(kernels, monkeypatch) -> None:
+    tensors, base = inputs(3, seed=1)
+    densities = [0.5, 0.01, 0.0, 1.0, 0.999]
+    tensors = tensors + tensors[:2]
+
+    def cuts():
+        trims = magnitude_trims(lambda: slices_of(tensors, base), densities)
+        return [None if trim is None else trim.selection.cut() for trim in trims]
+
+    ours = cuts()
+    assert ours == with_torch_ops(monkeypatch, cuts)
+    assert ours[0][1] > 0  # the median magnitude is tied: some ties are kept, in flat order
+    assert ours[2] == (float("inf"), 0) and ours[3] is None  # density 0 keeps nothing, 1 everything
+
+
+def test_the_build_is_kept_and_never_half_written(tmp_path: Path) -> None:
+    first = build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert build(tmp_path) == first and first.stat().st_mtime_ns == stamp  # built once
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left
+
+
+def test_without_a_compiler_torch_ops_run_and_say_why(tmp_path: Path) -> None:
+    """A fresh process with no compiler: `native_kernels()` is None and a TIES merge still runs, on torch."""
+    script = (
+        "import logging, torch; logging.basicConfig(level=logging.INFO)\n"
+        "from merger.methods.native import native_kernels\n"
+        "from merger.methods.registry import get_method\n"
+        "assert native_kernels() is None\n"
+        "x = torch.tensor([1.0, -2.0, 3.0, 0.5]); base = torch.zeros(4)\n"
+        "out = get_method('ties').function([x.clone(), -x], base=base, weight=[1.0, 0.5], density=[0.5, 1.0])\n"
+        "print(out.tolist())\n"
+    )
+    env = dict(os.environ, CC=str(tmp_path / "no-such-compiler"), MERGER_DATA_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "no C compiler" in done.stderr
+    # ties, by hand: trims keep |x| ≥ 2 of model 1 (density .5 of 4: 3.0 and -2.0) and all of -x;
+    # weighted: [0, -2, 3, 0] and [-.5, 1, -1.5, -.25]; signs of the sums: [-, -, +, -];
+    # agreeing: entry 0 only model 2 (-.5, w .5), 1 model 1 (-2, w 1), 2 model 1 (3, w 1), 3 model 2
+    assert done.stdout.strip() == str([-1.0, -2.0, 3.0, -0.5])
+
+
+def test_merger_native_0_turns_them_off(tmp_path: Path) -> None:
+    script = "from merger.methods.native import native_kernels\nprint(native_kernels())"
+    env = dict(os.environ, MERGER_NATIVE="0", MERGER_DATA_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "None" and not (tmp_path / "native").exists()

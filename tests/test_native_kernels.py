@@ -139,3 +139,31 @@ def test_merger_native_0_turns_them_off(tmp_path: Path) -> None:
     env = dict(os.environ, MERGER_NATIVE="0", MERGER_DATA_DIR=str(tmp_path))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.stdout.strip() == "None" and not (tmp_path / "native").exists()
+
+
+@pytest.mark.parametrize("seed", [0, 2**62 + 12345])
+def test_native_random_masks_are_torchs_stream(kernels, seed) -> None:
+    """DARE's masks: torch's `rand < density` drawn from the same seeded generator, across refills of
+    the 624-word state, and the generator left where torch leaves it."""
+    ours, theirs = (torch.Generator().manual_seed(seed) for _ in range(2))
+    torch.rand(3, generator=ours), torch.rand(3, generator=theirs)  # not at the start of the state
+    for numel, density in ((5000, 0.5), (1, 0.25), (1500, 0.9)):
+        assert torch.equal(kernels.uniform_below(numel, density, ours), torch.rand(numel, generator=theirs) < density)
+    assert torch.equal(ours.get_state(), theirs.get_state())
+    assert kernels.draws_as_torch
+
+
+def test_native_l1_sums_are_float64_sums_of_the_magnitudes(kernels) -> None:
+    """The rescale sums against exact sums (math.fsum) of the same magnitudes: float64 rounding only."""
+    import math
+
+    from merger.methods.native import SparsifyStep
+
+    tensors, base = inputs(1, seed=4)
+    x = tensors[0][:300_001]
+    b = base[:300_001]
+    mask = torch.rand(x.numel(), generator=torch.Generator().manual_seed(1)) < 0.4
+    before, after = kernels.l1_sums(x, b, SparsifyStep(2, mask=mask))
+    magnitudes = (x - b).abs().double().tolist()
+    assert before == pytest.approx(math.fsum(magnitudes), rel=1e-13)
+    assert after == pytest.approx(math.fsum(m for m, keep in zip(magnitudes, mask.tolist()) if keep), rel=1e-13)

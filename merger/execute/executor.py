@@ -37,7 +37,7 @@ from merger.errors import MergeCancelled, NonFiniteOutputError, NonFiniteWeights
 from merger.io.loader import STORAGE_DTYPES, TensorReader
 from merger.io.sources import WeightSource
 from merger.lora.apply import open_reader
-from merger.methods.sparsify import helper_threads
+from merger.methods.threads import helper_threads
 from merger.methods.registry import SLICE, MergeMethod, get_method
 from merger.execute.router import prompt_routers, router_weights
 from merger.plan.merge import MergePlan, TensorJob, TensorSource

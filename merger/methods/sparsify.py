@@ -27,11 +27,7 @@ lowest index first), never a full sort. Rescaling is mergekit's L1-norm matching
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -39,66 +35,10 @@ from torch import Tensor
 
 from merger.methods.native import HIGH_DIGITS, LANES, NativeKernels, SparsifyStep, native_kernels
 from merger.methods.registry import SLICE
+from merger.methods.threads import run_concurrently, single_threaded_math
 from merger.methods.topk import RADIX, TopK, top_k_mask
 
 RESCALE_EPS = 1e-7  # below this L1 norm (before or after masking) no rescale is applied
-
-
-_helpers: ThreadPoolExecutor | None = None  # while someone holds helper_threads()
-_helper_users = 0
-_helpers_lock = threading.Lock()
-
-
-@contextmanager
-def single_threaded_math() -> Iterator[None]:
-    """Torch's intra-op threads set to one in this thread for the block (helpers always run with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@contextmanager
-def helper_threads() -> Iterator[None]:
-    """Keep the helper threads of :func:`run_concurrently` for the block; the last holder shuts them down.
-
-    The executor holds them for a whole merge, so a run starts its threads once and leaves none behind;
-    a call outside any holder gets threads for that call only.
-    """
-    global _helpers, _helper_users
-    with _helpers_lock:
-        if _helpers is None:
-            _helpers = ThreadPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1),
-                                          thread_name_prefix="merger-math", initializer=torch.set_num_threads,
-                                          initargs=(1,))
-        _helper_users += 1
-    try:
-        yield
-    finally:
-        with _helpers_lock:
-            _helper_users -= 1
-            pool = _helpers if _helper_users == 0 else None
-            if pool is not None:
-                _helpers = None
-        if pool is not None:
-            pool.shutdown(wait=True)
-
-
-def run_concurrently(calls: Sequence[Callable[[], object]]) -> None:
-    """Run `calls` at once, the first on this thread, the others on helper threads (torch releases the
-    GIL inside its kernels); returns when all are done, raising the first error."""
-    if len(calls) == 1:
-        calls[0]()
-        return
-    with helper_threads():
-        futures = [_helpers.submit(call) for call in calls[1:]]
-        try:
-            calls[0]()
-        finally:
-            for future in futures:
-                future.result()
 
 
 def slices_of(tensors: Sequence[Tensor], base: Tensor) -> Iterator[tuple[list[Tensor], Tensor]]:
@@ -266,12 +206,18 @@ def set_l1_factors(slices: Slices, steps: Sequence[MagnitudeTrim | RandomDrop | 
     """
     active = [(i, step) for i, step in enumerate(steps) if step is not None]
     before, after = [0.0] * len(active), [0.0] * len(active)
-    if active:
-        for tensors, base in slices():
-            for j, (i, step) in enumerate(active):
+    native = native_kernels()
+    for tensors, base in slices() if active else ():
+        for j, (i, step) in enumerate(active):
+            if native is not None and native.accepts(tensors[i], base):
+                native_step = step.native_step(base.numel())
+                sums = native.l1_sums(tensors[i], base, native_step)
+                step.native_done(native_step)
+            else:
                 magnitude = torch.sub(tensors[i], base).abs_()
-                before[j] += float(torch.sum(magnitude, dtype=torch.float64))
-                after[j] += float(torch.sum(step.apply_(magnitude), dtype=torch.float64))
+                sums = (torch.sum(magnitude, dtype=torch.float64), torch.sum(step.apply_(magnitude), dtype=torch.float64))
+            before[j] += float(sums[0])
+            after[j] += float(sums[1])
     for (_, step), b, a in zip(active, before, after):
         step.factor = b / a if b >= RESCALE_EPS and a >= RESCALE_EPS else None
         step.rewind()
@@ -279,6 +225,9 @@ def set_l1_factors(slices: Slices, steps: Sequence[MagnitudeTrim | RandomDrop | 
 
 def _uniform_below(numel: int, density: float, generator: torch.Generator) -> Tensor:
     """bool `(numel,)`: `u_j < density` for the generator's next `numel` uniforms, drawn by `SLICE`."""
+    native = native_kernels()
+    if native is not None and native.draws_as_torch and generator.device.type == "cpu":
+        return native.uniform_below(numel, density, generator)
     mask = torch.empty(numel, dtype=torch.bool, device=generator.device)
     for piece in mask.split(SLICE):
         torch.lt(torch.rand(piece.numel(), generator=generator, device=generator.device), density, out=piece)

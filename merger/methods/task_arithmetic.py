@@ -31,10 +31,10 @@ from merger.methods.sparsify import (
     magnitude_trims,
     random_drops,
     set_l1_factors,
-    single_threaded_math,
     slices_of,
 )
 from merger.methods.registry import Factor, Fraction, PerModel, merge_method
+from merger.methods.threads import single_threaded_math
 
 Sparsifier = Callable[..., "Tensor | None"]
 

@@ -20,6 +20,7 @@ import logging
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import tempfile
 from pathlib import Path
@@ -59,7 +60,12 @@ class NativeKernels:
                                        ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_float, _P]
         library.merger_gta.restype = ctypes.c_int
         library.merger_max_models.restype = ctypes.c_int
+        library.merger_l1_sums.argtypes = [_P, _P, _I64, ctypes.c_int, ctypes.c_float, _P, _P, _P, _P]
+        library.merger_l1_sums.restype = None
+        library.merger_uniform_below.argtypes = [_P, _P, _I64, ctypes.c_float, _P]
+        library.merger_uniform_below.restype = None
         self.max_models = library.merger_max_models()
+        self.draws_as_torch = self._draws_as_torch()
 
     @staticmethod
     def accepts(*tensors: Tensor) -> bool:
@@ -115,6 +121,62 @@ class NativeKernels:
         for step, left in zip(steps, ties.tolist()):
             step.ties_kept = step.ties - left
         return tensors[0]
+
+
+    def l1_sums(self, x: Tensor, base: Tensor, step: SparsifyStep) -> tuple[float, float]:
+        """`(Σ|δ|, Σ|δ ⊙ keep|)` in float64 over one slice, `δ = x − base` (DARE's `rescale`), summed in a
+        fixed order (the same on every machine); `step.ties_kept` is set.
+
+        Args:
+            x, base: float32 `(m,)`.
+            step: the slice's sparsifier (its factor is not applied).
+        """
+        sums = (ctypes.c_double * 2)()
+        ties = ctypes.c_int64(step.ties)
+        self._library.merger_l1_sums(x.data_ptr(), base.data_ptr(), x.numel(), step.kind, step.threshold,
+                                     ctypes.byref(ties), None if step.mask is None else step.mask.data_ptr(),
+                                     ctypes.byref(sums, 0), ctypes.byref(sums, 8))
+        step.ties_kept = step.ties - ties.value
+        return sums[0], sums[1]
+
+    def uniform_below(self, numel: int, density: float, generator: torch.Generator) -> Tensor:
+        """bool `(numel,)`: `u_j < density` for the CPU `generator`'s next `numel` float32 uniforms, exactly
+        as `torch.rand(numel, generator=generator) < density`, and the generator advanced as torch would.
+
+        Raises:
+            ValueError: the generator's state is not the layout this torch was checked with.
+        """
+        raw = bytearray(generator.get_state().numpy().tobytes())
+        if len(raw) != _STATE_BYTES:
+            raise ValueError(f"unexpected CPU generator state ({len(raw)} bytes)")
+        left, _, next_ = struct.unpack_from("<iiQ", raw, 8)
+        state = torch.frombuffer(raw, dtype=torch.int64, count=_MT_WORDS, offset=24).to(torch.int32)
+        position = torch.tensor([left, next_], dtype=torch.int64)
+        mask = torch.empty(numel, dtype=torch.bool)
+        self._library.merger_uniform_below(state.data_ptr(), position.data_ptr(), numel, density, mask.data_ptr())
+        struct.pack_into("<i", raw, 8, int(position[0]))
+        struct.pack_into("<Q", raw, 16, int(position[1]))
+        raw[24:24 + 8 * _MT_WORDS] = state.to(torch.int64).bitwise_and_(0xFFFFFFFF).numpy().tobytes()
+        generator.set_state(torch.frombuffer(raw, dtype=torch.uint8).clone())
+        return mask
+
+    def _draws_as_torch(self) -> bool:
+        """Whether :meth:`uniform_below` gives torch's masks and leaves the generator where torch would,
+        checked once on this torch (its generator's state layout is not a public interface)."""
+        try:
+            ours, theirs = (torch.Generator().manual_seed(20240531) for _ in range(2))
+            same = all(
+                torch.equal(self.uniform_below(numel, density, ours), torch.rand(numel, generator=theirs) < density)
+                for numel, density in ((1000, 0.3), (700, 1 / 3), (1, 0.9))
+            )
+            return same and torch.equal(ours.get_state(), theirs.get_state())
+        except (ValueError, RuntimeError) as err:
+            log.info("native random masks off: %s", err)
+            return False
+
+
+_MT_WORDS = 624  # ATen's mt19937 state, stored as uint64 words after the seed, left, seeded and next
+_STATE_BYTES = 5056  # CPUGeneratorImplState of torch 2.x on 64-bit platforms
 
 
 class SparsifyStep:

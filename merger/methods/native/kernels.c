@@ -161,3 +161,77 @@ int merger_gta(int models, const float *const *xs, const float *base, int64_t n,
     }
     return 0;
 }
+
+/* DARE's L1 rescale sums over one slice: before += Σ|δ|, after += Σ|δ·keep|, δ = x − b, in float64
+ * (exact products of float32 magnitudes), over LANES_64 interleaved accumulators added in a fixed order
+ * at the end: the same sums on every machine, whatever its vector width. `kind` etc. as merger_gta. */
+enum { LANES_64 = 8 };
+void merger_l1_sums(const float *x, const float *b, int64_t n, int kind, float threshold, int64_t *ties_left,
+                    const uint8_t *mask, double *before, double *after) {
+    double lanes_before[LANES_64] = {0}, lanes_after[LANES_64] = {0};
+    float t[BLOCK];
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int64_t m = n - start < BLOCK ? n - start : BLOCK;
+        task_vector(x + start, b + start, m, kind, threshold, ties_left, mask ? mask + start : NULL, 0, 1.0f, 1.0f, t);
+        int64_t j = 0;
+        for (; j + LANES_64 <= m; j += LANES_64)
+            for (int lane = 0; lane < LANES_64; lane++) {
+                lanes_before[lane] += fabsf(x[start + j + lane] - b[start + j + lane]);
+                lanes_after[lane] += fabsf(t[j + lane]);
+            }
+        for (int lane = 0; j < m; j++, lane++) {
+            lanes_before[lane] += fabsf(x[start + j] - b[start + j]);
+            lanes_after[lane] += fabsf(t[j]);
+        }
+    }
+    double sum_before = 0.0, sum_after = 0.0;
+    for (int lane = 0; lane < LANES_64; lane++) {
+        sum_before += lanes_before[lane];
+        sum_after += lanes_after[lane];
+    }
+    *before = sum_before;
+    *after = sum_after;
+}
+
+/* torch's CPU random stream (ATen's mt19937 and uniform_real for float32), to draw DARE's masks:
+ * out[j] = u_j < density for the generator's next n uniforms u_j = (y & (2^24 − 1)) · 2^-24.
+ * `state` is the 624 words, `position` {left, next}, both updated as torch's engine updates its own. */
+enum { MT_N = 624, MT_M = 397 };
+
+static inline uint32_t twist(uint32_t u, uint32_t v) {
+    return ((((u & 0x80000000u) | (v & 0x7fffffffu)) >> 1) ^ ((v & 1u) ? 0x9908b0dfu : 0u));
+}
+
+static void next_state(uint32_t *state) {
+    uint32_t *p = state;
+    for (int j = MT_N - MT_M + 1; --j; p++)
+        *p = p[MT_M] ^ twist(p[0], p[1]);
+    for (int j = MT_M; --j; p++)
+        *p = p[MT_M - MT_N] ^ twist(p[0], p[1]);
+    *p = p[MT_M - MT_N] ^ twist(p[0], state[0]);
+}
+
+void merger_uniform_below(uint32_t *state, int64_t *position, int64_t n, float density, uint8_t *out) {
+    int64_t left = position[0], next = position[1];
+    for (int64_t j = 0; j < n;) {
+        if (left == 1) {  /* torch refills when a draw takes `left` to 0 */
+            next_state(state);
+            left = MT_N + 1;
+            next = 0;
+        }
+        int64_t take = n - j < left - 1 ? n - j : left - 1;  /* draws before the next refill */
+        for (int64_t k = 0; k < take; k++) {
+            uint32_t y = state[next + k];
+            y ^= y >> 11;
+            y ^= (y << 7) & 0x9d2c5680u;
+            y ^= (y << 15) & 0xefc60000u;
+            y ^= y >> 18;
+            out[j + k] = (float)(y & 0xffffffu) * 0x1p-24f < density;
+        }
+        left -= take;
+        next += take;
+        j += take;
+    }
+    position[0] = left;
+    position[1] = next;
+}

@@ -5,6 +5,9 @@ then the merge slice by slice): once through `merger/methods/native/kernels.c`, 
 ops (the kernels switched off), and the float32 results must be identical. Inputs are bfloat16 values,
 so many task-vector magnitudes are equal and the TIES cut falls among ties spread over several slices;
 some entries have `x = base` (zero task vectors) and some bases are −0.0, where signed zeros show.
+One step is not torch's to the bit by construction: `rescale`'s float64 sums are added in a fixed
+order of the kernel's own, so the float32 factor can differ where that rounding straddles a float32
+step (docs/decisions.md); on these inputs it does not, and the sums are checked against exact ones.
 """
 
 from __future__ import annotations
@@ -167,3 +170,22 @@ def test_native_l1_sums_are_float64_sums_of_the_magnitudes(kernels) -> None:
     magnitudes = (x - b).abs().double().tolist()
     assert before == pytest.approx(math.fsum(magnitudes), rel=1e-13)
     assert after == pytest.approx(math.fsum(m for m, keep in zip(magnitudes, mask.tolist()) if keep), rel=1e-13)
+
+
+def test_a_mask_that_does_not_cover_the_slice_is_refused_not_read_past(kernels) -> None:
+    """The kernel would read past the mask's end; torch's path refuses the shapes, and so does this one."""
+    from merger.methods.native import SparsifyStep
+
+    x, base = torch.ones(1000), torch.zeros(1000)
+    short = SparsifyStep(2, mask=torch.ones(400, dtype=torch.bool))
+    with pytest.raises(ValueError, match="cover the slice's 1000 entries, got 400"):
+        kernels.gta([x], base, [short], [1.0], consensus=False, normalize=False, divisor=1.0, lambda_=1.0)
+    with pytest.raises(ValueError, match="got 400"):
+        kernels.l1_sums(x, base, short)
+
+
+def test_a_compiler_that_writes_no_library_leaves_nothing_kept(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("CC", "true")  # exits 0 and writes nothing
+    with pytest.raises(OSError):
+        build(tmp_path)
+    assert list(tmp_path.iterdir()) == []  # the next process tries again

@@ -23,6 +23,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -107,6 +108,8 @@ class NativeKernels:
             divisor: the weight sum used without consensus; lambda_: the final scale (1 skips it).
         """
         n = len(tensors)
+        for step in steps:
+            _check_mask(step, base.numel())
         pointers = (_P * n)(*(t.data_ptr() for t in tensors))
         masks = (_P * n)(*(None if s.mask is None else s.mask.data_ptr() for s in steps))
         ties = torch.tensor([s.ties for s in steps], dtype=torch.int64)
@@ -131,6 +134,7 @@ class NativeKernels:
             x, base: float32 `(m,)`.
             step: the slice's sparsifier (its factor is not applied).
         """
+        _check_mask(step, base.numel())
         sums = (ctypes.c_double * 2)()
         ties = ctypes.c_int64(step.ties)
         self._library.merger_l1_sums(x.data_ptr(), base.data_ptr(), x.numel(), step.kind, step.threshold,
@@ -141,7 +145,8 @@ class NativeKernels:
 
     def uniform_below(self, numel: int, density: float, generator: torch.Generator) -> Tensor:
         """bool `(numel,)`: `u_j < density` for the CPU `generator`'s next `numel` float32 uniforms, exactly
-        as `torch.rand(numel, generator=generator) < density`, and the generator advanced as torch would.
+        as `torch.rand(numel, generator=generator) < density`, and the generator advanced as torch would
+        (its state is read, then written back: no other thread may draw from it meanwhile).
 
         Raises:
             ValueError: the generator's state is not the layout this torch was checked with.
@@ -197,6 +202,13 @@ class SparsifyStep:
         self.ties_kept = 0
 
 
+def _check_mask(step: SparsifyStep, numel: int) -> None:
+    """A drop mask covers the slice (the kernel would read past its end), as torch's shape check does."""
+    if step.kind == 2 and (step.mask is None or step.mask.numel() != numel or not step.mask.is_contiguous()):
+        found = "none" if step.mask is None else f"{step.mask.numel()} entries"
+        raise ValueError(f"a DARE mask must cover the slice's {numel} entries, got {found}")
+
+
 def _ints(values) -> ctypes.Array:
     values = list(values)
     return (ctypes.c_int * len(values))(*map(int, values))
@@ -207,11 +219,11 @@ def _floats(values) -> ctypes.Array:
     return (ctypes.c_float * len(values))(*values)
 
 
+_loading = threading.Lock()
+
+
 @functools.cache
-def native_kernels() -> NativeKernels | None:
-    """The kernels, built (once per machine) and loaded (once per process); None where they cannot be
-    (`MERGER_NATIVE=0`, no compiler, a failed build or load: the reason is logged), and the callers run
-    torch's ops, which give the same bytes."""
+def _loaded() -> NativeKernels | None:
     if os.environ.get("MERGER_NATIVE", "").strip() == "0":
         return None
     try:
@@ -221,13 +233,21 @@ def native_kernels() -> NativeKernels | None:
         return None
 
 
+def native_kernels() -> NativeKernels | None:
+    """The kernels, built (once per machine) and loaded (once per process, whichever thread asks
+    first); None where they cannot be (`MERGER_NATIVE=0`, no compiler, a failed build or load: the
+    reason is logged), and the callers run torch's ops, which give the same bytes."""
+    with _loading:
+        return _loaded()
+
+
 def build(folder: Path | None = None) -> Path:
     """The built library for this machine, compiled into `folder` (default `MERGER_DATA_DIR/native`) unless there.
 
     Raises:
         FileNotFoundError: no C compiler (`CC`, else `cc`).
+        OSError: the built file is not a library (also: the folder cannot be written).
         subprocess.CalledProcessError / TimeoutExpired: the build failed or took over BUILD_SECONDS.
-        OSError: the folder cannot be written.
     """
     compiler = shutil.which(os.environ.get("CC", "").strip() or "cc")
     if compiler is None:
@@ -244,6 +264,8 @@ def build(folder: Path | None = None) -> Path:
     try:
         subprocess.run([compiler, *FLAGS, "-o", temporary, str(SOURCE)], check=True, capture_output=True,
                        timeout=BUILD_SECONDS)
+        ctypes.CDLL(temporary)  # a compiler that wrote no library fails here, before the file is kept
+        os.chmod(temporary, 0o755)  # mkstemp's 0600 would hide it from other users of a shared folder
         os.replace(temporary, target)
     finally:
         Path(temporary).unlink(missing_ok=True)

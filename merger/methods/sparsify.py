@@ -33,7 +33,7 @@ from functools import partial
 import torch
 from torch import Tensor
 
-from merger.methods.native import HIGH_DIGITS, LANES, NativeKernels, SparsifyStep, native_kernels
+from merger.methods.native import NativeKernels, SparsifyStep, native_kernels
 from merger.methods.registry import SLICE
 from merger.methods.threads import run_concurrently, single_threaded_math
 from merger.methods.topk import RADIX, TopK, top_k_mask
@@ -157,16 +157,16 @@ def magnitude_trims(slices: Slices, densities: Sequence[float]) -> list[Magnitud
 def _count_natively(native: NativeKernels, slices: Slices, active: list[tuple[int, TopK]]) -> bool:
     """Both counting passes of :func:`magnitude_trims` in the native kernels, the models on threads of
     their own; False (nothing counted) when they do not take the slices."""
-    first = next(iter(slices()), None)  # an empty tensor has no slices
-    if first is None or not native.accepts(*first[0], first[1]):
-        return False
     histograms = [torch.zeros(RADIX, dtype=torch.int64) for _ in active]
-    lanes = [torch.empty(LANES * HIGH_DIGITS, dtype=torch.int32) for _ in active]
+    numel = 0
     for tensors, base in slices():
-        run_concurrently([partial(native.count_high, tensors[i], base, histogram, scratch)
-                          for (i, _), histogram, scratch in zip(active, histograms, lanes)])
+        if numel == 0 and not native.accepts(*(tensors[i] for i, _ in active), base):
+            return False  # decided on the first slice, before anything is counted
+        run_concurrently([partial(native.count_high, tensors[i], base, histogram)
+                          for (i, _), histogram in zip(active, histograms)])
+        numel += base.numel()
     for (_, selection), histogram in zip(active, histograms):
-        selection.add_counts(histogram, histogram.sum().item())
+        selection.add_counts(histogram, numel)
     windows = [(i, selection, selection.window_start()) for i, selection in active]
     windows = [(i, selection, start) for i, selection, start in windows if start is not None]
     histograms = [torch.zeros(RADIX, dtype=torch.int64) for _ in windows]

@@ -95,7 +95,8 @@ class TopK:
             self.add_counts(torch.bincount(low, minlength=RADIX + 2)[1:RADIX + 1])
 
     def add_counts(self, counts: Tensor, numel: int = 0) -> None:
-        """Add a histogram counted elsewhere (the native kernels) to the pass under way.
+        """Add a histogram counted elsewhere (the native kernels) to the pass under way; the first of a
+        pass is kept and added to, so it must not be used after.
 
         Args:
             counts: int64 `(RADIX,)`: pass 1, the high digits (offset as :meth:`count_high` does) of
@@ -103,7 +104,7 @@ class TopK:
             numel: the scores counted (pass 1; 0 in pass 2).
         """
         self.numel += numel
-        self._counts = counts.clone() if self._counts is None else self._counts.add_(counts)
+        self._counts = counts if self._counts is None else self._counts.add_(counts)  # the first is kept
 
     def window_start(self) -> int | None:
         """The first key of pass 2's window, `[start, start + 2¹⁶)`: the keys that share the k-th largest's
@@ -129,7 +130,7 @@ class TopK:
         if not 0 < self.k < self.numel:
             return torch.full(scores.shape, float(self.k > 0), device=scores.device)
         if self._nonnegative:  # compare the floats themselves: their order is their keys'
-            values, threshold = scores.reshape(-1), struct.unpack("<f", struct.pack("<i", self._threshold))[0]
+            values, threshold = scores.reshape(-1), self._threshold_score()
         else:
             values, threshold = ordered_key(scores), self._threshold
         kept = torch.gt(values, threshold, out=torch.empty(values.shape, device=scores.device))
@@ -166,7 +167,11 @@ class TopK:
         self._settle_threshold()
         if not 0 < self.k < self.numel:
             return (-math.inf if self.k > 0 else math.inf), 0
-        return struct.unpack("<f", struct.pack("<i", self._threshold))[0], self._ties_left
+        return self._threshold_score(), self._ties_left
+
+    def _threshold_score(self) -> float:
+        """The k-th largest magnitude itself (a nonnegative float's key is its bits)."""
+        return struct.unpack("<f", struct.pack("<i", self._threshold))[0]
 
     def took_ties(self, count: int) -> None:
         """`count` of the ties :meth:`cut` offered were kept."""

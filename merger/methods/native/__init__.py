@@ -37,8 +37,6 @@ SOURCE = Path(__file__).with_name("kernels.c")
 # -ffp-contract=off: no fused multiply-add, whose single rounding would change bytes against torch
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared")
 BUILD_SECONDS = 120
-HIGH_DIGITS = 1 << 15  # a magnitude's high 16 bits are below 2^15 (its sign bit is 0)
-LANES = 4  # interleaved histograms of merger_count_high (kernels.c)
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
@@ -53,8 +51,8 @@ class NativeKernels:
 
     def __init__(self, library: ctypes.CDLL):
         self._library = library
-        library.merger_count_high.argtypes = [_P, _P, _I64, _P, _P]
-        library.merger_count_high.restype = None
+        library.merger_count_high.argtypes = [_P, _P, _I64, _P]
+        library.merger_count_high.restype = ctypes.c_int
         library.merger_count_window.argtypes = [_P, _P, _I64, ctypes.c_uint32, _P]
         library.merger_count_window.restype = None
         library.merger_gta.argtypes = [ctypes.c_int, _P, _P, _I64, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int,
@@ -73,16 +71,18 @@ class NativeKernels:
         """Whether the kernels take these tensors: contiguous float32 on the CPU."""
         return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 
-    def count_high(self, x: Tensor, base: Tensor, histogram: Tensor, lanes: Tensor) -> None:
+    def count_high(self, x: Tensor, base: Tensor, histogram: Tensor) -> None:
         """Add the high 16 bits of every `|x − base|` float32 key to `histogram`.
 
         Args:
             x, base: float32 `(n,)`.
-            histogram: int64 `(≥ 2^15,)`, added to.
-            lanes: int32 `(4·2^15,)` scratch (its contents are overwritten).
+            histogram: int64 `(≥ 2^15,)`, added to (a magnitude's high digit is below 2^15).
+
+        Raises:
+            MemoryError: the kernel's 512 KiB of counters could not be allocated.
         """
-        self._library.merger_count_high(x.data_ptr(), base.data_ptr(), x.numel(), histogram.data_ptr(),
-                                        lanes.data_ptr())
+        if self._library.merger_count_high(x.data_ptr(), base.data_ptr(), x.numel(), histogram.data_ptr()):
+            raise MemoryError("no memory for the TIES counting kernel's counters (512 KiB)")
 
     def count_window(self, x: Tensor, base: Tensor, start: int, histogram: Tensor) -> None:
         """Add to `histogram[key − start]` each `|x − base|` key in `[start, start + 2^16)`.

@@ -9,6 +9,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 enum { BLOCK = 256, MAX_MODELS = 32, HIGH_DIGITS = 1 << 15, LOW_DIGITS = 1 << 16, LANES = 4 };
@@ -29,11 +30,13 @@ static inline uint32_t as_bits(float value) {
 #define ONE_IF(condition) as_float((uint32_t)(-(int32_t)(condition)) & 0x3f800000u)
 
 /* TopK pass 1 on the magnitudes |x - b|: histogram[key >> 16] += 1 per entry, key = the float's bits.
- * A magnitude's sign bit is 0, so its high digit is below 2^15. `lanes` (LANES * 2^15 counters) holds
- * interleaved histograms: consecutive entries with the same digit do not wait on each other's store. */
-void merger_count_high(const float *x, const float *b, int64_t n, int64_t *histogram, uint32_t *lanes) {
+ * A magnitude's sign bit is 0, so its high digit is below 2^15. LANES interleaved histograms: entries
+ * in a row with the same digit do not wait on each other's store. Returns 0, or -1 out of memory. */
+int merger_count_high(const float *x, const float *b, int64_t n, int64_t *histogram) {
     uint16_t digits[BLOCK];
-    memset(lanes, 0, sizeof(uint32_t) * LANES * HIGH_DIGITS);
+    uint32_t *lanes = calloc((size_t)LANES * HIGH_DIGITS, sizeof(uint32_t));
+    if (lanes == NULL)
+        return -1;
     for (int64_t start = 0; start < n; start += BLOCK) {
         int64_t m = n - start < BLOCK ? n - start : BLOCK;
         for (int64_t j = 0; j < m; j++)
@@ -48,6 +51,8 @@ void merger_count_high(const float *x, const float *b, int64_t n, int64_t *histo
     for (int digit = 0; digit < HIGH_DIGITS; digit++)
         for (int lane = 0; lane < LANES; lane++)
             histogram[digit] += lanes[lane * HIGH_DIGITS + digit];
+    free(lanes);
+    return 0;
 }
 
 /* TopK pass 2: histogram[key - start] += 1 for the keys of |x - b| in [start, start + 2^16). Few keys

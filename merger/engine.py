@@ -9,6 +9,7 @@ import re
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -219,8 +220,14 @@ def _write_through_staging(
         staging.mkdir()
         # An evaluation reads the whole output, so its shards are handed on only once it is scored.
         streamed = on_shard if evaluate is None else None
-        execute_plan(plan, weights, staging, pick_device(device), shard_size, progress, should_cancel, adapters, streamed)
-        _write_files(plan, dirs, staging, config_text, metadata, title)
+        # The folder's other files (config, tokenizer, card) need no weight: they are written beside the
+        # merge, whose threads mostly wait on memory and disk, so that their imports (the card's Hub
+        # client, a tokenizer's library) and rendering take no time of their own.
+        with ThreadPoolExecutor(1, thread_name_prefix="merger-files") as files:
+            written = files.submit(_write_files, plan, dirs, staging, config_text, metadata, title)
+            execute_plan(plan, weights, staging, pick_device(device), shard_size, progress, should_cancel, adapters,
+                         streamed)
+            written.result()
         if evaluate is not None:  # the staged folder is a complete model: score it, then card the table
             parents = {key: folder for key, folder in dirs.items() if key not in adapters}  # a LoRA input's folder is its base
             _write_card(plan, dirs, staging, config_text, metadata, title, evaluate(staging, parents))

@@ -122,6 +122,18 @@ def test_a_config_file_that_cannot_be_read_is_one_line(capsys, tmp_path: Path, c
         assert not (tmp_path / "out").exists()
 
 
+def test_the_command_line_starts_without_the_hub_client() -> None:
+    """huggingface_hub's client module (`hf_api`, through its card module too) takes a quarter of a second
+    to import: a merge of local folders never needs it, so the CLI imports it only at its first Hub call,
+    and the engine renders the card beside the merge (docs/decisions.md, "Starting and ending the CLI")."""
+    probe = "import sys, merger.cli\nprint(sorted(m for m in sys.modules if m.startswith('huggingface_hub.')))"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    loaded = done.stdout
+    assert "huggingface_hub.errors" in loaded  # the probe sees the Hub package's modules at all
+    assert "huggingface_hub.hf_api" not in loaded and "huggingface_hub.repocard'" not in loaded
+
+
 def test_python_m_merger_runs_the_work_with_the_collector_on_and_the_imports_frozen() -> None:
     # The entry point turns the collector off while importing (merger/__main__.py); a launcher that
     # forgot to turn it back on would leak every reference cycle of the merge.

@@ -189,3 +189,65 @@ def test_a_compiler_that_writes_no_library_leaves_nothing_kept(tmp_path: Path, m
     with pytest.raises(OSError):
         build(tmp_path)
     assert list(tmp_path.iterdir()) == []  # the next process tries again
+
+
+FUSED_CASES = CASES + [
+    ("linear", 2, {"weight": [0.6, 0.4]}),
+    ("linear", 3, {"weight": [0.3, -1.2, 0.8], "normalize": False}),
+    ("linear", 3, {"weight": [0.25, 0.7, 0.05], "normalize": True}),
+]
+STORED = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def prepared_for(merge, stored: list[torch.Tensor], kwargs: dict) -> dict:
+    """The method's keyword arguments as the executor passes them: a fresh generator, the prepare pass."""
+    kwargs = dict(kwargs)
+    if merge.uses_generator:
+        kwargs["generator"] = torch.Generator().manual_seed(7)
+    if merge.prepare is not None:
+        floats = [t.to(torch.float32, copy=True) for t in stored]
+        base = floats.pop() if merge.base != "none" else None
+        kwargs["prepared"] = merge.prepare(lambda: slices_of(floats, base), (NUMEL,), **kwargs)
+    return kwargs
+
+
+@pytest.mark.parametrize(("method", "models", "params"), FUSED_CASES)
+@pytest.mark.parametrize("stored", STORED)
+@pytest.mark.parametrize("out_dtype", STORED)
+def test_fused_slices_from_stored_dtypes_equal_float32_math_then_the_cast(
+    kernels, monkeypatch, method, models, params, stored, out_dtype
+) -> None:
+    """The registry's `fused` path (stored inputs in, the output dtype out) against torch's ops on float32
+    copies followed by torch's cast, slice by slice as the executor runs either."""
+    merge = get_method(method)
+    tensors, base = inputs(models, seed=3)
+    inputs_stored = [t.to(stored) for t in tensors] + ([base.to(stored)] if merge.base != "none" else [])
+    fused_out = torch.empty(NUMEL, dtype=out_dtype)
+    kwargs = prepared_for(merge, inputs_stored, params)
+    for start in range(0, NUMEL, SLICE):
+        parts = [t[start:start + SLICE] for t in inputs_stored]
+        with_base = {"base": parts.pop()} if merge.base != "none" else {}
+        assert merge.fused(parts, **with_base, out=fused_out[start:start + SLICE], **kwargs)
+
+    def reference() -> torch.Tensor:
+        out = torch.empty(NUMEL, dtype=out_dtype)
+        arguments = prepared_for(merge, inputs_stored, params)
+        for start in range(0, NUMEL, SLICE):
+            parts = [t[start:start + SLICE].to(torch.float32, copy=True) for t in inputs_stored]  # worked on in place
+            with_base = {"base": parts.pop()} if merge.base != "none" else {}
+            out[start:start + SLICE] = merge.function(parts, **with_base, **arguments).to(out_dtype)
+        return out
+
+    expected = with_torch_ops(monkeypatch, reference)
+    bits = torch.int32 if out_dtype == torch.float32 else torch.int16
+    assert torch.equal(fused_out.view(bits), expected.view(bits))
+    assert not torch.equal(fused_out.float(), inputs_stored[0].float())  # the merge did something
+
+
+def test_fused_declines_what_the_kernels_do_not_read(kernels) -> None:
+    """A dtype the kernels do not read: False, the output untouched, and the engine converts instead."""
+    x = torch.ones(8, dtype=torch.float64)
+    out = torch.full((8,), 7.0)
+    assert get_method("linear").fused([x, x], out=out, weight=[0.5, 0.5]) is False
+    assert get_method("task_arithmetic").fused([x], base=x, out=out, weight=[1.0]) is False
+    assert torch.equal(out, torch.full((8,), 7.0))

@@ -7,7 +7,8 @@
 - the writer thread appends each result to its shard and returns the buffers to the pool.
 
 An elementwise method (linear, task arithmetic, TIES, ...) runs on slices of a million entries: the
-inputs stay in their stored dtype and only one slice of each is converted to float32 at a time.
+inputs stay in their stored dtype and only one slice of each is converted to float32 at a time, or
+none where the method's native `fused` path reads the stored slices and writes the output's directly.
 A copy of a tensor whose stored dtype is already the output's (frankenmerge layers, MoE experts) skips
 the math: its bytes go from the read buffer to the shard unchanged. The order of the output never
 depends on timing: jobs run and are written strictly in plan order. Memory is bounded by the budget
@@ -362,33 +363,42 @@ def _compute_in_slices(
 ) -> torch.Tensor:
     """An elementwise method's output, computed `SLICE` entries at a time.
 
-    Each input's slice is converted to float32 in a small reused buffer, so no float32 copy of a whole
-    tensor exists and the method's temporaries stay in cache; the bytes equal a whole-tensor run's.
+    Each slice goes straight from the stored inputs into the output where the method has a `fused`
+    path that takes them; otherwise each input's slice is converted to float32 in a small reused
+    buffer, so no float32 copy of a whole tensor exists and the method's temporaries stay in cache.
+    Either way the bytes equal a whole-tensor run's.
     """
     input_dtype = getattr(torch, plan.input_dtype) if plan.input_dtype else None
     flat = [tensor.reshape(-1) for tensor in raw]  # sources in config order, then the base
     numel = flat[0].numel()
     work = [torch.empty(min(SLICE, numel), dtype=torch.float32) for _ in flat]
     others = len(job.sources)
+    split = (lambda parts: (parts[:others], parts[others] if job.base is not None else None))
+    # the config's `dtype` (as mergekit) casts the inputs first, which only the conversion does
+    fused = method.fused if input_dtype is None or all(t.dtype == input_dtype for t in flat) else None
 
-    def slices():
-        for start in range(0, numel, SLICE):
-            stop = min(start + SLICE, numel)
-            converted = []
-            for buffer, tensor in zip(work, flat):
-                part = tensor[start:stop]
-                if input_dtype is not None and part.dtype != input_dtype:  # the config's `dtype`, as mergekit
-                    part = part.to(input_dtype)
-                converted.append(buffer[: stop - start].copy_(part))
-            yield start, stop, converted[:others], (converted[others] if job.base is not None else None)
+    def converted(start: int, stop: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        parts = []
+        for buffer, tensor in zip(work, flat):
+            part = tensor[start:stop]
+            if input_dtype is not None and part.dtype != input_dtype:
+                part = part.to(input_dtype)
+            parts.append(buffer[: stop - start].copy_(part))
+        return split(parts)
 
+    ranges = [(start, min(start + SLICE, numel)) for start in range(0, numel, SLICE)]
     if method.prepare is not None:
-        kwargs["prepared"] = method.prepare(lambda: ((tensors, base) for _, _, tensors, base in slices()), job.shape, **kwargs)
+        kwargs["prepared"] = method.prepare(lambda: (converted(*r) for r in ranges), job.shape, **kwargs)
     out = pool.take(job.shape, STORAGE_DTYPES[job.dtype])
     flat_out = out.view(-1)
-    for start, stop, tensors, base in slices():
-        result = method.function(tensors, **kwargs) if base is None else method.function(tensors, base=base, **kwargs)
-        flat_out[start:stop].copy_(result.reshape(-1))
+    for start, stop in ranges:
+        tensors, base = split([t[start:stop] for t in flat])
+        with_base = {} if base is None else {"base": base}
+        if fused is not None and fused(tensors, **with_base, out=flat_out[start:stop], **kwargs):
+            continue
+        tensors, base = converted(start, stop)
+        with_base = {} if base is None else {"base": base}
+        flat_out[start:stop].copy_(method.function(tensors, **with_base, **kwargs).reshape(-1))
     pool.give(raw)
     return out
 

@@ -4,10 +4,22 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from merger.methods.native import native_kernels
 from merger.methods.registry import Factor, PerModel, merge_method
 
 
-@merge_method("linear", pretty_name="Linear", reference_url="https://arxiv.org/abs/2203.05482", elementwise=True)
+def _linear_fused(tensors: list[Tensor], *, out: Tensor, weight: list[float], normalize: bool = True) -> bool:
+    """:func:`linear` on one slice of stored tensors, into `out` (the registry's `fused`); False where the
+    native kernels cannot run it."""
+    native = native_kernels()
+    if native is None or len(tensors) > native.max_models or not native.reads_stored(*tensors, out):
+        return False
+    native.linear(tensors, weight, float(sum(weight)) if normalize else None, out)
+    return True
+
+
+@merge_method("linear", pretty_name="Linear", reference_url="https://arxiv.org/abs/2203.05482", elementwise=True,
+              fused=_linear_fused)
 def linear(tensors: list[Tensor], *, weight: PerModel[Factor], normalize: bool = True) -> Tensor:
     """Weighted sum `Σᵢ wᵢ·xᵢ`, divided by `Σᵢ wᵢ` when `normalize`.
 
@@ -21,7 +33,7 @@ def linear(tensors: list[Tensor], *, weight: PerModel[Factor], normalize: bool =
     """
     out = tensors[0].mul_(weight[0])  # the inputs are the method's own buffers: accumulate in place
     for w, x in zip(weight[1:], tensors[1:]):
-        out.add_(x, alpha=w)
+        out.add_(x, alpha=w)  # one fused multiply-add per entry on CPU (the native kernel does the same)
     if normalize:
         out.div_(sum(weight))
     return out

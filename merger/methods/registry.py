@@ -28,6 +28,12 @@ A method is a pure function of float32 tensors::
   the next slice is drawn; not to be modified), the whole tensor's shape, and the method's other arguments
   (`generator` included); what it returns reaches every slice's call, in order, as `prepared`. A direct call
   of the method without `prepared` prepares from the whole tensors itself.
+- `fused`, for an elementwise method: `fused(tensors, [base,] out=..., **arguments)` merges one slice
+  straight from the inputs' stored dtypes (float32, bfloat16 or float16 1-D CPU slices) into `out`,
+  the output's slice in its own dtype, with exactly the bytes of `function` on float32 copies
+  followed by the cast (the native kernels, `merger/methods/native/`). It returns False, having
+  written and drawn nothing, where it cannot (no kernels, a dtype they do not read), and the engine
+  converts the slice and calls `function`. It spares the conversions' passes over memory.
 
 The package (`merger/methods/__init__.py`) imports every method module, so `METHODS` is complete on import.
 """
@@ -103,6 +109,7 @@ class MergeMethod:
         uses_generator: whether the function takes the seeded `generator`.
         elementwise: whether the function may run on slices of the flattened inputs (see above).
         prepare: the whole-tensor pass an elementwise method needs first, or None.
+        fused: the slice-to-output path of an elementwise method, or None (see above).
     """
 
     name: str
@@ -116,6 +123,7 @@ class MergeMethod:
     uses_generator: bool
     elementwise: bool = False
     prepare: Callable[..., Any] | None = None
+    fused: Callable[..., bool] | None = None
 
     @property
     def per_model_parameters(self) -> tuple[ParameterSpec, ...]:
@@ -141,6 +149,7 @@ def merge_method(
     max_others: int | None = None,
     elementwise: bool = False,
     prepare: Callable[..., Any] | None = None,
+    fused: Callable[..., bool] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under `name`, reading its parameters from the signature."""
 
@@ -174,6 +183,7 @@ def merge_method(
             uses_generator="generator" in signature.parameters,
             elementwise=elementwise,
             prepare=prepare,
+            fused=fused,
         )
         return function
 

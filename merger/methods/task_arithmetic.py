@@ -242,13 +242,19 @@ def register(variant: Variant) -> Callable[..., Tensor]:
     """Register `variant` under its name; calls are bound to (and checked against) :func:`signature`."""
     variant_signature = signature(variant)
 
-    def merge(*args: Any, **kwargs: Any) -> Tensor:
+    def bound(args: tuple, kwargs: dict) -> dict[str, Any]:
         arguments = variant_signature.bind(*args, **kwargs)
         arguments.apply_defaults()
         for name, value in arguments.arguments.items():  # a per-model default applies to every model
             if name in PER_MODEL_DEFAULTS and not isinstance(value, (list, tuple)):
                 arguments.arguments[name] = [value] * len(arguments.arguments["tensors"])
-        return _merge_variant(variant, **arguments.arguments)
+        return arguments.arguments
+
+    def merge(*args: Any, **kwargs: Any) -> Tensor:
+        return _merge_variant(variant, **bound(args, kwargs))
+
+    def fused(*args: Any, out: Tensor, **kwargs: Any) -> bool:
+        return _fuse_variant(variant, out=out, **bound(args, kwargs))
 
     merge.__signature__ = variant_signature
     merge.__annotations__ = {p.name: p.annotation for p in variant_signature.parameters.values()} | {"return": Tensor}
@@ -261,7 +267,7 @@ def register(variant: Variant) -> Callable[..., Tensor]:
     prepare = None if variant.prepare is None else partial(_prepare_variant, variant)
     return merge_method(
         variant.name, pretty_name=variant.pretty_name, reference_url=variant.reference_url,
-        elementwise=variant.elementwise, prepare=prepare,
+        elementwise=variant.elementwise, prepare=prepare, fused=fused if variant.elementwise else None,
     )(merge)
 
 
@@ -314,13 +320,29 @@ def _merge_variant(
     return _in_blocks(merge, tensors, base)
 
 
+def _fuse_variant(variant: Variant, tensors: list[Tensor], base: Tensor, *, out: Tensor, weight: list[float],
+                  normalize: bool, lambda_: float, prepared: list[Any] | None = None, **_: Any) -> bool:
+    """`variant` on one slice of stored tensors, into `out` (the registry's `fused`); False, having
+    touched nothing, where the native kernels cannot run it."""
+    native = native_kernels()
+    if (native is None or len(tensors) > native.max_models or not native.reads_stored(*tensors, base, out)
+            or (variant.prepare is not None and prepared is None)):
+        return False
+    _merge_natively(native, tensors, base, weight, prepared, consensus=variant.consensus, normalize=normalize,
+                    lambda_=lambda_, out=out)
+    return True
+
+
 def _merge_natively(native: NativeKernels, tensors: list[Tensor], base: Tensor, weight: list[float],
-                    prepared: list[Any] | None, *, consensus: bool, normalize: bool, lambda_: float) -> Tensor:
-    """:func:`generalized_task_arithmetic` with the prepared masks, in the native kernels (same bytes)."""
+                    prepared: list[Any] | None, *, consensus: bool, normalize: bool, lambda_: float,
+                    out: Tensor | None = None) -> Tensor:
+    """:func:`generalized_task_arithmetic` with the prepared masks, in the native kernels (same bytes),
+    into `out` (default: summed into `tensors[0]`)."""
     numel = base.numel()
     steps = [SparsifyStep() if p is None else p.native_step(numel) for p in (prepared or [None] * len(tensors))]
     flat = native.gta([t.view(-1) for t in tensors], base.view(-1), steps, weight, consensus=consensus,
-                      normalize=normalize, divisor=weight_sum_divisor(weight), lambda_=lambda_)
+                      normalize=normalize, divisor=weight_sum_divisor(weight), lambda_=lambda_,
+                      out=None if out is None else out.view(-1))
     for step, p in zip(steps, prepared or []):
         if p is not None:
             p.native_done(step)

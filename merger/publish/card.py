@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-from huggingface_hub import ModelCard, ModelCardData
-
 from merger.config.references import looks_like_hub_id, split_reference
 
 TEMPLATE_PATH = Path(__file__).resolve().parents[2] / "templates" / "model_card.md"
@@ -83,6 +81,10 @@ def render_model_card(
     Raises:
         `ValueError`: `models` and `licenses` differ in length.
     """
+    # imported here: huggingface_hub's card module brings its Hub client, a quarter of a second to
+    # import, and the engine renders the card beside the merge (merger/engine.py), not before it
+    from huggingface_hub import ModelCard, ModelCardData
+
     parents: dict[str, _Source] = {}
     for reference, license_ in zip(models, licenses, strict=True):
         parents.setdefault(reference, _source(reference, license_))

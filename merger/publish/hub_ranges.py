@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx2  # huggingface_hub's HTTP client: its transport errors are what a dropped connection raises
 import torch
-from huggingface_hub import HfApi, hf_hub_url, try_to_load_from_cache
+from huggingface_hub import constants, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
 from merger.errors import HubError, ModelFileError, TruncatedWeightsError, excerpt
@@ -91,7 +91,7 @@ class HubWeights:
             for name, stored in layout.items():
                 self.tensors[name] = stored
                 self._file_of[name] = file
-        endpoint = HfApi(token=token).endpoint
+        endpoint = constants.ENDPOINT  # HF_ENDPOINT or the Hub's, as HfApi's default
         self._urls = {f: hf_hub_url(checkpoint.repo_id, f, revision=checkpoint.revision, endpoint=endpoint) for f in checkpoint.files}
         self._headers = build_hf_headers(token=token)
         self._sizes: dict[str, int] = {}  # file -> total size, from the first answer's Content-Range

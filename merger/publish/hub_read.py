@@ -15,10 +15,11 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx2  # huggingface_hub's HTTP client: its transport errors are what a dead network raises
 import yaml
-from huggingface_hub import HfApi, ModelCard, ModelInfo, hf_hub_url
+from huggingface_hub import hf_hub_url
 from huggingface_hub.errors import (
     GatedRepoError,
     HFValidationError,
@@ -50,11 +51,22 @@ from merger.io.modelfiles import (
 from merger.config.references import split_reference
 from merger.publish.hub_calls import hub_call
 
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi, ModelInfo
+
 logger = logging.getLogger(__name__)
 
 SAFETENSORS_SINGLE_FILE = "model.safetensors"
 HEADER_FIRST_READ = 100_000  # bytes of a shard fetched first: most headers fit, as huggingface_hub assumes
 HUB_TIMEOUT = 10  # seconds to wait for the Hub to send data
+
+
+def _api(token: str | None) -> HfApi:
+    """huggingface_hub's client, imported at the first Hub call: its module takes a quarter of a second
+    to import, which a merge of local folders (the command line's usual case) never needs to pay."""
+    from huggingface_hub import HfApi
+
+    return HfApi(token=token)
 
 
 def download_model(reference: str, token: str | None = None, weights: bool = True) -> Path:
@@ -79,7 +91,7 @@ def download_model(reference: str, token: str | None = None, weights: bool = Tru
         [`~merger.errors.HubError`]: the token was rejected, or the Hub could not be reached.
     """
     repo_id, revision = split_reference(reference)
-    api = HfApi(token=token)
+    api = _api(token)
     with _reading(reference, token):
         info = api.model_info(repo_id, revision=revision)
         _refuse_non_checkpoint(api, reference, info)
@@ -101,7 +113,7 @@ def download_tokenizer(reference: str, token: str | None = None) -> Path:
         [`~merger.errors.ModelNotFoundError`], [`~merger.errors.HubError`]: as :func:`download_model`.
     """
     repo_id, revision = split_reference(reference)
-    api = HfApi(token=token)
+    api = _api(token)
     with _reading(reference, token):
         info = api.model_info(repo_id, revision=revision)
         patterns = [CONFIG_FILE, *TOKENIZER_FILES]
@@ -127,7 +139,7 @@ def download_adapter(reference: str, token: str | None = None) -> Path:
         [`~merger.errors.LoraAdapterError`]: the adapter's weights are over 8 GB.
     """
     repo_id, revision = split_reference(reference)
-    api = HfApi(token=token)
+    api = _api(token)
     with _reading(reference, token):
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
         size = sum(s.size or 0 for s in info.siblings or [] if s.rfilename in ADAPTER_FILES)
@@ -159,7 +171,7 @@ def fetch_metadata(reference: str, token: str | None = None) -> ModelMetadata:
         [`~merger.errors.HubError`]: the token was rejected, or the Hub could not be reached.
     """
     repo_id, revision = split_reference(reference)
-    api = HfApi(token=token)
+    api = _api(token)
     with _reading(reference, token):
         info = api.model_info(repo_id, revision=revision)
         _refuse_non_checkpoint(api, reference, info)
@@ -205,7 +217,7 @@ def repo_access(reference: str, token: str | None = None) -> RepoAccess:
         [`~merger.errors.ModelNotFoundError`], [`~merger.errors.HubError`]: as :func:`fetch_metadata`.
     """
     repo_id, revision = split_reference(reference)
-    api = HfApi(token=token)
+    api = _api(token)
     with _reading(reference, token):
         info = api.model_info(repo_id, revision=revision)
         return RepoAccess(info.gated or None, bool(info.private), _card_license(api, info))
@@ -222,6 +234,8 @@ def _card_license(api: HfApi, info: ModelInfo) -> str | None:
         found = info.card_data.license
     elif README_FILE in {sibling.rfilename for sibling in info.siblings or []}:
         head = _byte_range(api, info, README_FILE, 0, README_FIRST_READ - 1)
+        from huggingface_hub import ModelCard  # with the client (see _api)
+
         try:
             found = ModelCard(head.decode("utf-8", errors="replace"), ignore_metadata_errors=True).data.license
         except (ValueError, yaml.YAMLError):  # front matter that is not a YAML mapping: no license, as without a card
@@ -247,7 +261,7 @@ def search_models(query: str, token: str | None = None, limit: int = 20) -> list
     if not query.strip():
         return []
     try:
-        return [model.id for model in HfApi(token=token).list_models(search=query.strip(), limit=limit)]
+        return [model.id for model in _api(token).list_models(search=query.strip(), limit=limit)]
     except (httpx2.HTTPError, OSError) as err:
         logger.warning("model search failed (%s); showing no suggestions", type(err).__name__)
         return []

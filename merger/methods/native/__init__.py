@@ -1,4 +1,5 @@
-"""The task-arithmetic family's CPU kernels in C (`kernels.c`), built with the machine's compiler at first use.
+"""The CPU kernels of linear and the task-arithmetic family in C (`kernels.c`), built with the machine's
+compiler at first use.
 
 torch runs TIES as a dozen elementwise passes and a `bincount` per selection pass; `kernels.c` fuses
 them into one pass per step, computing the same float32 operations in the same order, so the bytes
@@ -40,6 +41,8 @@ BUILD_SECONDS = 120
 
 _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
+# the kernels' codes of the dtypes they read and write (kernels.c's F32, BF16, F16)
+STORAGE_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 class NativeKernels:
@@ -55,9 +58,12 @@ class NativeKernels:
         library.merger_count_high.restype = ctypes.c_int
         library.merger_count_window.argtypes = [_P, _P, _I64, ctypes.c_uint32, _P]
         library.merger_count_window.restype = None
-        library.merger_gta.argtypes = [ctypes.c_int, _P, _P, _I64, _P, _P, _P, _P, _P, _P, _P, ctypes.c_int,
-                                       ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_float, _P]
+        library.merger_gta.argtypes = [ctypes.c_int, _P, _P, _P, ctypes.c_int, _I64, _P, _P, _P, _P, _P, _P, _P,
+                                       ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_float, _P,
+                                       ctypes.c_int]
         library.merger_gta.restype = ctypes.c_int
+        library.merger_linear.argtypes = [ctypes.c_int, _P, _P, _I64, _P, ctypes.c_int, ctypes.c_float, _P, ctypes.c_int]
+        library.merger_linear.restype = ctypes.c_int
         library.merger_max_models.restype = ctypes.c_int
         library.merger_l1_sums.argtypes = [_P, _P, _I64, ctypes.c_int, ctypes.c_float, _P, _P, _P, _P]
         library.merger_l1_sums.restype = None
@@ -70,6 +76,12 @@ class NativeKernels:
     def accepts(*tensors: Tensor) -> bool:
         """Whether the kernels take these tensors: contiguous float32 on the CPU."""
         return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+
+    @staticmethod
+    def reads_stored(*tensors: Tensor) -> bool:
+        """Whether :meth:`gta` and :meth:`linear` take these tensors: contiguous on the CPU, float32,
+        bfloat16 or float16 (each read as float32, exactly; the result rounded as torch casts)."""
+        return all(t.device.type == "cpu" and t.dtype in STORAGE_TYPES and t.is_contiguous() for t in tensors)
 
     def count_high(self, x: Tensor, base: Tensor, histogram: Tensor) -> None:
         """Add the high 16 bits of every `|x − base|` float32 key to `histogram`.
@@ -95,35 +107,61 @@ class NativeKernels:
         self._library.merger_count_window(x.data_ptr(), base.data_ptr(), x.numel(), start, histogram.data_ptr())
 
     def gta(self, tensors: list[Tensor], base: Tensor, steps: list[SparsifyStep], weight: list[float], *,
-            consensus: bool, normalize: bool, divisor: float, lambda_: float) -> Tensor:
-        """`generalized_task_arithmetic` (merger/methods/task_arithmetic.py) on one slice, summed into
-        `tensors[0]`, which is returned.
+            consensus: bool, normalize: bool, divisor: float, lambda_: float, out: Tensor | None = None) -> Tensor:
+        """`generalized_task_arithmetic` (merger/methods/task_arithmetic.py) on one slice, written to `out`
+        (default: summed into `tensors[0]`), which is returned.
 
         Args:
-            tensors: n float32 `(m,)`, the non-base models (≤ `max_models`).
-            base: float32 `(m,)`.
+            tensors: n `(m,)` of the dtypes :meth:`reads_stored` takes, the non-base models (≤ `max_models`).
+            base: `(m,)`, likewise.
             steps: per model, what sparsifies its task vector (see :class:`SparsifyStep`).
             weight: n weights.
             consensus: TIES sign election; normalize: divide by the (agreeing) weight sum;
             divisor: the weight sum used without consensus; lambda_: the final scale (1 skips it).
+            out: `(m,)`, float32, bfloat16 or float16: the float32 result, rounded as torch's cast rounds.
+
+        Raises:
+            ValueError: more than `max_models` models; a drop mask that does not cover the slice.
         """
         n = len(tensors)
+        out = tensors[0] if out is None else out
         for step in steps:
             _check_mask(step, base.numel())
-        pointers = (_P * n)(*(t.data_ptr() for t in tensors))
         masks = (_P * n)(*(None if s.mask is None else s.mask.data_ptr() for s in steps))
         ties = torch.tensor([s.ties for s in steps], dtype=torch.int64)
         status = self._library.merger_gta(
-            n, pointers, base.data_ptr(), base.numel(),
+            n, _pointers(tensors), _ints(STORAGE_TYPES[t.dtype] for t in tensors), base.data_ptr(),
+            STORAGE_TYPES[base.dtype], base.numel(),
             _ints(s.kind for s in steps), _floats(s.threshold for s in steps), ties.data_ptr(), masks,
             _ints(s.factor is not None for s in steps), _floats(s.factor or 1.0 for s in steps), _floats(weight),
-            int(consensus), int(normalize), divisor, int(lambda_ != 1), lambda_, tensors[0].data_ptr(),
+            int(consensus), int(normalize), divisor, int(lambda_ != 1), lambda_, out.data_ptr(), STORAGE_TYPES[out.dtype],
         )
         if status != 0:
             raise ValueError(f"native task arithmetic takes 1 to {self.max_models} models, got {n}")
         for step, left in zip(steps, ties.tolist()):
             step.ties_kept = step.ties - left
-        return tensors[0]
+        return out
+
+    def linear(self, tensors: list[Tensor], weight: list[float], divisor: float | None, out: Tensor) -> Tensor:
+        """`linear` (merger/methods/linear.py) on one slice: `(Σᵢ wᵢ·xᵢ) / divisor` into `out`, returned.
+
+        Args:
+            tensors: n `(m,)` of the dtypes :meth:`reads_stored` takes (≤ `max_models`).
+            weight: n weights.
+            divisor: the weights' sum when normalizing, else None.
+            out: `(m,)`, float32, bfloat16 or float16, as in :meth:`gta`.
+
+        Raises:
+            ValueError: more than `max_models` models.
+        """
+        n = len(tensors)
+        status = self._library.merger_linear(
+            n, _pointers(tensors), _ints(STORAGE_TYPES[t.dtype] for t in tensors), out.numel(), _floats(weight),
+            int(divisor is not None), 1.0 if divisor is None else divisor, out.data_ptr(), STORAGE_TYPES[out.dtype],
+        )
+        if status != 0:
+            raise ValueError(f"native linear takes 1 to {self.max_models} models, got {n}")
+        return out
 
 
     def l1_sums(self, x: Tensor, base: Tensor, step: SparsifyStep) -> tuple[float, float]:
@@ -207,6 +245,10 @@ def _check_mask(step: SparsifyStep, numel: int) -> None:
     if step.kind == 2 and (step.mask is None or step.mask.numel() != numel or not step.mask.is_contiguous()):
         found = "none" if step.mask is None else f"{step.mask.numel()} entries"
         raise ValueError(f"a DARE mask must cover the slice's {numel} entries, got {found}")
+
+
+def _pointers(tensors: list[Tensor]) -> ctypes.Array:
+    return (_P * len(tensors))(*(t.data_ptr() for t in tensors))
 
 
 def _ints(values) -> ctypes.Array:

@@ -2,8 +2,8 @@
  *
  * Each computes, entry by entry, exactly the float32 operations of the torch code it replaces
  * (merger/methods/task_arithmetic.py, sparsify.py, topk.py), in the same order, so the bytes are the
- * same: IEEE-754 float32 arithmetic, no fused multiply-add (-ffp-contract=off), no reassociation
- * (no -ffast-math). Conditions become 1.0f / +0.0f factors without branches (ONE_IF), as torch's
+ * same: IEEE-754 float32 arithmetic, no fused multiply-add (-ffp-contract=off) except the explicit
+ * fmaf where torch's own kernel fuses one (linear), no reassociation (no -ffast-math). Conditions become 1.0f / +0.0f factors without branches (ONE_IF), as torch's
  * masks do, so signed zeros come out as torch's do; the loops run on blocks of BLOCK entries that stay
  * in the core's first-level cache.
  */
@@ -13,6 +13,7 @@
 #include <string.h>
 
 enum { BLOCK = 256, MAX_MODELS = 32, HIGH_DIGITS = 1 << 15, LOW_DIGITS = 1 << 16, LANES = 4 };
+enum { F32 = 0, BF16 = 1, F16 = 2 };  /* storage types (native/__init__.py's STORAGE_TYPES) */
 
 static inline float as_float(uint32_t bits) {
     float value;
@@ -24,6 +25,40 @@ static inline uint32_t as_bits(float value) {
     uint32_t bits;
     memcpy(&bits, &value, sizeof bits);
     return bits;
+}
+
+/* dst[j] = src[offset + j] as float32, j < m: exact for every storage type */
+static void load(const void *src, int type, int64_t offset, int64_t m, float *restrict dst) {
+    if (type == BF16) {
+        const uint16_t *restrict from = (const uint16_t *)src + offset;
+        for (int64_t j = 0; j < m; j++)
+            dst[j] = as_float((uint32_t)from[j] << 16);
+    } else if (type == F16) {
+        const _Float16 *restrict from = (const _Float16 *)src + offset;
+        for (int64_t j = 0; j < m; j++)
+            dst[j] = (float)from[j];
+    } else {
+        memcpy(dst, (const float *)src + offset, (size_t)m * sizeof(float));
+    }
+}
+
+/* dst[offset + j] = src[j] in the storage type, rounded to nearest, ties to even, as torch casts
+ * (a NaN becomes bfloat16's quiet NaN 0x7fc0, as c10::BFloat16 makes it; the engine writes none) */
+static void store(void *dst, int type, int64_t offset, int64_t m, const float *restrict src) {
+    if (type == BF16) {
+        uint16_t *restrict to = (uint16_t *)dst + offset;
+        for (int64_t j = 0; j < m; j++) {
+            uint32_t bits = as_bits(src[j]);
+            uint16_t rounded = (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+            to[j] = src[j] != src[j] ? (uint16_t)0x7fc0u : rounded;
+        }
+    } else if (type == F16) {
+        _Float16 *restrict to = (_Float16 *)dst + offset;
+        for (int64_t j = 0; j < m; j++)
+            to[j] = (_Float16)src[j];
+    } else {
+        memcpy((float *)dst + offset, src, (size_t)m * sizeof(float));
+    }
 }
 
 /* 1.0f where `condition`, else +0.0f: a bit mask, which compilers vectorise where a branch they do not */
@@ -104,27 +139,30 @@ static void task_vector(const float *restrict x, const float *restrict b, int64_
         t[j] *= weight;
 }
 
-/* generalized_task_arithmetic on n entries (see task_arithmetic.py for the steps). Per model i:
- * kind[i] 0 (no sparsifier), 1 (magnitude: threshold[i], ties_left[i], updated) or 2 (masks[i]);
- * factor[i] applied where has_factor[i]. `divisor` is used without consensus; `lambda` where scale.
- * `out` may be xs[0]: a block's inputs are all read before its results are written. Returns 0, or
- * -1 for other than 1..MAX_MODELS models (merger_max_models()). */
+/* generalized_task_arithmetic on n entries (see task_arithmetic.py for the steps). Model i's entries
+ * are xs[i], stored as types[i], the base's `base` as base_type; the result goes to `out` as out_type.
+ * Per model i: kind[i] 0 (no sparsifier), 1 (magnitude: threshold[i], ties_left[i], updated) or 2
+ * (masks[i]); factor[i] applied where has_factor[i]. `divisor` is used without consensus; `lambda`
+ * where scale. `out` may be xs[0]: a block's inputs are all read before its results are written.
+ * Returns 0, or -1 for other than 1..MAX_MODELS models (merger_max_models()). */
 int merger_max_models(void) { return MAX_MODELS; }
 
-int merger_gta(int models, const float *const *xs, const float *base, int64_t n, const int *kind,
-               const float *threshold, int64_t *ties_left, const uint8_t *const *masks, const int *has_factor,
-               const float *factor, const float *weight, int consensus, int normalize, float divisor, int scale,
-               float lambda, float *out) {
+int merger_gta(int models, const void *const *xs, const int *types, const void *base, int base_type, int64_t n,
+               const int *kind, const float *threshold, int64_t *ties_left, const uint8_t *const *masks,
+               const int *has_factor, const float *factor, const float *weight, int consensus, int normalize,
+               float divisor, int scale, float lambda, void *out, int out_type) {
     float t[MAX_MODELS][BLOCK];  /* 32 KiB of stack */
     if (models < 1 || models > MAX_MODELS)
         return -1;
     for (int64_t start = 0; start < n; start += BLOCK) {
         int64_t m = n - start < BLOCK ? n - start : BLOCK;
-        const float *restrict b = base + start;
-        float merged[BLOCK], divisors[BLOCK];
-        for (int i = 0; i < models; i++)
-            task_vector(xs[i] + start, b, m, kind[i], threshold[i], &ties_left[i],
-                        masks[i] ? masks[i] + start : NULL, has_factor[i], factor[i], weight[i], t[i]);
+        float b[BLOCK], x[BLOCK], merged[BLOCK], divisors[BLOCK];
+        load(base, base_type, start, m, b);
+        for (int i = 0; i < models; i++) {
+            load(xs[i], types[i], start, m, x);
+            task_vector(x, b, m, kind[i], threshold[i], &ties_left[i], masks[i] ? masks[i] + start : NULL,
+                        has_factor[i], factor[i], weight[i], t[i]);
+        }
         if (consensus) {  /* s = sign(Σ t) (+1 at 0); keep t where t·s > 0; divisor = Σ w over kept */
             float sign[BLOCK];
             for (int64_t j = 0; j < m; j++)
@@ -162,7 +200,33 @@ int merger_gta(int models, const float *const *xs, const float *base, int64_t n,
             for (int64_t j = 0; j < m; j++)
                 merged[j] *= lambda;
         for (int64_t j = 0; j < m; j++)
-            out[start + j] = merged[j] + b[j];
+            merged[j] += b[j];
+        store(out, out_type, start, m, merged);
+    }
+    return 0;
+}
+
+/* linear (merger/methods/linear.py) on n entries: (x0·w0 + x1·w1 + ...) / divisor where normalize, each
+ * `+ xi·wi` one fused multiply-add, as torch's `add_(x, alpha=w)` computes it. Types as merger_gta's. */
+int merger_linear(int models, const void *const *xs, const int *types, int64_t n, const float *weight,
+                  int normalize, float divisor, void *out, int out_type) {
+    if (models < 1 || models > MAX_MODELS)
+        return -1;
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int64_t m = n - start < BLOCK ? n - start : BLOCK;
+        float x[BLOCK], merged[BLOCK];
+        load(xs[0], types[0], start, m, merged);
+        for (int64_t j = 0; j < m; j++)
+            merged[j] *= weight[0];
+        for (int i = 1; i < models; i++) {
+            load(xs[i], types[i], start, m, x);
+            for (int64_t j = 0; j < m; j++)
+                merged[j] = fmaf(x[j], weight[i], merged[j]);
+        }
+        if (normalize)
+            for (int64_t j = 0; j < m; j++)
+                merged[j] /= divisor;
+        store(out, out_type, start, m, merged);
     }
     return 0;
 }

@@ -1,6 +1,7 @@
-"""Two jobs merged at once: a failing job or a copy behind a running job never stalls the read budget.
+"""The executor's pipeline: two jobs merged at once (a failing job or a copy behind a running job never
+stalls the read budget), and large tensors read, merged and written in pieces.
 
-Both cases hung before they were fixed (the reader waited for budget that nothing would release). The
+The first two hung before they were fixed (the reader waited for budget that nothing would release). The
 read budget is normally the largest job or 64 MiB; here it is cut down to what each case needs, so
 that tiny models reach the same condition as real ones.
 """
@@ -69,7 +70,7 @@ def two_jobs_at_once(monkeypatch):
 
 def test_a_failing_job_raises_its_error_instead_of_waiting(tmp_path: Path, monkeypatch, two_jobs_at_once) -> None:
     monkeypatch.setattr(executor, "MIN_BUDGET", 1)  # the budget is the largest job: one MLP matrix of both models
-    real = executor._compute
+    real = executor.compute_job
 
     def failing(job, *args, **kwargs):
         if job.name == "model.layers.0.mlp.gate_proj.weight":  # the next job does not fit beside its bytes
@@ -77,7 +78,7 @@ def test_a_failing_job_raises_its_error_instead_of_waiting(tmp_path: Path, monke
             raise MemoryError("the job's math failed")
         return real(job, *args, **kwargs)
 
-    monkeypatch.setattr(executor, "_compute", failing)
+    monkeypatch.setattr(executor, "compute_job", failing)
     a, b = write_llama(tmp_path / "a", 0), write_llama(tmp_path / "b", 1)
     config = f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\n"
     error = within(60, lambda: run_merge(config, tmp_path / "out", device="cpu"))
@@ -87,13 +88,13 @@ def test_a_failing_job_raises_its_error_instead_of_waiting(tmp_path: Path, monke
 
 def test_copies_behind_a_slow_job_are_written_in_order(tmp_path: Path, monkeypatch, two_jobs_at_once) -> None:
     monkeypatch.setattr(executor, "MIN_BUDGET", 3 * I * H)  # 1.5 MLP matrices: one fits beside a norm, two do not
-    real = executor._compute
+    real = executor.compute_job
 
     def slow(job, *args, **kwargs):  # the scaled norms take a while: the MLP copies after them arrive meanwhile
         time.sleep(0.3)
         return real(job, *args, **kwargs)
 
-    monkeypatch.setattr(executor, "_compute", slow)
+    monkeypatch.setattr(executor, "compute_job", slow)
     model = write_llama(tmp_path / "model", 0)
     config = (
         "merge_method: passthrough\nslices:\n  - sources:\n      - model: " + str(model) + "\n        layer_range: [0, 2]\n"
@@ -105,3 +106,57 @@ def test_copies_behind_a_slow_job_are_written_in_order(tmp_path: Path, monkeypat
     for name, tensor in original.items():
         expected = tensor.float() * 0.5 if "post_attention_layernorm" in name else tensor.float()
         assert torch.equal(merged[name].float(), expected.to(torch.bfloat16).float()), name
+
+
+def test_large_tensors_are_read_merged_and_written_in_pieces_with_the_same_bytes(tmp_path: Path, monkeypatch) -> None:
+    """With pieces of 1,000 entries the MLP matrices (32,768 entries) go through the pipeline in 33 runs,
+    the last one short; the output is the whole-tensor run's, byte for byte, and the hand computation's."""
+    a, b = write_llama(tmp_path / "a", 0), write_llama(tmp_path / "b", 1)
+    config = f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.3}}\n  - model: {b}\n    parameters: {{weight: 0.7}}\n"
+    run_merge(config, tmp_path / "whole", device="cpu")
+    split: list[str] = []
+    real = executor._pieces
+
+    def recorded(job, readers, device):
+        pieces = real(job, readers, device)
+        if pieces != [None]:
+            split.append(job.name)
+            assert len(pieces) == 33 and pieces[-1] == (32_000, I * H)
+        return pieces
+
+    monkeypatch.setattr(executor, "PIECE", 1000)
+    monkeypatch.setattr(executor, "_pieces", recorded)
+    run_merge(config, tmp_path / "pieces", device="cpu")
+    assert sorted(split) == sorted(n for n in weights(a) if ".mlp." in n)  # 6 matrices; the rest fit in one piece
+    shard = "model-00001-of-00001.safetensors"
+    assert (tmp_path / "whole" / shard).read_bytes() == (tmp_path / "pieces" / shard).read_bytes()
+    inputs_a, inputs_b, merged = weights(a), weights(b), weights(tmp_path / "pieces")
+    w_a, w_b = (float(torch.tensor(w, dtype=torch.float32)) for w in (0.3, 0.7))  # the weights as float32 holds them
+    for name in split:
+        by_hand = inputs_a[name].double() * w_a + inputs_b[name].double() * w_b
+        # bfloat16's rounding of the result, and float32's where the two terms cancel
+        assert torch.allclose(merged[name].double(), by_hand, rtol=2**-8, atol=1e-6), name
+
+
+def test_copies_of_large_tensors_go_in_pieces_unchanged(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(executor, "PIECE", 5000)
+    model = write_llama(tmp_path / "model", 0)
+    config = f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {model}\n        layer_range: [0, 2]\n"
+    run_merge(config, tmp_path / "out", device="cpu")
+    merged, original = weights(tmp_path / "out"), weights(model)
+    assert merged.keys() == original.keys()
+    assert all(torch.equal(merged[name], tensor) for name, tensor in original.items())
+
+
+def test_the_writer_takes_a_tensor_in_pieces_and_refuses_a_piece_past_its_end(tmp_path: Path) -> None:
+    from merger.io.writer import ShardedWriter
+
+    values = torch.arange(10, dtype=torch.float32)
+    with ShardedWriter(tmp_path, [("a", (2, 5), "F32"), ("b", (3,), "F32")], 1 << 30) as writer:
+        writer.write("a", values[:4], piece=True)
+        writer.write("a", values[4:], piece=True)
+        with pytest.raises(ValueError, match="expected `b`"):
+            writer.write("b", torch.zeros(4), piece=True)  # 4 entries of a 3-entry tensor
+        writer.write("b", torch.ones(3))
+    written = weights(tmp_path)
+    assert torch.equal(written["a"], values.view(2, 5)) and torch.equal(written["b"], torch.ones(3))

@@ -27,7 +27,7 @@ import torch
 from merger.errors import SearchError
 from merger.evaluate.score import EvalBudget, bits_per_token, bos_id, load_causal_lm, token_ids
 from merger.evaluate.text import EvalText
-from merger.execute.executor import tensor_seed
+from merger.execute.job_math import tensor_seed
 from merger.methods.registry import get_method
 
 RANGES = {"t": (0.0, 1.0), "lambda": (0.0, 2.0), "density": (0.05, 1.0), "weight": (0.0, 2.0)}

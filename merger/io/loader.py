@@ -58,6 +58,27 @@ class TensorReader:
         self.source.read_into(name, memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
         return tensor
 
+    @property
+    def reads_entries(self) -> bool:
+        """Whether :meth:`read_entries` can read part of a tensor: from local files (a Hub source fetches
+        whole tensors ahead of the reads)."""
+        return isinstance(self.source, LocalWeights)
+
+    def read_entries(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Entries `[start, stop)` of tensor `name`, flattened, as stored: 1-D, in a CPU buffer from the pool.
+
+        Raises:
+            ValueError: the reader cannot (:attr:`reads_entries`), or the range is not within the tensor.
+            As :meth:`read` otherwise.
+        """
+        if not self.reads_entries:
+            raise ValueError(f"tensor `{name}` can only be read whole from this source")
+        stored = self.source.tensors[name]
+        dtype = STORAGE_DTYPES[stored.meta.dtype]
+        tensor = self.pool.take((stop - start,), dtype)
+        self.source.read_part_into(name, start * dtype.itemsize, memoryview(tensor.view(torch.uint8).numpy()))
+        return tensor
+
     def close(self) -> None:
         """Close the source's files, connections and threads."""
         self.source.close()

@@ -91,8 +91,19 @@ class LocalWeights:
 
     def read_into(self, name: str, view: memoryview) -> None:
         """Tensor `name`'s bytes into `view` (see :class:`WeightSource`)."""
+        self.read_part_into(name, 0, view)
+
+    def read_part_into(self, name: str, start: int, view: memoryview) -> None:
+        """Bytes `[start, start + len(view))` of tensor `name` into `view`.
+
+        Raises:
+            ValueError: the range is not within the tensor. As :meth:`read_into` otherwise.
+        """
+        stored = self.tensors[name]
+        if start < 0 or start + len(view) > stored.nbytes:
+            raise ValueError(f"bytes [{start}, {start + len(view)}) are not within tensor `{name}` ({stored.nbytes})")
         fd, path = self._file_of[name]
-        read_file_range(fd, path, self.tensors[name].offset, view, name)
+        read_file_range(fd, path, stored.offset + start, view, name)
 
     def close(self) -> None:
         """Close the shard files."""

@@ -150,6 +150,7 @@ class ShardedWriter:
         self.shards = layout_shards(tensors, max_shard_size)
         self._order = [slot for shard in self.shards for slot in shard]
         self._next = 0
+        self._filled = 0  # entries of the next tensor written so far, by pieces
         self._staging: StagingBuffer | None = None  # made at the first write, released on exit
         self._file: DirectFile | None = None
         self._file_shard = -1
@@ -194,10 +195,16 @@ class ShardedWriter:
         if self.on_shard is not None:
             self.on_shard(path, self._digest.digest())
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Cast `tensor` to its planned dtype and append its bytes to its shard."""
+    def write(self, name: str, tensor: torch.Tensor, piece: bool = False) -> None:
+        """Cast `tensor` to its planned dtype and append its bytes to its shard.
+
+        With `piece`, `tensor` is the next run of the tensor's flattened entries (1-D); the tensor is
+        complete once its pieces add up to its size.
+        """
         slot = self._order[self._next]
-        if slot.name != name or tuple(tensor.shape) != slot.shape:
+        numel = math.prod(slot.shape)
+        fits = tensor.dim() == 1 and self._filled + tensor.numel() <= numel if piece else tuple(tensor.shape) == slot.shape
+        if slot.name != name or not fits:
             raise ValueError(f"writer expected `{slot.name}` {list(slot.shape)}, got `{name}` {list(tensor.shape)}")
         data = tensor.detach().to(device="cpu", dtype=STORAGE_DTYPES[slot.dtype]).contiguous()
         if not is_finite(data):
@@ -215,6 +222,10 @@ class ShardedWriter:
             self._append(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
         except OSError as err:
             raise output_error(err, path, self.total_bytes) from None
+        self._filled += tensor.numel()
+        if self._filled < numel:
+            return
+        self._filled = 0
         self._next += 1
         if self._next == len(self._order) or self._order[self._next].shard != slot.shard:
             # the shard is complete: closed and handed on now, not when the next tensor arrives (a

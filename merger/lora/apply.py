@@ -32,6 +32,11 @@ class AdaptedTensorReader(TensorReader):
         super().__init__(model_dir, pool)
         self.adapter = adapter
 
+    @property
+    def reads_entries(self) -> bool:
+        """False: the adapter's change is computed on whole weights."""
+        return False
+
     def read(self, name: str) -> torch.Tensor:
         """Tensor `name` as stored, plus the adapter's change when it has one (same dtype and shape)."""
         tensor = super().read(name)

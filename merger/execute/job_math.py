@@ -1,0 +1,142 @@
+"""One job's math: an output tensor computed from the inputs the executor read for it, on its device.
+
+A method's inputs are converted to float32 (whole tensors, or slice by slice for an elementwise
+method, or not at all where the method's native `fused` path reads them as stored), the method runs,
+and the result is cast once to the output dtype in a pooled CPU buffer. See
+:mod:`merger.execute.executor` for the threads around it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from merger.execute.router import router_weights
+from merger.io.buffers import BufferPool
+from merger.io.loader import STORAGE_DTYPES
+from merger.methods.registry import SLICE, MergeMethod, get_method
+from merger.plan.merge import MergePlan, TensorJob, TensorSource
+from merger.plan.tokenizer import align_embeddings
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed from the run's seed and the tensor's name: results do not depend on order."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def sources_of(job: TensorJob) -> list[TensorSource]:
+    """The inputs `job` reads, in the order its read tensors come: the sources, then the base."""
+    return list(job.sources) + ([job.base] if job.base is not None else [])
+
+
+def is_plain_copy(job: TensorJob, raw: list[torch.Tensor], plan: MergePlan) -> bool:
+    """A copy with nothing to compute: one source, no scale, no re-layout, stored dtype = output dtype."""
+    return (
+        job.method == "passthrough"
+        and job.per_model.get("scale", (None,)) == (None,)
+        and not job.align_vocab
+        and raw[0].dtype == STORAGE_DTYPES[job.dtype]
+        and (plan.input_dtype is None or getattr(torch, plan.input_dtype) == raw[0].dtype)
+    )
+
+
+def compute_job(job: TensorJob, raw: list[torch.Tensor], plan: MergePlan, device: torch.device, pool: BufferPool,
+             prompt_gates: torch.Tensor | None) -> torch.Tensor:
+    """One output tensor, cast to its output dtype in a pooled CPU buffer.
+
+    Args:
+        job: what to compute (for a piece, the job over its 1-D entries: see the executor's pieces).
+        raw: the inputs as read, in :func:`sources_of` order; given back to `pool` once used.
+        plan: the merge plan (its seed, the config's input `dtype`, the vocabulary).
+        device: where the float32 math runs.
+        pool: where buffers come from and go back to.
+        prompt_gates: the routers computed from prompts, for `gate` jobs, or None.
+
+    Returns:
+        `job.shape` in the output dtype (bfloat16, float16 or float32), on the CPU.
+    """
+    if job.method == "gate":
+        out = pool.take(job.shape, STORAGE_DTYPES[job.dtype])
+        return out.copy_(router_weights(job, plan.seed, prompt_gates))
+    if job.method == "zeros":  # a tensor the output needs and no input has (a Qwen2-MoE's q/k/v biases)
+        return pool.take(job.shape, STORAGE_DTYPES[job.dtype]).zero_()
+    method = get_method(job.method)
+    argument = {spec.name: spec.argument for spec in method.parameters}  # config key -> Python name (`lambda_`)
+    kwargs = {argument[name]: list(values) for name, values in job.per_model.items()}
+    kwargs.update({argument[name]: value for name, value in job.global_params.items()})
+    if method.uses_generator:
+        kwargs["generator"] = torch.Generator(device=device).manual_seed(tensor_seed(plan.seed, job.name))
+    if device.type == "cpu" and not job.align_vocab and method.elementwise:
+        return _compute_in_slices(job, method, raw, plan, kwargs, pool)
+    input_dtype = getattr(torch, plan.input_dtype) if plan.input_dtype else None
+    inputs = {}
+    for source, tensor in zip(sources_of(job), raw):
+        if input_dtype is not None and tensor.dtype != input_dtype:  # the config's `dtype`, as mergekit
+            tensor = tensor.to(input_dtype)
+        work = pool.take(tuple(tensor.shape), torch.float32).copy_(tensor)
+        inputs.setdefault(source.model, []).append(work.to(device) if device.type != "cpu" else work)
+    pool.give(raw)  # the stored-dtype copies are no longer needed: free them before the math
+    if job.align_vocab:
+        aligned = align_embeddings({key: values[0] for key, values in inputs.items()}, plan.vocab)
+        inputs = {key: [tensor] * len(inputs[key]) for key, tensor in aligned.items()}
+    if job.base is not None:
+        kwargs["base"] = inputs[job.base.model].pop()
+    tensors = [_own(inputs[s.model]) for s in job.sources]
+    result = method.function(tensors, **kwargs)
+    to_release = [t for values in inputs.values() for t in values] + tensors + [kwargs.get("base")]
+    out = pool.take(job.shape, STORAGE_DTYPES[job.dtype])
+    out.copy_(result.reshape(job.shape))
+    pool.give([t for t in to_release if t is not None])
+    return out
+
+
+def _compute_in_slices(
+    job: TensorJob, method: MergeMethod, raw: list[torch.Tensor], plan: MergePlan, kwargs: dict, pool: BufferPool
+) -> torch.Tensor:
+    """An elementwise method's output, computed `SLICE` entries at a time.
+
+    Each slice goes straight from the stored inputs into the output where the method has a `fused`
+    path that takes them; otherwise each input's slice is converted to float32 in a small reused
+    buffer, so no float32 copy of a whole tensor exists and the method's temporaries stay in cache.
+    Either way the bytes equal a whole-tensor run's.
+    """
+    input_dtype = getattr(torch, plan.input_dtype) if plan.input_dtype else None
+    flat = [tensor.reshape(-1) for tensor in raw]  # sources in config order, then the base
+    numel = flat[0].numel()
+    work = [torch.empty(min(SLICE, numel), dtype=torch.float32) for _ in flat]
+    others = len(job.sources)
+    split = (lambda parts: (parts[:others], parts[others] if job.base is not None else None))
+    # the config's `dtype` (as mergekit) casts the inputs first, which only the conversion does
+    fused = method.fused if input_dtype is None or all(t.dtype == input_dtype for t in flat) else None
+
+    def converted(start: int, stop: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        parts = []
+        for buffer, tensor in zip(work, flat):
+            part = tensor[start:stop]
+            if input_dtype is not None and part.dtype != input_dtype:
+                part = part.to(input_dtype)
+            parts.append(buffer[: stop - start].copy_(part))
+        return split(parts)
+
+    ranges = [(start, min(start + SLICE, numel)) for start in range(0, numel, SLICE)]
+    if method.prepare is not None:
+        kwargs["prepared"] = method.prepare(lambda: (converted(*r) for r in ranges), job.shape, **kwargs)
+    out = pool.take(job.shape, STORAGE_DTYPES[job.dtype])
+    flat_out = out.view(-1)
+    for start, stop in ranges:
+        tensors, base = split([t[start:stop] for t in flat])
+        with_base = {} if base is None else {"base": base}
+        if fused is not None and fused(tensors, **with_base, out=flat_out[start:stop], **kwargs):
+            continue
+        tensors, base = converted(start, stop)
+        with_base = {} if base is None else {"base": base}
+        flat_out[start:stop].copy_(method.function(tensors, **with_base, **kwargs).reshape(-1))
+    pool.give(raw)
+    return out
+
+
+def _own(values: list[torch.Tensor]) -> torch.Tensor:
+    """The next input of a model; a model listed twice gets its own copy, since methods may work in place."""
+    tensor = values.pop(0)
+    return tensor.clone() if any(v.data_ptr() == tensor.data_ptr() for v in values) else tensor

@@ -160,7 +160,10 @@ class _DiskWatch:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def count(self) -> int:
-        n = sum(1 for _ in self.parent.glob("*/*.safetensors"))
+        try:
+            n = sum(1 for _ in self.parent.glob("*/*.safetensors"))
+        except FileNotFoundError:  # a subfolder removed while it was listed (a push's upload folder): next sample
+            return 0
         self.peak = max(self.peak, n)
         return n
 

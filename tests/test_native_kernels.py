@@ -26,6 +26,7 @@ from merger.methods.registry import SLICE, get_method
 from merger.methods.sparsify import magnitude_trims, slices_of
 
 NUMEL = 2 * SLICE + 12_345  # three slices, the last one short
+STORED = [torch.bfloat16, torch.float16, torch.float32]  # the dtypes the kernels read
 
 
 @pytest.fixture(scope="module")
@@ -94,17 +95,21 @@ def test_native_merge_equals_torch_ops_bit_for_bit(kernels, monkeypatch, method,
     assert not torch.equal(ours, base)  # the merge did something
 
 
-def test_native_counts_select_the_same_threshold_and_ties(kernels, monkeypatch) -> None:
+@pytest.mark.parametrize("stored", STORED)
+def test_native_counts_select_the_same_threshold_and_ties(kernels, monkeypatch, stored) -> None:
+    """The counting kernels on slices as stored against torch's ops on float32 copies of them."""
     tensors, base = inputs(3, seed=1)
     densities = [0.5, 0.01, 0.0, 1.0, 0.999]
-    tensors = tensors + tensors[:2]
+    tensors = [t.to(stored) for t in tensors + tensors[:2]]
+    base = base.to(stored)
 
-    def cuts():
+    def cuts(tensors, base):
         trims = magnitude_trims(lambda: slices_of(tensors, base), densities)
         return [None if trim is None else trim.selection.cut() for trim in trims]
 
-    ours = cuts()
-    assert ours == with_torch_ops(monkeypatch, cuts)
+    ours = cuts(tensors, base)
+    assert ours == with_torch_ops(monkeypatch, lambda: cuts([t.float() for t in tensors], base.float()))
+    assert ours == with_torch_ops(monkeypatch, lambda: cuts(tensors, base))  # torch's path converts, too
     assert ours[0][1] > 0  # the median magnitude is tied: some ties are kept, in flat order
     assert ours[2] == (float("inf"), 0) and ours[3] is None  # density 0 keeps nothing, 1 everything
 
@@ -196,18 +201,18 @@ FUSED_CASES = CASES + [
     ("linear", 3, {"weight": [0.3, -1.2, 0.8], "normalize": False}),
     ("linear", 3, {"weight": [0.25, 0.7, 0.05], "normalize": True}),
 ]
-STORED = [torch.bfloat16, torch.float16, torch.float32]
 
 
-def prepared_for(merge, stored: list[torch.Tensor], kwargs: dict) -> dict:
-    """The method's keyword arguments as the executor passes them: a fresh generator, the prepare pass."""
+def prepared_for(merge, inputs: list[torch.Tensor], kwargs: dict) -> dict:
+    """The method's keyword arguments as the executor passes them: a fresh generator, the prepare pass
+    over slices of `inputs` (as stored for the fused path, float32 copies for torch's)."""
     kwargs = dict(kwargs)
     if merge.uses_generator:
         kwargs["generator"] = torch.Generator().manual_seed(7)
     if merge.prepare is not None:
-        floats = [t.to(torch.float32, copy=True) for t in stored]
-        base = floats.pop() if merge.base != "none" else None
-        kwargs["prepared"] = merge.prepare(lambda: slices_of(floats, base), (NUMEL,), **kwargs)
+        tensors = list(inputs)
+        base = tensors.pop() if merge.base != "none" else None
+        kwargs["prepared"] = merge.prepare(lambda: slices_of(tensors, base), (NUMEL,), **kwargs)
     return kwargs
 
 
@@ -217,8 +222,9 @@ def prepared_for(merge, stored: list[torch.Tensor], kwargs: dict) -> dict:
 def test_fused_slices_from_stored_dtypes_equal_float32_math_then_the_cast(
     kernels, monkeypatch, method, models, params, stored, out_dtype
 ) -> None:
-    """The registry's `fused` path (stored inputs in, the output dtype out) against torch's ops on float32
-    copies followed by torch's cast, slice by slice as the executor runs either."""
+    """The registry's `fused` path (stored inputs in, prepared from the stored slices too, the output dtype
+    out) against torch's ops on float32 copies followed by torch's cast, slice by slice as the executor
+    runs either."""
     merge = get_method(method)
     tensors, base = inputs(models, seed=3)
     inputs_stored = [t.to(stored) for t in tensors] + ([base.to(stored)] if merge.base != "none" else [])
@@ -231,7 +237,7 @@ def test_fused_slices_from_stored_dtypes_equal_float32_math_then_the_cast(
 
     def reference() -> torch.Tensor:
         out = torch.empty(NUMEL, dtype=out_dtype)
-        arguments = prepared_for(merge, inputs_stored, params)
+        arguments = prepared_for(merge, [t.to(torch.float32, copy=True) for t in inputs_stored], params)
         for start in range(0, NUMEL, SLICE):
             parts = [t[start:start + SLICE].to(torch.float32, copy=True) for t in inputs_stored]  # worked on in place
             with_base = {"base": parts.pop()} if merge.base != "none" else {}

@@ -120,8 +120,9 @@ def _compute_in_slices(
         return split(parts)
 
     ranges = [(start, min(start + SLICE, numel)) for start in range(0, numel, SLICE)]
-    if method.prepare is not None:
-        kwargs["prepared"] = method.prepare(lambda: (converted(*r) for r in ranges), job.shape, **kwargs)
+    if method.prepare is not None:  # a method with a fused path prepares from the stored slices too
+        read = converted if fused is None else (lambda start, stop: split([t[start:stop] for t in flat]))
+        kwargs["prepared"] = method.prepare(lambda: (read(*r) for r in ranges), job.shape, **kwargs)
     out = pool.take(job.shape, STORAGE_DTYPES[job.dtype])
     flat_out = out.view(-1)
     for start, stop in ranges:

@@ -33,7 +33,9 @@ A method is a pure function of float32 tensors::
   the output's slice in its own dtype, with exactly the bytes of `function` on float32 copies
   followed by the cast (the native kernels, `merger/methods/native/`). It returns False, having
   written and drawn nothing, where it cannot (no kernels, a dtype they do not read), and the engine
-  converts the slice and calls `function`. It spares the conversions' passes over memory.
+  converts the slice and calls `function`. It spares the conversions' passes over memory. Such a
+  method's `prepare` gets its slices as stored too (float32, bfloat16 or float16), and converts
+  where it computes with torch.
 
 The package (`merger/methods/__init__.py`) imports every method module, so `METHODS` is complete on import.
 """

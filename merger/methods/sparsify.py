@@ -124,7 +124,8 @@ def magnitude_trims(slices: Slices, densities: Sequence[float]) -> list[Magnitud
     `int(densityᵢ·N)`, counted over the slices (two passes; the inputs are not modified).
 
     Args:
-        slices: returns a fresh iterator over `(tensors, base)` float32 slices, in flat order.
+        slices: returns a fresh iterator over `(tensors, base)` slices, in flat order: float32, or as
+            stored (bfloat16, float16), read as float32.
         densities: one per model.
 
     Returns:
@@ -145,13 +146,18 @@ def magnitude_trims(slices: Slices, densities: Sequence[float]) -> list[Magnitud
         for count in (TopK.count_high, TopK.count_low):
             for tensors, base in slices():
                 if not scratch or scratch[0].numel() < base.numel():
-                    scratch = [torch.empty_like(base) for _ in active]
+                    scratch = [torch.empty(base.numel(), dtype=torch.float32, device=base.device) for _ in active]
                 run_concurrently([
-                    partial(lambda selection, x, b, out: count(selection, torch.sub(x, b, out=out).abs_()),
-                            selection, tensors[i], base, buffer[:base.numel()])
+                    partial(lambda selection, x, b, out: count(selection, _magnitudes(x, b, out)),
+                            selection, tensors[i], base, buffer[:base.numel()].view(base.shape))
                     for (i, selection), buffer in zip(active, scratch)
                 ])
     return [None if selection is None else MagnitudeTrim(selection) for selection in selections]
+
+
+def _magnitudes(x: Tensor, base: Tensor, out: Tensor) -> Tensor:
+    """`|x − base|` in float32 into `out`, from slices stored in any float dtype (read as float32)."""
+    return torch.sub(x.float(), base.float(), out=out).abs_()
 
 
 def _count_natively(native: NativeKernels, slices: Slices, active: list[tuple[int, TopK]]) -> bool:
@@ -160,7 +166,7 @@ def _count_natively(native: NativeKernels, slices: Slices, active: list[tuple[in
     histograms = [torch.zeros(RADIX, dtype=torch.int64) for _ in active]
     numel = 0
     for tensors, base in slices():
-        if numel == 0 and not native.accepts(*(tensors[i] for i, _ in active), base):
+        if numel == 0 and not native.reads_stored(*(tensors[i] for i, _ in active), base):
             return False  # decided on the first slice, before anything is counted
         run_concurrently([partial(native.count_high, tensors[i], base, histogram)
                           for (i, _), histogram in zip(active, histograms)])
@@ -201,7 +207,8 @@ def set_l1_factors(slices: Slices, steps: Sequence[MagnitudeTrim | RandomDrop | 
     the slices in float64 (None where either sum is below 1e-7, as :func:`apply_mask_`), and rewind it.
 
     Args:
-        slices: returns a fresh iterator over `(tensors, base)` float32 slices, in flat order.
+        slices: returns a fresh iterator over `(tensors, base)` slices, in flat order: float32, or as
+            stored (bfloat16, float16), read as float32.
         steps: one per model, from :func:`magnitude_trims` or :func:`random_drops`; None keeps everything.
     """
     active = [(i, step) for i, step in enumerate(steps) if step is not None]
@@ -209,12 +216,12 @@ def set_l1_factors(slices: Slices, steps: Sequence[MagnitudeTrim | RandomDrop | 
     native = native_kernels()
     for tensors, base in slices() if active else ():
         for j, (i, step) in enumerate(active):
-            if native is not None and native.accepts(tensors[i], base):
+            if native is not None and native.reads_stored(tensors[i], base):
                 native_step = step.native_step(base.numel())
                 sums = native.l1_sums(tensors[i], base, native_step)
                 step.native_done(native_step)
             else:
-                magnitude = torch.sub(tensors[i], base).abs_()
+                magnitude = torch.sub(tensors[i].float(), base.float()).abs_()  # float32, whatever is stored
                 sums = (torch.sum(magnitude, dtype=torch.float64), torch.sum(step.apply_(magnitude), dtype=torch.float64))
             before[j] += float(sums[0])
             after[j] += float(sums[1])

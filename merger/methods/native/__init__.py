@@ -54,9 +54,9 @@ class NativeKernels:
 
     def __init__(self, library: ctypes.CDLL):
         self._library = library
-        library.merger_count_high.argtypes = [_P, _P, _I64, _P]
+        library.merger_count_high.argtypes = [_P, ctypes.c_int, _P, ctypes.c_int, _I64, _P]
         library.merger_count_high.restype = ctypes.c_int
-        library.merger_count_window.argtypes = [_P, _P, _I64, ctypes.c_uint32, _P]
+        library.merger_count_window.argtypes = [_P, ctypes.c_int, _P, ctypes.c_int, _I64, ctypes.c_uint32, _P]
         library.merger_count_window.restype = None
         library.merger_gta.argtypes = [ctypes.c_int, _P, _P, _P, ctypes.c_int, _I64, _P, _P, _P, _P, _P, _P, _P,
                                        ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_float, _P,
@@ -65,7 +65,8 @@ class NativeKernels:
         library.merger_linear.argtypes = [ctypes.c_int, _P, _P, _I64, _P, ctypes.c_int, ctypes.c_float, _P, ctypes.c_int]
         library.merger_linear.restype = ctypes.c_int
         library.merger_max_models.restype = ctypes.c_int
-        library.merger_l1_sums.argtypes = [_P, _P, _I64, ctypes.c_int, ctypes.c_float, _P, _P, _P, _P]
+        library.merger_l1_sums.argtypes = [_P, ctypes.c_int, _P, ctypes.c_int, _I64, ctypes.c_int, ctypes.c_float, _P,
+                                           _P, _P, _P]
         library.merger_l1_sums.restype = None
         library.merger_uniform_below.argtypes = [_P, _P, _I64, ctypes.c_float, _P]
         library.merger_uniform_below.restype = None
@@ -73,38 +74,33 @@ class NativeKernels:
         self.draws_as_torch = self._draws_as_torch()
 
     @staticmethod
-    def accepts(*tensors: Tensor) -> bool:
-        """Whether the kernels take these tensors: contiguous float32 on the CPU."""
-        return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
-
-    @staticmethod
     def reads_stored(*tensors: Tensor) -> bool:
-        """Whether :meth:`gta` and :meth:`linear` take these tensors: contiguous on the CPU, float32,
-        bfloat16 or float16 (each read as float32, exactly; the result rounded as torch casts)."""
+        """Whether the kernels take these tensors: contiguous on the CPU, float32, bfloat16 or float16
+        (each read as float32, exactly; a result rounded as torch casts)."""
         return all(t.device.type == "cpu" and t.dtype in STORAGE_TYPES and t.is_contiguous() for t in tensors)
 
     def count_high(self, x: Tensor, base: Tensor, histogram: Tensor) -> None:
         """Add the high 16 bits of every `|x − base|` float32 key to `histogram`.
 
         Args:
-            x, base: float32 `(n,)`.
+            x, base: `(n,)`, of the dtypes :meth:`reads_stored` takes (the difference is float32's).
             histogram: int64 `(≥ 2^15,)`, added to (a magnitude's high digit is below 2^15).
 
         Raises:
             MemoryError: the kernel's 512 KiB of counters could not be allocated.
         """
-        if self._library.merger_count_high(x.data_ptr(), base.data_ptr(), x.numel(), histogram.data_ptr()):
+        if self._library.merger_count_high(*_stored(x), *_stored(base), x.numel(), histogram.data_ptr()):
             raise MemoryError("no memory for the TIES counting kernel's counters (512 KiB)")
 
     def count_window(self, x: Tensor, base: Tensor, start: int, histogram: Tensor) -> None:
         """Add to `histogram[key − start]` each `|x − base|` key in `[start, start + 2^16)`.
 
         Args:
-            x, base: float32 `(n,)`.
+            x, base: `(n,)`, as in :meth:`count_high`.
             start: the window's first key (a multiple of 2^16).
             histogram: int64 `(2^16,)`, added to.
         """
-        self._library.merger_count_window(x.data_ptr(), base.data_ptr(), x.numel(), start, histogram.data_ptr())
+        self._library.merger_count_window(*_stored(x), *_stored(base), x.numel(), start, histogram.data_ptr())
 
     def gta(self, tensors: list[Tensor], base: Tensor, steps: list[SparsifyStep], weight: list[float], *,
             consensus: bool, normalize: bool, divisor: float, lambda_: float, out: Tensor | None = None) -> Tensor:
@@ -169,13 +165,13 @@ class NativeKernels:
         fixed order (the same on every machine); `step.ties_kept` is set.
 
         Args:
-            x, base: float32 `(m,)`.
+            x, base: `(m,)`, as in :meth:`count_high`.
             step: the slice's sparsifier (its factor is not applied).
         """
         _check_mask(step, base.numel())
         sums = (ctypes.c_double * 2)()
         ties = ctypes.c_int64(step.ties)
-        self._library.merger_l1_sums(x.data_ptr(), base.data_ptr(), x.numel(), step.kind, step.threshold,
+        self._library.merger_l1_sums(*_stored(x), *_stored(base), x.numel(), step.kind, step.threshold,
                                      ctypes.byref(ties), None if step.mask is None else step.mask.data_ptr(),
                                      ctypes.byref(sums, 0), ctypes.byref(sums, 8))
         step.ties_kept = step.ties - ties.value
@@ -245,6 +241,11 @@ def _check_mask(step: SparsifyStep, numel: int) -> None:
     if step.kind == 2 and (step.mask is None or step.mask.numel() != numel or not step.mask.is_contiguous()):
         found = "none" if step.mask is None else f"{step.mask.numel()} entries"
         raise ValueError(f"a DARE mask must cover the slice's {numel} entries, got {found}")
+
+
+def _stored(tensor: Tensor) -> tuple[int, int]:
+    """A tensor as the kernels take one: its address and its storage type's code."""
+    return tensor.data_ptr(), STORAGE_TYPES[tensor.dtype]
 
 
 def _pointers(tensors: list[Tensor]) -> ctypes.Array:

@@ -65,17 +65,21 @@ static void store(void *dst, int type, int64_t offset, int64_t m, const float *r
 #define ONE_IF(condition) as_float((uint32_t)(-(int32_t)(condition)) & 0x3f800000u)
 
 /* TopK pass 1 on the magnitudes |x - b|: histogram[key >> 16] += 1 per entry, key = the float's bits.
- * A magnitude's sign bit is 0, so its high digit is below 2^15. LANES interleaved histograms: entries
- * in a row with the same digit do not wait on each other's store. Returns 0, or -1 out of memory. */
-int merger_count_high(const float *x, const float *b, int64_t n, int64_t *histogram) {
+ * x and b are stored as x_type and b_type (read as float32). A magnitude's sign bit is 0, so its high
+ * digit is below 2^15. LANES interleaved histograms: entries in a row with the same digit do not wait
+ * on each other's store. Returns 0, or -1 out of memory. */
+int merger_count_high(const void *x, int x_type, const void *b, int b_type, int64_t n, int64_t *histogram) {
+    float xs[BLOCK], bs[BLOCK];
     uint16_t digits[BLOCK];
     uint32_t *lanes = calloc((size_t)LANES * HIGH_DIGITS, sizeof(uint32_t));
     if (lanes == NULL)
         return -1;
     for (int64_t start = 0; start < n; start += BLOCK) {
         int64_t m = n - start < BLOCK ? n - start : BLOCK;
+        load(x, x_type, start, m, xs);
+        load(b, b_type, start, m, bs);
         for (int64_t j = 0; j < m; j++)
-            digits[j] = (uint16_t)(as_bits(fabsf(x[start + j] - b[start + j])) >> 16);
+            digits[j] = (uint16_t)(as_bits(fabsf(xs[j] - bs[j])) >> 16);
         int64_t j = 0;
         for (; j + LANES <= m; j += LANES)
             for (int lane = 0; lane < LANES; lane++)
@@ -90,20 +94,28 @@ int merger_count_high(const float *x, const float *b, int64_t n, int64_t *histog
     return 0;
 }
 
-/* TopK pass 2: histogram[key - start] += 1 for the keys of |x - b| in [start, start + 2^16). Few keys
- * fall in the window, so each run of RUN entries is first checked for any, without a branch. */
-void merger_count_window(const float *x, const float *b, int64_t n, uint32_t start, int64_t *histogram) {
+/* TopK pass 2: histogram[key - start] += 1 for the keys of |x - b| in [start, start + 2^16) (types as
+ * merger_count_high). Few keys fall in the window, so each run of RUN entries is first checked for
+ * any, without a branch. */
+void merger_count_window(const void *x, int x_type, const void *b, int b_type, int64_t n, uint32_t start,
+                         int64_t *histogram) {
     enum { RUN = 32 };
+    float xs[BLOCK], bs[BLOCK];
     uint32_t offsets[RUN];
-    for (int64_t begin = 0; begin < n; begin += RUN) {
-        int64_t m = n - begin < RUN ? n - begin : RUN;
-        uint32_t inside = 0;  /* bit j: entry j is in the window */
-        for (int64_t j = 0; j < m; j++) {
-            offsets[j] = as_bits(fabsf(x[begin + j] - b[begin + j])) - start;
-            inside |= (uint32_t)(offsets[j] < LOW_DIGITS) << j;
+    for (int64_t block = 0; block < n; block += BLOCK) {
+        int64_t size = n - block < BLOCK ? n - block : BLOCK;
+        load(x, x_type, block, size, xs);
+        load(b, b_type, block, size, bs);
+        for (int64_t begin = 0; begin < size; begin += RUN) {
+            int64_t m = size - begin < RUN ? size - begin : RUN;
+            uint32_t inside = 0;  /* bit j: entry j is in the window */
+            for (int64_t j = 0; j < m; j++) {
+                offsets[j] = as_bits(fabsf(xs[begin + j] - bs[begin + j])) - start;
+                inside |= (uint32_t)(offsets[j] < LOW_DIGITS) << j;
+            }
+            for (; inside; inside &= inside - 1)
+                histogram[offsets[__builtin_ctz(inside)]]++;
         }
-        for (; inside; inside &= inside - 1)
-            histogram[offsets[__builtin_ctz(inside)]]++;
     }
 }
 
@@ -233,23 +245,26 @@ int merger_linear(int models, const void *const *xs, const int *types, int64_t n
 
 /* DARE's L1 rescale sums over one slice: before += Σ|δ|, after += Σ|δ·keep|, δ = x − b, in float64
  * (exact products of float32 magnitudes), over LANES_64 interleaved accumulators added in a fixed order
- * at the end: the same sums on every machine, whatever its vector width. `kind` etc. as merger_gta. */
+ * at the end: the same sums on every machine, whatever its vector width. x and b stored as x_type and
+ * b_type; `kind` etc. as merger_gta. */
 enum { LANES_64 = 8 };
-void merger_l1_sums(const float *x, const float *b, int64_t n, int kind, float threshold, int64_t *ties_left,
-                    const uint8_t *mask, double *before, double *after) {
+void merger_l1_sums(const void *x, int x_type, const void *b, int b_type, int64_t n, int kind, float threshold,
+                    int64_t *ties_left, const uint8_t *mask, double *before, double *after) {
     double lanes_before[LANES_64] = {0}, lanes_after[LANES_64] = {0};
-    float t[BLOCK];
+    float xs[BLOCK], bs[BLOCK], t[BLOCK];
     for (int64_t start = 0; start < n; start += BLOCK) {
         int64_t m = n - start < BLOCK ? n - start : BLOCK;
-        task_vector(x + start, b + start, m, kind, threshold, ties_left, mask ? mask + start : NULL, 0, 1.0f, 1.0f, t);
+        load(x, x_type, start, m, xs);
+        load(b, b_type, start, m, bs);
+        task_vector(xs, bs, m, kind, threshold, ties_left, mask ? mask + start : NULL, 0, 1.0f, 1.0f, t);
         int64_t j = 0;
         for (; j + LANES_64 <= m; j += LANES_64)
             for (int lane = 0; lane < LANES_64; lane++) {
-                lanes_before[lane] += fabsf(x[start + j + lane] - b[start + j + lane]);
+                lanes_before[lane] += fabsf(xs[j + lane] - bs[j + lane]);
                 lanes_after[lane] += fabsf(t[j + lane]);
             }
         for (int lane = 0; j < m; j++, lane++) {
-            lanes_before[lane] += fabsf(x[start + j] - b[start + j]);
+            lanes_before[lane] += fabsf(xs[j] - bs[j]);
             lanes_after[lane] += fabsf(t[j]);
         }
     }

@@ -257,3 +257,28 @@ def test_fused_declines_what_the_kernels_do_not_read(kernels) -> None:
     assert get_method("linear").fused([x, x], out=out, weight=[0.5, 0.5]) is False
     assert get_method("task_arithmetic").fused([x], base=x, out=out, weight=[1.0]) is False
     assert torch.equal(out, torch.full((8,), 7.0))
+
+
+def test_linear_rounds_as_torchs_add_rounds_on_this_cpu_kind(tmp_path: Path) -> None:
+    """torch's default CPU kernel (no AVX2) adds `alpha·x` in two roundings, its vector kernels in one:
+    the kernels ask which, so the fused linear gives torch's bytes under either (found in review)."""
+    script = (
+        "import torch\n"
+        "from merger.methods.native import native_kernels\n"
+        "from merger.methods.registry import get_method\n"
+        "g = torch.Generator().manual_seed(5)\n"
+        "x, y = (torch.randn(70_000, generator=g).bfloat16() for _ in range(2))\n"
+        "out = torch.empty(70_000, dtype=torch.bfloat16)\n"
+        "assert get_method('linear').fused([x, y], out=out, weight=[0.3, 0.7])\n"
+        "expected = get_method('linear').function([x.float(), y.float()], weight=[0.3, 0.7]).bfloat16()\n"
+        "print(native_kernels().add_fuses, torch.equal(out.view(torch.int16), expected.view(torch.int16)))\n"
+    )
+    for capability, fuses in (("default", "False"), (None, None)):
+        env = dict(os.environ, MERGER_DATA_DIR=str(tmp_path))
+        env.pop("ATEN_CPU_CAPABILITY", None)
+        if capability:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        found, same = done.stdout.split()
+        assert same == "True" and (fuses is None or found == fuses), done.stdout

@@ -174,12 +174,12 @@ def _execute(
     with ShardedWriter(out_dir, [(j.name, j.shape, j.dtype) for j in plan.jobs], shard_size, on_shard) as writer:
 
         def write_all() -> None:
-            done = 0
+            done, complete = 0, False
             while (item := write_queue.get()) is not _DONE:
                 job, piece, tensor, release = item
                 try:
                     if not errors:
-                        writer.write(job.name, tensor, piece)
+                        complete = writer.write(job.name, tensor, piece)
                 except NonFiniteOutputError as err:
                     errors.append(_explain_non_finite(job, err, readers, pool))
                 except BaseException as err:
@@ -188,7 +188,7 @@ def _execute(
                 if release:
                     budget.release(release)
                 done += 1
-                if progress is not None and not errors:
+                if progress is not None and not errors and complete:  # once per tensor, not per piece
                     progress(done / len(items), job.name)
 
         reader = threading.Thread(target=read_all, name="merger-reader", daemon=True)

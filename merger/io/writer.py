@@ -195,8 +195,8 @@ class ShardedWriter:
         if self.on_shard is not None:
             self.on_shard(path, self._digest.digest())
 
-    def write(self, name: str, tensor: torch.Tensor, piece: bool = False) -> None:
-        """Cast `tensor` to its planned dtype and append its bytes to its shard.
+    def write(self, name: str, tensor: torch.Tensor, piece: bool = False) -> bool:
+        """Cast `tensor` to its planned dtype and append its bytes to its shard; True once the tensor is complete.
 
         With `piece`, `tensor` is the next run of the tensor's flattened entries (1-D); the tensor is
         complete once its pieces add up to its size.
@@ -224,7 +224,7 @@ class ShardedWriter:
             raise output_error(err, path, self.total_bytes) from None
         self._filled += tensor.numel()
         if self._filled < numel:
-            return
+            return False
         self._filled = 0
         self._next += 1
         if self._next == len(self._order) or self._order[self._next].shard != slot.shard:
@@ -232,6 +232,7 @@ class ShardedWriter:
             # streamed push starts its upload one tensor's download and merge sooner); outside the
             # try, what `on_shard` raises is its own error
             self._finish_shard()
+        return True
 
     def _append(self, data: bytes | memoryview) -> None:
         self._file.write(data)

@@ -12,7 +12,8 @@ def _linear_fused(tensors: list[Tensor], *, out: Tensor, weight: list[float], no
     """:func:`linear` on one slice of stored tensors, into `out` (the registry's `fused`); False where the
     native kernels cannot run it."""
     native = native_kernels()
-    if native is None or len(tensors) > native.max_models or not native.reads_stored(*tensors, out):
+    if (native is None or native.add_fuses is None or len(tensors) > native.max_models
+            or not native.reads_stored(*tensors, out)):
         return False
     native.linear(tensors, weight, float(sum(weight)) if normalize else None, out)
     return True
@@ -33,7 +34,7 @@ def linear(tensors: list[Tensor], *, weight: PerModel[Factor], normalize: bool =
     """
     out = tensors[0].mul_(weight[0])  # the inputs are the method's own buffers: accumulate in place
     for w, x in zip(weight[1:], tensors[1:]):
-        out.add_(x, alpha=w)  # one fused multiply-add per entry on CPU (the native kernel does the same)
+        out.add_(x, alpha=w)  # fused into one rounding by torch's vector kernels (the native kernel asks which)
     if normalize:
         out.div_(sum(weight))
     return out

@@ -312,7 +312,8 @@ def _merge_variant(
         prepared = _prepare_variant(variant, lambda: slices_of(tensors, base), tuple(base.shape),
                                     density=per_model["density"], rescale=rescale, generator=generator)
     native = native_kernels()
-    if native is not None and native.reads_stored(*tensors, base) and len(tensors) <= native.max_models:
+    float32 = all(t.dtype == torch.float32 for t in (*tensors, base))  # the method's float32 contract
+    if native is not None and float32 and native.reads_stored(*tensors, base) and len(tensors) <= native.max_models:
         return _merge_natively(native, tensors, base, weight, prepared, consensus=variant.consensus,
                                normalize=normalize, lambda_=lambda_)
     if prepared is not None:

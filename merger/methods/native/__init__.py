@@ -62,7 +62,8 @@ class NativeKernels:
                                        ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_int, ctypes.c_float, _P,
                                        ctypes.c_int]
         library.merger_gta.restype = ctypes.c_int
-        library.merger_linear.argtypes = [ctypes.c_int, _P, _P, _I64, _P, ctypes.c_int, ctypes.c_float, _P, ctypes.c_int]
+        library.merger_linear.argtypes = [ctypes.c_int, _P, _P, _I64, _P, ctypes.c_int, ctypes.c_float, ctypes.c_int,
+                                          _P, ctypes.c_int]
         library.merger_linear.restype = ctypes.c_int
         library.merger_max_models.restype = ctypes.c_int
         library.merger_l1_sums.argtypes = [_P, ctypes.c_int, _P, ctypes.c_int, _I64, ctypes.c_int, ctypes.c_float, _P,
@@ -72,6 +73,7 @@ class NativeKernels:
         library.merger_uniform_below.restype = None
         self.max_models = library.merger_max_models()
         self.draws_as_torch = self._draws_as_torch()
+        self.add_fuses = self._add_fuses()
 
     @staticmethod
     def reads_stored(*tensors: Tensor) -> bool:
@@ -139,7 +141,8 @@ class NativeKernels:
         return out
 
     def linear(self, tensors: list[Tensor], weight: list[float], divisor: float | None, out: Tensor) -> Tensor:
-        """`linear` (merger/methods/linear.py) on one slice: `(Σᵢ wᵢ·xᵢ) / divisor` into `out`, returned.
+        """`linear` (merger/methods/linear.py) on one slice: `(Σᵢ wᵢ·xᵢ) / divisor` into `out`, returned, each
+        `+ wᵢ·xᵢ` rounded once or twice as torch's `add_(x, alpha=w)` rounds it here (:attr:`add_fuses`).
 
         Args:
             tensors: n `(m,)` of the dtypes :meth:`reads_stored` takes (≤ `max_models`).
@@ -153,7 +156,8 @@ class NativeKernels:
         n = len(tensors)
         status = self._library.merger_linear(
             n, _pointers(tensors), _ints(STORAGE_TYPES[t.dtype] for t in tensors), out.numel(), _floats(weight),
-            int(divisor is not None), 1.0 if divisor is None else divisor, out.data_ptr(), STORAGE_TYPES[out.dtype],
+            int(divisor is not None), 1.0 if divisor is None else divisor, int(bool(self.add_fuses)), out.data_ptr(),
+            STORAGE_TYPES[out.dtype],
         )
         if status != 0:
             raise ValueError(f"native linear takes 1 to {self.max_models} models, got {n}")
@@ -212,6 +216,23 @@ class NativeKernels:
         except (ValueError, RuntimeError) as err:
             log.info("native random masks off: %s", err)
             return False
+
+
+    def _add_fuses(self) -> bool | None:
+        """Whether torch's CPU `add_(x, alpha=w)` is one fused multiply-add here (its AVX2, AVX-512 and
+        NEON kernels: True) or a multiply then an add (its default kernel: False), asked once on values
+        where the two differ; None where torch's matches neither (the linear kernel is then not used)."""
+        generator = torch.Generator().manual_seed(20240531)
+        x, y = torch.randn(4096, generator=generator), torch.randn(4096, generator=generator)
+        theirs = x.clone().add_(y, alpha=0.3)
+        for fused in (True, False):
+            ours = torch.empty(4096)
+            self._library.merger_linear(2, _pointers([x, y]), _ints([0, 0]), 4096, _floats([1.0, 0.3]), 0, 1.0,
+                                        int(fused), ours.data_ptr(), 0)
+            if torch.equal(ours, theirs):
+                return fused
+        log.info("native linear off: torch's add rounds neither as one fused multiply-add nor as two steps")
+        return None
 
 
 _MT_WORDS = 624  # ATen's mt19937 state, stored as uint64 words after the seed, left, seeded and next

@@ -3,7 +3,7 @@
  * Each computes, entry by entry, exactly the float32 operations of the torch code it replaces
  * (merger/methods/task_arithmetic.py, sparsify.py, topk.py), in the same order, so the bytes are the
  * same: IEEE-754 float32 arithmetic, no fused multiply-add (-ffp-contract=off) except the explicit
- * fmaf where torch's own kernel fuses one (linear), no reassociation (no -ffast-math). Conditions become 1.0f / +0.0f factors without branches (ONE_IF), as torch's
+ * fmaf where torch's own kernel fuses one on this CPU (linear), no reassociation (no -ffast-math). Conditions become 1.0f / +0.0f factors without branches (ONE_IF), as torch's
  * masks do, so signed zeros come out as torch's do; the loops run on blocks of BLOCK entries that stay
  * in the core's first-level cache.
  */
@@ -27,6 +27,27 @@ static inline uint32_t as_bits(float value) {
     return bits;
 }
 
+/* IEEE half <-> float32 by bit operations (the FP16 library's algorithm, as c10::Half converts; no
+ * compiler's _Float16, which GCC has on x86 only from version 12): exact widening, and narrowing
+ * rounded to nearest, ties to even, subnormals included, as torch's casts round */
+static inline float half_to_float(uint16_t half) {
+    const uint32_t w = (uint32_t)half << 16, sign = w & 0x80000000u, two_w = w + w;
+    const float normalized = as_float((two_w >> 4) + (0xE0u << 23)) * 0x1p-112f;
+    const float denormalized = as_float((two_w >> 17) | (126u << 23)) - 0.5f;
+    return as_float(sign | (two_w < (1u << 27) ? as_bits(denormalized) : as_bits(normalized)));
+}
+
+static inline uint16_t float_to_half(float value) {
+    float base = (fabsf(value) * 0x1p+112f) * 0x1p-110f;
+    const uint32_t w = as_bits(value), shl1_w = w + w, sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u)
+        bias = 0x71000000u;
+    base = as_float((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = as_bits(base), nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
 /* dst[j] = src[offset + j] as float32, j < m: exact for every storage type */
 static void load(const void *src, int type, int64_t offset, int64_t m, float *restrict dst) {
     if (type == BF16) {
@@ -34,9 +55,9 @@ static void load(const void *src, int type, int64_t offset, int64_t m, float *re
         for (int64_t j = 0; j < m; j++)
             dst[j] = as_float((uint32_t)from[j] << 16);
     } else if (type == F16) {
-        const _Float16 *restrict from = (const _Float16 *)src + offset;
+        const uint16_t *restrict from = (const uint16_t *)src + offset;
         for (int64_t j = 0; j < m; j++)
-            dst[j] = (float)from[j];
+            dst[j] = half_to_float(from[j]);
     } else {
         memcpy(dst, (const float *)src + offset, (size_t)m * sizeof(float));
     }
@@ -53,9 +74,9 @@ static void store(void *dst, int type, int64_t offset, int64_t m, const float *r
             to[j] = src[j] != src[j] ? (uint16_t)0x7fc0u : rounded;
         }
     } else if (type == F16) {
-        _Float16 *restrict to = (_Float16 *)dst + offset;
+        uint16_t *restrict to = (uint16_t *)dst + offset;
         for (int64_t j = 0; j < m; j++)
-            to[j] = (_Float16)src[j];
+            to[j] = float_to_half(src[j]);
     } else {
         memcpy((float *)dst + offset, src, (size_t)m * sizeof(float));
     }
@@ -218,10 +239,12 @@ int merger_gta(int models, const void *const *xs, const int *types, const void *
     return 0;
 }
 
-/* linear (merger/methods/linear.py) on n entries: (x0·w0 + x1·w1 + ...) / divisor where normalize, each
- * `+ xi·wi` one fused multiply-add, as torch's `add_(x, alpha=w)` computes it. Types as merger_gta's. */
+/* linear (merger/methods/linear.py) on n entries: (x0·w0 + x1·w1 + ...) / divisor where normalize. Each
+ * `+ xi·wi` is one fused multiply-add where `fused_add`, else a multiply then an add: torch's
+ * `add_(x, alpha=w)` fuses on CPUs its vector kernels use (AVX2, AVX-512, NEON), not on others, and
+ * native/__init__.py asks torch which. Types as merger_gta's. */
 int merger_linear(int models, const void *const *xs, const int *types, int64_t n, const float *weight,
-                  int normalize, float divisor, void *out, int out_type) {
+                  int normalize, float divisor, int fused_add, void *out, int out_type) {
     if (models < 1 || models > MAX_MODELS)
         return -1;
     for (int64_t start = 0; start < n; start += BLOCK) {
@@ -232,8 +255,12 @@ int merger_linear(int models, const void *const *xs, const int *types, int64_t n
             merged[j] *= weight[0];
         for (int i = 1; i < models; i++) {
             load(xs[i], types[i], start, m, x);
-            for (int64_t j = 0; j < m; j++)
-                merged[j] = fmaf(x[j], weight[i], merged[j]);
+            if (fused_add)
+                for (int64_t j = 0; j < m; j++)
+                    merged[j] = fmaf(x[j], weight[i], merged[j]);
+            else
+                for (int64_t j = 0; j < m; j++)
+                    merged[j] = merged[j] + x[j] * weight[i];
         }
         if (normalize)
             for (int64_t j = 0; j < m; j++)

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from merger.methods import native, sparsify, task_arithmetic
+from merger.methods import native, sparsify
 from merger.methods.native import build, native_kernels
 from merger.methods.registry import SLICE, get_method
 from merger.methods.sparsify import magnitude_trims, slices_of
@@ -68,7 +68,7 @@ def merged_as_the_executor_does(method: str, tensors: list[torch.Tensor], base: 
 
 def with_torch_ops(monkeypatch: pytest.MonkeyPatch, run):
     with monkeypatch.context() as patch:
-        patch.setattr(task_arithmetic, "native_kernels", lambda: None)
+        patch.setattr(native, "native_kernels", lambda: None)  # what `kernels_for` asks (merges, linear)
         patch.setattr(sparsify, "native_kernels", lambda: None)
         return run()
 

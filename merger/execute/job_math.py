@@ -110,6 +110,9 @@ def _compute_in_slices(
     # the config's `dtype` (as mergekit) casts the inputs first, which only the conversion does
     fused = method.fused if input_dtype is None or all(t.dtype == input_dtype for t in flat) else None
 
+    def stored(start: int, stop: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        return split([tensor[start:stop] for tensor in flat])
+
     def converted(start: int, stop: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         parts = []
         for buffer, tensor in zip(work, flat):
@@ -121,20 +124,23 @@ def _compute_in_slices(
 
     ranges = [(start, min(start + SLICE, numel)) for start in range(0, numel, SLICE)]
     if method.prepare is not None:  # a method with a fused path prepares from the stored slices too
-        read = converted if fused is None else (lambda start, stop: split([t[start:stop] for t in flat]))
+        read = converted if fused is None else stored
         kwargs["prepared"] = method.prepare(lambda: (read(*r) for r in ranges), job.shape, **kwargs)
     out = pool.take(job.shape, STORAGE_DTYPES[job.dtype])
     flat_out = out.view(-1)
     for start, stop in ranges:
-        tensors, base = split([t[start:stop] for t in flat])
-        with_base = {} if base is None else {"base": base}
-        if fused is not None and fused(tensors, **with_base, out=flat_out[start:stop], **kwargs):
+        tensors, base = stored(start, stop)
+        if fused is not None and fused(tensors, **_with_base(base), out=flat_out[start:stop], **kwargs):
             continue
         tensors, base = converted(start, stop)
-        with_base = {} if base is None else {"base": base}
-        flat_out[start:stop].copy_(method.function(tensors, **with_base, **kwargs).reshape(-1))
+        flat_out[start:stop].copy_(method.function(tensors, **_with_base(base), **kwargs).reshape(-1))
     pool.give(raw)
     return out
+
+
+def _with_base(base: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The `base` keyword of a method's call: given only to a job that has one."""
+    return {} if base is None else {"base": base}
 
 
 def _own(values: list[torch.Tensor]) -> torch.Tensor:

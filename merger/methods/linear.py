@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from merger.methods.native import native_kernels
+from merger.methods.native import kernels_for
 from merger.methods.registry import Factor, PerModel, merge_method
 
 
 def _linear_fused(tensors: list[Tensor], *, out: Tensor, weight: list[float], normalize: bool = True) -> bool:
     """:func:`linear` on one slice of stored tensors, into `out` (the registry's `fused`); False where the
     native kernels cannot run it."""
-    native = native_kernels()
-    if (native is None or native.add_fuses is None or len(tensors) > native.max_models
-            or not native.reads_stored(*tensors, out)):
+    native = kernels_for(len(tensors), *tensors, out)
+    if native is None or native.add_fuses is None:
         return False
     native.linear(tensors, weight, float(sum(weight)) if normalize else None, out)
     return True

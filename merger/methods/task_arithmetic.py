@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from merger.methods.native import NativeKernels, SparsifyStep, native_kernels
+from merger.methods.native import NativeKernels, SparsifyStep, kernels_for
 from merger.methods.sparsify import (
     agrees_with,
     apply_mask_,
@@ -311,9 +311,8 @@ def _merge_variant(
     if variant.prepare is not None and prepared is None:  # a call on whole tensors: prepare from them
         prepared = _prepare_variant(variant, lambda: slices_of(tensors, base), tuple(base.shape),
                                     density=per_model["density"], rescale=rescale, generator=generator)
-    native = native_kernels()
-    float32 = all(t.dtype == torch.float32 for t in (*tensors, base))  # the method's float32 contract
-    if native is not None and float32 and native.reads_stored(*tensors, base) and len(tensors) <= native.max_models:
+    native = kernels_for(len(tensors), *tensors, base)
+    if native is not None and all(t.dtype == torch.float32 for t in (*tensors, base)):  # the float32 contract
         return _merge_natively(native, tensors, base, weight, prepared, consensus=variant.consensus,
                                normalize=normalize, lambda_=lambda_)
     if prepared is not None:
@@ -325,9 +324,8 @@ def _fuse_variant(variant: Variant, tensors: list[Tensor], base: Tensor, *, out:
                   normalize: bool, lambda_: float, prepared: list[Any] | None = None, **_: Any) -> bool:
     """`variant` on one slice of stored tensors, into `out` (the registry's `fused`); False, having
     touched nothing, where the native kernels cannot run it."""
-    native = native_kernels()
-    if (native is None or len(tensors) > native.max_models or not native.reads_stored(*tensors, base, out)
-            or (variant.prepare is not None and prepared is None)):
+    native = kernels_for(len(tensors), *tensors, base, out)
+    if native is None or (variant.prepare is not None and prepared is None):
         return False
     _merge_natively(native, tensors, base, weight, prepared, consensus=variant.consensus, normalize=normalize,
                     lambda_=lambda_, out=out)

@@ -305,6 +305,13 @@ def native_kernels() -> NativeKernels | None:
         return _loaded()
 
 
+def kernels_for(models: int, *tensors: Tensor) -> NativeKernels | None:
+    """The kernels (:func:`native_kernels`) when they can merge `models` inputs held in `tensors` (at most
+    `max_models`, each of a dtype :meth:`NativeKernels.reads_stored` takes), else None."""
+    native = native_kernels()
+    return native if native is not None and models <= native.max_models and native.reads_stored(*tensors) else None
+
+
 def build(folder: Path | None = None) -> Path:
     """The built library for this machine, compiled into `folder` (default `MERGER_DATA_DIR/native`) unless there.
 

@@ -200,6 +200,9 @@ FUSED_CASES = CASES + [
     ("linear", 2, {"weight": [0.6, 0.4]}),
     ("linear", 3, {"weight": [0.3, -1.2, 0.8], "normalize": False}),
     ("linear", 3, {"weight": [0.25, 0.7, 0.05], "normalize": True}),
+    ("slerp", 1, {"t": 0.3}),  # the arc: linear's kernel with the prepared coefficients
+    ("slerp", 1, {"t": 0.85}),
+    ("slerp", 1, {"t": 0.0}),  # an endpoint: the base, cast
 ]
 
 
@@ -256,6 +259,8 @@ def test_fused_declines_what_the_kernels_do_not_read(kernels) -> None:
     out = torch.full((8,), 7.0)
     assert get_method("linear").fused([x, x], out=out, weight=[0.5, 0.5]) is False
     assert get_method("task_arithmetic").fused([x], base=x, out=out, weight=[1.0]) is False
+    y = torch.ones(8, dtype=torch.bfloat16)
+    assert get_method("slerp").fused([y], base=y, out=out, t=0.5, prepared=None) is False  # lerped: torch's lerp
     assert torch.equal(out, torch.full((8,), 7.0))
 
 

@@ -47,9 +47,11 @@ def arcee_fusion(tensors: list[Tensor], base: Tensor, *, generator: torch.Genera
         a, b = a.reshape(1), b.reshape(1)
 
     # 1. importance: |b − a| scaled by each row's KL divergence between the softmaxes
-    p = torch.softmax(b, dim=-1).add_(SOFTMAX_EPS)  # (*shape)
-    q = torch.softmax(a, dim=-1).add_(SOFTMAX_EPS)
-    kl = torch.div(p, q, out=q).log_().mul_(p).sum(dim=-1, keepdim=True)  # (*shape[:-1], 1)
+    # in float64, rounded once: torch's vector exp, log and sums round the last bits by the CPU's vector
+    # width and thread count, which float32 KLs kept (other bytes on an AVX2 and an AVX-512 machine)
+    p = torch.softmax(b.double(), dim=-1).add_(SOFTMAX_EPS)  # (*shape) float64
+    q = torch.softmax(a.double(), dim=-1).add_(SOFTMAX_EPS)
+    kl = torch.div(p, q, out=q).log_().mul_(p).sum(dim=-1, keepdim=True).float()  # (*shape[:-1], 1)
     del p, q
     delta = b - a  # (*shape)
     importance = delta.abs().mul_(kl)

@@ -9,7 +9,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from merger.methods.registry import Fraction, merge_method
+from merger.methods.native import kernels_for
+from merger.methods.registry import SLICE, Fraction, merge_method
 from merger.methods.reductions import dot, squared_norm
 
 DOT_THRESHOLD = 0.9995  # above this |cos θ| the arc is numerically a line: use lerp
@@ -27,7 +28,8 @@ def slerp_coefficients(
     `sin(tπ/2)`). Opposed vectors (`cos θ = −1`, no unique great circle) lerp by the threshold.
 
     Args:
-        slices: returns a fresh iterator over `([v1], v0)` float32 slices.
+        slices: returns a fresh iterator over `([v1], v0)` slices, float32 or as stored (bfloat16,
+            float16: the registry's `fused` contract), summed as float32.
         shape: the whole tensor's shape (0-dim tensors are lerped).
         t: interpolation factor.
 
@@ -38,7 +40,9 @@ def slerp_coefficients(
     if t in (0, 1) or len(shape) == 0:
         return None
     aa = bb = ab = 0.0
+    work = [torch.empty(0), torch.empty(0)]  # float32 copies of stored slices, reused from slice to slice
     for (v1,), v0 in slices():
+        v0, v1 = (_as_float32(v, work, i) for i, v in enumerate((v0, v1)))
         aa += squared_norm(v0)
         bb += squared_norm(v1)
         ab += dot(v0, v1)
@@ -53,6 +57,34 @@ def slerp_coefficients(
     return math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
 
 
+def _as_float32(v: Tensor, work: list[Tensor], index: int) -> Tensor:
+    """`v` itself when float32, else its float32 value in `work[index]` (grown to `SLICE` once)."""
+    if v.dtype == torch.float32:
+        return v
+    if work[index].numel() < v.numel():
+        work[index] = torch.empty(max(v.numel(), SLICE), dtype=torch.float32)
+    return work[index][: v.numel()].view(v.shape).copy_(v)
+
+
+def _slerp_fused(tensors: list[Tensor], base: Tensor, *, out: Tensor, t: float,
+                 prepared: tuple[float, float] | None = None) -> bool:
+    """:func:`slerp` on one slice of stored tensors, into `out` (the registry's `fused`): the arc's
+    `v0·s0 + v1·s1` is linear's kernel with the weights `(s0, s1)`, rounded as torch's `mul` and `add`
+    round it; False where the kernels cannot run it or the slice is lerped (torch's `lerp` has its own
+    rounding)."""
+    (v1,) = tensors
+    native = kernels_for(2, v1, base, out)
+    if native is None or native.add_fuses is None:
+        return False
+    if t in (0, 1):  # an endpoint: the input itself, cast as torch casts it
+        native.linear([base if t == 0 else v1], [1.0], None, out)
+        return True
+    if prepared is None:
+        return False
+    native.linear([base, v1], list(prepared), None, out)
+    return True
+
+
 @merge_method(
     "slerp",
     pretty_name="SLERP",
@@ -61,6 +93,7 @@ def slerp_coefficients(
     max_others=1,
     elementwise=True,
     prepare=slerp_coefficients,
+    fused=_slerp_fused,
 )
 def slerp(tensors: list[Tensor], base: Tensor, *, t: Fraction, prepared: tuple[float, float] | None = None) -> Tensor:
     """Interpolate on the great circle from `base` (t=0) to the other model (t=1).

@@ -9,7 +9,7 @@ import re
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -30,7 +30,7 @@ from merger.constants import (
     SAFETENSORS_INDEX_FILE,
     TOKENIZER_FILES,
 )
-from merger.errors import ConfigError, DiskSpaceError, MergerError
+from merger.errors import ConfigError, DiskSpaceError, MergeCancelled, MergerError
 from merger.execute.executor import Progress, execute_plan
 from merger.io.metadata import ModelMetadata
 from merger.plan.merge import MergePlan
@@ -39,7 +39,7 @@ from merger.io.resolve import materialize, materialize_adapters, stream_sources
 from merger.io.sources import WeightSource
 from merger.stages import is_multi_stage, run_stages
 from merger.io.tokenizer_files import write_tokenizer
-from merger.plan.entry import plan_config
+from merger.plan.entry import plan_config, settled
 from merger.io.writer import OnShard, format_bytes, output_error
 
 logger = logging.getLogger(__name__)
@@ -180,7 +180,8 @@ def _planned(
     config: AnyConfig, token: str | None, planned: tuple[MergePlan, dict[str, ModelMetadata]] | None, seed: int | None
 ) -> tuple[MergePlan, dict[str, ModelMetadata]]:
     """The config's plan (made here unless the caller made it), its warnings logged, `seed` applied."""
-    plan, metadata = plan_config(config, token) if planned is None else planned
+    # an MoE's class settings (transformers' config classes, seconds to import) run beside the merge
+    plan, metadata = plan_config(config, token, settle=False) if planned is None else planned
     for warning in plan.warnings:
         logger.warning(warning)
     if seed is not None:
@@ -223,11 +224,21 @@ def _write_through_staging(
         # The folder's other files (config, tokenizer, card) need no weight: they are written beside the
         # merge, whose threads mostly wait on memory and disk, so that their imports (the card's Hub
         # client, a tokenizer's library) and rendering take no time of their own.
+        # An MoE's class settings run there too, first: a refusal stops the merge at its next tensor.
         with ThreadPoolExecutor(1, thread_name_prefix="merger-files") as files:
             written = files.submit(_write_files, plan, dirs, staging, config_text, metadata, title)
-            execute_plan(plan, weights, staging, pick_device(device), shard_size, progress, should_cancel, adapters,
-                         streamed)
-            written.result()
+
+            def stop() -> bool:
+                return _failed(written) or bool(should_cancel and should_cancel())
+
+            try:
+                execute_plan(plan, weights, staging, pick_device(device), shard_size, progress, stop, adapters,
+                             streamed)
+            except MergeCancelled:
+                if _failed(written):  # stopped by the files' error (a refusal): that is what happened
+                    written.result()
+                raise
+            plan = written.result()
         if evaluate is not None:  # the staged folder is a complete model: score it, then card the table
             parents = {key: folder for key, folder in dirs.items() if key not in adapters}  # a LoRA input's folder is its base
             _write_card(plan, dirs, staging, config_text, metadata, title, evaluate(staging, parents))
@@ -240,6 +251,10 @@ def _write_through_staging(
         raise output_error(err, Path(os.fsdecode(err.filename)) if err.filename else staging, needed) from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _failed(future: Future) -> bool:
+    return future.done() and future.exception() is not None
 
 
 def check_free_space(out_dir: Path, needed: int) -> None:
@@ -306,7 +321,9 @@ def _process_alive(pid: int) -> bool:
 
 def _write_files(
     plan: MergePlan, dirs: dict[str, Path], staging: Path, config_text: str, metadata: dict, title: str
-) -> None:
+) -> MergePlan:
+    """The output folder's files other than weights, from `plan` settled (:func:`settled`), which is returned."""
+    plan = settled(plan)
     (staging / CONFIG_FILE).write_text(json.dumps(plan.output_config, indent=2, sort_keys=True) + "\n")
     donor = dirs[plan.config_donor]
     for name in (GENERATION_CONFIG_FILE, *PROCESSOR_FILES):
@@ -324,6 +341,7 @@ def _write_files(
             shutil.copyfile(source, staging / name)
     (staging / MERGE_CONFIG_FILE).write_text(config_text)
     _write_card(plan, dirs, staging, config_text, metadata, title)
+    return plan
 
 
 def _write_card(plan: MergePlan, dirs: dict[str, Path], staging: Path, config_text: str, metadata: dict, title: str,

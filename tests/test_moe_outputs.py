@@ -188,6 +188,22 @@ def test_a_mistral_sliding_window_is_refused_in_a_qwen2_moe(fx: Path, tmp_path: 
     assert "window of 256 over 4 of its 4 layers" in str(error) and "sliding_window" in str(error)
 
 
+def test_a_class_settings_refusal_comes_from_planning_and_from_the_merge(fx: Path, tmp_path: Path) -> None:
+    """Validation plans with the class settings run (before any weight is read); the engine runs them beside
+    the merge, which stops on the same refusal and leaves no file, staging folder included."""
+    from merger.config.load import load_config
+    from merger.plan.entry import plan_config
+
+    m = fx / "mistral-code"
+    text = moe_yaml(m, [m, m], m, architecture="qwen")
+    plan, _ = plan_config(load_config(text), None, settle=False)
+    assert plan.class_settings is not None and "layer_types" not in plan.output_config
+    with pytest.raises(ArchitectureSettingError) as planned:
+        plan_config(load_config(text), None)
+    assert str(refusal(text, tmp_path)) == str(planned.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_deepseek_is_refused_with_its_reason(fx: Path, tmp_path: Path) -> None:
     m = fx / "llama-code"
     for name in ("deepseek", "deepseek_v3"):

@@ -6,6 +6,8 @@ weights (metadata are config.json and safetensors headers; tokenizers only where
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from merger.config.schema import PROMPT_GATE_MODES, AnyConfig, ModelReference, MoEConfig
 from merger.io.metadata import ModelMetadata
 from merger.io.resolve import embedding_rows, fetch_metadata, fetch_vocabularies, local_path
@@ -18,7 +20,7 @@ from merger.publish import hub_read
 
 
 def plan_config(
-    config: AnyConfig, token: str | None, known: dict[str, ModelMetadata] | None = None
+    config: AnyConfig, token: str | None, known: dict[str, ModelMetadata] | None = None, *, settle: bool = True
 ) -> tuple[MergePlan, dict[str, ModelMetadata]]:
     """Plan either schema (mergekit merge or mergekit-moe) from metadata, fetching no weights.
 
@@ -26,6 +28,8 @@ def plan_config(
         config: a config from :func:`merger.config.load.load_config`.
         token: a Hub token for private or gated models, or None.
         known: metadata of models not written yet (a multi-stage config's intermediates), by model key.
+        settle: run the plan's `class_settings` now (:func:`settled`); False leaves them to the caller
+            (the engine runs them beside the merge).
 
     Returns:
         The plan, and every referenced model's metadata (canonical key -> metadata).
@@ -38,12 +42,16 @@ def plan_config(
     known = known or {}
     metadata = fetch_metadata([r for r in refs if r.base.key not in known], token)
     metadata.update({r.key: known[r.base.key] for r in refs if r.base.key in known})
-    return plan_from_metadata(config, metadata, token), metadata
+    plan = plan_from_metadata(config, metadata, token, settle=settle)
+    return plan, metadata
 
 
-def plan_from_metadata(config: AnyConfig, metadata: dict[str, ModelMetadata], token: str | None) -> MergePlan:
+def plan_from_metadata(
+    config: AnyConfig, metadata: dict[str, ModelMetadata], token: str | None, *, settle: bool = True
+) -> MergePlan:
     """The second half of :func:`plan_config`, for a caller that fetched every model's metadata itself
-    (the service reports reaching the models and fitting them together as two checklist lines).
+    (the service reports reaching the models and fitting them together as two checklist lines);
+    `settle` as there.
 
     Raises:
         ConfigProblems / ConfigError, ArchitectureError: the config does not fit the models.
@@ -56,9 +64,22 @@ def plan_from_metadata(config: AnyConfig, metadata: dict[str, ModelMetadata], to
         if vocabulary is not None:  # a donor without a tokenizer writes none
             check_tokenizer_fits(plan, vocabulary)
         _check_prompts(plan, token)
-        return plan
+        return settled(plan) if settle else plan
     vocabs = fetch_vocabularies(refs, metadata, token) if needs_vocabularies(config) else None
     return build_plan(config, metadata, vocabs)
+
+
+def settled(plan: MergePlan) -> MergePlan:
+    """`plan` with its output config's `class_settings` run (:class:`merger.plan.settings.ClassSettings`),
+    or `plan` itself when none are pending.
+
+    Raises:
+        ArchitectureSettingError / ConfigProblems: the output would compute a setting of the base otherwise.
+    """
+    if plan.class_settings is None:
+        return plan
+    return replace(plan, output_config=plan.class_settings.apply(plan.output_config), class_settings=None)
+
 
 def _check_prompts(plan: MergePlan, token: str | None) -> None:
     """A prompt-routed MoE's prompts through the base's tokenizer (its tokenizer files only): a prompt over

@@ -14,6 +14,7 @@ from typing import Any
 
 from merger.config.schema import ModelReference
 from merger.dtypes import DTYPE_SIZES, SAFETENSORS_CODES
+from merger.plan.settings import ClassSettings
 from merger.plan.tokenizer import VocabPlan
 
 DEFAULT_SEED = 0
@@ -78,6 +79,8 @@ class MergePlan:
         seed: seed of the random parts (DARE masks, random gates).
         vocab: the output vocabulary and row alignment, when the config sets a tokenizer option.
         warnings: things worth a look that do not stop the merge (e.g. input tensors no job reads).
+        class_settings: the output config's step through transformers' config classes, not yet run (an
+            MoE's; :func:`merger.plan.entry.settled` runs it), else None.
     """
 
     method_name: str
@@ -94,6 +97,7 @@ class MergePlan:
     seed: int
     vocab: VocabPlan | None = None
     warnings: tuple[str, ...] = ()
+    class_settings: ClassSettings | None = None
 
 
     @property

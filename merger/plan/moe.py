@@ -31,7 +31,7 @@ from merger.errors import (
 from merger.io.metadata import ModelMetadata
 from merger.plan.checks import IGNORED_SUFFIXES
 from merger.plan.merge import DEFAULT_SEED, MergePlan, TensorJob, TensorSource, output_dtype, set_config_dtype
-from merger.plan.settings import compare_settings, effective_text_config, output_refusals, state_class_defaults
+from merger.plan.settings import ClassSettings, compare_settings
 from merger.plan.tokenizer import Vocabulary
 
 MOE_PRETTY_NAME = "Mixture of Experts (mergekit-moe)"
@@ -96,13 +96,16 @@ def build_moe_plan(config: MoEConfig, metadata: dict[str, ModelMetadata]) -> Mer
 
     Returns:
         The :class:`~merger.plan.merge.MergePlan`; its output config is the base's with the output
-        family's MoE keys (expert count, `experts_per_token`, expert sizes) set.
+        family's MoE keys (expert count, `experts_per_token`, expert sizes) set, and its
+        `class_settings` still to run (:func:`merger.plan.entry.settled`): the base's class defaults
+        stated, a setting the output would compute otherwise refused.
 
     Raises:
         ArchitectureError: no output takes these models (see :func:`select_output`).
         ConfigError: `tokenizer_source` is `union` or names a model outside the MoE.
         ConfigProblems: an expert differs from the base in layer count, family or MLP shapes.
-        UnmergedTensorsError / ArchitectureSettingError: an input tensor or setting the output cannot hold.
+        UnmergedTensorsError / ArchitectureSettingError: an input tensor or an expert's setting the output
+            cannot hold.
     """
     base_key = config.base_model.key
     tokenizer_donor = moe_tokenizer_donor(config)
@@ -115,8 +118,6 @@ def build_moe_plan(config: MoEConfig, metadata: dict[str, ModelMetadata]) -> Mer
     jobs = _moe_jobs(config, metadata, out_arch, layers)
     _check_inputs_reach_the_output(config, metadata, out_arch, jobs, layers)
     output_config = _output_config(config, base_meta.config, out_arch, jobs)
-    raise_problems([ArchitectureSettingError(f"a {OUTPUT_NAMES[out_arch.model_type]} output: {refusal}")
-                    for refusal in output_refusals(base_meta.config, output_config)])
     return MergePlan(
         method_name="moe",
         pretty_name=MOE_PRETTY_NAME,
@@ -131,6 +132,8 @@ def build_moe_plan(config: MoEConfig, metadata: dict[str, ModelMetadata]) -> Mer
         input_dtype=config.dtype,
         seed=DEFAULT_SEED if config.seed is None else config.seed,
         warnings=warnings,
+        class_settings=ClassSettings(base_meta.config, OUTPUT_NAMES[out_arch.model_type],
+                                     state_layer_types=out_arch.model_type == "qwen2_moe"),
     )
 
 
@@ -149,18 +152,14 @@ def _output_config(config: MoEConfig, base_config: dict, out_arch: Architecture,
         hidden, heads = base_config.get("hidden_size"), base_config.get("num_attention_heads")
         if not output_config.get("head_dim") and isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
             output_config["head_dim"] = hidden // heads  # stated: transformers 5 reads it, 4 computes the same
-        if out_arch.model_type == "qwen2_moe":
+        if out_arch.model_type == "qwen2_moe":  # its layer types are stated by the plan's ClassSettings
             output_config.update(shared_expert_intermediate_size=intermediate, qkv_bias=True)
-            # Qwen2 windows layers from `max_window_layers` on, Qwen2-MoE odd layers below it: state the base's
-            types = getattr(effective_text_config(base_config), "layer_types", None)
-            if isinstance(types, list):
-                output_config.setdefault("layer_types", list(types))
     output_config.update(
         tie_word_embeddings="lm_head.weight" not in names,
         vocab_size=names["model.embed_tokens.weight"].shape[0],  # rows written
     )
     set_config_dtype(output_config, config.out_dtype or config.dtype)
-    return state_class_defaults(base_config, output_config)
+    return output_config
 
 
 def _check_settings(config: MoEConfig, metadata: dict[str, ModelMetadata]) -> tuple[str, ...]:

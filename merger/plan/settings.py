@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from merger.errors import ArchitectureSettingError, raise_problems
+
 # Config attributes that change the forward pass (grouped as in the issue: position encoding, sliding
 # window, biases, norms, activation, head counts, scales). `layer_types` is not here: the planner takes
 # it per output layer from each layer's origin.
@@ -253,3 +255,43 @@ def _off(value: Any) -> Any:
 def _short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+@dataclass(frozen=True)
+class ClassSettings:
+    """An output config's step through transformers' config classes, left on the plan to run later.
+
+    An output of another class than its base (an MoE around a dense base) must state the base's
+    settings its class leaves to defaults (:func:`state_class_defaults`) and is refused where it would
+    compute otherwise (:func:`output_refusals`). Importing transformers for that costs 0.6-1.2 s here,
+    more than copying a small MoE's weights, so the planner leaves the step on the plan:
+    :func:`merger.plan.entry.settled` runs it (validation, the service's checks), and the engine runs
+    it beside the merge, which stops at a refusal before anything is kept (docs/decisions.md, "MoE
+    outputs keep what the base computes").
+
+    Attributes:
+        base_config: the base's parsed `config.json`.
+        output_name: the output family's name, for refusals (`Mixtral`).
+        state_layer_types: state the base's per-layer attention types (a Qwen2-MoE output, whose class
+            windows other layers than Qwen2's by default).
+    """
+
+    base_config: dict
+    output_name: str
+    state_layer_types: bool = False
+
+    def apply(self, output_config: dict) -> dict:
+        """`output_config` with the base's class defaults stated.
+
+        Raises:
+            ArchitectureSettingError / ConfigProblems: one per setting the output would lose or change.
+        """
+        config = dict(output_config)
+        if self.state_layer_types:
+            types = getattr(effective_text_config(self.base_config), "layer_types", None)
+            if isinstance(types, list):
+                config.setdefault("layer_types", list(types))
+        config = state_class_defaults(self.base_config, config)
+        raise_problems([ArchitectureSettingError(f"a {self.output_name} output: {refusal}")
+                        for refusal in output_refusals(self.base_config, config)])
+        return config

@@ -151,8 +151,6 @@ def run_merge(
     SEED.check("--random-seed", seed)
     _check_out_dir(out_dir)
     _refuse_input_folders(out_dir, config)
-    # an MoE's class settings (transformers' config classes, a second to import) run beside the merge,
-    # unless the inputs are first downloaded whole (an evaluation), which a late refusal would waste
     plan, metadata = _planned(config, token, planned, seed, settle=evaluate is not None)
     needed = sum(job.nbytes for job in plan.jobs)  # shards handed on as they finish: a few at a time on disk
     needed = (min(needed, 3 * shard_size) if on_shard is not None else needed) + OUTPUT_EXTRA_BYTES
@@ -182,8 +180,11 @@ def _planned(
     config: AnyConfig, token: str | None, planned: tuple[MergePlan, dict[str, ModelMetadata]] | None, seed: int | None,
     *, settle: bool,
 ) -> tuple[MergePlan, dict[str, ModelMetadata]]:
-    """The config's plan (made here unless the caller made it; `settle` as :func:`plan_config`'s), its
-    warnings logged, `seed` applied."""
+    """The config's plan (made here unless the caller made it), its warnings logged, `seed` applied.
+
+    An MoE's class settings (transformers' config classes, a second to import) are left to run beside the
+    merge (:func:`_write_files`) unless `settle`: inputs downloaded whole first (an evaluation), which a
+    late refusal would waste."""
     plan, metadata = plan_config(config, token, settle=settle) if planned is None else planned
     for warning in plan.warnings:
         logger.warning(warning)

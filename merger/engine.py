@@ -101,11 +101,11 @@ def run_merge(
 ) -> MergeResult:
     """Merge the models of a YAML config into `out_dir` (a complete Hugging Face model folder).
 
-    The config is checked against the models' metadata before any weight is downloaded. Hub models'
-    weights are then read by byte ranges, only the tensors the plan needs, prefetched ahead of the
-    math (:mod:`merger.publish.hub_ranges`); with `evaluate`, they are downloaded whole instead, since
-    the evaluation runs the parents. The output is written to a temporary sibling folder and moved to
-    `out_dir` only when complete.
+    The config is checked against the models' metadata before any weight is downloaded (an MoE's class
+    settings run beside the merge: :func:`_planned`). Hub weights are read by byte ranges, only the
+    tensors the plan needs, prefetched ahead of the math (:mod:`merger.publish.hub_ranges`); with
+    `evaluate`, downloaded whole (the evaluation runs the parents). The output is written to a temporary
+    sibling folder and moved to `out_dir` only when complete.
 
     Args:
         config_text: the YAML config (mergekit or mergekit-moe schema).

@@ -204,6 +204,35 @@ def test_a_class_settings_refusal_comes_from_planning_and_from_the_merge(fx: Pat
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_refusal_beside_the_merge_stops_it_at_the_next_tensor(fx: Path, tmp_path: Path, monkeypatch) -> None:
+    """The class settings refuse while the first tensor is merged: no further tensor is merged."""
+    import threading
+    import time
+
+    from merger.plan.settings import ClassSettings
+
+    refused = threading.Event()
+
+    def refuse(self, output_config: dict) -> dict:
+        refused.set()
+        raise ArchitectureSettingError("a Mixtral output: refused for this test")
+
+    merged = []
+
+    def progress(fraction: float, name: str) -> None:
+        merged.append(name)
+        if len(merged) == 1:  # hold the merge until the refusal is on record
+            assert refused.wait(30)
+            time.sleep(1.0)  # for the files thread to record it (microseconds, unless the machine is loaded)
+
+    monkeypatch.setattr(ClassSettings, "apply", refuse)
+    m = fx / "mistral-base"
+    with pytest.raises(ArchitectureSettingError, match="refused for this test"):
+        run_merge(moe_yaml(m, [m, m]), tmp_path / "out", device="cpu", progress=progress)
+    assert len(merged) <= 3  # the tensors already in flight (two math threads), of dozens
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_deepseek_is_refused_with_its_reason(fx: Path, tmp_path: Path) -> None:
     m = fx / "llama-code"
     for name in ("deepseek", "deepseek_v3"):

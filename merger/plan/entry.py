@@ -42,8 +42,7 @@ def plan_config(
     known = known or {}
     metadata = fetch_metadata([r for r in refs if r.base.key not in known], token)
     metadata.update({r.key: known[r.base.key] for r in refs if r.base.key in known})
-    plan = plan_from_metadata(config, metadata, token, settle=settle)
-    return plan, metadata
+    return plan_from_metadata(config, metadata, token, settle=settle), metadata
 
 
 def plan_from_metadata(

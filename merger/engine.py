@@ -156,9 +156,9 @@ def run_merge(
     needed = (min(needed, 3 * shard_size) if on_shard is not None else needed) + OUTPUT_EXTRA_BYTES
     remove_stale_staging(out_dir.parent)
     check_free_space(out_dir, needed)
-    dirs, weights, adapters = _inputs(plan, metadata, token, whole=evaluate is not None)
+    folders, weights, adapters = _inputs(plan, metadata, token, whole=evaluate is not None)
     _write_through_staging(
-        plan, dirs, adapters, out_dir, needed, config_text=config_text, metadata=metadata, title=title or out_dir.name,
+        plan, folders, adapters, out_dir, needed, config_text=config_text, metadata=metadata, title=title or out_dir.name,
         device=device, shard_size=shard_size, progress=progress, should_cancel=should_cancel, evaluate=evaluate,
         weights=weights, on_shard=on_shard,
     )
@@ -166,14 +166,17 @@ def run_merge(
 
 
 
-def _inputs(plan: MergePlan, metadata: dict[str, ModelMetadata], token: str | None, whole: bool) -> tuple[dict, dict, dict]:
-    """Where each input is read from: its folder (local, or downloaded whole when `whole`: an evaluation
-    runs the parents), its weights (a Hub model's by byte ranges otherwise), and its LoRA adapter's folder."""
+def _inputs(
+    plan: MergePlan, metadata: dict[str, ModelMetadata], token: str | None, whole: bool
+) -> tuple[Callable[[], dict[str, Path]], dict[str, Path | WeightSource], dict[str, Path]]:
+    """Where each input is read from: a function giving its folder (its configs and tokenizer; called
+    beside the merge, see :func:`merger.io.resolve.stream_sources`), its weights (a Hub model's by byte
+    ranges, or downloaded whole when `whole`: an evaluation runs the parents), and its LoRA adapter's folder."""
     if whole:
         dirs = materialize(list(plan.models), token)
-        return dirs, dict(dirs), materialize_adapters(list(plan.models), token)
-    dirs, weights = stream_sources(list(plan.models), metadata, token)
-    return dirs, weights, materialize_adapters(list(plan.models), token)
+        return lambda: dirs, dict(dirs), materialize_adapters(list(plan.models), token)
+    weights, folders = stream_sources(list(plan.models), metadata, token)
+    return folders, weights, materialize_adapters(list(plan.models), token)
 
 
 def _planned(
@@ -195,7 +198,7 @@ def _planned(
 
 def _write_through_staging(
     plan: MergePlan,
-    dirs: dict[str, Path],
+    folders: Callable[[], dict[str, Path]],
     adapters: dict[str, Path],
     out_dir: Path,
     needed: int,
@@ -213,7 +216,7 @@ def _write_through_staging(
 ) -> None:
     """Merge and write the whole output into a temporary sibling of `out_dir`, then move it into place.
 
-    `dirs` are the models' folders (configs, tokenizers), `weights` where their tensors are read from.
+    `folders()` gives the models' folders (configs, tokenizers), `weights` where their tensors are read from.
 
     Nothing is left behind on failure: the staging folder is deleted whatever happens, and an OS
     error becomes a MergerError naming the path (`needed`, in bytes, for a full disk).
@@ -226,11 +229,12 @@ def _write_through_staging(
         # An evaluation reads the whole output, so its shards are handed on only once it is scored.
         streamed = on_shard if evaluate is None else None
         # The folder's other files (config, tokenizer, card) need no weight: they are written beside the
-        # merge, whose threads mostly wait on memory and disk, so that their imports (the card's Hub
-        # client, a tokenizer's library) and rendering take no time of their own.
+        # merge, whose threads mostly wait on memory and disk, so that their downloads (a Hub input's
+        # configs and tokenizer), imports (the card's Hub client, a tokenizer's library) and rendering
+        # take no time of their own.
         # An MoE's class settings run there too, first: a refusal stops the merge at its next tensor.
         with ThreadPoolExecutor(1, thread_name_prefix="merger-files") as files:
-            written = files.submit(_write_files, plan, dirs, staging, config_text, metadata, title)
+            written = files.submit(_write_files, plan, folders, staging, config_text, metadata, title)
 
             def stop() -> bool:
                 return _failed(written) or bool(should_cancel and should_cancel())
@@ -244,6 +248,7 @@ def _write_through_staging(
                 raise
             plan = written.result()
         if evaluate is not None:  # the staged folder is a complete model: score it, then card the table
+            dirs = folders()
             parents = {key: folder for key, folder in dirs.items() if key not in adapters}  # a LoRA input's folder is its base
             _write_card(plan, dirs, staging, config_text, metadata, title, evaluate(staging, parents))
             for shard in sorted(staging.glob("model-*-of-*.safetensors")) if on_shard is not None else []:
@@ -324,10 +329,12 @@ def _process_alive(pid: int) -> bool:
 
 
 def _write_files(
-    plan: MergePlan, dirs: dict[str, Path], staging: Path, config_text: str, metadata: dict, title: str
+    plan: MergePlan, folders: Callable[[], dict[str, Path]], staging: Path, config_text: str, metadata: dict, title: str
 ) -> MergePlan:
-    """The output folder's files other than weights, from `plan` settled (:func:`settled`), which is returned."""
+    """The output folder's files other than weights, from `plan` settled (:func:`settled`), which is returned,
+    and the inputs' folders (`folders()`: a Hub model's other files are downloaded now)."""
     plan = settled(plan)
+    dirs = folders()
     (staging / CONFIG_FILE).write_text(json.dumps(plan.output_config, indent=2, sort_keys=True) + "\n")
     donor = dirs[plan.config_donor]
     for name in (GENERATION_CONFIG_FILE, *PROCESSOR_FILES):

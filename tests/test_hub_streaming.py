@@ -15,8 +15,9 @@ from huggingface_hub.errors import RepositoryNotFoundError
 
 from merger.engine import run_merge
 from merger.errors import HubError, MergeCancelled
-from merger.publish import hub_ranges
-from merger.publish.hub_read import HEADER_FIRST_READ
+from merger.execute import executor
+from merger.publish import hub_ranges, hub_read
+from merger.publish.hub_read import HEADER_FIRST_READ, fetch_metadata
 from merger.publish.stream_push import StreamPush
 from minihub import Fault
 
@@ -310,3 +311,90 @@ dtype: bfloat16
                 if n.startswith(("model.layers.2.", "model.layers.3.")))
     size = (fixture_models_dir / "llama-code" / WEIGHTS).stat().st_size
     assert served(hub, repo) - before == HEADER_FIRST_READ + (size - start) + twice  # every tensor once, 2-3 again
+
+
+def test_tensors_merged_in_pieces_from_the_hub_give_the_local_bytes_and_are_fetched_once(
+        hub, repos, reference, fixture_models_dir, tmp_path, monkeypatch):
+    # Pieces of 10k entries (the embeddings in 53), in groups smaller than the embeddings (fetched alone).
+    monkeypatch.setattr(executor, "PIECE", 10_000)
+    monkeypatch.setattr(hub_ranges, "GROUP_BYTES", 200_000)
+    monkeypatch.setattr(hub_ranges, "AHEAD_BYTES", 400_000)
+    monkeypatch.setattr(hub_ranges, "try_to_load_from_cache", lambda *args, **kwargs: None)  # all from the Hub
+    parts, read_part_into = [], hub_ranges.HubWeights.read_part_into
+    monkeypatch.setattr(hub_ranges.HubWeights, "read_part_into",
+                        lambda self, name, start, view: parts.append((name, start)) or read_part_into(self, name, start, view))
+    before = {repo: served(hub, repo) for repo in repos.values()}
+    run_merge(linear_yaml(repos), tmp_path / "hub", device="cpu", shard_size=SHARD, token=hub.token)
+    assert output_bytes(tmp_path / "hub") == output_bytes(reference)
+    assert sum(name == "model.embed_tokens.weight" for name, _ in parts) == 3 * 53  # 524,288 entries, 10k a piece
+    for name, repo in repos.items():
+        _, entries = header(fixture_models_dir / name / WEIGHTS)
+        tensor_bytes = sum(e["data_offsets"][1] - e["data_offsets"][0] for e in entries.values())
+        assert served(hub, repo) - before[repo] == HEADER_FIRST_READ + tensor_bytes
+
+
+def test_a_part_of_a_tensor_is_read_while_the_rest_of_it_is_still_coming(hub, repos, fixture_models_dir, monkeypatch):
+    repo, name = repos["llama-base"], "model.embed_tokens.weight"
+    monkeypatch.setattr(hub_ranges, "try_to_load_from_cache", lambda *args, **kwargs: None)  # all from the Hub
+    source = hub_ranges.HubWeights(fetch_metadata(repo, token=hub.token).hub, hub.token, repo)
+    nbytes, half = source.tensors[name].nbytes, source.tensors[name].nbytes // 2
+    rest_may_come, requests = threading.Event(), []
+    request = hub_ranges.HubWeights._request
+
+    def first_half_then_wait(self, file, start, view, arrived):
+        requests.append((start, len(view)))
+        if len(requests) == 1:  # the first answer is short: the fetch asks for the rest next
+            return request(self, file, start, view[:half], arrived)
+        assert rest_may_come.wait(30)
+        return request(self, file, start, view, arrived)
+
+    monkeypatch.setattr(hub_ranges.HubWeights, "_request", first_half_then_wait)
+    start, entries = header(fixture_models_dir / "llama-base" / WEIGHTS)
+    stored = (fixture_models_dir / "llama-base" / WEIGHTS).read_bytes()[start + entries[name]["data_offsets"][0]:][:nbytes]
+    first, second = bytearray(half), bytearray(nbytes - half)
+    source.expect([name])
+    try:
+        reader = threading.Thread(target=source.read_part_into, args=(name, 0, memoryview(first)))
+        reader.start()
+        reader.join(30)
+        assert not reader.is_alive()  # read while the rest could not come
+        rest_may_come.set()
+        source.read_part_into(name, half, memoryview(second))
+    finally:
+        rest_may_come.set()
+        source.close()
+    assert bytes(first) + bytes(second) == stored
+    assert requests == [(requests[0][0], nbytes), (requests[0][0] + half, nbytes - half)]
+
+
+def test_a_model_read_later_is_fetched_once_the_reads_come_near_it(hub, repos, tmp_path, monkeypatch):
+    # No lead: the second slice's model is told its reads only when the reader reaches them, so every
+    # range of the first model is answered before the second model's first.
+    monkeypatch.setattr(executor, "SOURCE_LEAD", 0)
+    prose, code = repos["llama-prose"], repos["llama-code"]
+    text = f"""
+merge_method: passthrough
+slices:
+  - sources: [{{model: {prose}, layer_range: [0, 2]}}]
+  - sources: [{{model: {code}, layer_range: [4, 6]}}]
+dtype: bfloat16
+"""
+    hub.store.ranges.clear()
+    run_merge(text, tmp_path / "hub", device="cpu", token=hub.token)
+    weights = [repo for repo, path, start, _ in hub.store.ranges if path == WEIGHTS and start > 0]  # the headers start at 0
+    assert weights == sorted(weights, key=[prose, code].index) and set(weights) == {prose, code}
+
+
+def test_a_failure_to_download_an_inputs_other_files_beside_the_merge_is_the_runs_error(hub, repos, tmp_path, monkeypatch):
+    # A Hub input's configs and tokenizer are downloaded beside the merge: their failure stops it.
+    download = hub_read.download_model
+
+    def no_other_files(reference, token=None, weights=True):
+        if not weights:
+            raise HubError(f"reading model `{reference}` failed: the Hub answered 503")
+        return download(reference, token, weights)
+
+    monkeypatch.setattr(hub_read, "download_model", no_other_files)
+    with pytest.raises(HubError, match=r"answered 503"):
+        run_merge(linear_yaml(repos), tmp_path / "hub", device="cpu", shard_size=SHARD, token=hub.token)
+    assert not (tmp_path / "hub").exists() and list(tmp_path.iterdir()) == []

@@ -6,10 +6,10 @@
   the result to the output dtype once;
 - the writer thread appends each result to its shard and returns the buffers to the pool.
 
-Where nothing needs a whole tensor at once (an elementwise method with no prepare pass, or a copy, read
-from local files on the CPU), a tensor goes through the three threads in pieces of a million entries
-(:func:`_pieces`): its read, merge and write overlap, and a piece's buffers stay in the processor's
-cache from one thread to the next.
+Where nothing needs a whole tensor at once (an elementwise method with no prepare pass, or a copy, on
+the CPU), a tensor goes through the three threads in pieces of a million entries (:func:`_pieces`): its
+read, merge and write overlap (read from the Hub, a piece is merged as soon as its bytes arrive), and
+a piece's buffers stay in the processor's cache from one thread to the next.
 
 An elementwise method (linear, task arithmetic, TIES, ...) runs on slices of a million entries: the
 inputs stay in their stored dtype and only one slice of each is converted to float32 at a time, or
@@ -56,6 +56,9 @@ Progress = Callable[[float, str], None]
 # that the buffers of pieces cycle within the processor's cache: measured on the half benchmark set,
 # linear 2.72 -> 2.46 s and task arithmetic 3.08 -> 2.72 s (median of 5) against whole tensors and 64 MiB
 MIN_BUDGET = 16 * 2**20
+# bytes of reads ahead of a model's first read at which its reader is told its reads (a Hub source
+# starts fetching then): two of a Hub source's fetch groups, what it holds ahead once started
+SOURCE_LEAD = 128 * 2**20
 PIECE = SLICE  # entries per piece of a tensor merged piece by piece (2 MiB per bfloat16 input)
 _DONE = object()
 
@@ -149,6 +152,7 @@ def _execute(
     prompt_gates = prompt_routers(plan, dirs, adapters, pool, device, should_cancel)  # before the streaming starts
     readers = _open_readers(plan, dirs, pool, adapters)
     items = [(job, entries) for job in plan.jobs for entries in _pieces(job, readers, device)]
+    read_order = _ReadOrder(plan, items, readers)
     largest = max((_read_bytes(job, entries, readers) for job, entries in items), default=0)
     pool.max_retained = max(MIN_BUDGET, largest)  # idle buffers kept: a few layers' working sets
     budget = _Budget(max(MIN_BUDGET, largest))
@@ -159,8 +163,11 @@ def _execute(
 
     def read_all() -> None:
         try:
+            position = 0
             for job, entries in items:
+                read_order.reached(position)
                 nbytes = _read_bytes(job, entries, readers)
+                position += nbytes
                 if not budget.acquire(nbytes, stop):
                     return
                 if entries is None:
@@ -213,22 +220,49 @@ def _execute(
 def _open_readers(
     plan: MergePlan, dirs: dict[str, Path | WeightSource], pool: BufferPool, adapters: dict[str, Path]
 ) -> dict[str, TensorReader]:
-    """A reader for every model the plan reads (model key -> reader), told its reads in the order the
-    reader thread makes them (a remote source fetches ahead); on failure none is left open."""
+    """A reader for every model the plan reads (model key -> reader); on failure none is left open."""
     readers: dict[str, TensorReader] = {}
-    order: dict[str, list[str]] = {}
-    for job in plan.jobs:
-        for source in sources_of(job):
-            order.setdefault(source.model, []).append(source.name)
     try:
-        for key in sorted(order):
+        for key in sorted({source.model for job in plan.jobs for source in sources_of(job)}):
             readers[key] = open_reader(dirs[key], pool, adapters.get(key), key)
-            readers[key].expect(order[key])
     except BaseException:  # a broken file or adapter: the files opened so far are closed
         for r in readers.values():
             r.close()
         raise
     return readers
+
+
+class _ReadOrder:
+    """Tells each reader its reads in the reader thread's order (`expect`: a Hub source fetches ahead),
+    once the reads come within :data:`SOURCE_LEAD` bytes of its first: a model read later (the second
+    half of a frankenmerge) then does not take the network from the one read now. Its first read is
+    never waited for, as it is told before the reader reaches it.
+
+    Args:
+        plan: the merge plan (each model's reads, job by job).
+        items: the reader thread's (job, entries) items, in order.
+        readers: model key -> its reader.
+    """
+
+    def __init__(self, plan: MergePlan, items: list, readers: dict[str, TensorReader]):
+        self.readers = readers
+        self.names: dict[str, list[str]] = {}
+        for job in plan.jobs:
+            for source in sources_of(job):
+                self.names.setdefault(source.model, []).append(source.name)
+        self.first: dict[str, int] = {}  # model key -> bytes read before its first read
+        position = 0
+        for job, entries in items:
+            for source in sources_of(job):
+                self.first.setdefault(source.model, position)
+            position += _read_bytes(job, entries, readers)
+        self.reached(0)
+
+    def reached(self, position: int) -> None:
+        """The reader thread has read `position` bytes: tell the readers whose first read is near."""
+        for key in [key for key, first in self.first.items() if first - SOURCE_LEAD <= position]:
+            self.readers[key].expect(self.names[key])
+            del self.first[key]
 
 
 def _merge_in_order(
@@ -324,7 +358,7 @@ def _pieces(job: TensorJob, readers: dict[str, TensorReader], device: torch.devi
     other threads idle meanwhile, and its buffers are the merge's largest. Pieces flow through the
     pipeline as jobs do, so reading, merging and writing overlap within the tensor. Only what needs no
     whole-tensor view is split: an elementwise method with no prepare pass and no random draw (or a
-    copy) on the CPU, every input read from local files, no vocabulary alignment.
+    copy) on the CPU, no input with a LoRA adapter (applied to whole weights), no vocabulary alignment.
     """
     numel = math.prod(job.shape)
     if numel <= PIECE or device.type != "cpu" or job.align_vocab or job.method in ("gate", "zeros"):

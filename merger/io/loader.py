@@ -60,9 +60,9 @@ class TensorReader:
 
     @property
     def reads_entries(self) -> bool:
-        """Whether :meth:`read_entries` can read part of a tensor: from local files (a Hub source fetches
-        whole tensors ahead of the reads)."""
-        return isinstance(self.source, LocalWeights)
+        """Whether :meth:`read_entries` can read part of a tensor: True (every source reads parts); a
+        reader that changes whole tensors as it reads them says False."""
+        return True
 
     def read_entries(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Entries `[start, stop)` of tensor `name`, flattened, as stored: 1-D, in a CPU buffer from the pool.

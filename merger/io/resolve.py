@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from merger import constants
@@ -96,32 +97,41 @@ def materialize(refs: list[ModelReference], token: str | None) -> dict[str, Path
 
 def stream_sources(
     refs: list[ModelReference], metadata: dict[str, ModelMetadata], token: str | None
-) -> tuple[dict[str, Path], dict[str, Path | WeightSource]]:
-    """Every model's folder and weights, with no Hub weights downloaded: they are read by byte ranges.
+) -> tuple[dict[str, Path | WeightSource], Callable[[], dict[str, Path]]]:
+    """Every model's weights, with no Hub weights downloaded (they are read by byte ranges), and a
+    function that gives every model's folder.
 
-    A Hub model's folder holds its other files (configs, tokenizer, code) at the commit its metadata
-    was read from, and its weights are a :class:`~merger.publish.hub_ranges.HubWeights` at that commit
-    (which reads files already in the local HF cache from there). A local model is its folder twice.
-    A Hub model whose metadata has no checkpoint (planned elsewhere) is downloaded whole.
+    A Hub model's weights are a :class:`~merger.publish.hub_ranges.HubWeights` at the commit its
+    metadata was read from (which reads files already in the local HF cache from there), and its
+    folder, made when the function is called, holds its other files (configs, tokenizer, code) at
+    that commit: the merge needs none of them, so their downloads wait for the function, which runs
+    beside the merge. A local model is its folder twice. A Hub model whose metadata has no
+    checkpoint (planned elsewhere) is downloaded whole now.
 
     Returns:
-        (model key -> folder, model key -> folder or weight source).
+        (model key -> folder or weight source, () -> model key -> folder).
 
     Raises:
-        ModelNotFoundError, HubError: as :func:`merger.publish.hub_read.download_model`.
+        ModelNotFoundError, HubError: as :func:`merger.publish.hub_read.download_model` (the function too).
     """
-    dirs: dict[str, Path] = {}
     weights: dict[str, Path | WeightSource] = {}
+    pinned: dict[str, str] = {}  # model key -> the `repo@commit` whose other files the folder needs
     for ref in refs:
         path = local_path(ref.base)
         hub = metadata[ref.key].hub if path is None else None
         if hub is None:
-            dirs[ref.key] = path or hub_read.download_model(str(ref.base), token=token)
-            weights[ref.key] = dirs[ref.key]
-            continue
-        dirs[ref.key] = hub_read.download_model(f"{hub.repo_id}@{hub.revision}", token=token, weights=False)
-        weights[ref.key] = HubWeights(hub, token, str(ref.base))
-    return dirs, weights
+            weights[ref.key] = path or hub_read.download_model(str(ref.base), token=token)
+        else:
+            weights[ref.key] = HubWeights(hub, token, str(ref.base))
+            pinned[ref.key] = f"{hub.repo_id}@{hub.revision}"
+
+    def folders() -> dict[str, Path]:
+        return {
+            key: hub_read.download_model(pinned[key], token=token, weights=False) if key in pinned else source
+            for key, source in weights.items()
+        }
+
+    return weights, folders
 
 
 def adapter_path(ref: ModelReference, token: str | None) -> Path:

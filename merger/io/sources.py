@@ -36,6 +36,14 @@ class WeightSource(Protocol):
             KeyError: no such tensor. MergerError subclasses: the bytes could not be read.
         """
 
+    def read_part_into(self, name: str, start: int, view: memoryview) -> None:
+        """Fill `view` with bytes `[start, start + len(view))` of tensor `name`; a tensor read in parts
+        is read in order, its last part ending at its last byte.
+
+        Raises:
+            ValueError: the range is not within the tensor. As :meth:`read_into` otherwise.
+        """
+
     def close(self) -> None:
         """Release files, connections and threads."""
 

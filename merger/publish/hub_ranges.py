@@ -5,6 +5,9 @@ will read tensors in (:meth:`HubWeights.expect`), and a thread of its own fetche
 in groups of up to :data:`GROUP_BYTES` (each group one range request per run of tensors adjacent in
 the file), holding at most :data:`AHEAD_BYTES` (or one oversized group) not yet read. A frankenmerge
 or an MoE thus downloads only the layers it uses, and memory stays bounded whatever the model's size.
+A group is readable as it arrives: a read of part of a tensor (the executor's pieces,
+:meth:`HubWeights.read_part_into`) waits only for that part's bytes, so the merge and the write of a
+large tensor (an embedding matrix) run while the rest of it downloads.
 
 Every request pins the commit the metadata was read from. A dropped connection, a 5xx or 429 answer,
 and a range whose size is wrong (short, long, or starting elsewhere) are retried with backoff,
@@ -23,7 +26,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,16 +57,63 @@ class _WrongRange(Exception):
 
 @dataclass
 class _Group:
-    """Tensors fetched together: their bytes in one buffer, freed once each has been read as often as planned."""
+    """Tensors fetched together: their bytes in one buffer, filled from its start, freed once each tensor
+    has been read (to its last byte) as often as planned."""
 
     file: str
     tensors: dict[str, StoredTensor]
     reads: int  # reads planned from this group (a tensor read twice counts twice)
     nbytes: int = 0
-    where: dict[str, int] = field(default_factory=dict)  # tensor -> offset in `buffer`
+    where: dict[str, int] = field(default_factory=dict)  # tensor -> offset in `buffer`, in file order
     buffer: torch.Tensor | None = None
     error: BaseException | None = None
-    ready: threading.Event = field(default_factory=threading.Event)
+    filled: int = -1  # bytes of `buffer` received so far, from its start (-1: no buffer yet)
+    awaited: int | None = None  # the `filled` a reader waits for (None: none waits); reached, the fetcher wakes it
+    arrival: threading.Condition = field(default_factory=threading.Condition)
+
+    def lay_out(self) -> None:
+        """Place the tensors in the buffer in file order (`where`)."""
+        position = 0
+        for name in sorted(self.tensors, key=lambda n: self.tensors[n].offset):
+            self.where[name] = position
+            position += self.tensors[name].nbytes
+
+    def runs(self) -> list[tuple[int, int, int]]:
+        """(offset in the file, offset in the buffer, bytes) of each run of tensors adjacent in the file."""
+        runs: list[tuple[int, int, int]] = []
+        for name, position in self.where.items():
+            offset, nbytes = self.tensors[name].offset, self.tensors[name].nbytes
+            if runs and runs[-1][0] + runs[-1][2] == offset:
+                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + nbytes)
+            else:
+                runs.append((offset, position, nbytes))
+        return runs
+
+    def arrived(self, filled: int) -> None:
+        """The fetcher's report: `buffer[:filled]` holds its final bytes (a retry may report less again)."""
+        self.filled = max(self.filled, filled)
+        awaited = self.awaited
+        if awaited is not None and filled >= awaited:  # a lock per wake-up, not per chunk received
+            with self.arrival:
+                self.arrival.notify_all()
+
+    def failed(self, error: BaseException) -> None:
+        with self.arrival:
+            self.error = error
+            self.arrival.notify_all()
+
+    def wait_for(self, filled: int, stop: threading.Event) -> bool:
+        """Wait until `buffer[:filled]` has arrived (True), the fetch failed (`error`) or `stop` is set (False)."""
+        with self.arrival:
+            self.awaited = filled
+            try:
+                while self.filled < filled and self.error is None:
+                    if stop.is_set():
+                        return False
+                    self.arrival.wait(0.1)
+            finally:
+                self.awaited = None
+        return True
 
 
 class HubWeights:
@@ -119,32 +169,56 @@ class HubWeights:
                 last.nbytes += stored.nbytes
             last.reads += 1  # a tensor read twice within one group is fetched once
             self._pending.setdefault(name, deque()).append(last)
+        for group in groups:
+            group.lay_out()
         self._thread = threading.Thread(target=self._fetch_all, args=(groups,), name="merger-hub-fetch", daemon=True)
         self._thread.start()
 
     def read_into(self, name: str, view: memoryview) -> None:
         """Tensor `name`'s bytes into `view`: from its fetched group, the local cache, or a range of its own."""
+        self.read_part_into(name, 0, view)
+
+    def read_part_into(self, name: str, start: int, view: memoryview) -> None:
+        """Bytes `[start, start + len(view))` of tensor `name` into `view`, as soon as they have arrived.
+
+        A planned read of a tensor in parts reads them in order; the part that ends at the tensor's last
+        byte completes the read (its group's buffer is freed after the group's last read).
+
+        Raises:
+            ValueError: the range is not within the tensor. HubError: as :meth:`read_into`.
+        """
         file, stored = self._file_of[name], self.tensors[name]
+        if start < 0 or start + len(view) > stored.nbytes:
+            raise ValueError(f"bytes [{start}, {start + len(view)}) are not within tensor `{name}` ({stored.nbytes})")
         if file in self._local:
-            fd = os.open(self._local[file], os.O_RDONLY)
-            try:
-                read_file_range(fd, self._local[file], stored.offset, view, name)
-            finally:
-                os.close(fd)
+            self._read_cached(file, stored.offset + start, view, name)
             return
+        last = start + len(view) == stored.nbytes
         with self._lock:
             queue = self._pending.get(name)
-            group = queue.popleft() if queue else None
+            group = (queue.popleft() if last else queue[0]) if queue else None
         if group is None:  # not planned (a re-read to explain an error): a range of its own
-            self._fetch(file, stored.offset, view)
+            self._fetch(file, stored.offset + start, view)
             return
-        while not group.ready.wait(0.1):
-            if self._stop.is_set():
-                raise HubError(f"model `{excerpt(self.reference, 100)}`: reading stopped before `{name}` arrived")
+        begin = group.where[name] + start
+        if not group.wait_for(begin + len(view), self._stop):
+            raise HubError(f"model `{excerpt(self.reference, 100)}`: reading stopped before `{name}` arrived")
         if group.error is not None:
             raise group.error
-        start = group.where[name]
-        view[:] = memoryview(group.buffer.numpy())[start : start + stored.nbytes]
+        if len(view):
+            view[:] = memoryview(group.buffer.numpy())[begin : begin + len(view)]
+        if last:
+            self._read_done(group)
+
+    def _read_cached(self, file: str, offset: int, view: memoryview, name: str) -> None:
+        fd = os.open(self._local[file], os.O_RDONLY)
+        try:
+            read_file_range(fd, self._local[file], offset, view, name)
+        finally:
+            os.close(fd)
+
+    def _read_done(self, group: _Group) -> None:
+        """One planned read of `group` is over: after its last, the buffer is freed (kept as the spare)."""
         with self._lock:
             group.reads -= 1
             if group.reads == 0:
@@ -178,27 +252,17 @@ class HubWeights:
                 self._fetch_group(group)
             except BaseException as err:  # every read still waiting gets the error
                 for later in groups[i:]:
-                    later.error = err
-                    later.ready.set()
+                    later.failed(err)
                 return
-            group.ready.set()
 
     def _fetch_group(self, group: _Group) -> None:
-        """The group's tensors in file order in one buffer: one request per run of tensors adjacent in the file."""
+        """The group's tensors in file order in one buffer: one request per run of tensors adjacent in the
+        file, fetched in the buffer's order, so that what has arrived is always its start."""
         group.buffer = self._buffer(group.nbytes)
         buffer = memoryview(group.buffer.numpy())
-        runs: list[tuple[int, int, int]] = []  # (offset in the file, offset in the buffer, bytes)
-        position = 0
-        for name in sorted(group.tensors, key=lambda n: group.tensors[n].offset):
-            stored = group.tensors[name]
-            group.where[name] = position
-            if runs and runs[-1][0] + runs[-1][2] == stored.offset:
-                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + stored.nbytes)
-            else:
-                runs.append((stored.offset, position, stored.nbytes))
-            position += stored.nbytes
-        for offset, start, nbytes in runs:
-            self._fetch(group.file, offset, buffer[start : start + nbytes])
+        for offset, start, nbytes in group.runs():
+            self._fetch(group.file, offset, buffer[start : start + nbytes], lambda n, start=start: group.arrived(start + n))
+        group.arrived(group.nbytes)  # an empty group has no bytes to report
 
     def _buffer(self, nbytes: int) -> torch.Tensor:
         """A uint8 buffer of `nbytes`: the last freed group's when it fits, else a new one, of GROUP_BYTES
@@ -211,8 +275,9 @@ class HubWeights:
                 return spare[:nbytes]
         return torch.empty(max(nbytes, GROUP_BYTES), dtype=torch.uint8)[:nbytes]
 
-    def _fetch(self, file: str, offset: int, view: memoryview) -> None:
-        """Fill `view` from byte `offset` of `file` on the Hub, retrying and resuming (see the module's notes)."""
+    def _fetch(self, file: str, offset: int, view: memoryview, arrived: Callable[[int], None] | None = None) -> None:
+        """Fill `view` from byte `offset` of `file` on the Hub, retrying and resuming (see the module's notes);
+        `arrived(n)` is told each time `view[:n]` holds its final bytes."""
         done, tries = 0, 0
         action = f"reading model `{excerpt(self.reference, 100)}` (`{excerpt(file, 80)}`) from the Hub"
         with hub_call(action, self.token):
@@ -220,7 +285,7 @@ class HubWeights:
                 if self._stop.is_set():
                     raise HubError(f"{action} was stopped")
                 try:
-                    done += self._request(file, offset + done, view[done:])
+                    done += self._request(file, offset + done, view[done:], arrived and (lambda n: arrived(done + n)))
                     continue  # all of it, or a short range or a drop after some bytes: the rest is asked for next
                 except (httpx2.TransportError, _WrongRange) as err:
                     reason = f"{type(err).__name__}: {excerpt(err, 120)}"
@@ -230,8 +295,10 @@ class HubWeights:
                 logger.warning("%s: retrying bytes %d-%d (%s)", action, offset + done, offset + len(view) - 1, reason)
                 time.sleep(BACKOFF_S * 2 ** (tries - 1))
 
-    def _request(self, file: str, start: int, view: memoryview) -> int:
+    def _request(self, file: str, start: int, view: memoryview, arrived: Callable[[int], None] | None) -> int:
         """One range request for `view`'s bytes from `start`; returns the bytes received (all, or a short range's).
+        `arrived(n)` follows the bytes received (those of a range whose Content-Range was checked are final:
+        the commit is pinned, so a retry of them brings the same bytes).
 
         Raises:
             _WrongRange: the answer is not that range (whole file, another start, wrong total size, too long);
@@ -257,6 +324,8 @@ class HubWeights:
                         raise _WrongRange(f"more bytes than the {length} announced")
                     view[received : received + len(chunk)] = chunk
                     received += len(chunk)
+                    if arrived is not None:
+                        arrived(received)
             except httpx2.TransportError:
                 if received:  # resume after what arrived, without counting a try
                     return received

@@ -188,16 +188,29 @@ def command(tool: str, method: str, config: Path, out: Path, device: str) -> lis
 
 
 def process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants, from /proc/PID/task/TID/children (much cheaper than a full /proc scan)."""
+    """`pid` and its descendants, from /proc/PID/task/TID/children (much cheaper than a full /proc scan),
+    less any child still a copy of its parent (see :func:`tree_rss`)."""
     tree = [pid]
     for parent in tree:
         try:
             for tid in os.listdir(f"/proc/{parent}/task"):
                 with open(f"/proc/{parent}/task/{tid}/children") as f:
-                    tree += [int(child) for child in f.read().split()]
+                    tree += [int(child) for child in f.read().split() if not _unexecuted_fork(int(child), parent)]
         except OSError:  # ended meanwhile
             pass
     return tree
+
+
+def _unexecuted_fork(child: int, parent: int) -> bool:
+    """Whether `child` still runs its parent's program with its parent's command line: a fork before its
+    exec (as `ctypes.util.find_library` makes, to run `ldconfig`), whose pages are all its parent's.
+    Counted, it doubled the tree's RSS when sampled in that instant: 0.50 GB instead of 0.31 GB in
+    some half-set runs."""
+    try:
+        return (os.readlink(f"/proc/{child}/exe") == os.readlink(f"/proc/{parent}/exe")
+                and Path(f"/proc/{child}/cmdline").read_bytes() == Path(f"/proc/{parent}/cmdline").read_bytes())
+    except OSError:  # ended meanwhile
+        return True
 
 
 def tree_rss(pid: int) -> int:

@@ -66,3 +66,17 @@ def test_cli_merge_peak_rss_is_bounded_by_tensors_in_flight(tmp_path: Path) -> N
     print(f"\npeak RSS {peak / 2**20:.0f} MiB for inputs of {sum(sizes) / 2**20:.0f} MiB")
     assert peak < BUDGET_BYTES < sum(sizes) / 2
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
+
+
+def test_keeping_freed_memory_starts_no_process(monkeypatch):
+    """glibc's `mallopt` is found among the loaded symbols: `ctypes.util.find_library` would fork the
+    merge's process (already holding its buffers) to run `ldconfig`."""
+    from merger.io import buffers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a process was started: {args[:1]}")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
+    with buffers.freed_memory_kept():
+        block = torch.empty(4 << 20, dtype=torch.uint8).fill_(7)  # a slice-sized block, now from the heap
+    assert int(block.sum()) == 7 * (4 << 20)

@@ -9,7 +9,6 @@ and output casts draw their storage from this pool and give it back when written
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import math
 import threading
 from collections.abc import Iterator
@@ -34,10 +33,12 @@ def freed_memory_kept() -> Iterator[None]:
     half of the system time. Larger blocks (pooled buffers) still get their own mappings, returned on
     release. On exit both settings go back to glibc's defaults (glibc cannot report the values it had;
     its sliding mmap threshold stays off once set). Does nothing where the C library is not glibc.
+
+    `mallopt` is looked up among the symbols the process has loaded (`CDLL(None)`): `find_library`
+    runs `ldconfig -p` in a forked child, a copy of a process that already holds the model's buffers.
     """
-    name = ctypes.util.find_library("c")
     try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         mallopt = None
     if mallopt is None:

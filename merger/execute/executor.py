@@ -28,6 +28,8 @@ of the output dtype) made it. Inputs that never reach the output cost nothing.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import queue
 import threading
@@ -163,11 +165,9 @@ def _execute(
 
     def read_all() -> None:
         try:
-            position = 0
-            for job, entries in items:
-                read_order.reached(position)
+            for index, (job, entries) in enumerate(items):
+                read_order.reaching(index)
                 nbytes = _read_bytes(job, entries, readers)
-                position += nbytes
                 if not budget.acquire(nbytes, stop):
                     return
                 if entries is None:
@@ -244,25 +244,27 @@ class _ReadOrder:
         readers: model key -> its reader.
     """
 
-    def __init__(self, plan: MergePlan, items: list, readers: dict[str, TensorReader]):
+    def __init__(self, plan: MergePlan, items: list[tuple[TensorJob, tuple[int, int] | None]],
+                 readers: dict[str, TensorReader]):
         self.readers = readers
         self.names: dict[str, list[str]] = {}
         for job in plan.jobs:
             for source in sources_of(job):
                 self.names.setdefault(source.model, []).append(source.name)
-        self.first: dict[str, int] = {}  # model key -> bytes read before its first read
-        position = 0
-        for job, entries in items:
+        starts = list(itertools.accumulate((_read_bytes(job, entries, readers) for job, entries in items), initial=0))
+        first: dict[str, int] = {}  # model key -> the index of the first item that reads it
+        for index, (job, _) in enumerate(items):
             for source in sources_of(job):
-                self.first.setdefault(source.model, position)
-            position += _read_bytes(job, entries, readers)
-        self.reached(0)
+                first.setdefault(source.model, index)
+        self.due: dict[int, list[str]] = {}  # item index -> the models told before that item is read
+        for key, index in first.items():
+            self.due.setdefault(bisect.bisect_left(starts, starts[index] - SOURCE_LEAD), []).append(key)
+        self.reaching(0)
 
-    def reached(self, position: int) -> None:
-        """The reader thread has read `position` bytes: tell the readers whose first read is near."""
-        for key in [key for key, first in self.first.items() if first - SOURCE_LEAD <= position]:
+    def reaching(self, index: int) -> None:
+        """The reader thread is about to read item `index`: tell the readers whose first read is near."""
+        for key in self.due.pop(index, []):
             self.readers[key].expect(self.names[key])
-            del self.first[key]
 
 
 def _merge_in_order(

@@ -195,6 +195,10 @@ class Store:
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # TCP_NODELAY, as web servers set it: with Nagle's algorithm a short answer's body, written after its
+    # headers, waited for the client's delayed ACK (40 ms on Linux), so each small call took 44 ms here
+    # instead of 1 ms.
+    disable_nagle_algorithm = True
     server_version = "minihub/0.1"
     store: Store = None  # set on the class
     log_requests = False

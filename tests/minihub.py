@@ -18,7 +18,11 @@ the bytes served and received, POST /_minihub/throttle {"down_bps": .., "up_bps"
 `store.up_bps` cap the bandwidth (bytes/s, shared by all connections, None: unlimited); `store.faults`
 holds faults that each fire once on the next matching range request of a file: `Fault("drop", n)`
 closes the connection after n bytes of the body, `Fault("short", n)` answers a range n bytes
-shorter (with a matching Content-Range), as a server may.
+shorter (with a matching Content-Range), as a server may; `Fault("whole", 0)` answers with the whole
+file (200, as a server that ignores Range), `Fault("long", n)` sends n bytes past the range, its
+Content-Length saying so. `store.cdn` (a base URL, e.g. the same server as `localhost`) makes a
+`/resolve` of an LFS file answer 302 to `{cdn}/_cdn/{sha256}`, as the Hub sends large files from its
+CDN; `store.cdn_authorizations` lists each CDN request's Authorization header (None: none sent).
 
 Not implemented: Xet, multipart LFS, pagination, sort/filter/expand semantics, branches/tags/PRs
 (a revision is `main` or a commit sha), org accounts of their own, paths-info, persistence across restarts. `cardData`
@@ -113,11 +117,12 @@ class Fault:
     """A fault that fires once, on the next range request of a file whose `repo_id/path` matches `path`.
 
     kind "drop": the connection is closed after `n` bytes of the body; "short": the range is answered
-    `n` bytes shorter than asked (a valid, smaller Content-Range).
+    `n` bytes shorter than asked (a valid, smaller Content-Range); "whole": the whole file is sent (200);
+    "long": `n` zero bytes follow the range, with a Content-Length to match (not the Content-Range).
     """
 
     def __init__(self, kind, n, path=r"\.safetensors$", min_start=0):
-        assert kind in ("drop", "short")
+        assert kind in ("drop", "short", "whole", "long")
         self.kind, self.n, self.path, self.min_start = kind, n, path, min_start  # min_start: spare header reads
         self.fired = False
 
@@ -141,6 +146,8 @@ class Store:
         self.ranges = []  # (repo_id, path, start, length) of every file body sent
         self.received = 0  # bytes of request bodies read (uploads)
         self.faults = []  # Fault objects, each fired once
+        self.cdn = None  # a base URL: LFS files' /resolve answers redirect there (see the module's notes)
+        self.cdn_authorizations = []  # each /_cdn request's Authorization header, None where none came
         self._down = self._up = None
 
     @property
@@ -385,6 +392,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self.lfs_batch({"": "model", "datasets/": "dataset", "spaces/": "space"}[mm[1]], mm[2], user)
             if (mm := re.fullmatch(r"/_lfs/([0-9a-f]{64})(/verify)?", path)) and m in ("PUT", "POST"):
                 return self.lfs_put(mm[1], bool(mm[2]))
+            if (mm := re.fullmatch(r"/_cdn/([0-9a-f]{64})", path)) and m in ("GET", "HEAD"):
+                return self.cdn_object(mm[1])
             if (mm := re.fullmatch(r"/((?:datasets/|spaces/)?)([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)) and m in ("GET", "HEAD"):
                 return self.resolve({"": "model", "datasets/": "dataset", "spaces/": "space"}[mm[1]], mm[2], mm[3], mm[4], user)
             self.error(404, None, f"Not implemented in minihub: {m} {path}")
@@ -635,6 +644,22 @@ class Handler(BaseHTTPRequestHandler):
             headers.update({"ETag": f'"{f["sha256"]}"', "X-Linked-Etag": f'"{f["sha256"]}"', "X-Linked-Size": size})
         else:
             headers["ETag"] = f'"{f["blob_oid"]}"'
+        if f["lfs"] and self.store.cdn:
+            return self.send(302, headers={**headers, "Location": f"{self.store.cdn}/_cdn/{f['sha256']}"})
+        self.send_file(disk, size, headers, repo_id, fpath)
+
+    def cdn_object(self, oid):
+        """An LFS object by its sha256, for anyone (the Hub's CDN takes signed URLs, not tokens)."""
+        with self.store.lock:
+            self.store.cdn_authorizations.append(self.headers.get("Authorization"))
+        disk = self.store.lfs_path(oid)
+        if not os.path.isfile(disk):
+            return self.error(404, None, "Not found")
+        self.send_file(disk, os.path.getsize(disk), {"Accept-Ranges": "bytes", "ETag": f'"{oid}"'}, "_cdn", oid)
+
+    def send_file(self, disk, size, headers, repo_id, fpath):
+        """A file's bytes, or the range the request asks for (206), with the store's faults and throttle;
+        counted as `repo_id/fpath`'s (the CDN's: `_cdn/{sha256}`)."""
         start, end = 0, size - 1
         rng = self.headers.get("Range")
         status = 200
@@ -650,11 +675,15 @@ class Handler(BaseHTTPRequestHandler):
         if fault is not None and fault.kind == "short" and end - start + 1 > fault.n:
             end -= fault.n
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+        if fault is not None and fault.kind == "whole":
+            status, start, end = 200, 0, size - 1
+            del headers["Content-Range"]
         length = max(0, end - start + 1)
+        extra = fault.n if fault is not None and fault.kind == "long" else 0
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, str(v))
-        self.send_header("Content-Length", str(length))
+        self.send_header("Content-Length", str(length + extra))
         self.end_headers()
         if self.command == "HEAD":
             return
@@ -670,6 +699,7 @@ class Handler(BaseHTTPRequestHandler):
                     self.store._down.pass_bytes(len(chunk))
                 self.wfile.write(chunk)
                 sent += len(chunk)
+        self.wfile.write(b"\0" * extra)
         self._count(repo_id, fpath, start, sent)
         if sent < length:  # a fault: the connection drops with the body unfinished
             self.wfile.flush()

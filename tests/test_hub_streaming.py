@@ -14,7 +14,7 @@ from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import RepositoryNotFoundError
 
 from merger.engine import run_merge
-from merger.errors import HubError, MergeCancelled
+from merger.errors import HubError, MergeCancelled, ModelNotFoundError
 from merger.execute import executor
 from merger.publish import hub_ranges, hub_read
 from merger.publish.hub_read import HEADER_FIRST_READ, fetch_metadata
@@ -118,9 +118,10 @@ dtype: bfloat16
         assert needed < 0.6 * path.stat().st_size
 
 
-def test_dropped_connections_and_short_ranges_are_retried(hub, repos, reference, tmp_path, monkeypatch):
+def test_dropped_connections_and_wrong_ranges_are_retried(hub, repos, reference, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(hub_ranges, "BACKOFF_S", 0.01)
-    faults = [Fault("drop", 70_000, min_start=9), Fault("short", 4096, min_start=9), Fault("drop", 0, min_start=9)]
+    faults = [Fault("drop", 70_000, min_start=9), Fault("short", 4096, min_start=9), Fault("drop", 0, min_start=9),
+              Fault("whole", 0, min_start=9), Fault("long", 1000, min_start=9)]
     hub.store.faults[:] = faults
     try:
         run_merge(linear_yaml(repos), tmp_path / "hub", device="cpu", shard_size=SHARD, token=hub.token)
@@ -128,6 +129,28 @@ def test_dropped_connections_and_short_ranges_are_retried(hub, repos, reference,
         hub.store.faults.clear()
     assert all(f.fired for f in faults)
     assert output_bytes(tmp_path / "hub") == output_bytes(reference)
+    retried = [r.getMessage() for r in caplog.records if "retrying bytes" in r.getMessage()]
+    assert any("instead of a range" in m for m in retried) and any("Content-Range announced" in m for m in retried)
+
+
+def test_ranges_redirected_to_another_host_are_read_without_the_token(hub, repos, reference, tmp_path, monkeypatch):
+    # As the Hub sends a large file from its CDN: the same loopback server, named `localhost` (another host).
+    monkeypatch.setattr(hub_ranges, "try_to_load_from_cache", lambda *args, **kwargs: None)  # all from the Hub
+    monkeypatch.setattr(hub.store, "cdn", hub.url.replace("127.0.0.1", "localhost"))
+    monkeypatch.setattr(hub.store, "cdn_authorizations", [])
+    run_merge(linear_yaml(repos), tmp_path / "hub", device="cpu", shard_size=SHARD, token=hub.token)
+    assert output_bytes(tmp_path / "hub") == output_bytes(reference)
+    assert len(hub.store.cdn_authorizations) > 3 and set(hub.store.cdn_authorizations) == {None}
+
+
+def test_a_range_refused_after_the_metadata_names_the_model_and_what_to_do(hub, repos, fixture_models_dir):
+    # The repo became gated after its metadata was read: bob has not accepted its terms.
+    repo = hub.upload_model(fixture_models_dir / "llama-base", "alice/stream-gated-later")
+    source = hub_ranges.HubWeights(fetch_metadata(repo, token=hub.token).hub, "hf_test_bob", repo)
+    hub.store.repos[("model", repo)]["gated"] = "manual"
+    view = memoryview(bytearray(source.tensors["model.norm.weight"].nbytes))
+    with pytest.raises(ModelNotFoundError, match=r"alice/stream-gated-later` is gated: accept its terms"):
+        source.read_into("model.norm.weight", view)
 
 
 def test_a_range_that_keeps_failing_is_a_hub_error_naming_the_model(hub, repos, tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """The app stays responsive under hostile load: ten slow requests run at once (configs whose models sit
 on a Hub that answers slowly) while light requests still answer within seconds, and every slow one ends
-with ValidationTimeoutError within its bound; a timed-out check stops at its next Hub call."""
+with ValidationTimeoutError within its bound; a timed-out check stops at its next Hub call. Models are
+read at once, each within the caller's deadline."""
 
 from __future__ import annotations
 
@@ -122,6 +123,32 @@ def test_a_call_within_its_limit_returns_or_raises_its_own_error() -> None:
     with pytest.raises(KeyError, match="mine"):
         timeouts.run_limited(lambda: {}["mine"], 1.0, "a failing check")
     timeouts.check_deadline("nothing")  # outside a limited call: no deadline, no error
+
+
+def test_models_are_read_at_once_each_within_the_callers_deadline() -> None:
+    both_started = threading.Barrier(2, timeout=10)  # broken (an error) if the first two ran one after another
+
+    def read(index: int) -> tuple[int, bool]:
+        if index < 2:
+            both_started.wait()
+        return index, timeouts._deadline.get() is not None
+
+    found = timeouts.run_limited(lambda: timeouts.map_models(read, [0, 1, 2], str), 30, "reading three models")
+    assert found == [(0, True), (1, True), (2, True)]
+
+
+def test_of_models_read_at_once_the_first_failure_in_order_is_raised() -> None:
+    second_failed = threading.Event()
+
+    def read(index: int) -> int:
+        if index == 0:
+            assert second_failed.wait(10)
+            raise ValueError("the first model's")
+        second_failed.set()
+        raise KeyError("the second model's")
+
+    with pytest.raises(ValueError, match="the first model's"):
+        timeouts.map_models(read, [0, 1], str)
 
 
 def test_when_every_slot_is_taken_a_new_call_is_refused_in_its_limit(monkeypatch) -> None:

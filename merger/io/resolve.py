@@ -15,7 +15,7 @@ from merger.lora.adapter import read_adapter
 from merger.io.metadata import ModelMetadata, read_local_metadata
 from merger.io.sources import WeightSource
 from merger.publish.hub_ranges import HubWeights
-from merger.timeouts import check_deadline
+from merger.timeouts import map_models
 from merger.plan.tokenizer import Vocabulary, load_vocabulary
 from merger.config.references import PATH_PREFIXES, is_hub_id, looks_like_hub_id
 
@@ -77,17 +77,18 @@ def fetch_metadata(refs: list[ModelReference], token: str | None) -> dict[str, M
             a PEFT adapter); see :mod:`merger.io.modelfiles` and :mod:`merger.io.formats`.
         LoraAdapterError / AdapterTargetError: a `+lora` adapter that cannot be applied to its model.
     """
-    result = {}
-    for ref in refs:
-        check_deadline("reading the next model")  # a timed-out validation stops here, not after every model
+
+    def one(ref: ModelReference) -> ModelMetadata:
         path = local_path(ref.base)
         meta = read_local_metadata(path, str(ref.base)) if path else hub_read.fetch_metadata(str(ref.base), token=token)
         refuse_unmergeable_weights(meta)
         check_layer_count(meta)
         if ref.lora:  # the adapter changes values only: the model's metadata stands, once its targets fit
             read_adapter(adapter_path(ref, token), ref.lora).check_targets(meta.tensors, str(ref.base))
-        result[ref.key] = meta
-    return result
+        return meta
+
+    found = map_models(one, refs, lambda ref: f"reading model `{excerpt(str(ref), 100)}`")
+    return {ref.key: meta for ref, meta in zip(refs, found)}
 
 
 def materialize(refs: list[ModelReference], token: str | None) -> dict[str, Path]:
@@ -166,9 +167,10 @@ def fetch_vocabularies(
     Returns:
         canonical key -> :class:`~merger.plan.tokenizer.Vocabulary`.
     """
-    result = {}
-    for ref in refs:
-        check_deadline("reading the next tokenizer")
+
+    def one(ref: ModelReference) -> Vocabulary:
         path = local_path(ref.base) or hub_read.download_tokenizer(str(ref.base), token=token)
-        result[ref.key] = load_vocabulary(path, embedding_rows(metadata[ref.key]), str(ref.base))
-    return result
+        return load_vocabulary(path, embedding_rows(metadata[ref.key]), str(ref.base))
+
+    found = map_models(one, refs, lambda ref: f"reading the tokenizer of `{excerpt(str(ref.base), 100)}`")
+    return dict(zip((ref.key for ref in refs), found))

@@ -9,7 +9,8 @@ A group is readable as it arrives: a read of part of a tensor (the executor's pi
 :meth:`HubWeights.read_part_into`) waits only for that part's bytes, so the merge and the write of a
 large tensor (an embedding matrix) run while the rest of it downloads.
 
-Every request pins the commit the metadata was read from. A dropped connection, a 5xx or 429 answer,
+The requests are urllib3's, reading into the group's buffer (:mod:`merger.publish.range_http`: at a
+sixth of the CPU of huggingface_hub's client); every request pins the commit the metadata was read from. A dropped connection, a 5xx or 429 answer,
 and a range whose size is wrong (short, long, or starting elsewhere) are retried with backoff,
 resuming at the first byte not yet received, up to :data:`RETRIES` times per range. What is verified:
 each answer's `Content-Range` (start, end, and the file's total size against the size seen before)
@@ -30,15 +31,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx2  # huggingface_hub's HTTP client: its transport errors are what a dropped connection raises
 import torch
 from huggingface_hub import constants, hf_hub_url, try_to_load_from_cache
-from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+from huggingface_hub.utils import build_hf_headers
 
 from merger.errors import HubError, ModelFileError, TruncatedWeightsError, excerpt
 from merger.io.metadata import HubCheckpoint, StoredTensor, read_safetensors_layout
 from merger.io.sources import read_file_range
-from merger.publish.hub_calls import hub_call
+from merger.publish.hub_read import reading_model
+from merger.publish.range_http import READ_PIECE, TRANSPORT_ERRORS, done, get_range, raise_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +128,8 @@ class HubWeights:
     Raises:
         TruncatedWeightsError: a file is shorter than its header says (before anything is read).
         HubError: from :meth:`read_into`, when a range cannot be read after :data:`RETRIES` retries,
-            or the Hub refuses it (with the status and what to do).
+            or the Hub refuses it (with the status and what to do). ModelNotFoundError: from
+            :meth:`read_into`, when the repo has become gated, hidden or deleted since its metadata was read.
     """
 
     def __init__(self, checkpoint: HubCheckpoint, token: str | None, reference: str):
@@ -280,14 +282,14 @@ class HubWeights:
         `arrived(n)` is told each time `view[:n]` holds its final bytes."""
         done, tries = 0, 0
         action = f"reading model `{excerpt(self.reference, 100)}` (`{excerpt(file, 80)}`) from the Hub"
-        with hub_call(action, self.token):
+        with reading_model(self.reference, self.token):
             while done < len(view):
                 if self._stop.is_set():
                     raise HubError(f"{action} was stopped")
                 try:
                     done += self._request(file, offset + done, view[done:], arrived and (lambda n: arrived(done + n)))
                     continue  # all of it, or a short range or a drop after some bytes: the rest is asked for next
-                except (httpx2.TransportError, _WrongRange) as err:
+                except (*TRANSPORT_ERRORS, _WrongRange) as err:
                     reason = f"{type(err).__name__}: {excerpt(err, 120)}"
                 tries += 1
                 if tries > RETRIES:
@@ -302,37 +304,39 @@ class HubWeights:
 
         Raises:
             _WrongRange: the answer is not that range (whole file, another start, wrong total size, too long);
-                nothing of it is kept. httpx2.TransportError: the connection failed or dropped (bytes received
+                nothing of it is kept. TRANSPORT_ERRORS: the connection failed or dropped (bytes received
                 before it count). HfHubHTTPError: a refusal that a retry cannot fix (401, 403, 404, ...).
         """
         end = start + len(view) - 1
-        headers = {**self._headers, "range": f"bytes={start}-{end}"}
-        timeout = httpx2.Timeout(READ_TIMEOUT_S, connect=10)
-        with get_session().stream("GET", self._urls[file], headers=headers, timeout=timeout) as response:
-            if response.status_code in _RETRIED_STATUS:
-                raise _WrongRange(f"HTTP {response.status_code}")
-            if response.status_code >= 400:
-                response.read()  # an error's body is short; hf_raise_for_status reads the Hub's message in it
-                hf_raise_for_status(response)
-            if response.status_code != 206:  # e.g. the whole file: not read
-                raise _WrongRange(f"HTTP {response.status_code} instead of a range")
-            length = self._check_content_range(file, response.headers.get("content-range", ""), start, end)
+        answer = get_range(self._urls[file], self._headers, start, end, READ_TIMEOUT_S)
+        try:
+            if answer.status in _RETRIED_STATUS:
+                raise _WrongRange(f"HTTP {answer.status}")
+            if answer.status >= 400:
+                raise_refusal(answer, self._urls[file])
+            if answer.status != 206:  # e.g. the whole file: not read
+                raise _WrongRange(f"HTTP {answer.status} instead of a range")
+            length = self._check_content_range(file, answer.headers.get("content-range", ""), start, end)
             received = 0
             try:
-                for chunk in response.iter_bytes():  # as received: a chunk size would copy every byte twice more
-                    if received + len(chunk) > length:
-                        raise _WrongRange(f"more bytes than the {length} announced")
-                    view[received : received + len(chunk)] = chunk
-                    received += len(chunk)
+                while received < length:
+                    got = answer.readinto(view[received : min(received + READ_PIECE, length)])
+                    if not got:
+                        break
+                    received += got
                     if arrived is not None:
                         arrived(received)
-            except httpx2.TransportError:
+            except TRANSPORT_ERRORS:
                 if received:  # resume after what arrived, without counting a try
                     return received
                 raise
-            if received != length:  # the connection closed early, though httpx did not say so
+            if received != length:  # the connection closed early, though urllib3 did not say so
                 raise _WrongRange(f"{received} of {length} bytes")
+            if not answer.isclosed():  # its Content-Length announced more than its Content-Range
+                raise _WrongRange(f"more bytes than the {length} its Content-Range announced")
             return received
+        finally:
+            done(answer)
 
     def _check_content_range(self, file: str, value: str, start: int, end: int) -> int:
         """The answer's byte count, once its Content-Range is checked against the request and the file's size."""

@@ -92,7 +92,7 @@ def download_model(reference: str, token: str | None = None, weights: bool = Tru
     """
     repo_id, revision = split_reference(reference)
     api = _api(token)
-    with _reading(reference, token):
+    with reading_model(reference, token):
         info = api.model_info(repo_id, revision=revision)
         _refuse_non_checkpoint(api, reference, info)
         patterns = HUB_ALLOW_PATTERNS if weights else [p for p in HUB_ALLOW_PATTERNS if p != "*.safetensors"]
@@ -114,7 +114,7 @@ def download_tokenizer(reference: str, token: str | None = None) -> Path:
     """
     repo_id, revision = split_reference(reference)
     api = _api(token)
-    with _reading(reference, token):
+    with reading_model(reference, token):
         info = api.model_info(repo_id, revision=revision)
         patterns = [CONFIG_FILE, *TOKENIZER_FILES]
         return Path(api.snapshot_download(repo_id, revision=info.sha, allow_patterns=patterns))
@@ -140,7 +140,7 @@ def download_adapter(reference: str, token: str | None = None) -> Path:
     """
     repo_id, revision = split_reference(reference)
     api = _api(token)
-    with _reading(reference, token):
+    with reading_model(reference, token):
         info = api.model_info(repo_id, revision=revision, files_metadata=True)
         size = sum(s.size or 0 for s in info.siblings or [] if s.rfilename in ADAPTER_FILES)
         if size > MAX_ADAPTER_BYTES:
@@ -172,7 +172,7 @@ def fetch_metadata(reference: str, token: str | None = None) -> ModelMetadata:
     """
     repo_id, revision = split_reference(reference)
     api = _api(token)
-    with _reading(reference, token):
+    with reading_model(reference, token):
         info = api.model_info(repo_id, revision=revision)
         _refuse_non_checkpoint(api, reference, info)
         config = _remote_config(api, reference, repo_id, info.sha)
@@ -218,7 +218,7 @@ def repo_access(reference: str, token: str | None = None) -> RepoAccess:
     """
     repo_id, revision = split_reference(reference)
     api = _api(token)
-    with _reading(reference, token):
+    with reading_model(reference, token):
         info = api.model_info(repo_id, revision=revision)
         return RepoAccess(info.gated or None, bool(info.private), _card_license(api, info))
 
@@ -357,8 +357,9 @@ def _byte_range(api: HfApi, info: ModelInfo, filename: str, first: int, last: in
 
 
 @contextmanager
-def _reading(reference: str, token: str | None) -> Iterator[None]:
-    """Turn a missing or hidden repo into ModelNotFoundError, anything else into HubError."""
+def reading_model(reference: str, token: str | None) -> Iterator[None]:
+    """Around Hub calls that read model `reference`: a missing, hidden or gated repo becomes
+    ModelNotFoundError (saying what to do), any other Hub or network failure HubError."""
     with hub_call(f"reading model `{excerpt(reference, 100)}`", token):
         try:
             yield

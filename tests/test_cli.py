@@ -124,14 +124,17 @@ def test_a_config_file_that_cannot_be_read_is_one_line(capsys, tmp_path: Path, c
 
 def test_the_command_line_starts_without_the_hub_client() -> None:
     """huggingface_hub's client module (`hf_api`, through its card module too) takes a quarter of a second
-    to import: a merge of local folders never needs it, so the CLI imports it only at its first Hub call,
-    and the engine renders the card beside the merge (docs/decisions.md, "Starting and ending the CLI")."""
-    probe = "import sys, merger.cli\nprint(sorted(m for m in sys.modules if m.startswith('huggingface_hub.')))"
+    to import, and the Hub ranges' HTTP stack (urllib3, httpcore2's trust store) 0.1 s: a merge of local
+    folders never needs them, so the CLI imports them only at its first Hub call, and the engine renders
+    the card beside the merge (docs/decisions.md, "Starting and ending the CLI")."""
+    probe = ("import sys, merger.cli\n"
+             "print(sorted(m for m in sys.modules if m.startswith(('huggingface_hub.', 'urllib3', 'httpcore2', 'merger.publish.'))))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     loaded = done.stdout
-    assert "huggingface_hub.errors" in loaded  # the probe sees the Hub package's modules at all
+    assert "huggingface_hub.errors" in loaded and "merger.publish.hub_read" in loaded  # the probe sees them at all
     assert "huggingface_hub.hf_api" not in loaded and "huggingface_hub.repocard'" not in loaded
+    assert not any(name in loaded for name in ("'urllib3", "'httpcore2", "merger.publish.hub_ranges", "merger.publish.range_http"))
 
 
 def test_python_m_merger_runs_the_work_with_the_collector_on_and_the_imports_frozen() -> None:

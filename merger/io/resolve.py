@@ -14,7 +14,6 @@ from merger.io.formats import check_layer_count, refuse_unmergeable_weights
 from merger.lora.adapter import read_adapter
 from merger.io.metadata import ModelMetadata, read_local_metadata
 from merger.io.sources import WeightSource
-from merger.publish.hub_ranges import HubWeights
 from merger.timeouts import map_models
 from merger.plan.tokenizer import Vocabulary, load_vocabulary
 from merger.config.references import PATH_PREFIXES, is_hub_id, looks_like_hub_id
@@ -123,6 +122,10 @@ def stream_sources(
         if hub is None:
             weights[ref.key] = path or hub_read.download_model(str(ref.base), token=token)
         else:
+            # Imported here: its HTTP stack (urllib3, huggingface_hub's trust store) takes 0.1 s to import,
+            # which a merge of local folders never needs.
+            from merger.publish.hub_ranges import HubWeights
+
             weights[ref.key] = HubWeights(hub, token, str(ref.base))
             pinned[ref.key] = f"{hub.repo_id}@{hub.revision}"
 

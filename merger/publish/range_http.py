@@ -19,7 +19,6 @@ import threading
 import urllib.request
 from typing import NoReturn
 
-import httpcore2  # huggingface_hub's transport: its trust store
 import httpx2  # huggingface_hub's HTTP client: hf_raise_for_status reads its Response
 import urllib3
 from huggingface_hub.utils import hf_raise_for_status
@@ -86,6 +85,8 @@ def _pool(url: str) -> urllib3.PoolManager:
     proxy = None if urllib.request.proxy_bypass(parsed.host or "") else proxies.get(parsed.scheme or "", proxies.get("all"))
     with _pools_lock:
         if proxy not in _pools:
+            import httpcore2  # huggingface_hub's transport, for its trust store; imported by the first range (0.1 s)
+
             options = {"maxsize": 8, "ssl_context": httpcore2.default_ssl_context()}  # a connection per model fetched at once
             _pools[proxy] = urllib3.ProxyManager(proxy, **options) if proxy else urllib3.PoolManager(**options)
         return _pools[proxy]

@@ -4,10 +4,13 @@ shards uploaded as they are written (bounded disk, one commit, no repo left by a
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import struct
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
@@ -141,6 +144,51 @@ def test_ranges_redirected_to_another_host_are_read_without_the_token(hub, repos
     run_merge(linear_yaml(repos), tmp_path / "hub", device="cpu", shard_size=SHARD, token=hub.token)
     assert output_bytes(tmp_path / "hub") == output_bytes(reference)
     assert len(hub.store.cdn_authorizations) > 3 and set(hub.store.cdn_authorizations) == {None}
+
+
+class _ForwardProxy(BaseHTTPRequestHandler):
+    """A plain HTTP forward proxy: each request (an absolute URL) is sent on to its host; `seen` lists them."""
+
+    protocol_version = "HTTP/1.1"
+    seen: list[str] = []
+
+    def do_GET(self) -> None:
+        self.seen.append(self.path)
+        target = urlsplit(self.path)
+        upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+        upstream.request("GET", target.path, headers={k: v for k, v in self.headers.items() if k.lower() != "proxy-connection"})
+        answer = upstream.getresponse()
+        body = answer.read()
+        self.send_response(answer.status)
+        for key, value in answer.getheaders():
+            if key.lower() not in ("connection", "transfer-encoding", "content-length"):
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        upstream.close()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_ranges_go_through_the_proxy_the_environment_names(hub, repos, reference, tmp_path, monkeypatch):
+    monkeypatch.setattr(hub_ranges, "try_to_load_from_cache", lambda *args, **kwargs: None)  # all from the Hub
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), type("Proxy", (_ForwardProxy,), {"seen": []}))
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")
+    try:
+        run_merge(linear_yaml(repos), tmp_path / "hub", device="cpu", shard_size=SHARD, token=hub.token)
+    finally:
+        proxy.shutdown()
+    assert output_bytes(tmp_path / "hub") == output_bytes(reference)
+    # huggingface_hub's own client read the proxy variables when it was made (before this test); the ranges' pool
+    # reads them at each request: every model's weights came through the proxy.
+    weights = {urlsplit(url).path.split("/resolve/")[0].strip("/") for url in proxy.RequestHandlerClass.seen
+               if url.endswith(WEIGHTS)}
+    assert weights == set(repos.values())
 
 
 def test_a_range_refused_after_the_metadata_names_the_model_and_what_to_do(hub, repos, fixture_models_dir):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import threading
 import urllib.request
-from typing import NoReturn
 
 import httpx2  # huggingface_hub's HTTP client: hf_raise_for_status reads its Response
 import urllib3
@@ -65,16 +64,16 @@ def done(answer: urllib3.BaseHTTPResponse) -> None:
     answer.release_conn()
 
 
-def raise_refusal(answer: urllib3.BaseHTTPResponse, url: str) -> NoReturn:
-    """Raise huggingface_hub's error for a refused range (HTTP 4xx/5xx), with the Hub's message in it.
+def raise_refusal(answer: urllib3.BaseHTTPResponse, url: str) -> None:
+    """Raise huggingface_hub's error for a refused range, with the Hub's message in it, as for any other Hub call.
 
     Raises:
-        huggingface_hub.errors.HfHubHTTPError (or its subclasses: RepositoryNotFoundError, GatedRepoError...).
+        huggingface_hub.errors.HfHubHTTPError (or its subclasses: RepositoryNotFoundError, GatedRepoError...):
+            for any status of 400 or more; an answer below 400 raises nothing.
     """
     body = answer.read(ERROR_BODY_BYTES)
     kept = [(k, v) for k, v in answer.headers.items() if k.lower() not in ("content-length", "content-encoding")]
     hf_raise_for_status(httpx2.Response(answer.status, headers=kept, content=body, request=httpx2.Request("GET", url)))
-    raise AssertionError(f"hf_raise_for_status accepted HTTP {answer.status}")  # it raises for any status >= 400
 
 
 def _pool(url: str) -> urllib3.PoolManager:

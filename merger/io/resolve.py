@@ -176,4 +176,4 @@ def fetch_vocabularies(
         return load_vocabulary(path, embedding_rows(metadata[ref.key]), str(ref.base))
 
     found = map_models(one, refs, lambda ref: f"reading the tokenizer of `{excerpt(str(ref.base), 100)}`")
-    return dict(zip((ref.key for ref in refs), found))
+    return {ref.key: vocabulary for ref, vocabulary in zip(refs, found)}

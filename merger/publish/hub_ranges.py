@@ -10,11 +10,11 @@ A group is readable as it arrives: a read of part of a tensor (the executor's pi
 large tensor (an embedding matrix) run while the rest of it downloads.
 
 The requests are urllib3's, reading into the group's buffer (:mod:`merger.publish.range_http`: at a
-sixth of the CPU of huggingface_hub's client); every request pins the commit the metadata was read from. A dropped connection, a 5xx or 429 answer,
-and a range whose size is wrong (short, long, or starting elsewhere) are retried with backoff,
-resuming at the first byte not yet received, up to :data:`RETRIES` times per range. What is verified:
-each answer's `Content-Range` (start, end, and the file's total size against the size seen before)
-and byte count. The Hub's sha256 covers a whole LFS file only, so a range's content cannot be
+sixth of the CPU of huggingface_hub's client); every request pins the commit the metadata was read
+from. A dropped connection, a 5xx or 429 answer, and a range whose size is wrong (short, long, or
+starting elsewhere) are retried with backoff, resuming at the first byte not yet received, up to
+:data:`RETRIES` times per range. What is verified: each answer's `Content-Range` (start, end, and the
+file's total size against the size seen before) and byte count. The Hub's sha256 covers a whole LFS file only, so a range's content cannot be
 checked against it; the pinned commit makes the bytes immutable. A file already in the local HF
 cache (complete, same header) is read from there instead (docs/decisions.md, "Streaming from the Hub").
 """
@@ -39,7 +39,7 @@ from merger.errors import HubError, ModelFileError, TruncatedWeightsError, excer
 from merger.io.metadata import HubCheckpoint, StoredTensor, read_safetensors_layout
 from merger.io.sources import read_file_range
 from merger.publish.hub_read import reading_model
-from merger.publish.range_http import READ_PIECE, TRANSPORT_ERRORS, done, get_range, raise_refusal
+from merger.publish.range_http import READ_PIECE, TRANSPORT_ERRORS, finish, get_range, raise_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -332,11 +332,11 @@ class HubWeights:
                 raise
             if received != length:  # the connection closed early, though urllib3 did not say so
                 raise _WrongRange(f"{received} of {length} bytes")
-            if not answer.isclosed():  # its Content-Length announced more than its Content-Range
+            if answer.length_remaining:  # its Content-Length announced more than its Content-Range (None: chunked)
                 raise _WrongRange(f"more bytes than the {length} its Content-Range announced")
             return received
         finally:
-            done(answer)
+            finish(answer)
 
     def _check_content_range(self, file: str, value: str, start: int, end: int) -> int:
         """The answer's byte count, once its Content-Range is checked against the request and the file's size."""

@@ -46,7 +46,7 @@ def get_range(url: str, headers: dict[str, str], first: int, last: int, read_tim
         read_timeout_s: seconds without data before the connection counts as dropped.
 
     Returns:
-        urllib3's answer (any status, redirects followed); pass it to :func:`done` when finished with it.
+        urllib3's answer (any status, redirects followed); pass it to :func:`finish` when finished with it.
 
     Raises:
         urllib3.exceptions.HTTPError (:data:`TRANSPORT_ERRORS`): the Hub could not be reached.
@@ -56,10 +56,10 @@ def get_range(url: str, headers: dict[str, str], first: int, last: int, read_tim
                               retries=_REDIRECTS_ONLY, timeout=timeout)
 
 
-def done(answer: urllib3.BaseHTTPResponse) -> None:
+def finish(answer: urllib3.BaseHTTPResponse) -> None:
     """Give the connection back for the next range when its body was read to the end, else close it (unread
     bytes would be read as the next answer)."""
-    if not answer.isclosed():  # http.client closes the body once its Content-Length has been read
+    if not answer.isclosed():  # http.client closes the body once it has been read to its end
         answer.close()
     answer.release_conn()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import threading
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,46 @@ def test_a_file_system_refusing_direct_io_at_write_gets_the_same_bytes(tmp_path:
     pieces = _pieces([ALIGN + 3, STAGE + 5, 9], seed=3)
     _write_pieces(tmp_path / "out.bin", pieces)
     assert (tmp_path / "out.bin").read_bytes() == b"".join(pieces)
+
+
+def test_a_full_half_is_written_while_the_next_one_fills(tmp_path: Path, monkeypatch) -> None:
+    # The device's write of the first half is held until the caller has gone on past it: a writer that
+    # waited for the device (one buffer, written in the caller's thread) would never get there.
+    went_on = threading.Event()
+    real_write = os.write
+
+    def held_write(fd, data):
+        assert went_on.wait(10), "the caller waited for the device before filling the next half"
+        return real_write(fd, data)
+
+    monkeypatch.setattr(direct_file.os, "write", held_write)
+    data = _pieces([STAGE + 100, 200], seed=4)
+    staging = StagingBuffer(STAGE)
+    out = DirectFile(tmp_path / "out.bin", staging)
+    out.write(data[0])  # one full half handed over, 100 bytes in the other
+    went_on.set()
+    out.write(data[1])
+    out.close()
+    staging.close()
+    assert (tmp_path / "out.bin").read_bytes() == b"".join(data)
+
+
+def test_a_write_error_on_the_disk_thread_is_raised_to_the_writer(tmp_path: Path, monkeypatch) -> None:
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(direct_file.os, "write", full)
+    staging = StagingBuffer(STAGE)
+    open_before = len(os.listdir("/proc/self/fd"))
+    out = DirectFile(tmp_path / "out.bin", staging)
+    with pytest.raises(OSError) as raised:
+        out.write(bytes(3 * STAGE))  # the second hand-over waits for the first half, whose write failed
+    assert raised.value.errno == errno.ENOSPC
+    with pytest.raises(OSError) as raised:
+        out.close()  # the second half's write failed too
+    assert raised.value.errno == errno.ENOSPC
+    assert len(os.listdir("/proc/self/fd")) == open_before  # the file is closed all the same
+    staging.close()
 
 
 @pytest.mark.parametrize("size", [0, ALIGN + 1, ALIGN // 2])

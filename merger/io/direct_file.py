@@ -1,4 +1,4 @@
-"""An output file written around the page cache (O_DIRECT), through one reused aligned buffer.
+"""An output file written around the page cache (O_DIRECT), through a reused aligned buffer in two halves.
 
 A merge writes each output byte once and never reads it back in the same process; going through the
 page cache makes the kernel allocate and fill a fresh page per 4 KiB written, and evict the inputs'
@@ -13,8 +13,11 @@ its true size.
 
 A direct write returns only once the device has the bytes, so the staging buffer has two halves and a
 thread of its own writes a full half while the caller fills the other: the writer's work between
-writes (checking and copying the next tensors) no longer leaves the device idle. Where the file system refuses O_DIRECT (tmpfs on older kernels, some FUSE mounts, any
-OS without it) the same bytes go through the page cache instead: the result is identical either way.
+writes (checking and copying the next tensors) no longer leaves the device idle (docs/decisions.md,
+"Writing the output around the page cache").
+
+Where the file system refuses O_DIRECT (tmpfs on older kernels, some FUSE mounts, any OS without it)
+the same bytes go through the page cache instead: the result is identical either way.
 """
 
 from __future__ import annotations

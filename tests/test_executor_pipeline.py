@@ -108,6 +108,36 @@ def test_copies_behind_a_slow_job_are_written_in_order(tmp_path: Path, monkeypat
         assert torch.equal(merged[name].float(), expected.to(torch.bfloat16).float()), name
 
 
+def test_a_job_that_fills_the_budget_is_merged_alone_on_every_thread_with_the_same_bytes(
+    tmp_path: Path, monkeypatch, two_jobs_at_once
+) -> None:
+    a, b = write_llama(tmp_path / "a", 0), write_llama(tmp_path / "b", 1)
+    config = f"merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters: {{t: 0.3}}\n"
+    real, seen = executor.compute_job, {}
+
+    def counted(job, *args, **kwargs):
+        seen[job.name] = torch.get_num_threads()
+        return real(job, *args, **kwargs)
+
+    monkeypatch.setattr(executor, "compute_job", counted)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_merge(config, tmp_path / "shared", device="cpu")  # the budget (16 MiB) holds every job at once
+        assert set(seen.values()) == {1}  # two jobs at once, one thread each
+        monkeypatch.setattr(executor, "MIN_BUDGET", 1)  # the budget is the largest job: an MLP matrix of both
+        seen.clear()
+        run_merge(config, tmp_path / "alone", device="cpu")
+    finally:
+        torch.set_num_threads(threads)
+    mlp = {name for name in seen if ".mlp." in name}
+    assert len(mlp) == 6 and all(seen[name] == 2 for name in mlp)
+    assert all(count == 1 for name, count in seen.items() if name not in mlp)  # back to one after each
+    shards = [sorted((tmp_path / run).glob("*.safetensors")) for run in ("alone", "shared")]
+    assert [p.name for p in shards[0]] == [p.name for p in shards[1]] and shards[0]
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(*shards))
+
+
 def test_large_tensors_are_read_merged_and_written_in_pieces_with_the_same_bytes(tmp_path: Path, monkeypatch) -> None:
     """With pieces of 1,000 entries the MLP matrices (32,768 entries) go through the pipeline in 33 runs,
     the last one short; the output is the whole-tensor run's, byte for byte, and the hand computation's."""

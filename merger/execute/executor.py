@@ -286,10 +286,19 @@ def _merge_in_order(
     at_once = _jobs_at_once(device)
     in_flight: deque[tuple[TensorJob, Future]] = deque()  # computed jobs, in plan order
 
+    cores = torch.get_num_threads()
+
     def compute(job: TensorJob, raw: list[torch.Tensor], nbytes: int) -> torch.Tensor:
+        # A job whose reads fill the whole budget was read once every job before it was merged, and no
+        # job after it is read until it is: it is merged alone, so it takes every thread.
+        alone = nbytes >= budget.limit
         try:
+            if alone:
+                torch.set_num_threads(cores)
             return compute_job(job, raw, plan, device, pool, prompt_gates)  # gives the read buffers back once converted
         finally:  # a job that fails frees its budget too: the reader must not wait for it
+            if alone:
+                torch.set_num_threads(threads)
             budget.release(nbytes)
 
     def hand_over_done(keep: int) -> None:  # the oldest jobs to the writer, in order, until `keep` are left

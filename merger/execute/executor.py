@@ -285,8 +285,8 @@ def _merge_in_order(
     computed from prompts (:func:`merger.execute.router.prompt_routers`)."""
     at_once = _jobs_at_once(device)
     in_flight: deque[tuple[TensorJob, Future]] = deque()  # computed jobs, in plan order
-
     cores = torch.get_num_threads()
+    threads = max(1, cores // at_once)  # each job's share while `at_once` are computed together
 
     def compute(job: TensorJob, raw: list[torch.Tensor], nbytes: int) -> torch.Tensor:
         # A job whose reads fill the whole budget was read once every job before it was merged, and no
@@ -306,7 +306,6 @@ def _merge_in_order(
             job, piece, future = in_flight.popleft()
             write_queue.put((job, piece, future.result(), 0))
 
-    threads = max(1, torch.get_num_threads() // at_once)
     with ThreadPoolExecutor(at_once, thread_name_prefix="merger-math-job", initializer=torch.set_num_threads,
                             initargs=(threads,)) as computing:
         try:

@@ -14,9 +14,10 @@ sixth of the CPU of huggingface_hub's client); every request pins the commit the
 from. A dropped connection, a 5xx or 429 answer, and a range whose size is wrong (short, long, or
 starting elsewhere) are retried with backoff, resuming at the first byte not yet received, up to
 :data:`RETRIES` times per range. What is verified: each answer's `Content-Range` (start, end, and the
-file's total size against the size seen before) and byte count. The Hub's sha256 covers a whole LFS file only, so a range's content cannot be
-checked against it; the pinned commit makes the bytes immutable. A file already in the local HF
-cache (complete, same header) is read from there instead (docs/decisions.md, "Streaming from the Hub").
+file's total size against the size seen before) and byte count. The Hub's sha256 covers a whole LFS
+file only, so a range's content cannot be checked against it; the pinned commit makes the bytes
+immutable. A file already in the local HF cache (complete, same header) is read from there instead
+(docs/decisions.md, "Streaming from the Hub").
 """
 
 from __future__ import annotations

@@ -567,6 +567,35 @@ def test_worker_start_sweeps_repos_created_but_never_committed(hub, monkeypatch,
     assert hub.token.encode() not in (data_dir / "jobs.db").read_bytes() + _wal(data_dir / "jobs.db")
 
 
+def test_two_workers_sweeping_at_once_tell_the_owner_the_repo_was_deleted(hub, monkeypatch, data_dir):
+    """One sweeper is held just after it forgets the repo's note; the other sweeps meanwhile."""
+    job_id = queue.submit(CONFIG, "alice/raced", hub.token, hub.user)
+    assert jobs.mark_running(job_id, "host:dead")
+    worker_notes.record_pending_repo(job_id, "alice/raced", queue.seal(hub.token))
+    HfApi(token=hub.token).create_repo("alice/raced")
+    note_forgotten, go_on = threading.Event(), threading.Event()
+    forget = worker_notes.clear_pending_repo
+
+    def forget_then_hold(forgotten_job: str) -> None:
+        forget(forgotten_job)
+        note_forgotten.set()
+        go_on.wait(30)
+
+    monkeypatch.setattr(worker_notes, "clear_pending_repo", forget_then_hold)
+    first = threading.Thread(target=recovery.recover_interrupted_jobs, args=("it stopped",))
+    first.start()
+    assert note_forgotten.wait(30)
+    recovery.recover_interrupted_jobs("it stopped")  # the second sweeper, between the first's two steps
+    go_on.set()
+    first.join(30)
+
+    assert jobs.get_job(job_id).error == (
+        "This job stopped before it finished: it stopped. Its partial output was deleted. Nothing was pushed: "
+        "the repo `alice/raced` this job created was deleted. Submit the job again."
+    )
+    assert not HfApi(token=hub.token).repo_exists("alice/raced") and worker_notes.pending_repos() == []
+
+
 # ---------------------------------------------------------------- faults with real worker processes
 
 # A consumer whose merge reports each tensor slowly, so that a test can kill it mid-merge.

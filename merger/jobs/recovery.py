@@ -4,9 +4,9 @@ A worker is dead when the app's watchdog saw its process exit (:mod:`merger.jobs
 heartbeat (:mod:`merger.jobs.worker_notes`) is older than `constants.WORKER_STALE_S`: every live worker,
 and the app when its workers run apart, check every `constants.WORKER_STALE_S / 2` seconds
 (:func:`watch_workers`), so that a worker lost on another machine has its jobs failed by one that lives.
-Two of them doing it at once is harmless: the Hub sweep is idempotent and each job's status change a
-compare-and-set. A starting consumer in the embedded (SQLite) setup, where one consumer serves a data
-directory, treats every worker before it as dead.
+Two of them doing it at once is harmless: the Hub sweep is idempotent, each job's status change a
+compare-and-set, and a job is failed before its repo's note is forgotten. A starting consumer in the
+embedded (SQLite) setup, where one consumer serves a data directory, treats every worker before it as dead.
 """
 
 from __future__ import annotations
@@ -59,12 +59,8 @@ def recover_interrupted_jobs(
     def is_dead(worker: str) -> bool:
         return every_worker or worker == dead_worker or (worker != me and not worker_notes.is_alive(worker))
 
-    outcomes = _sweep_pending_repos(is_dead)
     _delete_work_folders(is_dead)  # before the jobs are marked: a failed job's owner finds nothing half-made
-    count = sum(
-        jobs.mark_finished(job_id, JobStatus.FAILED, error=_lost_job_message(reason, on_hub))
-        for job_id, on_hub in outcomes.items()
-    )
+    count = _sweep_pending_repos(is_dead, reason)
     count += jobs.fail_running_jobs(_lost_job_message(reason, NOTHING_PUSHED), is_dead)
     if count:
         logger.warning("Marked %d job(s) of a worker that stopped as failed.", count)
@@ -91,33 +87,45 @@ def _lost_job_message(reason: str, on_hub: str) -> str:
     return f"This job stopped before it finished: {reason}. Its partial output was deleted. {on_hub} Submit the job again."
 
 
-def _sweep_pending_repos(is_dead: Callable[[str], bool]) -> dict[str, str]:
-    """Delete the repos noted by jobs no live worker runs; returns job id -> what is on the Hub now."""
-    outcomes = {}
+def _sweep_pending_repos(is_dead: Callable[[str], bool], reason: str) -> int:
+    """Delete the repos noted by jobs no live worker runs and fail those jobs; returns how many were marked.
+
+    Each job is marked before its note is cleared. Another worker sweeping at the same time then finds
+    either the note (and settles the repo itself) or the job already failed, never a running job without a
+    note, which it would mark "Nothing was pushed." and so hide the deleted or kept repo from its owner.
+    """
+    count = 0
     for job_id, repo_id, sealed_token in worker_notes.pending_repos():
         job = jobs.get_job(job_id)
         if job is not None and job.status is JobStatus.RUNNING and not is_dead(job.worker):
             continue  # its worker is uploading it now
-        try:
-            token = unseal(sealed_token)
-        except (InvalidToken, KeyError, ValueError):
-            outcomes[job_id] = (
-                f"The repo `{repo_id}` this job created could not be checked (the queue key changed); "
-                "delete it on the Hub if it is empty."
-            )
-            worker_notes.clear_pending_repo(job_id)
-            continue
-        from merger.service.run_job import delete_unpushed_repo  # the jobs reach the Hub through the service
-
-        ACTIVE_TOKENS.add(token)
-        try:
-            settled, outcomes[job_id] = delete_unpushed_repo(repo_id, token)
-        finally:
-            ACTIVE_TOKENS.discard(token)
+        settled, on_hub = _settle_repo(repo_id, sealed_token)
+        logger.warning("Job %s: %s", job_id, on_hub)
+        count += jobs.mark_finished(job_id, JobStatus.FAILED, error=_lost_job_message(reason, on_hub))
         if settled:
             worker_notes.clear_pending_repo(job_id)
-        logger.warning("Job %s: %s", job_id, outcomes[job_id])
-    return outcomes
+    return count
+
+
+def _settle_repo(repo_id: str, sealed_token: bytes) -> tuple[bool, str]:
+    """Delete a repo that a job created if nothing was committed to it; returns (settled, what is on the Hub).
+
+    Not settled when the Hub could not be asked: the note stays for the next sweep.
+    """
+    try:
+        token = unseal(sealed_token)
+    except (InvalidToken, KeyError, ValueError):
+        return True, (
+            f"The repo `{repo_id}` this job created could not be checked (the queue key changed); "
+            "delete it on the Hub if it is empty."
+        )
+    from merger.service.run_job import delete_unpushed_repo  # the jobs reach the Hub through the service
+
+    ACTIVE_TOKENS.add(token)
+    try:
+        return delete_unpushed_repo(repo_id, token)
+    finally:
+        ACTIVE_TOKENS.discard(token)
 
 
 def _delete_work_folders(is_dead: Callable[[str], bool]) -> None:

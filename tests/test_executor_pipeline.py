@@ -86,6 +86,24 @@ def test_a_failing_job_raises_its_error_instead_of_waiting(tmp_path: Path, monke
     assert not (tmp_path / "out").exists()
 
 
+def test_a_failing_progress_callback_ends_the_merge_with_its_error(tmp_path: Path) -> None:
+    """The callback runs on the writer thread (the worker records progress in its job store, which can fail):
+    its error ends the merge as a job's would, instead of ending the writer thread and leaving the math
+    thread waiting on a full queue."""
+    calls = []
+
+    def progress(fraction: float, name: str) -> None:
+        calls.append(name)
+        if len(calls) == 2:
+            raise RuntimeError("the job store is unreachable")
+
+    a, b = write_llama(tmp_path / "a", 0), write_llama(tmp_path / "b", 1)
+    config = f"merge_method: linear\nmodels:\n  - model: {a}\n    parameters: {{weight: 0.5}}\n  - model: {b}\n    parameters: {{weight: 0.5}}\n"
+    error = within(60, lambda: run_merge(config, tmp_path / "out", device="cpu", progress=progress))
+    assert isinstance(error, RuntimeError) and "the job store is unreachable" in str(error)
+    assert len(calls) == 2 and not (tmp_path / "out").exists()
+
+
 def test_copies_behind_a_slow_job_are_written_in_order(tmp_path: Path, monkeypatch, two_jobs_at_once) -> None:
     monkeypatch.setattr(executor, "MIN_BUDGET", 3 * I * H)  # 1.5 MLP matrices: one fits beside a norm, two do not
     real = executor.compute_job

@@ -196,7 +196,10 @@ def _execute(
                     budget.release(release)
                 done += 1
                 if progress is not None and not errors and complete:  # once per tensor, not per piece
-                    progress(done / len(items), job.name)
+                    try:
+                        progress(done / len(items), job.name)
+                    except BaseException as err:  # it ends the merge as any error here: the queue is still drained
+                        errors.append(err)
 
         reader = threading.Thread(target=read_all, name="merger-reader", daemon=True)
         writer_thread = threading.Thread(target=write_all, name="merger-writer", daemon=True)

@@ -39,7 +39,7 @@ from merger.io.resolve import materialize, materialize_adapters, stream_sources
 from merger.io.sources import WeightSource
 from merger.stages import is_multi_stage, run_stages
 from merger.io.tokenizer_files import write_tokenizer
-from merger.plan.entry import plan_config, settled
+from merger.plan.entry import plan_config, settling_apart
 from merger.io.writer import OnShard, format_bytes, output_error
 
 logger = logging.getLogger(__name__)
@@ -156,12 +156,12 @@ def run_merge(
     needed = (min(needed, 3 * shard_size) if on_shard is not None else needed) + OUTPUT_EXTRA_BYTES
     remove_stale_staging(out_dir.parent)
     check_free_space(out_dir, needed)
-    folders, weights, adapters = _inputs(plan, metadata, token, whole=evaluate is not None)
-    _write_through_staging(
-        plan, folders, adapters, out_dir, needed, config_text=config_text, metadata=metadata, title=title or out_dir.name,
-        device=device, shard_size=shard_size, progress=progress, should_cancel=should_cancel, evaluate=evaluate,
-        weights=weights, on_shard=on_shard,
-    )
+    with settling_apart(plan) as settle:  # forked before the merge's threads start (see there)
+        folders, weights, adapters = _inputs(plan, metadata, token, whole=evaluate is not None)
+        _write_through_staging(plan, settle, folders, adapters, out_dir, needed, config_text=config_text,
+                               metadata=metadata, title=title or out_dir.name, device=device, shard_size=shard_size,
+                               progress=progress, should_cancel=should_cancel, evaluate=evaluate, weights=weights,
+                               on_shard=on_shard)
     return MergeResult(out_dir, plan.method_name, plan.num_layers, plan.parameter_count, time.monotonic() - started)
 
 
@@ -185,8 +185,8 @@ def _planned(
 ) -> tuple[MergePlan, dict[str, ModelMetadata]]:
     """The config's plan (made here unless the caller made it), its warnings logged, `seed` applied.
 
-    An MoE's class settings (transformers' config classes, a second to import) are left to run beside the
-    merge (:func:`_write_files`) unless `settle`: inputs downloaded whole first (an evaluation), which a
+    An MoE's class settings (transformers' config classes, 2 s to import) are left to run beside the
+    merge, in a child process (:func:`settling_apart`), unless `settle`: inputs downloaded whole first (an evaluation), which a
     late refusal would waste."""
     plan, metadata = plan_config(config, token, settle=settle) if planned is None else planned
     for warning in plan.warnings:
@@ -198,6 +198,7 @@ def _planned(
 
 def _write_through_staging(
     plan: MergePlan,
+    settle: Callable[[], MergePlan],
     folders: Callable[[], dict[str, Path]],
     adapters: dict[str, Path],
     out_dir: Path,
@@ -216,7 +217,8 @@ def _write_through_staging(
 ) -> None:
     """Merge and write the whole output into a temporary sibling of `out_dir`, then move it into place.
 
-    `folders()` gives the models' folders (configs, tokenizers), `weights` where their tensors are read from.
+    `settle()` gives `plan` settled (its output config's class settings run), `folders()` the models'
+    folders (configs, tokenizers), `weights` where their tensors are read from.
 
     Nothing is left behind on failure: the staging folder is deleted whatever happens, and an OS
     error becomes a MergerError naming the path (`needed`, in bytes, for a full disk).
@@ -232,9 +234,9 @@ def _write_through_staging(
         # merge, whose threads mostly wait on memory and disk, so that their downloads (a Hub input's
         # configs and tokenizer), imports (the card's Hub client, a tokenizer's library) and rendering
         # take no time of their own.
-        # An MoE's class settings run there too, first: a refusal stops the merge at its next tensor.
+        # An MoE's class settings are waited for there, first: a refusal stops the merge at its next tensor.
         with ThreadPoolExecutor(1, thread_name_prefix="merger-files") as files:
-            written = files.submit(_write_files, plan, folders, staging, config_text, metadata, title)
+            written = files.submit(_write_files, settle, folders, staging, config_text, metadata, title)
 
             def stop() -> bool:
                 return _failed(written) or bool(should_cancel and should_cancel())
@@ -329,11 +331,12 @@ def _process_alive(pid: int) -> bool:
 
 
 def _write_files(
-    plan: MergePlan, folders: Callable[[], dict[str, Path]], staging: Path, config_text: str, metadata: dict, title: str
+    settle: Callable[[], MergePlan], folders: Callable[[], dict[str, Path]], staging: Path, config_text: str,
+    metadata: dict, title: str,
 ) -> MergePlan:
-    """The output folder's files other than weights, from `plan` settled (:func:`settled`), which is returned,
+    """The output folder's files other than weights, from the settled plan (`settle()`), which is returned,
     and the inputs' folders (`folders()`: a Hub model's other files are downloaded now)."""
-    plan = settled(plan)
+    plan = settle()
     dirs = folders()
     (staging / CONFIG_FILE).write_text(json.dumps(plan.output_config, indent=2, sort_keys=True) + "\n")
     donor = dirs[plan.config_donor]

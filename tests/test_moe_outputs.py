@@ -213,9 +213,14 @@ def test_a_refusal_beside_the_merge_stops_it_at_the_next_tensor(fx: Path, tmp_pa
 
     refused = threading.Event()
 
-    def refuse(self, output_config: dict) -> dict:
+    real_refuse = ClassSettings.refuse
+
+    def resolve(self, output_config: dict) -> tuple[dict, tuple[str, ...]]:  # in the child process
+        return dict(output_config), ("refused for this test",)
+
+    def refuse(self, refusals: tuple[str, ...]) -> None:  # back in this one
         refused.set()
-        raise ArchitectureSettingError("a Mixtral output: refused for this test")
+        real_refuse(self, refusals)
 
     merged = []
 
@@ -225,12 +230,66 @@ def test_a_refusal_beside_the_merge_stops_it_at_the_next_tensor(fx: Path, tmp_pa
             assert refused.wait(30)
             time.sleep(1.0)  # for the files thread to record it (microseconds, unless the machine is loaded)
 
-    monkeypatch.setattr(ClassSettings, "apply", refuse)
+    monkeypatch.setattr(ClassSettings, "resolve", resolve)
+    monkeypatch.setattr(ClassSettings, "refuse", refuse)
     m = fx / "mistral-base"
     with pytest.raises(ArchitectureSettingError, match="refused for this test"):
         run_merge(moe_yaml(m, [m, m]), tmp_path / "out", device="cpu", progress=progress)
     assert len(merged) <= 3  # the tensors already in flight (two math threads), of dozens
     assert list(tmp_path.iterdir()) == []
+
+
+_SETTLE_APART = """
+import sys
+from merger.config.load import load_config
+from merger.plan.entry import plan_config, settled, settling_apart
+
+plan, _ = plan_config(load_config(sys.stdin.read()), None, settle=False)
+with settling_apart(plan) as settle:
+    apart = settle()
+print("rope_theta stated:", apart.output_config.get("rope_theta"), "before:", plan.output_config.get("rope_theta"))
+print("Mistral's class here after the child:", "transformers.models.mistral.configuration_mistral" in sys.modules)
+here = settled(plan)
+print("Mistral's class here after settled:", "transformers.models.mistral.configuration_mistral" in sys.modules)
+print("same plan:", apart == here and apart.class_settings is None)
+"""
+
+
+def test_the_engine_runs_the_class_settings_in_a_child_process_with_the_same_result(fx: Path, tmp_path: Path) -> None:
+    """The step's imports (the base's config class) happen in a child process, not in the merging one, and its
+    result is the same: here the base leaves `rope_theta` to Mistral's default (10000), which the Mixtral
+    output must state (its class's default is 1e6)."""
+    import shutil
+    import subprocess
+    import sys
+
+    base = shutil.copytree(fx / "mistral-base", tmp_path / "mistral-base")
+    config = json.loads((base / "config.json").read_text())
+    del config["rope_theta"], config["rope_parameters"]
+    (base / "config.json").write_text(json.dumps(config))
+    result = subprocess.run([sys.executable, "-c", _SETTLE_APART], input=moe_yaml(base, [base, base]),
+                            capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert result.stdout.splitlines() == [
+        "rope_theta stated: 10000.0 before: None", "Mistral's class here after the child: False",
+        "Mistral's class here after settled: True", "same plan: True",
+    ], result.stderr
+
+
+@pytest.mark.parametrize("child", ["dies", "hangs"])
+def test_class_settings_run_here_when_the_child_does_not_answer(fx: Path, monkeypatch, child: str) -> None:
+    import os
+    import time
+
+    from merger.plan import entry
+
+    monkeypatch.setattr(entry, "_resolve_in_child", lambda *args: os._exit(1) if child == "dies" else time.sleep(600))
+    monkeypatch.setattr(entry, "SETTLE_CHILD_TIMEOUT_S", 1.0)
+    m = fx / "llama-code"
+    plan, _ = entry.plan_config(load_config(moe_yaml(m, [m, m])), None, settle=False)
+    started = time.monotonic()
+    with entry.settling_apart(plan) as settle:
+        assert settle() == entry.settled(plan)
+    assert time.monotonic() - started < 60  # the hung child was killed on exit, not waited for
 
 
 def test_deepseek_is_refused_with_its_reason(fx: Path, tmp_path: Path) -> None:

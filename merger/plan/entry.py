@@ -6,7 +6,11 @@ weights (metadata are config.json and safetensors headers; tokenizers only where
 
 from __future__ import annotations
 
+import multiprocessing
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
+from multiprocessing.connection import Connection
 
 from merger.config.schema import PROMPT_GATE_MODES, AnyConfig, ModelReference, MoEConfig
 from merger.io.metadata import ModelMetadata
@@ -15,6 +19,7 @@ from merger.plan.build import build_plan, needs_vocabularies
 from merger.plan.merge import MergePlan
 from merger.plan.moe import build_moe_plan, check_tokenizer_fits
 from merger.plan.prompt_tokens import check_prompt_tokens
+from merger.plan.settings import ClassSettings
 from merger.plan.tokenizer import Vocabulary, load_vocabulary
 from merger.publish import hub_read
 
@@ -78,6 +83,72 @@ def settled(plan: MergePlan) -> MergePlan:
     if plan.class_settings is None:
         return plan
     return replace(plan, output_config=plan.class_settings.apply(plan.output_config), class_settings=None)
+
+
+# How long :func:`settling_apart`'s child may take before the step runs in this process instead (seconds).
+# It takes about 2 s; a child that never answers (stuck on a lock a thread of this process held as it
+# forked) then costs this wait, never a wrong config.
+SETTLE_CHILD_TIMEOUT_S = 60.0
+
+
+@contextmanager
+def settling_apart(plan: MergePlan) -> Iterator[Callable[[], MergePlan]]:
+    """Run the plan's `class_settings` in a forked child process while this one merges.
+
+    The step imports transformers' config classes: about 2 s of pure Python here (Llama's config class
+    alone imports `torch._dynamo` through transformers' activation functions), which on a thread beside
+    the merge held the global interpreter lock that the merge's threads need between their copies. A
+    forked child has its own: it runs on another core and sends back plain data
+    (:meth:`ClassSettings.resolve`). Enter before the merge starts its threads, so that the child forks
+    from a process that has only this one.
+
+    Yields:
+        A function that waits for the child and returns :func:`settled`'s plan (the same config). Where
+        the child cannot be forked, dies, or does not answer within `SETTLE_CHILD_TIMEOUT_S`, the step
+        runs in this process, where any error it meets is raised as from :func:`settled`.
+        Nothing to wait for when no step is pending. The child is killed on exit.
+
+    Raises:
+        ArchitectureSettingError / ConfigProblems: from the yielded function, as :func:`settled`.
+    """
+    if plan.class_settings is None or "fork" not in multiprocessing.get_all_start_methods():
+        yield lambda: settled(plan)
+        return
+    context = multiprocessing.get_context("fork")
+    answers, answer = context.Pipe(duplex=False)
+    child = context.Process(target=_resolve_in_child, args=(plan.class_settings, plan.output_config, answer),
+                            name="merger-class-settings", daemon=True)
+    try:
+        child.start()
+    except (OSError, AssertionError):  # no room for a process, or this one is a daemonic multiprocessing child
+        child = None
+    answer.close()  # the child holds the only writing end: its exit without an answer reads as EOF here
+
+    def wait() -> MergePlan:
+        try:
+            config, refusals = answers.recv() if answers.poll(SETTLE_CHILD_TIMEOUT_S) else (None, ())
+        except EOFError:  # the child died before answering
+            config = None
+        if config is None:
+            return settled(plan)
+        plan.class_settings.refuse(refusals)
+        return replace(plan, output_config=config, class_settings=None)
+
+    try:
+        yield wait
+    finally:
+        if child is not None:
+            child.kill()
+            child.join()
+        answers.close()
+
+
+def _resolve_in_child(settings: ClassSettings, output_config: dict, answer: Connection) -> None:
+    """:func:`settling_apart`'s child: send back :meth:`ClassSettings.resolve`'s result, or nothing."""
+    try:
+        answer.send(settings.resolve(output_config))
+    except BaseException:  # noqa: BLE001 - the parent then runs the step itself and reports what it meets
+        pass
 
 
 def _check_prompts(plan: MergePlan, token: str | None) -> None:

@@ -263,11 +263,11 @@ class ClassSettings:
 
     An output of another class than its base (an MoE around a dense base) must state the base's
     settings its class leaves to defaults (:func:`state_class_defaults`) and is refused where it would
-    compute otherwise (:func:`output_refusals`). Importing transformers for that costs 0.6-1.2 s here,
-    more than copying a small MoE's weights, so the planner leaves the step on the plan:
+    compute otherwise (:func:`output_refusals`). Importing transformers for that costs about 2 s of
+    CPU here, more than copying a small MoE's weights, so the planner leaves the step on the plan:
     :func:`merger.plan.entry.settled` runs it (validation, the service's checks), and the engine runs
-    it beside the merge, which stops at a refusal before anything is kept (docs/decisions.md, "MoE
-    outputs keep what the base computes").
+    it in a child process beside the merge (:func:`merger.plan.entry.settling_apart`), which stops at a
+    refusal before anything is kept (docs/decisions.md, "MoE outputs keep what the base computes").
 
     Attributes:
         base_config: the base's parsed `config.json`.
@@ -286,12 +286,25 @@ class ClassSettings:
         Raises:
             ArchitectureSettingError / ConfigProblems: one per setting the output would lose or change.
         """
+        config, refusals = self.resolve(output_config)
+        self.refuse(refusals)
+        return config
+
+    def resolve(self, output_config: dict) -> tuple[dict, tuple[str, ...]]:
+        """`output_config` with the base's class defaults stated, and the refusals :meth:`refuse` raises:
+        plain data, which a child process can send back (:func:`merger.plan.entry.settling_apart`)."""
         config = dict(output_config)
         if self.state_layer_types:
             types = getattr(effective_text_config(self.base_config), "layer_types", None)
             if isinstance(types, list):
                 config.setdefault("layer_types", list(types))
         config = state_class_defaults(self.base_config, config)
-        raise_problems([ArchitectureSettingError(f"a {self.output_name} output: {refusal}")
-                        for refusal in output_refusals(self.base_config, config)])
-        return config
+        return config, output_refusals(self.base_config, config)
+
+    def refuse(self, refusals: tuple[str, ...]) -> None:
+        """Raise :meth:`resolve`'s refusals, if any.
+
+        Raises:
+            ArchitectureSettingError / ConfigProblems: one per setting the output would lose or change.
+        """
+        raise_problems([ArchitectureSettingError(f"a {self.output_name} output: {refusal}") for refusal in refusals])

@@ -292,6 +292,29 @@ def test_class_settings_run_here_when_the_child_does_not_answer(fx: Path, monkey
     assert time.monotonic() - started < 60  # the hung child was killed on exit, not waited for
 
 
+def test_ctrl_c_is_left_to_the_merging_process_not_the_class_settings_child(fx: Path, monkeypatch) -> None:
+    """A terminal's Ctrl-C reaches the child too: it must still answer (the parent stops, and kills it)."""
+    import os
+    import signal
+
+    from merger.plan import entry
+    from merger.plan.settings import ClassSettings
+
+    parent = os.getpid()
+
+    def resolve(self, output_config: dict) -> tuple[dict, tuple[str, ...]]:
+        if os.getpid() == parent:
+            return {"computed": "here"}, ()
+        os.kill(os.getpid(), signal.SIGINT)
+        return {"computed": "in the child"}, ()
+
+    monkeypatch.setattr(ClassSettings, "resolve", resolve)
+    m = fx / "llama-code"
+    plan, _ = entry.plan_config(load_config(moe_yaml(m, [m, m])), None, settle=False)
+    with entry.settling_apart(plan) as settle:
+        assert settle().output_config == {"computed": "in the child"}
+
+
 def test_deepseek_is_refused_with_its_reason(fx: Path, tmp_path: Path) -> None:
     m = fx / "llama-code"
     for name in ("deepseek", "deepseek_v3"):

@@ -7,6 +7,7 @@ weights (metadata are config.json and safetensors headers; tokenizers only where
 from __future__ import annotations
 
 import multiprocessing
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -99,8 +100,8 @@ def settling_apart(plan: MergePlan) -> Iterator[Callable[[], MergePlan]]:
     alone imports `torch._dynamo` through transformers' activation functions), which on a thread beside
     the merge held the global interpreter lock that the merge's threads need between their copies. A
     forked child has its own: it runs on another core and sends back plain data
-    (:meth:`ClassSettings.resolve`). Enter before the merge starts its threads, so that the child forks
-    from a process that has only this one.
+    (:meth:`ClassSettings.resolve`). Enter before the merge starts its threads, so that none of them
+    holds a lock as the child forks.
 
     Yields:
         A function that waits for the child and returns :func:`settled`'s plan (the same config). Where
@@ -127,7 +128,7 @@ def settling_apart(plan: MergePlan) -> Iterator[Callable[[], MergePlan]]:
     def wait() -> MergePlan:
         try:
             config, refusals = answers.recv() if answers.poll(SETTLE_CHILD_TIMEOUT_S) else (None, ())
-        except EOFError:  # the child died before answering
+        except (EOFError, OSError):  # the child died before answering, or while it did
             config = None
         if config is None:
             return settled(plan)
@@ -144,7 +145,11 @@ def settling_apart(plan: MergePlan) -> Iterator[Callable[[], MergePlan]]:
 
 
 def _resolve_in_child(settings: ClassSettings, output_config: dict, answer: Connection) -> None:
-    """:func:`settling_apart`'s child: send back :meth:`ClassSettings.resolve`'s result, or nothing."""
+    """:func:`settling_apart`'s child: send back :meth:`ClassSettings.resolve`'s result, or nothing.
+
+    Ctrl-C is left to the parent, which kills the child as it stops: interrupted here, the child would
+    answer nothing, and the parent would run the step itself before stopping."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         answer.send(settings.resolve(output_config))
     except BaseException:  # noqa: BLE001 - the parent then runs the step itself and reports what it meets

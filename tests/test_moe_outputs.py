@@ -205,14 +205,16 @@ def test_a_class_settings_refusal_comes_from_planning_and_from_the_merge(fx: Pat
 
 
 def test_a_refusal_beside_the_merge_stops_it_at_the_next_tensor(fx: Path, tmp_path: Path, monkeypatch) -> None:
-    """The class settings refuse while the first tensor is merged: no further tensor is merged."""
+    """The class settings refuse while the first tensor is taken: no further tensor is merged.
+
+    The merge is held where it takes its first tensor (its first cancel check) until the refusal is on
+    record, so that the count does not depend on how soon the child answers."""
     import threading
     import time
 
     from merger.plan.settings import ClassSettings
 
     refused = threading.Event()
-
     real_refuse = ClassSettings.refuse
 
     def resolve(self, output_config: dict) -> tuple[dict, tuple[str, ...]]:  # in the child process
@@ -222,20 +224,23 @@ def test_a_refusal_beside_the_merge_stops_it_at_the_next_tensor(fx: Path, tmp_pa
         refused.set()
         real_refuse(self, refusals)
 
-    merged = []
+    checks = []
 
-    def progress(fraction: float, name: str) -> None:
-        merged.append(name)
-        if len(merged) == 1:  # hold the merge until the refusal is on record
+    def should_cancel() -> bool:  # asked only while the refusal is not on record (maybe never)
+        checks.append(1)
+        if len(checks) == 1:
             assert refused.wait(30)
             time.sleep(1.0)  # for the files thread to record it (microseconds, unless the machine is loaded)
+        return False
 
+    merged = []
     monkeypatch.setattr(ClassSettings, "resolve", resolve)
     monkeypatch.setattr(ClassSettings, "refuse", refuse)
     m = fx / "mistral-base"
     with pytest.raises(ArchitectureSettingError, match="refused for this test"):
-        run_merge(moe_yaml(m, [m, m]), tmp_path / "out", device="cpu", progress=progress)
-    assert len(merged) <= 3  # the tensors already in flight (two math threads), of dozens
+        run_merge(moe_yaml(m, [m, m]), tmp_path / "out", device="cpu", should_cancel=should_cancel,
+                  progress=lambda fraction, name: merged.append(name))
+    assert len(checks) <= 1 and len(merged) <= 1  # the tensor taken before the refusal was known, of dozens
     assert list(tmp_path.iterdir()) == []
 
 

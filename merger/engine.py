@@ -186,8 +186,8 @@ def _planned(
     """The config's plan (made here unless the caller made it), its warnings logged, `seed` applied.
 
     An MoE's class settings (transformers' config classes, 2 s to import) are left to run beside the
-    merge, in a child process (:func:`settling_apart`), unless `settle`: inputs downloaded whole first (an evaluation), which a
-    late refusal would waste."""
+    merge, in a child process (:func:`settling_apart`), unless `settle`: inputs downloaded whole first
+    (an evaluation), which a late refusal would waste."""
     plan, metadata = plan_config(config, token, settle=settle) if planned is None else planned
     for warning in plan.warnings:
         logger.warning(warning)

@@ -127,11 +127,12 @@ def settling_apart(plan: MergePlan) -> Iterator[Callable[[], MergePlan]]:
 
     def wait() -> MergePlan:
         try:
-            config, refusals = answers.recv() if answers.poll(SETTLE_CHILD_TIMEOUT_S) else (None, ())
+            answered = answers.recv() if answers.poll(SETTLE_CHILD_TIMEOUT_S) else None
         except (EOFError, OSError):  # the child died before answering, or while it did
-            config = None
-        if config is None:
+            answered = None
+        if answered is None:
             return settled(plan)
+        config, refusals = answered
         plan.class_settings.refuse(refusals)
         return replace(plan, output_config=config, class_settings=None)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,25 @@ def test_large_tensors_are_read_merged_and_written_in_pieces_with_the_same_bytes
         by_hand = inputs_a[name].double() * w_a + inputs_b[name].double() * w_b
         # bfloat16's rounding of the result, and float32's where the two terms cancel
         assert torch.allclose(merged[name].double(), by_hand, rtol=2**-8, atol=1e-6), name
+
+
+def test_a_slerp_whose_whole_tensor_is_lerped_lerps_every_slice(monkeypatch) -> None:
+    """Nearly parallel as a whole (|cos θ| > 0.9995: a lerp), though its second slice alone is not: that
+    slice is lerped too, as the whole tensor is, not slerped at its own angle."""
+    from merger.execute import job_math
+    from merger.io.buffers import BufferPool
+    from merger.plan.merge import TensorJob, TensorSource
+
+    monkeypatch.setattr(job_math, "SLICE", 1024)
+    v0 = torch.randn(2048, generator=torch.Generator().manual_seed(0))
+    v1 = v0.clone()
+    v0[1024:], v1[1024:] = 0.0, 0.0
+    v0[1024:1034], v1[1034:1044] = 1e-2, 1e-2  # the second slice: orthogonal, and small
+    job = TensorJob(name="w", method="slerp", sources=(TensorSource("b", "w"),), base=TensorSource("a", "w"),
+                    per_model={}, global_params={"t": 0.5}, shape=(2048,), dtype="F32")
+    plan = types.SimpleNamespace(seed=0, input_dtype=None)
+    out = job_math.compute_job(job, [v1.clone(), v0.clone()], plan, torch.device("cpu"), BufferPool(max_retained=0), None)
+    assert torch.equal(out, torch.lerp(v0, v1, 0.5))
 
 
 def test_copies_of_large_tensors_go_in_pieces_unchanged(tmp_path: Path, monkeypatch) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from merger.execute import executor
+from merger.execute import executor, job_math
 from merger.methods import sparsify
 from merger.engine import run_merge
 from merger.methods.registry import METHODS, SLICE
@@ -176,8 +176,9 @@ def test_slices_write_the_bytes_of_whole_tensors(
     text = config(method, fixture_models_dir)
     run_merge(text, tmp_path / "default", device="cpu")
     # small slices: many per tensor, TIES's tied magnitudes spread over several; multiples of SLERP's
-    # block, as the real sizes are
-    monkeypatch.setattr(executor, "SLICE", 5 * BLOCK if method == "slerp" else 4099)
+    # block, as the real sizes are; and pieces of the tensors that go in pieces
+    monkeypatch.setattr(job_math, "SLICE", 5 * BLOCK if method == "slerp" else 4099)
+    monkeypatch.setattr(executor, "PIECE", 10_000)
     run_merge(text, tmp_path / "small", device="cpu")
     monkeypatch.setitem(METHODS, method, dataclasses.replace(METHODS[method], elementwise=False))  # whole tensors
     monkeypatch.setattr(sparsify, "SLICE", 3 * BLOCK if method == "slerp" else 3001)
@@ -186,7 +187,7 @@ def test_slices_write_the_bytes_of_whole_tensors(
 
 
 def test_the_slice_size_is_one_value_of_whole_slerp_blocks() -> None:
-    assert SLICE % BLOCK == 0 and executor.SLICE == sparsify.SLICE == SLICE
+    assert SLICE % BLOCK == 0 and job_math.SLICE == sparsify.SLICE == executor.PIECE == SLICE
 
 
 def test_ties_with_rescale_runs_in_slices_and_rescales(
@@ -195,7 +196,7 @@ def test_ties_with_rescale_runs_in_slices_and_rescales(
     """`rescale: true` on TIES: L1 factors prepared over the slices, the same bytes as whole tensors."""
     text = config("ties", fixture_models_dir) + "parameters: {rescale: true}\n"
     run_merge(text, tmp_path / "default", device="cpu")
-    monkeypatch.setattr(executor, "SLICE", 4099)
+    monkeypatch.setattr(job_math, "SLICE", 4099)
     run_merge(text, tmp_path / "small", device="cpu")
     monkeypatch.setitem(METHODS, "ties", dataclasses.replace(METHODS["ties"], elementwise=False))
     run_merge(text, tmp_path / "whole", device="cpu")

@@ -24,6 +24,7 @@ from merger.methods import native, sparsify
 from merger.methods.native import build, native_kernels
 from merger.methods.registry import SLICE, get_method
 from merger.methods.sparsify import magnitude_trims, slices_of
+from merger.methods.slerp import LERP
 
 NUMEL = 2 * SLICE + 12_345  # three slices, the last one short
 STORED = [torch.bfloat16, torch.float16, torch.float32]  # the dtypes the kernels read
@@ -260,7 +261,7 @@ def test_fused_declines_what_the_kernels_do_not_read(kernels) -> None:
     assert get_method("linear").fused([x, x], out=out, weight=[0.5, 0.5]) is False
     assert get_method("task_arithmetic").fused([x], base=x, out=out, weight=[1.0]) is False
     y = torch.ones(8, dtype=torch.bfloat16)
-    assert get_method("slerp").fused([y], base=y, out=out, t=0.5, prepared=None) is False  # lerped: torch's lerp
+    assert get_method("slerp").fused([y], base=y, out=out, t=0.5, prepared=LERP) is False  # lerped: torch's lerp
     assert torch.equal(out, torch.full((8,), 7.0))
 
 

@@ -26,8 +26,8 @@ A method is a pure function of float32 tensors::
   thresholds, DARE's masks and rescale factors, SLERP's angle): `prepare(slices, shape, **arguments)`
   gets a function returning a fresh iterator over the `(tensors, base)` slices, in order (valid until
   the next slice is drawn; not to be modified), the whole tensor's shape, and the method's other arguments
-  (`generator` included); what it returns reaches every slice's call, in order, as `prepared`. A direct call
-  of the method without `prepared` prepares from the whole tensors itself.
+  (`generator` included); what it returns (never None) reaches every slice's call, in order, as
+  `prepared`. A direct call of the method without `prepared` prepares from the whole tensors itself.
 - `fused`, for an elementwise method: `fused(tensors, [base,] out=..., **arguments)` merges one slice
   straight from the inputs' stored dtypes (float32, bfloat16 or float16 1-D CPU slices) into `out`,
   the output's slice in its own dtype, with exactly the bytes of `function` on float32 copies

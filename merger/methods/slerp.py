@@ -15,12 +15,15 @@ from merger.methods.reductions import dot, squared_norm
 
 DOT_THRESHOLD = 0.9995  # above this |cos θ| the arc is numerically a line: use lerp
 NORM_EPS = 1e-8
+# the prepare pass's answer where the whole tensor is lerped; not None, which tells `slerp` to prepare
+# from the tensors it is given: a slice's own angle would differ from the whole tensor's
+LERP = "lerp"
 
 
 def slerp_coefficients(
     slices: Callable[[], Iterable[tuple[Sequence[Tensor], Tensor]]], shape: tuple[int, ...], *, t: float, **_: object
-) -> tuple[float, float] | None:
-    """The prepare pass: `(s0, s1)` with `out = s0·v0 + s1·v1`, or None to lerp.
+) -> tuple[float, float] | str:
+    """The prepare pass: `(s0, s1)` with `out = s0·v0 + s1·v1`, or :data:`LERP`.
 
     `‖v0‖²`, `‖v1‖²` and `v0·v1` are summed per slice by :mod:`.reductions` (the same on every machine
     and thread count), then over slices in float64. A vector of norm ≤ 1e-8 has no direction,
@@ -34,11 +37,11 @@ def slerp_coefficients(
         t: interpolation factor.
 
     Returns:
-        The two coefficients, or None where `t` is 0 or 1 (the endpoints), the tensor is 0-dim, a
-        vector has norm ≤ 1e-8, or `|cos θ| > 0.9995`.
+        The two coefficients, or :data:`LERP` where `t` is 0 or 1 (the endpoints), the tensor is 0-dim,
+        a vector has norm ≤ 1e-8, or `|cos θ| > 0.9995`.
     """
     if t in (0, 1) or len(shape) == 0:
-        return None
+        return LERP
     aa = bb = ab = 0.0
     work = [torch.empty(0), torch.empty(0)]  # float32 copies of stored slices, reused from slice to slice
     for (v1,), v0 in slices():
@@ -48,10 +51,10 @@ def slerp_coefficients(
         ab += dot(v0, v1)
     na, nb = math.sqrt(aa), math.sqrt(bb)
     if na <= NORM_EPS or nb <= NORM_EPS:
-        return None
+        return LERP
     cosine = ab / (na * nb)
     if abs(cosine) > DOT_THRESHOLD:
-        return None
+        return LERP
     theta = math.acos(cosine)
     sin_theta = math.sin(theta)
     return math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
@@ -67,7 +70,7 @@ def _as_float32(v: Tensor, work: list[Tensor], index: int) -> Tensor:
 
 
 def _slerp_fused(tensors: list[Tensor], base: Tensor, *, out: Tensor, t: float,
-                 prepared: tuple[float, float] | None = None) -> bool:
+                 prepared: tuple[float, float] | str | None = None) -> bool:
     """:func:`slerp` on one slice of stored tensors, into `out` (the registry's `fused`): the arc's
     `v0·s0 + v1·s1` is linear's kernel with the weights `(s0, s1)`, rounded as torch's `mul` and `add`
     round it; False where the kernels cannot run it or the slice is lerped (torch's `lerp` has its own
@@ -79,7 +82,7 @@ def _slerp_fused(tensors: list[Tensor], base: Tensor, *, out: Tensor, t: float,
     if t in (0, 1):  # an endpoint: the input itself, cast as torch casts it
         native.linear([base if t == 0 else v1], [1.0], None, out)
         return True
-    if prepared is None:
+    if prepared is None or prepared == LERP:
         return False
     native.linear([base, v1], list(prepared), None, out)
     return True
@@ -95,7 +98,8 @@ def _slerp_fused(tensors: list[Tensor], base: Tensor, *, out: Tensor, t: float,
     prepare=slerp_coefficients,
     fused=_slerp_fused,
 )
-def slerp(tensors: list[Tensor], base: Tensor, *, t: Fraction, prepared: tuple[float, float] | None = None) -> Tensor:
+def slerp(tensors: list[Tensor], base: Tensor, *, t: Fraction,
+          prepared: tuple[float, float] | str | None = None) -> Tensor:
     """Interpolate on the great circle from `base` (t=0) to the other model (t=1).
 
     The whole tensor is one vector. With `θ` the angle between the normalised vectors,
@@ -122,7 +126,7 @@ def slerp(tensors: list[Tensor], base: Tensor, *, t: Fraction, prepared: tuple[f
         return v1
     if prepared is None:
         prepared = slerp_coefficients(lambda: [((v1.reshape(-1),), v0.reshape(-1))], tuple(v0.shape), t=t)
-    if prepared is None:
+    if prepared == LERP:
         return torch.lerp(v0, v1, t)
     s0, s1 = prepared
     return torch.add(v0 * s0, v1, alpha=s1)

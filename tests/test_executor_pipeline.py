@@ -9,6 +9,7 @@ that tiny models reach the same condition as real ones.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import types
@@ -19,7 +20,8 @@ import torch
 from safetensors.torch import save_file
 
 from merger.engine import run_merge
-from merger.execute import executor
+from merger.errors import MergeCancelled
+from merger.execute import executor, whole_prepares
 from helpers import weights
 
 H, I, V = 8, 4096, 32  # the MLP matrices are the largest tensors: two of them exceed the budget
@@ -185,6 +187,93 @@ def test_large_tensors_are_read_merged_and_written_in_pieces_with_the_same_bytes
         by_hand = inputs_a[name].double() * w_a + inputs_b[name].double() * w_b
         # bfloat16's rounding of the result, and float32's where the two terms cancel
         assert torch.allclose(merged[name].double(), by_hand, rtol=2**-8, atol=1e-6), name
+
+
+SLERP = "merge_method: slerp\nbase_model: {a}\nmodels:\n  - model: {a}\n  - model: {b}\nparameters: {{t: 0.3}}\n"
+
+
+@pytest.mark.parametrize(("method", "split"), [("slerp", True), ("ramplus_tl", True), ("ties", False)])
+def test_a_method_with_a_prepare_pass_goes_in_pieces_where_its_slices_may_be_merged_apart(
+        tmp_path: Path, monkeypatch, method: str, split: bool) -> None:
+    """SLERP's angle and RAM+'s scales are whole-tensor values that every slice only reads: their MLP
+    matrices go in pieces, each tensor's prepare pass run once, over its local inputs read once more. TIES
+    counts its tied magnitudes off slice by slice, in order: it stays whole. Either way the bytes are
+    the whole tensors' (a piece that prepared from itself would take its own angle and scales)."""
+    a, b, c = write_llama(tmp_path / "a", 0), write_llama(tmp_path / "b", 1), write_llama(tmp_path / "c", 2)
+    config = {
+        "slerp": SLERP.format(a=a, b=b),
+        "ramplus_tl": f"merge_method: ramplus_tl\nbase_model: {a}\nmodels:\n  - model: {b}\n  - model: {c}\n"
+                      "parameters: {r: 0.5, alpha: 10, epsilon: 0.5}\n",  # alpha above the overlap ratio: uncapped
+        "ties": f"merge_method: ties\nbase_model: {a}\nmodels:\n  - model: {b}\n    parameters: {{weight: 0.5, density: 0.5}}\n"
+                f"  - model: {c}\n    parameters: {{weight: 0.5, density: 0.5}}\n",
+    }[method]
+    run_merge(config, tmp_path / "whole", device="cpu")
+    prepared: list[str] = []
+    real = whole_prepares.prepare_whole
+    monkeypatch.setattr(whole_prepares, "prepare_whole", lambda job, *args: prepared.append(job.name) or real(job, *args))
+    monkeypatch.setattr(executor, "PIECE", 1000)
+    run_merge(config, tmp_path / "pieces", device="cpu")
+    mlp = sorted(n for n in weights(a) if ".mlp." in n)
+    assert sorted(prepared) == (mlp if split else [])
+    shard = "model-00001-of-00001.safetensors"
+    assert (tmp_path / "whole" / shard).read_bytes() == (tmp_path / "pieces" / shard).read_bytes()
+    if method == "slerp":  # and the arc, by hand in float64 from the whole tensors
+        inputs_a, inputs_b, merged = weights(a), weights(b), weights(tmp_path / "pieces")
+        for name in mlp:
+            v0, v1 = inputs_a[name].double().flatten(), inputs_b[name].double().flatten()
+            theta = math.acos(float(v0 @ v1 / (v0.norm() * v1.norm())))
+            by_hand = (math.sin(0.7 * theta) * v0 + math.sin(0.3 * theta) * v1) / math.sin(theta)
+            assert torch.allclose(merged[name].double().flatten(), by_hand, rtol=2**-7, atol=1e-5), name
+
+
+def test_a_failing_prepare_pass_ends_the_merge_with_its_error_and_its_threads(tmp_path: Path, monkeypatch) -> None:
+    """A pass runs on a thread of its own, ahead of the pieces: its error reaches the merge through the
+    piece that waits for it, and no thread of it outlives the merge."""
+    real = whole_prepares.prepare_whole
+
+    def failing(job, *args):
+        if job.name == "model.layers.1.mlp.up_proj.weight":
+            raise RuntimeError("the pass failed")
+        return real(job, *args)
+
+    monkeypatch.setattr(whole_prepares, "prepare_whole", failing)
+    monkeypatch.setattr(executor, "PIECE", 1000)
+    a, b = write_llama(tmp_path / "a", 0), write_llama(tmp_path / "b", 1)
+    error = within(60, lambda: run_merge(SLERP.format(a=a, b=b), tmp_path / "out", device="cpu"))
+    assert isinstance(error, RuntimeError) and "the pass failed" in str(error)
+    assert not (tmp_path / "out").exists()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("merger-prepare")]
+
+
+def test_a_merge_cancelled_while_passes_run_waits_for_them_and_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
+    """The passes start with the merge, ahead of their pieces; each is held here until the merge is
+    cancelled (at its third tensor, before any piece). The merge ends with MergeCancelled once the
+    running passes are done (they read the inputs' files, closed after them), with no output and no
+    thread left."""
+    started: list[str] = []
+    cancelled = threading.Event()
+    real = whole_prepares.prepare_whole
+
+    def held(job, *args):
+        started.append(job.name)
+        assert cancelled.wait(60)
+        return real(job, *args)
+
+    monkeypatch.setattr(whole_prepares, "prepare_whole", held)
+    monkeypatch.setattr(executor, "PIECE", 1000)
+    a, b = write_llama(tmp_path / "a", 0), write_llama(tmp_path / "b", 1)
+    polls = []
+
+    def should_cancel() -> bool:
+        polls.append(1)
+        if len(polls) == 3:
+            cancelled.set()
+        return cancelled.is_set()
+
+    error = within(60, lambda: run_merge(SLERP.format(a=a, b=b), tmp_path / "out", device="cpu", should_cancel=should_cancel))
+    assert isinstance(error, MergeCancelled) and len(polls) == 3 and started
+    assert not (tmp_path / "out").exists()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("merger-prepare")]
 
 
 def test_a_slerp_whose_whole_tensor_is_lerped_lerps_every_slice(monkeypatch) -> None:

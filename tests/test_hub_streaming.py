@@ -404,6 +404,27 @@ def test_tensors_merged_in_pieces_from_the_hub_give_the_local_bytes_and_are_fetc
         assert served(hub, repo) - before[repo] == HEADER_FIRST_READ + tensor_bytes
 
 
+def test_a_slerp_from_the_hub_stays_whole_and_is_fetched_once(hub, repos, fixture_models_dir, tmp_path, monkeypatch):
+    """Local SLERP inputs go in pieces, their angle from the inputs read once more (the page cache); from
+    the Hub, that would fetch every byte twice: the tensors stay whole there, each byte fetched once."""
+    monkeypatch.setattr(executor, "PIECE", 10_000)
+    monkeypatch.setattr(hub_ranges, "try_to_load_from_cache", lambda *args, **kwargs: None)  # all from the Hub
+    names = ("llama-prose", "llama-code")
+
+    def slerp(models: dict[str, str]) -> str:
+        return (f"merge_method: slerp\nbase_model: {models[names[0]]}\nmodels:\n  - model: {models[names[0]]}\n"
+                f"  - model: {models[names[1]]}\nparameters: {{t: 0.4}}\n")
+
+    run_merge(slerp(local_names(fixture_models_dir)), tmp_path / "local", device="cpu", shard_size=SHARD)
+    before = {name: served(hub, repos[name]) for name in names}
+    run_merge(slerp(repos), tmp_path / "hub", device="cpu", shard_size=SHARD, token=hub.token)
+    assert output_bytes(tmp_path / "hub") == output_bytes(tmp_path / "local")
+    for name in names:
+        _, entries = header(fixture_models_dir / name / WEIGHTS)
+        tensor_bytes = sum(e["data_offsets"][1] - e["data_offsets"][0] for e in entries.values())
+        assert served(hub, repos[name]) - before[name] == HEADER_FIRST_READ + tensor_bytes
+
+
 def test_a_part_of_a_tensor_is_read_while_the_rest_of_it_is_still_coming(hub, repos, fixture_models_dir, monkeypatch):
     repo, name = repos["llama-base"], "model.embed_tokens.weight"
     monkeypatch.setattr(hub_ranges, "try_to_load_from_cache", lambda *args, **kwargs: None)  # all from the Hub

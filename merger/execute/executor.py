@@ -6,10 +6,12 @@
   the result to the output dtype once;
 - the writer thread appends each result to its shard and returns the buffers to the pool.
 
-Where nothing needs a whole tensor at once (an elementwise method with no prepare pass, or a copy, on
-the CPU), a tensor goes through the three threads in pieces of a million entries (:func:`_pieces`): its
-read, merge and write overlap (read from the Hub, a piece is merged as soon as its bytes arrive), and
-a piece's buffers stay in the processor's cache from one thread to the next.
+Where nothing needs a whole tensor at once (an elementwise method, or a copy, on the CPU), a tensor
+goes through the three threads in pieces of a million entries (:func:`_pieces`): its read, merge and
+write overlap (read from the Hub, a piece is merged as soon as its bytes arrive), and a piece's buffers
+stay in the processor's cache from one thread to the next. A method whose slices need a whole-tensor
+value first (SLERP's angle) gets it from threads of their own, which read the local inputs once more,
+slice by slice, ahead of the pieces (:class:`~merger.execute.whole_prepares.WholePrepares`).
 
 An elementwise method (linear, task arithmetic, TIES, ...) runs on slices of a million entries: the
 inputs stay in their stored dtype and only one slice of each is converted to float32 at a time, or
@@ -50,6 +52,7 @@ from merger.methods.threads import helper_threads
 from merger.methods.registry import SLICE, get_method
 from merger.execute.job_math import compute_job, is_plain_copy, sources_of
 from merger.execute.router import prompt_routers
+from merger.execute.whole_prepares import WholePrepares
 from merger.plan.merge import MergePlan, TensorJob
 from merger.io.writer import OnShard, ShardedWriter, is_finite
 
@@ -174,7 +177,7 @@ def _execute(
                     raw = [readers[s.model].read(s.name) for s in sources_of(job)]
                 else:
                     raw = [readers[s.model].read_entries(s.name, *entries) for s in sources_of(job)]
-                read_queue.put((_piece_job(job, entries), entries is not None, raw, nbytes))
+                read_queue.put((job, entries, raw, nbytes))
         except BaseException as err:  # handed to the calling thread, which raises it
             read_queue.put(err)
 
@@ -203,13 +206,15 @@ def _execute(
 
         reader = threading.Thread(target=read_all, name="merger-reader", daemon=True)
         writer_thread = threading.Thread(target=write_all, name="merger-writer", daemon=True)
+        prepares = WholePrepares(plan, items, readers, device, pool)
         reader.start()
         writer_thread.start()
         try:
             _merge_in_order(plan, len(items), device, pool, budget, read_queue, write_queue, errors, should_cancel,
-                            prompt_gates)
+                            prompt_gates, prepares)
         finally:
             stop.set()
+            prepares.close()
             write_queue.put(_DONE)
             writer_thread.join()
             reader.join()
@@ -281,24 +286,28 @@ def _merge_in_order(
     errors: list[BaseException],
     should_cancel: Callable[[], bool] | None,
     prompt_gates: torch.Tensor | None,
+    prepares: WholePrepares,
 ) -> None:
     """The math loop: the `count` items of read tensors from `read_queue` (jobs, or pieces of jobs),
     merged (or passed through when a plain copy) by `_jobs_at_once` compute threads, onto `write_queue`
     in plan order; raises the reader's, the writer's or a job's error. `prompt_gates`: the routers
-    computed from prompts (:func:`merger.execute.router.prompt_routers`)."""
+    computed from prompts (:func:`merger.execute.router.prompt_routers`); `prepares`: the whole-tensor
+    prepare passes of pieces."""
     at_once = _jobs_at_once(device)
     in_flight: deque[tuple[TensorJob, Future]] = deque()  # computed jobs, in plan order
     cores = torch.get_num_threads()
     threads = max(1, cores // at_once)  # each job's share while `at_once` are computed together
 
-    def compute(job: TensorJob, raw: list[torch.Tensor], nbytes: int) -> torch.Tensor:
+    def compute(job: TensorJob, entries: tuple[int, int] | None, raw: list[torch.Tensor], nbytes: int) -> torch.Tensor:
         # A job whose reads fill the whole budget was read once every job before it was merged, and no
         # job after it is read until it is: it is merged alone, so it takes every thread.
         alone = nbytes >= budget.limit
         try:
             if alone:
                 torch.set_num_threads(cores)
-            return compute_job(job, raw, plan, device, pool, prompt_gates)  # gives the read buffers back once converted
+            prepared = None if entries is None else prepares.of(job)
+            # gives the read buffers back once converted
+            return compute_job(_piece_job(job, entries), raw, plan, device, pool, prompt_gates, prepared)
         finally:  # a job that fails frees its budget too: the reader must not wait for it
             if alone:
                 torch.set_num_threads(threads)
@@ -318,14 +327,15 @@ def _merge_in_order(
                 item = read_queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                job, piece, raw, nbytes = item
+                job, entries, raw, nbytes = item
+                piece = entries is not None
                 if is_plain_copy(job, raw, plan):
                     # handed over at once, after the jobs before it: only the writer releases a copy's
                     # budget, so a copy left waiting here could starve the reader of the next job
                     hand_over_done(keep=0)
                     write_queue.put((job, piece, raw[0], nbytes))
                 else:
-                    in_flight.append((job, piece, computing.submit(compute, job, raw, nbytes)))
+                    in_flight.append((job, piece, computing.submit(compute, job, entries, raw, nbytes)))
                     hand_over_done(keep=at_once)
                 if errors:
                     raise errors[0]
@@ -370,16 +380,22 @@ def _pieces(job: TensorJob, readers: dict[str, TensorReader], device: torch.devi
     of it before its write: at the start and the end of a merge (the embeddings, the output head) the
     other threads idle meanwhile, and its buffers are the merge's largest. Pieces flow through the
     pipeline as jobs do, so reading, merging and writing overlap within the tensor. Only what needs no
-    whole-tensor view is split: an elementwise method with no prepare pass and no random draw (or a
-    copy) on the CPU, no input with a LoRA adapter (applied to whole weights), no vocabulary alignment.
+    whole-tensor view is split: an elementwise method with no random draw (or a copy) on the CPU, no
+    input with a LoRA adapter (applied to whole weights), no vocabulary alignment. A method with a
+    prepare pass is split where its slices may be merged apart (the registry's `slices_in_any_order`)
+    and every input may be read again cheaply (a local file, not the Hub): its pass reads them once
+    more (:class:`~merger.execute.whole_prepares.WholePrepares`).
     """
     numel = math.prod(job.shape)
     if numel <= PIECE or device.type != "cpu" or job.align_vocab or job.method in ("gate", "zeros"):
         return [None]
     method = get_method(job.method)
-    if not method.elementwise or method.prepare is not None or method.uses_generator:
+    if not method.elementwise or method.uses_generator:
         return [None]
-    if not all(readers[s.model].reads_entries for s in sources_of(job)):
+    inputs = [readers[s.model] for s in sources_of(job)]
+    if not all(reader.reads_entries for reader in inputs):
+        return [None]
+    if method.prepare is not None and not (method.slices_in_any_order and all(reader.rereads for reader in inputs)):
         return [None]
     return [(start, min(start + PIECE, numel)) for start in range(0, numel, PIECE)]
 

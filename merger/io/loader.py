@@ -64,6 +64,11 @@ class TensorReader:
         reader that changes whole tensors as it reads them says False."""
         return True
 
+    @property
+    def rereads(self) -> bool:
+        """Whether a tensor may be read again at no more cost than the first time (its source's `rereads`)."""
+        return self.source.rereads
+
     def read_entries(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Entries `[start, stop)` of tensor `name`, flattened, as stored: 1-D, in a CPU buffer from the pool.
 

@@ -22,9 +22,12 @@ class WeightSource(Protocol):
 
     Attributes:
         tensors: tensor name -> :class:`~merger.io.metadata.StoredTensor` (shape, dtype, bytes).
+        rereads: whether a tensor may be read again at no more cost than the first time (a local file,
+            from the page cache); a Hub source fetches each byte once, in the order `expect` gave.
     """
 
     tensors: dict[str, StoredTensor]
+    rereads: bool
 
     def expect(self, names: Sequence[str]) -> None:
         """Hint: the tensors that will be read, in order (repeats included); a source may fetch ahead."""
@@ -78,6 +81,8 @@ class LocalWeights:
         ModelNotFoundError: the directory has no safetensors weights.
         ModelFileError subclasses: a truncated, unreadable or inconsistent file or index.
     """
+
+    rereads = True  # positioned reads, from the page cache once read
 
     def __init__(self, model_dir: Path):
         self.tensors: dict[str, StoredTensor] = {}

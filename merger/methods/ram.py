@@ -94,6 +94,7 @@ def ramplus_scales(
     reference_url="https://arxiv.org/abs/2601.13572",
     elementwise=True,
     prepare=ramplus_scales,
+    slices_in_any_order=True,
 )
 def ramplus_tl(
     tensors: list[Tensor],

@@ -28,6 +28,11 @@ A method is a pure function of float32 tensors::
   the next slice is drawn; not to be modified), the whole tensor's shape, and the method's other arguments
   (`generator` included); what it returns (never None) reaches every slice's call, in order, as
   `prepared`. A direct call of the method without `prepared` prepares from the whole tensors itself.
+- `slices_in_any_order`, for a method with `prepare`: its slices' calls only read `prepared` (SLERP's
+  coefficients, RAM+'s scales), so the engine may merge them in any order and several at once, each
+  piece of a tensor apart (it then prepares from the inputs read once more, slice by slice). False
+  where the slices consume it in flat order (TIES's trims count the ties kept so far, DARE's drops
+  their offset).
 - `fused`, for an elementwise method: `fused(tensors, [base,] out=..., **arguments)` merges one slice
   straight from the inputs' stored dtypes (float32, bfloat16 or float16 1-D CPU slices) into `out`,
   the output's slice in its own dtype, with exactly the bytes of `function` on float32 copies
@@ -111,6 +116,7 @@ class MergeMethod:
         uses_generator: whether the function takes the seeded `generator`.
         elementwise: whether the function may run on slices of the flattened inputs (see above).
         prepare: the whole-tensor pass an elementwise method needs first, or None.
+        slices_in_any_order: whether slices may be merged apart, with the same `prepared` (see above).
         fused: the slice-to-output path of an elementwise method, or None (see above).
     """
 
@@ -125,6 +131,7 @@ class MergeMethod:
     uses_generator: bool
     elementwise: bool = False
     prepare: Callable[..., Any] | None = None
+    slices_in_any_order: bool = False
     fused: Callable[..., bool] | None = None
 
     @property
@@ -151,6 +158,7 @@ def merge_method(
     max_others: int | None = None,
     elementwise: bool = False,
     prepare: Callable[..., Any] | None = None,
+    slices_in_any_order: bool = False,
     fused: Callable[..., bool] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Register a merge method under `name`, reading its parameters from the signature."""
@@ -185,6 +193,7 @@ def merge_method(
             uses_generator="generator" in signature.parameters,
             elementwise=elementwise,
             prepare=prepare,
+            slices_in_any_order=slices_in_any_order,
             fused=fused,
         )
         return function

@@ -96,6 +96,7 @@ def _slerp_fused(tensors: list[Tensor], base: Tensor, *, out: Tensor, t: float,
     max_others=1,
     elementwise=True,
     prepare=slerp_coefficients,
+    slices_in_any_order=True,
     fused=_slerp_fused,
 )
 def slerp(tensors: list[Tensor], base: Tensor, *, t: Fraction,

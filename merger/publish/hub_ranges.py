@@ -133,6 +133,8 @@ class HubWeights:
             :meth:`read_into`, when the repo has become gated, hidden or deleted since its metadata was read.
     """
 
+    rereads = False  # each byte is fetched once, in the order `expect` gave
+
     def __init__(self, checkpoint: HubCheckpoint, token: str | None, reference: str):
         self.checkpoint = checkpoint
         self.token = token

@@ -251,13 +251,17 @@ def test_a_merge_cancelled_while_passes_run_waits_for_them_and_leaves_nothing(tm
     running passes are done (they read the inputs' files, closed after them), with no output and no
     thread left."""
     started: list[str] = []
+    finished: list[str] = []
     cancelled = threading.Event()
     real = whole_prepares.prepare_whole
 
     def held(job, *args):
         started.append(job.name)
         assert cancelled.wait(60)
-        return real(job, *args)
+        time.sleep(0.3)  # still reading when the merge stops: the merge must wait for it
+        value = real(job, *args)
+        finished.append(job.name)
+        return value
 
     monkeypatch.setattr(whole_prepares, "prepare_whole", held)
     monkeypatch.setattr(executor, "PIECE", 1000)
@@ -272,6 +276,7 @@ def test_a_merge_cancelled_while_passes_run_waits_for_them_and_leaves_nothing(tm
 
     error = within(60, lambda: run_merge(SLERP.format(a=a, b=b), tmp_path / "out", device="cpu", should_cancel=should_cancel))
     assert isinstance(error, MergeCancelled) and len(polls) == 3 and started
+    assert finished == started  # every pass that started had ended when the merge returned
     assert not (tmp_path / "out").exists()
     assert not [t.name for t in threading.enumerate() if t.name.startswith("merger-prepare")]
 

@@ -116,7 +116,7 @@ def prepare_whole(job: TensorJob, plan: MergePlan, device: torch.device, pool: B
 
     def slices() -> Iterator[tuple[list[torch.Tensor], torch.Tensor | None]]:
         inputs = None
-        for start, stop in slice_ranges(math.prod(job.shape)):
+        for start, stop in _slice_ranges(math.prod(job.shape)):
             parts = read_slice(start, stop)
             inputs = inputs or _SliceInputs(job, method, plan, [part.dtype for part in parts], stop - start)
             yield inputs.for_prepare(parts)
@@ -125,7 +125,7 @@ def prepare_whole(job: TensorJob, plan: MergePlan, device: torch.device, pool: B
     return method.prepare(slices, job.shape, **kwargs)
 
 
-def slice_ranges(numel: int) -> list[tuple[int, int]]:
+def _slice_ranges(numel: int) -> list[tuple[int, int]]:
     """The `[start, stop)` slices of a flattened tensor of `numel` entries, `SLICE` each (the last shorter)."""
     return [(start, min(start + SLICE, numel)) for start in range(0, numel, SLICE)]
 
@@ -192,7 +192,7 @@ def _compute_in_slices(job: TensorJob, method: MergeMethod, raw: list[torch.Tens
     flat = [tensor.reshape(-1) for tensor in raw]  # sources in config order, then the base
     numel = flat[0].numel()
     inputs = _SliceInputs(job, method, plan, [tensor.dtype for tensor in flat], min(SLICE, numel))
-    ranges = slice_ranges(numel)
+    ranges = _slice_ranges(numel)
     if method.prepare is not None:
         kwargs["prepared"] = prepared if prepared is not None else method.prepare(
             lambda: (inputs.for_prepare([tensor[start:stop] for tensor in flat]) for start, stop in ranges),

@@ -705,6 +705,14 @@ def test_nuslerp_of_opposed_or_zero_vectors_lerps() -> None:
     close(run("nuslerp", [x, y], weight=[1.0, 1.0], nuslerp_flatten=False), [[0.0, 0.0], [half, half]])
 
 
+def test_nuslerp_per_vector_of_empty_tensors_keeps_their_shape() -> None:
+    for shape in ((0, 5), (3, 0)):
+        for row_wise in (False, True):
+            out = run("nuslerp", [torch.ones(shape), torch.ones(shape)], weight=[1.0, 1.0], nuslerp_flatten=False,
+                      nuslerp_row_wise=row_wise)
+            assert out.shape == shape
+
+
 def test_multislerp_of_models_equal_to_the_base_is_the_base_exactly() -> None:
     base = torch.tensor([0.5, -2.0, 3.0])
     assert torch.equal(run("multislerp", [base, base, base], base, weight=[1.0, 2.0, 3.0]), base)

@@ -18,7 +18,7 @@ from merger.execute import executor, job_math
 from merger.methods import sparsify
 from merger.engine import run_merge
 from merger.methods.registry import METHODS, SLICE
-from merger.methods.reductions import BLOCK
+from merger.methods.reductions import LANES
 from helpers import bits_per_token
 
 W = "parameters: {weight: 0.5}"
@@ -76,6 +76,10 @@ def sha256(out: Path) -> str:
 # and last bits depend on the processor) for the same blockwise sums (merger/methods/reductions.py).
 # arcee_fusion once when its KL divergence moved to float64 (torch's float32 softmax, log and row sums
 # gave other bytes with AVX2 than with AVX-512 or no vector kernel; now the same with all three).
+# karcher, multislerp, nuslerp, sce and slerp once more when their dot products and norms became float64
+# sums in a fixed order of lanes (the blockwise float32 sums took their order from torch's vector
+# width: eight floats with AVX2, sixteen with AVX-512), nuslerp's per-vector scales also moving from
+# torch's float32 norms, acos and sin to those sums and Python's float64 math.
 GOLDEN = {
     "arcee_fusion": "82d0cf1b7dba8c04",
     "breadcrumbs": "84bfe3f08afed59d",
@@ -84,17 +88,17 @@ GOLDEN = {
     "dare_ties": "334990fb23dce4e2",
     "della": "f1a39f39cc1cec0d",
     "della_linear": "ae111fd1ee821267",
-    "karcher": "4450d303abb7b39c",
+    "karcher": "890d1f8b5b60bcf7",
     "linear": "f626e815c9c24a04",
     "model_stock": "56eca9fc9656dee7",
-    "multislerp": "8f891221555a5a44",
+    "multislerp": "dd6ee98b5b4042b3",
     "nearswap": "df6eb70b9c9e1079",
-    "nuslerp": "fa24d008cbb429bc",
+    "nuslerp": "7a4ccafc3d0a5eff",
     "passthrough": "120569ed9e4dcf3a",
     "ram": "41b8f63ba0f35bd9",
     "ramplus_tl": "51f031dbaf63d948",
-    "sce": "ffa23f0737b37dec",
-    "slerp": "274d436d7da562d0",
+    "sce": "b039f1062211f4fb",
+    "slerp": "3633cc48e29a0297",
     "task_arithmetic": "f626e815c9c24a04",
     "ties": "0a642f0957c6d929",
 }
@@ -175,19 +179,19 @@ def test_slices_write_the_bytes_of_whole_tensors(
 ) -> None:
     text = config(method, fixture_models_dir)
     run_merge(text, tmp_path / "default", device="cpu")
-    # small slices: many per tensor, TIES's tied magnitudes spread over several; multiples of SLERP's
-    # block, as the real sizes are; and pieces of the tensors that go in pieces
-    monkeypatch.setattr(job_math, "SLICE", 5 * BLOCK if method == "slerp" else 4099)
+    # small slices: many per tensor, TIES's tied magnitudes spread over several; multiples of the sums'
+    # lanes for SLERP, as the real sizes are; and pieces of the tensors that go in pieces
+    monkeypatch.setattr(job_math, "SLICE", 259 * LANES if method == "slerp" else 4099)
     monkeypatch.setattr(executor, "PIECE", 10_000)
     run_merge(text, tmp_path / "small", device="cpu")
     monkeypatch.setitem(METHODS, method, dataclasses.replace(METHODS[method], elementwise=False))  # whole tensors
-    monkeypatch.setattr(sparsify, "SLICE", 3 * BLOCK if method == "slerp" else 3001)
+    monkeypatch.setattr(sparsify, "SLICE", 97 * LANES if method == "slerp" else 3001)
     run_merge(text, tmp_path / "whole", device="cpu")
     assert sha256(tmp_path / "default") == sha256(tmp_path / "small") == sha256(tmp_path / "whole") == GOLDEN[method]
 
 
-def test_the_slice_size_is_one_value_of_whole_slerp_blocks() -> None:
-    assert SLICE % BLOCK == 0 and job_math.SLICE == sparsify.SLICE == executor.PIECE == SLICE
+def test_the_slice_size_is_one_value_of_whole_lanes_of_sums() -> None:
+    assert SLICE % LANES == 0 and job_math.SLICE == sparsify.SLICE == executor.PIECE == SLICE
 
 
 def test_ties_with_rescale_runs_in_slices_and_rescales(
@@ -201,3 +205,4 @@ def test_ties_with_rescale_runs_in_slices_and_rescales(
     monkeypatch.setitem(METHODS, "ties", dataclasses.replace(METHODS["ties"], elementwise=False))
     run_merge(text, tmp_path / "whole", device="cpu")
     assert sha256(tmp_path / "default") == sha256(tmp_path / "small") == sha256(tmp_path / "whole") != GOLDEN["ties"]
+

@@ -3,9 +3,12 @@ vectors when a base is given (mergekit's `nuslerp`; SLERP after Shoemake 1985, d
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
+from merger.methods.reductions import row_product_sums
 from merger.methods.registry import Factor, PerModel, merge_method
 
 WEIGHT_SUM_EPS = 1e-6  # |w₁ + w₂| below this interpolates half-way
@@ -61,17 +64,25 @@ def nuslerp(
 
 
 def _slerp(t: float, a: Tensor, b: Tensor, *, dim: int) -> Tensor:
-    """Slerp of the vectors along `dim` of `a` and `b` (float32, one shape), in a new tensor."""
-    norm_a = torch.linalg.vector_norm(a, dim=dim, keepdim=True)
-    norm_b = torch.linalg.vector_norm(b, dim=dim, keepdim=True)
-    no_direction = (norm_a <= NORM_EPS) | (norm_b <= NORM_EPS)
-    norms = norm_a.clamp(min=NORM_EPS) * norm_b.clamp(min=NORM_EPS)
-    cos_theta = (torch.linalg.vecdot(a, b, dim=dim).unsqueeze(dim) / norms).clamp_(-1, 1)  # (..., 1, ...)
-    degenerate = no_direction | (cos_theta.abs() > DOT_THRESHOLD)
-    theta = cos_theta.acos()
-    sin_theta = theta.sin().masked_fill_(degenerate, 1.0)  # no division by (nearly) 0 below
-    scale_a = torch.sin((1 - t) * theta) / sin_theta
-    scale_b = torch.sin(t * theta) / sin_theta
-    scale_a.masked_fill_(degenerate, 1 - t)
-    scale_b.masked_fill_(degenerate, t)
-    return (a * scale_a).addcmul_(b, scale_b)
+    """Slerp of the vectors along `dim` of `a` and `b` (float32, one shape), in a new tensor; each vector's
+    sums in float64 (:mod:`.reductions`) and its two scales by Python's float math: the same on every machine."""
+    others = a.movedim(dim, -1).shape[:-1]  # the vectors' index, in the order of their rows below
+    if others.numel() == 0:
+        return a.clone()
+    rows_a, rows_b = (v.movedim(dim, -1).reshape(others.numel(), v.shape[dim]) for v in (a, b))
+    sums = zip(*(s.tolist() for s in row_product_sums(rows_a, rows_b)))
+    scale_a, scale_b = zip(*(_scales(t, *vector) for vector in sums))
+    scale_a, scale_b = (torch.tensor(s, dtype=a.dtype, device=a.device).view(others).unsqueeze(dim)
+                        for s in (scale_a, scale_b))
+    return (a * scale_a).add_(b * scale_b)
+
+
+def _scales(t: float, aa: float, bb: float, ab: float) -> tuple[float, float]:
+    """`(sin((1−t)θ)/sin θ, sin(tθ)/sin θ)` of one vector pair from `‖a‖²`, `‖b‖²` and `a·b`; `(1−t, t)` where
+    the arc is degenerate (a norm ≤ NORM_EPS, or `|cos θ| > DOT_THRESHOLD`)."""
+    norm_a, norm_b = math.sqrt(aa), math.sqrt(bb)
+    cos_theta = min(max(ab / (max(norm_a, NORM_EPS) * max(norm_b, NORM_EPS)), -1.0), 1.0)
+    if norm_a <= NORM_EPS or norm_b <= NORM_EPS or abs(cos_theta) > DOT_THRESHOLD:
+        return 1 - t, t
+    theta = math.acos(cos_theta)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)

@@ -64,7 +64,7 @@ class PerModel(Generic[T]):
 
 
 # Entries per slice of a whole tensor, for the engine's elementwise calls and the prepare passes
-# streamed reductions: four MiB of float32 per input, in cache; a multiple of the reductions' BLOCK,
+# streamed reductions: four MiB of float32 per input, in cache; a multiple of the reductions' LANES,
 # so SLERP's sums do not depend on the slicing.
 SLICE = 1 << 20
 

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from merger.methods.native import kernels_for
-from merger.methods.registry import SLICE, Fraction, merge_method
-from merger.methods.reductions import dot, squared_norm
+from merger.methods.reductions import ProductSums
+from merger.methods.registry import Fraction, merge_method
 
 DOT_THRESHOLD = 0.9995  # above this |cos θ| the arc is numerically a line: use lerp
 NORM_EPS = 1e-8
@@ -25,14 +25,14 @@ def slerp_coefficients(
 ) -> tuple[float, float] | str:
     """The prepare pass: `(s0, s1)` with `out = s0·v0 + s1·v1`, or :data:`LERP`.
 
-    `‖v0‖²`, `‖v1‖²` and `v0·v1` are summed per slice by :mod:`.reductions` (the same on every machine
-    and thread count), then over slices in float64. A vector of norm ≤ 1e-8 has no direction,
-    so the angle is undefined: lerp (mergekit takes θ = π/2 there, which scales the other vector by
-    `sin(tπ/2)`). Opposed vectors (`cos θ = −1`, no unique great circle) lerp by the threshold.
+    `‖v0‖²`, `‖v1‖²` and `v0·v1` are float64 sums over the slices in turn (:class:`.reductions.ProductSums`:
+    the same on every machine). A vector of norm ≤ 1e-8 has no direction, so the angle is undefined:
+    lerp (mergekit takes θ = π/2 there, which scales the other vector by `sin(tπ/2)`). Opposed vectors
+    (`cos θ = −1`, no unique great circle) lerp by the threshold.
 
     Args:
         slices: returns a fresh iterator over `([v1], v0)` slices, float32 or as stored (bfloat16,
-            float16: the registry's `fused` contract), summed as float32.
+            float16: the registry's `fused` contract).
         shape: the whole tensor's shape (0-dim tensors are lerped).
         t: interpolation factor.
 
@@ -42,13 +42,10 @@ def slerp_coefficients(
     """
     if t in (0, 1) or len(shape) == 0:
         return LERP
-    aa = bb = ab = 0.0
-    work = [torch.empty(0), torch.empty(0)]  # float32 copies of stored slices, reused from slice to slice
+    sums = ProductSums()
     for (v1,), v0 in slices():
-        v0, v1 = (_as_float32(v, work, i) for i, v in enumerate((v0, v1)))
-        aa += squared_norm(v0)
-        bb += squared_norm(v1)
-        ab += dot(v0, v1)
+        sums.add(v0, v1)
+    aa, bb, ab = sums.totals()
     na, nb = math.sqrt(aa), math.sqrt(bb)
     if na <= NORM_EPS or nb <= NORM_EPS:
         return LERP
@@ -58,15 +55,6 @@ def slerp_coefficients(
     theta = math.acos(cosine)
     sin_theta = math.sin(theta)
     return math.sin((1 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
-
-
-def _as_float32(v: Tensor, work: list[Tensor], index: int) -> Tensor:
-    """`v` itself when float32, else its float32 value in `work[index]` (grown to `SLICE` once)."""
-    if v.dtype == torch.float32:
-        return v
-    if work[index].numel() < v.numel():
-        work[index] = torch.empty(max(v.numel(), SLICE), dtype=torch.float32)
-    return work[index][: v.numel()].view(v.shape).copy_(v)
 
 
 def _slerp_fused(tensors: list[Tensor], base: Tensor, *, out: Tensor, t: float,

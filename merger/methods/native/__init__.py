@@ -1,5 +1,5 @@
-"""The CPU kernels of linear and the task-arithmetic family in C (`kernels.c`), built with the machine's
-compiler at first use.
+"""The CPU kernels of linear, the task-arithmetic family and the sums of products (dot products, norms)
+in C (`kernels.c`), built with the machine's compiler at first use.
 
 torch runs TIES as a dozen elementwise passes and a `bincount` per selection pass; `kernels.c` fuses
 them into one pass per step, computing the same float32 operations in the same order, so the bytes
@@ -71,7 +71,11 @@ class NativeKernels:
         library.merger_l1_sums.restype = None
         library.merger_uniform_below.argtypes = [_P, _P, _I64, ctypes.c_float, _P]
         library.merger_uniform_below.restype = None
+        library.merger_product_sums.argtypes = [_P, ctypes.c_int, _P, ctypes.c_int, _I64, _P]
+        library.merger_product_sums.restype = None
+        library.merger_sum_lanes.restype = ctypes.c_int
         self.max_models = library.merger_max_models()
+        self.sum_lanes = library.merger_sum_lanes()
         self.draws_as_torch = self._draws_as_torch()
         self.add_fuses = self._add_fuses()
 
@@ -180,6 +184,16 @@ class NativeKernels:
                                      ctypes.byref(sums, 0), ctypes.byref(sums, 8))
         step.ties_kept = step.ties - ties.value
         return sums[0], sums[1]
+
+    def product_sums(self, x: Tensor, y: Tensor, sums: Tensor) -> None:
+        """Continue `sums` over `x` and `y`: `sums[0, l] += x_j²`, `sums[1, l] += y_j²`, `sums[2, l] += x_j·y_j`
+        for every entry `j ≡ l (mod sum_lanes)`, in index order, in float64 (merger/methods/reductions.py).
+
+        Args:
+            x, y: `(m,)`, of the dtypes :meth:`reads_stored` takes.
+            sums: float64 `(3, sum_lanes)`, contiguous, updated in place.
+        """
+        self._library.merger_product_sums(*_stored(x), *_stored(y), x.numel(), sums.data_ptr())
 
     def uniform_below(self, numel: int, density: float, generator: torch.Generator) -> Tensor:
         """bool `(numel,)`: `u_j < density` for the CPU `generator`'s next `numel` float32 uniforms, exactly

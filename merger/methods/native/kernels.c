@@ -1,11 +1,13 @@
-/* The CPU kernels of the task-arithmetic family (merger/methods/native/__init__.py builds and loads them).
+/* The CPU kernels of linear, the task-arithmetic family and the sums of products behind dot products and
+ * norms (merger/methods/native/__init__.py builds and loads them).
  *
  * Each computes, entry by entry, exactly the float32 operations of the torch code it replaces
  * (merger/methods/task_arithmetic.py, sparsify.py, topk.py), in the same order, so the bytes are the
  * same: IEEE-754 float32 arithmetic, no fused multiply-add (-ffp-contract=off) except the explicit
  * fmaf where torch's own kernel fuses one on this CPU (linear), no reassociation (no -ffast-math). Conditions become 1.0f / +0.0f factors without branches (ONE_IF), as torch's
  * masks do, so signed zeros come out as torch's do; the loops run on blocks of BLOCK entries that stay
- * in the core's first-level cache.
+ * in the core's first-level cache. The sums of products (merger_product_sums) follow the order that
+ * merger/methods/reductions.py defines, which its torch path follows too.
  */
 #include <math.h>
 #include <stdint.h>
@@ -303,6 +305,48 @@ void merger_l1_sums(const void *x, int x_type, const void *b, int b_type, int64_
     *before = sum_before;
     *after = sum_after;
 }
+
+/* The sums of products behind merger/methods/reductions.py, continued over the next n entries of two
+ * vectors: sums[0][l] += x_j², sums[1][l] += y_j², sums[2][l] += x_j·y_j for each j ≡ l (mod SUM_LANES),
+ * j in index order. The products of float32 (or narrower) values are exact in float64, so each lane's
+ * additions are its only roundings: the same on every machine, and as reductions.py's torch path adds. */
+enum { SUM_LANES = 16, SUM_GROUPS = SUM_LANES / 4 };
+typedef double f64x4 __attribute__((vector_size(32)));  /* four lanes; GCC and Clang lower it to the CPU's vectors */
+typedef float f32x4 __attribute__((vector_size(16)));
+
+static inline f64x4 widen4(const float *from) {
+    f32x4 v;
+    memcpy(&v, from, sizeof v);
+    return __builtin_convertvector(v, f64x4);
+}
+
+void merger_product_sums(const void *x, int x_type, const void *y, int y_type, int64_t n, double *sums) {
+    f64x4 xx[SUM_GROUPS], yy[SUM_GROUPS], xy[SUM_GROUPS];  /* held in registers: lanes 4g .. 4g + 3 */
+    memcpy(xx, sums, sizeof xx);
+    memcpy(yy, sums + SUM_LANES, sizeof yy);
+    memcpy(xy, sums + 2 * SUM_LANES, sizeof xy);
+    float xs[BLOCK], ys[BLOCK];
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int64_t m = n - start < BLOCK ? n - start : BLOCK, padded = (m + SUM_LANES - 1) / SUM_LANES * SUM_LANES;
+        load(x, x_type, start, m, xs);
+        load(y, y_type, start, m, ys);
+        for (int64_t j = m; j < padded; j++)  /* the last block's tail: +0.0 leaves a lane's sum as it is */
+            xs[j] = ys[j] = 0.0f;
+        for (int64_t j = 0; j < padded; j += SUM_LANES)
+#pragma GCC unroll 4
+            for (int g = 0; g < SUM_GROUPS; g++) {
+                f64x4 a = widen4(xs + j + 4 * g), b = widen4(ys + j + 4 * g);
+                xx[g] += a * a;
+                yy[g] += b * b;
+                xy[g] += a * b;
+            }
+    }
+    memcpy(sums, xx, sizeof xx);
+    memcpy(sums + SUM_LANES, yy, sizeof yy);
+    memcpy(sums + 2 * SUM_LANES, xy, sizeof xy);
+}
+
+int merger_sum_lanes(void) { return SUM_LANES; }
 
 /* torch's CPU random stream (ATen's mt19937 and uniform_real for float32), to draw DARE's masks:
  * out[j] = u_j < density for the generator's next n uniforms u_j = (y & (2^24 − 1)) · 2^-24.

@@ -14,7 +14,8 @@ and their members' roles (whoami lists them; write/admin may create, push and de
 
 Range requests can be metered, throttled and broken (from another process: GET /_minihub/stats gives
 the bytes served and received, POST /_minihub/throttle {"down_bps": .., "up_bps": ..} sets the limits): `store.served` counts the bytes sent per
-`repo_id/path` and `store.ranges` logs each (repo_id, path, start, length) sent; `store.down_bps` and
+`repo_id/path` and `store.ranges` logs each (repo_id, path, start, length) answered, both as they are sent (so a
+client never finishes reading before they show); `store.down_bps` and
 `store.up_bps` cap the bandwidth (bytes/s, shared by all connections, None: unlimited); `store.faults`
 holds faults that each fire once on the next matching range request of a file: `Fault("drop", n)`
 closes the connection after n bytes of the body, `Fault("short", n)` answers a range n bytes
@@ -143,7 +144,7 @@ class Store:
         self.delay_s = 0.0  # seconds every matching request waits before it is answered (a slow Hub)
         self.delay_paths = None  # a regex searched in the request path; None: every request waits
         self.served = {}  # "repo_id/path" -> bytes of file content sent
-        self.ranges = []  # (repo_id, path, start, length) of every file body sent
+        self.ranges = []  # (repo_id, path, start, length) of every file body, logged as it starts
         self.received = 0  # bytes of request bodies read (uploads)
         self.faults = []  # Fault objects, each fired once
         self.cdn = None  # a base URL: LFS files' /resolve answers redirect there (see the module's notes)
@@ -688,6 +689,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.command == "HEAD":
             return
         drop_after = fault.n if fault is not None and fault.kind == "drop" else length
+        with self.store.lock:  # logged before the body: a client done reading never outruns its entry
+            self.store.ranges.append((repo_id, fpath, start, min(length, drop_after)))
         sent = 0
         with open(disk, "rb") as fh:
             fh.seek(start)
@@ -697,20 +700,19 @@ class Handler(BaseHTTPRequestHandler):
                     break
                 if self.store._down is not None:
                     self.store._down.pass_bytes(len(chunk))
+                self._count(repo_id, fpath, len(chunk))  # before the write, as the range's entry is
                 self.wfile.write(chunk)
                 sent += len(chunk)
         self.wfile.write(b"\0" * extra)
-        self._count(repo_id, fpath, start, sent)
         if sent < length:  # a fault: the connection drops with the body unfinished
             self.wfile.flush()
             self.close_connection = True
             self.connection.shutdown(2)
 
-    def _count(self, repo_id, fpath, start, n):
+    def _count(self, repo_id, fpath, n):
         with self.store.lock:
             key = f"{repo_id}/{fpath}"
             self.store.served[key] = self.store.served.get(key, 0) + n
-            self.store.ranges.append((repo_id, fpath, start, n))  # one entry per answer
 
 
 def serve(port=0, data_dir=None, tokens=None, log_requests=False):

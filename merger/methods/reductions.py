@@ -59,37 +59,40 @@ class ProductSums:
 
 
 def _add_with_torch(lanes: Tensor, x: Tensor, y: Tensor) -> Tensor:
-    """The kernel's sums by torch's ops: `cumsum` adds down each lane in index order, from the lanes so far
-    (on the CPU; CUDA's `cumsum` scans in an order of its own, which agrees to float64 rounding)."""
-    lanes = lanes.to(x.device)
+    """The kernel's sums by torch's ops, continued from `lanes` (float64 `(3, LANES)`) over `x` and `y`."""
+    lanes = lanes.to(x.device).unsqueeze(1)
     for start in range(0, x.numel(), TORCH_PIECE):
-        a, b = x[start:start + TORCH_PIECE].double(), y[start:start + TORCH_PIECE].double()
-        products = torch.stack([a * a, b * b, a * b])  # (3, m), exact
-        products = torch.nn.functional.pad(products, (0, -a.numel() % LANES))  # +0.0 leaves a lane's sum as is
-        rows = torch.cat([lanes.unsqueeze(1), products.view(3, -1, LANES)], dim=1)  # (3, 1 + m/LANES, LANES)
-        lanes = rows.cumsum(dim=1)[:, -1]
-    return lanes.cpu().contiguous()
+        lanes = _continued(lanes, x[start:start + TORCH_PIECE].view(1, -1), y[start:start + TORCH_PIECE].view(1, -1))
+    return lanes.squeeze(1).cpu().contiguous()
+
+
+def _continued(lanes: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """`lanes` (float64 `(3, r, LANES)`) continued over the rows of `x` and `y` (`(r, k)`): `cumsum` adds down
+    each lane in index order (on the CPU; CUDA's `cumsum` scans in an order of its own, which agrees to
+    float64 rounding)."""
+    a, b = x.double(), y.double()
+    products = torch.stack([a * a, b * b, a * b])  # (3, r, k), exact
+    products = torch.nn.functional.pad(products, (0, -x.shape[1] % LANES))  # +0.0 leaves a lane's sum as is
+    rows = torch.cat([lanes.unsqueeze(2), products.view(3, x.shape[0], -1, LANES)], dim=2)  # (3, r, 1 + k/LANES, LANES)
+    return rows.cumsum(dim=2)[:, :, -1]
 
 
 def row_product_sums(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """:class:`ProductSums` of each row: `(Σⱼ xᵢⱼ², Σⱼ yᵢⱼ², Σⱼ xᵢⱼyᵢⱼ)` as three float64 `(rows,)`, bit for bit
-    what a :class:`ProductSums` fed the row would total, by torch's ops.
+    what a :class:`ProductSums` fed the row would total.
 
     Args:
         x, y: `(rows, k)`, equal shapes, float32, bfloat16 or float16.
     """
     rows, k = x.shape
-    if k >= TORCH_PIECE:  # few long rows: the kernel where there is one, in pieces
+    if k >= TORCH_PIECE:  # few long rows: each by ProductSums, the kernel where there is one, in pieces
         return tuple(torch.tensor(sums, dtype=torch.float64)
                      for sums in zip(*(ProductSums().add(x[i], y[i]).totals() for i in range(rows))))
     per_piece = max(1, TORCH_PIECE // max(k, 1))
     totals = []
     for start in range(0, rows, per_piece):
-        a, b = x[start:start + per_piece].double(), y[start:start + per_piece].double()
-        products = torch.stack([a * a, b * b, a * b])  # (3, r, k), exact
-        products = torch.nn.functional.pad(products, (0, -k % LANES))
-        lanes = torch.nn.functional.pad(products.view(3, a.shape[0], -1, LANES), (0, 0, 1, 0))  # a row of zeros first
-        lanes = lanes.cumsum(dim=2)[:, :, -1]  # (3, r, LANES): each lane added in index order
+        piece = x[start:start + per_piece], y[start:start + per_piece]
+        lanes = _continued(torch.zeros(3, piece[0].shape[0], LANES, dtype=torch.float64, device=x.device), *piece)
         totals.append(torch.nn.functional.pad(lanes, (1, 0)).cumsum(dim=2)[:, :, -1])  # (0 + l₀) + l₁ + …
     aa, bb, ab = torch.cat(totals, dim=1) if totals else torch.zeros(3, 0, dtype=torch.float64)
     return aa, bb, ab

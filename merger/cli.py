@@ -1,21 +1,32 @@
 """The command line: `python -m merger run CONFIG OUT`, `validate CONFIG`, `extract-lora FINETUNE BASE OUT --rank R`,
-`eval MODEL...` and `suggest BASE FT...`."""
+`eval MODEL...` and `suggest BASE FT...`.
+
+Importing this module imports no torch: `run` reads the config first and, for an MoE, forks the process
+that runs its output's class settings (:class:`SettingsProcess`) before torch is imported, so that the
+child's imports run on the core this process's imports leave idle (docs/decisions.md, "MoE outputs keep
+what the base computes"). Every command then imports the engine (:func:`_import_work`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import re
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 from huggingface_hub import get_token
 from tqdm import tqdm
 
-from merger.engine import run_merge  # at the top, not in `_run`: `python -m merger` freezes what this imports
-from merger.errors import MergerError, excerpt
-from merger.evaluate.cli import add_commands, add_eval_flags, merge_evaluator, run_eval, run_report, run_suggest
+from merger.config.load import load_config
 from merger.config.parse import read_config_file
+from merger.config.schema import AnyConfig, MoEConfig
+from merger.errors import MergerError, excerpt
+from merger.evaluate.flags import add_commands, add_eval_flags
+from merger.plan.settings_process import SettingsProcess
+from merger.stages import is_multi_stage
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -61,7 +72,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> None:
+def _run(args: argparse.Namespace, freeze_imports: bool) -> None:
+    """`run`: the config is read and parsed before torch is imported, and an MoE's settings process forked."""
+    text = _read_config(args.config)
+    config = None if is_multi_stage(text) else load_config(text)  # a multi-stage config: run_merge reads it
+    early = isinstance(config, MoEConfig) and not args.eval  # an evaluation settles while planning (run_merge)
+    with SettingsProcess.start() if early else nullcontext() as settings_process:
+        _import_work(freeze_imports)
+        _merge(args, text, config, settings_process)
+
+
+def _import_work(freeze_imports: bool) -> None:
+    """Import the engine (torch with it) and the evaluation's commands; with `freeze_imports` (see
+    :func:`main`), freeze the objects the imports made and turn the collector back on."""
+    import merger.engine  # noqa: F401
+    import merger.evaluate.cli  # noqa: F401
+
+    if freeze_imports:
+        gc.freeze()
+        gc.enable()
+
+
+def _merge(args: argparse.Namespace, text: str, config: AnyConfig | None,
+           settings_process: SettingsProcess | None) -> None:
+    """`run`'s merge (and push), once the engine is imported: `config` is `text` parsed (None for a
+    multi-stage config), `settings_process` the MoE's (:func:`_run`)."""
+    from merger.engine import run_merge
+    from merger.evaluate.cli import merge_evaluator
+
     token = get_token()
     if args.private and not args.push_to:
         raise MergerError("`--private` applies to the pushed repo: add `--push-to REPO`, or drop `--private`")
@@ -75,7 +113,6 @@ def _run(args: argparse.Namespace) -> None:
         # Before the merge: a target the user may not write to must not cost a whole merge.
         target = check_push_target(args.push_to, token, private=args.private, reuse_repo=args.reuse_repo)
         args.push_to = target.repo_id
-    text = _read_config(args.config)
     bars: list[tqdm] = []  # made at the first tensor, so a config error prints no empty bar
 
     def progress(fraction: float, name: str) -> None:
@@ -88,7 +125,8 @@ def _run(args: argparse.Namespace) -> None:
     evaluate = merge_evaluator(args, token, args.push_to or args.out.name) if args.eval else None
     try:
         result = run_merge(text, args.out, device=args.device, token=token, shard_size=args.shard_size,
-                           title=args.push_to or None, seed=args.random_seed, progress=progress, evaluate=evaluate)
+                           title=args.push_to or None, seed=args.random_seed, progress=progress, evaluate=evaluate,
+                           config=config, settings_process=settings_process)
     finally:
         for bar in bars:
             bar.close()
@@ -116,6 +154,7 @@ def _extract_lora(args: argparse.Namespace) -> None:
 
 
 def _validate(args: argparse.Namespace) -> None:
+    from merger.evaluate.cli import run_report
     from merger.validate import validate_config
 
     report = validate_config(_read_config(args.config), token=get_token())
@@ -152,23 +191,35 @@ class _TqdmHandler(logging.Handler):
         tqdm.write(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; returns the exit status (0, or 2 with `error: ErrorClass: message` on stderr for a MergerError)."""
+def main(argv: list[str] | None = None, *, freeze_imports: bool = False) -> int:
+    """Run the CLI; returns the exit status (0, or 2 with `error: ErrorClass: message` on stderr for a MergerError).
+
+    Args:
+        argv: the arguments (default: the process's).
+        freeze_imports: `python -m merger` (merger/__main__.py) turns the cyclic garbage collector off
+            before it imports this module; once the command's imports are done, freeze the objects
+            they made and turn it back on (:func:`_import_work`).
+    """
     args = build_parser().parse_args(argv)
     logger = logging.getLogger("merger")
     handler, propagate = _TqdmHandler(logging.WARNING), logger.propagate
     logger.addHandler(handler)
     logger.propagate = False  # for this call only: warnings print once, above the bar
     try:
+        if args.command in ("run", "validate") and not args.config.is_file():  # before any other work
+            _read_config(args.config)  # says why
+        if args.command == "run":
+            _run(args, freeze_imports)
+            return 0
+        _import_work(freeze_imports)
+        from merger.evaluate.cli import run_eval, run_suggest
+
         if args.command == "extract-lora":
             _extract_lora(args)
-            return 0
-        if args.command in ("eval", "suggest"):
+        elif args.command in ("eval", "suggest"):
             (run_eval if args.command == "eval" else run_suggest)(args, get_token())
-            return 0
-        if not args.config.is_file():  # before any other work; _read_config says why
-            _read_config(args.config)
-        (_run if args.command == "run" else _validate)(args)
+        else:
+            _validate(args)
     except MergerError as err:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)  # the class name: a stable label for scripts
         return 2

@@ -40,6 +40,7 @@ from merger.io.sources import WeightSource
 from merger.stages import is_multi_stage, run_stages
 from merger.io.tokenizer_files import write_tokenizer
 from merger.plan.entry import plan_config, settling_apart
+from merger.plan.settings_process import SettingsProcess
 from merger.io.writer import OnShard, format_bytes, output_error
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ def run_merge(
     config: AnyConfig | None = None,
     planned: tuple[MergePlan, dict[str, ModelMetadata]] | None = None,
     on_shard: OnShard | None = None,
+    settings_process: SettingsProcess | None = None,
 ) -> MergeResult:
     """Merge the models of a YAML config into `out_dir` (a complete Hugging Face model folder).
 
@@ -128,6 +130,9 @@ def run_merge(
             complete, while the next is merged (`StreamPush` uploads and deletes it: the folder needs room
             for a few shards only, and those taken are absent from `out_dir`). With `evaluate`, they are
             handed on after the evaluation (it reads them all), without their sha256.
+        settings_process: a :class:`SettingsProcess` forked earlier for an MoE's class settings (the
+            command line forks one before it imports torch); taken over (killed once done or not needed).
+            None: one is forked when the plan needs it.
 
     Returns:
         A :class:`MergeResult`.
@@ -140,7 +145,7 @@ def run_merge(
         OutputWriteError: the OS refused another write (the path and its reason).
         NonFiniteWeightsError / NonFiniteOutputError: a merged tensor would hold NaN or inf.
     """
-    if is_multi_stage(config_text):  # mergekit-multi: each stage is a run_merge of its own
+    if config is None and is_multi_stage(config_text):  # mergekit-multi: each stage is a run_merge of its own
         if evaluate is not None:
             raise ConfigError("`--eval` does not evaluate multi-stage configs yet; after the merge, run "
                               "`python -m merger eval OUT PARENT... --merge OUT`")
@@ -156,7 +161,7 @@ def run_merge(
     needed = (min(needed, 3 * shard_size) if on_shard is not None else needed) + OUTPUT_EXTRA_BYTES
     remove_stale_staging(out_dir.parent)
     check_free_space(out_dir, needed)
-    with settling_apart(plan) as settle:  # forked before the merge's threads start (see there)
+    with settling_apart(plan, settings_process) as settle:  # forked before the merge's threads start (see there)
         folders, weights, adapters = _inputs(plan, metadata, token, whole=evaluate is not None)
         _write_through_staging(plan, settle, folders, adapters, out_dir, needed, config_text=config_text,
                                metadata=metadata, title=title or out_dir.name, device=device, shard_size=shard_size,

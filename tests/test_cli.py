@@ -127,7 +127,7 @@ def test_the_command_line_starts_without_the_hub_client() -> None:
     to import, and the Hub ranges' HTTP stack (urllib3, httpcore2's trust store) 0.1 s: a merge of local
     folders never needs them, so the CLI imports them only at its first Hub call, and the engine renders
     the card beside the merge (docs/decisions.md, "Starting and ending the CLI")."""
-    probe = ("import sys, merger.cli\n"
+    probe = ("import sys, merger.cli, merger.engine\n"
              "print(sorted(m for m in sys.modules if m.startswith(('huggingface_hub.', 'urllib3', 'httpcore2', 'merger.publish.'))))")
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -143,7 +143,8 @@ def test_python_m_merger_runs_the_work_with_the_collector_on_and_the_imports_fro
     probe = (
         "import gc, runpy, sys\n"
         "import merger.cli\n"
-        "merger.cli.main = lambda: print(gc.isenabled(), gc.get_freeze_count()) or 0\n"
+        "merger.cli._validate = lambda args: print(gc.isenabled(), gc.get_freeze_count())\n"
+        "sys.argv = ['merger', 'validate', 'README.md']\n"
         "runpy.run_module('merger', run_name='__main__')\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT,

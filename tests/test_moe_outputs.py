@@ -9,6 +9,7 @@ hooks on the dense models' own MLPs and the gate read from the written file.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -280,14 +281,68 @@ def test_the_engine_runs_the_class_settings_in_a_child_process_with_the_same_res
     ], result.stderr
 
 
+_CLI_FORKS_FIRST = """
+import runpy, sys
+from merger.plan.settings_process import SettingsProcess
+
+forked = SettingsProcess.start.__func__
+
+def start(cls):
+    print("torch imported as the settings process forks:", "torch" in sys.modules)
+    return forked(cls)
+
+SettingsProcess.start = classmethod(start)
+sys.argv = ["merger", *sys.argv[1:]]
+try:
+    runpy.run_module("merger", run_name="__main__")
+finally:
+    print("Mistral's class imported here:", "transformers.models.mistral.configuration_mistral" in sys.modules)
+"""
+
+
+def test_the_command_line_forks_an_moe_s_settings_process_before_importing_torch(fx: Path, tmp_path: Path) -> None:
+    """`python -m merger run` of an MoE forks the class settings' process before torch is imported (its imports
+    then run beside this process's), and the output states what the base leaves to its class: Mistral's
+    `rope_theta` default (10000), which the Mixtral output's class would read as 1e6."""
+    import shutil
+    import subprocess
+    import sys
+
+    base = shutil.copytree(fx / "mistral-base", tmp_path / "mistral-base")
+    config = json.loads((base / "config.json").read_text())
+    del config["rope_theta"], config["rope_parameters"]
+    (base / "config.json").write_text(json.dumps(config))
+    (tmp_path / "moe.yml").write_text(moe_yaml(base, [base, base]))
+    result = subprocess.run([sys.executable, "-c", _CLI_FORKS_FIRST, "run", str(tmp_path / "moe.yml"), str(tmp_path / "out"),
+                             "--device", "cpu"], capture_output=True, text=True, timeout=300, cwd=Path(__file__).parent.parent)
+    assert [line for line in result.stdout.splitlines() if not line.startswith("wrote ")] == [
+        "torch imported as the settings process forks: False", "Mistral's class imported here: False",
+    ], result.stderr
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["architectures"] == ["MixtralForCausalLM"] and written["rope_theta"] == 10000.0
+
+
+def test_a_settings_process_started_early_is_killed_when_the_plan_needs_none(fx: Path) -> None:
+    """A plan with nothing to settle (an output of the base's own class): the process the command line forked
+    is killed at once, not left importing beside the merge."""
+    from merger.plan.entry import plan_config, settling_apart
+    from merger.plan.settings_process import SettingsProcess
+
+    m = fx / "llama-code"
+    plan, _ = plan_config(load_config(moe_yaml(m, [m, m])), None, settle=False)
+    process = SettingsProcess.start()
+    with settling_apart(replace(plan, class_settings=None), process) as settle:
+        assert not process._process.is_alive() and settle().class_settings is None
+
+
 @pytest.mark.parametrize("child", ["dies", "hangs"])
 def test_class_settings_run_here_when_the_child_does_not_answer(fx: Path, monkeypatch, child: str) -> None:
     import os
     import time
 
-    from merger.plan import entry
+    from merger.plan import entry, settings_process
 
-    monkeypatch.setattr(entry, "_resolve_in_child", lambda *args: os._exit(1) if child == "dies" else time.sleep(600))
+    monkeypatch.setattr(settings_process, "_serve", lambda *args: os._exit(1) if child == "dies" else time.sleep(600))
     monkeypatch.setattr(entry, "SETTLE_CHILD_TIMEOUT_S", 1.0)
     m = fx / "llama-code"
     plan, _ = entry.plan_config(load_config(moe_yaml(m, [m, m])), None, settle=False)

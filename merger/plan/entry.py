@@ -6,12 +6,9 @@ weights (metadata are config.json and safetensors headers; tokenizers only where
 
 from __future__ import annotations
 
-import multiprocessing
-import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from multiprocessing.connection import Connection
 
 from merger.config.schema import PROMPT_GATE_MODES, AnyConfig, ModelReference, MoEConfig
 from merger.io.metadata import ModelMetadata
@@ -20,7 +17,7 @@ from merger.plan.build import build_plan, needs_vocabularies
 from merger.plan.merge import MergePlan
 from merger.plan.moe import build_moe_plan, check_tokenizer_fits
 from merger.plan.prompt_tokens import check_prompt_tokens
-from merger.plan.settings import ClassSettings
+from merger.plan.settings_process import SettingsProcess
 from merger.plan.tokenizer import Vocabulary, load_vocabulary
 from merger.publish import hub_read
 
@@ -93,15 +90,15 @@ SETTLE_CHILD_TIMEOUT_S = 60.0
 
 
 @contextmanager
-def settling_apart(plan: MergePlan) -> Iterator[Callable[[], MergePlan]]:
-    """Run the plan's `class_settings` in a forked child process while this one merges.
+def settling_apart(plan: MergePlan, process: SettingsProcess | None = None) -> Iterator[Callable[[], MergePlan]]:
+    """Run the plan's `class_settings` in a child process (:class:`SettingsProcess`) while this one merges.
 
-    The step imports transformers' config classes: about 2 s of pure Python here (Llama's config class
-    alone imports `torch._dynamo` through transformers' activation functions), which on a thread beside
-    the merge held the global interpreter lock that the merge's threads need between their copies. A
-    forked child has its own: it runs on another core and sends back plain data
-    (:meth:`ClassSettings.resolve`). Enter before the merge starts its threads, so that none of them
-    holds a lock as the child forks.
+    Enter before the merge starts its threads, so that none of them holds a lock as the child forks.
+
+    Args:
+        plan: a plan from :func:`plan_config` with `settle=False`.
+        process: a child started earlier (the command line forks one before importing torch); taken
+            over here, and killed at once when the plan has no step pending. None: one is forked now.
 
     Yields:
         A function that waits for the child and returns :func:`settled`'s plan (the same config). Where
@@ -112,49 +109,30 @@ def settling_apart(plan: MergePlan) -> Iterator[Callable[[], MergePlan]]:
     Raises:
         ArchitectureSettingError / ConfigProblems: from the yielded function, as :func:`settled`.
     """
-    if plan.class_settings is None or "fork" not in multiprocessing.get_all_start_methods():
+    if plan.class_settings is None:
+        if process is not None:
+            process.close()  # its imports would take a core from the merge for nothing
         yield lambda: settled(plan)
         return
-    context = multiprocessing.get_context("fork")
-    answers, answer = context.Pipe(duplex=False)
-    child = context.Process(target=_resolve_in_child, args=(plan.class_settings, plan.output_config, answer),
-                            name="merger-class-settings", daemon=True)
-    try:
-        child.start()
-    except (OSError, AssertionError):  # no room for a process, or this one is a daemonic multiprocessing child
-        child = None
-    answer.close()  # the child holds the only writing end: its exit without an answer reads as EOF here
+    request = (plan.class_settings, plan.output_config)
+    if process is not None:
+        process.ask(request)
+    else:
+        process = SettingsProcess.start(request)
+    if process is None:
+        yield lambda: settled(plan)
+        return
 
     def wait() -> MergePlan:
-        try:
-            answered = answers.recv() if answers.poll(SETTLE_CHILD_TIMEOUT_S) else None
-        except (EOFError, OSError):  # the child died before answering, or while it did
-            answered = None
+        answered = process.answer(SETTLE_CHILD_TIMEOUT_S)
         if answered is None:
             return settled(plan)
         config, refusals = answered
         plan.class_settings.refuse(refusals)
         return replace(plan, output_config=config, class_settings=None)
 
-    try:
+    with process:
         yield wait
-    finally:
-        if child is not None:
-            child.kill()
-            child.join()
-        answers.close()
-
-
-def _resolve_in_child(settings: ClassSettings, output_config: dict, answer: Connection) -> None:
-    """:func:`settling_apart`'s child: send back :meth:`ClassSettings.resolve`'s result, or nothing.
-
-    Ctrl-C is left to the parent, which kills the child as it stops: interrupted here, the child would
-    answer nothing, and the parent would run the step itself before stopping."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        answer.send(settings.resolve(output_config))
-    except BaseException:  # noqa: BLE001 - the parent then runs the step itself and reports what it meets
-        pass
 
 
 def _check_prompts(plan: MergePlan, token: str | None) -> None:

@@ -103,11 +103,10 @@ def run_merge(
 ) -> MergeResult:
     """Merge the models of a YAML config into `out_dir` (a complete Hugging Face model folder).
 
-    The config is checked against the models' metadata before any weight is downloaded (an MoE's class
-    settings run beside the merge: :func:`_planned`). Hub weights are read by byte ranges, only the
-    tensors the plan needs, prefetched ahead of the math (:mod:`merger.publish.hub_ranges`); with
-    `evaluate`, downloaded whole (the evaluation runs the parents). The output is written to a temporary
-    sibling folder and moved to `out_dir` only when complete.
+    The config is checked against the models' metadata before any weight is read (an MoE's class settings
+    run beside the merge: :func:`_planned`). Hub weights are read by byte ranges, only those the plan needs,
+    ahead of the math (:mod:`merger.publish.hub_ranges`); with `evaluate`, downloaded whole (it runs the
+    parents). The output is written to a temporary sibling folder, moved to `out_dir` once complete.
 
     Args:
         config_text: the YAML config (mergekit or mergekit-moe schema).
@@ -120,19 +119,17 @@ def run_merge(
         seed: seed of DARE/DELLA masks and random gates; overrides the config's `seed` (default 0).
         progress: called after each tensor with (fraction done 0–1, tensor name).
         should_cancel: polled before each tensor; True stops the run with :class:`MergeCancelled`.
-        evaluate: called with the finished (staged) output folder and the input folders (key -> folder;
-            `model+lora` inputs left out, their folder being the base without the adapter) before the output is moved into place; the markdown it returns goes into the card's
-            Evaluation section (see :mod:`merger.evaluate`).
+        evaluate: called with the staged output folder and the input folders (key -> folder; `model+lora`
+            inputs, whose folder is the base's, left out) before the output is moved into place; it
+            returns markdown for the card's Evaluation section (see :mod:`merger.evaluate`).
         config: `load_config(config_text)`, when the caller has parsed it already (not parsed again).
         planned: `plan_config(config, token)`, when the caller has planned it already (not planned
             again; the models must not have changed since).
-        on_shard: called with each weight shard's path and sha256 (None if not computed) once it is
-            complete, while the next is merged (`StreamPush` uploads and deletes it: the folder needs room
-            for a few shards only, and those taken are absent from `out_dir`). With `evaluate`, they are
-            handed on after the evaluation (it reads them all), without their sha256.
-        settings_process: a :class:`SettingsProcess` forked earlier for an MoE's class settings (the
-            command line forks one before it imports torch); taken over (killed once done or not needed).
-            None: one is forked when the plan needs it.
+        on_shard: called with each weight shard's path and sha256 once it is complete, while the next is
+            merged (`StreamPush` uploads and deletes it: room for a few shards suffices, and those taken are
+            absent from `out_dir`); with `evaluate`, after it (it reads them all), with None for the sha256.
+        settings_process: an MoE's class settings' process forked earlier (the CLI's, forked before
+            torch is imported), taken over; None: one is forked if the plan needs it.
 
     Returns:
         A :class:`MergeResult`.
@@ -140,8 +137,7 @@ def run_merge(
     Raises:
         MergerError subclasses: config problems, missing models, pickle-only weights, Hub failures,
             cancellation. Nothing is left at `out_dir` on failure.
-        DiskSpaceError: the output's folder has less free space than the output needs (checked before
-            any download), or a write ran out of space.
+        DiskSpaceError: less free space than the output needs (checked before any download), or a full disk.
         OutputWriteError: the OS refused another write (the path and its reason).
         NonFiniteWeightsError / NonFiniteOutputError: a merged tensor would hold NaN or inf.
     """

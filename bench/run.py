@@ -187,15 +187,15 @@ def command(tool: str, method: str, config: Path, out: Path, device: str) -> lis
     return [str(VENV / "bin" / script), str(config), str(out), *(["--cuda"] if device == "cuda" else []), *seed]
 
 
-def process_tree(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[tuple[int, bool]]:
     """`pid` and its descendants, from /proc/PID/task/TID/children (much cheaper than a full /proc scan),
-    less any child still a copy of its parent (see :func:`tree_rss`)."""
-    tree = [pid]
-    for parent in tree:
+    each with whether it is a fork that still runs its parent's program (see :func:`tree_rss`)."""
+    tree = [(pid, False)]
+    for parent, _ in tree:
         try:
             for tid in os.listdir(f"/proc/{parent}/task"):
                 with open(f"/proc/{parent}/task/{tid}/children") as f:
-                    tree += [int(child) for child in f.read().split() if not _unexecuted_fork(int(child), parent)]
+                    tree += [(int(child), _unexecuted_fork(int(child), parent)) for child in f.read().split()]
         except OSError:  # ended meanwhile
             pass
     return tree
@@ -203,9 +203,10 @@ def process_tree(pid: int) -> list[int]:
 
 def _unexecuted_fork(child: int, parent: int) -> bool:
     """Whether `child` still runs its parent's program with its parent's command line: a fork before its
-    exec (as `ctypes.util.find_library` makes, to run `ldconfig`), whose pages are all its parent's.
-    Counted, it doubled the tree's RSS when sampled in that instant: 0.50 GB instead of 0.31 GB in
-    some half-set runs."""
+    exec (as `ctypes.util.find_library` makes, to run `ldconfig`), or one that works on in the parent's
+    program (the MoE's class-settings process). Its pages shared with its parent are the parent's:
+    counted whole, an `ldconfig` fork doubled the tree's RSS when sampled in that instant (0.50 GB
+    instead of 0.31 GB in some half-set runs)."""
     try:
         return (os.readlink(f"/proc/{child}/exe") == os.readlink(f"/proc/{parent}/exe")
                 and Path(f"/proc/{child}/cmdline").read_bytes() == Path(f"/proc/{parent}/cmdline").read_bytes())
@@ -214,15 +215,27 @@ def _unexecuted_fork(child: int, parent: int) -> bool:
 
 
 def tree_rss(pid: int) -> int:
-    """The summed RSS (file-mapped pages included) of `pid` and its descendants, in bytes."""
+    """The summed RSS (file-mapped pages included) of `pid` and its descendants, in bytes; of a fork
+    still running its parent's program, only its private pages (those it shares are counted in the
+    parent, once)."""
     total = 0
-    for member in process_tree(pid):
+    for member, fork in process_tree(pid):
         try:
-            with open(f"/proc/{member}/statm") as f:
-                total += int(f.read().split()[1]) * PAGE
-        except OSError:
+            total += _private_bytes(member) if fork else _rss_bytes(member)
+        except OSError:  # ended meanwhile
             pass
     return total
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+
+
+def _private_bytes(pid: int) -> int:
+    """The process's pages mapped by it alone (/proc/PID/smaps_rollup's Private_Clean + Private_Dirty)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return 1024 * sum(int(line.split()[1]) for line in f if line.startswith(("Private_Clean:", "Private_Dirty:")))
 
 
 def measure(cmd: list[str], log: Path) -> tuple[float, int, int]:

@@ -84,8 +84,8 @@ def settled(plan: MergePlan) -> MergePlan:
 
 
 # How long :func:`settling_apart`'s child may take before the step runs in this process instead (seconds).
-# It takes about 2 s; a child that never answers (stuck on a lock a thread of this process held as it
-# forked) then costs this wait, never a wrong config.
+# It takes about 2 s (4 s forked before torch, which it then imports too); a child that never answers
+# (stuck on a lock a thread of this process held as it forked) then costs this wait, never a wrong config.
 SETTLE_CHILD_TIMEOUT_S = 60.0
 
 

@@ -28,8 +28,8 @@ class SettingsProcess:
     """A child process that imports transformers' config classes at once, then resolves one request.
 
     Use :meth:`start` (with the request, or then :meth:`ask` once) and :meth:`answer`; :meth:`close`
-    (or leaving a `with` block) kills it, whatever it is doing. Every failure of the child (it cannot fork, dies, hangs) reads
-    as no answer: the caller then runs the step itself.
+    (or leaving a `with` block) kills it, whatever it is doing. Every failure of the child (it cannot
+    fork, dies, hangs) reads as no answer: the caller then runs the step itself.
     """
 
     def __init__(self, process: BaseProcess, connection: Connection) -> None:
